@@ -1,0 +1,51 @@
+# keygate: `make demo` and `make test` do all of the set-up on a fresh Debian machine.
+GO        ?= go
+BIN       := bin
+# Debian packages the tests run for real (cryptsetup for compatibility, openssl
+# and python3-cryptography as independent AES-XTS references, e2fsprogs and
+# dosfstools to check the filesystems go-diskfs writes).
+TEST_DEBS := cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools
+# Tools the tests must find: a missing one fails the run instead of skipping.
+export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat
+
+.PHONY: all build test bench demo generate deps test-deps fuzz clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+deps:
+	$(GO) mod download
+
+# Installs only what is missing, so repeated runs stay fast and offline.
+test-deps:
+	@missing=""; for p in $(TEST_DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: test-deps deps
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 30m ./...
+
+# Runs each fuzz target for FUZZTIME (default 30s) beyond its seed corpus.
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test ./disk/luks2 -run '^$$' -fuzz FuzzParseHeader -fuzztime $(FUZZTIME)
+
+bench: test-deps build
+	@scripts/bench.sh
+
+demo: build
+	$(BIN)/keygate demo
+
+generate:
+	$(GO) generate ./...
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,44 @@
+package main
+
+import (
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"testing"
+
+	"github.com/rogpeppe/go-internal/testscript"
+)
+
+// TestMain lets the scripts under testdata/script run `keygate` as a real
+// command: testscript re-executes this test binary as the keygate binary.
+func TestMain(m *testing.M) {
+	testscript.Main(m, map[string]func(){
+		"keygate": func() { os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr)) },
+	})
+}
+
+// TestScripts runs the CLI contract scripts: each file is one user story,
+// including its failure paths, run against the real binary.
+func TestScripts(t *testing.T) {
+	testscript.Run(t, testscript.Params{
+		Dir:                 "testdata/script",
+		RequireExplicitExec: true,
+		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
+			"mkfile": cmdMkfile,
+		},
+	})
+}
+
+// cmdMkfile writes a file of pseudo-random bytes: mkfile NAME SIZE. Scripts
+// need files bigger than they can reasonably embed.
+func cmdMkfile(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 2 {
+		ts.Fatalf("usage: mkfile NAME SIZE")
+	}
+	n, err := strconv.Atoi(args[1])
+	ts.Check(err)
+	b := make([]byte, n)
+	r := rand.NewChaCha8([32]byte{1})
+	r.Read(b)
+	ts.Check(os.WriteFile(ts.MkAbs(args[0]), b, 0o644))
+}

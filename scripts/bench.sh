@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# make bench: every keygate figure next to a reference measured in the same
+# run, with the ratio. These machines are shared and noisy, so compare the
+# ratios rather than the absolute numbers, and run it twice when in doubt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GO=${GO:-go}
+BENCHTIME=${BENCHTIME:-1s}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+# openssl prints bytes per second on its +F line in machine-readable mode.
+openssl_bps() { # SIZE
+	openssl speed -mr -evp aes-256-xts -bytes "$1" -seconds 3 2>/dev/null |
+		awk -F: '/^\+F:/ {print $4}' | tail -1
+}
+
+echo "== AES-256-XTS, one core, MB/s (1 MB = 10^6 bytes) =="
+ossl4096=$(openssl_bps 4096)
+ossl512=$(openssl_bps 512)
+$GO test -run '^$' -bench '^(BenchmarkXTS|BenchmarkXCryptoXTS)$' -benchtime "$BENCHTIME" -cpu 1 ./disk/xts >"$out/xts.txt"
+# MB/s of "BenchmarkNAME/SUB" from go test output.
+mbs() { awk -v n="$2" '$1 == n || $1 ~ "^"n"-[0-9]+$" {for (i = 1; i <= NF; i++) if ($(i+1) == "MB/s") print $i}' "$1" | tail -1; }
+printf '%-14s %12s %12s %12s %10s %10s\n' op keygate openssl x/crypto vs-openssl vs-xcrypto
+for op in encrypt-4096 decrypt-4096 encrypt-512 decrypt-512; do
+	k=$(mbs "$out/xts.txt" "BenchmarkXTS/$op")
+	x=$(mbs "$out/xts.txt" "BenchmarkXCryptoXTS/$op")
+	case $op in *4096) o=$ossl4096 ;; *) o=$ossl512 ;; esac
+	awk -v op="$op" -v k="$k" -v o="$o" -v x="$x" 'BEGIN {
+		o /= 1e6; printf "%-14s %12.0f %12.0f %12.0f %9.2fx %9.2fx\n", op, k, o, x, k / o, k / x }'
+done
+echo "(openssl's figure is its encrypt speed; it measures no separate decrypt.)"
+
+echo
+echo "== Files through ext4 in a LUKS2 volume, against the same work unencrypted =="
+$GO test -run '^$' -bench '^(BenchmarkFile|BenchmarkRandomRead4K)$' -benchtime 1x -count 1 -timeout 20m ./disk >"$out/disk.txt"
+grep -E '^Benchmark' "$out/disk.txt" | sed 's/^/  /'
+metric() { awk -v n="$2" -v u="$3" '$1 == n || $1 ~ "^"n"-[0-9]+$" {for (i = 1; i <= NF; i++) if ($(i+1) == u) print $i}' "$1" | tail -1; }
+printf '%-24s %12s %12s %8s\n' work encrypted plain ratio
+for w in write-256M read-256M; do
+	e=$(metric "$out/disk.txt" "BenchmarkFile/ext4-encrypted/$w" MB/s)
+	p=$(metric "$out/disk.txt" "BenchmarkFile/ext4-plain/$w" MB/s)
+	awk -v w="$w MB/s" -v e="$e" -v p="$p" 'BEGIN { printf "%-24s %12.0f %12.0f %7.2fx\n", w, e, p, (p > 0 ? e / p : 0) }'
+done
+e=$(metric "$out/disk.txt" "BenchmarkRandomRead4K/ext4-encrypted" iops)
+p=$(metric "$out/disk.txt" "BenchmarkRandomRead4K/ext4-plain" iops)
+awk -v e="$e" -v p="$p" 'BEGIN { printf "%-24s %12.0f %12.0f %7.2fx\n", "random 4K reads/s", e, p, (p > 0 ? e / p : 0) }'
