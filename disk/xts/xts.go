@@ -44,6 +44,11 @@ const (
 // common 4 KiB page in particular, stay on the caller's goroutine.
 const parallelMin = 256 << 10
 
+// chunkBytes is the unit of work the goroutines of a large batch take turns
+// at: small enough to balance, large enough that the shared counter is
+// touched once per ~5µs of work.
+const chunkBytes = 64 << 10
+
 // Cipher is an XTS-AES cipher for one key. It is safe for concurrent use,
 // except that Close must not race with the other methods.
 type Cipher struct {
@@ -165,12 +170,27 @@ func (c *Cipher) sectors(dst, src []byte, sectorSize int, first, step uint64, de
 		c.run(dst, src, sectorSize, 0, n, first, step, dec)
 		return
 	}
-	workers = min(workers, n)
-	var wg sync.WaitGroup
-	for w := range workers {
-		lo, hi := n*w/workers, n*(w+1)/workers
-		wg.Go(func() { c.run(dst, src, sectorSize, lo, hi, first, step, dec) })
+	// Workers take chunks of about chunkBytes from a shared counter rather
+	// than one fixed share each: on a busy machine (a VM whose other vCPU
+	// is taken) a worker that is descheduled then holds up only its current
+	// chunk, not half the batch. The caller is one of the workers.
+	per := max(chunkBytes/sectorSize, 1)
+	chunks := (n + per - 1) / per
+	var next atomic.Int64
+	work := func() {
+		for {
+			i := int(next.Add(1) - 1)
+			if i >= chunks {
+				return
+			}
+			c.run(dst, src, sectorSize, i*per, min((i+1)*per, n), first, step, dec)
+		}
 	}
+	var wg sync.WaitGroup
+	for range min(workers, chunks) - 1 {
+		wg.Go(work)
+	}
+	work()
 	wg.Wait()
 }
 
