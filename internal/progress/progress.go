@@ -26,12 +26,13 @@ type Bar struct {
 	enabled bool
 }
 
-// New returns a bar that draws on f (normally os.Stderr) only when f is a
-// terminal. A total of 0 or less means unknown: only bytes and rate show.
+// New returns a bar that draws on f (normally os.Stderr) only when both f
+// and standard output are terminals: a person is watching, and no script is
+// reading the output. A total of 0 or less means unknown: only bytes and
+// rate show.
 func New(f *os.File, label string, total int64) *Bar {
-	now := time.Now()
-	return &Bar{w: f, label: label, total: total, start: now,
-		enabled: f != nil && term.IsTerminal(int(f.Fd()))}
+	return &Bar{w: f, label: label, total: total, start: time.Now(),
+		enabled: f != nil && term.IsTerminal(int(f.Fd())) && term.IsTerminal(int(os.Stdout.Fd()))}
 }
 
 // Add records n more bytes done; it redraws at most ten times a second.
