@@ -121,7 +121,22 @@ IMAGE must not exist; on any failure nothing is left behind.`,
 			}
 			defer res.Wipe()
 			if asJSON {
-				return printJSON(c.OutOrStdout(), res.Info)
+				out := struct {
+					disk.Info
+					KeySlot  int `json:"key_slot"`
+					Recovery *struct {
+						Slot       int    `json:"slot"`
+						Passphrase string `json:"passphrase"`
+					} `json:"recovery,omitempty"`
+				}{Info: res.Info, KeySlot: res.KeySlot}
+				if res.Recovery != nil {
+					// Shown this once, as in the text output; it is stored nowhere.
+					out.Recovery = &struct {
+						Slot       int    `json:"slot"`
+						Passphrase string `json:"passphrase"`
+					}{res.RecoverySlot, string(res.Recovery.Bytes())}
+				}
+				return printJSON(c.OutOrStdout(), out)
 			}
 			out := c.OutOrStdout()
 			fmt.Fprintf(out, "created %s: LUKS2, %s of data, %s, %d-byte sectors", args[0],
@@ -148,7 +163,7 @@ IMAGE must not exist; on any failure nothing is left behind.`,
 	f.StringVar(&keysvc, "keysvc", "", "key service URL (needs the key service; not in this build yet)")
 	f.StringVar(&volume, "volume", "", "volume ID at the key service (with --keysvc)")
 	f.BoolVar(&recovery, "recovery", false, "add an argon2id recovery keyslot and print its passphrase once")
-	f.BoolVar(&asJSON, "json", false, "print the new header summary as JSON (the recovery passphrase is never in it)")
+	f.BoolVar(&asJSON, "json", false, "print the new header summary as JSON (with --recovery, the passphrase is in it, this once)")
 	return c
 }
 
