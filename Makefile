@@ -1,12 +1,14 @@
 # keygate: `make demo` and `make test` do all of the set-up on a fresh Debian machine.
 GO        ?= go
 BIN       := bin
-# Debian packages the tests run for real (cryptsetup for compatibility, openssl
+# Debian packages the tests run for real: cryptsetup for compatibility, openssl
 # and python3-cryptography as independent AES-XTS references, e2fsprogs and
-# dosfstools to check the filesystems go-diskfs writes).
-TEST_DEBS := cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools
+# dosfstools to check the filesystems go-diskfs writes, swtpm and tpm2-tools
+# as real TPMs and a second opinion on them, and libssl-dev with a C compiler
+# for the in-process TPM simulator (cgo).
+TEST_DEBS := cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools swtpm swtpm-tools tpm2-tools libssl-dev gcc libc6-dev
 # Tools the tests must find: a missing one fails the run instead of skipping.
-export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat
+export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim
 
 .PHONY: all build test bench demo generate deps test-deps fuzz clean
 

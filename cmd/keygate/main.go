@@ -77,7 +77,7 @@ Start with:
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{cmd: c.CommandPath(), err: err}
 	})
-	root.AddCommand(newTPMCmd()) // TEMP(tpm engineer): lead adds this line for real
+	root.AddCommand(newTPMCmd())
 	root.AddCommand(newDiskCmd(), newDemoCmd(), &cobra.Command{
 		Use:   "version",
 		Short: "Print keygate's version",

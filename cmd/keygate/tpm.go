@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/hex"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"strconv"
@@ -58,8 +59,11 @@ func (f *tpmFlags) alg() tpm.Alg {
 }
 
 // withTPM opens the TPM named by --tpm, runs fn and closes it.
-func (f *tpmFlags) withTPM(fn func(*tpm.TPM) error) error {
+func (f *tpmFlags) withTPM(c *cobra.Command, fn func(*tpm.TPM) error) error {
 	tp, err := tpm.Open(f.spec)
+	if errors.Is(err, tpm.ErrBadSpec) {
+		return usageError{cmd: c.CommandPath(), err: fmt.Errorf("--tpm: %w", err)}
+	}
 	if err != nil {
 		return err
 	}
@@ -108,7 +112,7 @@ Without --json, prints the PEM public key, then the TPM's certificate for it
 (an EK certificate from the manufacturer or cloud) when it holds one.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			return f.withTPM(func(tp *tpm.TPM) error {
+			return f.withTPM(c, func(tp *tpm.TPM) error {
 				get := tp.EK
 				if which == "ak" {
 					get = tp.AK
@@ -137,7 +141,7 @@ func tpmInfoCmd(f *tpmFlags) *cobra.Command {
 		Short: "Summarise the TPM (maker, firmware, spec, PCR banks, event log) with its EK and AK",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			return f.withTPM(func(tp *tpm.TPM) error {
+			return f.withTPM(c, func(tp *tpm.TPM) error {
 				info, err := tp.Info()
 				if err != nil {
 					return err
@@ -217,7 +221,7 @@ comma-separated list of indexes and ranges (0-23); the default is 0-15.`,
 			if err != nil {
 				return usageError{cmd: c.CommandPath(), err: err}
 			}
-			return f.withTPM(func(tp *tpm.TPM) error {
+			return f.withTPM(c, func(tp *tpm.TPM) error {
 				vals, err := tp.PCRs(idx...)
 				if err != nil {
 					return err

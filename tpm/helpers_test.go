@@ -1,0 +1,132 @@
+package tpm_test
+
+import (
+	"errors"
+	"flag"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keygate/keygate/internal/testutil"
+	"github.com/keygate/keygate/tpm"
+)
+
+// -tpm (or KEYGATE_TPM) adds a real TPM, e.g. /dev/tpmrm0, to the backends
+// every test runs on. Tests that extend PCRs skip it unless
+// KEYGATE_TPM_EXTEND=1, since an extend lasts until the machine reboots.
+var hwTPM = flag.String("tpm", os.Getenv("KEYGATE_TPM"), "also run the TPM tests on this TPM (e.g. /dev/tpmrm0); default $KEYGATE_TPM")
+
+// backend is one TPM the tests run on.
+type backend struct {
+	name string
+	open func(t *testing.T) *tpm.TPM
+}
+
+// backends returns the simulator, a fresh swtpm per test, and the real TPM
+// named by -tpm (skipped with a reason when none is named; failing when
+// KEYGATE_REQUIRE names tpm-device and the named device is missing).
+func backends() []backend {
+	b := []backend{
+		{"sim", func(t *testing.T) *tpm.TPM { return openChecked(t, "sim") }},
+		{"swtpm", func(t *testing.T) *tpm.TPM { return openChecked(t, "swtpm:"+startSwtpm(t)) }},
+	}
+	b = append(b, backend{"device", func(t *testing.T) *tpm.TPM {
+		if *hwTPM == "" {
+			t.Skip("skipping: no real TPM named (run with -tpm /dev/tpmrm0 or KEYGATE_TPM=/dev/tpmrm0)")
+		}
+		if _, err := os.Stat(*hwTPM); err != nil {
+			testutil.Skip(t, "tpm-device", err.Error())
+		}
+		return openChecked(t, *hwTPM)
+	}})
+	return b
+}
+
+// onEachTPM runs f as a subtest on every backend.
+func onEachTPM(t *testing.T, f func(t *testing.T, tp *tpm.TPM)) {
+	t.Helper()
+	for _, b := range backends() {
+		t.Run(b.name, func(t *testing.T) { f(t, b.open(t)) })
+	}
+}
+
+// mayExtend skips tests that extend PCRs on real hardware unless asked.
+func mayExtend(t *testing.T, tp *tpm.TPM) {
+	t.Helper()
+	if tp.Kind() == tpm.Device && os.Getenv("KEYGATE_TPM_EXTEND") != "1" {
+		t.Skip("skipping: extends PCRs of a real TPM until reboot; set KEYGATE_TPM_EXTEND=1 to allow")
+	}
+}
+
+// openChecked opens spec and, in Cleanup, fails the test if any transient
+// object or session was left loaded, then closes the TPM.
+func openChecked(t *testing.T, spec string) *tpm.TPM {
+	t.Helper()
+	tp, err := tpm.Open(spec)
+	if spec == "sim" && errors.Is(err, tpm.ErrNotSupported) {
+		testutil.Skip(t, "sim", err.Error()) // a CGO_ENABLED=0 build
+	}
+	if err != nil {
+		t.Fatalf("Open(%q): %v", spec, err)
+	}
+	t.Cleanup(func() {
+		defer tp.Close()
+		hs, err := tp.TransientHandles()
+		if err != nil {
+			t.Errorf("list transient handles: %v", err)
+			return
+		}
+		if len(hs) > 0 {
+			t.Errorf("leaked %d transient handles/sessions: %#x", len(hs), hs)
+		}
+	})
+	return tp
+}
+
+// startSwtpm starts a swtpm with a fresh state and returns its server
+// socket. The process is killed and its files removed in Cleanup.
+func startSwtpm(t *testing.T) string {
+	t.Helper()
+	bin := testutil.LookPath(t, "swtpm")
+	// A unix socket path must stay short (108 bytes): t.TempDir can be long.
+	dir, err := os.MkdirTemp("", "kgswtpm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	// tpm2-tools' swtpm TCTI finds the control socket at SOCKET.ctrl.
+	sock := filepath.Join(dir, "s")
+	ctrl := sock + ".ctrl"
+	cmd := exec.Command(bin, "socket", "--tpm2",
+		"--server", "type=unixio,path="+sock, "--ctrl", "type=unixio,path="+ctrl,
+		"--flags", "not-need-init,startup-clear", "--tpmstate", "dir="+dir)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start swtpm: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-done
+	})
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close() // swtpm serves one connection at a time; this one ends at once
+			return sock
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("swtpm exited early: %v: %s", err, stderr.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("swtpm did not create %s within 10s: %s", sock, stderr.String())
+		}
+	}
+}
