@@ -8,7 +8,7 @@ BIN       := bin
 # for the in-process TPM simulator (cgo).
 TEST_DEBS := cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools swtpm swtpm-tools tpm2-tools libssl-dev gcc libc6-dev
 # Tools the tests must find: a missing one fails the run instead of skipping.
-export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim
+export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem
 
 .PHONY: all build test bench demo generate deps test-deps fuzz clean
 

@@ -12,7 +12,6 @@ import (
 
 	"github.com/awnumar/memguard"
 	"golang.org/x/crypto/argon2"
-	"golang.org/x/crypto/pbkdf2"
 )
 
 // PBKDF selects how a keyslot's passphrase becomes its area key.
@@ -105,9 +104,10 @@ func (k *jsonKDF) pbkdf() PBKDF {
 }
 
 // deriveKey runs the keyslot KDF and returns the area key in locked memory.
-// The libraries return their output on the heap; it is copied and wiped.
-// (argon2's working memory and pbkdf2's HMAC state are beyond our reach;
-// see docs/format.md.)
+// pbkdf2 runs in locked memory (see pbkdf2.go). argon2 returns its output
+// on the heap, where it is copied and wiped; its internal state (blake2b
+// buffers the passphrase, and the working memory holds passphrase-derived
+// blocks) is beyond our reach: see docs/format.md.
 func deriveKey(k *jsonKDF, passphrase []byte, size int) (*memguard.LockedBuffer, error) {
 	p := k.pbkdf()
 	if err := p.check(); err != nil {
@@ -121,7 +121,7 @@ func deriveKey(k *jsonKDF, passphrase []byte, size int) (*memguard.LockedBuffer,
 	switch p.Type {
 	case "pbkdf2":
 		h, _ := pbkdf2Hash(p.Hash)
-		out = pbkdf2.Key(passphrase, salt, p.Iterations, size, h)
+		return pbkdf2Locked(passphrase, salt, p.Iterations, size, h)
 	case "argon2id":
 		out = argon2.IDKey(passphrase, salt, uint32(p.Time), uint32(p.MemoryKiB), uint8(p.Parallel), uint32(size))
 	case "argon2i":
@@ -137,11 +137,15 @@ func newDigest(vk []byte, iterations int) (*jsonDigest, error) {
 	if _, err := rand.Read(salt); err != nil {
 		return nil, fmt.Errorf("draw digest salt: %w", err)
 	}
-	d := pbkdf2.Key(vk, salt, iterations, sha256.Size, sha256.New)
+	d, err := pbkdf2Locked(vk, salt, iterations, sha256.Size, sha256.New)
+	if err != nil {
+		return nil, fmt.Errorf("volume key digest: %w", err)
+	}
+	defer d.Destroy()
 	return &jsonDigest{
 		Type: "pbkdf2", Hash: "sha256", Iterations: iterations,
 		Salt:   base64.StdEncoding.EncodeToString(salt),
-		Digest: base64.StdEncoding.EncodeToString(d),
+		Digest: base64.StdEncoding.EncodeToString(d.Bytes()),
 	}, nil
 }
 
@@ -159,6 +163,13 @@ func (d *jsonDigest) verify(vk []byte) (bool, error) {
 	if err1 != nil || err2 != nil {
 		return false, fmt.Errorf("digest: bad base64")
 	}
-	got := pbkdf2.Key(vk, salt, d.Iterations, len(want), h)
-	return subtle.ConstantTimeCompare(got, want) == 1, nil
+	if len(want) == 0 {
+		return false, fmt.Errorf("digest: empty")
+	}
+	got, err := pbkdf2Locked(vk, salt, d.Iterations, len(want), h)
+	if err != nil {
+		return false, fmt.Errorf("digest: %w", err)
+	}
+	defer got.Destroy()
+	return subtle.ConstantTimeCompare(got.Bytes(), want) == 1, nil
 }

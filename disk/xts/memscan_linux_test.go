@@ -1,14 +1,12 @@
 package xts
 
 import (
-	"bufio"
 	"bytes"
-	"fmt"
-	"os"
-	"strconv"
-	"strings"
+	"errors"
 	"testing"
-	"unsafe"
+
+	"github.com/keygate/keygate/internal/memscan"
+	"github.com/keygate/keygate/internal/testutil"
 )
 
 // TestScheduleOnlyInLockedMemory scans every readable mapping of the test
@@ -29,19 +27,15 @@ func TestScheduleOnlyInLockedMemory(t *testing.T) {
 			c.EncryptSectors(buf, buf, 4096, 8, 8)
 			c.DecryptSectors(buf, buf, 512, 1, 1)
 		}
-		var needles [][16]byte
-		for _, off := range []int{offEnc1 + 5*16, offDec1 + 5*16, offEnc2 + 5*16} {
-			var n [16]byte
-			for i := range n {
-				n[i] = ^c.ks[off+i]
-			}
-			needles = append(needles, n)
+		var needles []memscan.Needle
+		for _, rk := range []struct {
+			name string
+			off  int
+		}{{"enc1 round key 5", offEnc1 + 5*16}, {"dec1 round key 5", offDec1 + 5*16}, {"enc2 round key 5", offEnc2 + 5*16}} {
+			needles = append(needles, memscan.NewNeedle(rk.name, c.ks[rk.off:rk.off+16]))
 		}
-		b := c.buf.Bytes()
-		lo := uintptr(unsafe.Pointer(&b[0]))
-		hits := scanProcess(t, needles, lo, lo+uintptr(len(b)))
-		for _, h := range hits {
-			t.Errorf("round key found outside the locked buffer at %#x (%s)", h.addr, h.region)
+		for _, h := range scanProcess(t, c, needles).Hits {
+			t.Errorf("round key found outside the locked buffer: %v", h)
 		}
 	})
 }
@@ -55,99 +49,23 @@ func TestMemoryScanFindsLeak(t *testing.T) {
 	// A heap object: a stack copy could move while the scan runs.
 	leak := bytes.Clone(c.ks[offEnc1+5*16 : offEnc1+6*16])
 	defer clear(leak)
-	var nd [16]byte
-	for i := range nd {
-		nd[i] = ^leak[i]
+	nd := memscan.NewNeedle("enc1 round key 5", c.ks[offEnc1+5*16:offEnc1+6*16])
+	res := scanProcess(t, c, []memscan.Needle{nd})
+	if len(res.At(memscan.RangeOf(leak))) == 0 {
+		t.Fatalf("the scan missed a round key planted on the heap at %p (hits: %v)", &leak[0], res.Hits)
 	}
-	b := c.buf.Bytes()
-	lo := uintptr(unsafe.Pointer(&b[0]))
-	hits := scanProcess(t, [][16]byte{nd}, lo, lo+uintptr(len(b)))
-	for _, h := range hits {
-		if h.addr == uintptr(unsafe.Pointer(&leak[0])) {
-			return
-		}
-	}
-	t.Fatalf("the scan missed a round key planted on the heap at %p (hits: %v)", &leak[0], hits)
 }
 
-type hit struct {
-	addr   uintptr
-	region string
-}
-
-func scanProcess(t *testing.T, needles [][16]byte, skipLo, skipHi uintptr) []hit {
+// scanProcess scans the process outside the locked schedule buffer.
+func scanProcess(t *testing.T, c *Cipher, needles []memscan.Needle) *memscan.Result {
 	t.Helper()
-	maps, err := os.ReadFile("/proc/self/maps")
+	res, err := memscan.Scan(needles, memscan.RangeOf(c.buf.Bytes()))
+	if errors.Is(err, memscan.ErrUnavailable) {
+		testutil.Skip(t, "procmem", err.Error())
+	}
 	if err != nil {
-		t.Skipf("cannot read /proc/self/maps: %v", err)
+		t.Fatal(err)
 	}
-	mem, err := os.Open("/proc/self/mem")
-	if err != nil {
-		t.Skipf("cannot open /proc/self/mem: %v", err)
-	}
-	defer mem.Close()
-	chunk := make([]byte, 1<<20)
-	var hits []hit
-	var scanned uintptr
-	sc := bufio.NewScanner(bytes.NewReader(maps))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) < 2 || f[1][0] != 'r' {
-			continue
-		}
-		a, b, _ := strings.Cut(f[0], "-")
-		start, err1 := strconv.ParseUint(a, 16, 64)
-		end, err2 := strconv.ParseUint(b, 16, 64)
-		if err1 != nil || err2 != nil {
-			t.Fatalf("bad maps line %q", sc.Text())
-		}
-		name := strings.Join(f[5:], " ")
-		if name == "[vvar]" || name == "[vsyscall]" || strings.HasPrefix(name, "[vvar") {
-			continue
-		}
-		for _, r := range [][2]uintptr{{uintptr(start), min(uintptr(end), skipLo)}, {max(uintptr(start), skipHi), uintptr(end)}} {
-			for addr := r[0]; addr < r[1]; {
-				n := min(uintptr(len(chunk)), r[1]-addr)
-				got, _ := mem.ReadAt(chunk[:n], int64(addr))
-				for _, nd := range needles {
-					for _, i := range findComplemented(chunk[:got], nd) {
-						hits = append(hits, hit{addr + uintptr(i), fmt.Sprintf("%s %s", f[0], name)})
-					}
-				}
-				scanned += uintptr(got)
-				if n <= 15 || got < int(n) {
-					break
-				}
-				addr += n - 15 // overlap so a needle across chunks is found
-			}
-		}
-	}
-	clear(chunk) // it may hold a copy of whatever it found
-	if scanned == 0 {
-		t.Fatal("scanned no memory")
-	}
-	t.Logf("scanned %d MiB", scanned>>20)
-	return hits
-}
-
-// findComplemented returns the offsets where ^nd occurs in b, without
-// building ^nd.
-func findComplemented(b []byte, nd [16]byte) []int {
-	var at []int
-	first := ^nd[0]
-	for i := 0; i+16 <= len(b); i++ {
-		j := bytes.IndexByte(b[i:len(b)-15], first)
-		if j < 0 {
-			break
-		}
-		i += j
-		k := 1
-		for k < 16 && b[i+k]^nd[k] == 0xff {
-			k++
-		}
-		if k == 16 {
-			at = append(at, i)
-		}
-	}
-	return at
+	t.Logf("scanned %d MiB in %d mappings", res.Scanned>>20, res.Mappings)
+	return res
 }
