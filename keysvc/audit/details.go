@@ -1,0 +1,94 @@
+package audit
+
+// Details is the typed payload of an audit event. Only the types in this
+// package implement it, so a caller cannot slip an arbitrary map (and with it
+// a key, token or passphrase) into the log.
+//
+// Secrets must never enter the audit log: no field of any Details type may
+// hold key material (UK, DEK, master or sub-keys), a session or admin token,
+// a passphrase, or an import blob. Identify such things by a fingerprint or an
+// ID instead. Adding a field here is a security review point.
+type Details interface {
+	auditDetails()
+}
+
+// Enroll records a VM enrollment or a change to its keys.
+type Enroll struct {
+	EKFingerprint string `json:"ek_fingerprint"`           // SHA-256 of the EK public key, hex
+	AKFingerprint string `json:"ak_fingerprint,omitempty"` // SHA-256 of the AK public key, hex
+	AKProof       string `json:"ak_proof,omitempty"`       // "enrolled" or "credential-activation"
+	Provisioning  bool   `json:"provisioning_allowed"`
+}
+
+// Unlock records a released unwrap key.
+type Unlock struct {
+	Volume string `json:"volume"`
+	// SessionID identifies the session; it is not the session's bearer
+	// credential.
+	SessionID string `json:"session_id,omitempty"`
+	Remote    string `json:"remote,omitempty"`
+}
+
+// PCRMismatch is one failed PCR comparison.
+type PCRMismatch struct {
+	PCR     int      `json:"pcr"`
+	Allowed []string `json:"allowed"` // hex
+	Got     string   `json:"got"`     // hex
+}
+
+// Deny records a refused request and why.
+type Deny struct {
+	Volume     string        `json:"volume,omitempty"`
+	Reason     string        `json:"reason"`
+	Mismatches []PCRMismatch `json:"mismatches,omitempty"`
+	Rules      []string      `json:"rules,omitempty"` // failed event-log rules
+	Remote     string        `json:"remote,omitempty"`
+}
+
+// Revoke records that a VM was revoked (or reinstated).
+type Revoke struct {
+	Reinstated bool   `json:"reinstated,omitempty"`
+	Reason     string `json:"reason,omitempty"`
+}
+
+// Erase records that a volume's unwrap key was destroyed.
+type Erase struct {
+	Volume string `json:"volume"`
+	Reason string `json:"reason,omitempty"`
+}
+
+// Learn records that learn mode was armed, or that it captured a policy.
+type Learn struct {
+	Armed bool `json:"armed,omitempty"`
+	// PCRs are the captured values (hex) by PCR index.
+	PCRs map[int]string `json:"pcrs,omitempty"`
+}
+
+// Admin records an admin API call (including refused ones).
+type Admin struct {
+	Method string `json:"method"`
+	Path   string `json:"path"`
+	Status int    `json:"status"`
+	Remote string `json:"remote,omitempty"`
+	// Client names the authenticated client (certificate subject or token
+	// ID), never the token itself.
+	Client string `json:"client,omitempty"`
+}
+
+// Alert records a monitor alert or heartbeat reported by a VM.
+type Alert struct {
+	Session  string `json:"session_id,omitempty"`
+	Kind     string `json:"kind"`
+	Severity string `json:"severity"`
+	PID      int    `json:"pid,omitempty"`
+	Comm     string `json:"comm,omitempty"`
+}
+
+func (Enroll) auditDetails() {}
+func (Unlock) auditDetails() {}
+func (Deny) auditDetails()   {}
+func (Revoke) auditDetails() {}
+func (Erase) auditDetails()  {}
+func (Learn) auditDetails()  {}
+func (Admin) auditDetails()  {}
+func (Alert) auditDetails()  {}

@@ -1,0 +1,219 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"embed"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
+)
+
+// DBFile is the SQLite database's file name inside the data directory.
+const DBFile = "keysvc.db"
+
+//go:embed migrations/*.sql
+var migrationFS embed.FS
+
+type migration struct {
+	version int
+	name    string
+	sql     string
+}
+
+// loadMigrations returns the embedded migrations in version order. Files are
+// named NNNN_name.sql and numbered 1, 2, 3, … without gaps.
+func loadMigrations() ([]migration, error) {
+	ents, err := fs.ReadDir(migrationFS, "migrations")
+	if err != nil {
+		return nil, err
+	}
+	var ms []migration
+	for _, e := range ents {
+		num, _, ok := strings.Cut(e.Name(), "_")
+		v, err := strconv.Atoi(num)
+		if !ok || err != nil || !strings.HasSuffix(e.Name(), ".sql") {
+			return nil, fmt.Errorf("migration file %q is not named NNNN_name.sql", e.Name())
+		}
+		b, err := migrationFS.ReadFile("migrations/" + e.Name())
+		if err != nil {
+			return nil, err
+		}
+		ms = append(ms, migration{version: v, name: e.Name(), sql: string(b)})
+	}
+	sort.Slice(ms, func(i, j int) bool { return ms[i].version < ms[j].version })
+	for i, m := range ms {
+		if m.version != i+1 {
+			return nil, fmt.Errorf("migration %q: want version %d (versions must run 1, 2, 3, … without gaps)", m.name, i+1)
+		}
+	}
+	return ms, nil
+}
+
+// SQLite is the embedded Store: one database file, DIR/keysvc.db, in WAL
+// mode.
+//
+// Writes run in BEGIN IMMEDIATE transactions (so a read-modify-write never
+// has to upgrade a read lock, which SQLite refuses under contention) and,
+// within one process, behind a mutex, so concurrent writers queue in Go
+// rather than spinning in SQLite's busy handler. Another process on the same
+// file waits up to the busy timeout (5 s). synchronous=FULL makes every
+// committed record durable, at one fsync per write transaction.
+//
+// Crypto-erase: secure_delete is on, so SQLite zeroes freed space in the
+// pages it writes, and after an erase the WAL is checkpointed and truncated.
+// Copies of a sealed UK can still survive outside the database's control: in
+// backups, in filesystem blocks freed by the truncation, or in SSD
+// remapping. The sealed UK is encrypted under the master key, so erasing is
+// final only once no copy of the master key can meet such a copy.
+type SQLite struct {
+	db   *sql.DB
+	path string
+	wmu  sync.Mutex // serialises write transactions in this process
+}
+
+var _ Store = (*SQLite)(nil)
+
+// OpenSQLite opens (creating if needed) the database DIR/keysvc.db and applies
+// any pending migrations. dir is created 0700 if missing, and the database
+// file 0600. A database migrated by a newer keysvc is refused with
+// ErrNewerSchema.
+func OpenSQLite(ctx context.Context, dir string) (*SQLite, error) {
+	if strings.ContainsAny(dir, "?#") {
+		return nil, fmt.Errorf("open store: data directory %q contains '?' or '#' (use a path without them)", dir)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	path := filepath.Join(dir, DBFile)
+	// Create the file ourselves so that it (and the -wal and -shm files,
+	// which SQLite gives the database file's mode) is 0600.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	f.Close()
+
+	dsn := path + "?_txlock=immediate" +
+		"&_pragma=busy_timeout(5000)" +
+		"&_pragma=journal_mode(WAL)" +
+		"&_pragma=synchronous(FULL)" +
+		"&_pragma=foreign_keys(1)" +
+		"&_pragma=secure_delete(1)"
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	db.SetMaxOpenConns(8)
+	s := &SQLite{db: db, path: path}
+	if err := s.migrate(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	return s, nil
+}
+
+// Close closes the database.
+func (s *SQLite) Close() error { return s.db.Close() }
+
+func (s *SQLite) migrate(ctx context.Context) error {
+	ms, err := loadMigrations()
+	if err != nil {
+		return err
+	}
+	latest := len(ms)
+	return s.write(ctx, func(tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+			version    INTEGER PRIMARY KEY,
+			name       TEXT    NOT NULL,
+			applied_ns INTEGER NOT NULL
+		) STRICT`); err != nil {
+			return fmt.Errorf("create schema_migrations: %w", err)
+		}
+		var cur int
+		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&cur); err != nil {
+			return fmt.Errorf("read schema version: %w", err)
+		}
+		if cur > latest {
+			return fmt.Errorf("%w: the database is at version %d, this keysvc knows versions up to %d (run a keysvc at least as new as the one that last used this database, or restore a backup made by this version)",
+				ErrNewerSchema, cur, latest)
+		}
+		for _, m := range ms[cur:] {
+			if _, err := tx.ExecContext(ctx, m.sql); err != nil {
+				return fmt.Errorf("apply migration %s: %w", m.name, err)
+			}
+			if _, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, name, applied_ns) VALUES (?, ?, ?)`,
+				m.version, m.name, time.Now().UnixNano()); err != nil {
+				return fmt.Errorf("record migration %s: %w", m.name, err)
+			}
+		}
+		return nil
+	})
+}
+
+// write runs fn in a BEGIN IMMEDIATE transaction, committing if fn returns
+// nil.
+func (s *SQLite) write(ctx context.Context, fn func(*sql.Tx) error) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin write: %w", err)
+	}
+	if err := fn(tx); err != nil {
+		tx.Rollback()
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	return nil
+}
+
+// read runs fn in a deferred (read-only) transaction: one snapshot.
+func (s *SQLite) read(ctx context.Context, fn func(*sql.Tx) error) error {
+	tx, err := s.db.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
+	if err != nil {
+		return fmt.Errorf("begin read: %w", err)
+	}
+	defer tx.Rollback()
+	return fn(tx)
+}
+
+// truncateWAL copies the WAL into the database and truncates it, so that
+// pre-erase page images do not linger in the -wal file. Best effort: an open
+// reader can keep old frames; the next checkpoint then removes them.
+func (s *SQLite) truncateWAL(ctx context.Context) {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	s.db.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`)
+}
+
+func ns(t time.Time) int64 { return t.UnixNano() }
+
+func fromNS(n int64) time.Time { return time.Unix(0, n).UTC() }
+
+// validID accepts the names and IDs the store keys on: 1 to 128 characters
+// from A–Z a–z 0–9 . _ : -.
+func validID(kind, id string) error {
+	if id == "" || len(id) > 128 {
+		return fmt.Errorf("%s %q: must be 1 to 128 characters", kind, id)
+	}
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == ':' || c == '-') {
+			return fmt.Errorf("%s %q: may contain only letters, digits and . _ : -", kind, id)
+		}
+	}
+	return nil
+}
+
+func isNoRows(err error) bool { return errors.Is(err, sql.ErrNoRows) }
