@@ -41,7 +41,8 @@ test: test-deps deps
 FUZZTIME ?= 30s
 FUZZ_TARGETS := ./disk/luks2:FuzzParseHeader ./disk/xts:FuzzXTS \
 	./attest:FuzzCheckToken ./attest:FuzzParsePolicy ./attest:FuzzVerifyAttestation \
-	./tpm:FuzzParsePublicKeyPEM ./tpm:FuzzSockConn ./keysvc/masterkey:FuzzOpenSealed
+	./tpm:FuzzParsePublicKeyPEM ./tpm:FuzzSockConn ./keysvc/masterkey:FuzzOpenSealed \
+	./keysvc:FuzzDecodeRequest ./keysvc:FuzzVMAPI
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  pkg=$${t%%:*}; name=$${t##*:}; [ -d "$$pkg" ] || continue; \

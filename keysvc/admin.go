@@ -1,0 +1,446 @@
+package keysvc
+
+import (
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/store"
+)
+
+// EnrollRequest is the body of POST /v1/admin/vms.
+type EnrollRequest struct {
+	Name  string `json:"name"`
+	EKPub string `json:"ek_pub,omitempty"` // PEM; or:
+	// EKCert is the TPM's EK certificate, PEM, with any intermediates after
+	// it; it must chain to the service's EK roots (WithEKRoots). Its key is
+	// enrolled as the EK.
+	EKCert              string `json:"ek_cert,omitempty"`
+	AKPub               string `json:"ak_pub,omitempty"` // PEM; without it unlocks are refused
+	ProvisioningAllowed bool   `json:"provisioning_allowed,omitempty"`
+}
+
+// VMInfo is how the admin API shows a VM.
+type VMInfo struct {
+	Name                string          `json:"name"`
+	EKFingerprint       string          `json:"ek_fingerprint"`
+	AKFingerprint       string          `json:"ak_fingerprint,omitempty"`
+	EKPub               string          `json:"ek_pub"`
+	AKPub               string          `json:"ak_pub,omitempty"`
+	ProvisioningAllowed bool            `json:"provisioning_allowed"`
+	Revoked             bool            `json:"revoked"`
+	LearnArmed          bool            `json:"learn_armed"`
+	Policy              json.RawMessage `json:"policy"`
+	Created             time.Time       `json:"created"`
+	Updated             time.Time       `json:"updated"`
+	// Next says what the operator still has to do, if anything.
+	Next string `json:"next,omitempty"`
+}
+
+// VolumeRequest is the body of POST /v1/admin/volumes. Without Key the
+// service makes a random UKSize-byte unwrap key (volume create); with it,
+// Key is the key file's bytes (volume import).
+type VolumeRequest struct {
+	ID  string `json:"id"`
+	VM  string `json:"vm"`
+	Key []byte `json:"key,omitempty"` // base64
+}
+
+// VolumeInfo is how the admin API shows a volume (never its key).
+type VolumeInfo struct {
+	ID       string     `json:"id"`
+	VM       string     `json:"vm"`
+	Erased   bool       `json:"erased"`
+	ErasedAt *time.Time `json:"erased_at,omitempty"`
+	Created  time.Time  `json:"created"`
+}
+
+// AuditVerifyResponse is the answer to GET /v1/admin/audit/verify.
+type AuditVerifyResponse struct {
+	OK       bool     `json:"ok"`
+	Records  uint64   `json:"records"`
+	LastSeq  uint64   `json:"last_seq"`
+	Head     uint64   `json:"head"`
+	Problems []string `json:"problems"`
+	Omitted  int      `json:"omitted,omitempty"`
+}
+
+// MaxKeyFile bounds an imported key file (cryptsetup's own limit is 8 MiB;
+// a keygate key file is 32-64 bytes).
+const MaxKeyFile = 8 << 10
+
+func (s *Server) adminRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("POST /v1/admin/vms", s.adminEnroll)
+	mux.HandleFunc("GET /v1/admin/vms", s.adminListVMs)
+	mux.HandleFunc("GET /v1/admin/vms/{name}", s.adminShowVM)
+	mux.HandleFunc("PUT /v1/admin/vms/{name}/ak", s.adminSetAK)
+	mux.HandleFunc("POST /v1/admin/vms/{name}/revoke", s.adminRevoke)
+	mux.HandleFunc("GET /v1/admin/vms/{name}/policy", s.adminShowPolicy)
+	mux.HandleFunc("PUT /v1/admin/vms/{name}/policy", s.adminSetPolicy)
+	mux.HandleFunc("POST /v1/admin/vms/{name}/policy/learn", s.adminLearn)
+	mux.HandleFunc("POST /v1/admin/volumes", s.adminVolume)
+	mux.HandleFunc("GET /v1/admin/volumes", s.adminListVolumes)
+	mux.HandleFunc("GET /v1/admin/volumes/{id}", s.adminShowVolume)
+	mux.HandleFunc("POST /v1/admin/volumes/{id}/erase", s.adminErase)
+	mux.HandleFunc("GET /v1/admin/audit", s.adminAuditList)
+	mux.HandleFunc("GET /v1/admin/audit/verify", s.adminAuditVerify)
+}
+
+func fingerprint(pemText string) string {
+	pub, err := parsePublicKeyPEM("key", pemText)
+	if err != nil {
+		return ""
+	}
+	fp, err := attest.KeyFingerprint(pub)
+	if err != nil {
+		return ""
+	}
+	return fmt.Sprintf("%x", fp)
+}
+
+func vmInfo(v store.VM) VMInfo {
+	pol := v.Policy
+	if len(pol) == 0 {
+		pol = json.RawMessage("{}")
+	}
+	info := VMInfo{Name: v.Name, EKPub: v.EKPubPEM, AKPub: v.AKPubPEM, EKFingerprint: fingerprint(v.EKPubPEM),
+		AKFingerprint: fingerprint(v.AKPubPEM), ProvisioningAllowed: v.ProvisioningAllowed, Revoked: v.Revoked,
+		LearnArmed: v.LearnArmed, Policy: pol, Created: v.Created, Updated: v.Updated}
+	if v.AKPubPEM == "" {
+		info.Next = "no AK enrolled: unlocks are refused until one is; the VM proves its AK by credential activation against the EK (POST /v1/activate), or enroll a trusted AK (from `keygate tpm ak`) with `keysvc vm set-ak --name " + v.Name + " --ak-pub FILE`"
+	} else if p, err := storedPolicy(v.Policy); err == nil && len(p.PCRs) == 0 && !v.LearnArmed {
+		info.Next = "no PCR policy: unlocks are denied; run `keysvc policy learn --vm " + v.Name + "` and boot the VM once, or `keysvc policy set`"
+	}
+	return info
+}
+
+func volumeInfo(v store.Volume) VolumeInfo {
+	info := VolumeInfo{ID: v.ID, VM: v.VM, Erased: v.Erased(), Created: v.Created}
+	if v.Erased() && !v.ErasedAt.IsZero() {
+		t := v.ErasedAt
+		info.ErasedAt = &t
+	}
+	return info
+}
+
+// storeError maps store sentinels to HTTP answers.
+func (s *Server) storeError(w http.ResponseWriter, what string, err error) {
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		writeError(w, errorf(http.StatusNotFound, "list what exists with the matching list command", "%s: not found", what))
+	case errors.Is(err, store.ErrExists):
+		writeError(w, errorf(http.StatusConflict, "pick another name, or show the existing one", "%s: already exists", what))
+	case errors.Is(err, store.ErrImmutable):
+		writeError(w, errorf(http.StatusConflict, "", "%s: %v", what, err))
+	default:
+		s.internal(w, what, err)
+	}
+}
+
+func (s *Server) adminEnroll(w http.ResponseWriter, r *http.Request) {
+	var req EnrollRequest
+	if e := readJSON(w, r, MaxAdminBody, &req); e != nil {
+		writeError(w, e)
+		return
+	}
+	if req.Name == "" || len(req.Name) > 255 {
+		writeError(w, errorf(http.StatusBadRequest, "", "name must be 1-255 bytes"))
+		return
+	}
+	ek, ekPEM, he := s.enrollEK(req)
+	if he != nil {
+		writeError(w, he)
+		return
+	}
+	d := audit.Enroll{Provisioning: req.ProvisioningAllowed}
+	fp, _ := attest.KeyFingerprint(ek)
+	d.EKFingerprint = fmt.Sprintf("%x", fp)
+	if req.AKPub != "" {
+		ak, err := parsePublicKeyPEM("ak_pub", req.AKPub)
+		if err != nil {
+			writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
+			return
+		}
+		fp, _ := attest.KeyFingerprint(ak)
+		d.AKFingerprint, d.AKProof = fmt.Sprintf("%x", fp), "enrolled"
+	}
+	vm, err := s.st.CreateVM(r.Context(), store.VM{Name: req.Name, EKPubPEM: ekPEM, AKPubPEM: req.AKPub,
+		ProvisioningAllowed: req.ProvisioningAllowed, Policy: json.RawMessage("{}")})
+	if err != nil {
+		s.storeError(w, "enroll vm "+strconv.Quote(req.Name), err)
+		return
+	}
+	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionEnroll, Subject: vm.Name, Details: d})
+	writeJSON(w, http.StatusCreated, vmInfo(vm))
+}
+
+// enrollEK returns the EK an enrollment names, from ek_pub or from an
+// ek_cert that chains to the EK roots (both: they must agree).
+func (s *Server) enrollEK(req EnrollRequest) (crypto.PublicKey, string, *httpError) {
+	if req.EKPub == "" && req.EKCert == "" {
+		return nil, "", errorf(http.StatusBadRequest, "print them with `keygate tpm ek`", "ek_pub or ek_cert is required")
+	}
+	var ek crypto.PublicKey
+	if req.EKPub != "" {
+		var err error
+		if ek, err = parsePublicKeyPEM("ek_pub", req.EKPub); err != nil {
+			return nil, "", errorf(http.StatusBadRequest, "", "%v", err)
+		}
+	}
+	if req.EKCert == "" {
+		return ek, req.EKPub, nil
+	}
+	cert, err := verifyEKCert(req.EKCert, s.ekRoots, s.now())
+	if err != nil {
+		return nil, "", errorf(http.StatusBadRequest, "", "%v", err)
+	}
+	if ek != nil && !sameKey(ek, cert.PublicKey) {
+		return nil, "", errorf(http.StatusBadRequest, "send one of them, or the matching pair", "ek_pub is not the key of ek_cert")
+	}
+	der, err := x509.MarshalPKIXPublicKey(cert.PublicKey)
+	if err != nil {
+		return nil, "", errorf(http.StatusBadRequest, "", "ek_cert key: %v", err)
+	}
+	return cert.PublicKey, string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), nil
+}
+
+// SetAKRequest is the body of PUT /v1/admin/vms/{name}/ak.
+type SetAKRequest struct {
+	AKPub string `json:"ak_pub"` // PEM
+}
+
+// adminSetAK enrolls (or replaces) a VM's AK. The operator vouches for it,
+// as for an AK given at enrollment.
+func (s *Server) adminSetAK(w http.ResponseWriter, r *http.Request) {
+	var req SetAKRequest
+	if e := readJSON(w, r, MaxAdminBody, &req); e != nil {
+		writeError(w, e)
+		return
+	}
+	ak, err := parsePublicKeyPEM("ak_pub", req.AKPub)
+	if err != nil {
+		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
+		return
+	}
+	name := r.PathValue("name")
+	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.AKPubPEM = req.AKPub; return nil })
+	if err != nil {
+		s.storeError(w, "set AK of vm "+strconv.Quote(name), err)
+		return
+	}
+	fp, _ := attest.KeyFingerprint(ak)
+	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionEnroll, Subject: name, Details: audit.Enroll{
+		EKFingerprint: fingerprint(vm.EKPubPEM), AKFingerprint: fmt.Sprintf("%x", fp), AKProof: "enrolled", Provisioning: vm.ProvisioningAllowed}})
+	writeJSON(w, http.StatusOK, vmInfo(vm))
+}
+
+func (s *Server) adminListVMs(w http.ResponseWriter, r *http.Request) {
+	vms, err := s.st.ListVMs(r.Context())
+	if err != nil {
+		s.internal(w, "list vms", err)
+		return
+	}
+	out := make([]VMInfo, 0, len(vms))
+	for _, v := range vms {
+		out = append(out, vmInfo(v))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) adminShowVM(w http.ResponseWriter, r *http.Request) {
+	vm, err := s.st.GetVM(r.Context(), r.PathValue("name"))
+	if err != nil {
+		s.storeError(w, "vm "+strconv.Quote(r.PathValue("name")), err)
+		return
+	}
+	writeJSON(w, http.StatusOK, vmInfo(vm))
+}
+
+func (s *Server) adminRevoke(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.Revoked = true; return nil })
+	if err != nil {
+		s.storeError(w, "revoke vm "+strconv.Quote(name), err)
+		return
+	}
+	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionRevoke, Subject: name, Details: audit.Revoke{}})
+	writeJSON(w, http.StatusOK, vmInfo(vm))
+}
+
+func (s *Server) adminShowPolicy(w http.ResponseWriter, r *http.Request) {
+	vm, err := s.st.GetVM(r.Context(), r.PathValue("name"))
+	if err != nil {
+		s.storeError(w, "vm "+strconv.Quote(r.PathValue("name")), err)
+		return
+	}
+	writeJSON(w, http.StatusOK, vmInfo(vm).Policy)
+}
+
+func (s *Server) adminSetPolicy(w http.ResponseWriter, r *http.Request) {
+	var raw json.RawMessage
+	if e := readJSON(w, r, MaxAdminBody, &raw); e != nil {
+		writeError(w, e)
+		return
+	}
+	pol, err := attest.ParsePolicy(raw)
+	if err != nil {
+		writeError(w, errorf(http.StatusBadRequest, `see docs/protocol.md: {"pcrs": {"7": ["<64 hex>"]}}`, "%v", err))
+		return
+	}
+	canon, err := json.Marshal(pol)
+	if err != nil {
+		s.internal(w, "encode policy", err)
+		return
+	}
+	name := r.PathValue("name")
+	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.Policy, v.LearnArmed = canon, false; return nil })
+	if err != nil {
+		s.storeError(w, "set policy of vm "+strconv.Quote(name), err)
+		return
+	}
+	pcrs := make(map[int]string, len(pol.PCRs))
+	for i, vals := range pol.PCRs {
+		pcrs[i] = fmt.Sprintf("%x", vals[0])
+	}
+	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionAdmin, Subject: name, Details: audit.Learn{PCRs: pcrs}})
+	writeJSON(w, http.StatusOK, vmInfo(vm).Policy)
+}
+
+func (s *Server) adminLearn(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.LearnArmed = true; return nil })
+	if err != nil {
+		s.storeError(w, "arm learn mode of vm "+strconv.Quote(name), err)
+		return
+	}
+	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionLearn, Subject: name, Details: audit.Learn{Armed: true}})
+	writeJSON(w, http.StatusOK, vmInfo(vm))
+}
+
+func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
+	var req VolumeRequest
+	if e := readJSON(w, r, MaxAdminBody, &req); e != nil {
+		writeError(w, e)
+		return
+	}
+	if req.ID == "" || len(req.ID) > 255 || req.VM == "" {
+		writeError(w, errorf(http.StatusBadRequest, "", "id (1-255 bytes) and vm are required"))
+		return
+	}
+	key := req.Key
+	imported := key != nil
+	if imported && (len(key) == 0 || len(key) > MaxKeyFile) {
+		writeError(w, errorf(http.StatusBadRequest, "", "key file must be 1-%d bytes", MaxKeyFile))
+		return
+	}
+	if !imported {
+		key = make([]byte, UKSize)
+		if _, err := rand.Read(key); err != nil {
+			s.internal(w, "make unwrap key", err)
+			return
+		}
+	}
+	sealed, err := s.mk.Seal(req.ID, key)
+	clear(key)
+	clear(req.Key)
+	if err != nil {
+		s.internal(w, "seal unwrap key", err)
+		return
+	}
+	vol, err := s.st.CreateVolume(r.Context(), store.Volume{ID: req.ID, VM: req.VM, SealedUK: sealed})
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			writeError(w, errorf(http.StatusNotFound, "enroll the VM first with `keysvc vm enroll`", "vm %q is not enrolled", req.VM))
+			return
+		}
+		s.storeError(w, "volume "+strconv.Quote(req.ID), err)
+		return
+	}
+	// audit has no volume detail type yet, so whether the UK was made here
+	// or imported is not recorded beyond the admin call itself.
+	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionProvision, Subject: vol.ID,
+		Details: audit.Admin{Method: r.Method, Path: r.URL.Path, Status: http.StatusCreated, Remote: remoteHost(r), Client: "admin-token"}})
+	writeJSON(w, http.StatusCreated, volumeInfo(vol))
+}
+
+func (s *Server) adminListVolumes(w http.ResponseWriter, r *http.Request) {
+	vols, err := s.st.ListVolumes(r.Context(), r.URL.Query().Get("vm"))
+	if err != nil {
+		s.internal(w, "list volumes", err)
+		return
+	}
+	out := make([]VolumeInfo, 0, len(vols))
+	for _, v := range vols {
+		out = append(out, volumeInfo(v))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) adminShowVolume(w http.ResponseWriter, r *http.Request) {
+	vol, err := s.st.GetVolume(r.Context(), r.PathValue("id"))
+	if err != nil {
+		s.storeError(w, "volume "+strconv.Quote(r.PathValue("id")), err)
+		return
+	}
+	writeJSON(w, http.StatusOK, volumeInfo(vol))
+}
+
+func (s *Server) adminErase(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	vol, err := s.st.UpdateVolume(r.Context(), id, func(v *store.Volume) error { v.SealedUK = nil; return nil })
+	if err != nil {
+		s.storeError(w, "erase volume "+strconv.Quote(id), err)
+		return
+	}
+	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionErase, Subject: id, Details: audit.Erase{Volume: id}})
+	writeJSON(w, http.StatusOK, volumeInfo(vol))
+}
+
+func (s *Server) adminAuditList(w http.ResponseWriter, r *http.Request) {
+	from := uint64(1)
+	if f := r.URL.Query().Get("from"); f != "" {
+		n, err := strconv.ParseUint(f, 10, 64)
+		if err != nil {
+			writeError(w, errorf(http.StatusBadRequest, "", "from must be a record number"))
+			return
+		}
+		from = n
+	}
+	const max = 1000
+	out := []audit.Record{}
+	errFull := errors.New("full")
+	err := s.audit.Scan(r.Context(), from, func(rec audit.Record) error {
+		if len(out) == max {
+			return errFull
+		}
+		out = append(out, rec)
+		return nil
+	})
+	if err != nil && !errors.Is(err, errFull) {
+		s.internal(w, "read audit log", err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) adminAuditVerify(w http.ResponseWriter, r *http.Request) {
+	rep, err := s.audit.Verify(r.Context())
+	if err != nil && !errors.Is(err, audit.ErrTampered) {
+		s.internal(w, "verify audit log", err)
+		return
+	}
+	out := AuditVerifyResponse{OK: rep.OK(), Records: rep.Records, LastSeq: rep.LastSeq, Head: rep.Head, Problems: []string{}, Omitted: rep.Omitted}
+	for _, p := range rep.Problems {
+		out.Problems = append(out.Problems, p.String())
+	}
+	writeJSON(w, http.StatusOK, out)
+}

@@ -1,0 +1,56 @@
+package keysvc
+
+import (
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics are the Server's Prometheus collectors, on a registry of its own
+// (so that several Servers in one process, as in tests, do not collide).
+type metrics struct {
+	reg      *prometheus.Registry
+	requests *prometheus.CounterVec
+	latency  *prometheus.HistogramVec
+	unlocks  prometheus.Counter
+	denials  *prometheus.CounterVec
+	events   *prometheus.CounterVec
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keysvc_requests_total", Help: "HTTP requests by API, route and status code.",
+		}, []string{"api", "route", "code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "keysvc_request_duration_seconds", Help: "HTTP request latency by API and route.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
+		}, []string{"api", "route"}),
+		unlocks: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "keysvc_unlocks_total", Help: "Unwrap keys released to attested VMs.",
+		}),
+		denials: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keysvc_denials_total", Help: "Refused challenges and unlocks by reason.",
+		}, []string{"reason"}),
+		events: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keysvc_vm_events_total", Help: "Events reported by VMs by severity.",
+		}, []string{"severity"}),
+	}
+	m.reg.MustRegister(m.requests, m.latency, m.unlocks, m.denials, m.events,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *metrics) observe(api, route string, code int, d time.Duration) {
+	m.requests.WithLabelValues(api, route, strconv.Itoa(code)).Inc()
+	m.latency.WithLabelValues(api, route).Observe(d.Seconds())
+}
+
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+}

@@ -1,0 +1,311 @@
+package keysvc
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/awnumar/memguard"
+
+	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/masterkey"
+	"github.com/keygate/keygate/keysvc/store"
+)
+
+// Store is what the Server persists: enrolled VMs, volumes with their sealed
+// unwrap keys, and used challenge IDs. keysvc/store's SQLite implements it.
+type Store interface {
+	store.VMs
+	store.Volumes
+	store.Challenges
+}
+
+// Auditor appends to and checks the audit chain; *audit.Log implements it.
+type Auditor interface {
+	Append(ctx context.Context, ev audit.Event) (audit.Record, error)
+	Verify(ctx context.Context) (audit.Report, error)
+	Scan(ctx context.Context, from uint64, fn func(audit.Record) error) error
+}
+
+// MasterKey seals secrets at rest and derives sub-keys;
+// *masterkey.Key implements it.
+type MasterKey interface {
+	Seal(recordID string, plaintext []byte) ([]byte, error)
+	Open(recordID string, sealed []byte) (*memguard.LockedBuffer, error)
+	Derive(label string) (*memguard.LockedBuffer, error)
+}
+
+// Sub-key labels this package derives from the master key (the challenge
+// MAC key uses masterkey.LabelChallengeMAC, so that every replica agrees).
+const labelSessionMAC = "keygate session mac v1"
+
+// UKSize is the size of a volume's unwrap key made by volume create.
+const UKSize = 32
+
+// Server serves the VM API and the admin API. Build it with New; it is safe
+// for concurrent use.
+type Server struct {
+	st         Store
+	audit      Auditor
+	mk         MasterKey
+	ch         *attest.Challenger
+	sessKey    []byte
+	adminToken [sha256.Size]byte
+	hasToken   bool
+	now        func() time.Time
+	log        *slog.Logger
+	metrics    *metrics
+	learnPCRs  []int
+	ttl        time.Duration
+	sourceRate float64
+	vmRate     float64
+	bySource   *limiter
+	byAdmin    *limiter
+	byVM       *limiter
+	ekRoots    *x509.CertPool
+}
+
+// Option configures a Server.
+type Option func(*Server)
+
+// WithStore sets the store (required).
+func WithStore(st Store) Option { return func(s *Server) { s.st = st } }
+
+// WithAudit sets the audit chain (required).
+func WithAudit(a Auditor) Option { return func(s *Server) { s.audit = a } }
+
+// WithMasterKey sets the master key (required): it seals unwrap keys and
+// derives the challenge and session MAC keys.
+func WithMasterKey(mk MasterKey) Option { return func(s *Server) { s.mk = mk } }
+
+// MinAdminTokenLen is the shortest admin token New accepts.
+const MinAdminTokenLen = 32
+
+// WithAdminToken sets the bearer token the admin API requires (required, at
+// least MinAdminTokenLen characters). Only its SHA-256 is kept.
+func WithAdminToken(token string) Option {
+	return func(s *Server) {
+		s.adminToken, s.hasToken = sha256.Sum256([]byte(token)), len(token) >= MinAdminTokenLen
+	}
+}
+
+// WithClock sets the clock for challenges and records (time.Now otherwise).
+func WithClock(now func() time.Time) Option { return func(s *Server) { s.now = now } }
+
+// WithLogger sets the structured logger (slog.Default otherwise).
+func WithLogger(l *slog.Logger) Option { return func(s *Server) { s.log = l } }
+
+// WithChallengeTTL sets how long a challenge is valid
+// (attest.DefaultChallengeTTL otherwise).
+func WithChallengeTTL(d time.Duration) Option { return func(s *Server) { s.ttl = d } }
+
+// WithChallenger sets the challenge issuer and checker. By default New makes
+// one keyed with the master key's challenge sub-key
+// (masterkey.LabelChallengeMAC), with the store as its replay cache, so that
+// every replica on one database accepts each token once; a Challenger given
+// here must have a replay cache (attest.WithReplayCache) and the same clock.
+func WithChallenger(ch *attest.Challenger) Option { return func(s *Server) { s.ch = ch } }
+
+// WithLearnPCRs sets the PCRs learn mode captures (attest.BootPCRs
+// otherwise).
+func WithLearnPCRs(pcrs []int) Option { return func(s *Server) { s.learnPCRs = pcrs } }
+
+// New returns a Server. WithStore, WithAudit, WithMasterKey and
+// WithAdminToken are required.
+func New(opts ...Option) (*Server, error) {
+	s := &Server{now: time.Now, log: slog.Default(), learnPCRs: attest.BootPCRs, ttl: attest.DefaultChallengeTTL,
+		sourceRate: DefaultSourceRate, vmRate: DefaultVMRate}
+	for _, o := range opts {
+		o(s)
+	}
+	switch {
+	case s.st == nil:
+		return nil, errors.New("new key service: no store (use WithStore)")
+	case s.audit == nil:
+		return nil, errors.New("new key service: no audit log (use WithAudit)")
+	case s.mk == nil:
+		return nil, errors.New("new key service: no master key (use WithMasterKey)")
+	case !s.hasToken:
+		return nil, fmt.Errorf("new key service: no admin token of at least %d characters (use WithAdminToken)", MinAdminTokenLen)
+	}
+	if s.ch == nil {
+		chKey, err := s.mk.Derive(masterkey.LabelChallengeMAC)
+		if err != nil {
+			return nil, fmt.Errorf("new key service: challenge key: %w", err)
+		}
+		s.ch, err = attest.NewChallenger(chKey.Bytes(), attest.WithTTL(s.ttl), attest.WithClock(s.now),
+			attest.WithReplayCache(replayCache{st: s.st}))
+		chKey.Destroy()
+		if err != nil {
+			return nil, fmt.Errorf("new key service: %w", err)
+		}
+	}
+	sk, err := s.mk.Derive(labelSessionMAC)
+	if err != nil {
+		return nil, fmt.Errorf("new key service: session key: %w", err)
+	}
+	s.sessKey = append([]byte(nil), sk.Bytes()...)
+	sk.Destroy()
+	s.metrics = newMetrics()
+	s.bySource, s.byVM = newLimiter(s.sourceRate, time.Now), newLimiter(s.vmRate, time.Now)
+	s.byAdmin = newLimiter(s.sourceRate, time.Now)
+	return s, nil
+}
+
+// replayCache records redeemed challenges in the store, so that every
+// replica on one database refuses a replay.
+type replayCache struct{ st store.Challenges }
+
+func (r replayCache) Use(id []byte, expiry time.Time) (bool, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := r.st.UseChallenge(ctx, hex.EncodeToString(id), expiry)
+	if errors.Is(err, store.ErrExists) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// VMHandler returns the handler of the VM API (/v1/challenge, /v1/unlock,
+// /v1/provision, /v1/session, /v1/events, /v1/activate[/finish]).
+func (s *Server) VMHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/challenge", s.handleChallenge)
+	mux.HandleFunc("POST /v1/unlock", s.handleUnlock)
+	mux.HandleFunc("POST /v1/provision", s.handleProvision)
+	mux.HandleFunc("POST /v1/activate", s.handleActivate)
+	mux.HandleFunc("POST /v1/activate/finish", s.handleActivateFinish)
+	mux.HandleFunc("GET /v1/session", s.handleSession)
+	mux.HandleFunc("POST /v1/events", s.handleEvents)
+	mux.HandleFunc("/", notFound)
+	return s.instrument("vm", limitSource(s.bySource, mux))
+}
+
+// AdminHandler returns the handler of the admin API (/v1/admin/…) and
+// /metrics. Every /v1/admin/ request is authenticated before routing and
+// audited with its outcome; /metrics needs no token.
+func (s *Server) AdminHandler() http.Handler {
+	mux := http.NewServeMux()
+	s.adminRoutes(mux)
+	mux.HandleFunc("/", notFound)
+	top := http.NewServeMux()
+	top.Handle("/v1/admin/", limitSource(s.byAdmin, s.requireAdmin(mux)))
+	top.Handle("GET /metrics", s.metrics.handler())
+	top.HandleFunc("/", notFound)
+	return s.instrument("admin", top)
+}
+
+func notFound(w http.ResponseWriter, r *http.Request) {
+	writeError(w, errorf(http.StatusNotFound, "see docs/protocol.md for the endpoints", "no endpoint %s %s", r.Method, r.URL.Path))
+}
+
+// statusWriter remembers the status code written.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusWriter) code() int {
+	if w.status == 0 {
+		return http.StatusOK
+	}
+	return w.status
+}
+
+// instrument records metrics and a log line for every request.
+func (s *Server) instrument(api string, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w}
+		h.ServeHTTP(sw, r)
+		route := r.Pattern
+		if route == "" {
+			route = "unmatched"
+		}
+		d := time.Since(start)
+		s.metrics.observe(api, route, sw.code(), d)
+		s.log.LogAttrs(r.Context(), slog.LevelInfo, "request", slog.String("api", api),
+			slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.Int("status", sw.code()),
+			slog.Duration("duration", d), slog.String("remote", remoteHost(r)))
+	})
+}
+
+// requireAdmin checks the bearer token before any routing, answers 401 to
+// anything else, and audits every admin request with its status.
+func (s *Server) requireAdmin(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sw := &statusWriter{ResponseWriter: w}
+		client := ""
+		if s.checkAdmin(r) {
+			client = "admin-token"
+			next.ServeHTTP(sw, r)
+		} else {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="keysvc admin"`)
+			writeError(sw, errorf(http.StatusUnauthorized, "send Authorization: Bearer <contents of DATA/admin.token>", "admin API needs a valid bearer token"))
+		}
+		actor := "admin"
+		if client == "" {
+			actor = "anonymous"
+		}
+		s.record(r.Context(), audit.Event{Actor: actor, Action: audit.ActionAdmin, Subject: r.URL.Path,
+			Details: audit.Admin{Method: r.Method, Path: r.URL.Path, Status: sw.code(), Remote: remoteHost(r), Client: client}})
+	})
+}
+
+func (s *Server) checkAdmin(r *http.Request) bool {
+	h := r.Header.Get("Authorization")
+	tok, ok := strings.CutPrefix(h, "Bearer ")
+	if !ok {
+		return false
+	}
+	sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
+	return subtle.ConstantTimeCompare(sum[:], s.adminToken[:]) == 1
+}
+
+// record appends ev to the audit chain. A failure is logged loudly: the
+// request already happened, and the chain's own check reports the gap.
+func (s *Server) record(ctx context.Context, ev audit.Event) {
+	if _, err := s.audit.Append(context.WithoutCancel(ctx), ev); err != nil {
+		s.log.Error("audit append failed", slog.String("action", string(ev.Action)), slog.String("subject", ev.Subject), slog.Any("err", err))
+	}
+}
+
+func remoteHost(r *http.Request) string {
+	h, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return h
+}
+
+// mac is HMAC-SHA256 under the session key.
+func (s *Server) mac(b []byte) []byte {
+	m := hmac.New(sha256.New, s.sessKey)
+	m.Write(b)
+	return m.Sum(nil)
+}

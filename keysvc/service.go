@@ -1,0 +1,211 @@
+package keysvc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/masterkey"
+	"github.com/keygate/keygate/keysvc/store"
+)
+
+// Config says where a Service keeps its data and listens.
+type Config struct {
+	DataDir     string   // required
+	Listen      string   // VM API; DefaultListen if empty
+	AdminListen string   // admin API and /metrics; DefaultAdminListen if empty
+	Hostnames   []string // extra names for the server certificate
+	DB          string   // "" or "sqlite": DataDir/keysvc.db
+	Logger      *slog.Logger
+	// Options are appended to the Server's (for tests: a clock, a TTL).
+	Options []Option
+}
+
+// Default listen addresses.
+const (
+	DefaultListen      = "127.0.0.1:8443"
+	DefaultAdminListen = "127.0.0.1:8444"
+)
+
+// Service is a running key service: a Server over a data directory, served
+// on two TLS 1.3 listeners.
+type Service struct {
+	Data      *DataDir
+	Server    *Server
+	vmLn      net.Listener
+	adminLn   net.Listener
+	servers   []*http.Server
+	st        *store.SQLite
+	auditLog  *audit.Log
+	mk        *masterkey.Key
+	errs      chan error
+	closeOnce sync.Once
+	log       *slog.Logger
+	stopPurge context.CancelFunc
+	purged    sync.WaitGroup
+}
+
+// purgeEvery is how often used challenge IDs past their expiry are dropped.
+const purgeEvery = time.Minute
+
+// purge drops expired used-challenge records until ctx ends: an expired
+// challenge is refused by its expiry alone, so its record is no longer
+// needed.
+func (s *Service) purge(ctx context.Context) {
+	defer s.purged.Done()
+	t := time.NewTicker(purgeEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C: // with the clock challenges are checked with
+			if n, err := s.st.PurgeChallenges(ctx, s.Server.now()); err != nil && ctx.Err() == nil {
+				s.log.Warn("purge used challenges", slog.Any("err", err))
+			} else if n > 0 {
+				s.log.Debug("purged used challenges", slog.Int64("count", n))
+			}
+		}
+	}
+}
+
+// Start bootstraps cfg.DataDir (master key, CA, server certificate, admin
+// token), opens the store and the audit chain, and starts serving. Stop it
+// with Shutdown.
+func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
+	if cfg.DataDir == "" {
+		return nil, errors.New("start key service: no data directory (use --data DIR)")
+	}
+	if cfg.DB != "" && cfg.DB != "sqlite" {
+		if strings.HasPrefix(cfg.DB, "postgres") {
+			return nil, errors.New("start key service: PostgreSQL is not supported yet; use --db sqlite")
+		}
+		return nil, fmt.Errorf("start key service: unknown --db %q; use sqlite", cfg.DB)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	svc := &Service{log: log, errs: make(chan error, 2)}
+	defer func() {
+		if err != nil {
+			svc.release()
+		}
+	}()
+	svc.Data, err = Bootstrap(cfg.DataDir, cfg.Hostnames, time.Now())
+	if err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	var created bool
+	svc.mk, created, err = masterkey.LoadOrCreate(filepath.Join(cfg.DataDir, MasterKeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("start key service: master key: %w", err)
+	}
+	if created {
+		svc.Data.Created = append(svc.Data.Created, MasterKeyFile)
+	}
+	if svc.st, err = store.OpenSQLite(ctx, cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	if svc.auditLog, err = audit.New(svc.st, svc.mk); err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
+		WithAdminToken(svc.Data.adminToken), WithLogger(log)}, cfg.Options...)
+	if svc.Server, err = New(opts...); err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	listen, adminListen := cfg.Listen, cfg.AdminListen
+	if listen == "" {
+		listen = DefaultListen
+	}
+	if adminListen == "" {
+		adminListen = DefaultAdminListen
+	}
+	if svc.vmLn, err = net.Listen("tcp", listen); err != nil {
+		return nil, fmt.Errorf("start key service: VM API: %w (pick another --listen)", err)
+	}
+	if svc.adminLn, err = net.Listen("tcp", adminListen); err != nil {
+		return nil, fmt.Errorf("start key service: admin API: %w (pick another --admin-listen)", err)
+	}
+	errLog := slog.NewLogLogger(log.Handler(), slog.LevelWarn)
+	for _, x := range []struct {
+		ln net.Listener
+		h  http.Handler
+	}{{svc.vmLn, svc.Server.VMHandler()}, {svc.adminLn, svc.Server.AdminHandler()}} {
+		hs := &http.Server{Handler: x.h, TLSConfig: svc.Data.TLSConfig(), ErrorLog: errLog,
+			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
+			IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10}
+		svc.servers = append(svc.servers, hs)
+		go func(ln net.Listener) {
+			if err := hs.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				svc.errs <- err
+			}
+		}(x.ln)
+	}
+	purgeCtx, stopPurge := context.WithCancel(context.Background())
+	svc.stopPurge = stopPurge
+	svc.purged.Add(1)
+	go svc.purge(purgeCtx)
+	log.Info("keysvc serving", slog.String("vm_api", "https://"+svc.vmLn.Addr().String()),
+		slog.String("admin_api", "https://"+svc.adminLn.Addr().String()), slog.String("data", cfg.DataDir),
+		slog.String("ca", svc.Data.Path(CAFile)), slog.String("ca_sha256", svc.Data.CAFingerprint),
+		slog.String("admin_token_file", svc.Data.Path(AdminTokenFile)))
+	return svc, nil
+}
+
+// VMAddr is the VM API's listening address.
+func (s *Service) VMAddr() string { return s.vmLn.Addr().String() }
+
+// AdminAddr is the admin API's listening address.
+func (s *Service) AdminAddr() string { return s.adminLn.Addr().String() }
+
+// Err delivers a listener's failure while serving.
+func (s *Service) Err() <-chan error { return s.errs }
+
+// Shutdown stops accepting connections, waits for requests in flight until
+// ctx ends, and closes the store and wipes the keys.
+func (s *Service) Shutdown(ctx context.Context) error {
+	var errs []error
+	for _, hs := range s.servers {
+		if err := hs.Shutdown(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	s.release()
+	return errors.Join(errs...)
+}
+
+func (s *Service) release() {
+	s.closeOnce.Do(func() {
+		if s.stopPurge != nil {
+			s.stopPurge()
+			s.purged.Wait()
+		}
+		for _, ln := range []net.Listener{s.vmLn, s.adminLn} {
+			if ln != nil {
+				ln.Close()
+			}
+		}
+		if s.Server != nil {
+			clear(s.Server.sessKey)
+		}
+		if s.auditLog != nil {
+			s.auditLog.Destroy()
+		}
+		if s.st != nil {
+			s.st.Close()
+		}
+		if s.mk != nil {
+			s.mk.Destroy()
+		}
+	})
+}

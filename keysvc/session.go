@@ -1,0 +1,172 @@
+package keysvc
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/http"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/store"
+)
+
+// A session token is "s1." || base64url(payload) || "." ||
+// base64url(HMAC-SHA256(K_session, payload)), with payload the JSON
+// {"vm","volume","id","iat"}. It is stateless, like a challenge: any replica
+// holding the master key checks it, and its state is read from the VM and
+// volume records (a revoked VM or an erased volume makes it "revoked").
+type sessionClaims struct {
+	VM     string `json:"vm"`
+	Volume string `json:"volume"`
+	ID     string `json:"id"`  // random, hex; the name audit records use
+	IAT    int64  `json:"iat"` // Unix seconds
+}
+
+const sessionPrefix = "s1."
+
+func (s *Server) newSession(vm, volume string) (token, id string) {
+	var rnd [16]byte
+	rand.Read(rnd[:])
+	id = hex.EncodeToString(rnd[:])
+	payload, _ := json.Marshal(sessionClaims{VM: vm, Volume: volume, ID: id, IAT: s.now().Unix()})
+	enc := base64.RawURLEncoding
+	return sessionPrefix + enc.EncodeToString(payload) + "." + enc.EncodeToString(s.mac(payload)), id
+}
+
+var errBadSession = errors.New("session token invalid")
+
+func (s *Server) parseSession(token string) (sessionClaims, error) {
+	var c sessionClaims
+	rest, ok := strings.CutPrefix(token, sessionPrefix)
+	if !ok || len(token) > 2048 {
+		return c, errBadSession
+	}
+	p, m, ok := strings.Cut(rest, ".")
+	enc := base64.RawURLEncoding.Strict()
+	payload, err1 := enc.DecodeString(p)
+	mac, err2 := enc.DecodeString(m)
+	if !ok || err1 != nil || err2 != nil || !hmac.Equal(mac, s.mac(payload)) {
+		return c, errBadSession
+	}
+	if err := json.Unmarshal(payload, &c); err != nil {
+		return c, errBadSession
+	}
+	return c, nil
+}
+
+// sessionState reads whether the session is still active.
+func (s *Server) sessionState(r *http.Request, c sessionClaims) (string, error) {
+	vm, err := s.st.GetVM(r.Context(), c.VM)
+	if errors.Is(err, store.ErrNotFound) {
+		return StateRevoked, nil
+	}
+	if err != nil {
+		return "", err
+	}
+	vol, err := s.st.GetVolume(r.Context(), c.Volume)
+	if errors.Is(err, store.ErrNotFound) {
+		return StateRevoked, nil
+	}
+	if err != nil {
+		return "", err
+	}
+	if vm.Revoked || vol.Erased() {
+		return StateRevoked, nil
+	}
+	return StateActive, nil
+}
+
+func badSession(w http.ResponseWriter) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="keysvc session"`)
+	writeError(w, errorf(http.StatusUnauthorized, "send the session token POST /v1/unlock returned", "session token invalid"))
+}
+
+func (s *Server) handleSession(w http.ResponseWriter, r *http.Request) {
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		badSession(w)
+		return
+	}
+	c, err := s.parseSession(strings.TrimSpace(tok))
+	if err != nil {
+		badSession(w)
+		return
+	}
+	state, err := s.sessionState(r, c)
+	if err != nil {
+		s.internal(w, "read session state", err)
+		return
+	}
+	writeJSON(w, http.StatusOK, SessionResponse{State: state})
+}
+
+var severities = map[string]bool{"info": true, "warning": true, "critical": true}
+
+// checkEvent bounds what a VM may report; the strings end up in the audit
+// chain and in metrics labels (severity only, from a fixed set).
+func checkEvent(i int, e Event) *httpError {
+	switch {
+	case e.Kind == "" || len(e.Kind) > 64 || !utf8.ValidString(e.Kind):
+		return errorf(http.StatusBadRequest, "", "event %d: kind must be 1-64 bytes of UTF-8", i)
+	case !severities[e.Severity]:
+		return errorf(http.StatusBadRequest, "", "event %d: severity %q is not info, warning or critical", i, truncate(e.Severity, 16))
+	case len(e.Comm) > 64 || !utf8.ValidString(e.Comm):
+		return errorf(http.StatusBadRequest, "", "event %d: comm is longer than 64 bytes", i)
+	case len(e.Message) > 1024 || !utf8.ValidString(e.Message):
+		return errorf(http.StatusBadRequest, "", "event %d: message is longer than 1024 bytes", i)
+	case e.PID < 0:
+		return errorf(http.StatusBadRequest, "", "event %d: negative pid", i)
+	}
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
+}
+
+func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
+	var req EventsRequest
+	if e := readJSON(w, r, MaxEventsBody, &req); e != nil {
+		writeError(w, e)
+		return
+	}
+	c, err := s.parseSession(req.Session)
+	if err != nil {
+		badSession(w)
+		return
+	}
+	if len(req.Events) > MaxEvents {
+		writeError(w, errorf(http.StatusRequestEntityTooLarge, "send events in batches", "%d events, more than %d", len(req.Events), MaxEvents))
+		return
+	}
+	for i, e := range req.Events {
+		if he := checkEvent(i, e); he != nil {
+			writeError(w, he)
+			return
+		}
+	}
+	for _, e := range req.Events {
+		s.metrics.events.WithLabelValues(e.Severity).Inc()
+		if e.Kind == "heartbeat" {
+			continue // counted, not chained: one a minute per VM would drown the audit log
+		}
+		s.record(r.Context(), audit.Event{Actor: "vm:" + c.VM, Action: audit.ActionAlert, Subject: c.Volume,
+			Details: audit.Alert{Session: c.ID, Kind: e.Kind, Severity: e.Severity, PID: e.PID, Comm: e.Comm}})
+		s.log.Warn("vm event", slog.String("vm", c.VM), slog.String("kind", e.Kind), slog.String("severity", e.Severity), slog.Int("pid", e.PID), slog.String("comm", e.Comm))
+	}
+	state, err := s.sessionState(r, c)
+	if err != nil {
+		s.internal(w, "read session state", err)
+		return
+	}
+	writeJSON(w, http.StatusOK, EventsResponse{Accepted: len(req.Events), State: state})
+}

@@ -1,0 +1,465 @@
+package keysvc
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+
+	pb "github.com/google/go-tpm-tools/proto/attest"
+	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
+	"github.com/google/go-tpm-tools/server"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/store"
+)
+
+// refusal is a 403 answer: a Refusal body, or an attest.Denial.
+type refusal struct {
+	reason string
+	hint   string
+	denial *attest.Denial
+}
+
+func (s *Server) refuse(w http.ResponseWriter, r *http.Request, vm, volume string, f *refusal) {
+	s.metrics.denials.WithLabelValues(f.reason).Inc()
+	d := audit.Deny{Volume: volume, Reason: f.reason, Remote: remoteHost(r)}
+	if f.denial != nil {
+		d.Reason = f.reason + ": " + f.denial.Reason
+		for _, m := range f.denial.Mismatches {
+			d.Mismatches = append(d.Mismatches, audit.PCRMismatch{PCR: m.PCR, Allowed: m.Allowed, Got: m.Got})
+		}
+		for _, rf := range f.denial.Rules {
+			d.Rules = append(d.Rules, rf.Rule)
+		}
+	} else if f.hint != "" {
+		d.Reason = f.reason + ": " + f.hint
+	}
+	if vm == "" {
+		vm = "unknown"
+	}
+	s.record(r.Context(), audit.Event{Actor: "vm:" + vm, Action: audit.ActionDeny, Subject: volume, Details: d})
+	s.log.Warn("refused", slog.String("vm", vm), slog.String("volume", volume), slog.String("reason", f.reason), slog.String("path", r.URL.Path))
+	if f.denial != nil {
+		writeJSON(w, http.StatusForbidden, f.denial)
+		return
+	}
+	writeJSON(w, http.StatusForbidden, Refusal{Reason: f.reason, Hint: f.hint})
+}
+
+// parsePublicKeyPEM parses one PEM "PUBLIC KEY" (PKIX) block.
+func parsePublicKeyPEM(what, s string) (crypto.PublicKey, error) {
+	blk, rest := pem.Decode([]byte(s))
+	if blk == nil || blk.Type != "PUBLIC KEY" || strings.TrimSpace(string(rest)) != "" {
+		return nil, fmt.Errorf("%s is not one PEM PUBLIC KEY block (print it with `keygate tpm ek|ak --tpm …`)", what)
+	}
+	pub, err := x509.ParsePKIXPublicKey(blk.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%s: parse public key: %v", what, err)
+	}
+	return pub, nil
+}
+
+func marshalPublicKeyPEM(pub crypto.PublicKey) (string, error) {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return "", err
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), nil
+}
+
+func sameKey(a, b crypto.PublicKey) bool {
+	fa, err1 := attest.KeyFingerprint(a)
+	fb, err2 := attest.KeyFingerprint(b)
+	return err1 == nil && err2 == nil && fa == fb
+}
+
+// enrolledKeys checks that the VM may attest with ek and ak (ak may be nil
+// to use the enrolled one) and returns the enrolled keys.
+func enrolledKeys(vm store.VM, ek, ak crypto.PublicKey) (ekPub, akPub crypto.PublicKey, f *refusal) {
+	if vm.Revoked {
+		return nil, nil, &refusal{reason: ReasonRevoked, hint: "the VM was revoked by an administrator"}
+	}
+	ekPub, err := parsePublicKeyPEM("enrolled EK", vm.EKPubPEM)
+	if err != nil {
+		return nil, nil, &refusal{reason: ReasonUnknownEK, hint: "the enrolled EK does not parse; re-enroll the VM"}
+	}
+	if ek != nil && !sameKey(ek, ekPub) {
+		return nil, nil, &refusal{reason: ReasonUnknownEK, hint: "this EK is not the one enrolled for the VM; check the VM name, or enroll this TPM's EK"}
+	}
+	if vm.AKPubPEM == "" {
+		return nil, nil, &refusal{reason: ReasonNoAK, hint: "no AK is enrolled for this VM: prove one by credential activation (POST /v1/activate), or have an administrator enroll it with `keysvc vm set-ak`"}
+	}
+	akPub, err = parsePublicKeyPEM("enrolled AK", vm.AKPubPEM)
+	if err != nil {
+		return nil, nil, &refusal{reason: ReasonUnknownAK, hint: "the enrolled AK does not parse; re-enroll the VM"}
+	}
+	if ak != nil && !sameKey(ak, akPub) {
+		return nil, nil, &refusal{reason: ReasonUnknownAK, hint: "this AK is not the one enrolled for the VM's TPM"}
+	}
+	return ekPub, akPub, nil
+}
+
+// volumeFor checks that the volume exists for the VM and still has a key.
+func (s *Server) volumeFor(ctx context.Context, vm, id string) (store.Volume, *refusal, error) {
+	vol, err := s.st.GetVolume(ctx, id)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && vol.VM != vm) {
+		return vol, &refusal{reason: ReasonUnknownVolume, hint: "no such volume for this VM; create or import it with `keysvc volume`"}, nil
+	}
+	if err != nil {
+		return vol, nil, err
+	}
+	if vol.Erased() {
+		return vol, &refusal{reason: ReasonErased, hint: "the volume's key was destroyed (crypto-erase); only a recovery keyslot can open it"}, nil
+	}
+	return vol, nil, nil
+}
+
+func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
+	var req ChallengeRequest
+	if e := readJSON(w, r, MaxChallengeBody, &req); e != nil {
+		writeError(w, e)
+		return
+	}
+	if req.VM == "" || req.Volume == "" {
+		writeError(w, errorf(http.StatusBadRequest, "", "vm and volume are required"))
+		return
+	}
+	if !s.byVM.allow(req.VM) {
+		tooMany(w, "VM")
+		return
+	}
+	ek, err := parsePublicKeyPEM("ek_pub", req.EKPub)
+	if err != nil {
+		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
+		return
+	}
+	ak, err := parsePublicKeyPEM("ak_pub", req.AKPub)
+	if err != nil {
+		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
+		return
+	}
+	ctx := r.Context()
+	vm, err := s.st.GetVM(ctx, req.VM)
+	if errors.Is(err, store.ErrNotFound) {
+		s.refuse(w, r, req.VM, req.Volume, &refusal{reason: ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
+		return
+	}
+	if err != nil {
+		s.internal(w, "read vm", err)
+		return
+	}
+	if _, _, f := enrolledKeys(vm, ek, ak); f != nil {
+		s.refuse(w, r, req.VM, req.Volume, f)
+		return
+	}
+	if _, f, err := s.volumeFor(ctx, vm.Name, req.Volume); err != nil || (f != nil && !(f.reason == ReasonUnknownVolume && vm.ProvisioningAllowed)) {
+		if err != nil {
+			s.internal(w, "read volume", err)
+		} else {
+			s.refuse(w, r, req.VM, req.Volume, f)
+		}
+		return
+	}
+	nonce, token, err := s.ch.Issue(req.VM, req.Volume, ek, ak)
+	if err != nil {
+		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
+		return
+	}
+	writeJSON(w, http.StatusOK, ChallengeResponse{Nonce: nonce, Challenge: token})
+}
+
+// peekNames reads the vm and volume names from a v1 challenge token without
+// authenticating it (attest/challenge.go documents the layout), so that the
+// enrolled keys can be looked up; Redeem then checks the MAC and the binding
+// to exactly those keys. Nothing else is taken from the unauthenticated
+// payload.
+func peekNames(token string) (vm, volume string, ok bool) {
+	if len(token) > 4096 {
+		return "", "", false
+	}
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 || parts[0] != "v1" {
+		return "", "", false
+	}
+	b, err := base64.RawURLEncoding.DecodeString(parts[1])
+	const fixed = 8 + 8 + attest.NonceSize + 32 + 32
+	if err != nil || len(b) < fixed {
+		return "", "", false
+	}
+	b = b[fixed:]
+	name := func() (string, bool) {
+		if len(b) < 2 {
+			return "", false
+		}
+		n := int(binary.BigEndian.Uint16(b))
+		if n > len(b)-2 {
+			return "", false
+		}
+		s := string(b[2 : 2+n])
+		b = b[2+n:]
+		return s, true
+	}
+	vm, ok1 := name()
+	volume, ok2 := name()
+	return vm, volume, ok1 && ok2 && len(b) == 0
+}
+
+func (s *Server) handleUnlock(w http.ResponseWriter, r *http.Request) { s.unlock(w, r, false) }
+
+// handleProvision is POST /v1/provision: an unlock of a volume that does not
+// exist yet, for a VM allowed to provision (keygate boot --init-if-blank).
+// After the same checks as an unlock, the service makes the volume's UK and
+// releases it like an unlock.
+func (s *Server) handleProvision(w http.ResponseWriter, r *http.Request) { s.unlock(w, r, true) }
+
+func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) {
+	var req UnlockRequest
+	if e := readJSON(w, r, MaxUnlockBody, &req); e != nil {
+		writeError(w, e)
+		return
+	}
+	ctx := r.Context()
+	vmName, volID, ok := peekNames(req.Challenge)
+	if !ok {
+		s.refuse(w, r, "", "", &refusal{reason: ReasonChallenge, hint: "the challenge is not a keysvc challenge token; send the one POST /v1/challenge returned"})
+		return
+	}
+	vm, err := s.st.GetVM(ctx, vmName)
+	if errors.Is(err, store.ErrNotFound) {
+		s.refuse(w, r, vmName, volID, &refusal{reason: ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
+		return
+	}
+	if err != nil {
+		s.internal(w, "read vm", err)
+		return
+	}
+	ekPub, akPub, f := enrolledKeys(vm, nil, nil)
+	if f != nil {
+		s.refuse(w, r, vmName, volID, f)
+		return
+	}
+	claims, err := s.ch.Redeem(req.Challenge, vmName, volID, ekPub, akPub, s.now())
+	if err != nil {
+		if isChallengeErr(err) {
+			s.refuse(w, r, vmName, volID, &refusal{reason: ReasonChallenge, hint: err.Error()})
+		} else {
+			s.internal(w, "redeem challenge", err)
+		}
+		return
+	}
+	var vol store.Volume
+	if provision {
+		f, err = s.canProvision(ctx, vm, volID)
+	} else {
+		vol, f, err = s.volumeFor(ctx, vmName, volID)
+	}
+	if err != nil || f != nil {
+		if err != nil {
+			s.internal(w, "read volume", err)
+		} else {
+			s.refuse(w, r, vmName, volID, f)
+		}
+		return
+	}
+	att := &pb.Attestation{}
+	if err := proto.Unmarshal(req.Attestation, att); err != nil {
+		s.refuse(w, r, vmName, volID, &refusal{reason: ReasonEvidence, hint: "attestation is not a go-tpm-tools Attestation proto: " + err.Error()})
+		return
+	}
+	pol, res, f, err := s.verify(ctx, vm, att, claims.Nonce, akPub)
+	if err != nil || f != nil {
+		if err != nil {
+			s.internal(w, "verify attestation", err)
+		} else {
+			s.refuse(w, r, vmName, volID, f)
+		}
+		return
+	}
+	if provision {
+		if vol, err = s.provisionVolume(ctx, vm.Name, volID); errors.Is(err, store.ErrExists) {
+			s.refuse(w, r, vmName, volID, &refusal{reason: ReasonVolumeExists, hint: "the volume was provisioned meanwhile; unlock it"})
+			return
+		} else if err != nil {
+			s.internal(w, "provision volume", err)
+			return
+		}
+		s.record(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionProvision, Subject: volID,
+			Details: audit.Admin{Method: r.Method, Path: r.URL.Path, Status: http.StatusOK, Remote: remoteHost(r), Client: "vm:" + vm.Name}})
+	}
+	s.release(w, r, vm, vol, ekPub, pol, res)
+}
+
+// canProvision checks that vm may provision volume id, which must not exist.
+func (s *Server) canProvision(ctx context.Context, vm store.VM, id string) (*refusal, error) {
+	if !vm.ProvisioningAllowed {
+		return &refusal{reason: ReasonNoProvisioning, hint: "this VM may not provision volumes; create the volume with `keysvc volume create`, or re-enroll the VM with provisioning allowed"}, nil
+	}
+	_, err := s.st.GetVolume(ctx, id)
+	switch {
+	case err == nil:
+		return &refusal{reason: ReasonVolumeExists, hint: "the volume exists; unlock it with POST /v1/unlock"}, nil
+	case errors.Is(err, store.ErrNotFound):
+		return nil, nil
+	}
+	return nil, err
+}
+
+// provisionVolume makes, seals and stores a new UK for volume id of vm.
+func (s *Server) provisionVolume(ctx context.Context, vm, id string) (store.Volume, error) {
+	uk := make([]byte, UKSize)
+	if _, err := rand.Read(uk); err != nil {
+		return store.Volume{}, err
+	}
+	sealed, err := s.mk.Seal(id, uk)
+	clear(uk)
+	if err != nil {
+		return store.Volume{}, err
+	}
+	return s.st.CreateVolume(ctx, store.Volume{ID: id, VM: vm, SealedUK: sealed})
+}
+
+func isChallengeErr(err error) bool {
+	for _, e := range []error{attest.ErrChallengeMalformed, attest.ErrChallengeMAC, attest.ErrChallengeBinding, attest.ErrChallengeExpired, attest.ErrChallengeReplayed} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// errNotArmed means learn mode was consumed by a concurrent unlock.
+var errNotArmed = errors.New("learn mode no longer armed")
+
+// verify runs attest.Verify against the VM's policy, or, with learn mode
+// armed, attest.Learn, and then stores the captured policy and disarms.
+func (s *Server) verify(ctx context.Context, vm store.VM, att *pb.Attestation, nonce []byte, ak crypto.PublicKey) (*attest.Policy, *attest.Result, *refusal, error) {
+	pol, err := storedPolicy(vm.Policy)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("vm %q: stored policy: %w", vm.Name, err)
+	}
+	opts := attest.VerifyOpts{Nonce: nonce, TrustedAKs: []crypto.PublicKey{ak}, Policy: pol}
+	if vm.LearnArmed {
+		learned, res, err := attest.Learn(att, opts, s.learnPCRs)
+		if err == nil {
+			raw, merr := json.Marshal(learned)
+			if merr != nil {
+				return nil, nil, nil, merr
+			}
+			_, uerr := s.st.UpdateVM(ctx, vm.Name, func(v *store.VM) error {
+				if !v.LearnArmed {
+					return errNotArmed
+				}
+				v.Policy, v.LearnArmed = raw, false
+				return nil
+			})
+			switch {
+			case uerr == nil:
+				pcrs := make(map[int]string, len(learned.PCRs))
+				for i, vals := range learned.PCRs {
+					pcrs[i] = fmt.Sprintf("%x", vals[0])
+				}
+				s.record(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionLearn, Subject: vm.Name, Details: audit.Learn{PCRs: pcrs}})
+				s.log.Info("learned policy", slog.String("vm", vm.Name), slog.Int("pcrs", len(pcrs)))
+				return learned, res, nil, nil
+			case errors.Is(uerr, errNotArmed):
+				// Another unlock captured the policy first: verify against it.
+				fresh, err := s.st.GetVM(ctx, vm.Name)
+				if err != nil {
+					return nil, nil, nil, err
+				}
+				vm.LearnArmed, vm.Policy = false, fresh.Policy
+				return s.verify(ctx, vm, att, nonce, ak)
+			default:
+				return nil, nil, nil, uerr
+			}
+		}
+		return nil, nil, verifyRefusal(err), nil
+	}
+	res, err := attest.Verify(att, opts)
+	if err != nil {
+		return nil, nil, verifyRefusal(err), nil
+	}
+	return pol, res, nil, nil
+}
+
+func verifyRefusal(err error) *refusal {
+	var d *attest.Denial
+	if errors.As(err, &d) {
+		return &refusal{reason: ReasonPolicy, denial: d}
+	}
+	if errors.Is(err, attest.ErrUntrustedAK) {
+		return &refusal{reason: ReasonUnknownAK, hint: err.Error()}
+	}
+	return &refusal{reason: ReasonEvidence, hint: err.Error()}
+}
+
+func storedPolicy(raw json.RawMessage) (*attest.Policy, error) {
+	if len(raw) == 0 {
+		raw = json.RawMessage("{}")
+	}
+	return attest.ParsePolicy(raw)
+}
+
+// release seals the volume's UK to the VM's EK and the policy's PCRs, as the
+// verified quote showed them, and answers 200.
+func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vol store.Volume, ek crypto.PublicKey, pol *attest.Policy, res *attest.Result) {
+	pcrs := &tpmpb.PCRs{Hash: tpmpb.HashAlgo_SHA256, Pcrs: make(map[uint32][]byte)}
+	idx := make([]int, 0, len(pol.PCRs))
+	for i := range pol.PCRs {
+		v, ok := res.PCRs[i]
+		if !ok { // Verify checked every policy PCR is quoted
+			s.internal(w, "bind blob", fmt.Errorf("PCR %d missing from a verified quote", i))
+			return
+		}
+		pcrs.Pcrs[uint32(i)] = v
+		idx = append(idx, i)
+	}
+	slices.Sort(idx)
+	uk, err := s.mk.Open(vol.ID, vol.SealedUK)
+	if err != nil {
+		s.internal(w, "open sealed unwrap key", err)
+		return
+	}
+	blob, err := server.CreateImportBlob(ek, uk.Bytes(), pcrs)
+	uk.Destroy()
+	if err != nil {
+		s.internal(w, "create import blob", err)
+		return
+	}
+	blobBytes, err := proto.Marshal(blob)
+	if err != nil {
+		s.internal(w, "encode import blob", err)
+		return
+	}
+	sess, id := s.newSession(vm.Name, vol.ID)
+	// Fail closed: a key is released only once its release is on record.
+	if _, err := s.audit.Append(context.WithoutCancel(r.Context()), audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionUnlock, Subject: vol.ID,
+		Details: audit.Unlock{Volume: vol.ID, SessionID: id, Remote: remoteHost(r)}}); err != nil {
+		s.log.Error("audit append failed; unwrap key withheld", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.Any("err", err))
+		writeError(w, errorf(http.StatusInternalServerError, "the operator must run `keysvc audit verify` and repair the audit chain", "the release could not be audited, so no key is released"))
+		return
+	}
+	s.metrics.unlocks.Inc()
+	s.log.Info("unlock", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.String("session_id", id), slog.Any("pcrs", idx))
+	writeJSON(w, http.StatusOK, UnlockResponse{ImportBlob: blobBytes, Session: sess, PCRs: idx})
+}
+
+// internal answers 500 and logs the cause (never a secret: causes are
+// store, sealing and encoding errors).
+func (s *Server) internal(w http.ResponseWriter, what string, err error) {
+	s.log.Error("internal error", slog.String("op", what), slog.Any("err", err))
+	writeError(w, errorf(http.StatusInternalServerError, "see the key service's log", "%s failed", what))
+}
