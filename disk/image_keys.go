@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 
@@ -87,7 +88,7 @@ func CreateImage(path string, key *Key, opts CreateOptions) (*Created, error) {
 		err = tmp.Close()
 	}
 	if err == nil {
-		err = os.Link(tmp.Name(), path) // fails, rather than replaces, if path appeared meanwhile
+		err = linkNoClobber(tmp.Name(), path)
 	}
 	if err != nil {
 		res.Wipe()
@@ -96,6 +97,22 @@ func CreateImage(path string, key *Key, opts CreateOptions) (*Created, error) {
 	os.Remove(tmp.Name())
 	done = true
 	return res, nil
+}
+
+// linkNoClobber puts the finished image at path without ever replacing a
+// file that appeared there meanwhile: a hard link fails if path exists.
+// Filesystems without hard links (vfat, some network mounts) fall back to
+// a rename after a last existence check, which narrows but cannot close
+// that race.
+func linkNoClobber(tmp, path string) error {
+	err := os.Link(tmp, path)
+	if err == nil || errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	if _, serr := os.Lstat(path); serr == nil {
+		return fmt.Errorf("%s appeared while the image was being made: %w", path, fs.ErrExist)
+	}
+	return os.Rename(tmp, path)
 }
 
 func format(f *os.File, key *Key, opts CreateOptions) (*Created, error) {
