@@ -1,6 +1,7 @@
 package keysvc
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -20,6 +21,10 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/masterkey"
+	"github.com/keygate/keygate/keysvc/store"
 )
 
 // Files in a data directory.
@@ -257,14 +262,22 @@ func covers(c *x509.Certificate, names []string) bool {
 	return true
 }
 
+// newToken returns a fresh admin token: 32 random bytes, hex.
+func newToken() (string, error) {
+	var raw [32]byte
+	if _, err := rand.Read(raw[:]); err != nil {
+		return "", fmt.Errorf("make admin token: %w", err)
+	}
+	return hex.EncodeToString(raw[:]), nil
+}
+
 func (d *DataDir) loadOrCreateToken() error {
 	b, err := d.readPrivate(AdminTokenFile)
 	if errors.Is(err, fs.ErrNotExist) {
-		var raw [32]byte
-		if _, err := rand.Read(raw[:]); err != nil {
-			return fmt.Errorf("make admin token: %w", err)
+		tok, err := newToken()
+		if err != nil {
+			return err
 		}
-		tok := hex.EncodeToString(raw[:])
 		if err := d.writeNew(AdminTokenFile, []byte(tok+"\n"), 0o600); err != nil {
 			return fmt.Errorf("write admin token: %w", err)
 		}
@@ -285,4 +298,83 @@ func (d *DataDir) loadOrCreateToken() error {
 // data directory's server certificate.
 func (d *DataDir) TLSConfig() *tls.Config {
 	return &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{d.cert}}
+}
+
+// RotateAdminToken replaces dir's admin token with a fresh one and records
+// the rotation in the audit chain (action "rotate", subject "admin-token";
+// never the token). It works on the data directory, not through the admin
+// API, so that it also serves when the old token is lost or leaked: whoever
+// can write dir can already read the token and the master key.
+//
+// A running service keeps accepting the old token, and refuses the new one,
+// until it is restarted: the token is read once, at start. Stop the service
+// first, or restart it right after.
+//
+// The master key is needed to MAC the audit record; if it is sealed to a TPM
+// the caller installs the Sealer (masterkey.UseSealer) first. Nothing is
+// created: a directory without a master key and a database is refused. The
+// new token is written to a temporary file first and renamed into place only
+// after the audit record is stored, so a failure leaves the old token.
+func RotateAdminToken(ctx context.Context, dir string) (path string, err error) {
+	d := &DataDir{Dir: dir}
+	for _, name := range []string{store.DBFile, AdminTokenFile} {
+		if _, err := os.Stat(d.Path(name)); err != nil {
+			return "", fmt.Errorf("rotate admin token: %s: %w (is --data the service's data directory? start the service once to create it)", d.Path(name), err)
+		}
+	}
+	_, errPlain := os.Stat(d.Path(MasterKeyFile))
+	_, errSealed := os.Stat(d.Path(MasterKeyFile) + masterkey.SealedSuffix)
+	if errPlain != nil && errSealed != nil {
+		return "", fmt.Errorf("rotate admin token: no master key in %s (restore master.key or master.key.tpm from backup)", dir)
+	}
+	mk, _, err := masterkey.LoadOrCreate(d.Path(MasterKeyFile))
+	if err != nil {
+		return "", fmt.Errorf("rotate admin token: master key: %w", err)
+	}
+	defer mk.Destroy()
+	st, err := store.OpenSQLite(ctx, dir)
+	if err != nil {
+		return "", fmt.Errorf("rotate admin token: %w", err)
+	}
+	defer st.Close()
+	log, err := audit.New(st, mk)
+	if err != nil {
+		return "", fmt.Errorf("rotate admin token: %w", err)
+	}
+	defer log.Destroy()
+
+	tok, err := newToken()
+	if err != nil {
+		return "", fmt.Errorf("rotate admin token: %w", err)
+	}
+	tmp, err := os.CreateTemp(dir, "."+AdminTokenFile+".tmp*") // 0600
+	if err != nil {
+		return "", fmt.Errorf("rotate admin token: %w", err)
+	}
+	defer os.Remove(tmp.Name()) // after the rename, a no-op
+	_, err = tmp.WriteString(tok + "\n")
+	if err == nil {
+		err = tmp.Chmod(0o600)
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return "", fmt.Errorf("rotate admin token: write %s: %w", tmp.Name(), err)
+	}
+	if _, err := log.Append(ctx, audit.Event{Actor: "operator", Action: audit.ActionRotate, Subject: "admin-token",
+		Details: audit.Admin{Method: "local", Path: "keysvc admin-token rotate"}}); err != nil {
+		return "", fmt.Errorf("rotate admin token: audit: %w (the old token is unchanged)", err)
+	}
+	if err := os.Rename(tmp.Name(), d.Path(AdminTokenFile)); err != nil {
+		return "", fmt.Errorf("rotate admin token: install %s: %w (the rotation is audited but the old token is still in place; run the command again)", d.Path(AdminTokenFile), err)
+	}
+	if f, err := os.Open(dir); err == nil {
+		f.Sync()
+		f.Close()
+	}
+	return d.Path(AdminTokenFile), nil
 }

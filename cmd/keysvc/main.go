@@ -12,12 +12,14 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/masterkey"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -70,7 +72,9 @@ Start with:
   export KEYSVC_TOKEN_FILE=/var/lib/keysvc/admin.token KEYSVC_CA=/var/lib/keysvc/ca.pem
   keysvc vm enroll --name web-1 --ek-pub ek.pem --ak-pub ak.pem
   keysvc volume create --id web-1-data --vm web-1
-  keysvc policy learn --vm web-1`,
+  keysvc policy learn --vm web-1
+
+The operator guide is docs/operator.md.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		Version:       version,
@@ -84,6 +88,7 @@ Start with:
 	cl := &client{}
 	root.AddCommand(newServeCmd())
 	root.AddCommand(adminCommands(cl)...)
+	root.AddCommand(masterKeyCmd(), adminTokenCmd())
 	root.AddCommand(&cobra.Command{
 		Use:   "version",
 		Short: "Print keysvc's version",
@@ -107,6 +112,7 @@ func newServeCmd() *cobra.Command {
 		perSource float64
 		perVM     float64
 		ekRoots   string
+		mkTPM     string
 	)
 	c := &cobra.Command{
 		Use:   "serve --data DIR",
@@ -116,7 +122,13 @@ func newServeCmd() *cobra.Command {
 On first start it creates, in DIR: the master key (master.key, 0600), a CA
 (ca.pem; VMs pin it with --ca) with the server certificate it serves, and the
 admin token (admin.token, 0600) that the admin subcommands send. Later starts
-reuse them. SIGINT or SIGTERM stops it gracefully.`,
+reuse them. SIGINT or SIGTERM stops it gracefully.
+
+With --master-key-tpm the master key is kept sealed to that TPM, in
+master.key.tpm (0600), instead of in the plain master.key: a copy of DIR alone
+then yields no secret. Give the same flag on every start. To move an existing
+plain key into the TPM, use 'keysvc master-key seal' (escrow master.key first:
+a cleared or dead TPM loses every key the service holds).`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if cfg.DataDir == "" {
@@ -142,17 +154,39 @@ reuse them. SIGINT or SIGTERM stops it gracefully.`,
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			// The TPM is needed only while Start loads the master key.
+			release, err := useMasterKeyTPM(cfg.DataDir, mkTPM)
+			if err != nil {
+				return err
+			}
 			svc, err := keysvc.Start(ctx, cfg)
+			release()
 			if err != nil {
 				return err
 			}
 			out := c.OutOrStdout()
 			d := svc.Data
+			mkFile, backup := keysvc.MasterKeyFile, "back up master.key and ca.key: without them nothing can be unlocked"
+			if mkTPM != "" {
+				mkFile = keysvc.MasterKeyFile + masterkey.SealedSuffix
+				backup = "back up ca.key and keep the TPM: the master key exists only sealed to it"
+			}
 			fmt.Fprintf(out, "keysvc serving\n  VM API:      https://%s\n  admin API:   https://%s (and /metrics)\n", svc.VMAddr(), svc.AdminAddr())
-			fmt.Fprintf(out, "  CA:          %s (sha256 %s)\n  admin token: %s\n  master key:  %s\n",
-				d.Path(keysvc.CAFile), d.CAFingerprint, d.Path(keysvc.AdminTokenFile), d.Path(keysvc.MasterKeyFile))
+			fmt.Fprintf(out, "  CA:          %s (sha256 %s)\n  admin token: %s\n  master key:  %s",
+				d.Path(keysvc.CAFile), d.CAFingerprint, d.Path(keysvc.AdminTokenFile), d.Path(mkFile))
+			if mkTPM != "" {
+				fmt.Fprintf(out, " (sealed to TPM %s)", mkTPM)
+			}
+			if mkTPM == "sim" {
+				fmt.Fprint(out, "\n  warning:     the simulator is a new TPM in every process: this master key is lost when keysvc stops (tests and demos only)")
+			}
+			fmt.Fprintln(out)
 			if len(d.Created) > 0 {
-				fmt.Fprintf(out, "  created now: %v (back up master.key and ca.key: without them nothing can be unlocked)\n", d.Created)
+				created := slices.Clone(d.Created)
+				if i := slices.Index(created, keysvc.MasterKeyFile); i >= 0 {
+					created[i] = mkFile
+				}
+				fmt.Fprintf(out, "  created now: %v (%s)\n", created, backup)
 			}
 			var serveErr error
 			select {
@@ -178,6 +212,7 @@ reuse them. SIGINT or SIGTERM stops it gracefully.`,
 	f.StringVar(&cfg.DB, "db", "sqlite", "database: sqlite (DIR/keysvc.db); postgres is not supported yet")
 	f.StringSliceVar(&cfg.Hostnames, "hostname", nil, "extra DNS name or IP for the server certificate (repeatable)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: json or text")
+	f.StringVar(&mkTPM, "master-key-tpm", "", "keep the master key sealed to this TPM (/dev/tpmrm0, swtpm:SOCKET or sim) in DIR/master.key.tpm")
 	f.StringVar(&ekRoots, "ek-roots", "", "PEM file of CAs that EK certificates given at enrollment must chain to")
 	f.Float64Var(&perSource, "rate-per-source", keysvc.DefaultSourceRate, "VM API requests per second from one address (burst twice that; 0: no limit)")
 	f.Float64Var(&perVM, "rate-per-vm", keysvc.DefaultVMRate, "challenges per second for one VM (burst twice that; 0: no limit)")

@@ -13,16 +13,17 @@ import (
 	"github.com/keygate/keygate/keysvc"
 )
 
-// serveOnce runs `keysvc serve` in-process on random ports until it has
-// printed its addresses, stops it with SIGTERM, and returns what it printed.
-func serveOnce(t *testing.T, data string) string {
+// serveOnce runs `keysvc serve` in-process on random ports, with extra
+// flags, until it has printed its addresses, stops it with SIGTERM, and
+// returns what it printed.
+func serveOnce(t *testing.T, data string, extra ...string) string {
 	t.Helper()
 	pr, pw := io.Pipe()
 	done := make(chan int, 1)
 	var errb strings.Builder
 	go func() {
-		done <- run([]string{"serve", "--data", data, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"},
-			nil, pw, &errb)
+		args := []string{"serve", "--data", data, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"}
+		done <- run(append(args, extra...), nil, pw, &errb)
 		pw.Close()
 	}()
 	var out strings.Builder

@@ -11,9 +11,12 @@
 // DESIGN.md). To keep that exposure short, a cipher is built per call and
 // dropped when the call returns; nothing here caches a *cipher.Block.
 //
+// It can also keep the master key sealed to the host's TPM instead of in a
+// plain file (tpmseal.go: LoadOrCreateSealed, SealExisting), through a small
+// Sealer interface that package tpm implements.
+//
 // The package does not own where the key file lives (the caller passes a
-// path), nor sealing the master key to the host's TPM, which is not offered
-// yet.
+// path), nor opening a TPM (the caller passes a Sealer).
 package masterkey
 
 import (
@@ -95,7 +98,17 @@ func (k *Key) Destroy() {
 //
 // An existing file is refused (ErrKeyFile) if any group or other permission
 // bit is set, if it is not a regular file, or if it is not exactly Size bytes.
+//
+// If UseSealer installed a Sealer for path, this is LoadOrCreateSealed.
+// Otherwise a sealed key beside path (path+SealedSuffix) is refused
+// (ErrSealed), rather than a new plain key being made in its place.
 func LoadOrCreate(path string) (key *Key, created bool, err error) {
+	if s := sealerFor(path); s != nil {
+		return LoadOrCreateSealed(path, s)
+	}
+	if err := checkNotSealed(path); err != nil {
+		return nil, false, err
+	}
 	k, err := load(path)
 	if err == nil {
 		return k, false, nil
