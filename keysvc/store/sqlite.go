@@ -63,11 +63,12 @@ func loadMigrations() ([]migration, error) {
 // mode.
 //
 // Writes run in BEGIN IMMEDIATE transactions (so a read-modify-write never
-// has to upgrade a read lock, which SQLite refuses under contention) and,
-// within one process, behind a mutex, so concurrent writers queue in Go
+// has to upgrade a read lock, which SQLite refuses under contention), issued
+// by one writer goroutine per process, so concurrent writers queue in Go
 // rather than spinning in SQLite's busy handler. Another process on the same
 // file waits up to the busy timeout (5 s). synchronous=FULL makes every
-// committed record durable, at one fsync per write transaction.
+// committed record durable, at one fsync per write transaction; the writer
+// group-commits (see write) so that concurrent callers share that fsync.
 //
 // Crypto-erase: secure_delete is on, so SQLite zeroes freed space in the
 // pages it writes, and after an erase the WAL is checkpointed and truncated.
@@ -78,7 +79,21 @@ func loadMigrations() ([]migration, error) {
 type SQLite struct {
 	db   *sql.DB
 	path string
-	wmu  sync.Mutex // serialises write transactions in this process
+	wmu  sync.Mutex // held by the writer for each batch, and by truncateWAL
+
+	stmts sync.Map // query → *sql.Stmt; see prepared
+
+	queue   chan *writeReq // see write
+	qmu     sync.RWMutex   // write holds it shared while queueing; Close exclusively to set closed
+	closed  bool
+	stop    chan struct{} // closed by Close: the writer finishes the queue and ends
+	stopped chan struct{}
+
+	ckptDone chan struct{}
+
+	// failCommit, if set (by tests), is consulted just before each batch's
+	// COMMIT; an error rolls the batch back as a failed COMMIT would.
+	failCommit func(batch int) error
 }
 
 var _ Store = (*SQLite)(nil)
@@ -108,22 +123,29 @@ func OpenSQLite(ctx context.Context, dir string) (*SQLite, error) {
 		"&_pragma=journal_mode(WAL)" +
 		"&_pragma=synchronous(FULL)" +
 		"&_pragma=foreign_keys(1)" +
-		"&_pragma=secure_delete(1)"
+		"&_pragma=secure_delete(1)" +
+		"&_pragma=wal_autocheckpoint(0)" // see checkpointer
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	db.SetMaxOpenConns(8)
 	s := &SQLite{db: db, path: path}
+	s.startWriter()
 	if err := s.migrate(ctx); err != nil {
-		db.Close()
+		s.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	return s, nil
 }
 
-// Close closes the database.
-func (s *SQLite) Close() error { return s.db.Close() }
+// Close finishes the writes already queued, refuses later ones, and closes
+// the database.
+func (s *SQLite) Close() error {
+	s.stopWriter()
+	s.closeStmts()
+	return s.db.Close()
+}
 
 func (s *SQLite) migrate(ctx context.Context) error {
 	ms, err := loadMigrations()
@@ -131,7 +153,7 @@ func (s *SQLite) migrate(ctx context.Context) error {
 		return err
 	}
 	latest := len(ms)
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
 			version    INTEGER PRIMARY KEY,
 			name       TEXT    NOT NULL,
@@ -158,25 +180,6 @@ func (s *SQLite) migrate(ctx context.Context) error {
 		}
 		return nil
 	})
-}
-
-// write runs fn in a BEGIN IMMEDIATE transaction, committing if fn returns
-// nil.
-func (s *SQLite) write(ctx context.Context, fn func(*sql.Tx) error) error {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return fmt.Errorf("begin write: %w", err)
-	}
-	if err := fn(tx); err != nil {
-		tx.Rollback()
-		return err
-	}
-	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("commit: %w", err)
-	}
-	return nil
 }
 
 // read runs fn in a deferred (read-only) transaction: one snapshot.
@@ -217,3 +220,58 @@ func validID(kind, id string) error {
 }
 
 func isNoRows(err error) bool { return errors.Is(err, sql.ErrNoRows) }
+
+// prepared returns query prepared on the database, once. database/sql then
+// prepares it at most once per connection and reuses it (Tx.StmtContext
+// finds the connection's copy), which spares SQLite's parser on the hot
+// paths: statement preparation otherwise costs more than the statement.
+func (s *SQLite) prepared(query string) (*sql.Stmt, error) {
+	if st, ok := s.stmts.Load(query); ok {
+		return st.(*sql.Stmt), nil
+	}
+	st, err := s.db.PrepareContext(context.Background(), query)
+	if err != nil {
+		return nil, err
+	}
+	if prev, loaded := s.stmts.LoadOrStore(query, st); loaded {
+		st.Close()
+		return prev.(*sql.Stmt), nil
+	}
+	return st, nil
+}
+
+// txExec is tx.ExecContext through the prepared-statement cache.
+func (s *SQLite) txExec(ctx context.Context, tx *sql.Tx, query string, args ...any) (sql.Result, error) {
+	st, err := s.prepared(query)
+	if err != nil {
+		return tx.ExecContext(ctx, query, args...)
+	}
+	return tx.StmtContext(ctx, st).ExecContext(ctx, args...)
+}
+
+// txQueryRow is tx.QueryRowContext through the prepared-statement cache.
+func (s *SQLite) txQueryRow(ctx context.Context, tx *sql.Tx, query string, args ...any) *sql.Row {
+	st, err := s.prepared(query)
+	if err != nil {
+		return tx.QueryRowContext(ctx, query, args...)
+	}
+	return tx.StmtContext(ctx, st).QueryRowContext(ctx, args...)
+}
+
+// queryRow is s.db.QueryRowContext through the prepared-statement cache.
+func (s *SQLite) queryRow(ctx context.Context, query string, args ...any) *sql.Row {
+	st, err := s.prepared(query)
+	if err != nil {
+		return s.db.QueryRowContext(ctx, query, args...)
+	}
+	return st.QueryRowContext(ctx, args...)
+}
+
+// closeStmts closes the cached statements.
+func (s *SQLite) closeStmts() {
+	s.stmts.Range(func(k, v any) bool {
+		v.(*sql.Stmt).Close()
+		s.stmts.Delete(k)
+		return true
+	})
+}

@@ -21,12 +21,12 @@ func scanAudit(r rowScanner) (AuditRecord, error) {
 	return a, nil
 }
 
-func readHead(ctx context.Context, tx *sql.Tx) (*AuditHead, error) {
+func (s *SQLite) readHead(ctx context.Context, tx *sql.Tx) (*AuditHead, error) {
 	var (
 		h   AuditHead
 		seq int64
 	)
-	err := tx.QueryRowContext(ctx, `SELECT seq, hash, mac FROM audit_head WHERE id = 1`).Scan(&seq, &h.Hash, &h.MAC)
+	err := s.txQueryRow(ctx, tx, `SELECT seq, hash, mac FROM audit_head WHERE id = 1`).Scan(&seq, &h.Hash, &h.MAC)
 	if isNoRows(err) {
 		return nil, nil
 	}
@@ -42,16 +42,16 @@ func readHead(ctx context.Context, tx *sql.Tx) (*AuditHead, error) {
 // commit: writers in other processes wait, and cannot read the same "last"
 // record.
 func (s *SQLite) AppendAudit(ctx context.Context, next func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)) error {
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		var last *AuditRecord
-		a, err := scanAudit(tx.QueryRowContext(ctx, `SELECT `+auditColumns+` FROM audit_log ORDER BY seq DESC LIMIT 1`))
+		a, err := scanAudit(s.txQueryRow(ctx, tx, `SELECT `+auditColumns+` FROM audit_log ORDER BY seq DESC LIMIT 1`))
 		switch {
 		case err == nil:
 			last = &a
 		case !isNoRows(err):
 			return fmt.Errorf("read last audit record: %w", err)
 		}
-		head, err := readHead(ctx, tx)
+		head, err := s.readHead(ctx, tx)
 		if err != nil {
 			return err
 		}
@@ -63,18 +63,18 @@ func (s *SQLite) AppendAudit(ctx context.Context, next func(last *AuditRecord, h
 			return fmt.Errorf("audit record seq %d, head seq %d: want equal and in 1..2^63-1", rec.Seq, h.Seq)
 		}
 		var one int
-		err = tx.QueryRowContext(ctx, `SELECT 1 FROM audit_log WHERE seq = ?`, int64(rec.Seq)).Scan(&one)
+		err = s.txQueryRow(ctx, tx, `SELECT 1 FROM audit_log WHERE seq = ?`, int64(rec.Seq)).Scan(&one)
 		if err == nil {
 			return fmt.Errorf("audit record %d: %w", rec.Seq, ErrExists)
 		}
 		if !isNoRows(err) {
 			return err
 		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO audit_log (`+auditColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		if _, err := s.txExec(ctx, tx, `INSERT INTO audit_log (`+auditColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 			int64(rec.Seq), ns(rec.Time), rec.Actor, rec.Action, rec.Subject, string(rec.Details), rec.PrevHash, rec.Hash, rec.MAC); err != nil {
 			return fmt.Errorf("insert audit record %d: %w", rec.Seq, err)
 		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, ?, ?, ?)
+		if _, err := s.txExec(ctx, tx, `INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, ?, ?, ?)
 			ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, mac = excluded.mac`,
 			int64(h.Seq), h.Hash, h.MAC); err != nil {
 			return fmt.Errorf("write audit head: %w", err)
@@ -95,7 +95,7 @@ func (s *SQLite) ScanAudit(ctx context.Context, from uint64, fn func(AuditRecord
 	var head *AuditHead
 	err := s.read(ctx, func(tx *sql.Tx) error {
 		var err error
-		if head, err = readHead(ctx, tx); err != nil {
+		if head, err = s.readHead(ctx, tx); err != nil {
 			return err
 		}
 		rows, err := tx.QueryContext(ctx, `SELECT `+auditColumns+` FROM audit_log WHERE seq >= ? ORDER BY seq`, int64(from))

@@ -54,7 +54,7 @@ func (s *SQLite) CreateVM(ctx context.Context, v VM) (VM, error) {
 	}
 	now := time.Now().UTC()
 	v.Created, v.Updated = now, now
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		var one int
 		err := tx.QueryRowContext(ctx, `SELECT 1 FROM vms WHERE name = ?`, v.Name).Scan(&one)
 		if err == nil {
@@ -75,7 +75,7 @@ func (s *SQLite) CreateVM(ctx context.Context, v VM) (VM, error) {
 
 // GetVM implements VMs.
 func (s *SQLite) GetVM(ctx context.Context, name string) (VM, error) {
-	v, err := scanVM(s.db.QueryRowContext(ctx, `SELECT `+vmColumns+` FROM vms WHERE name = ?`, name))
+	v, err := scanVM(s.queryRow(ctx, `SELECT `+vmColumns+` FROM vms WHERE name = ?`, name))
 	if isNoRows(err) {
 		return VM{}, fmt.Errorf("get vm %q: %w (enroll it with `keysvc vm enroll`)", name, ErrNotFound)
 	}
@@ -88,7 +88,7 @@ func (s *SQLite) GetVM(ctx context.Context, name string) (VM, error) {
 // UpdateVM implements VMs.
 func (s *SQLite) UpdateVM(ctx context.Context, name string, fn func(*VM) error) (VM, error) {
 	var out VM
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		old, err := scanVM(tx.QueryRowContext(ctx, `SELECT `+vmColumns+` FROM vms WHERE name = ?`, name))
 		if isNoRows(err) {
 			return fmt.Errorf("vm %q: %w", name, ErrNotFound)
@@ -172,7 +172,7 @@ func (s *SQLite) CreateVolume(ctx context.Context, v Volume) (Volume, error) {
 	}
 	v.Created = time.Now().UTC()
 	v.SealedUK = bytes.Clone(v.SealedUK)
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		var one int
 		err := tx.QueryRowContext(ctx, `SELECT 1 FROM vms WHERE name = ?`, v.VM).Scan(&one)
 		if isNoRows(err) {
@@ -200,7 +200,7 @@ func (s *SQLite) CreateVolume(ctx context.Context, v Volume) (Volume, error) {
 
 // GetVolume implements Volumes.
 func (s *SQLite) GetVolume(ctx context.Context, id string) (Volume, error) {
-	v, err := scanVolume(s.db.QueryRowContext(ctx, `SELECT `+volumeColumns+` FROM volumes WHERE id = ?`, id))
+	v, err := scanVolume(s.queryRow(ctx, `SELECT `+volumeColumns+` FROM volumes WHERE id = ?`, id))
 	if isNoRows(err) {
 		return Volume{}, fmt.Errorf("get volume %q: %w", id, ErrNotFound)
 	}
@@ -218,7 +218,7 @@ func (s *SQLite) UpdateVolume(ctx context.Context, id string, fn func(*Volume) e
 		out    Volume
 		erased bool
 	)
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		old, err := scanVolume(tx.QueryRowContext(ctx, `SELECT `+volumeColumns+` FROM volumes WHERE id = ?`, id))
 		if isNoRows(err) {
 			return fmt.Errorf("volume %q: %w", id, ErrNotFound)
@@ -294,8 +294,8 @@ func (s *SQLite) UseChallenge(ctx context.Context, id string, expires time.Time)
 	if id == "" {
 		return fmt.Errorf("use challenge: empty id")
 	}
-	err := s.write(ctx, func(tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx, `INSERT INTO used_challenges (id, expires_ns) VALUES (?, ?) ON CONFLICT (id) DO NOTHING`, id, ns(expires))
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		res, err := s.txExec(ctx, tx, `INSERT INTO used_challenges (id, expires_ns) VALUES (?, ?) ON CONFLICT (id) DO NOTHING`, id, ns(expires))
 		if err != nil {
 			return err
 		}
@@ -317,7 +317,7 @@ func (s *SQLite) UseChallenge(ctx context.Context, id string, expires time.Time)
 // PurgeChallenges implements Challenges.
 func (s *SQLite) PurgeChallenges(ctx context.Context, now time.Time) (int64, error) {
 	var n int64
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, `DELETE FROM used_challenges WHERE expires_ns <= ?`, ns(now))
 		if err != nil {
 			return err
