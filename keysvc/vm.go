@@ -444,17 +444,46 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		s.internal(w, "encode import blob", err)
 		return
 	}
+	ctx := context.WithoutCancel(r.Context())
 	sess, id := s.newSession(vm.Name, vol.ID)
 	// Fail closed: a key is released only once its release is on record.
-	if _, err := s.audit.Append(context.WithoutCancel(r.Context()), audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionUnlock, Subject: vol.ID,
+	if _, err := s.audit.Append(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionUnlock, Subject: vol.ID,
 		Details: audit.Unlock{Volume: vol.ID, SessionID: id, Remote: remoteHost(r)}}); err != nil {
 		s.log.Error("audit append failed; unwrap key withheld", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.Any("err", err))
 		writeError(w, errorf(http.StatusInternalServerError, "the operator must run `keysvc audit verify` and repair the audit chain", "the release could not be audited, so no key is released"))
 		return
 	}
+	// An erase or revoke may have committed while this unlock was being
+	// verified. The release record above is durable and every write goes
+	// through one ordered writer, so whatever committed before it is visible
+	// now: check again, and release nothing if either happened. (The chain
+	// then holds the release record followed by the denial, which is what
+	// took place.)
+	if f, err := s.stillReleasable(ctx, vm.Name, vol.ID); err != nil || f != nil {
+		if err != nil {
+			s.internal(w, "re-read vm and volume", err)
+		} else {
+			s.refuse(w, r, vm.Name, vol.ID, f)
+		}
+		return
+	}
 	s.metrics.unlocks.Inc()
 	s.log.Info("unlock", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.String("session_id", id), slog.Any("pcrs", idx))
 	writeJSON(w, http.StatusOK, UnlockResponse{ImportBlob: blobBytes, Session: sess, PCRs: idx})
+}
+
+// stillReleasable re-reads the VM and the volume after a release was
+// recorded, to catch a revoke or erase that raced the verification.
+func (s *Server) stillReleasable(ctx context.Context, vmName, volID string) (*refusal, error) {
+	vm, err := s.st.GetVM(ctx, vmName)
+	if err != nil {
+		return nil, err
+	}
+	if vm.Revoked {
+		return &refusal{reason: ReasonRevoked, hint: "the VM was revoked by an administrator"}, nil
+	}
+	_, f, err := s.volumeFor(ctx, vmName, volID)
+	return f, err
 }
 
 // internal answers 500 and logs the cause (never a secret: causes are
