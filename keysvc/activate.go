@@ -87,10 +87,6 @@ func (s *Server) handleActivate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, e)
 		return
 	}
-	if !s.byVM.allow(req.VM) {
-		tooMany(w, "VM")
-		return
-	}
 	ek, err := parsePublicKeyPEM("ek_pub", req.EKPub)
 	if err != nil {
 		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
@@ -122,6 +118,10 @@ func (s *Server) handleActivate(w http.ResponseWriter, r *http.Request) {
 	}
 	if _, _, f := enrolledKeys(vm, ek, nil); f != nil && f.reason != ReasonNoAK {
 		s.refuse(w, r, req.VM, "", f)
+		return
+	}
+	if !s.allowVM(r, vm.Name) {
+		tooMany(w, "VM")
 		return
 	}
 	if vm.AKPubPEM != "" {

@@ -78,6 +78,10 @@ type AuditVerifyResponse struct {
 // a keygate key file is 32-64 bytes).
 const MaxKeyFile = 8 << 10
 
+// adminRoutes registers the admin endpoints. Every handler that changes
+// state appends its action record with intend before it changes anything,
+// and changes nothing if that append fails (fail-closed). Reads (list, show,
+// audit) are recorded only by requireAdmin's best-effort outcome record.
 func (s *Server) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/admin/vms", s.adminEnroll)
 	mux.HandleFunc("GET /v1/admin/vms", s.adminListVMs)
@@ -173,13 +177,15 @@ func (s *Server) adminEnroll(w http.ResponseWriter, r *http.Request) {
 		fp, _ := attest.KeyFingerprint(ak)
 		d.AKFingerprint, d.AKProof = fmt.Sprintf("%x", fp), "enrolled"
 	}
+	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionEnroll, Subject: req.Name, Details: d}) {
+		return
+	}
 	vm, err := s.st.CreateVM(r.Context(), store.VM{Name: req.Name, EKPubPEM: ekPEM, AKPubPEM: req.AKPub,
 		ProvisioningAllowed: req.ProvisioningAllowed, Policy: json.RawMessage("{}")})
 	if err != nil {
 		s.storeError(w, "enroll vm "+strconv.Quote(req.Name), err)
 		return
 	}
-	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionEnroll, Subject: vm.Name, Details: d})
 	writeJSON(w, http.StatusCreated, vmInfo(vm))
 }
 
@@ -232,14 +238,20 @@ func (s *Server) adminSetAK(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	name := r.PathValue("name")
+	cur, ok := s.existingVM(w, r, "set AK of vm", name)
+	if !ok {
+		return
+	}
+	fp, _ := attest.KeyFingerprint(ak)
+	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionEnroll, Subject: name, Details: audit.Enroll{
+		EKFingerprint: fingerprint(cur.EKPubPEM), AKFingerprint: fmt.Sprintf("%x", fp), AKProof: "enrolled", Provisioning: cur.ProvisioningAllowed}}) {
+		return
+	}
 	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.AKPubPEM = req.AKPub; return nil })
 	if err != nil {
 		s.storeError(w, "set AK of vm "+strconv.Quote(name), err)
 		return
 	}
-	fp, _ := attest.KeyFingerprint(ak)
-	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionEnroll, Subject: name, Details: audit.Enroll{
-		EKFingerprint: fingerprint(vm.EKPubPEM), AKFingerprint: fmt.Sprintf("%x", fp), AKProof: "enrolled", Provisioning: vm.ProvisioningAllowed}})
 	writeJSON(w, http.StatusOK, vmInfo(vm))
 }
 
@@ -265,14 +277,32 @@ func (s *Server) adminShowVM(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, vmInfo(vm))
 }
 
+// existingVM reads the named VM for a change, answering 404 (and
+// returning false) if there is none, so that no action record is written
+// for a VM that does not exist. VMs are never deleted, so it cannot vanish
+// between this read and the change.
+func (s *Server) existingVM(w http.ResponseWriter, r *http.Request, what, name string) (store.VM, bool) {
+	vm, err := s.st.GetVM(r.Context(), name)
+	if err != nil {
+		s.storeError(w, what+" "+strconv.Quote(name), err)
+		return store.VM{}, false
+	}
+	return vm, true
+}
+
 func (s *Server) adminRevoke(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
+	if _, ok := s.existingVM(w, r, "revoke vm", name); !ok {
+		return
+	}
+	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionRevoke, Subject: name, Details: audit.Revoke{}}) {
+		return
+	}
 	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.Revoked = true; return nil })
 	if err != nil {
 		s.storeError(w, "revoke vm "+strconv.Quote(name), err)
 		return
 	}
-	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionRevoke, Subject: name, Details: audit.Revoke{}})
 	writeJSON(w, http.StatusOK, vmInfo(vm))
 }
 
@@ -302,27 +332,37 @@ func (s *Server) adminSetPolicy(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	name := r.PathValue("name")
-	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.Policy, v.LearnArmed = canon, false; return nil })
-	if err != nil {
-		s.storeError(w, "set policy of vm "+strconv.Quote(name), err)
+	if _, ok := s.existingVM(w, r, "set policy of vm", name); !ok {
 		return
 	}
 	pcrs := make(map[int]string, len(pol.PCRs))
 	for i, vals := range pol.PCRs {
 		pcrs[i] = fmt.Sprintf("%x", vals[0])
 	}
-	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionAdmin, Subject: name, Details: audit.Learn{PCRs: pcrs}})
+	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionAdmin, Subject: name, Details: audit.Learn{PCRs: pcrs}}) {
+		return
+	}
+	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.Policy, v.LearnArmed = canon, false; return nil })
+	if err != nil {
+		s.storeError(w, "set policy of vm "+strconv.Quote(name), err)
+		return
+	}
 	writeJSON(w, http.StatusOK, vmInfo(vm).Policy)
 }
 
 func (s *Server) adminLearn(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
+	if _, ok := s.existingVM(w, r, "arm learn mode of vm", name); !ok {
+		return
+	}
+	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionLearn, Subject: name, Details: audit.Learn{Armed: true}}) {
+		return
+	}
 	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.LearnArmed = true; return nil })
 	if err != nil {
 		s.storeError(w, "arm learn mode of vm "+strconv.Quote(name), err)
 		return
 	}
-	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionLearn, Subject: name, Details: audit.Learn{Armed: true}})
 	writeJSON(w, http.StatusOK, vmInfo(vm))
 }
 
@@ -334,6 +374,15 @@ func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 	}
 	if req.ID == "" || len(req.ID) > 255 || req.VM == "" {
 		writeError(w, errorf(http.StatusBadRequest, "", "id (1-255 bytes) and vm are required"))
+		return
+	}
+	if _, err := s.st.GetVM(r.Context(), req.VM); err != nil {
+		clear(req.Key)
+		if errors.Is(err, store.ErrNotFound) {
+			writeError(w, errorf(http.StatusNotFound, "enroll the VM first with `keysvc vm enroll`", "vm %q is not enrolled", req.VM))
+			return
+		}
+		s.storeError(w, "vm "+strconv.Quote(req.VM), err)
 		return
 	}
 	key := req.Key
@@ -356,6 +405,13 @@ func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "seal unwrap key", err)
 		return
 	}
+	// audit has no volume detail type yet, so whether the UK was made here
+	// or imported, and for which VM, is not recorded beyond the admin call
+	// itself; Status 0 marks a record written before the call's outcome.
+	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionProvision, Subject: req.ID,
+		Details: audit.Admin{Method: r.Method, Path: auditPath(r.URL.Path), Remote: remoteHost(r), Client: "admin-token"}}) {
+		return
+	}
 	vol, err := s.st.CreateVolume(r.Context(), store.Volume{ID: req.ID, VM: req.VM, SealedUK: sealed})
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
@@ -365,10 +421,6 @@ func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 		s.storeError(w, "volume "+strconv.Quote(req.ID), err)
 		return
 	}
-	// audit has no volume detail type yet, so whether the UK was made here
-	// or imported is not recorded beyond the admin call itself.
-	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionProvision, Subject: vol.ID,
-		Details: audit.Admin{Method: r.Method, Path: r.URL.Path, Status: http.StatusCreated, Remote: remoteHost(r), Client: "admin-token"}})
 	writeJSON(w, http.StatusCreated, volumeInfo(vol))
 }
 
@@ -396,12 +448,18 @@ func (s *Server) adminShowVolume(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) adminErase(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
+	if _, err := s.st.GetVolume(r.Context(), id); err != nil {
+		s.storeError(w, "erase volume "+strconv.Quote(id), err)
+		return
+	}
+	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionErase, Subject: id, Details: audit.Erase{Volume: id}}) {
+		return
+	}
 	vol, err := s.st.UpdateVolume(r.Context(), id, func(v *store.Volume) error { v.SealedUK = nil; return nil })
 	if err != nil {
 		s.storeError(w, "erase volume "+strconv.Quote(id), err)
 		return
 	}
-	s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionErase, Subject: id, Details: audit.Erase{Volume: id}})
 	writeJSON(w, http.StatusOK, volumeInfo(vol))
 }
 

@@ -398,23 +398,6 @@ func TestRestartKeepsEverything(t *testing.T) {
 	}
 }
 
-func TestRateLimits(t *testing.T) {
-	e := startEnv(t, t.TempDir(), keysvc.WithRateLimits(0, 1)) // burst 2 per VM
-	req := keysvc.ChallengeRequest{VM: "busy", Volume: "v", EKPub: randomPEM(t), AKPub: randomPEM(t)}
-	codes := []int{}
-	for range 3 {
-		code, _ := e.vm(t, "POST", "/v1/challenge", req)
-		codes = append(codes, code)
-	}
-	if codes[0] != http.StatusForbidden || codes[1] != http.StatusForbidden || codes[2] != http.StatusTooManyRequests {
-		t.Fatalf("codes %v, want 403 403 429", codes)
-	}
-	req.VM = "other"
-	if code, _ := e.vm(t, "POST", "/v1/challenge", req); code != http.StatusForbidden {
-		t.Fatalf("another VM is limited too: %d", code)
-	}
-}
-
 // TestAuditTamperDetected edits one audit row and deletes another behind
 // the service's back (as someone with write access to the database would),
 // restarts it, and expects `audit verify` to name both.

@@ -9,7 +9,7 @@ import (
 // Default rate limits of the VM API (see WithRateLimits).
 const (
 	DefaultSourceRate = 200 // requests per second per source address
-	DefaultVMRate     = 10  // challenges per second per VM name
+	DefaultVMRate     = 10  // challenges per second per VM (see allowVM)
 )
 
 // maxBuckets bounds the memory a limiter spends on distinct keys; when it is
@@ -83,11 +83,25 @@ func (l *limiter) sweep(now time.Time) {
 
 // WithRateLimits sets the rate limits: perSource requests per second from
 // one source address (to the VM API, and separately to the admin API), and
-// perVM challenges
-// per second for one VM name, each with a burst of twice the rate. Zero
-// turns a limit off. Defaults: DefaultSourceRate and DefaultVMRate.
+// perVM challenges and activations per second for one VM from one address
+// (see allowVM), each with a burst of twice the rate. Zero turns a limit
+// off. Defaults: DefaultSourceRate and DefaultVMRate.
 func WithRateLimits(perSource, perVM float64) Option {
 	return func(s *Server) { s.sourceRate, s.vmRate = perSource, perVM }
+}
+
+// allowVM takes a token from the per-VM limit for a request naming vm. It
+// must be called only after enrolledKeys accepted the EK (and AK) the
+// request presents, and the bucket is that of (vm, source address): the VM
+// name in a request is unauthenticated, so a limit keyed on it alone, or
+// taken before the keys are checked, let anyone lock a VM out of its
+// unlocks with a few requests naming it. Now a request spends the VM's
+// budget only if it presents the VM's enrolled public keys and comes from
+// the VM's own address (which the per-source limit bounds as a whole), and
+// buckets exist only for enrolled VMs, so that invented names cannot push
+// real ones into the shared overflow bucket.
+func (s *Server) allowVM(r *http.Request, vm string) bool {
+	return s.byVM.allow(vm + "\x00" + remoteHost(r))
 }
 
 func tooMany(w http.ResponseWriter, what string) {

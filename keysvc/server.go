@@ -13,7 +13,9 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/awnumar/memguard"
 
@@ -72,6 +74,8 @@ type Server struct {
 	vmRate     float64
 	bySource   *limiter
 	byAdmin    *limiter
+	byAnon     *limiter // audit budget for unauthenticated admin requests
+	anon       suppressedSet
 	byVM       *limiter
 	ekRoots    *x509.CertPool
 }
@@ -159,7 +163,7 @@ func New(opts ...Option) (*Server, error) {
 	sk.Destroy()
 	s.metrics = newMetrics()
 	s.bySource, s.byVM = newLimiter(s.sourceRate, time.Now), newLimiter(s.vmRate, time.Now)
-	s.byAdmin = newLimiter(s.sourceRate, time.Now)
+	s.byAdmin, s.byAnon = newLimiter(s.sourceRate, time.Now), newLimiter(s.sourceRate, time.Now)
 	return s, nil
 }
 
@@ -194,13 +198,14 @@ func (s *Server) VMHandler() http.Handler {
 
 // AdminHandler returns the handler of the admin API (/v1/admin/…) and
 // /metrics. Every /v1/admin/ request is authenticated before routing and
-// audited with its outcome; /metrics needs no token.
+// before the rate limit, and audited with its outcome (see requireAdmin);
+// /metrics needs no token.
 func (s *Server) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	s.adminRoutes(mux)
 	mux.HandleFunc("/", notFound)
 	top := http.NewServeMux()
-	top.Handle("/v1/admin/", limitSource(s.byAdmin, s.requireAdmin(mux)))
+	top.Handle("/v1/admin/", s.requireAdmin(mux))
 	top.Handle("GET /metrics", s.metrics.handler())
 	top.HandleFunc("/", notFound)
 	return s.instrument("admin", top)
@@ -255,27 +260,130 @@ func (s *Server) instrument(api string, h http.Handler) http.Handler {
 	})
 }
 
-// requireAdmin checks the bearer token before any routing, answers 401 to
-// anything else, and audits every admin request with its status.
+// requireAdmin checks the bearer token before anything else, routing and
+// rate limiting included.
+//
+// A request without a valid token is answered 401, never 429, and audited;
+// so that a flood of them cannot grow the chain without bound, each source
+// address gets its own record for at most the per-source rate (byAnon), and
+// the ones past it are counted and written as one summary record (see
+// suppressedSet). An authenticated request is then held to the admin API's
+// per-source limit (429) and routed; either way it is audited with its
+// status. These outcome records are best-effort (record); a mutating call
+// has already appended its action record, fail-closed, before changing
+// anything (intend).
 func (s *Server) requireAdmin(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		sw := &statusWriter{ResponseWriter: w}
-		client := ""
-		if s.checkAdmin(r) {
-			client = "admin-token"
-			next.ServeHTTP(sw, r)
-		} else {
+		remote := remoteHost(r)
+		path := auditPath(r.URL.Path)
+		if !s.checkAdmin(r) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="keysvc admin"`)
 			writeError(sw, errorf(http.StatusUnauthorized, "send Authorization: Bearer <contents of DATA/admin.token>", "admin API needs a valid bearer token"))
+			if !s.byAnon.allow(remote) {
+				s.anon.add(remote, r.Method, path, s.now())
+				return
+			}
+			s.flushSuppressed(r.Context(), remote)
+			s.record(r.Context(), audit.Event{Actor: "anonymous", Action: audit.ActionAdmin, Subject: path,
+				Details: audit.Admin{Method: r.Method, Path: path, Status: sw.code(), Remote: remote}})
+			return
 		}
-		actor := "admin"
-		if client == "" {
-			actor = "anonymous"
+		if !s.byAdmin.allow(remote) {
+			tooMany(sw, "address")
+		} else {
+			next.ServeHTTP(sw, r)
 		}
-		s.record(r.Context(), audit.Event{Actor: actor, Action: audit.ActionAdmin, Subject: r.URL.Path,
-			Details: audit.Admin{Method: r.Method, Path: r.URL.Path, Status: sw.code(), Remote: remoteHost(r), Client: client}})
+		s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionAdmin, Subject: path,
+			Details: audit.Admin{Method: r.Method, Path: path, Status: sw.code(), Remote: remote, Client: "admin-token"}})
 	})
 }
+
+// maxAuditPath bounds the request path an audit record keeps.
+const maxAuditPath = 256
+
+// auditPath is p cut to maxAuditPath bytes (on a rune boundary, marked
+// with "…").
+func auditPath(p string) string {
+	if len(p) <= maxAuditPath {
+		return p
+	}
+	p = p[:maxAuditPath]
+	for len(p) > 0 && !utf8.ValidString(p) {
+		p = p[:len(p)-1]
+	}
+	return p + "…"
+}
+
+// suppressedSet counts, per source address, the unauthenticated admin
+// requests that were answered 401 but not audited one by one. Its size is
+// bounded as a limiter's: past maxBuckets addresses, new ones share one
+// entry.
+type suppressedSet struct {
+	mu sync.Mutex
+	m  map[string]*suppressed
+}
+
+type suppressed struct {
+	n            uint64
+	first, last  time.Time
+	method, path string // of the last one
+}
+
+const overflowSource = "(many addresses)"
+
+func (ss *suppressedSet) add(remote, method, path string, now time.Time) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.m == nil {
+		ss.m = make(map[string]*suppressed)
+	}
+	e := ss.m[remote]
+	if e == nil {
+		if len(ss.m) >= maxBuckets {
+			remote = overflowSource
+			e = ss.m[remote]
+		}
+		if e == nil {
+			e = &suppressed{first: now}
+			ss.m[remote] = e
+		}
+	}
+	e.n++
+	e.last, e.method, e.path = now, method, path
+}
+
+// take removes and returns the counts of remote, or of every address if
+// remote is "".
+func (ss *suppressedSet) take(remote string) map[string]suppressed {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	out := map[string]suppressed{}
+	for k, e := range ss.m {
+		if remote == "" || k == remote {
+			out[k] = *e
+			delete(ss.m, k)
+		}
+	}
+	return out
+}
+
+// flushSuppressed writes one summary record for each address (remote, or
+// all if remote is "") whose unauthenticated requests were not audited one
+// by one. A summary whose append fails is logged, like any outcome record.
+func (s *Server) flushSuppressed(ctx context.Context, remote string) {
+	for src, e := range s.anon.take(remote) {
+		s.record(ctx, audit.Event{Actor: "anonymous", Action: audit.ActionAdmin,
+			Subject: fmt.Sprintf("%d more unauthenticated requests from %s between %s and %s (over the per-source rate; not recorded one by one)",
+				e.n, src, e.first.UTC().Format(time.RFC3339), e.last.UTC().Format(time.RFC3339)),
+			Details: audit.Admin{Method: e.method, Path: e.path, Status: http.StatusUnauthorized, Remote: src}})
+	}
+}
+
+// FlushAudit writes the summary records of unauthenticated admin requests
+// that were rate-limited out of the audit chain. Service calls it
+// periodically and on shutdown.
+func (s *Server) FlushAudit(ctx context.Context) { s.flushSuppressed(ctx, "") }
 
 func (s *Server) checkAdmin(r *http.Request) bool {
 	h := r.Header.Get("Authorization")
@@ -287,12 +395,29 @@ func (s *Server) checkAdmin(r *http.Request) bool {
 	return subtle.ConstantTimeCompare(sum[:], s.adminToken[:]) == 1
 }
 
-// record appends ev to the audit chain. A failure is logged loudly: the
-// request already happened, and the chain's own check reports the gap.
+// record appends ev to the audit chain, best-effort: for outcomes of what
+// already happened (a denial, an admin call's status, a read). A failure is
+// logged loudly, and the chain's own check reports the damage. What changes
+// state is recorded with intend instead.
 func (s *Server) record(ctx context.Context, ev audit.Event) {
 	if _, err := s.audit.Append(context.WithoutCancel(ctx), ev); err != nil {
 		s.log.Error("audit append failed", slog.String("action", string(ev.Action)), slog.String("subject", ev.Subject), slog.Any("err", err))
 	}
+}
+
+// intend appends ev, the record of a change an admin call is about to make,
+// before it is made: fail-closed. If the append fails it answers 500 and
+// returns false, and the caller must change nothing. If the change then
+// fails, the call's outcome record (requireAdmin) carries its status.
+func (s *Server) intend(w http.ResponseWriter, r *http.Request, ev audit.Event) bool {
+	if _, err := s.audit.Append(context.WithoutCancel(r.Context()), ev); err != nil {
+		s.log.Error("audit append failed; admin call refused", slog.String("action", string(ev.Action)),
+			slog.String("subject", ev.Subject), slog.Any("err", err))
+		writeError(w, errorf(http.StatusInternalServerError, "nothing was changed; run `keysvc audit verify` and repair the audit chain",
+			"cannot record %s %q in the audit chain", ev.Action, ev.Subject))
+		return false
+	}
+	return true
 }
 
 func remoteHost(r *http.Request) string {

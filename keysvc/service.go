@@ -51,6 +51,25 @@ type Service struct {
 	log       *slog.Logger
 	stopPurge context.CancelFunc
 	purged    sync.WaitGroup
+	// live is held shared by every request in a handler and exclusively by
+	// release, so that the store is never closed nor the keys wiped under a
+	// running handler; released makes later requests answer 503.
+	live     sync.RWMutex
+	released bool
+}
+
+// track runs h under s.live, refusing requests once the service released
+// its store and keys.
+func (s *Service) track(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.live.RLock()
+		defer s.live.RUnlock()
+		if s.released {
+			writeError(w, errorf(http.StatusServiceUnavailable, "the key service is stopping; retry against a running one", "shutting down"))
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // purgeEvery is how often used challenge IDs past their expiry are dropped.
@@ -68,6 +87,7 @@ func (s *Service) purge(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C: // with the clock challenges are checked with
+			s.Server.FlushAudit(ctx)
 			if n, err := s.st.PurgeChallenges(ctx, s.Server.now()); err != nil && ctx.Err() == nil {
 				s.log.Warn("purge used challenges", slog.Any("err", err))
 			} else if n > 0 {
@@ -140,7 +160,7 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	for _, x := range []struct {
 		ln net.Listener
 		h  http.Handler
-	}{{svc.vmLn, svc.Server.VMHandler()}, {svc.adminLn, svc.Server.AdminHandler()}} {
+	}{{svc.vmLn, svc.track(svc.Server.VMHandler())}, {svc.adminLn, svc.track(svc.Server.AdminHandler())}} {
 		hs := &http.Server{Handler: x.h, TLSConfig: svc.Data.TLSConfig(), ErrorLog: errLog,
 			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 			IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10}
@@ -172,7 +192,11 @@ func (s *Service) AdminAddr() string { return s.adminLn.Addr().String() }
 func (s *Service) Err() <-chan error { return s.errs }
 
 // Shutdown stops accepting connections, waits for requests in flight until
-// ctx ends, and closes the store and wipes the keys.
+// ctx ends, writes pending audit summaries, and closes the store and wipes
+// the keys. If ctx ends first, it returns an error at once, and the
+// requests still running are left to finish (the servers' read and write
+// timeouts bound them): the store is closed and the keys wiped when the last
+// of them has returned, in the background, never under it.
 func (s *Service) Shutdown(ctx context.Context) error {
 	var errs []error
 	for _, hs := range s.servers {
@@ -180,12 +204,21 @@ func (s *Service) Shutdown(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	if len(errs) > 0 {
+		go s.release()
+		return fmt.Errorf("requests still running after the deadline (the store is closed when they end): %w", errors.Join(errs...))
+	}
 	s.release()
-	return errors.Join(errs...)
+	return nil
 }
 
+// release closes the listeners and the store and wipes the keys, once,
+// after every running handler has returned.
 func (s *Service) release() {
 	s.closeOnce.Do(func() {
+		s.live.Lock()
+		defer s.live.Unlock()
+		s.released = true
 		if s.stopPurge != nil {
 			s.stopPurge()
 			s.purged.Wait()
@@ -196,6 +229,7 @@ func (s *Service) release() {
 			}
 		}
 		if s.Server != nil {
+			s.Server.FlushAudit(context.Background())
 			clear(s.Server.sessKey)
 		}
 		if s.auditLog != nil {

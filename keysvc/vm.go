@@ -137,10 +137,6 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusBadRequest, "", "vm and volume are required"))
 		return
 	}
-	if !s.byVM.allow(req.VM) {
-		tooMany(w, "VM")
-		return
-	}
 	ek, err := parsePublicKeyPEM("ek_pub", req.EKPub)
 	if err != nil {
 		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
@@ -163,6 +159,10 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 	}
 	if _, _, f := enrolledKeys(vm, ek, ak); f != nil {
 		s.refuse(w, r, req.VM, req.Volume, f)
+		return
+	}
+	if !s.allowVM(r, vm.Name) {
+		tooMany(w, "VM")
 		return
 	}
 	if _, f, err := s.volumeFor(ctx, vm.Name, req.Volume); err != nil || (f != nil && !(f.reason == ReasonUnknownVolume && vm.ProvisioningAllowed)) {
@@ -428,13 +428,13 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		idx = append(idx, i)
 	}
 	slices.Sort(idx)
-	uk, err := s.mk.Open(vol.ID, vol.SealedUK)
+	uk, wipe, err := s.openUK(vol.ID, vol.SealedUK)
 	if err != nil {
 		s.internal(w, "open sealed unwrap key", err)
 		return
 	}
-	blob, err := server.CreateImportBlob(ek, uk.Bytes(), pcrs)
-	uk.Destroy()
+	blob, err := server.CreateImportBlob(ek, uk, pcrs)
+	wipe()
 	if err != nil {
 		s.internal(w, "create import blob", err)
 		return

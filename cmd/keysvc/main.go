@@ -214,7 +214,7 @@ a cleared or dead TPM loses every key the service holds).`,
 	f.StringVar(&logFormat, "log-format", "text", "log format: json or text")
 	f.StringVar(&mkTPM, "master-key-tpm", "", "keep the master key sealed to this TPM (/dev/tpmrm0, swtpm:SOCKET or sim) in DIR/master.key.tpm")
 	f.StringVar(&ekRoots, "ek-roots", "", "PEM file of CAs that EK certificates given at enrollment must chain to")
-	f.Float64Var(&perSource, "rate-per-source", keysvc.DefaultSourceRate, "VM API requests per second from one address (burst twice that; 0: no limit)")
-	f.Float64Var(&perVM, "rate-per-vm", keysvc.DefaultVMRate, "challenges per second for one VM (burst twice that; 0: no limit)")
+	f.Float64Var(&perSource, "rate-per-source", keysvc.DefaultSourceRate, "VM API requests per second from one address, and separately admin API requests and individually audited unauthenticated ones (burst twice that; 0: no limit)")
+	f.Float64Var(&perVM, "rate-per-vm", keysvc.DefaultVMRate, "challenges per second for one VM from one source address, counted once its EK/AK match (burst twice that; 0: no limit)")
 	return c
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 
 	"github.com/awnumar/memguard"
 )
@@ -77,17 +78,51 @@ func (k *Key) Open(recordID string, sealed []byte) (*memguard.LockedBuffer, erro
 	if len(sealed) <= SealOverhead || sealed[0] != sealVersion {
 		return nil, fmt.Errorf("open record %q: %w", recordID, ErrOpen)
 	}
-	aead, err := k.gcm()
-	if err != nil {
-		return nil, fmt.Errorf("open record %q: %w", recordID, err)
-	}
-	nonce, ct := sealed[1:1+nonceSize], sealed[1+nonceSize:]
-	buf := memguard.NewBuffer(len(ct) - tagSize)
-	// Decrypt straight into locked memory: dst has exactly the capacity needed,
-	// so GCM writes in place instead of allocating.
-	if _, err := aead.Open(buf.Bytes()[:0], nonce, ct, additionalData(recordID)); err != nil {
+	buf := memguard.NewBuffer(len(sealed) - SealOverhead)
+	if _, err := k.OpenTo(buf.Bytes(), recordID, sealed); err != nil {
 		buf.Destroy()
-		return nil, fmt.Errorf("open record %q: %w", recordID, ErrOpen)
+		return nil, err
 	}
 	return buf, nil
+}
+
+// OpenTo decrypts a blob made by Seal for the same record ID into dst, which
+// must be locked memory the caller owns (a memguard buffer), and returns the
+// plaintext's length: the plaintext is dst[:n]. AES-GCM writes it straight
+// into dst; no copy of it is made on the Go heap. On any error dst is wiped.
+// A blob that does not authenticate is ErrOpen; a dst shorter than the
+// plaintext is io.ErrShortBuffer (dst is wiped and nothing is decrypted).
+//
+// OpenTo lets a caller reuse locked buffers instead of allocating one per
+// call as Open does.
+func (k *Key) OpenTo(dst []byte, recordID string, sealed []byte) (n int, err error) {
+	defer func() {
+		if err != nil {
+			clear(dst)
+		}
+	}()
+	if len(sealed) <= SealOverhead || sealed[0] != sealVersion {
+		return 0, fmt.Errorf("open record %q: %w", recordID, ErrOpen)
+	}
+	n = len(sealed) - SealOverhead
+	if len(dst) < n {
+		return 0, fmt.Errorf("open record %q: %d-byte buffer for a %d-byte secret: %w", recordID, len(dst), n, io.ErrShortBuffer)
+	}
+	aead, err := k.gcm()
+	if err != nil {
+		return 0, fmt.Errorf("open record %q: %w", recordID, err)
+	}
+	nonce, ct := sealed[1:1+nonceSize], sealed[1+nonceSize:]
+	pt, err := aead.Open(dst[:0:n], nonce, ct, additionalData(recordID))
+	if err != nil {
+		return 0, fmt.Errorf("open record %q: %w", recordID, ErrOpen)
+	}
+	// GCM appends to dst[:0], which has exactly the capacity needed, so the
+	// plaintext must be in dst. Check rather than trust it: were it
+	// anywhere else, it would be on the heap.
+	if len(pt) != n || &pt[0] != &dst[0] {
+		clear(pt)
+		return 0, fmt.Errorf("open record %q: plaintext not decrypted in place", recordID)
+	}
+	return n, nil
 }
