@@ -51,7 +51,7 @@ p=$(metric "$out/disk.txt" "BenchmarkRandomRead4K/ext4-plain" iops)
 awk -v e="$e" -v p="$p" 'BEGIN { printf "%-24s %12.0f %12.0f %7.2fx\n", "random 4K reads/s", e, p, (p > 0 ? e / p : 0) }'
 
 echo
-echo "== keysvc: attested unlocks over HTTPS (SQLite, audit chain on), 256 concurrent clients =="
+echo "== keysvc: attested unlocks over HTTPS (SQLite, audit chain on), 256 concurrent clients over 64 VMs =="
 echo "(quotes are precomputed: the TPM simulator would otherwise be the bottleneck)"
 $GO test -run '^$' -bench '^BenchmarkUnlock$' -benchtime 2000x -timeout 10m ./keysvc >"$out/keysvc.txt"
 $GO test -run '^$' -bench '^BenchmarkVerify$' -benchtime 2s -cpu 1 ./attest >"$out/attest.txt"
