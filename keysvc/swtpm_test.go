@@ -2,14 +2,8 @@ package keysvc_test
 
 import (
 	"errors"
-	"net"
 	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strings"
 	"testing"
-	"time"
 
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keysvc"
@@ -20,37 +14,7 @@ import (
 // simulator's) and opens it; everything is stopped in Cleanup.
 func startSwtpm(t *testing.T) *tpm.TPM {
 	t.Helper()
-	bin := testutil.LookPath(t, "swtpm")
-	dir, err := os.MkdirTemp("", "kssw") // a unix socket path must stay short
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	sock := filepath.Join(dir, "s")
-	cmd := exec.Command(bin, "socket", "--tpm2", "--server", "type=unixio,path="+sock,
-		"--ctrl", "type=unixio,path="+sock+".ctrl", "--flags", "not-need-init,startup-clear", "--tpmstate", "dir="+dir)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start swtpm: %v", err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() { cmd.Process.Kill(); <-done })
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if c, err := net.Dial("unix", sock); err == nil {
-			c.Close()
-			break
-		}
-		select {
-		case err := <-done:
-			t.Fatalf("swtpm exited early: %v: %s", err, stderr.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("swtpm did not start within 10s: %s", stderr.String())
-		}
-	}
+	sock, _ := testutil.StartSwtpm(t, "")
 	tp, err := tpm.Open("swtpm:" + sock)
 	if err != nil {
 		t.Fatalf("open swtpm: %v", err)

@@ -3,13 +3,8 @@ package tpm_test
 import (
 	"errors"
 	"flag"
-	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"strings"
 	"testing"
-	"time"
 
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/tpm"
@@ -88,45 +83,8 @@ func openChecked(t *testing.T, spec string) *tpm.TPM {
 }
 
 // startSwtpm starts a swtpm with a fresh state and returns its server
-// socket. The process is killed and its files removed in Cleanup.
+// socket; it is stopped and its files removed in Cleanup.
 func startSwtpm(t *testing.T) string {
-	t.Helper()
-	bin := testutil.LookPath(t, "swtpm")
-	// A unix socket path must stay short (108 bytes): t.TempDir can be long.
-	dir, err := os.MkdirTemp("", "kgswtpm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	// tpm2-tools' swtpm TCTI finds the control socket at SOCKET.ctrl.
-	sock := filepath.Join(dir, "s")
-	ctrl := sock + ".ctrl"
-	cmd := exec.Command(bin, "socket", "--tpm2",
-		"--server", "type=unixio,path="+sock, "--ctrl", "type=unixio,path="+ctrl,
-		"--flags", "not-need-init,startup-clear", "--tpmstate", "dir="+dir)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start swtpm: %v", err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-done
-	})
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if c, err := net.Dial("unix", sock); err == nil {
-			c.Close() // swtpm serves one connection at a time; this one ends at once
-			return sock
-		}
-		select {
-		case err := <-done:
-			t.Fatalf("swtpm exited early: %v: %s", err, stderr.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("swtpm did not create %s within 10s: %s", sock, stderr.String())
-		}
-	}
+	sock, _ := testutil.StartSwtpm(t, "")
+	return sock
 }

@@ -8,10 +8,8 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -29,56 +27,10 @@ func runCLI(args ...string) (int, string, string) {
 	return code, out.String(), errb.String()
 }
 
-// swtpmAt starts a swtpm over the state directory state and returns its
-// socket; stop (also run in Cleanup) ends it and keeps the state, so that a
-// later swtpmAt(state) is the same TPM after a "reboot".
+// swtpmAt starts a swtpm over the state directory state; stop keeps the
+// state, so a later swtpmAt(state) is the same TPM after a "reboot".
 func swtpmAt(t *testing.T, state string) (sock string, stop func()) {
-	t.Helper()
-	bin := testutil.LookPath(t, "swtpm")
-	dir, err := os.MkdirTemp("", "kcsw") // a unix socket path must stay short
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock = filepath.Join(dir, "s")
-	cmd := exec.Command(bin, "socket", "--tpm2", "--server", "type=unixio,path="+sock,
-		"--ctrl", "type=unixio,path="+sock+".ctrl", "--flags", "not-need-init,startup-clear", "--tpmstate", "dir="+state)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start swtpm: %v", err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	stopped := false
-	stop = func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		os.RemoveAll(dir)
-	}
-	t.Cleanup(stop)
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if c, err := net.Dial("unix", sock); err == nil {
-			c.Close()
-			return sock, stop
-		}
-		select {
-		case err := <-done:
-			t.Fatalf("swtpm exited early: %v: %s", err, stderr.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("swtpm did not start within 10s: %s", stderr.String())
-		}
-	}
+	return testutil.StartSwtpm(t, state)
 }
 
 // TestServeMasterKeyTPM: serve seals a new master key to the TPM, a restart

@@ -3,13 +3,10 @@ package masterkey_test
 import (
 	"bytes"
 	"errors"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/awnumar/memguard"
 
@@ -275,57 +272,20 @@ type swtpmProc struct {
 // (also run in Cleanup) closes the TPM and ends the process, keeping state.
 func runSwtpm(t *testing.T, state string) *swtpmProc {
 	t.Helper()
-	bin := testutil.LookPath(t, "swtpm")
-	sockDir, err := os.MkdirTemp("", "mksw") // a unix socket path must stay short
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(sockDir, "s")
-	cmd := exec.Command(bin, "socket", "--tpm2", "--server", "type=unixio,path="+sock,
-		"--ctrl", "type=unixio,path="+sock+".ctrl", "--flags", "not-need-init,startup-clear", "--tpmstate", "dir="+state)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start swtpm: %v", err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	sock, stopSwtpm := testutil.StartSwtpm(t, state)
 	p := &swtpmProc{}
-	stopped := false
 	p.stop = func() {
-		if stopped {
-			return
-		}
-		stopped = true
 		if p.TPM != nil {
 			p.TPM.Close()
+			p.TPM = nil
 		}
-		cmd.Process.Signal(os.Interrupt) // let swtpm write its state
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		os.RemoveAll(sockDir)
+		stopSwtpm()
 	}
 	t.Cleanup(p.stop)
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if c, err := net.Dial("unix", sock); err == nil {
-			c.Close()
-			break
-		}
-		select {
-		case err := <-done:
-			t.Fatalf("swtpm exited early: %v: %s", err, stderr.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("swtpm did not start within 10s: %s", stderr.String())
-		}
-	}
-	if p.TPM, err = tpm.Open("swtpm:" + sock); err != nil {
+	tp, err := tpm.Open("swtpm:" + sock)
+	if err != nil {
 		t.Fatalf("open swtpm: %v", err)
 	}
+	p.TPM = tp
 	return p
 }
