@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/internal/progress"
 )
 
@@ -41,7 +42,7 @@ func keyFlag(c *cobra.Command, p *string) {
 // needKey reads the key file named by --key-file into locked memory.
 func needKey(c *cobra.Command, path string) (*disk.Key, error) {
 	if path == "" {
-		return nil, usageError{cmd: c.CommandPath(), err: fmt.Errorf("--key-file is required: name the file whose bytes unlock the volume")}
+		return nil, cli.Usage(c, fmt.Errorf("--key-file is required: name the file whose bytes unlock the volume"))
 	}
 	return disk.ReadKeyFile(path)
 }
@@ -91,24 +92,24 @@ random recovery passphrase that is printed once and never stored: write it
 down, it is the break-glass path.
 
 IMAGE must not exist; on any failure nothing is left behind.`,
-		Args: exactArgs("IMAGE"),
+		Args: cli.ExactArgs("IMAGE"),
 		RunE: func(c *cobra.Command, args []string) error {
 			if keysvc != "" || volume != "" {
-				return usageError{cmd: c.CommandPath(), err: fmt.Errorf("--keysvc/--volume need the key service, which this build does not have yet; use --key-file F, then 'keysvc volume import --key-file F' when it lands")}
+				return cli.Usage(c, fmt.Errorf("--keysvc/--volume need the key service, which this build does not have yet; use --key-file F, then 'keysvc volume import --key-file F' when it lands"))
 			}
 			if size == "" {
-				return usageError{cmd: c.CommandPath(), err: fmt.Errorf("--size is required, e.g. --size 256M")}
+				return cli.Usage(c, fmt.Errorf("--size is required, e.g. --size 256M"))
 			}
 			n, err := parseSize(size)
 			if err != nil {
-				return usageError{cmd: c.CommandPath(), err: err}
+				return cli.Usage(c, err)
 			}
 			opts := disk.CreateOptions{Size: n, SectorSize: sectorSize, Label: label, Recovery: recovery}
 			if opts.FS, err = parseFS(fsType, true); err != nil {
-				return usageError{cmd: c.CommandPath(), err: err}
+				return cli.Usage(c, err)
 			}
 			if opts.PBKDF, err = parsePBKDF(pbkdf); err != nil {
-				return usageError{cmd: c.CommandPath(), err: err}
+				return cli.Usage(c, err)
 			}
 			key, err := needKey(c, keyFile)
 			if err != nil {
@@ -199,11 +200,11 @@ func diskMkfsCmd() *cobra.Command {
 		Short: "Make a filesystem inside an existing LUKS2 volume (e.g. one cryptsetup made)",
 		Long: `Make a filesystem inside the data segment of IMAGE, which may have been made
 by keygate or by 'cryptsetup luksFormat'. Anything already in the volume is lost.`,
-		Args: exactArgs("IMAGE"),
+		Args: cli.ExactArgs("IMAGE"),
 		RunE: func(c *cobra.Command, args []string) error {
 			t, err := parseFS(fsType, false)
 			if err != nil {
-				return usageError{cmd: c.CommandPath(), err: err}
+				return cli.Usage(c, err)
 			}
 			key, err := needKey(c, keyFile)
 			if err != nil {
@@ -236,7 +237,7 @@ func diskInfoCmd() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "info IMAGE [--json]",
 		Short: "Summarise a LUKS2 header: keyslots, tokens, cipher, layout (never a secret)",
-		Args:  exactArgs("IMAGE"),
+		Args:  cli.ExactArgs("IMAGE"),
 		RunE: func(c *cobra.Command, args []string) error {
 			info, err := disk.Inspect(args[0])
 			if err != nil {

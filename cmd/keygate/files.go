@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/internal/progress"
 )
 
@@ -47,7 +48,7 @@ func diskLsCmd() *cobra.Command {
 		Short: "List a directory (default /) inside the encrypted filesystem",
 		Args: func(c *cobra.Command, args []string) error {
 			if len(args) < 1 || len(args) > 2 {
-				return usageError{cmd: c.CommandPath(), err: fmt.Errorf("ls needs IMAGE and optionally PATH, got %d arguments", len(args))}
+				return cli.Usage(c, fmt.Errorf("ls needs IMAGE and optionally PATH, got %d arguments", len(args)))
 			}
 			return nil
 		},
@@ -101,7 +102,7 @@ func diskPutCmd() *cobra.Command {
 directory must exist (see mkdir). An existing file at PATH is replaced only
 once the new content is completely written: if the filesystem fills up, the
 old file is left as it was.`,
-		Args: exactArgs("IMAGE", "LOCAL", "PATH"),
+		Args: cli.ExactArgs("IMAGE", "LOCAL", "PATH"),
 		RunE: func(c *cobra.Command, args []string) error {
 			var r io.Reader = c.InOrStdin()
 			size := int64(-1)
@@ -139,7 +140,7 @@ func diskGetCmd() *cobra.Command {
 		Long: `Copy PATH inside IMAGE to LOCAL, or to standard output for -. LOCAL is
 written to a temporary file beside it and renamed into place, so a failed
 copy never leaves a half-written LOCAL.`,
-		Args: exactArgs("IMAGE", "PATH", "LOCAL"),
+		Args: cli.ExactArgs("IMAGE", "PATH", "LOCAL"),
 		RunE: func(c *cobra.Command, args []string) error {
 			return withFS(c, args[0], keyFile, false, func(fsys *disk.FS) error {
 				if args[2] == "-" {
@@ -184,7 +185,7 @@ func diskCatCmd() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "cat IMAGE PATH --key-file F",
 		Short: "Print a file from the encrypted filesystem",
-		Args:  exactArgs("IMAGE", "PATH"),
+		Args:  cli.ExactArgs("IMAGE", "PATH"),
 		RunE: func(c *cobra.Command, args []string) error {
 			return withFS(c, args[0], keyFile, false, func(fsys *disk.FS) error {
 				_, err := fsys.Get(args[1], c.OutOrStdout())
@@ -201,7 +202,7 @@ func diskMkdirCmd() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "mkdir IMAGE PATH --key-file F",
 		Short: "Make a directory (and its parents) in the encrypted filesystem",
-		Args:  exactArgs("IMAGE", "PATH"),
+		Args:  cli.ExactArgs("IMAGE", "PATH"),
 		RunE: func(c *cobra.Command, args []string) error {
 			return withFS(c, args[0], keyFile, true, func(fsys *disk.FS) error { return fsys.Mkdir(args[1]) })
 		},
@@ -215,7 +216,7 @@ func diskRmCmd() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "rm IMAGE PATH --key-file F",
 		Short: "Remove a file or an empty directory from the encrypted filesystem",
-		Args:  exactArgs("IMAGE", "PATH"),
+		Args:  cli.ExactArgs("IMAGE", "PATH"),
 		RunE: func(c *cobra.Command, args []string) error {
 			return withFS(c, args[0], keyFile, true, func(fsys *disk.FS) error { return fsys.Remove(args[1]) })
 		},
@@ -229,14 +230,14 @@ func diskAddKeyCmd() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "add-key IMAGE --key-file F --new-key-file G [--pbkdf argon2id|pbkdf2]",
 		Short: "Add a keyslot that opens with G, authorised by an existing key F",
-		Args:  exactArgs("IMAGE"),
+		Args:  cli.ExactArgs("IMAGE"),
 		RunE: func(c *cobra.Command, args []string) error {
 			kind, err := parsePBKDF(pbkdf)
 			if err != nil {
-				return usageError{cmd: c.CommandPath(), err: err}
+				return cli.Usage(c, err)
 			}
 			if newKeyFile == "" {
-				return usageError{cmd: c.CommandPath(), err: fmt.Errorf("--new-key-file is required: name the file whose bytes will open the new keyslot")}
+				return cli.Usage(c, fmt.Errorf("--new-key-file is required: name the file whose bytes will open the new keyslot"))
 			}
 			key, err := needKey(c, keyFile)
 			if err != nil {
@@ -272,10 +273,10 @@ func diskRemoveKeyCmd() *cobra.Command {
 		Long: `Wipe keyslot N of IMAGE. --key-file must open the volume (through any
 keyslot), so that a typo cannot lock you out. Removing the last keyslot makes
 the volume unrecoverable and is refused unless --force is given.`,
-		Args: exactArgs("IMAGE"),
+		Args: cli.ExactArgs("IMAGE"),
 		RunE: func(c *cobra.Command, args []string) error {
 			if !c.Flags().Changed("slot") {
-				return usageError{cmd: c.CommandPath(), err: fmt.Errorf("--slot is required: see 'keygate disk info %s' for the keyslots", args[0])}
+				return cli.Usage(c, fmt.Errorf("--slot is required: see 'keygate disk info %s' for the keyslots", args[0]))
 			}
 			key, err := needKey(c, keyFile)
 			if err != nil {

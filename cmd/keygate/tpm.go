@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -62,7 +63,7 @@ func (f *tpmFlags) alg() tpm.Alg {
 func (f *tpmFlags) withTPM(c *cobra.Command, fn func(*tpm.TPM) error) error {
 	tp, err := tpm.Open(f.spec)
 	if errors.Is(err, tpm.ErrBadSpec) {
-		return usageError{cmd: c.CommandPath(), err: fmt.Errorf("--tpm: %w", err)}
+		return cli.Usage(c, fmt.Errorf("--tpm: %w", err))
 	}
 	if err != nil {
 		return err
@@ -219,7 +220,7 @@ comma-separated list of indexes and ranges (0-23); the default is 0-15.`,
 		RunE: func(c *cobra.Command, _ []string) error {
 			idx, err := parsePCRList(list)
 			if err != nil {
-				return usageError{cmd: c.CommandPath(), err: err}
+				return cli.Usage(c, err)
 			}
 			return f.withTPM(c, func(tp *tpm.TPM) error {
 				vals, err := tp.PCRs(idx...)

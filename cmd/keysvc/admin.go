@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/keysvc"
 )
 
@@ -134,7 +135,7 @@ func adminCommands(cl *client) []*cobra.Command {
 func required(c *cobra.Command, flags ...string) error {
 	for _, f := range flags {
 		if v, _ := c.Flags().GetString(f); v == "" {
-			return usageError{cmd: c.CommandPath(), err: fmt.Errorf("--%s is required", f)}
+			return cli.Usage(c, fmt.Errorf("--%s is required", f))
 		}
 	}
 	return nil
@@ -171,7 +172,7 @@ func vmCmd(cl *client) *cobra.Command {
 				return err
 			}
 			if ekFile == "" && ekCertFile == "" {
-				return usageError{cmd: c.CommandPath(), err: errors.New("--ek-pub or --ek-cert is required")}
+				return cli.Usage(c, errors.New("--ek-pub or --ek-cert is required"))
 			}
 			req := keysvc.EnrollRequest{Name: name, ProvisioningAllowed: prov}
 			if ekFile != "" {

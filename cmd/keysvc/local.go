@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/tpm"
@@ -56,7 +57,7 @@ cleared or failed TPM would otherwise lose every key the service holds.`,
 				return err
 			}
 			if spec == "sim" {
-				return usageError{cmd: c.CommandPath(), err: errors.New("--master-key-tpm sim is a new TPM in every process: a key sealed to it could never be unsealed by the service; use /dev/tpmrm0 or swtpm:SOCKET")}
+				return cli.Usage(c, errors.New("--master-key-tpm sim is a new TPM in every process: a key sealed to it could never be unsealed by the service; use /dev/tpmrm0 or swtpm:SOCKET"))
 			}
 			tp, err := tpm.Open(spec)
 			if err != nil {

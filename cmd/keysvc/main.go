@@ -18,6 +18,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/keysvc/masterkey"
 )
@@ -25,42 +26,16 @@ import (
 // version is set at build time with -ldflags "-X main.version=…".
 var version = "dev"
 
-const exitCode = 1
-
 func main() { os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr)) }
 
-// run executes one command line and returns the process exit code. A panic
-// is a bug: the user gets a one-line message, not a stack trace.
-func run(args []string, stdin io.Reader, stdout, stderr io.Writer) (code int) {
-	defer func() {
-		if r := recover(); r != nil {
-			fmt.Fprintf(stderr, "keysvc: internal error: %v\nThis is a bug; please report it with the command line you ran.\n", r)
-			code = 2
-		}
-	}()
-	root := newRoot(stdin, stdout, stderr)
-	root.SetArgs(args)
-	if err := root.Execute(); err != nil {
-		fmt.Fprintf(stderr, "keysvc: %v\n", err)
-		var ue usageError
-		if errors.As(err, &ue) {
-			fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", ue.cmd)
-		}
-		return exitCode
-	}
-	return 0
+// run executes one command line and returns the process exit code.
+func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	root := newRoot()
+	cli.Setup(root, stdin, stdout, stderr)
+	return cli.Run("keysvc", root, args, stderr)
 }
 
-// usageError marks a mistake in the command line itself.
-type usageError struct {
-	cmd string
-	err error
-}
-
-func (e usageError) Error() string { return e.err.Error() }
-func (e usageError) Unwrap() error { return e.err }
-
-func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
+func newRoot() *cobra.Command {
 	root := &cobra.Command{
 		Use:   "keysvc",
 		Short: "keygate's key service: releases volume keys to attested VMs",
@@ -75,16 +50,8 @@ Start with:
   keysvc policy learn --vm web-1
 
 The operator guide is docs/operator.md.`,
-		SilenceUsage:  true,
-		SilenceErrors: true,
-		Version:       version,
+		Version: version,
 	}
-	root.SetIn(stdin)
-	root.SetOut(stdout)
-	root.SetErr(stderr)
-	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
-		return usageError{cmd: c.CommandPath(), err: err}
-	})
 	cl := &client{}
 	root.AddCommand(newServeCmd())
 	root.AddCommand(adminCommands(cl)...)
@@ -100,7 +67,7 @@ The operator guide is docs/operator.md.`,
 
 func noArgs(c *cobra.Command, args []string) error {
 	if len(args) != 0 {
-		return usageError{cmd: c.CommandPath(), err: fmt.Errorf("%s takes no arguments, got %q", c.CommandPath(), args)}
+		return cli.Usage(c, fmt.Errorf("%s takes no arguments, got %q", c.CommandPath(), args))
 	}
 	return nil
 }
@@ -132,7 +99,7 @@ a cleared or dead TPM loses every key the service holds).`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if cfg.DataDir == "" {
-				return usageError{cmd: c.CommandPath(), err: errors.New("--data DIR is required")}
+				return cli.Usage(c, errors.New("--data DIR is required"))
 			}
 			var h slog.Handler
 			switch logFormat {
@@ -141,7 +108,7 @@ a cleared or dead TPM loses every key the service holds).`,
 			case "text":
 				h = slog.NewTextHandler(c.ErrOrStderr(), nil)
 			default:
-				return usageError{cmd: c.CommandPath(), err: fmt.Errorf("--log-format %q: use json or text", logFormat)}
+				return cli.Usage(c, fmt.Errorf("--log-format %q: use json or text", logFormat))
 			}
 			cfg.Logger = slog.New(h)
 			cfg.Options = append(cfg.Options, keysvc.WithRateLimits(perSource, perVM))
