@@ -479,8 +479,9 @@ func (s *Server) stillReleasable(ctx context.Context, vmName, volID string) (*re
 	if err != nil {
 		return nil, err
 	}
-	if vm.Revoked {
-		return &refusal{reason: ReasonRevoked, hint: "the VM was revoked by an administrator"}, nil
+	// The same checks as before verification: revoked, EK and AK still enrolled.
+	if _, _, f := enrolledKeys(vm, nil, nil); f != nil {
+		return f, nil
 	}
 	_, f, err := s.volumeFor(ctx, vmName, volID)
 	return f, err

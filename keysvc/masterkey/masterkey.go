@@ -166,50 +166,11 @@ func load(path string) (*Key, error) {
 	return newKey(buf)
 }
 
-func create(path string) (_ *Key, err error) {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("create master key directory: %w", err)
-	}
+func create(path string) (*Key, error) {
 	buf := memguard.NewBufferRandom(Size)
-	defer func() {
-		if err != nil {
-			buf.Destroy()
-		}
-	}()
-	tmp, err := os.CreateTemp(dir, ".masterkey-*.tmp") // mode 0600
-	if err != nil {
-		return nil, fmt.Errorf("create master key: %w", err)
-	}
-	tmpName := tmp.Name()
-	defer os.Remove(tmpName) // after a successful link this removes only the temp name
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return nil, fmt.Errorf("create master key: %w", err)
-	}
-	if _, err := tmp.Write(buf.Bytes()); err != nil {
-		tmp.Close()
-		return nil, fmt.Errorf("write master key: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return nil, fmt.Errorf("sync master key: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return nil, fmt.Errorf("close master key: %w", err)
-	}
-	if err := os.Link(tmpName, path); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return nil, err
-		}
-		return nil, fmt.Errorf("install master key %s: %w", path, err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		serr := d.Sync()
-		d.Close()
-		if serr != nil {
-			return nil, fmt.Errorf("sync master key directory: %w", serr)
-		}
+	if err := linkNew(path, buf.Bytes()); err != nil {
+		buf.Destroy()
+		return nil, err
 	}
 	return newKey(buf)
 }
@@ -245,4 +206,50 @@ func (k *Key) Derive(label string) (*memguard.LockedBuffer, error) {
 		return nil, fmt.Errorf("derive sub-key %q: %v", label, err)
 	}
 	return memguard.NewBufferFromBytes(out), nil // wipes out
+}
+
+// linkNew writes data to a new 0600 file at path, completely or not at all,
+// and fails with fs.ErrExist if path exists.
+func linkNew(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create master key directory: %w", err)
+	}
+	tmp, err := os.CreateTemp(dir, ".masterkey-*.tmp")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(data)
+	if err == nil {
+		err = tmp.Chmod(0o600)
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Link(tmp.Name(), path); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return err
+		}
+		return fmt.Errorf("install %s: %w", path, err)
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil // best effort: the rename is done
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
 }

@@ -158,52 +158,6 @@ func installSealed(path string, key *memguard.LockedBuffer, s Sealer) error {
 	return linkNew(path, blob)
 }
 
-// linkNew writes data to a new 0600 file at path, completely or not at all,
-// and fails with fs.ErrExist if path exists.
-func linkNew(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create master key directory: %w", err)
-	}
-	tmp, err := os.CreateTemp(dir, ".masterkey-*.tmp")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	_, err = tmp.Write(data)
-	if err == nil {
-		err = tmp.Chmod(0o600)
-	}
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Link(tmp.Name(), path); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return err
-		}
-		return fmt.Errorf("install %s: %w", path, err)
-	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return nil // best effort: the rename is done
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
-	}
-	return nil
-}
-
 // SealExisting moves the plain master key at path into s: it seals it to
 // path+SealedSuffix (checked to unseal to the same key) and then removes the
 // plain file. Back the plain file up (escrow) before calling it: once sealed,
