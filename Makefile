@@ -5,8 +5,10 @@ BIN       := bin
 # and python3-cryptography as independent AES-XTS references, e2fsprogs and
 # dosfstools to check the filesystems go-diskfs writes, swtpm and tpm2-tools
 # as real TPMs and a second opinion on them, and libssl-dev with a C compiler
-# for the in-process TPM simulator (cgo).
-TEST_DEBS := cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools swtpm swtpm-tools tpm2-tools libssl-dev gcc libc6-dev
+# for the in-process TPM simulator (cgo); clevis, clevis-tpm2, tang and socat
+# as make bench's reference for the unlock latency.
+TEST_DEBS := cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools swtpm swtpm-tools tpm2-tools libssl-dev gcc libc6-dev \
+	clevis clevis-tpm2 tang socat
 # Tools the tests must find: a missing one fails the run instead of skipping.
 export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem
 
