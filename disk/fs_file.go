@@ -1,0 +1,656 @@
+package disk
+
+// This file gives FS what a file server needs beyond whole-file Get and
+// Put: files open for reading and writing at any offset, truncation,
+// rename, and errors a server can map to errnos.
+//
+// Writes to an open file are kept in memory, copy-on-write in 64 KiB pages
+// over the file's on-disk content, until Sync or the Close of a writable
+// handle. That flush stores the whole file with Put's replace (new content
+// beside the old in .NAME.keygate-put, then swapped in) and syncs the
+// device. Memory grows by the pages written since the last flush, not by
+// the file's size. A flush rewrites the whole file (on ext4, which
+// go-diskfs cannot rename, twice: the replace copies it back) and needs
+// room for the new copy beside the old one.
+//
+// What a crash leaves: outside a flush, each file as of its last completed
+// flush. During one, on FAT the old name may be gone with the complete new
+// content in the temporary file; on ext4 the name may hold a partial copy,
+// again with the complete content in the temporary file. A file that is
+// empty on disk (just created) is written in place on ext4, so a crash
+// during its first flush can leave it partial; none of that data had been
+// acknowledged. docs/disk.md ("9P export") says this for operators.
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	iofs "io/fs"
+	"os"
+	"path"
+	"strings"
+)
+
+var (
+	// ErrNotDir means a path component, or a rename target, is a file
+	// where a directory is needed.
+	ErrNotDir = errors.New("not a directory")
+	// ErrIsDir means a file operation was asked of a directory.
+	ErrIsDir = errors.New("is a directory")
+	// ErrReadOnly means a change was asked of a volume opened read-only.
+	ErrReadOnly = errors.New("volume is open read-only (reopen it writable)")
+	// ErrTooLarge means a file would grow past what the filesystem (or the
+	// volume) can hold.
+	ErrTooLarge = errors.New("file too large")
+	// ErrCannotMove means Rename cannot move a non-empty directory on this
+	// filesystem: go-diskfs has no ext4 rename, and none across FAT
+	// directories. Callers do what mv does on EXDEV: copy, then remove.
+	ErrCannotMove = errors.New("cannot move a non-empty directory here (copy it, then remove the original)")
+	// ErrInvalid means an argument makes no sense, such as renaming a
+	// directory into itself or the root.
+	ErrInvalid = iofs.ErrInvalid
+)
+
+const pageSize = 64 << 10
+
+// openFile is the state shared by every handle on one path, so that all
+// of them see each other's unflushed writes, as with a kernel page cache.
+// All fields are guarded by fs.mu.
+type openFile struct {
+	fs      *FS
+	path    string // clean form
+	refs    int
+	base    io.ReaderAt // content as of the last flush; valid while the file is unchanged on disk
+	baseLen int64       // bytes of base still visible (lowered by truncation)
+	size    int64
+	pages   map[int64][]byte // written pages, by page index
+	dirty   bool
+	gone    bool // removed or replaced underneath: nothing to flush to
+}
+
+// File is a handle on a file opened with OpenFile. It is safe for
+// concurrent use.
+type File struct {
+	of       *openFile
+	writable bool
+	closed   bool
+}
+
+// fileKey is the registry key of a clean path: FAT names are
+// case-insensitive.
+func (f *FS) fileKey(p string) string {
+	if f.typ == FAT32 {
+		return strings.ToLower(p)
+	}
+	return p
+}
+
+// ReadOnly reports whether the volume was opened read-only.
+func (f *FS) ReadOnly() bool { return f.dev.readOnly }
+
+// Size is the size of the volume the filesystem spans.
+func (f *FS) Size() int64 { return f.dev.Size() }
+
+func (f *FS) maxFileSize() int64 {
+	if f.typ == FAT32 {
+		return min(0xFFFFFFFF, f.dev.Size())
+	}
+	return f.dev.Size()
+}
+
+// OpenFile opens the regular file p. flag takes os.O_RDONLY, os.O_WRONLY
+// or os.O_RDWR, with os.O_CREATE, os.O_EXCL and os.O_TRUNC meaning what
+// they mean to open(2). A created file exists on the volume (empty) when
+// OpenFile returns; written content is stored by Sync or by the last Close
+// of a writable handle.
+func (f *FS) OpenFile(p string, flag int) (*File, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p = clean(p)
+	writable := flag&(os.O_WRONLY|os.O_RDWR) != 0 || flag&(os.O_TRUNC|os.O_CREATE) != 0
+	if writable && f.dev.readOnly {
+		return nil, fmt.Errorf("open %s: %w", display(p), ErrReadOnly)
+	}
+	if p == "." {
+		return nil, fmt.Errorf("open /: %w", ErrIsDir)
+	}
+	if f.files == nil {
+		f.files = map[string]*openFile{}
+	}
+	of := f.files[f.fileKey(p)]
+	if of != nil && flag&(os.O_CREATE|os.O_EXCL) == os.O_CREATE|os.O_EXCL {
+		return nil, fmt.Errorf("create %s: %w", display(p), iofs.ErrExist)
+	}
+	if of == nil {
+		fi, err := f.stat(p)
+		switch {
+		case errors.Is(err, iofs.ErrNotExist) && flag&os.O_CREATE != 0:
+			if err := f.mustBeDir(path.Dir(p)); err != nil {
+				return nil, fmt.Errorf("create %s: %w", display(p), err)
+			}
+			if err := f.put(p, strings.NewReader(""), 0); err != nil {
+				return nil, err
+			}
+			if err := f.sync(); err != nil {
+				return nil, fmt.Errorf("create %s: %w", display(p), err)
+			}
+		case err != nil:
+			return nil, err
+		case fi.IsDir:
+			return nil, fmt.Errorf("open %s: %w", display(p), ErrIsDir)
+		case flag&(os.O_CREATE|os.O_EXCL) == os.O_CREATE|os.O_EXCL:
+			return nil, fmt.Errorf("create %s: %w", display(p), iofs.ErrExist)
+		}
+		of = &openFile{fs: f, path: p}
+		if err := of.reopen(); err != nil {
+			return nil, err
+		}
+		f.files[f.fileKey(p)] = of
+	}
+	of.refs++
+	if flag&os.O_TRUNC != 0 && writable {
+		of.truncate(0)
+	}
+	return &File{of: of, writable: writable}, nil
+}
+
+// reopen points base at the file's current content on disk.
+func (of *openFile) reopen() error {
+	f, p := of.fs, of.path
+	fi, err := f.stat(p)
+	if err != nil {
+		return err
+	}
+	if of.base, err = f.openUnlocked(p); err != nil {
+		return err
+	}
+	for _, pg := range of.pages {
+		clear(pg)
+	}
+	of.baseLen, of.size, of.pages, of.dirty = fi.Size, fi.Size, nil, false
+	return nil
+}
+
+// fatBase reads a go-diskfs FAT file at an offset. Unlike fatReader it
+// takes no lock: openFile calls it with fs.mu held.
+type fatBase struct{ f io.ReadSeeker }
+
+func (b *fatBase) ReadAt(p []byte, off int64) (int, error) {
+	if _, err := b.f.Seek(off, io.SeekStart); err != nil {
+		return 0, err
+	}
+	return io.ReadFull(b.f, p)
+}
+
+// detach cuts an open file at p off from the path before p is removed or
+// replaced: like an unlinked file on Unix, its handles keep the content
+// they saw (read into memory now, as its blocks are about to be freed),
+// and its writes go nowhere.
+func (f *FS) detach(p string) {
+	k := f.fileKey(p)
+	of := f.files[k]
+	if of == nil {
+		return
+	}
+	delete(f.files, k)
+	of.gone = true
+	if of.pages == nil {
+		of.pages = map[int64][]byte{}
+	}
+	for pg := int64(0); pg*pageSize < of.size; pg++ {
+		if of.pages[pg] == nil {
+			b := make([]byte, pageSize)
+			if err := of.readBase(b[:min(pageSize, of.size-pg*pageSize)], pg*pageSize); err != nil {
+				clear(b) // unreadable: the handle reads zeros rather than freed blocks
+			}
+			of.pages[pg] = b
+		}
+	}
+	of.base, of.baseLen = nil, 0
+}
+
+// readBase fills b from the flushed content at off; bytes past baseLen
+// (truncated away, or never written) read as zeros.
+func (of *openFile) readBase(b []byte, off int64) error {
+	n := 0
+	if off < of.baseLen && of.base != nil {
+		n = int(min(int64(len(b)), of.baseLen-off))
+		m, err := of.base.ReadAt(b[:n], off)
+		if m < n && err != nil {
+			return fmt.Errorf("read %s at %d: %w", display(of.path), off+int64(m), err)
+		}
+	}
+	clear(b[n:])
+	return nil
+}
+
+func (of *openFile) readAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("read %s at %d: %w", display(of.path), off, ErrInvalid)
+	}
+	if off >= of.size {
+		return 0, io.EOF
+	}
+	var eof error
+	if int64(len(p)) > of.size-off {
+		p, eof = p[:of.size-off], io.EOF
+	}
+	for i := 0; i < len(p); {
+		pos := off + int64(i)
+		if pg, ok := of.pages[pos/pageSize]; ok {
+			m := copy(p[i:], pg[pos%pageSize:])
+			i += m
+			continue
+		}
+		// read the whole run of unwritten pages in one go
+		end := (pos/pageSize + 1) * pageSize
+		for end < off+int64(len(p)) && of.pages[end/pageSize] == nil {
+			end += pageSize
+		}
+		m := int(min(end-pos, int64(len(p)-i)))
+		if err := of.readBase(p[i:i+m], pos); err != nil {
+			return i, err
+		}
+		i += m
+	}
+	return len(p), eof
+}
+
+func (of *openFile) writeAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("write %s at %d: %w", display(of.path), off, ErrInvalid)
+	}
+	if end := off + int64(len(p)); end > of.fs.maxFileSize() || end < off {
+		return 0, fmt.Errorf("write %s: %d bytes: %w for this volume", display(of.path), end, ErrTooLarge)
+	}
+	if of.pages == nil {
+		of.pages = map[int64][]byte{}
+	}
+	for i := 0; i < len(p); {
+		pos := off + int64(i)
+		idx := pos / pageSize
+		pg := of.pages[idx]
+		if pg == nil {
+			pg = make([]byte, pageSize)
+			if start := idx * pageSize; start < of.size {
+				if err := of.readBase(pg[:min(pageSize, of.size-start)], start); err != nil {
+					return i, err
+				}
+			}
+			of.pages[idx] = pg
+		}
+		i += copy(pg[pos%pageSize:], p[i:])
+	}
+	of.size = max(of.size, off+int64(len(p)))
+	of.dirty = true
+	return len(p), nil
+}
+
+func (of *openFile) truncate(n int64) {
+	if n < of.size {
+		for idx := range of.pages {
+			if idx*pageSize >= n {
+				delete(of.pages, idx)
+			}
+		}
+		if pg := of.pages[n/pageSize]; pg != nil {
+			clear(pg[n%pageSize:]) // so that growing again reads zeros
+		}
+		of.baseLen = min(of.baseLen, n)
+	}
+	of.size = n
+	of.dirty = true
+}
+
+// flush stores the file's content with Put's atomic replace and syncs.
+func (of *openFile) flush() error {
+	if !of.dirty || of.gone {
+		return nil
+	}
+	f := of.fs
+	if err := f.store(of); err != nil {
+		// keep the writes: the caller may free space and try again
+		return err
+	}
+	if err := of.reopen(); err != nil {
+		return err
+	}
+	return f.sync()
+}
+
+// store writes the file's content to disk. On ext4 a file that is empty
+// on disk (just created) is written in place: Put's replace would copy
+// the data twice, as go-diskfs cannot rename, and an empty file has no
+// content to keep safe. Anything else goes through Put's replace.
+func (f *FS) store(of *openFile) error {
+	if fi, err := f.stat(of.path); f.typ == Ext4 && err == nil && !fi.IsDir && fi.Size == 0 && of.size > 0 {
+		if err := f.checkSpace(of.path, of.size, 0); err != nil {
+			return err
+		}
+		if _, err := f.write(of.path, &seqReader{of: of}, of.size); err != nil {
+			// leave the empty file as it was, not a partial one
+			if rerr := f.remove(of.path, false); rerr != nil {
+				return fmt.Errorf("write %s: %w (and removing the partial file failed: %v)", display(of.path), err, rerr)
+			}
+			if perr := f.put(of.path, strings.NewReader(""), 0); perr != nil {
+				return fmt.Errorf("write %s: %w (and recreating it empty failed: %v)", display(of.path), err, perr)
+			}
+			return fmt.Errorf("write %s: %w", display(of.path), err)
+		}
+		return nil
+	}
+	return f.put(of.path, &seqReader{of: of}, of.size)
+}
+
+// seqReader reads an openFile from the start, for put.
+type seqReader struct {
+	of  *openFile
+	off int64
+}
+
+func (r *seqReader) Read(p []byte) (int, error) {
+	n, err := r.of.readAt(p, r.off)
+	r.off += int64(n)
+	return n, err
+}
+
+func (h *File) check(write bool) error {
+	if h.closed {
+		return fmt.Errorf("%s: %w", display(h.of.path), iofs.ErrClosed)
+	}
+	if write && !h.writable {
+		return fmt.Errorf("%s: opened read-only: %w", display(h.of.path), iofs.ErrPermission)
+	}
+	return nil
+}
+
+// ReadAt reads len(p) bytes at off, or fewer with io.EOF at the end.
+func (h *File) ReadAt(p []byte, off int64) (int, error) {
+	h.of.fs.mu.Lock()
+	defer h.of.fs.mu.Unlock()
+	if err := h.check(false); err != nil {
+		return 0, err
+	}
+	return h.of.readAt(p, off)
+}
+
+// WriteAt writes p at off, extending the file (with zeros) as needed.
+func (h *File) WriteAt(p []byte, off int64) (int, error) {
+	h.of.fs.mu.Lock()
+	defer h.of.fs.mu.Unlock()
+	if err := h.check(true); err != nil {
+		return 0, err
+	}
+	return h.of.writeAt(p, off)
+}
+
+// Truncate sets the file's length to n, cutting or extending with zeros.
+func (h *File) Truncate(n int64) error {
+	h.of.fs.mu.Lock()
+	defer h.of.fs.mu.Unlock()
+	if err := h.check(true); err != nil {
+		return err
+	}
+	if n < 0 {
+		return fmt.Errorf("truncate %s to %d: %w", display(h.of.path), n, ErrInvalid)
+	}
+	if n > h.of.fs.maxFileSize() {
+		return fmt.Errorf("truncate %s to %d: %w for this volume", display(h.of.path), n, ErrTooLarge)
+	}
+	h.of.truncate(n)
+	return nil
+}
+
+// Size is the file's current length, unflushed writes included.
+func (h *File) Size() int64 {
+	h.of.fs.mu.Lock()
+	defer h.of.fs.mu.Unlock()
+	return h.of.size
+}
+
+// Sync stores the file's content durably: when it returns, the writes
+// made through every handle on the file survive a crash.
+func (h *File) Sync() error {
+	h.of.fs.mu.Lock()
+	defer h.of.fs.mu.Unlock()
+	if err := h.check(false); err != nil {
+		return err
+	}
+	return h.of.flush()
+}
+
+// Close releases the handle. Closing a writable handle stores the file's
+// content durably, as Sync does; if that fails the error says so and the
+// writes stay in memory while other handles remain open, and are lost
+// when none does.
+func (h *File) Close() error {
+	f := h.of.fs
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if h.closed {
+		return nil
+	}
+	h.closed = true
+	var err error
+	if h.writable {
+		err = h.of.flush()
+	}
+	h.of.refs--
+	if h.of.refs == 0 {
+		if k := f.fileKey(h.of.path); !h.of.gone && f.files[k] == h.of {
+			delete(f.files, k)
+		}
+		// file data is not key material, but need not linger either
+		for _, pg := range h.of.pages {
+			clear(pg)
+		}
+		h.of.pages = nil
+	}
+	return err
+}
+
+// Flush stores the writes of every open file, then syncs: when it returns,
+// everything written through any File survives a crash.
+func (f *FS) Flush() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.flushOpen(); err != nil {
+		return fmt.Errorf("flush: %w", err)
+	}
+	if err := f.sync(); err != nil {
+		return fmt.Errorf("flush: %w", err)
+	}
+	return nil
+}
+
+// flushOpen stores every open file's writes.
+func (f *FS) flushOpen() error {
+	var errs []error
+	for _, of := range f.files {
+		if err := of.flush(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// statLive is stat with the length of a file open for writing.
+func (f *FS) statLive(p string) (FileInfo, error) {
+	fi, err := f.stat(p)
+	if err == nil && !fi.IsDir {
+		if of := f.files[f.fileKey(p)]; of != nil {
+			fi.Size = of.size
+		}
+	}
+	return fi, err
+}
+
+// Truncate sets the length of the file p to n and stores it durably.
+func (f *FS) Truncate(p string, n int64) error {
+	h, err := f.OpenFile(p, os.O_RDWR)
+	if err != nil {
+		return err
+	}
+	err = h.Truncate(n)
+	if cerr := h.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Rename moves the file or directory oldp to newp, replacing a file (or
+// an empty directory, when moving a directory) already there, as
+// rename(2) does.
+//
+// go-diskfs renames only within one FAT directory, and not at all on
+// ext4. Elsewhere a file is copied to newp (with Put's replace when newp
+// exists) and then oldp is removed; a crash in between leaves both names,
+// with the complete content, never neither. An empty directory is made
+// anew and the old one removed. A non-empty directory cannot be moved that
+// way and fails with ErrCannotMove, which a 9P server reports as EXDEV so
+// that mv falls back to copying.
+func (f *FS) Rename(oldp, newp string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	o, n := clean(oldp), clean(newp)
+	if f.dev.readOnly {
+		return fmt.Errorf("rename %s: %w", display(o), ErrReadOnly)
+	}
+	if o == "." || n == "." {
+		return fmt.Errorf("rename %s to %s: the root cannot move or be replaced: %w", display(o), display(n), ErrInvalid)
+	}
+	oi, err := f.stat(o)
+	if err != nil {
+		return fmt.Errorf("rename: %w", err)
+	}
+	if err := f.mustBeDir(path.Dir(n)); err != nil {
+		return fmt.Errorf("rename %s: %w", display(o), err)
+	}
+	if f.fileKey(o) == f.fileKey(n) {
+		return nil // the same file (FAT names ignore case)
+	}
+	if oi.IsDir && strings.HasPrefix(f.fileKey(n), f.fileKey(o)+"/") {
+		return fmt.Errorf("rename %s to %s: a directory cannot move into itself: %w", display(o), display(n), ErrInvalid)
+	}
+	ni, err := f.stat(n)
+	exists := err == nil
+	if exists {
+		switch {
+		case oi.IsDir && !ni.IsDir:
+			return fmt.Errorf("rename %s: %s is a file: %w", display(o), display(n), ErrNotDir)
+		case !oi.IsDir && ni.IsDir:
+			return fmt.Errorf("rename %s: %s: %w", display(o), display(n), ErrIsDir)
+		case ni.IsDir:
+			if empty, err := f.dirEmpty(n); err != nil {
+				return err
+			} else if !empty {
+				return fmt.Errorf("rename %s: %s: %w", display(o), display(n), ErrNotEmpty)
+			}
+		}
+	}
+	// open files below o must be on disk before their blocks are copied
+	// or their directory entry moves
+	moved := f.openUnder(o)
+	for _, of := range moved {
+		if err := of.flush(); err != nil {
+			return fmt.Errorf("rename %s: %w", display(o), err)
+		}
+	}
+	switch {
+	case f.typ == FAT32 && path.Dir(o) == path.Dir(n):
+		if exists {
+			f.detach(n)
+			if err := f.remove(n, ni.IsDir); err != nil {
+				return fmt.Errorf("rename %s: %w", display(o), err)
+			}
+		}
+		if err := f.fs.Rename(o, n); err != nil {
+			return fmt.Errorf("rename %s to %s: %w", display(o), display(n), err)
+		}
+	case !oi.IsDir:
+		f.detach(n)
+		r, err := f.openUnlocked(o)
+		if err != nil {
+			return fmt.Errorf("rename %s: %w", display(o), err)
+		}
+		if err := f.put(n, io.NewSectionReader(r, 0, oi.Size), oi.Size); err != nil {
+			return fmt.Errorf("rename %s: copy: %w", display(o), err)
+		}
+		if err := f.remove(o, false); err != nil {
+			return fmt.Errorf("rename %s: %s is complete; removing the old name failed: %w", display(o), display(n), err)
+		}
+	default:
+		if empty, err := f.dirEmpty(o); err != nil {
+			return err
+		} else if !empty {
+			return fmt.Errorf("rename %s to %s: %w", display(o), display(n), ErrCannotMove)
+		}
+		if exists {
+			if err := f.remove(n, true); err != nil {
+				return fmt.Errorf("rename %s: %w", display(o), err)
+			}
+		}
+		if err := f.mkdir(n); err != nil {
+			return fmt.Errorf("rename %s: %w", display(o), err)
+		}
+		if err := f.remove(o, true); err != nil {
+			return fmt.Errorf("rename %s: %s is made; removing the old directory failed: %w", display(o), display(n), err)
+		}
+	}
+	for _, of := range moved {
+		delete(f.files, f.fileKey(of.path))
+		of.path = n + of.path[len(o):] // of.path may differ from o in case on FAT
+		f.files[f.fileKey(of.path)] = of
+		if err := of.reopen(); err != nil {
+			return fmt.Errorf("rename %s: reopen %s: %w", display(o), display(of.path), err)
+		}
+	}
+	return f.sync()
+}
+
+func (f *FS) emptyFAT(p string) bool {
+	fi, err := f.stat(p)
+	return err == nil && !fi.IsDir && fi.Size == 0
+}
+
+// openUnder lists the open files at p or below it.
+func (f *FS) openUnder(p string) []*openFile {
+	k := f.fileKey(p)
+	var out []*openFile
+	for key, of := range f.files {
+		if key == k || strings.HasPrefix(key, k+"/") {
+			out = append(out, of)
+		}
+	}
+	return out
+}
+
+func (f *FS) dirEmpty(p string) (bool, error) {
+	entries, err := f.fs.ReadDir(p)
+	if err != nil {
+		return false, fmt.Errorf("read directory %s: %w", display(p), err)
+	}
+	for _, e := range entries {
+		if e.Name() != "." && e.Name() != ".." && e.Name() != "" {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// openUnlocked is a reader of p for use with fs.mu held (ext4's
+// extentReader takes no lock; FAT's fatReader does, so it is not used).
+func (f *FS) openUnlocked(p string) (io.ReaderAt, error) {
+	if f.typ == Ext4 {
+		r, err := f.open(p)
+		if err != nil {
+			return nil, err
+		}
+		return r.r, nil
+	}
+	fl, err := f.fs.OpenFile(p, os.O_RDONLY)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", display(p), err)
+	}
+	return &fatBase{f: fl}, nil
+}
