@@ -5,12 +5,14 @@ BIN       := bin
 # and python3-cryptography as independent AES-XTS references, e2fsprogs and
 # dosfstools to check the filesystems go-diskfs writes, swtpm and tpm2-tools
 # as real TPMs and a second opinion on them, and libssl-dev with a C compiler
-# for the in-process TPM simulator (cgo); clevis, clevis-tpm2, tang and socat
-# as make bench's reference for the unlock latency.
+# for the in-process TPM simulator (cgo); clang, llvm and libbpf-dev to build
+# and check the eBPF monitor's programs, procps for its benign workload;
+# clevis, clevis-tpm2, tang and socat as make bench's reference for the
+# unlock latency.
 TEST_DEBS := cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools swtpm swtpm-tools tpm2-tools libssl-dev gcc libc6-dev \
-	clevis clevis-tpm2 tang socat
+	clang llvm libbpf-dev procps clevis clevis-tpm2 tang socat
 # Tools the tests must find: a missing one fails the run instead of skipping.
-export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem
+export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep
 
 .PHONY: all build test bench demo generate deps test-deps fuzz clean
 

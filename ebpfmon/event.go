@@ -1,0 +1,208 @@
+package ebpfmon
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"os"
+	"strconv"
+	"time"
+	"unsafe"
+)
+
+// Technique names one way of reaching another process's memory. The names
+// are stable: they are JSON values, Prometheus labels and keysvc event kinds.
+type Technique string
+
+// Techniques, in the order of the BPF program's enum (bpf/monitor.c).
+const (
+	ProcessVMReadv  Technique = "process_vm_readv"
+	ProcessVMWritev Technique = "process_vm_writev"
+	PtraceAttach    Technique = "ptrace_attach"
+	PtraceSeize     Technique = "ptrace_seize"
+	PtracePeek      Technique = "ptrace_peek"
+	PtracePoke      Technique = "ptrace_poke"
+	ProcMem         Technique = "proc_mem"
+	ProcEnviron     Technique = "proc_environ"
+	ProcMaps        Technique = "proc_maps"
+	PidfdGetfd      Technique = "pidfd_getfd"
+	PerfEventOpen   Technique = "perf_event_open"
+	Kcore           Technique = "kcore"
+	DevMem          Technique = "dev_mem"
+)
+
+var techniques = [...]Technique{"", ProcessVMReadv, ProcessVMWritev, PtraceAttach, PtraceSeize,
+	PtracePeek, PtracePoke, ProcMem, ProcEnviron, ProcMaps, PidfdGetfd, PerfEventOpen, Kcore, DevMem}
+
+// Techniques lists every technique the monitor reports.
+func Techniques() []Technique { return append([]Technique(nil), techniques[1:]...) }
+
+// Severity grades an event. The values are keysvc's (info, warning, critical).
+type Severity string
+
+const (
+	Info     Severity = "info"     // a read that reveals layout, not key bytes (/proc/<pid>/maps, environ)
+	Warning  Severity = "warning"  // access to the process that misses the key pages
+	Critical Severity = "critical" // access that can reach the key pages
+)
+
+// Severities lists the severities from lowest to highest.
+func Severities() []Severity { return []Severity{Info, Warning, Critical} }
+
+// Flags from bpf/monitor.c.
+const (
+	flagOverlap   = 1
+	flagTruncated = 2
+	flagWhole     = 4
+	flagResolved  = 8
+	flagOpenat2   = 16
+)
+
+// Event is one attempt to reach a protected process's memory (or all of
+// memory, for /proc/kcore and /dev/mem), as the kernel saw it.
+type Event struct {
+	Time time.Time `json:"time"` // when the syscall was entered
+	// KernelNS is that time on CLOCK_MONOTONIC, and ReceivedNS when the
+	// event reached user space: the difference is the alert's latency.
+	KernelNS   uint64 `json:"kernel_ns"`
+	ReceivedNS uint64 `json:"received_ns"`
+
+	// The accessor.
+	PID      int    `json:"pid"`  // thread id
+	TGID     int    `json:"tgid"` // process id
+	Comm     string `json:"comm"`
+	Exe      string `json:"exe"` // full path where /proc still had it, else the kernel's base name
+	UID      int    `json:"uid"`
+	CgroupID uint64 `json:"cgroup_id"`
+
+	Technique Technique `json:"technique"`
+	Severity  Severity  `json:"severity"`
+	Mode      Mode      `json:"mode"`       // the monitor's mode when the event arrived
+	Target    int       `json:"target"`     // the pid as the caller named it (a tid, perhaps)
+	TargetPID int       `json:"target_pid"` // its process; 0 for kcore and /dev/mem
+
+	// Memory the request covers: the first remote range that touches key
+	// pages, or the first range when none does; bytes in all ranges; bytes of
+	// key pages among them. For opens of /proc/<pid>/mem, /proc/kcore and
+	// /dev/mem Overlap is true: the file reaches every page.
+	Addr         uint64 `json:"addr,omitempty"`
+	Len          uint64 `json:"len,omitempty"`
+	Bytes        uint64 `json:"bytes,omitempty"`
+	OverlapBytes uint64 `json:"overlap_bytes,omitempty"`
+	Overlap      bool   `json:"overlap"`
+	Ranges       int    `json:"ranges,omitempty"` // remote iovecs named
+	Truncated    bool   `json:"truncated,omitempty"`
+
+	Path   string `json:"path,omitempty"`   // the path as passed to openat/openat2
+	Arg    uint64 `json:"arg,omitempty"`    // ptrace request, open flags, perf type, or pidfd_getfd's fd
+	Result int64  `json:"result"`           // the syscall's return value; negative is -errno
+	Denied bool   `json:"denied,omitempty"` // the syscall failed with EPERM while in deny mode
+}
+
+// Succeeded reports whether the syscall succeeded.
+func (e Event) Succeeded() bool { return e.Result >= 0 }
+
+// String is a one-line summary for logs.
+func (e Event) String() string {
+	s := fmt.Sprintf("%s %s by pid %d (%s, uid %d) on pid %d", e.Severity, e.Technique, e.TGID, e.Comm, e.UID, e.TargetPID)
+	if e.Path != "" {
+		s += " path " + strconv.Quote(e.Path)
+	}
+	if e.Addr != 0 || e.Len != 0 {
+		s += fmt.Sprintf(" addr %#x+%d", e.Addr, e.Len)
+	}
+	if e.Overlap {
+		s += " (key pages)"
+	}
+	return s + fmt.Sprintf(" result %d", e.Result)
+}
+
+// rawSize is the size of the kernel's struct event.
+const rawSize = int(unsafe.Sizeof(monitorEvent{}))
+
+// decodeRecord parses one ringbuf record. The record comes from our own
+// program, but a mismatch between program and Go (a stale .o) must give an
+// error, not garbage.
+func decodeRecord(b []byte) (monitorEvent, error) {
+	var raw monitorEvent
+	if len(b) < rawSize {
+		return raw, fmt.Errorf("ringbuf record is %d bytes, want %d (are the BPF objects stale? run make generate)", len(b), rawSize)
+	}
+	if _, err := binary.Decode(b[:rawSize], binary.NativeEndian, &raw); err != nil {
+		return raw, fmt.Errorf("decode ringbuf record: %v", err)
+	}
+	if raw.Technique == 0 || int(raw.Technique) >= len(techniques) {
+		return raw, fmt.Errorf("ringbuf record names technique %d, which this build does not know", raw.Technique)
+	}
+	return raw, nil
+}
+
+// toEvent turns a raw record into an Event: the severity policy lives here,
+// in Go, so the kernel side only reports facts.
+func toEvent(raw monitorEvent, bootTime time.Time, mode Mode) Event {
+	e := Event{
+		Time:         bootTime.Add(time.Duration(raw.Ktime)),
+		KernelNS:     raw.Ktime,
+		PID:          int(raw.Pid),
+		TGID:         int(raw.Tgid),
+		Comm:         cString(raw.Comm[:]),
+		Exe:          cString(raw.Exe[:]),
+		UID:          int(raw.Uid),
+		CgroupID:     raw.CgroupId,
+		Technique:    techniques[raw.Technique],
+		Mode:         mode,
+		Target:       int(raw.Target),
+		TargetPID:    int(raw.TargetTgid),
+		Addr:         raw.Addr,
+		Len:          raw.Len,
+		Bytes:        raw.Total,
+		OverlapBytes: raw.Overlap,
+		Overlap:      raw.Flags&flagOverlap != 0,
+		Ranges:       int(raw.Niov),
+		Truncated:    raw.Flags&flagTruncated != 0,
+		Path:         cString(raw.Path[:]),
+		Arg:          raw.Arg,
+		Result:       raw.Result,
+	}
+	e.Denied = mode == ModeDeny && e.Result == -1 // -EPERM
+	e.Severity = severityOf(e)
+	return e
+}
+
+// severityOf is the severity policy. Anything that can reach key bytes is
+// critical; so is an attach or seize (the tracer can then read anything) and
+// pidfd_getfd (it can take a memfd_secret or a key file's descriptor). What
+// touches the process away from its key pages is a warning; layout and
+// environment reads are info.
+func severityOf(e Event) Severity {
+	switch e.Technique {
+	case ProcEnviron, ProcMaps:
+		return Info
+	case PtraceAttach, PtraceSeize, PidfdGetfd, ProcMem, Kcore, DevMem:
+		return Critical
+	case PerfEventOpen:
+		return Warning
+	}
+	if e.Overlap || e.Truncated {
+		return Critical
+	}
+	return Warning
+}
+
+func cString(b []int8) string {
+	u := unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(b))), len(b))
+	if i := bytes.IndexByte(u, 0); i >= 0 {
+		u = u[:i]
+	}
+	return string(u)
+}
+
+// exePath reads the accessor's executable while it still runs; the kernel
+// record only carries the base name.
+func exePath(tgid int, base string) string {
+	p, err := os.Readlink("/proc/" + strconv.Itoa(tgid) + "/exe")
+	if err != nil {
+		return base
+	}
+	return p
+}

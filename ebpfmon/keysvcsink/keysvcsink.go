@@ -1,0 +1,135 @@
+// Package keysvcsink carries monitor events to the key service's
+// POST /v1/events: Convert maps an ebpfmon.Event onto keysvc's wire type, and
+// Sink batches them to a Poster (the boot flow's authenticated client). It
+// owns the mapping only; keysvc owns the wire type and its limits.
+package keysvcsink
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/keygate/keygate/ebpfmon"
+	"github.com/keygate/keygate/keysvc"
+)
+
+// Convert maps a monitor event onto keysvc's wire type. The kind is the
+// technique and the severity is kept as is (both vocabularies are info,
+// warning, critical); the rest goes into the message, within keysvc's
+// bounds on its fields.
+func Convert(e ebpfmon.Event) keysvc.Event {
+	msg := e.String() + fmt.Sprintf(" exe %q uid %d cgroup %d mode %s", e.Exe, e.UID, e.CgroupID, e.Mode)
+	comm := e.Comm
+	if len(comm) > 64 {
+		comm = comm[:64]
+	}
+	if len(msg) > 1024 {
+		msg = msg[:1024]
+	}
+	return keysvc.Event{
+		Kind:     string(e.Technique),
+		Severity: string(e.Severity),
+		PID:      e.TGID,
+		Comm:     comm,
+		Message:  msg,
+	}
+}
+
+// Poster sends a batch to POST /v1/events under the VM's session.
+type Poster interface {
+	PostEvents(ctx context.Context, events []keysvc.Event) error
+}
+
+// Sink queues events and posts them in batches of at most keysvc.MaxEvents.
+// Write never blocks: when the queue is full the event is counted in
+// Dropped, so a slow key service cannot stall the monitor.
+type Sink struct {
+	p       Poster
+	q       chan keysvc.Event
+	dropped atomic.Uint64
+	failed  atomic.Uint64
+	done    chan struct{}
+	wg      sync.WaitGroup
+	timeout time.Duration
+}
+
+// New starts a Sink posting to p; queue bounds the events waiting.
+func New(p Poster, queue int) *Sink {
+	if queue <= 0 {
+		queue = 1024
+	}
+	s := &Sink{p: p, q: make(chan keysvc.Event, queue), done: make(chan struct{}), timeout: 10 * time.Second}
+	s.wg.Add(1)
+	go s.run()
+	return s
+}
+
+func (s *Sink) Write(e ebpfmon.Event) error {
+	select {
+	case s.q <- Convert(e):
+		return nil
+	default:
+		s.dropped.Add(1)
+		return fmt.Errorf("keysvc event queue full: event dropped (the key service is slow or unreachable)")
+	}
+}
+
+// Dropped counts events lost to a full queue; Failed counts events in
+// batches the key service did not accept.
+func (s *Sink) Dropped() uint64 { return s.dropped.Load() }
+func (s *Sink) Failed() uint64  { return s.failed.Load() }
+
+func (s *Sink) run() {
+	defer s.wg.Done()
+	for {
+		var batch []keysvc.Event
+		select {
+		case e := <-s.q:
+			batch = append(batch, e)
+		case <-s.done:
+			// Flush what is queued, then stop.
+			for {
+				select {
+				case e := <-s.q:
+					batch = append(batch, e)
+					if len(batch) == keysvc.MaxEvents {
+						s.post(batch)
+						batch = nil
+					}
+				default:
+					if len(batch) > 0 {
+						s.post(batch)
+					}
+					return
+				}
+			}
+		}
+	fill:
+		for len(batch) < keysvc.MaxEvents {
+			select {
+			case e := <-s.q:
+				batch = append(batch, e)
+			default:
+				break fill
+			}
+		}
+		s.post(batch)
+	}
+}
+
+func (s *Sink) post(batch []keysvc.Event) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+	defer cancel()
+	if err := s.p.PostEvents(ctx, batch); err != nil {
+		s.failed.Add(uint64(len(batch)))
+	}
+}
+
+// Close posts what is queued and stops.
+func (s *Sink) Close() error {
+	close(s.done)
+	s.wg.Wait()
+	return nil
+}

@@ -1,0 +1,124 @@
+package keysvcsink_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/keygate/keygate/ebpfmon"
+	"github.com/keygate/keygate/ebpfmon/keysvcsink"
+	"github.com/keygate/keygate/keysvc"
+)
+
+func TestConvert(t *testing.T) {
+	tests := []struct {
+		name string
+		in   ebpfmon.Event
+		want keysvc.Event
+	}{
+		{"proc mem", ebpfmon.Event{Technique: ebpfmon.ProcMem, Severity: ebpfmon.Critical, TGID: 7, Comm: "gdb", TargetPID: 9, Path: "/proc/9/mem"},
+			keysvc.Event{Kind: "proc_mem", Severity: "critical", PID: 7, Comm: "gdb"}},
+		{"long fields are cut to keysvc's bounds", ebpfmon.Event{Technique: ebpfmon.ProcessVMReadv, Severity: ebpfmon.Warning, Comm: strings.Repeat("c", 80), Exe: strings.Repeat("/x", 800)},
+			keysvc.Event{Kind: "process_vm_readv", Severity: "warning", Comm: strings.Repeat("c", 64)}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := keysvcsink.Convert(tc.in)
+			if got.Kind != tc.want.Kind || got.Severity != tc.want.Severity || got.PID != tc.want.PID || got.Comm != tc.want.Comm {
+				t.Errorf("got %+v, want %+v", got, tc.want)
+			}
+			if len(got.Message) > 1024 || !strings.Contains(got.Message, string(tc.in.Technique)) {
+				t.Errorf("message %q", got.Message)
+			}
+		})
+	}
+	for _, s := range ebpfmon.Severities() {
+		if got := keysvcsink.Convert(ebpfmon.Event{Technique: ebpfmon.Kcore, Severity: s}).Severity; got != string(s) {
+			t.Errorf("severity %s became %s", s, got)
+		}
+	}
+}
+
+// poster records batches, the way keysvc would receive them.
+type poster struct {
+	mu      sync.Mutex
+	batches [][]keysvc.Event
+	err     error
+}
+
+func (p *poster) PostEvents(_ context.Context, evs []keysvc.Event) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.batches = append(p.batches, append([]keysvc.Event(nil), evs...))
+	return p.err
+}
+
+func TestSink(t *testing.T) {
+	tests := []struct {
+		name       string
+		n          int
+		err        error
+		wantFailed uint64
+	}{
+		{"one", 1, nil, 0},
+		{"more than a batch", keysvc.MaxEvents + 5, nil, 0},
+		{"service refuses", 3, errors.New("403"), 3},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := &poster{err: tc.err}
+			s := keysvcsink.New(p, 1000)
+			for i := 0; i < tc.n; i++ {
+				if err := s.Write(ebpfmon.Event{Technique: ebpfmon.PtraceAttach, Severity: ebpfmon.Critical, TGID: i}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s.Close()
+			total := 0
+			for _, b := range p.batches {
+				if len(b) > keysvc.MaxEvents {
+					t.Errorf("batch of %d, above keysvc's %d", len(b), keysvc.MaxEvents)
+				}
+				total += len(b)
+			}
+			if total != tc.n || s.Failed() != tc.wantFailed || s.Dropped() != 0 {
+				t.Errorf("posted %d, failed %d, dropped %d; want %d, %d, 0", total, s.Failed(), s.Dropped(), tc.n, tc.wantFailed)
+			}
+		})
+	}
+}
+
+// blockingPoster holds every post until released, as a hung key service would.
+type blockingPoster struct {
+	release chan struct{}
+	posted  chan int
+}
+
+func (p *blockingPoster) PostEvents(_ context.Context, evs []keysvc.Event) error {
+	p.posted <- len(evs)
+	<-p.release
+	return nil
+}
+
+func TestSinkFullQueueDrops(t *testing.T) {
+	p := &blockingPoster{release: make(chan struct{}), posted: make(chan int, 10)}
+	s := keysvcsink.New(p, 1)
+	e := ebpfmon.Event{Technique: ebpfmon.ProcMem, Severity: ebpfmon.Critical}
+	if err := s.Write(e); err != nil {
+		t.Fatal(err)
+	}
+	<-p.posted // the first event is being posted, and the post hangs
+	if err := s.Write(e); err != nil {
+		t.Fatalf("the queue of one had room: %v", err)
+	}
+	if err := s.Write(e); err == nil || !strings.Contains(err.Error(), "dropped") {
+		t.Errorf("write to a full queue: %v, want a drop", err)
+	}
+	if s.Dropped() != 1 {
+		t.Errorf("dropped %d, want 1", s.Dropped())
+	}
+	close(p.release)
+	s.Close()
+}

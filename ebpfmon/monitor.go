@@ -1,0 +1,429 @@
+package ebpfmon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+
+	"github.com/keygate/keygate/ebpfmon/keyrange"
+)
+
+// Mode is what the monitor does about an attempt.
+type Mode string
+
+const (
+	ModeDetect Mode = "detect" // attempts are reported; the kernel's own checks decide
+	ModeDeny   Mode = "deny"   // attempts are reported and the BPF LSM refuses them
+)
+
+// ErrNotSupported is matched (with errors.Is) by every error about a kernel
+// that lacks something the monitor needs; the error is a *NotSupportedError.
+var ErrNotSupported = errors.New("not supported by this kernel")
+
+// NotSupportedError names the missing kernel feature and the fix.
+type NotSupportedError struct {
+	Feature string
+	Reason  string
+}
+
+func (e *NotSupportedError) Error() string { return e.Feature + " is not available: " + e.Reason }
+
+// Is matches ErrNotSupported.
+func (e *NotSupportedError) Is(target error) bool { return target == ErrNotSupported }
+
+// Config says how to start a Monitor.
+type Config struct {
+	// DetectOnly skips the BPF LSM even where it is active.
+	DetectOnly bool
+	// Allow lists accessor pids the BPF LSM lets through (tools the key
+	// holder runs on purpose). They are still reported.
+	Allow []int
+	// Self is the registry of this process's key pages (keyrange.Default in
+	// the key holder). The monitor always protects its own process, since it
+	// holds the BPF objects; with Self it follows Self's ranges, and without
+	// it treats its whole address space as key pages.
+	Self *keyrange.Registry
+	// EventBuffer is the capacity of the Events channel (default 1024). When
+	// the reader falls behind, the kernel's ring buffer fills and its drops
+	// are counted (Stats).
+	EventBuffer int
+}
+
+// Monitor watches the protected processes. Its methods may be called from
+// any goroutine.
+type Monitor struct {
+	objs     monitorObjects
+	enforce  *enforceObjects
+	links    []link.Link
+	progs    map[string]*ebpf.Program
+	rd       *ringbuf.Reader
+	events   chan Event
+	mode     Mode
+	reason   string
+	bootTime time.Time
+
+	mu        sync.Mutex
+	protected map[int]bool
+	stopSelf  func()
+	selfErr   error
+
+	done      chan struct{}
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Start loads the BPF programs, attaches them, protects this process and
+// starts delivering events. The monitor runs until Close or until ctx ends.
+// It needs root (CAP_BPF and CAP_PERFMON) and syscall tracepoints; deny mode
+// further needs the BPF LSM, and Mode says which mode is in force and why.
+func Start(ctx context.Context, cfg Config) (*Monitor, error) {
+	if err := ensureTracefs(); err != nil {
+		return nil, err
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("raise RLIMIT_MEMLOCK for BPF maps: %v (run as root)", err)
+	}
+	m := &Monitor{
+		protected: map[int]bool{},
+		done:      make(chan struct{}),
+		bootTime:  bootTime(),
+	}
+	if err := loadMonitorObjects(&m.objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("load BPF programs: the verifier refused them: %v", ve)
+		}
+		if errors.Is(err, unix.EPERM) {
+			return nil, fmt.Errorf("load BPF programs: %v (run as root: the monitor needs CAP_BPF and CAP_PERFMON)", err)
+		}
+		return nil, fmt.Errorf("load BPF programs: %w", err)
+	}
+	if err := m.attach(); err != nil {
+		m.Close()
+		return nil, err
+	}
+	for _, pid := range cfg.Allow {
+		if err := m.objs.Allow.Put(uint32(pid), uint8(1)); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("allow pid %d: %v", pid, err)
+		}
+	}
+	m.mode, m.reason = ModeDetect, "detect-only mode was asked for (Config.DetectOnly)"
+	if !cfg.DetectOnly {
+		m.mode, m.reason = m.tryEnforce()
+	}
+	if err := m.protectSelf(cfg.Self); err != nil {
+		m.Close()
+		return nil, err
+	}
+	rd, err := ringbuf.NewReader(m.objs.Events)
+	if err != nil {
+		m.Close()
+		return nil, fmt.Errorf("open BPF ring buffer: %v", err)
+	}
+	m.rd = rd
+	n := cfg.EventBuffer
+	if n <= 0 {
+		n = 1024
+	}
+	m.events = make(chan Event, n)
+	m.wg.Add(2)
+	go m.read()
+	go func() {
+		defer m.wg.Done()
+		select {
+		case <-ctx.Done():
+			go m.Close()
+		case <-m.done:
+		}
+	}()
+	return m, nil
+}
+
+func (m *Monitor) attach() error {
+	tps := []struct {
+		group, name string
+		prog        *ebpf.Program
+	}{
+		{"syscalls", "sys_enter_process_vm_readv", m.objs.VmReadvEnter},
+		{"syscalls", "sys_exit_process_vm_readv", m.objs.VmReadvExit},
+		{"syscalls", "sys_enter_process_vm_writev", m.objs.VmWritevEnter},
+		{"syscalls", "sys_exit_process_vm_writev", m.objs.VmWritevExit},
+		{"syscalls", "sys_enter_ptrace", m.objs.PtraceEnter},
+		{"syscalls", "sys_exit_ptrace", m.objs.PtraceExit},
+		{"syscalls", "sys_enter_openat", m.objs.OpenatEnter},
+		{"syscalls", "sys_exit_openat", m.objs.OpenatExit},
+		{"syscalls", "sys_enter_openat2", m.objs.Openat2Enter},
+		{"syscalls", "sys_exit_openat2", m.objs.Openat2Exit},
+		{"syscalls", "sys_enter_pidfd_getfd", m.objs.PidfdGetfdEnter},
+		{"syscalls", "sys_exit_pidfd_getfd", m.objs.PidfdGetfdExit},
+		{"syscalls", "sys_enter_perf_event_open", m.objs.PerfEnter},
+		{"syscalls", "sys_exit_perf_event_open", m.objs.PerfExit},
+		{"task", "task_newtask", m.objs.Newtask},
+		{"sched", "sched_process_exit", m.objs.TaskExit},
+	}
+	m.progs = map[string]*ebpf.Program{}
+	// Exits first: an entry seen without its exit would sit in pending.
+	for i := len(tps) - 1; i >= 0; i-- {
+		tp := tps[i]
+		m.progs[tp.name] = tp.prog
+		l, err := link.Tracepoint(tp.group, tp.name, tp.prog, nil)
+		if err != nil {
+			return fmt.Errorf("attach tracepoint %s/%s: %w", tp.group, tp.name, &NotSupportedError{
+				Feature: "syscall tracepoints", Reason: err.Error() + " (the kernel needs CONFIG_FTRACE_SYSCALLS and tracefs)"})
+		}
+		m.links = append(m.links, l)
+	}
+	return nil
+}
+
+// ensureTracefs mounts tracefs where the kernel has it but nobody mounted
+// it, since attaching to a tracepoint reads its id there.
+func ensureTracefs() error {
+	for _, d := range []string{"/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"} {
+		_, err := os.Stat(d)
+		if err == nil {
+			return nil
+		}
+		if errors.Is(err, fs.ErrPermission) {
+			return fmt.Errorf("%v (the monitor needs root: CAP_BPF, CAP_PERFMON and access to tracefs)", err)
+		}
+	}
+	if err := unix.Mount("tracefs", "/sys/kernel/tracing", "tracefs", 0, ""); err != nil {
+		return &NotSupportedError{Feature: "tracefs", Reason: fmt.Sprintf(
+			"mount tracefs on /sys/kernel/tracing: %v (mount it, as root: mount -t tracefs nodev /sys/kernel/tracing)", err)}
+	}
+	return nil
+}
+
+func bootTime() time.Time {
+	var ts unix.Timespec
+	now := time.Now()
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return now
+	}
+	return now.Add(-time.Duration(ts.Nano()))
+}
+
+// MonotonicNow is CLOCK_MONOTONIC now, the clock of Event.KernelNS; the
+// difference is an event's latency.
+func MonotonicNow() uint64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return uint64(ts.Nano())
+}
+
+func (m *Monitor) protectSelf(reg *keyrange.Registry) error {
+	self := os.Getpid()
+	if reg == nil {
+		return m.Protect(self, nil)
+	}
+	if err := m.protect(self, nil, false); err != nil {
+		return err
+	}
+	m.stopSelf = reg.Watch(func(rs []keyrange.Range) {
+		conv := make([]Range, len(rs))
+		for i, r := range rs {
+			conv[i] = Range{r.Start, r.End}
+		}
+		if err := m.protect(self, conv, false); err != nil {
+			m.mu.Lock()
+			m.selfErr = err
+			m.mu.Unlock()
+		}
+	})
+	return nil
+}
+
+// Protect registers pid (a process id) and the ranges of its key pages. With
+// no ranges the whole address space counts as key pages. Calling it again
+// replaces the ranges.
+func (m *Monitor) Protect(pid int, ranges []Range) error {
+	return m.protect(pid, ranges, len(ranges) == 0)
+}
+
+func (m *Monitor) protect(pid int, ranges []Range, whole bool) error {
+	if pid <= 0 {
+		return fmt.Errorf("protect pid %d: not a process id", pid)
+	}
+	var v monitorProtectedProc
+	rs := normalize(ranges, MaxRanges)
+	v.N = uint32(len(rs))
+	for i, r := range rs {
+		v.R[i].Start, v.R[i].End = r.Start, r.End
+	}
+	if whole {
+		v.Whole = 1
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	// prot first: from then on the kernel adds new threads to targets itself,
+	// so the listing below cannot miss one created in between.
+	if err := m.objs.Prot.Put(uint32(pid), &v); err != nil {
+		return fmt.Errorf("protect pid %d: %v", pid, err)
+	}
+	tids, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
+	if err != nil {
+		_ = m.objs.Prot.Delete(uint32(pid))
+		return fmt.Errorf("protect pid %d: %v (is the process running?)", pid, err)
+	}
+	if err := m.objs.Targets.Put(uint32(pid), uint32(pid)); err != nil {
+		return fmt.Errorf("protect pid %d: %v", pid, err)
+	}
+	for _, t := range tids {
+		tid, err := strconv.Atoi(t.Name())
+		if err != nil || tid == pid {
+			continue
+		}
+		if err := m.objs.Targets.Put(uint32(tid), uint32(pid)); err != nil {
+			return fmt.Errorf("protect pid %d thread %d: %v", pid, tid, err)
+		}
+	}
+	m.protected[pid] = true
+	return nil
+}
+
+// Unprotect stops watching pid.
+func (m *Monitor) Unprotect(pid int) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.protected, pid)
+	var tid, tgid uint32
+	var stale []uint32
+	it := m.objs.Targets.Iterate()
+	for it.Next(&tid, &tgid) {
+		if tgid == uint32(pid) {
+			stale = append(stale, tid)
+		}
+	}
+	for _, t := range stale {
+		_ = m.objs.Targets.Delete(t)
+	}
+	if err := m.objs.Prot.Delete(uint32(pid)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("unprotect pid %d: %v", pid, err)
+	}
+	return nil
+}
+
+// Mode returns the mode in force and why: for detect mode, what deny mode
+// would need.
+func (m *Monitor) Mode() (Mode, string) { return m.mode, m.reason }
+
+// Events delivers the events in the order the kernel recorded them. It is
+// closed by Close.
+func (m *Monitor) Events() <-chan Event { return m.events }
+
+// Stats counts what the monitor lost.
+type Stats struct {
+	// Drops counts events the kernel could not queue: the ring buffer was
+	// full because the Events reader fell behind.
+	Drops uint64 `json:"drops"`
+}
+
+// Stats reads the kernel's counters.
+func (m *Monitor) Stats() (Stats, error) {
+	var per []uint64
+	if err := m.objs.Drops.Lookup(uint32(0), &per); err != nil {
+		return Stats{}, fmt.Errorf("read drop counter: %v", err)
+	}
+	var s Stats
+	for _, v := range per {
+		s.Drops += v
+	}
+	return s, nil
+}
+
+// ProgramStat is what one of the monitor's BPF programs has cost so far.
+type ProgramStat struct {
+	Runs    uint64        `json:"runs"`
+	Runtime time.Duration `json:"runtime_ns"`
+}
+
+// ProgramStats reports, per tracepoint, how often its program ran and for
+// how long in all. The kernel counts only while statistics are enabled
+// (EnableStats, or sysctl kernel.bpf_stats_enabled=1), so that the cost of
+// the monitor itself can be measured.
+func (m *Monitor) ProgramStats() (map[string]ProgramStat, error) {
+	out := make(map[string]ProgramStat, len(m.progs))
+	for name, p := range m.progs {
+		st, err := p.Stats()
+		if err != nil {
+			return nil, fmt.Errorf("read statistics of %s: %v", name, err)
+		}
+		out[name] = ProgramStat{Runs: st.RunCount, Runtime: st.Runtime}
+	}
+	return out, nil
+}
+
+// EnableStats has the kernel count the run time of BPF programs until the
+// returned Closer is closed. Counting costs a little on every run.
+func EnableStats() (io.Closer, error) {
+	c, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return nil, fmt.Errorf("enable BPF run-time statistics: %v", err)
+	}
+	return c, nil
+}
+
+func (m *Monitor) read() {
+	defer m.wg.Done()
+	defer close(m.events)
+	for {
+		rec, err := m.rd.Read()
+		if err != nil {
+			if errors.Is(err, ringbuf.ErrClosed) {
+				return
+			}
+			continue
+		}
+		raw, err := decodeRecord(rec.RawSample)
+		if err != nil {
+			continue
+		}
+		e := toEvent(raw, m.bootTime, m.mode)
+		e.ReceivedNS = MonotonicNow()
+		e.Exe = exePath(e.TGID, e.Exe)
+		select {
+		case m.events <- e:
+		case <-m.done:
+			return
+		}
+	}
+}
+
+// Close detaches the programs and frees the maps; protection ends.
+func (m *Monitor) Close() error {
+	m.closeOnce.Do(func() {
+		close(m.done)
+		if m.stopSelf != nil {
+			m.stopSelf()
+		}
+		var errs []error
+		for _, l := range m.links {
+			errs = append(errs, l.Close())
+		}
+		if m.rd != nil {
+			errs = append(errs, m.rd.Close())
+		}
+		if m.enforce != nil {
+			errs = append(errs, m.enforce.Close())
+		}
+		errs = append(errs, m.objs.Close())
+		m.closeErr = errors.Join(errs...)
+	})
+	m.wg.Wait()
+	return m.closeErr
+}
