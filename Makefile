@@ -8,13 +8,16 @@ BIN       := bin
 # for the in-process TPM simulator (cgo); clang, llvm and libbpf-dev to build
 # and check the eBPF monitor's programs, procps for its benign workload;
 # clevis, clevis-tpm2, tang and socat as make bench's reference for the
-# unlock latency.
+# unlock latency; qemu-system-x86, ovmf and busybox-static for the measured
+# test guest (testvm/; its Debian kernel is downloaded and unpacked, never
+# installed, and cached in .cache/testvm).
 TEST_DEBS := cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools swtpm swtpm-tools tpm2-tools libssl-dev gcc libc6-dev \
-	clang llvm libbpf-dev procps clevis clevis-tpm2 tang socat
+	clang llvm libbpf-dev procps clevis clevis-tpm2 tang socat \
+	qemu-system-x86 ovmf busybox-static
 # Tools the tests must find: a missing one fails the run instead of skipping.
-export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep
+export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep,qemu
 
-.PHONY: all build test bench demo generate deps test-deps fuzz clean
+.PHONY: all build test testvm bench demo generate deps test-deps fuzz clean
 
 all: build
 
@@ -53,6 +56,10 @@ fuzz:
 	  echo "== $$pkg $$name"; \
 	  $(GO) test $$pkg -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 10x; \
 	done
+
+# Only the measured test guest's scenarios (make test runs them too).
+testvm: test-deps deps
+	$(GO) test -count=1 -timeout 20m -v ./testvm/...
 
 bench: test-deps build
 	@scripts/bench.sh
