@@ -5,7 +5,6 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/binary"
 	"errors"
@@ -124,19 +123,6 @@ func NewChallenger(key []byte, opts ...ChallengerOption) (*Challenger, error) {
 		return nil, fmt.Errorf("challenge TTL %v is not positive", c.ttl)
 	}
 	return c, nil
-}
-
-// KeyFingerprint returns the SHA-256 of pub's PKIX (DER) encoding: the way
-// tokens and the key service name EK and AK public keys.
-func KeyFingerprint(pub crypto.PublicKey) ([sha256.Size]byte, error) {
-	if pub == nil {
-		return [sha256.Size]byte{}, errors.New("fingerprint public key: key is nil")
-	}
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return [sha256.Size]byte{}, fmt.Errorf("fingerprint public key: %w", err)
-	}
-	return sha256.Sum256(der), nil
 }
 
 // Issue makes a fresh challenge for (vm, volume, ekPub, akPub). It returns

@@ -97,6 +97,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/admin/volumes/{id}/erase", s.adminErase)
 	mux.HandleFunc("GET /v1/admin/audit", s.adminAuditList)
 	mux.HandleFunc("GET /v1/admin/audit/verify", s.adminAuditVerify)
+	mux.HandleFunc("GET /v1/admin/events", s.adminListEvents)
 }
 
 func fingerprint(pemText string) string {

@@ -1,9 +1,9 @@
 // Package keysvc is keygate's on-premises key service as a library: the VM
 // API (challenge, unlock, provision, session, events, credential
-// activation), the admin API (VMs, volumes,
-// policies, revoke, erase, audit), Prometheus metrics, and the bootstrap of a
-// data directory (master key, CA, server certificate, admin token) with two
-// TLS 1.3 listeners.
+// activation), the admin API (VMs, volumes, policies, revoke, erase, audit,
+// the events VMs reported), Prometheus metrics, and the bootstrap of a data
+// directory (master key, CA, server certificate, admin token) with two TLS
+// 1.3 listeners.
 //
 // A VM unlocks a volume in two round trips (docs/protocol.md is the wire
 // contract):
@@ -18,17 +18,16 @@
 //     the quote proved; only that TPM, in that state, can import it.
 //
 // What it owns: HTTP handlers, request decoding and limits, the order of
-// checks, learn mode's switch, session tokens, metrics and the data
-// directory's TLS material. What it does not own: challenge tokens, quote
+// checks, learn mode's switch, session tokens, the monitor event wire type
+// and its limits, metrics and the data directory's TLS material. What it does not own: challenge tokens, quote
 // verification and policies (package attest), persistence (the Store seam,
 // implemented by keysvc/store), the audit chain's cryptography (keysvc/audit)
 // and the master key (keysvc/masterkey).
 //
 // Dependencies are injected with Options (WithStore, WithAudit,
 // WithMasterKey, WithAdminToken, WithChallenger, WithClock, WithLogger,
-// WithRateLimits, WithEKRoots) through narrow interfaces (Store, Auditor,
-// MasterKey);
-// Start wires the defaults for a data directory (Bootstrap, keysvc/store's
+// WithRateLimits, WithEKRoots, WithEventRetention) through narrow interfaces
+// (Store, Auditor, MasterKey); Start wires the defaults for a data directory (Bootstrap, keysvc/store's
 // SQLite, keysvc/audit, keysvc/masterkey). Nothing here logs or audits a
 // secret: unwrap keys, tokens and import blobs are named by fingerprints or
 // IDs only. A key is released only after its release was appended to the

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -93,6 +94,7 @@ type memStore struct {
 	vms  map[string]store.VM
 	vols map[string]store.Volume
 	used map[string]bool
+	evs  []store.VMEvent
 }
 
 func newMemStore() *memStore {
@@ -182,6 +184,23 @@ func (m *memStore) UseChallenge(_ context.Context, id string, _ time.Time) error
 }
 
 func (m *memStore) PurgeChallenges(context.Context, time.Time) (int64, error) { return 0, nil }
+
+func (m *memStore) AddEvents(_ context.Context, evs []store.VMEvent) ([]store.VMEvent, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := slices.Clone(evs)
+	for i := range out {
+		out[i].ID = int64(len(m.evs) + 1)
+		m.evs = append(m.evs, out[i])
+	}
+	return out, nil
+}
+
+func (m *memStore) ListEvents(context.Context, store.EventFilter) ([]store.VMEvent, error) {
+	return nil, nil
+}
+
+func (m *memStore) PurgeEvents(context.Context, time.Time) (int64, error) { return 0, nil }
 
 // memAudit is an in-memory keysvc.Auditor.
 type memAudit struct {

@@ -339,7 +339,7 @@ func TestUnlockOverHTTPS(t *testing.T) {
 		if code != http.StatusOK {
 			t.Fatalf("metrics: %d", code)
 		}
-		for _, want := range []string{"keysvc_unlocks_total", `keysvc_denials_total{reason="erased"} 1`, `keysvc_vm_events_total{severity="critical"} 1`,
+		for _, want := range []string{"keysvc_unlocks_total", `keysvc_denials_total{reason="erased"} 1`, `keysvc_vm_events_total{kind="other",severity="critical"} 1`,
 			`keysvc_requests_total{api="vm",code="200",route="POST /v1/unlock"}`, "keysvc_request_duration_seconds_bucket"} {
 			if !strings.Contains(string(body), want) {
 				t.Errorf("metrics lack %s", want)

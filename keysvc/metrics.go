@@ -38,8 +38,8 @@ func newMetrics() *metrics {
 			Name: "keysvc_denials_total", Help: "Refused challenges and unlocks by reason.",
 		}, []string{"reason"}),
 		events: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "keysvc_vm_events_total", Help: "Events reported by VMs by severity.",
-		}, []string{"severity"}),
+			Name: "keysvc_vm_events_total", Help: "Events reported by VMs by severity and kind (kinds other than heartbeat and the monitor's techniques count as \"other\").",
+		}, []string{"severity", "kind"}),
 	}
 	m.reg.MustRegister(m.requests, m.latency, m.unlocks, m.denials, m.events,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -26,11 +26,13 @@ import (
 )
 
 // Store is what the Server persists: enrolled VMs, volumes with their sealed
-// unwrap keys, and used challenge IDs. keysvc/store's SQLite implements it.
+// unwrap keys, used challenge IDs, and the events VMs report. keysvc/store's
+// SQLite implements it.
 type Store interface {
 	store.VMs
 	store.Volumes
 	store.Challenges
+	store.Events
 }
 
 // Auditor appends to and checks the audit chain; *audit.Log implements it.
@@ -78,6 +80,7 @@ type Server struct {
 	anon       suppressedSet
 	byVM       *limiter
 	ekRoots    *x509.CertPool
+	eventsKept time.Duration
 }
 
 // Option configures a Server.
@@ -121,6 +124,14 @@ func WithChallengeTTL(d time.Duration) Option { return func(s *Server) { s.ttl =
 // here must have a replay cache (attest.WithReplayCache) and the same clock.
 func WithChallenger(ch *attest.Challenger) Option { return func(s *Server) { s.ch = ch } }
 
+// DefaultEventRetention is how long stored VM events are kept.
+const DefaultEventRetention = 90 * 24 * time.Hour
+
+// WithEventRetention sets how long stored VM events are kept
+// (DefaultEventRetention otherwise); a Service purges older ones every
+// minute. The warning and critical ones stay in the audit chain for good.
+func WithEventRetention(d time.Duration) Option { return func(s *Server) { s.eventsKept = d } }
+
 // WithLearnPCRs sets the PCRs learn mode captures (attest.BootPCRs
 // otherwise).
 func WithLearnPCRs(pcrs []int) Option { return func(s *Server) { s.learnPCRs = pcrs } }
@@ -129,7 +140,7 @@ func WithLearnPCRs(pcrs []int) Option { return func(s *Server) { s.learnPCRs = p
 // WithAdminToken are required.
 func New(opts ...Option) (*Server, error) {
 	s := &Server{now: time.Now, log: slog.Default(), learnPCRs: attest.BootPCRs, ttl: attest.DefaultChallengeTTL,
-		sourceRate: DefaultSourceRate, vmRate: DefaultVMRate}
+		sourceRate: DefaultSourceRate, vmRate: DefaultVMRate, eventsKept: DefaultEventRetention}
 	for _, o := range opts {
 		o(s)
 	}
@@ -140,6 +151,8 @@ func New(opts ...Option) (*Server, error) {
 		return nil, errors.New("new key service: no audit log (use WithAudit)")
 	case s.mk == nil:
 		return nil, errors.New("new key service: no master key (use WithMasterKey)")
+	case s.eventsKept <= 0:
+		return nil, fmt.Errorf("new key service: event retention %v is not positive", s.eventsKept)
 	case !s.hasToken:
 		return nil, fmt.Errorf("new key service: no admin token of at least %d characters (use WithAdminToken)", MinAdminTokenLen)
 	}

@@ -75,9 +75,9 @@ func (s *Service) track(h http.Handler) http.Handler {
 // purgeEvery is how often used challenge IDs past their expiry are dropped.
 const purgeEvery = time.Minute
 
-// purge drops expired used-challenge records until ctx ends: an expired
+// purge drops expired used-challenge records until ctx ends (an expired
 // challenge is refused by its expiry alone, so its record is no longer
-// needed.
+// needed), and stored VM events past their retention.
 func (s *Service) purge(ctx context.Context) {
 	defer s.purged.Done()
 	t := time.NewTicker(purgeEvery)
@@ -92,6 +92,11 @@ func (s *Service) purge(ctx context.Context) {
 				s.log.Warn("purge used challenges", slog.Any("err", err))
 			} else if n > 0 {
 				s.log.Debug("purged used challenges", slog.Int64("count", n))
+			}
+			if n, err := s.st.PurgeEvents(ctx, s.Server.now().Add(-s.Server.eventsKept)); err != nil && ctx.Err() == nil {
+				s.log.Warn("purge old vm events", slog.Any("err", err))
+			} else if n > 0 {
+				s.log.Info("purged vm events past retention", slog.Int64("count", n), slog.Duration("retention", s.Server.eventsKept))
 			}
 		}
 	}

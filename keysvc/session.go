@@ -7,12 +7,9 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"log/slog"
 	"net/http"
 	"strings"
-	"unicode/utf8"
 
-	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/store"
 )
 
@@ -104,69 +101,4 @@ func (s *Server) handleSession(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, SessionResponse{State: state})
-}
-
-var severities = map[string]bool{"info": true, "warning": true, "critical": true}
-
-// checkEvent bounds what a VM may report; the strings end up in the audit
-// chain and in metrics labels (severity only, from a fixed set).
-func checkEvent(i int, e Event) *httpError {
-	switch {
-	case e.Kind == "" || len(e.Kind) > 64 || !utf8.ValidString(e.Kind):
-		return errorf(http.StatusBadRequest, "", "event %d: kind must be 1-64 bytes of UTF-8", i)
-	case !severities[e.Severity]:
-		return errorf(http.StatusBadRequest, "", "event %d: severity %q is not info, warning or critical", i, truncate(e.Severity, 16))
-	case len(e.Comm) > 64 || !utf8.ValidString(e.Comm):
-		return errorf(http.StatusBadRequest, "", "event %d: comm is longer than 64 bytes", i)
-	case len(e.Message) > 1024 || !utf8.ValidString(e.Message):
-		return errorf(http.StatusBadRequest, "", "event %d: message is longer than 1024 bytes", i)
-	case e.PID < 0:
-		return errorf(http.StatusBadRequest, "", "event %d: negative pid", i)
-	}
-	return nil
-}
-
-func truncate(s string, n int) string {
-	if len(s) > n {
-		return s[:n] + "…"
-	}
-	return s
-}
-
-func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
-	var req EventsRequest
-	if e := readJSON(w, r, MaxEventsBody, &req); e != nil {
-		writeError(w, e)
-		return
-	}
-	c, err := s.parseSession(req.Session)
-	if err != nil {
-		badSession(w)
-		return
-	}
-	if len(req.Events) > MaxEvents {
-		writeError(w, errorf(http.StatusRequestEntityTooLarge, "send events in batches", "%d events, more than %d", len(req.Events), MaxEvents))
-		return
-	}
-	for i, e := range req.Events {
-		if he := checkEvent(i, e); he != nil {
-			writeError(w, he)
-			return
-		}
-	}
-	for _, e := range req.Events {
-		s.metrics.events.WithLabelValues(e.Severity).Inc()
-		if e.Kind == "heartbeat" {
-			continue // counted, not chained: one a minute per VM would drown the audit log
-		}
-		s.record(r.Context(), audit.Event{Actor: "vm:" + c.VM, Action: audit.ActionAlert, Subject: c.Volume,
-			Details: audit.Alert{Session: c.ID, Kind: e.Kind, Severity: e.Severity, PID: e.PID, Comm: e.Comm}})
-		s.log.Warn("vm event", slog.String("vm", c.VM), slog.String("kind", e.Kind), slog.String("severity", e.Severity), slog.Int("pid", e.PID), slog.String("comm", e.Comm))
-	}
-	state, err := s.sessionState(r, c)
-	if err != nil {
-		s.internal(w, "read session state", err)
-		return
-	}
-	writeJSON(w, http.StatusOK, EventsResponse{Accepted: len(req.Events), State: state})
 }

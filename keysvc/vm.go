@@ -92,7 +92,7 @@ func enrolledKeys(vm store.VM, ek, ak crypto.PublicKey) (ekPub, akPub crypto.Pub
 	if vm.Revoked {
 		return nil, nil, &refusal{reason: ReasonRevoked, hint: "the VM was revoked by an administrator"}
 	}
-	ekPub, err := parsePublicKeyPEM("enrolled EK", vm.EKPubPEM)
+	ekPub, err := enrolledKey("enrolled EK", vm.EKPubPEM)
 	if err != nil {
 		return nil, nil, &refusal{reason: ReasonUnknownEK, hint: "the enrolled EK does not parse; re-enroll the VM"}
 	}
@@ -102,7 +102,7 @@ func enrolledKeys(vm store.VM, ek, ak crypto.PublicKey) (ekPub, akPub crypto.Pub
 	if vm.AKPubPEM == "" {
 		return nil, nil, &refusal{reason: ReasonNoAK, hint: "no AK is enrolled for this VM: prove one by credential activation (POST /v1/activate), or have an administrator enroll it with `keysvc vm set-ak`"}
 	}
-	akPub, err = parsePublicKeyPEM("enrolled AK", vm.AKPubPEM)
+	akPub, err = enrolledKey("enrolled AK", vm.AKPubPEM)
 	if err != nil {
 		return nil, nil, &refusal{reason: ReasonUnknownAK, hint: "the enrolled AK does not parse; re-enroll the VM"}
 	}
@@ -112,19 +112,44 @@ func enrolledKeys(vm store.VM, ek, ak crypto.PublicKey) (ekPub, akPub crypto.Pub
 	return ekPub, akPub, nil
 }
 
-// volumeFor checks that the volume exists for the VM and still has a key.
-func (s *Server) volumeFor(ctx context.Context, vm, id string) (store.Volume, *refusal, error) {
+// vmVolumeReader reads a VM and a volume in one query. keysvc/store's
+// SQLite implements it; for a Store that does not, the Server makes two
+// reads (see vmAndVolume).
+type vmVolumeReader interface {
+	// GetVMAndVolume returns the VM (store.ErrNotFound if none) and the
+	// volume, nil if there is none.
+	GetVMAndVolume(ctx context.Context, vm, id string) (store.VM, *store.Volume, error)
+}
+
+// vmAndVolume reads the named VM and the volume id (nil if none).
+func (s *Server) vmAndVolume(ctx context.Context, vmName, id string) (store.VM, *store.Volume, error) {
+	if r, ok := s.st.(vmVolumeReader); ok {
+		return r.GetVMAndVolume(ctx, vmName, id)
+	}
+	vm, err := s.st.GetVM(ctx, vmName)
+	if err != nil {
+		return vm, nil, err
+	}
 	vol, err := s.st.GetVolume(ctx, id)
-	if errors.Is(err, store.ErrNotFound) || (err == nil && vol.VM != vm) {
-		return vol, &refusal{reason: ReasonUnknownVolume, hint: "no such volume for this VM; create or import it with `keysvc volume`"}, nil
+	if errors.Is(err, store.ErrNotFound) {
+		return vm, nil, nil
 	}
 	if err != nil {
-		return vol, nil, err
+		return vm, nil, err
+	}
+	return vm, &vol, nil
+}
+
+// checkVolume checks that vol (nil if it does not exist) is a volume of vm
+// and still has a key.
+func checkVolume(vm string, vol *store.Volume) *refusal {
+	if vol == nil || vol.VM != vm {
+		return &refusal{reason: ReasonUnknownVolume, hint: "no such volume for this VM; create or import it with `keysvc volume`"}
 	}
 	if vol.Erased() {
-		return vol, &refusal{reason: ReasonErased, hint: "the volume's key was destroyed (crypto-erase); only a recovery keyslot can open it"}, nil
+		return &refusal{reason: ReasonErased, hint: "the volume's key was destroyed (crypto-erase); only a recovery keyslot can open it"}
 	}
-	return vol, nil, nil
+	return nil
 }
 
 func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
@@ -147,14 +172,13 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
 		return
 	}
-	ctx := r.Context()
-	vm, err := s.st.GetVM(ctx, req.VM)
+	vm, vol, err := s.vmAndVolume(r.Context(), req.VM, req.Volume)
 	if errors.Is(err, store.ErrNotFound) {
 		s.refuse(w, r, req.VM, req.Volume, &refusal{reason: ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
 		return
 	}
 	if err != nil {
-		s.internal(w, "read vm", err)
+		s.internal(w, "read vm and volume", err)
 		return
 	}
 	if _, _, f := enrolledKeys(vm, ek, ak); f != nil {
@@ -165,12 +189,8 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		tooMany(w, "VM")
 		return
 	}
-	if _, f, err := s.volumeFor(ctx, vm.Name, req.Volume); err != nil || (f != nil && !(f.reason == ReasonUnknownVolume && vm.ProvisioningAllowed)) {
-		if err != nil {
-			s.internal(w, "read volume", err)
-		} else {
-			s.refuse(w, r, req.VM, req.Volume, f)
-		}
+	if f := checkVolume(vm.Name, vol); f != nil && !(f.reason == ReasonUnknownVolume && vm.ProvisioningAllowed) {
+		s.refuse(w, r, req.VM, req.Volume, f)
 		return
 	}
 	nonce, token, err := s.ch.Issue(req.VM, req.Volume, ek, ak)
@@ -237,13 +257,16 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		s.refuse(w, r, "", "", &refusal{reason: ReasonChallenge, hint: "the challenge is not a keysvc challenge token; send the one POST /v1/challenge returned"})
 		return
 	}
-	vm, err := s.st.GetVM(ctx, vmName)
+	// The volume is read here too, in the same query, but checked only
+	// after the challenge is redeemed (so a refused attempt uses it up);
+	// stillReleasable reads both again after the release is on record.
+	vm, stored, err := s.vmAndVolume(ctx, vmName, volID)
 	if errors.Is(err, store.ErrNotFound) {
 		s.refuse(w, r, vmName, volID, &refusal{reason: ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
 		return
 	}
 	if err != nil {
-		s.internal(w, "read vm", err)
+		s.internal(w, "read vm and volume", err)
 		return
 	}
 	ekPub, akPub, f := enrolledKeys(vm, nil, nil)
@@ -262,16 +285,12 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 	}
 	var vol store.Volume
 	if provision {
-		f, err = s.canProvision(ctx, vm, volID)
-	} else {
-		vol, f, err = s.volumeFor(ctx, vmName, volID)
+		f = canProvision(vm, stored)
+	} else if f = checkVolume(vmName, stored); f == nil {
+		vol = *stored
 	}
-	if err != nil || f != nil {
-		if err != nil {
-			s.internal(w, "read volume", err)
-		} else {
-			s.refuse(w, r, vmName, volID, f)
-		}
+	if f != nil {
+		s.refuse(w, r, vmName, volID, f)
 		return
 	}
 	att := &pb.Attestation{}
@@ -302,19 +321,16 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 	s.release(w, r, vm, vol, ekPub, pol, res)
 }
 
-// canProvision checks that vm may provision volume id, which must not exist.
-func (s *Server) canProvision(ctx context.Context, vm store.VM, id string) (*refusal, error) {
+// canProvision checks that vm may provision a volume, which must not exist
+// (existing is nil).
+func canProvision(vm store.VM, existing *store.Volume) *refusal {
 	if !vm.ProvisioningAllowed {
-		return &refusal{reason: ReasonNoProvisioning, hint: "this VM may not provision volumes; create the volume with `keysvc volume create`, or re-enroll the VM with provisioning allowed"}, nil
+		return &refusal{reason: ReasonNoProvisioning, hint: "this VM may not provision volumes; create the volume with `keysvc volume create`, or re-enroll the VM with provisioning allowed"}
 	}
-	_, err := s.st.GetVolume(ctx, id)
-	switch {
-	case err == nil:
-		return &refusal{reason: ReasonVolumeExists, hint: "the volume exists; unlock it with POST /v1/unlock"}, nil
-	case errors.Is(err, store.ErrNotFound):
-		return nil, nil
+	if existing != nil {
+		return &refusal{reason: ReasonVolumeExists, hint: "the volume exists; unlock it with POST /v1/unlock"}
 	}
-	return nil, err
+	return nil
 }
 
 // provisionVolume makes, seals and stores a new UK for volume id of vm.
@@ -406,13 +422,6 @@ func verifyRefusal(err error) *refusal {
 	return &refusal{reason: ReasonEvidence, hint: err.Error()}
 }
 
-func storedPolicy(raw json.RawMessage) (*attest.Policy, error) {
-	if len(raw) == 0 {
-		raw = json.RawMessage("{}")
-	}
-	return attest.ParsePolicy(raw)
-}
-
 // release seals the volume's UK to the VM's EK and the policy's PCRs, as the
 // verified quote showed them, and answers 200.
 func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vol store.Volume, ek crypto.PublicKey, pol *attest.Policy, res *attest.Result) {
@@ -475,7 +484,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 // stillReleasable re-reads the VM and the volume after a release was
 // recorded, to catch a revoke or erase that raced the verification.
 func (s *Server) stillReleasable(ctx context.Context, vmName, volID string) (*refusal, error) {
-	vm, err := s.st.GetVM(ctx, vmName)
+	vm, vol, err := s.vmAndVolume(ctx, vmName, volID)
 	if err != nil {
 		return nil, err
 	}
@@ -483,8 +492,7 @@ func (s *Server) stillReleasable(ctx context.Context, vmName, volID string) (*re
 	if _, _, f := enrolledKeys(vm, nil, nil); f != nil {
 		return f, nil
 	}
-	_, f, err := s.volumeFor(ctx, vmName, volID)
-	return f, err
+	return checkVolume(vmName, vol), nil
 }
 
 // internal answers 500 and logs the cause (never a secret: causes are

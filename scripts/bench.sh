@@ -51,15 +51,30 @@ p=$(metric "$out/disk.txt" "BenchmarkRandomRead4K/ext4-plain" iops)
 awk -v e="$e" -v p="$p" 'BEGIN { printf "%-24s %12.0f %12.0f %7.2fx\n", "random 4K reads/s", e, p, (p > 0 ? e / p : 0) }'
 
 echo
-echo "== keysvc: attested unlocks over HTTPS (SQLite, audit chain on), 256 concurrent clients over 64 VMs =="
-echo "(quotes are precomputed: the TPM simulator would otherwise be the bottleneck)"
+echo "== keysvc: attested unlocks over HTTPS (TLS 1.3, SQLite, audit chain on), 256 concurrent clients =="
+echo "(quotes are precomputed with the TPM simulator before timing: the TPM is not the bottleneck measured."
+echo " The load generator's HTTPS client runs in the same process, on the same 2 cores as the service.)"
+echo "(load average before: $(cut -d' ' -f1-3 /proc/loadavg); on a busy machine compare the ratio to attest.Verify below)"
+# Closed loop: 256 clients over 64 VMs, each sending as soon as it is
+# answered: saturation throughput. Open loop: 256 VMs, unlocks due at a
+# fixed offered rate whatever the answers, latency counted from when each
+# was due (no coordinated omission): the latency a VM sees at that load.
+rate=1500
 $GO test -run '^$' -bench '^BenchmarkUnlock$' -benchtime 2000x -timeout 10m ./keysvc >"$out/keysvc.txt"
+$GO test -run '^$' -bench '^BenchmarkUnlockOpenLoop$' -benchtime $((rate * 3))x -timeout 10m ./keysvc -args -keysvc.rate "$rate" >"$out/keysvc-open.txt"
 $GO test -run '^$' -bench '^BenchmarkVerify$' -benchtime 2s -cpu 1 ./attest >"$out/attest.txt"
 u=$(metric "$out/keysvc.txt" BenchmarkUnlock unlocks/s)
-p50=$(metric "$out/keysvc.txt" BenchmarkUnlock p50-ms)
-p99=$(metric "$out/keysvc.txt" BenchmarkUnlock p99-ms)
+cp50=$(metric "$out/keysvc.txt" BenchmarkUnlock p50-ms)
+cp99=$(metric "$out/keysvc.txt" BenchmarkUnlock p99-ms)
+cpu=$(metric "$out/keysvc.txt" BenchmarkUnlock cpu-µs/unlock)
+ou=$(metric "$out/keysvc-open.txt" BenchmarkUnlockOpenLoop unlocks/s)
+op50=$(metric "$out/keysvc-open.txt" BenchmarkUnlockOpenLoop p50-ms)
+op99=$(metric "$out/keysvc-open.txt" BenchmarkUnlockOpenLoop p99-ms)
 v=$(awk '$1 ~ /^BenchmarkVerify(-[0-9]+)?$/ {for (i = 1; i <= NF; i++) if ($(i+1) == "ns/op") print 1e9 / $i}' "$out/attest.txt" | tail -1)
-awk -v u="$u" -v v="$v" -v p50="$p50" -v p99="$p99" 'BEGIN {
-	printf "%-34s %10.0f\n", "unlocks/s (target 1500)", u
-	printf "%-34s %10.0f   (ratio %.2f: the rest is HTTPS, SQLite and audit)\n", "attest.Verify alone, one core, /s", v, (v > 0 ? u / v : 0)
-	printf "%-34s %10.1f / %.1f ms (target p99 50 ms)\n", "latency p50 / p99", p50, p99 }'
+awk -v u="$u" -v v="$v" -v cp50="$cp50" -v cp99="$cp99" -v cpu="$cpu" -v rate="$rate" -v ou="$ou" -v op50="$op50" -v op99="$op99" 'BEGIN {
+	printf "%-52s %10.0f   (target >= 1500)\n", "saturation unlocks/s, closed loop, 256 clients", u
+	printf "%-52s %10.0f   (offered %d/s)\n", "open loop, " rate "/s offered by 256 VMs: achieved /s", ou, rate
+	printf "%-52s %10.1f / %.1f ms   (target p99 <= 50 ms)\n", "  latency p50 / p99 at " rate "/s offered", op50, op99
+	printf "%-52s %10.1f / %.1f ms   (a full queue: mean = 256 / throughput)\n", "closed-loop latency p50 / p99", cp50, cp99
+	printf "%-52s %10.0f   (service and client, both cores)\n", "CPU per unlock, us", cpu
+	printf "%-52s %10.0f   (ratio %.2f: the rest is HTTPS, SQLite and audit)\n", "attest.Verify alone, one core, /s", v, (v > 0 ? u / v : 0) }'

@@ -121,7 +121,7 @@ func (cl *client) print(c *cobra.Command, body []byte, human func(io.Writer) err
 }
 
 func adminCommands(cl *client) []*cobra.Command {
-	cmds := []*cobra.Command{vmCmd(cl), volumeCmd(cl), policyCmd(cl), revokeCmd(cl), eraseCmd(cl), auditCmd(cl)}
+	cmds := []*cobra.Command{vmCmd(cl), volumeCmd(cl), policyCmd(cl), revokeCmd(cl), eraseCmd(cl), auditCmd(cl), eventsCmd(cl)}
 	for _, c := range cmds {
 		f := c.PersistentFlags()
 		f.StringVar(&cl.server, "server", "", "admin API URL (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")

@@ -1,6 +1,6 @@
 // Command keysvc is keygate's on-premises key service: `keysvc serve` runs
 // it over a data directory, and the admin subcommands (vm, volume, policy,
-// revoke, erase, audit) call its admin API. It parses flags, calls package
+// revoke, erase, audit, events) call its admin API. It parses flags, calls package
 // keysvc (or the admin API) and prints; the work lives in keysvc/.
 package main
 
@@ -80,6 +80,7 @@ func newServeCmd() *cobra.Command {
 		perVM     float64
 		ekRoots   string
 		mkTPM     string
+		retention time.Duration
 	)
 	c := &cobra.Command{
 		Use:   "serve --data DIR",
@@ -111,7 +112,10 @@ a cleared or dead TPM loses every key the service holds).`,
 				return cli.Usage(c, fmt.Errorf("--log-format %q: use json or text", logFormat))
 			}
 			cfg.Logger = slog.New(h)
-			cfg.Options = append(cfg.Options, keysvc.WithRateLimits(perSource, perVM))
+			if retention <= 0 {
+				return cli.Usage(c, fmt.Errorf("--event-retention %v: give a positive duration such as 2160h", retention))
+			}
+			cfg.Options = append(cfg.Options, keysvc.WithRateLimits(perSource, perVM), keysvc.WithEventRetention(retention))
 			if ekRoots != "" {
 				pool, err := keysvc.LoadEKRoots(ekRoots)
 				if err != nil {
@@ -183,5 +187,6 @@ a cleared or dead TPM loses every key the service holds).`,
 	f.StringVar(&ekRoots, "ek-roots", "", "PEM file of CAs that EK certificates given at enrollment must chain to")
 	f.Float64Var(&perSource, "rate-per-source", keysvc.DefaultSourceRate, "VM API requests per second from one address, and separately admin API requests and individually audited unauthenticated ones (burst twice that; 0: no limit)")
 	f.Float64Var(&perVM, "rate-per-vm", keysvc.DefaultVMRate, "challenges per second for one VM from one source address, counted once its EK/AK match (burst twice that; 0: no limit)")
+	f.DurationVar(&retention, "event-retention", keysvc.DefaultEventRetention, "keep events VMs report for this long (warning and critical ones stay in the audit chain)")
 	return c
 }

@@ -75,13 +75,23 @@ type Admin struct {
 	Client string `json:"client,omitempty"`
 }
 
-// Alert records a monitor alert or heartbeat reported by a VM.
+// Alert records a warning or critical event reported by a VM (a monitor
+// alert). EventID names the stored event (GET /v1/admin/events), which
+// holds every field the VM sent.
 type Alert struct {
-	Session  string `json:"session_id,omitempty"`
-	Kind     string `json:"kind"`
-	Severity string `json:"severity"`
-	PID      int    `json:"pid,omitempty"`
-	Comm     string `json:"comm,omitempty"`
+	Session   string  `json:"session_id,omitempty"`
+	EventID   int64   `json:"event_id,omitempty"`
+	Kind      string  `json:"kind"`
+	Severity  string  `json:"severity"`
+	PID       int     `json:"pid,omitempty"` // the accessor
+	Comm      string  `json:"comm,omitempty"`
+	Exe       string  `json:"exe,omitempty"`
+	UID       *uint32 `json:"uid,omitempty"`
+	TargetPID int     `json:"target_pid,omitempty"`
+	Overlap   bool    `json:"overlap,omitempty"` // the access could reach key pages
+	Result    *int64  `json:"result,omitempty"`
+	Denied    bool    `json:"denied,omitempty"`
+	Mode      string  `json:"mode,omitempty"`
 }
 
 func (Enroll) auditDetails() {}

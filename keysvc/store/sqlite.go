@@ -18,6 +18,10 @@ import (
 	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
 )
 
+// maxConns bounds the pool: the writer's connection, the checkpointer's,
+// and readers.
+const maxConns = 8
+
 // DBFile is the SQLite database's file name inside the data directory.
 const DBFile = "keysvc.db"
 
@@ -129,7 +133,12 @@ func OpenSQLite(ctx context.Context, dir string) (*SQLite, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
-	db.SetMaxOpenConns(8)
+	// Keep every connection open: database/sql keeps only two idle ones by
+	// default, and each reopen runs the pragmas above and re-prepares the
+	// cached statements (it was a twentieth of the service's CPU under
+	// load).
+	db.SetMaxOpenConns(maxConns)
+	db.SetMaxIdleConns(maxConns)
 	s := &SQLite{db: db, path: path}
 	s.startWriter()
 	if err := s.migrate(ctx); err != nil {

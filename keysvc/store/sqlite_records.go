@@ -330,3 +330,48 @@ func (s *SQLite) PurgeChallenges(ctx context.Context, now time.Time) (int64, err
 	}
 	return n, nil
 }
+
+// GetVMAndVolume reads the named VM and the volume id in one query (one
+// snapshot): the unlock path needs both, twice, and a query costs more
+// than the row. It returns ErrNotFound if the VM is not enrolled; a volume
+// that does not exist (or belongs to another VM; check Volume.VM) comes
+// back as nil.
+func (s *SQLite) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume, error) {
+	var (
+		volID, volVM sql.NullString
+		sealed       []byte
+		erased       sql.NullInt64
+		volCreated   sql.NullInt64
+	)
+	row := s.queryRow(ctx, `SELECT vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
+		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns,
+		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns
+		FROM vms LEFT JOIN volumes ON volumes.id = ? WHERE vms.name = ?`, id, vm)
+	v, err := scanVM(scanTail{row, []any{&volID, &volVM, &sealed, &erased, &volCreated}})
+	if isNoRows(err) {
+		return VM{}, nil, fmt.Errorf("get vm %q: %w (enroll it with `keysvc vm enroll`)", vm, ErrNotFound)
+	}
+	if err != nil {
+		return VM{}, nil, fmt.Errorf("get vm %q and volume %q: %w", vm, id, err)
+	}
+	if !volID.Valid {
+		return v, nil, nil
+	}
+	vol := &Volume{ID: volID.String, VM: volVM.String, SealedUK: sealed, Created: fromNS(volCreated.Int64)}
+	if len(vol.SealedUK) == 0 {
+		vol.SealedUK = nil
+	}
+	if erased.Valid {
+		vol.ErasedAt = fromNS(erased.Int64)
+	}
+	return v, vol, nil
+}
+
+// scanTail lets scanVM read the leading columns of a wider row: Scan
+// appends the extra destinations.
+type scanTail struct {
+	r     rowScanner
+	extra []any
+}
+
+func (t scanTail) Scan(dest ...any) error { return t.r.Scan(append(dest, t.extra...)...) }

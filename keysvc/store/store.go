@@ -1,6 +1,6 @@
 // Package store owns the key service's persistent records: enrolled VMs,
-// volumes and their sealed unwrap keys, used challenge IDs, and the rows of
-// the audit chain. It defines the Store interface the key service depends on
+// volumes and their sealed unwrap keys, used challenge IDs, the rows of the
+// audit chain, and the events VMs report. It defines the Store interface the key service depends on
 // and an SQLite implementation (modernc.org/sqlite, pure Go) at DIR/keysvc.db;
 // a PostgreSQL (pgx) implementation can join later behind the same interface.
 //
@@ -11,11 +11,11 @@
 //
 // # Shape of the interface
 //
-// Store is the union of four small interfaces, one per record kind: VMs,
-// Volumes, Challenges and AuditLog, each of two to four methods. A consumer
-// takes the narrowest one it needs (the audit log takes an AuditLog, the
-// challenge checker a Challenges), so fakes stay small and no package sees
-// more than it uses. Generic Get/Put/Delete over an untyped record kind was
+// Store is the union of five small interfaces, one per record kind: VMs,
+// Volumes, Challenges, AuditLog and Events, each of two to four methods. A
+// consumer takes the narrowest one it needs (the audit log takes an
+// AuditLog, the challenge checker a Challenges), so fakes stay small and no
+// package sees more than it uses. Generic Get/Put/Delete over an untyped record kind was
 // considered and rejected: it moves type checks to run time and hides the
 // operations that need transactional guarantees.
 //
@@ -64,6 +64,7 @@ type Store interface {
 	Volumes
 	Challenges
 	AuditLog
+	Events
 	io.Closer
 }
 

@@ -1,0 +1,269 @@
+package keysvc
+
+import (
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+	"unicode/utf8"
+
+	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/store"
+)
+
+// Event is one monitor alert or heartbeat a VM reports in POST /v1/events:
+// a flat JSON object. Kind and Severity are required. The other fields are
+// optional; a monitor alert (keygate's eBPF monitor) fills the ones that
+// describe who reached for the protected process's memory, how, and what
+// the kernel answered. docs/protocol.md lists the fields and their limits;
+// checkEvent enforces them.
+type Event struct {
+	// Kind is "heartbeat", or for a monitor alert the technique
+	// ("ptrace_attach", "process_vm_readv", "proc_mem", …): 1 to 64 bytes
+	// of a-z, 0-9, '_', '.' and '-'.
+	Kind     string     `json:"kind"`
+	Severity string     `json:"severity"`       // "info", "warning" or "critical"
+	Time     *time.Time `json:"time,omitempty"` // when the VM saw it (RFC 3339)
+
+	// The accessor: the process that made the attempt.
+	PID  int     `json:"pid,omitempty"`  // process ID
+	Comm string  `json:"comm,omitempty"` // command name, at most 64 bytes
+	Exe  string  `json:"exe,omitempty"`  // executable path, at most 1024 bytes
+	UID  *uint32 `json:"uid,omitempty"`  // user ID (0 is root, hence a pointer)
+
+	// What it reached for.
+	TargetPID    int    `json:"target_pid,omitempty"`    // the protected process; absent for /proc/kcore, /dev/mem
+	Addr         uint64 `json:"addr,omitempty"`          // first remote address the request named
+	Len          uint64 `json:"len,omitempty"`           // length of that range
+	Overlap      bool   `json:"overlap,omitempty"`       // the access could reach key pages
+	OverlapBytes uint64 `json:"overlap_bytes,omitempty"` // bytes of key pages it covered
+	Path         string `json:"path,omitempty"`          // the path opened, at most 1024 bytes
+
+	// What happened.
+	Result *int64 `json:"result,omitempty"` // the syscall's return value; negative is -errno
+	Denied bool   `json:"denied,omitempty"` // refused by the monitor's BPF LSM programs
+	Mode   string `json:"mode,omitempty"`   // the monitor's mode in force: "detect" or "deny"
+
+	Message string `json:"message,omitempty"` // free text, at most 1024 bytes
+}
+
+// Limits of an Event's strings.
+const (
+	MaxEventKind = 64
+	maxEventComm = 64
+	maxEventText = 1024 // exe, path, message
+	maxEventMode = 16
+)
+
+// KindHeartbeat is the kind of the VM's periodic heartbeat.
+const KindHeartbeat = "heartbeat"
+
+// metricKinds are the kinds counted under their own name in
+// keysvc_vm_events_total: the heartbeat and the monitor's techniques. Any
+// other kind is counted as "other", so that a VM cannot grow the metric's
+// label set without bound.
+var metricKinds = map[string]bool{KindHeartbeat: true,
+	"process_vm_readv": true, "process_vm_writev": true, "ptrace_attach": true, "ptrace_seize": true,
+	"ptrace_peek": true, "ptrace_poke": true, "proc_mem": true, "proc_environ": true, "proc_maps": true,
+	"pidfd_getfd": true, "perf_event_open": true, "kcore": true, "dev_mem": true}
+
+func metricKind(k string) string {
+	if metricKinds[k] {
+		return k
+	}
+	return "other"
+}
+
+// checkEvent bounds what a VM may report: the event is stored, warning and
+// critical ones go into the audit chain, and its kind and severity become
+// metric labels.
+func checkEvent(i int, e Event) *httpError {
+	bad := func(format string, args ...any) *httpError {
+		return errorf(http.StatusBadRequest, "see docs/protocol.md, POST /v1/events", "event %d: %s", i, fmt.Sprintf(format, args...))
+	}
+	switch {
+	case !isToken(e.Kind, MaxEventKind):
+		return bad("kind %q must be 1-%d bytes of a-z, 0-9, '_', '.', '-'", truncate(e.Kind, 16), MaxEventKind)
+	case store.SeverityRank(e.Severity) < 0:
+		return bad("severity %q is not info, warning or critical", truncate(e.Severity, 16))
+	case e.Time != nil && (e.Time.Year() < 2000 || e.Time.Year() > 9999):
+		return bad("time %s is out of range", e.Time.UTC().Format(time.RFC3339))
+	case e.PID < 0 || e.PID > math.MaxInt32:
+		return bad("pid %d is out of range", e.PID)
+	case e.TargetPID < 0 || e.TargetPID > math.MaxInt32:
+		return bad("target_pid %d is out of range", e.TargetPID)
+	case len(e.Comm) > maxEventComm || !utf8.ValidString(e.Comm):
+		return bad("comm must be at most %d bytes of UTF-8", maxEventComm)
+	case len(e.Exe) > maxEventText || !utf8.ValidString(e.Exe):
+		return bad("exe must be at most %d bytes of UTF-8", maxEventText)
+	case len(e.Path) > maxEventText || !utf8.ValidString(e.Path):
+		return bad("path must be at most %d bytes of UTF-8", maxEventText)
+	case len(e.Message) > maxEventText || !utf8.ValidString(e.Message):
+		return bad("message must be at most %d bytes of UTF-8", maxEventText)
+	case e.Mode != "" && !isToken(e.Mode, maxEventMode):
+		return bad("mode %q must be at most %d bytes of a-z, 0-9, '_', '.', '-'", truncate(e.Mode, 16), maxEventMode)
+	case e.OverlapBytes > 0 && !e.Overlap:
+		return bad("overlap_bytes without overlap")
+	}
+	return nil
+}
+
+// isToken reports whether s is 1 to max bytes of a-z 0-9 _ . -.
+func isToken(s string, max int) bool {
+	if s == "" || len(s) > max {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_' || c == '.' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		s = s[:n]
+		for len(s) > 0 && !utf8.ValidString(s) {
+			s = s[:len(s)-1]
+		}
+		return s + "…"
+	}
+	return s
+}
+
+// handleEvents is POST /v1/events. Every event of an accepted batch is
+// stored (all or none: a failure answers 500 and the VM sends the batch
+// again) and counted; warning and critical ones are then audited, naming the
+// stored event's ID. Events are accepted from a revoked session too (an
+// attack after a revoke is worth knowing about); the answer tells the VM its
+// state.
+func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
+	var req EventsRequest
+	if e := readJSON(w, r, MaxEventsBody, &req); e != nil {
+		writeError(w, e)
+		return
+	}
+	c, err := s.parseSession(req.Session)
+	if err != nil {
+		badSession(w)
+		return
+	}
+	if len(req.Events) > MaxEvents {
+		writeError(w, errorf(http.StatusRequestEntityTooLarge, "send events in batches", "%d events, more than %d", len(req.Events), MaxEvents))
+		return
+	}
+	now := s.now()
+	rows := make([]store.VMEvent, len(req.Events))
+	for i, e := range req.Events {
+		if he := checkEvent(i, e); he != nil {
+			writeError(w, he)
+			return
+		}
+		data, err := json.Marshal(e)
+		if err != nil {
+			s.internal(w, "encode event", err)
+			return
+		}
+		rows[i] = store.VMEvent{Received: now, VM: c.VM, Volume: c.Volume, Session: c.ID, Kind: e.Kind, Severity: e.Severity, Data: data}
+	}
+	var stored []store.VMEvent
+	if len(rows) > 0 {
+		if stored, err = s.st.AddEvents(r.Context(), rows); err != nil {
+			s.internal(w, "store events", err)
+			return
+		}
+	}
+	for i, e := range req.Events {
+		s.metrics.events.WithLabelValues(e.Severity, metricKind(e.Kind)).Inc()
+		if store.SeverityRank(e.Severity) < store.SeverityRank("warning") {
+			continue // stored and counted; info (heartbeats among them) would drown the chain
+		}
+		id := stored[i].ID
+		s.record(r.Context(), audit.Event{Actor: "vm:" + c.VM, Action: audit.ActionAlert, Subject: c.Volume,
+			Details: audit.Alert{Session: c.ID, EventID: id, Kind: e.Kind, Severity: e.Severity, PID: e.PID, Comm: e.Comm,
+				Exe: e.Exe, UID: e.UID, TargetPID: e.TargetPID, Overlap: e.Overlap, Result: e.Result, Denied: e.Denied, Mode: e.Mode}})
+		s.log.Warn("vm event", slog.Int64("id", id), slog.String("vm", c.VM), slog.String("kind", e.Kind),
+			slog.String("severity", e.Severity), slog.Int("pid", e.PID), slog.String("comm", e.Comm),
+			slog.String("exe", e.Exe), slog.Int("target_pid", e.TargetPID), slog.Bool("overlap", e.Overlap), slog.String("mode", e.Mode))
+	}
+	state, err := s.sessionState(r, c)
+	if err != nil {
+		s.internal(w, "read session state", err)
+		return
+	}
+	writeJSON(w, http.StatusOK, EventsResponse{Accepted: len(req.Events), State: state})
+}
+
+// EventRecord is how the admin API shows a stored event: the event's own
+// fields, flattened, after the service's.
+type EventRecord struct {
+	ID        int64     `json:"id"`
+	Received  time.Time `json:"received"`
+	VM        string    `json:"vm"`
+	Volume    string    `json:"volume"`
+	SessionID string    `json:"session_id"`
+	Event
+}
+
+// DefaultEventList is how many events GET /v1/admin/events returns when no
+// limit is given.
+const DefaultEventList = 100
+
+// adminListEvents is GET /v1/admin/events?vm=&since=&severity=&kind=&limit=:
+// stored events, newest first. since is an RFC 3339 time or a duration
+// back from now ("1h"); severity selects that severity and those above it.
+func (s *Server) adminListEvents(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	f := store.EventFilter{VM: q.Get("vm"), Kind: q.Get("kind"), MinSeverity: q.Get("severity"), Limit: DefaultEventList}
+	if f.MinSeverity != "" && store.SeverityRank(f.MinSeverity) < 0 {
+		writeError(w, errorf(http.StatusBadRequest, "", "severity %q is not info, warning or critical", truncate(f.MinSeverity, 16)))
+		return
+	}
+	if v := q.Get("since"); v != "" {
+		t, err := parseSince(v, s.now())
+		if err != nil {
+			writeError(w, errorf(http.StatusBadRequest, `give an RFC 3339 time ("2026-11-27T12:00:00Z") or a duration back from now ("90m", "24h")`, "since: %v", err))
+			return
+		}
+		f.Since = t
+	}
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > store.MaxEventList {
+			writeError(w, errorf(http.StatusBadRequest, "", "limit must be a number from 1 to %d", store.MaxEventList))
+			return
+		}
+		f.Limit = n
+	}
+	evs, err := s.st.ListEvents(r.Context(), f)
+	if err != nil {
+		s.internal(w, "list events", err)
+		return
+	}
+	out := make([]EventRecord, 0, len(evs))
+	for _, ev := range evs {
+		rec := EventRecord{ID: ev.ID, Received: ev.Received, VM: ev.VM, Volume: ev.Volume, SessionID: ev.Session}
+		if err := json.Unmarshal(ev.Data, &rec.Event); err != nil {
+			// Stored by this service after checkEvent; keep what the row says.
+			rec.Event = Event{Kind: ev.Kind, Severity: ev.Severity, Message: "(stored event does not decode: " + err.Error() + ")"}
+		}
+		out = append(out, rec)
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// parseSince reads an RFC 3339 time, or a positive duration back from now.
+func parseSince(v string, now time.Time) (time.Time, error) {
+	if t, err := time.Parse(time.RFC3339Nano, v); err == nil {
+		return t, nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		return time.Time{}, fmt.Errorf("%q is neither an RFC 3339 time nor a positive duration", truncate(v, 40))
+	}
+	return now.Add(-d), nil
+}

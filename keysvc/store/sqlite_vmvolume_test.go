@@ -1,0 +1,74 @@
+package store_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/keygate/keygate/keysvc/store"
+)
+
+// TestGetVMAndVolume checks the unlock path's joined read against the two
+// reads it replaces.
+func TestGetVMAndVolume(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t, t.TempDir())
+	for _, vm := range []store.VM{{Name: "web-1", EKPubPEM: "ek1", AKPubPEM: "ak1", Policy: []byte(`{"pcrs":{}}`)}, {Name: "web-2", EKPubPEM: "ek2", Revoked: true}} {
+		if _, err := s.CreateVM(ctx, vm); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, v := range []store.Volume{{ID: "a", VM: "web-1", SealedUK: []byte("sealed-a")}, {ID: "b", VM: "web-2", SealedUK: []byte("sealed-b")}, {ID: "gone", VM: "web-1", SealedUK: []byte("x")}} {
+		if _, err := s.CreateVolume(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.UpdateVolume(ctx, "gone", func(v *store.Volume) error { v.SealedUK = nil; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, vm, vol string
+		wantErr       error
+		wantVol       bool
+	}{
+		{"both", "web-1", "a", nil, true},
+		{"another vm's volume", "web-1", "b", nil, true},
+		{"erased volume", "web-1", "gone", nil, true},
+		{"no volume", "web-1", "nope", nil, false},
+		{"revoked vm", "web-2", "b", nil, true},
+		{"no vm", "nobody", "a", store.ErrNotFound, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			vm, vol, err := s.GetVMAndVolume(ctx, tc.vm, tc.vol)
+			if !errors.Is(err, tc.wantErr) || (err != nil) != (tc.wantErr != nil) {
+				t.Fatalf("error %v, want %v", err, tc.wantErr)
+			}
+			if err != nil {
+				return
+			}
+			wantVM, err := s.GetVM(ctx, tc.vm)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if vm.Name != wantVM.Name || vm.EKPubPEM != wantVM.EKPubPEM || vm.AKPubPEM != wantVM.AKPubPEM || vm.Revoked != wantVM.Revoked ||
+				!bytes.Equal(vm.Policy, wantVM.Policy) || !vm.Created.Equal(wantVM.Created) || !vm.Updated.Equal(wantVM.Updated) {
+				t.Fatalf("vm %+v, GetVM says %+v", vm, wantVM)
+			}
+			if (vol != nil) != tc.wantVol {
+				t.Fatalf("volume %+v, want one: %v", vol, tc.wantVol)
+			}
+			if vol == nil {
+				return
+			}
+			want, err := s.GetVolume(ctx, tc.vol)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if vol.ID != want.ID || vol.VM != want.VM || !bytes.Equal(vol.SealedUK, want.SealedUK) || vol.Erased() != want.Erased() ||
+				!vol.ErasedAt.Equal(want.ErasedAt) || !vol.Created.Equal(want.Created) {
+				t.Fatalf("volume %+v, GetVolume says %+v", vol, want)
+			}
+		})
+	}
+}
