@@ -80,6 +80,9 @@ func Bootstrap(dir string, hostnames []string, now time.Time) (*DataDir, error) 
 	if err := d.loadOrIssueCert(caCert, caKey, names, now); err != nil {
 		return nil, fmt.Errorf("bootstrap %s: %w", dir, err)
 	}
+	// Serve the CA after the leaf, so that a VM that pins only the CA's
+	// fingerprint (from the volume's keygate token, without --ca) can check it.
+	d.cert.Certificate = append(d.cert.Certificate, caCert.Raw)
 	if err := d.loadOrCreateToken(); err != nil {
 		return nil, fmt.Errorf("bootstrap %s: %w", dir, err)
 	}

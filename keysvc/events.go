@@ -53,9 +53,9 @@ type Event struct {
 // Limits of an Event's strings.
 const (
 	MaxEventKind = 64
-	maxEventComm = 64
-	maxEventText = 1024 // exe, path, message
-	maxEventMode = 16
+	MaxEventComm = 64
+	MaxEventText = 1024 // exe, path, message
+	MaxEventMode = 16
 )
 
 // KindHeartbeat is the kind of the VM's periodic heartbeat.
@@ -95,16 +95,16 @@ func checkEvent(i int, e Event) *httpError {
 		return bad("pid %d is out of range", e.PID)
 	case e.TargetPID < 0 || e.TargetPID > math.MaxInt32:
 		return bad("target_pid %d is out of range", e.TargetPID)
-	case len(e.Comm) > maxEventComm || !utf8.ValidString(e.Comm):
-		return bad("comm must be at most %d bytes of UTF-8", maxEventComm)
-	case len(e.Exe) > maxEventText || !utf8.ValidString(e.Exe):
-		return bad("exe must be at most %d bytes of UTF-8", maxEventText)
-	case len(e.Path) > maxEventText || !utf8.ValidString(e.Path):
-		return bad("path must be at most %d bytes of UTF-8", maxEventText)
-	case len(e.Message) > maxEventText || !utf8.ValidString(e.Message):
-		return bad("message must be at most %d bytes of UTF-8", maxEventText)
-	case e.Mode != "" && !isToken(e.Mode, maxEventMode):
-		return bad("mode %q must be at most %d bytes of a-z, 0-9, '_', '.', '-'", truncate(e.Mode, 16), maxEventMode)
+	case len(e.Comm) > MaxEventComm || !utf8.ValidString(e.Comm):
+		return bad("comm must be at most %d bytes of UTF-8", MaxEventComm)
+	case len(e.Exe) > MaxEventText || !utf8.ValidString(e.Exe):
+		return bad("exe must be at most %d bytes of UTF-8", MaxEventText)
+	case len(e.Path) > MaxEventText || !utf8.ValidString(e.Path):
+		return bad("path must be at most %d bytes of UTF-8", MaxEventText)
+	case len(e.Message) > MaxEventText || !utf8.ValidString(e.Message):
+		return bad("message must be at most %d bytes of UTF-8", MaxEventText)
+	case e.Mode != "" && !isToken(e.Mode, MaxEventMode):
+		return bad("mode %q must be at most %d bytes of a-z, 0-9, '_', '.', '-'", truncate(e.Mode, 16), MaxEventMode)
 	case e.OverlapBytes > 0 && !e.Overlap:
 		return bad("overlap_bytes without overlap")
 	}

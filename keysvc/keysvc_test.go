@@ -8,10 +8,12 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -150,9 +152,47 @@ func TestUnlockOverHTTPS(t *testing.T) {
 		if len(pol.PCRs["7"]) != 1 || pol.PCRs["7"][0] == strings.Repeat("ab", 32) || len(pol.PCRs) < 2 {
 			t.Fatalf("learned policy: %+v", pol)
 		}
+		if got := pol.PCRs[strconv.Itoa(keysvc.WindowPCR)]; len(got) != 1 || got[0] != strings.Repeat("00", 32) {
+			t.Fatalf("learned policy holds PCR %d = %v, want its reset value, so a second unlock in one boot fails", keysvc.WindowPCR, got)
+		}
 		// Disarmed: the next unlock is checked against the learned policy.
 		if code, body := e.unlock(t, v, "learner", vol); code != http.StatusOK {
 			t.Fatalf("unlock after learning: %d %s", code, body)
+		}
+
+		// The VM closes the window after its unlock, as keygate boot does:
+		// a second unlock in the same boot is a policy denial naming the PCR.
+		if err := v.tpm.Extend(keysvc.WindowPCR, []byte("unlock done")); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			if err := v.tpm.Reboot(); err != nil {
+				t.Fatal(err)
+			}
+		}()
+		code, body := e.unlock(t, v, "learner", vol)
+		if code != http.StatusForbidden || !strings.Contains(string(body), fmt.Sprintf(`"pcr":%d`, keysvc.WindowPCR)) {
+			t.Fatalf("second unlock in one boot: %d %s, want a denial naming PCR %d", code, body, keysvc.WindowPCR)
+		}
+		// Nor can learn mode capture the state after an unlock.
+		e.admin(t, "POST", "/v1/admin/vms/learner/policy/learn", nil, http.StatusOK)
+		code, body = e.unlock(t, v, "learner", vol)
+		if m := wantRefusal(t, code, body, keysvc.ReasonPolicy); !strings.Contains(fmt.Sprint(m["hint"]), "already extended") {
+			t.Fatalf("learning after an unlock: %s, want a refusal saying PCR %d is extended", body, keysvc.WindowPCR)
+		}
+		var vmInfo struct {
+			LearnArmed bool `json:"learn_armed"`
+		}
+		json.Unmarshal(e.admin(t, "GET", "/v1/admin/vms/learner", nil, http.StatusOK), &vmInfo)
+		if !vmInfo.LearnArmed {
+			t.Fatal("a refused learning attempt disarmed learn mode")
+		}
+		// After a reboot the window is open again and learning succeeds.
+		if err := v.tpm.Reboot(); err != nil {
+			t.Fatal(err)
+		}
+		if code, body := e.unlock(t, v, "learner", vol); code != http.StatusOK {
+			t.Fatalf("learning after a reboot: %d %s", code, body)
 		}
 	})
 

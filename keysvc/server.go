@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -132,14 +133,23 @@ const DefaultEventRetention = 90 * 24 * time.Hour
 // minute. The warning and critical ones stay in the audit chain for good.
 func WithEventRetention(d time.Duration) Option { return func(s *Server) { s.eventsKept = d } }
 
-// WithLearnPCRs sets the PCRs learn mode captures (attest.BootPCRs
-// otherwise).
+// WithLearnPCRs sets the PCRs learn mode captures (LearnPCRs otherwise).
 func WithLearnPCRs(pcrs []int) Option { return func(s *Server) { s.learnPCRs = pcrs } }
+
+// WindowPCR is the PCR a VM extends right after it imports its key
+// (tpm.WindowPCR), so that the same boot cannot unlock again.
+const WindowPCR = 15
+
+// LearnPCRs are what learn mode captures by default: the boot chain
+// (attest.BootPCRs) and WindowPCR. Learning WindowPCR at its reset value is
+// what makes a second unlock in the same boot fail the policy, with
+// diagnostics, and not only at the TPM.
+var LearnPCRs = append(slices.Clone(attest.BootPCRs), WindowPCR)
 
 // New returns a Server. WithStore, WithAudit, WithMasterKey and
 // WithAdminToken are required.
 func New(opts ...Option) (*Server, error) {
-	s := &Server{now: time.Now, log: slog.Default(), learnPCRs: attest.BootPCRs, ttl: attest.DefaultChallengeTTL,
+	s := &Server{now: time.Now, log: slog.Default(), learnPCRs: LearnPCRs, ttl: attest.DefaultChallengeTTL,
 		sourceRate: DefaultSourceRate, vmRate: DefaultVMRate, eventsKept: DefaultEventRetention}
 	for _, o := range opts {
 		o(s)

@@ -356,6 +356,19 @@ func isChallengeErr(err error) bool {
 	return false
 }
 
+// windowOpen reports whether a learned policy saw WindowPCR at its reset
+// value (all zeros), or does not capture it.
+func windowOpen(p *attest.Policy) bool {
+	for _, v := range p.PCRs[WindowPCR] {
+		for _, b := range v {
+			if b != 0 {
+				return false
+			}
+		}
+	}
+	return true
+}
+
 // errNotArmed means learn mode was consumed by a concurrent unlock.
 var errNotArmed = errors.New("learn mode no longer armed")
 
@@ -369,6 +382,10 @@ func (s *Server) verify(ctx context.Context, vm store.VM, att *pb.Attestation, n
 	opts := attest.VerifyOpts{Nonce: nonce, TrustedAKs: []crypto.PublicKey{ak}, Policy: pol}
 	if vm.LearnArmed {
 		learned, res, err := attest.Learn(att, opts, s.learnPCRs)
+		if err == nil && !windowOpen(learned) {
+			// Learning now would allow only the state after an unlock.
+			return nil, nil, &refusal{reason: ReasonPolicy, hint: fmt.Sprintf("learn mode stays armed: PCR %d is already extended in this boot (an unlock happened); learn from a freshly booted VM", WindowPCR)}, nil
+		}
 		if err == nil {
 			raw, merr := json.Marshal(learned)
 			if merr != nil {

@@ -7,34 +7,62 @@ package keysvcsink
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/keygate/keygate/ebpfmon"
 	"github.com/keygate/keygate/keysvc"
 )
 
-// Convert maps a monitor event onto keysvc's wire type. The kind is the
-// technique and the severity is kept as is (both vocabularies are info,
-// warning, critical); the rest goes into the message, within keysvc's
-// bounds on its fields.
+// Convert maps a monitor event onto keysvc's wire type, field for field.
+// The kind is the technique and the severity is kept as is (both
+// vocabularies are info, warning, critical); texts are cut to keysvc's
+// bounds, and the message repeats the event in one line for people.
 func Convert(e ebpfmon.Event) keysvc.Event {
-	msg := e.String() + fmt.Sprintf(" exe %q uid %d cgroup %d mode %s", e.Exe, e.UID, e.CgroupID, e.Mode)
-	comm := e.Comm
-	if len(comm) > 64 {
-		comm = comm[:64]
+	uid := uint32(e.UID)
+	result := e.Result
+	ev := keysvc.Event{
+		Kind:         string(e.Technique),
+		Severity:     string(e.Severity),
+		PID:          e.TGID,
+		Comm:         cut(e.Comm, keysvc.MaxEventComm),
+		Exe:          cut(e.Exe, keysvc.MaxEventText),
+		UID:          &uid,
+		TargetPID:    e.TargetPID,
+		Addr:         e.Addr,
+		Len:          e.Len,
+		Overlap:      e.Overlap,
+		OverlapBytes: e.OverlapBytes,
+		Path:         cut(e.Path, keysvc.MaxEventText),
+		Result:       &result,
+		Denied:       e.Denied,
+		Mode:         string(e.Mode),
+		Message:      cut(e.String(), keysvc.MaxEventText),
 	}
-	if len(msg) > 1024 {
-		msg = msg[:1024]
+	if !e.Time.IsZero() {
+		t := e.Time
+		ev.Time = &t
 	}
-	return keysvc.Event{
-		Kind:     string(e.Technique),
-		Severity: string(e.Severity),
-		PID:      e.TGID,
-		Comm:     comm,
-		Message:  msg,
+	if !e.Overlap {
+		ev.OverlapBytes = 0 // keysvc refuses overlap_bytes without overlap
 	}
+	return ev
+}
+
+// cut shortens s to at most n bytes without splitting a UTF-8 sequence,
+// since keysvc refuses an event whose text is not valid UTF-8.
+func cut(s string, n int) string {
+	if len(s) <= n {
+		return strings.ToValidUTF8(s, "?")
+	}
+	s = s[:n]
+	for len(s) > 0 && !utf8.ValidString(s) {
+		s = s[:len(s)-1]
+	}
+	return s
 }
 
 // Poster sends a batch to POST /v1/events under the VM's session.

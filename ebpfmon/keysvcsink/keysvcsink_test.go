@@ -6,6 +6,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
+	"unicode/utf8"
 
 	"github.com/keygate/keygate/ebpfmon"
 	"github.com/keygate/keygate/ebpfmon/keysvcsink"
@@ -13,24 +15,38 @@ import (
 )
 
 func TestConvert(t *testing.T) {
+	when := time.Date(2026, 11, 27, 23, 0, 0, 0, time.UTC)
 	tests := []struct {
 		name string
 		in   ebpfmon.Event
 		want keysvc.Event
 	}{
-		{"proc mem", ebpfmon.Event{Technique: ebpfmon.ProcMem, Severity: ebpfmon.Critical, TGID: 7, Comm: "gdb", TargetPID: 9, Path: "/proc/9/mem"},
-			keysvc.Event{Kind: "proc_mem", Severity: "critical", PID: 7, Comm: "gdb"}},
-		{"long fields are cut to keysvc's bounds", ebpfmon.Event{Technique: ebpfmon.ProcessVMReadv, Severity: ebpfmon.Warning, Comm: strings.Repeat("c", 80), Exe: strings.Repeat("/x", 800)},
+		{"proc mem", ebpfmon.Event{Technique: ebpfmon.ProcMem, Severity: ebpfmon.Critical, TGID: 7, Comm: "gdb", Exe: "/usr/bin/gdb", UID: 1000,
+			TargetPID: 9, Path: "/proc/9/mem", Overlap: true, Result: 3, Mode: ebpfmon.ModeDetect, Time: when},
+			keysvc.Event{Kind: "proc_mem", Severity: "critical", PID: 7, Comm: "gdb", Exe: "/usr/bin/gdb", TargetPID: 9, Path: "/proc/9/mem", Overlap: true, Mode: "detect"}},
+		{"readv over the key", ebpfmon.Event{Technique: ebpfmon.ProcessVMReadv, Severity: ebpfmon.Critical, TGID: 8, TargetPID: 9,
+			Addr: 0x7f0000001000, Len: 4096, Overlap: true, OverlapBytes: 4096, Result: -1, Denied: true, Mode: ebpfmon.ModeDeny},
+			keysvc.Event{Kind: "process_vm_readv", Severity: "critical", PID: 8, TargetPID: 9, Addr: 0x7f0000001000, Len: 4096, Overlap: true, OverlapBytes: 4096, Denied: true, Mode: "deny"}},
+		{"long fields are cut to keysvc's bounds", ebpfmon.Event{Technique: ebpfmon.ProcessVMReadv, Severity: ebpfmon.Warning, Comm: strings.Repeat("c", 80), Exe: strings.Repeat("/é", 800)},
 			keysvc.Event{Kind: "process_vm_readv", Severity: "warning", Comm: strings.Repeat("c", 64)}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			got := keysvcsink.Convert(tc.in)
-			if got.Kind != tc.want.Kind || got.Severity != tc.want.Severity || got.PID != tc.want.PID || got.Comm != tc.want.Comm {
+			if got.Kind != tc.want.Kind || got.Severity != tc.want.Severity || got.PID != tc.want.PID || got.Comm != tc.want.Comm ||
+				got.TargetPID != tc.want.TargetPID || got.Addr != tc.want.Addr || got.Len != tc.want.Len || got.Overlap != tc.want.Overlap ||
+				got.OverlapBytes != tc.want.OverlapBytes || got.Denied != tc.want.Denied || got.Mode != tc.want.Mode ||
+				got.Path != tc.want.Path {
 				t.Errorf("got %+v, want %+v", got, tc.want)
 			}
-			if len(got.Message) > 1024 || !strings.Contains(got.Message, string(tc.in.Technique)) {
-				t.Errorf("message %q", got.Message)
+			if got.UID == nil || *got.UID != uint32(tc.in.UID) || got.Result == nil || *got.Result != tc.in.Result {
+				t.Errorf("uid %v result %v, want %d and %d", got.UID, got.Result, tc.in.UID, tc.in.Result)
+			}
+			if tc.in.Time.IsZero() != (got.Time == nil) || (got.Time != nil && !got.Time.Equal(tc.in.Time)) {
+				t.Errorf("time %v, want %v", got.Time, tc.in.Time)
+			}
+			if len(got.Exe) > keysvc.MaxEventText || !utf8.ValidString(got.Exe) || len(got.Message) > keysvc.MaxEventText || !strings.Contains(got.Message, string(tc.in.Technique)) {
+				t.Errorf("exe %d bytes, message %q", len(got.Exe), got.Message)
 			}
 		})
 	}
