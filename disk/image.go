@@ -11,6 +11,7 @@ import (
 
 	"github.com/keygate/keygate/disk/luks2"
 	"github.com/keygate/keygate/disk/xts"
+	"github.com/keygate/keygate/ebpfmon/keyrange"
 )
 
 // maxKeyFile is cryptsetup's default --keyfile-size limit: a key file
@@ -18,8 +19,16 @@ import (
 const maxKeyFile = 8 << 20
 
 // Key is keyslot passphrase material in locked memory: the bytes of a key
-// file, exactly as cryptsetup --key-file reads them.
-type Key struct{ b *memguard.LockedBuffer }
+// file, exactly as cryptsetup --key-file reads them. Its pages are in the
+// key-page registry (keyrange) from creation until Destroy.
+type Key struct {
+	b          *memguard.LockedBuffer
+	unregister func()
+}
+
+func newKey(b *memguard.LockedBuffer) *Key {
+	return &Key{b: b, unregister: keyrange.Register(b.Bytes())}
+}
 
 // ReadKeyFile reads path, whole and as it is, straight into locked memory.
 func ReadKeyFile(path string) (*Key, error) {
@@ -40,22 +49,25 @@ func ReadKeyFile(path string) (*Key, error) {
 	case st.Size() > maxKeyFile:
 		return nil, fmt.Errorf("read key file %s: %d bytes is more than cryptsetup's 8 MiB limit; is it the right file?", path, st.Size())
 	}
-	b := memguard.NewBuffer(int(st.Size()))
-	if _, err := io.ReadFull(f, b.Bytes()); err != nil {
-		b.Destroy()
+	k := newKey(memguard.NewBuffer(int(st.Size())))
+	if _, err := io.ReadFull(f, k.Bytes()); err != nil {
+		k.Destroy()
 		return nil, fmt.Errorf("read key file %s: %w", path, err)
 	}
-	return &Key{b: b}, nil
+	return k, nil
 }
 
 // NewKey copies p into locked memory; the caller wipes p.
-func NewKey(p []byte) *Key { return &Key{b: memguard.NewBufferFromBytes(append([]byte(nil), p...))} }
+func NewKey(p []byte) *Key { return newKey(memguard.NewBufferFromBytes(append([]byte(nil), p...))) }
 
 // Bytes returns the key material; it is valid until Destroy.
 func (k *Key) Bytes() []byte { return k.b.Bytes() }
 
-// Destroy wipes and unlocks the key.
-func (k *Key) Destroy() { k.b.Destroy() }
+// Destroy wipes and unlocks the key. It is idempotent.
+func (k *Key) Destroy() {
+	k.unregister()
+	k.b.Destroy()
+}
 
 // PBKDFKind picks the key derivation of a new keyslot.
 type PBKDFKind string
@@ -105,14 +117,31 @@ func segmentSize(f *os.File, s luks2.SegmentInfo) (int64, error) {
 	if s.Size >= 0 {
 		return s.Size, nil
 	}
+	total, err := fileSize(f)
+	if err != nil {
+		return 0, err
+	}
+	n := total - s.Offset
+	n -= n % int64(s.SectorSize)
+	if n <= 0 {
+		return 0, fmt.Errorf("image is %d bytes, which leaves no data after the header (data starts at %d): %w", total, s.Offset, luks2.ErrTruncated)
+	}
+	return n, nil
+}
+
+// fileSize is the size of a regular file or of a block device, whose Stat
+// size is 0 (a volume in a VM is /dev/vdb, not an image file).
+func fileSize(f *os.File) (int64, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return 0, err
 	}
-	n := st.Size() - s.Offset
-	n -= n % int64(s.SectorSize)
-	if n <= 0 {
-		return 0, fmt.Errorf("image is %d bytes, which leaves no data after the header (data starts at %d): %w", st.Size(), s.Offset, luks2.ErrTruncated)
+	if st.Mode()&os.ModeDevice == 0 {
+		return st.Size(), nil
+	}
+	n, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return 0, fmt.Errorf("size of block device %s: %w", f.Name(), err)
 	}
 	return n, nil
 }
@@ -226,15 +255,31 @@ func (im *Image) Close() error {
 
 // unlockVolume tries key on every keyslot and explains a failure in the
 // terms a user can act on.
-func unlockVolume(vol *luks2.Volume, path string, key *Key) (*memguard.LockedBuffer, error) {
+func unlockVolume(vol *luks2.Volume, path string, key *Key) (lockedKey, error) {
 	vk, _, err := vol.Unlock(key.Bytes())
 	switch {
 	case err == nil:
-		return vk, nil
+		return registerKey(vk), nil
 	case len(vol.Keyslots()) == 0:
-		return nil, fmt.Errorf("open %s: the volume has no keyslots left: it was crypto-erased, and its data cannot be recovered", path)
+		return lockedKey{}, fmt.Errorf("open %s: the volume has no keyslots left: it was crypto-erased, and its data cannot be recovered", path)
 	case errors.Is(err, luks2.ErrWrongKey):
-		return nil, fmt.Errorf("open %s: %w (every byte of the file counts, a trailing newline too); 'keygate disk info %s' lists the keyslots", path, err, path)
+		return lockedKey{}, fmt.Errorf("open %s: %w (every byte of the file counts, a trailing newline too); 'keygate disk info %s' lists the keyslots", path, err, path)
 	}
-	return nil, fmt.Errorf("open %s: %w", path, err)
+	return lockedKey{}, fmt.Errorf("open %s: %w", path, err)
+}
+
+// lockedKey is a volume key (DEK) luks2 handed out, with its entry in the
+// key-page registry, which Destroy removes before it wipes the key.
+type lockedKey struct {
+	*memguard.LockedBuffer
+	unregister func()
+}
+
+func registerKey(b *memguard.LockedBuffer) lockedKey {
+	return lockedKey{b, keyrange.Register(b.Bytes())}
+}
+
+func (k lockedKey) Destroy() {
+	k.unregister()
+	k.LockedBuffer.Destroy()
 }

@@ -123,7 +123,7 @@ func format(f *os.File, key *Key, opts CreateOptions) (*Created, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer vk.Destroy()
+	defer registerKey(vk).Destroy()
 	res := &Created{KeySlot: 0, RecoverySlot: -1}
 	if opts.Recovery {
 		res.Recovery, err = recoveryPassphrase()
@@ -220,7 +220,7 @@ func withVolume(path string, key *Key, fn func(*luks2.Volume, *memguard.LockedBu
 		return err
 	}
 	defer vk.Destroy()
-	if err := fn(vol, vk); err != nil {
+	if err := fn(vol, vk.LockedBuffer); err != nil {
 		return err
 	}
 	return f.Sync()

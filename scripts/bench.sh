@@ -78,3 +78,25 @@ awk -v u="$u" -v v="$v" -v cp50="$cp50" -v cp99="$cp99" -v cpu="$cpu" -v rate="$
 	printf "%-52s %10.1f / %.1f ms   (a full queue: mean = 256 / throughput)\n", "closed-loop latency p50 / p99", cp50, cp99
 	printf "%-52s %10.0f   (service and client, both cores)\n", "CPU per unlock, us", cpu
 	printf "%-52s %10.0f   (ratio %.2f: the rest is HTTPS, SQLite and audit)\n", "attest.Verify alone, one core, /s", v, (v > 0 ? u / v : 0) }'
+
+echo
+echo "== keygate boot: start to 9P socket answering (swtpm, keysvc on loopback), against clevis in the same run =="
+$GO test -run '^$' -bench '^BenchmarkBoot$' -benchtime 30x -timeout 10m ./boot >"$out/boot.txt"
+b50=$(metric "$out/boot.txt" BenchmarkBoot p50-ms)
+b95=$(metric "$out/boot.txt" BenchmarkBoot p95-ms)
+scripts/bench_clevis.sh >"$out/clevis.txt"
+read -r _ t50 t95 < <(grep '^clevis-tang ' "$out/clevis.txt")
+read -r _ c50 c95 < <(grep '^clevis-tpm2 ' "$out/clevis.txt")
+printf '%-40s %10s %10s %16s\n' unlock p50-ms p95-ms "keygate faster"
+awk -v b50="$b50" -v b95="$b95" -v t50="$t50" -v t95="$t95" -v c50="$c50" -v c95="$c95" 'BEGIN {
+	printf "%-40s %10.1f %10.1f %16s\n", "keygate boot (attest, unlock, serve)", b50, b95, "(target p50 <= 40)"
+	printf "%-40s %10.1f %10.1f %15.2fx\n", "clevis tang pin (tangd on loopback)", t50, t95, (b50 > 0 ? t50 / b50 : 0)
+	printf "%-40s %10.1f %10.1f %15.2fx\n", "clevis tpm2 pin (same kind of swtpm)", c50, c95, (b50 > 0 ? c50 / b50 : 0) }'
+echo "(target: at least 3.5x faster than both; clevis figures include its process start-up, as at boot)"
+
+echo
+if [ "$(id -u)" = 0 ]; then
+	scripts/bench_monitor.sh
+else
+	echo "== ebpfmon: skipped, loading BPF programs needs root (run make bench as root)"
+fi

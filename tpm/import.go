@@ -10,6 +10,8 @@ import (
 	attestpb "github.com/google/go-tpm-tools/proto/attest"
 	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
 	"github.com/google/go-tpm/legacy/tpm2"
+
+	"github.com/keygate/keygate/ebpfmon/keyrange"
 )
 
 // ErrWrongTPM is returned by [TPM.Import] when the blob was not made for
@@ -28,14 +30,14 @@ var ErrPCRMismatch = errors.New("PCR values differ from those the import blob is
 // and, for a PCR-bound blob, if its SHA-256 (or whichever bank the blob
 // names) PCRs have those values now.
 //
-// The secret is returned in a memguard LockedBuffer (locked, guarded pages)
-// and the heap copy the TPM library returned is zeroed; the caller must
-// Destroy the buffer. Copies made inside go-tpm's command marshalling are out
+// The secret is returned in a memguard LockedBuffer (locked, guarded pages),
+// registered as key pages (keyrange) until Destroy, and the heap copy the
+// TPM library returned is zeroed; the caller must Destroy the Secret. Copies made inside go-tpm's command marshalling are out
 // of this package's reach.
 //
 // Errors wrap [ErrWrongTPM] when the blob was made for another EK, and
 // [ErrPCRMismatch] when the PCR state differs.
-func (t *TPM) Import(blob *tpmpb.ImportBlob, alg Alg) (*memguard.LockedBuffer, error) {
+func (t *TPM) Import(blob *tpmpb.ImportBlob, alg Alg) (*Secret, error) {
 	if blob == nil || len(blob.GetDuplicate()) == 0 || len(blob.GetEncryptedSeed()) == 0 || len(blob.GetPublicArea()) == 0 {
 		return nil, errors.New("import: blob is empty or incomplete (want the output of server.CreateImportBlob)")
 	}
@@ -52,7 +54,23 @@ func (t *TPM) Import(blob *tpmpb.ImportBlob, alg Alg) (*memguard.LockedBuffer, e
 	if err != nil {
 		return nil, t.classifyImportError(err, alg, blob)
 	}
-	return memguard.NewBufferFromBytes(secret), nil // wipes secret
+	buf := memguard.NewBufferFromBytes(secret) // wipes secret
+	return &Secret{LockedBuffer: buf, unregister: keyrange.Register(buf.Bytes())}, nil
+}
+
+// Secret is a key Import recovered, in locked memory whose pages are in
+// the key-page registry (which a monitor of this process follows) until
+// Destroy.
+type Secret struct {
+	*memguard.LockedBuffer
+	unregister func()
+}
+
+// Destroy removes the key's pages from the registry, then wipes and unlocks
+// them. It is idempotent.
+func (s *Secret) Destroy() {
+	s.unregister()
+	s.LockedBuffer.Destroy()
 }
 
 // classifyImportError turns the TPM's response codes into the two failures

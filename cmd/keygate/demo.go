@@ -2,178 +2,628 @@ package main
 
 import (
 	"bytes"
-	"crypto/rand"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
+	"syscall"
+	"time"
 
+	"github.com/hugelgupf/p9/p9"
 	"github.com/spf13/cobra"
 
+	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/boot"
 	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/internal/cli"
+	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/tpm"
 )
 
 func newDemoCmd() *cobra.Command {
 	var dir string
-	var keep bool
 	c := &cobra.Command{
 		Use:   "demo",
 		Short: "Run the whole story on embedded defaults, in seconds",
-		Long: `Walk through keygate on this machine, for real: create a LUKS2 image with an
-ext4 filesystem, write and read a file through the user-space AES-XTS layer,
-show that the image holds only ciphertext, have cryptsetup (if installed)
-open the same image with the same key file, then crypto-erase it by
-destroying its only keyslot. Work happens in a temporary directory, removed
-afterwards unless --keep.
+		Long: `Walk through keygate on this machine, for real and without root: start a key
+service (SQLite, HTTPS on loopback) in a temporary directory, enroll a VM
+whose vTPM is the in-process TPM simulator, learn its policy from one
+attested boot, create a volume and unlock it through attestation, write and
+read files through the 9P server, show the key service refusing a changed
+boot (naming the PCR), revoke the VM and watch the volume lock, then
+crypto-erase the volume.
 
-The key service, attestation and the monitor join the demo as they land.`,
+Everything happens in a temporary directory that is removed afterwards,
+also on Ctrl-C (unless --dir names one, which is kept).`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if dir == "" {
+			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			if dir != "" {
+				if err := os.MkdirAll(dir, 0o700); err != nil {
+					return fmt.Errorf("--dir: %w", err)
+				}
+				if ents, err := os.ReadDir(dir); err != nil {
+					return fmt.Errorf("--dir: %w", err)
+				} else if len(ents) > 0 {
+					return cli.Usagef(c, "--dir %s is not empty: give a new or empty directory (the demo makes a key service and a volume there)", dir)
+				}
+			} else {
+				// Short, so the 9P socket path fits in sun_path.
 				d, err := os.MkdirTemp("", "keygate-demo-")
 				if err != nil {
-					return fmt.Errorf("make demo directory: %w", err)
+					return fmt.Errorf("make demo directory: %w (set TMPDIR to a writable directory)", err)
 				}
+				defer os.RemoveAll(d)
 				dir = d
-				if !keep {
-					defer os.RemoveAll(d)
-				}
 			}
-			return runDemo(c.OutOrStdout(), dir)
+			err := runDemo(ctx, c.OutOrStdout(), dir)
+			if ctx.Err() != nil {
+				return fmt.Errorf("demo interrupted; everything it started was stopped and its directory removed")
+			}
+			return err
 		},
 	}
-	c.Flags().StringVar(&dir, "dir", "", "work in this directory instead of a temporary one (kept)")
-	c.Flags().BoolVar(&keep, "keep", false, "keep the temporary directory")
+	c.Flags().StringVar(&dir, "dir", "", "work in this directory instead of a temporary one (kept afterwards)")
 	return c
 }
 
-func runDemo(out io.Writer, dir string) error {
-	step := func(format string, a ...any) { fmt.Fprintf(out, "\n==> "+format+"\n", a...) }
-	img := filepath.Join(dir, "volume.img")
-	keyPath := filepath.Join(dir, "volume.key")
+// Names the demo uses at its key service.
+const (
+	demoVM     = "demo-vm"
+	demoVolume = "demo-data"
+	demoPoll   = time.Second // heartbeat period: a revoke locks within this
+)
 
-	step("a random 32-byte key file stands in for the key service's unwrap key")
-	raw := make([]byte, 32)
-	if _, err := rand.Read(raw); err != nil {
+// demo is the state the steps share: one key service, one simulated TPM
+// (the simulator is one per process) and the volume's current boot.
+type demo struct {
+	ctx    context.Context
+	out    io.Writer
+	dir    string
+	start  time.Time
+	step   int
+	svc    *keysvc.Service
+	ca     []byte
+	token  string
+	hc     *http.Client
+	tp     *tpm.TPM
+	image  string
+	sock   string
+	b      *boot.Boot
+	events chan boot.Event
+	quiet  *slog.Logger
+	monErr error // why the monitor is off although this is root
+}
+
+func runDemo(ctx context.Context, out io.Writer, dir string) error {
+	d := &demo{ctx: ctx, out: out, dir: dir, start: time.Now(), events: make(chan boot.Event, 64),
+		quiet: slog.New(slog.DiscardHandler)}
+	defer d.close()
+	fmt.Fprintf(out, "keygate demo: the whole story on this machine, in %s\n", dir)
+	for _, s := range []func() error{d.service, d.enroll, d.unlock, d.files, d.monitor, d.denial, d.revoke, d.erase} {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := s(); err != nil {
+			return err
+		}
+	}
+	// A real TPM has few object slots: every boot must flush what it loaded.
+	if h, err := d.tp.TransientHandles(); err != nil || len(h) > 0 {
+		return fmt.Errorf("demo: TPM objects left loaded after the story: %v %v", h, err)
+	}
+	fmt.Fprintf(out, "\ndemo complete in %.1f s; removing what it made.\n", time.Since(d.start).Seconds())
+	return nil
+}
+
+func (d *demo) close() {
+	if d.b != nil {
+		d.b.Close()
+	}
+	if d.tp != nil {
+		d.tp.Close()
+	}
+	if d.hc != nil {
+		d.hc.CloseIdleConnections()
+	}
+	if d.svc != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		d.svc.Shutdown(ctx)
+		cancel()
+	}
+}
+
+// say starts step n with a headline, then prints its detail lines.
+func (d *demo) say(headline string, lines ...string) {
+	d.step++
+	fmt.Fprintf(d.out, "\n==> %d. %s\n", d.step, headline)
+	d.more(lines...)
+}
+
+func (d *demo) more(lines ...string) {
+	for _, l := range lines {
+		if l == "" {
+			continue
+		}
+		fmt.Fprintf(d.out, "    %s\n", strings.ReplaceAll(l, "\n", "\n    "))
+	}
+}
+
+func (d *demo) service() error {
+	var err error
+	d.svc, err = keysvc.Start(d.ctx, keysvc.Config{DataDir: filepath.Join(d.dir, "keysvc"), Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", Logger: d.quiet})
+	if err != nil {
+		return fmt.Errorf("start the key service: %w", err)
+	}
+	if d.ca, err = os.ReadFile(filepath.Join(d.dir, "keysvc", keysvc.CAFile)); err != nil {
 		return err
 	}
-	err := os.WriteFile(keyPath, raw, 0o600)
-	clear(raw)
-	if err != nil {
-		return fmt.Errorf("write key file: %w", err)
-	}
-	fmt.Fprintf(out, "    %s (0600)\n", keyPath)
-	key, err := disk.ReadKeyFile(keyPath)
+	tok, err := os.ReadFile(filepath.Join(d.dir, "keysvc", keysvc.AdminTokenFile))
 	if err != nil {
 		return err
 	}
-	defer key.Destroy()
+	d.token = strings.TrimSpace(string(tok))
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(d.ca)
+	d.hc = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}}}
 
-	step("create a 64 MiB LUKS2 image with ext4 inside (keyslot: pbkdf2, as for a high-entropy key)")
-	res, err := disk.CreateImage(img, key, disk.CreateOptions{Size: 64 << 20, SectorSize: 4096, FS: disk.Ext4, Label: "demo", PBKDF: disk.PBKDF2})
+	d.tp, err = tpm.Open("sim")
+	if err != nil {
+		return fmt.Errorf("open the TPM simulator: %w (the demo needs a keygate built with cgo and libssl-dev)", err)
+	}
+	d.say("start the key service and the VM's TPM",
+		fmt.Sprintf("keysvc: VM API https://%s, admin API https://%s, SQLite and its own CA in keysvc/", d.svc.VMAddr(), d.svc.AdminAddr()),
+		"TPM: the in-process simulator stands in for the VM's vTPM (a cloud VM would use /dev/tpmrm0)")
+	return nil
+}
+
+func (d *demo) enroll() error {
+	ek, err := d.tp.EK(tpm.ECC)
+	if err != nil {
+		return err
+	}
+	ak, err := d.tp.AK(tpm.ECC)
+	if err != nil {
+		return err
+	}
+	ekPEM, err := ek.PEM()
+	if err != nil {
+		return err
+	}
+	akPEM, err := ak.PEM()
+	if err != nil {
+		return err
+	}
+	if err := d.admin("POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: demoVM, EKPub: string(ekPEM), AKPub: string(akPEM)}, nil); err != nil {
+		return fmt.Errorf("enroll %s: %w", demoVM, err)
+	}
+	if err := d.admin("POST", "/v1/admin/vms/"+demoVM+"/policy/learn", nil, nil); err != nil {
+		return fmt.Errorf("arm learn mode: %w", err)
+	}
+	fp, _ := attest.KeyFingerprint(ek.Key)
+	d.say("enroll the VM and arm learn mode",
+		fmt.Sprintf("%s enrolled with its TPM's EK (sha256 %x…) and AK: only this TPM can receive its keys", demoVM, fp[:8]),
+		"learn mode: the PCR values of the VM's next attested boot become its policy")
+	return nil
+}
+
+func (d *demo) unlock() error {
+	d.image = filepath.Join(d.dir, "volume.img")
+	d.sock = filepath.Join(d.dir, "9p")
+	res, err := boot.CreateVolume(d.ctx, boot.CreateConfig{Image: d.image, KeysvcURL: "https://" + d.svc.VMAddr(),
+		AdminURL: "https://" + d.svc.AdminAddr(), CA: d.ca, Token: d.token, VM: demoVM, Volume: demoVolume,
+		Options: disk.CreateOptions{Size: 64 << 20, FS: disk.Ext4, Label: "demo"}})
 	if err != nil {
 		return err
 	}
 	res.Wipe()
-	info, err := disk.Inspect(img)
-	if err != nil {
-		return err
-	}
-	printInfo(indent(out), img, info)
-
-	secret := []byte("Quarterly numbers, not for the cloud provider's eyes.\n")
-	step("write /reports/q3.txt through go-diskfs -> ext4 -> AES-XTS -> image file")
-	im, err := disk.OpenImage(img, key, true)
-	if err != nil {
-		return err
-	}
-	fsys, err := im.FS()
-	if err == nil {
-		err = fsys.Mkdir("/reports")
-	}
-	if err == nil {
-		err = fsys.Put("/reports/q3.txt", bytes.NewReader(secret), int64(len(secret)))
-	}
-	if cerr := im.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-
-	step("read it back in a fresh session")
-	im, err = disk.OpenImage(img, key, false)
-	if err != nil {
-		return err
-	}
-	var got bytes.Buffer
-	if fsys, err = im.FS(); err == nil {
-		_, err = fsys.Get("/reports/q3.txt", &got)
-	}
-	im.Close()
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(out, "    %q\n", got.String())
-	if !bytes.Equal(got.Bytes(), secret) {
-		return errors.New("demo: read back different bytes than were written")
-	}
-
-	step("the image file holds only ciphertext")
-	whole, err := os.ReadFile(img)
-	if err != nil {
-		return err
-	}
-	found := bytes.Contains(whole, secret[:20]) || bytes.Contains(whole, []byte("q3.txt"))
-	fmt.Fprintf(out, "    plaintext or file name found in %d bytes of image: %v\n", len(whole), found)
-	if found {
-		return errors.New("demo: plaintext is visible in the image file")
-	}
-
-	step("cryptsetup opens the very same image with the very same key file")
+	lines := []string{"volume.img: 64 MiB LUKS2 with ext4; its unwrap key (UK) was made in locked memory and handed to keysvc, never written to disk"}
 	if cs, err := exec.LookPath("cryptsetup"); err != nil {
-		fmt.Fprintln(out, "    cryptsetup is not installed here (apt-get install cryptsetup-bin); skipping this step")
+		lines = append(lines, "cryptsetup is not installed (apt-get install cryptsetup-bin), so its cross-check is skipped")
+	} else if b, err := exec.CommandContext(d.ctx, cs, "luksDump", d.image).CombinedOutput(); err != nil {
+		return fmt.Errorf("cryptsetup luksDump: %v: %s", err, b)
 	} else {
-		cmd := exec.Command(cs, "open", "--test-passphrase", "--key-file", keyPath, img)
-		if b, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("cryptsetup open --test-passphrase failed: %v: %s", err, b)
+		l := "cryptsetup luksDump reads it as standard LUKS2"
+		if bytes.Contains(b, []byte("keygate")) {
+			l += ", keygate token included"
 		}
-		fmt.Fprintln(out, "    cryptsetup open --test-passphrase --key-file volume.key volume.img: ok")
+		lines = append(lines, l)
 	}
 
-	step("crypto-erase: destroy the only keyslot; the data is now unrecoverable")
-	if err := disk.RemoveKey(img, key, res.KeySlot, true); err != nil {
+	cfg := boot.Config{KeysvcURL: "https://" + d.svc.VMAddr(), CA: d.ca, VM: demoVM, Image: d.image,
+		TPM: d.tp, Serve9P: d.sock, Poll: demoPoll, Log: d.quiet, OnEvent: d.onEvent, Monitor: os.Geteuid() == 0}
+	t0 := time.Now()
+	d.b, err = boot.Run(d.ctx, cfg)
+	var r *boot.Refusal
+	if err != nil && cfg.Monitor && !errors.As(err, &r) && d.ctx.Err() == nil {
+		// The monitor starts before anything is released, so booting
+		// again without it is safe; the monitor step says why it is off.
+		d.monErr, cfg.Monitor = err, false
+		t0 = time.Now()
+		if d.b, err = boot.Run(d.ctx, cfg); err != nil {
+			return fmt.Errorf("unlock: %w (and with the monitor: %v)", err, d.monErr)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("unlock: %w", err)
+	}
+	took := time.Since(t0)
+	pol, err := d.policy()
+	if err != nil {
 		return err
 	}
-	_, err = disk.OpenImage(img, key, false)
-	fmt.Fprintf(out, "    opening again: %v\n", err)
-	if err == nil {
-		return errors.New("demo: the image still opened after its last keyslot was destroyed")
+	lines = append(lines, fmt.Sprintf("unlocked in %d ms: TPM quote -> keysvc checks it -> UK sealed to this TPM -> TPM Import -> keyslot -> ext4", took.Milliseconds()))
+	if cfg.Monitor {
+		lines = append(lines, "(that includes loading the key-page monitor's BPF programs first, so the keys were watched from the moment they existed)")
 	}
-	fmt.Fprintln(out, "\ndemo complete.")
+	lines = append(lines, fmt.Sprintf("learned policy: PCRs %s; PCR %d then extended (\"unlock done\") so this boot can't unlock again",
+		joinInts(slices.Sorted(maps.Keys(pol.PCRs))), tpm.WindowPCR))
+	if _, ok := pol.PCRs[tpm.WindowPCR]; !ok {
+		// docs/boot.md: every policy must pin the window PCR at zero.
+		pol.PCRs[tpm.WindowPCR] = [][]byte{make([]byte, 32)}
+		if err := d.admin("PUT", "/v1/admin/vms/"+demoVM+"/policy", pol, nil); err != nil {
+			return fmt.Errorf("add PCR %d to the policy: %w", tpm.WindowPCR, err)
+		}
+		lines = append(lines, fmt.Sprintf("learn mode left out PCR %d; the demo adds it at zero, as docs/boot.md asks of every policy", tpm.WindowPCR))
+	}
+	d.say("create a volume and unlock it through attestation", lines...)
 	return nil
 }
 
-// indent prefixes every line written through it with four spaces.
-func indent(w io.Writer) io.Writer { return &indenter{w: w, bol: true} }
-
-type indenter struct {
-	w   io.Writer
-	bol bool
+func (d *demo) onEvent(e boot.Event) {
+	select {
+	case d.events <- e:
+	default:
+	}
 }
 
-func (i *indenter) Write(p []byte) (int, error) {
-	var b strings.Builder
-	for _, c := range string(p) {
-		if i.bol {
-			b.WriteString("    ")
-		}
-		b.WriteRune(c)
-		i.bol = c == '\n'
+func (d *demo) files() error {
+	secret := []byte("Quarterly numbers, not for the cloud provider's eyes.\n")
+	if err := d.with9P(func(root p9.File) error { return p9Put(root, "reports", "q3.txt", secret) }); err != nil {
+		return fmt.Errorf("write over 9P: %w", err)
 	}
-	_, err := io.WriteString(i.w, b.String())
-	return len(p), err
+	var got []byte
+	err := d.with9P(func(root p9.File) (err error) {
+		got, err = p9Get(root, "reports", "q3.txt")
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("read over 9P: %w", err)
+	}
+	if !bytes.Equal(got, secret) {
+		return errors.New("demo: 9P read back different bytes than were written")
+	}
+	whole, err := os.ReadFile(d.image)
+	if err != nil {
+		return err
+	}
+	if bytes.Contains(whole, secret[:20]) || bytes.Contains(whole, []byte("q3.txt")) {
+		return errors.New("demo: plaintext is visible in the image file")
+	}
+	d.say("write and read files through the 9P server",
+		fmt.Sprintf("wrote /reports/q3.txt through the unix socket %s: 9P2000.L, which a kernel mounts with mount -t 9p -o trans=unix,version=9p2000.L", filepath.Base(d.sock)),
+		fmt.Sprintf("read back on a new connection: %q", got),
+		fmt.Sprintf("volume.img (%d bytes) holds neither the text nor the file name: only ciphertext reaches the disk", len(whole)))
+	return nil
+}
+
+func (d *demo) with9P(f func(root p9.File) error) error {
+	conn, err := net.Dial("unix", d.sock)
+	if err != nil {
+		return err
+	}
+	c, err := p9.NewClient(conn)
+	if err != nil {
+		conn.Close()
+		return err
+	}
+	defer c.Close()
+	root, err := c.Attach("")
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	return f(root)
+}
+
+func (d *demo) denial() error {
+	d.say("a changed boot is refused, and the key service says why")
+	r, err := d.tryUnlock()
+	if err != nil {
+		return err
+	}
+	d.more("a second unlock in the same boot (as later code, or an attacker, would try) is refused:")
+	d.more(diagnostics(r)...)
+
+	// The simulator cannot be rebooted with its keys kept, so the changed
+	// boot is modelled by measuring something new into PCR 7, as a boot
+	// loader the policy has never seen would.
+	if err := d.tp.Extend(7, []byte("keygate demo: a boot loader the policy has never seen")); err != nil {
+		return err
+	}
+	if r, err = d.tryUnlock(); err != nil {
+		return err
+	}
+	if r.Denial == nil || !slices.ContainsFunc(r.Denial.Mismatches, func(m attest.PCRMismatch) bool { return m.PCR == 7 }) {
+		return fmt.Errorf("demo: after PCR 7 changed, the refusal does not name PCR 7: %v", r)
+	}
+	d.more("after PCR 7 changes (a different boot loader or Secure Boot setting), the service names it:")
+	d.more(diagnostics(r)...)
+	d.more(fmt.Sprintf("(PCR %d is listed again because the simulator cannot reboot; after a real reboot only PCR 7 would differ)", tpm.WindowPCR),
+		"no key was released either time; the volume unlocked earlier keeps serving")
+	return nil
+}
+
+// tryUnlock runs a boot that must be refused, and returns the refusal.
+func (d *demo) tryUnlock() (*boot.Refusal, error) {
+	b, err := boot.Run(d.ctx, boot.Config{KeysvcURL: "https://" + d.svc.VMAddr(), CA: d.ca, VM: demoVM, Image: d.image, TPM: d.tp, Log: d.quiet})
+	if err == nil {
+		b.Close()
+		return nil, errors.New("demo: the key service released the key although it should have refused")
+	}
+	var r *boot.Refusal
+	if !errors.As(err, &r) {
+		return nil, err
+	}
+	return r, nil
+}
+
+// diagnostics are a refusal's lines, with values cut to stay readable.
+func diagnostics(r *boot.Refusal) []string {
+	if r.Denial == nil {
+		return []string{"key service: " + r.Error()}
+	}
+	out := []string{fmt.Sprintf("key service: refused (%s): %s", r.Reason, r.Denial.Reason)}
+	for _, m := range r.Denial.Mismatches {
+		if m.Missing {
+			out = append(out, fmt.Sprintf("  PCR %d: not in the quote", m.PCR))
+			continue
+		}
+		allowed := make([]string, len(m.Allowed))
+		for i, a := range m.Allowed {
+			allowed[i] = short(a)
+		}
+		out = append(out, fmt.Sprintf("  PCR %d: allowed %s, got %s", m.PCR, strings.Join(allowed, " or "), short(m.Got)))
+	}
+	return out
+}
+
+func short(h string) string {
+	if len(h) > 16 {
+		return h[:16] + "…"
+	}
+	return h
+}
+
+func (d *demo) revoke() error {
+	t0 := time.Now()
+	if err := d.admin("POST", "/v1/admin/vms/"+demoVM+"/revoke", nil, nil); err != nil {
+		return fmt.Errorf("revoke: %w", err)
+	}
+	select {
+	case <-d.b.Done():
+	case <-time.After(10 * demoPoll):
+		return fmt.Errorf("demo: the volume was not locked within %s of the revoke", 10*demoPoll)
+	case <-d.ctx.Done():
+		return d.ctx.Err()
+	}
+	took := time.Since(t0).Round(time.Millisecond)
+	if err := d.b.Wait(); !errors.Is(err, boot.ErrRevoked) {
+		return fmt.Errorf("demo: the boot ended with %v, not a revoke", err)
+	}
+	_, derr := net.Dial("unix", d.sock)
+	if derr == nil {
+		return errors.New("demo: the 9P socket still answers after the revoke")
+	}
+	d.say("revoke the VM: the volume locks",
+		fmt.Sprintf("keysvc revoke --vm %s; the VM's next heartbeat (every %s) heard it: locked %s later", demoVM, demoPoll, took),
+		"keys wiped from locked memory, volume closed, 9P socket gone (dial: "+lastPart(derr)+")")
+	return nil
+}
+
+func (d *demo) erase() error {
+	if err := d.admin("POST", "/v1/admin/volumes/"+demoVolume+"/erase", nil, nil); err != nil {
+		return fmt.Errorf("erase: %w", err)
+	}
+	var vi keysvc.VolumeInfo
+	if err := d.admin("GET", "/v1/admin/volumes/"+demoVolume, nil, &vi); err != nil {
+		return err
+	}
+	if !vi.Erased {
+		return errors.New("demo: the key service does not report the volume erased")
+	}
+	r, err := d.tryUnlock()
+	if err != nil {
+		return err
+	}
+	info, err := disk.Inspect(d.image)
+	if err != nil {
+		return err
+	}
+	var av keysvc.AuditVerifyResponse
+	if err := d.admin("GET", "/v1/admin/audit/verify", nil, &av); err != nil {
+		return err
+	}
+	if !av.OK {
+		return fmt.Errorf("demo: the audit chain does not verify: %v", av.Problems)
+	}
+	d.say("crypto-erase the volume: it can never be opened again",
+		fmt.Sprintf("keysvc erase --volume %s: the UK is destroyed (audited); the service now shows it erased: %v", demoVolume, vi.Erased),
+		fmt.Sprintf("a boot is refused (%s, as the VM is revoked too); %s, so no one can open it again: its data is gone for good",
+			r.Reason, slotsLine(len(info.Keyslots))),
+		fmt.Sprintf("audit: %d hash-chained records of all of the above (enroll, learn, unlock, denials, revoke, erase) verify", av.Records))
+	return nil
+}
+
+func (d *demo) monitor() error {
+	switch {
+	case os.Geteuid() != 0:
+		d.say("the key-page monitor (ebpfmon)",
+			"skipped: watching who reads the key pages needs root and BPF; as root, try `keygate boot --monitor` (docs/monitor.md)")
+		return nil
+	case d.monErr != nil:
+		d.say("the key-page monitor (ebpfmon)", "skipped: it could not start here: "+d.monErr.Error())
+		return nil
+	}
+	var mode string
+	for len(d.events) > 0 {
+		if e := <-d.events; e.Kind == boot.EventMonitoring {
+			mode = e.Message
+		}
+	}
+	dd, err := exec.LookPath("dd")
+	if err != nil {
+		d.say("the key-page monitor (ebpfmon)", mode, "skipped the alert: dd is not installed to play the attacker")
+		return nil
+	}
+	// Another process opens this one's memory, as a memory-scraping
+	// attacker with root would. Whether dd succeeds (detect mode) or is
+	// refused (deny mode), the alert is what the step shows.
+	mem := fmt.Sprintf("/proc/%d/mem", os.Getpid())
+	_ = exec.CommandContext(d.ctx, dd, "if="+mem, "of=/dev/null", "bs=1", "count=0", "status=none").Run()
+	timeout := time.After(5 * time.Second)
+	for {
+		select {
+		case e := <-d.events:
+			if e.Kind != boot.EventAlert || e.Alert == nil || e.Alert.TGID == os.Getpid() {
+				continue
+			}
+			d.say("the key-page monitor (ebpfmon) catches a read of the key holder's memory", mode,
+				fmt.Sprintf("`dd if=%s` from another process raised: %s", mem, e.Message))
+			return nil
+		case <-timeout:
+			return fmt.Errorf("demo: the monitor reported no alert within 5 s of `dd if=%s`", mem)
+		case <-d.ctx.Done():
+			return d.ctx.Err()
+		}
+	}
+}
+
+// policy reads the VM's policy from the admin API.
+func (d *demo) policy() (*attest.Policy, error) {
+	var p attest.Policy
+	if err := d.admin("GET", "/v1/admin/vms/"+demoVM+"/policy", nil, &p); err != nil {
+		return nil, fmt.Errorf("read the learned policy: %w", err)
+	}
+	if p.PCRs == nil {
+		return nil, errors.New("demo: learn mode captured no PCRs")
+	}
+	return &p, nil
+}
+
+// admin calls the key service's admin API and decodes a 2xx answer into
+// out (if not nil).
+func (d *demo) admin(method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(d.ctx, method, "https://"+d.svc.AdminAddr()+path, rd)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+d.token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := d.hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, bytes.TrimSpace(b))
+	}
+	if out != nil {
+		return json.Unmarshal(b, out)
+	}
+	return nil
+}
+
+// p9Put makes dir under root and writes dir/name, fsyncing it: a write is
+// durable once fsync (or the close) returns.
+func p9Put(root p9.File, dir, name string, data []byte) error {
+	if _, err := root.Mkdir(dir, 0o755, p9.NoUID, p9.NoGID); err != nil {
+		return fmt.Errorf("mkdir %s: %w", dir, err)
+	}
+	_, dd, err := root.Walk([]string{dir})
+	if err != nil {
+		return err
+	}
+	defer dd.Close()
+	f, _, _, err := dd.Create(name, p9.WriteOnly, 0o644, p9.NoUID, p9.NoGID)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", name, err)
+	}
+	if _, err = f.WriteAt(data, 0); err == nil {
+		err = f.FSync()
+	}
+	return errors.Join(err, f.Close())
+}
+
+// p9Get reads the file at path under root whole.
+func p9Get(root p9.File, path ...string) ([]byte, error) {
+	_, f, err := root.Walk(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if _, _, err := f.Open(p9.ReadOnly); err != nil {
+		return nil, err
+	}
+	var out []byte
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := f.ReadAt(buf, int64(len(out)))
+		out = append(out, buf[:n]...)
+		if err == io.EOF || (err == nil && n == 0) {
+			return out, nil
+		}
+		if err != nil {
+			return out, err
+		}
+	}
+}
+
+func slotsLine(n int) string {
+	if n == 1 {
+		return "the image's only keyslot takes that UK as its passphrase"
+	}
+	return fmt.Sprintf("all %d of the image's keyslots take that UK as their passphrase", n)
+}
+
+// lastPart is the innermost part of an error message ("no such file or
+// directory"), enough for a one-line report.
+func lastPart(err error) string {
+	s := err.Error()
+	if i := strings.LastIndex(s, ": "); i >= 0 {
+		return s[i+2:]
+	}
+	return s
+}
+
+func joinInts(v []int) string {
+	s := make([]string, len(v))
+	for i, n := range v {
+		s[i] = strconv.Itoa(n)
+	}
+	return strings.Join(s, ",")
 }

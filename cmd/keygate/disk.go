@@ -80,9 +80,10 @@ func diskCreateCmd() *cobra.Command {
 		size, fsType, label, keyFile, keysvc, volume, pbkdf string
 		sectorSize                                          int
 		recovery, asJSON                                    bool
+		ks                                                  keysvcCreate
 	)
 	c := &cobra.Command{
-		Use:   "create IMAGE --size 256M --key-file F [--fs ext4|fat32] [--sector-size 512|4096] [--label L] [--recovery]",
+		Use:   "create IMAGE --size 256M (--key-file F | --keysvc URL --volume ID --vm NAME --ca FILE) [--fs ext4|fat32] [--sector-size 512|4096] [--label L] [--recovery]",
 		Short: "Create a new LUKS2 image, optionally with a filesystem inside",
 		Long: `Create IMAGE, a LUKS2 volume of --size bytes in total (the LUKS2 header and
 keyslots take the first 16 MiB; the rest is data), encrypted with a fresh
@@ -91,12 +92,16 @@ filesystem is made inside. With --recovery, an extra argon2id keyslot gets a
 random recovery passphrase that is printed once and never stored: write it
 down, it is the break-glass path.
 
+With --keysvc URL --volume ID --vm NAME --ca FILE instead of --key-file, a
+fresh random unwrap key is made in locked memory, registered at the key
+service for the VM (admin API: --admin URL or KEYSVC_SERVER, token from
+--token-file or KEYSVC_TOKEN_FILE), and used as the keyslot's passphrase; a
+keygate token in the header names the service, the volume and the CA, and
+'keygate boot' unlocks the image by attestation.
+
 IMAGE must not exist; on any failure nothing is left behind.`,
 		Args: cli.ExactArgs("IMAGE"),
 		RunE: func(c *cobra.Command, args []string) error {
-			if keysvc != "" || volume != "" {
-				return cli.Usage(c, fmt.Errorf("--keysvc/--volume need the key service, which this build does not have yet; use --key-file F, then 'keysvc volume import --key-file F' when it lands"))
-			}
 			if size == "" {
 				return cli.Usage(c, fmt.Errorf("--size is required, e.g. --size 256M"))
 			}
@@ -111,14 +116,24 @@ IMAGE must not exist; on any failure nothing is left behind.`,
 			if opts.PBKDF, err = parsePBKDF(pbkdf); err != nil {
 				return cli.Usage(c, err)
 			}
-			key, err := needKey(c, keyFile)
-			if err != nil {
-				return err
-			}
-			defer key.Destroy()
-			res, err := disk.CreateImage(args[0], key, opts)
-			if err != nil {
-				return err
+			var res *disk.Created
+			if keysvc != "" || volume != "" {
+				if keyFile != "" {
+					return cli.Usagef(c, "use either --key-file or --keysvc/--volume, not both")
+				}
+				if res, err = createWithKeysvc(c, args[0], keysvc, volume, opts, &ks); err != nil {
+					return err
+				}
+				keyFile = "the unwrap key held by the key service (volume " + volume + ")"
+			} else {
+				key, err := needKey(c, keyFile)
+				if err != nil {
+					return err
+				}
+				defer key.Destroy()
+				if res, err = disk.CreateImage(args[0], key, opts); err != nil {
+					return err
+				}
 			}
 			defer res.Wipe()
 			if asJSON {
@@ -161,8 +176,9 @@ IMAGE must not exist; on any failure nothing is left behind.`,
 	f.StringVar(&label, "label", "", "LUKS2 label (and filesystem label)")
 	f.StringVar(&pbkdf, "pbkdf", "argon2id", "key derivation for the --key-file keyslot: argon2id or pbkdf2")
 	keyFlag(c, &keyFile)
-	f.StringVar(&keysvc, "keysvc", "", "key service URL (needs the key service; not in this build yet)")
+	f.StringVar(&keysvc, "keysvc", "", "key service VM API URL written into the keygate token (instead of --key-file)")
 	f.StringVar(&volume, "volume", "", "volume ID at the key service (with --keysvc)")
+	keysvcCreateFlags(c, &ks)
 	f.BoolVar(&recovery, "recovery", false, "add an argon2id recovery keyslot and print its passphrase once")
 	f.BoolVar(&asJSON, "json", false, "print the new header summary as JSON (with --recovery, the passphrase is in it, this once)")
 	return c

@@ -40,7 +40,8 @@ Start with:
   keygate disk put vol.img notes.txt /notes.txt --key-file key`,
 		Version: version,
 	}
-	root.AddCommand(newTPMCmd())
+	root.AddCommand(newTPMCmd(), newBootCmd())
+	root.AddCommand(newMonitorCmd())
 	root.AddCommand(newDiskCmd(), newDemoCmd(), &cobra.Command{
 		Use:   "version",
 		Short: "Print keygate's version",

@@ -59,7 +59,7 @@ func TestMemoryScanFindsLeak(t *testing.T) {
 // scanProcess scans the process outside the locked schedule buffer.
 func scanProcess(t *testing.T, c *Cipher, needles []memscan.Needle) *memscan.Result {
 	t.Helper()
-	res, err := memscan.Scan(needles, memscan.RangeOf(c.buf.Bytes()))
+	res, err := memscan.Scan(needles, memscan.RangeOf(c.buf.buf.Bytes()))
 	if errors.Is(err, memscan.ErrUnavailable) {
 		testutil.Skip(t, "procmem", err.Error())
 	}

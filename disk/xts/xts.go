@@ -8,6 +8,8 @@ import (
 	"unsafe"
 
 	"github.com/awnumar/memguard"
+
+	"github.com/keygate/keygate/ebpfmon/keyrange"
 )
 
 // BlockSize is the AES block size; every data unit is a multiple of it.
@@ -52,7 +54,7 @@ const chunkBytes = 64 << 10
 // Cipher is an XTS-AES cipher for one key. It is safe for concurrent use,
 // except that Close must not race with the other methods.
 type Cipher struct {
-	buf    *memguard.LockedBuffer
+	buf    *lockedSchedule
 	ks     []byte // buf's bytes from the aligned start; ksSize long
 	nr     int    // AES rounds: 10 or 14
 	impl   impl
@@ -73,14 +75,17 @@ func newWithImpl(key []byte, im impl) (*Cipher, error) {
 	if len(key) != 32 && len(key) != 64 {
 		return nil, ErrKeySize
 	}
-	buf := memguard.NewBuffer(lockedSize)
-	if buf.Size() != lockedSize {
+	mb := memguard.NewBuffer(lockedSize)
+	if mb.Size() != lockedSize {
 		return nil, errors.New("xts: cannot allocate locked memory for the key schedule (raise RLIMIT_MEMLOCK)")
 	}
-	b := buf.Bytes()
+	b := mb.Bytes()
+	// Registered before the first key byte is written, so that a monitor
+	// following keyrange never sees the schedule outside the key pages.
+	buf := &lockedSchedule{buf: mb, unregister: keyrange.Register(b)}
 	off := int(-uintptr(unsafe.Pointer(&b[0])) & 63)
 	c := &Cipher{buf: buf, ks: b[off : off+ksSize], nr: len(key)/8 + 6, impl: im}
-	c.cleanup = runtime.AddCleanup(c, (*memguard.LockedBuffer).Destroy, buf)
+	c.cleanup = runtime.AddCleanup(c, (*lockedSchedule).destroy, buf)
 	half := len(key) / 2
 	expandKey(c.ks[offEnc1:offEnc1+schedSize], key[:half])
 	expandKey(c.ks[offEnc2:offEnc2+schedSize], key[half:])
@@ -95,12 +100,26 @@ func newWithImpl(key []byte, im impl) (*Cipher, error) {
 	return c, nil
 }
 
+// lockedSchedule is the locked buffer of a key schedule and its entry in the
+// key-page registry, which must go before the pages are unmapped (a monitor
+// would otherwise guard, and report reads of, memory that no longer holds a
+// key).
+type lockedSchedule struct {
+	buf        *memguard.LockedBuffer
+	unregister func()
+}
+
+func (l *lockedSchedule) destroy() {
+	l.unregister()
+	l.buf.Destroy()
+}
+
 // Close wipes the key schedule and unlocks its memory. It is idempotent.
 // Any later Encrypt or Decrypt panics.
 func (c *Cipher) Close() error {
 	if c.closed.CompareAndSwap(false, true) {
 		c.cleanup.Stop()
-		c.buf.Destroy()
+		c.buf.destroy()
 		c.ks = nil
 	}
 	return nil

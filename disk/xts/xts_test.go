@@ -311,7 +311,7 @@ func TestDroppedCipher(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	buf := c.buf
+	buf := c.buf.buf
 	c.Encrypt(make([]byte, 4096), make([]byte, 4096), 1)
 	c = nil
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {

@@ -1,0 +1,457 @@
+package boot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/disk/luks2"
+	"github.com/keygate/keygate/disk/ninep"
+	"github.com/keygate/keygate/ebpfmon"
+	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/tpm"
+)
+
+// Defaults of Config.
+const (
+	DefaultPoll     = 30 * time.Second
+	DefaultRetryMin = 250 * time.Millisecond
+	DefaultRetryMax = 10 * time.Second
+)
+
+// ErrRevoked is what Wait returns once the key service revoked the session
+// (a revoked VM or an erased volume) and the volume was locked.
+var ErrRevoked = errors.New("session revoked by the key service; keys wiped and volume closed")
+
+// Config says what to unlock and how.
+type Config struct {
+	// KeysvcURL is the VM API's base URL (https://HOST:PORT). Empty takes
+	// the URL from the volume's keygate token.
+	KeysvcURL string
+	// CA is the key service's CA certificate (PEM, DATA/ca.pem). Nil pins
+	// the CA fingerprint of the volume's keygate token instead; when both
+	// are there they must agree.
+	CA []byte
+	// VM is the name the VM is enrolled under (required).
+	VM string
+	// Volume is the volume's ID at the key service; empty takes the token's.
+	Volume string
+	// Image is the LUKS2 image file or block device (required).
+	Image string
+	// TPM is an open TPM to use (the caller keeps it); otherwise TPMSpec
+	// (tpm.Open's spec) is opened and closed by the Boot.
+	TPM     *tpm.TPM
+	TPMSpec string
+	// Alg is the EK and AK algorithm (ECC by default).
+	Alg tpm.Alg
+	// InitIfBlank provisions a blank Image (no LUKS2 header, zeros at the
+	// start) through the key service and formats it with InitFS (ext4 by
+	// default). Anything else is never formatted.
+	InitIfBlank bool
+	InitFS      disk.FSType
+	// Serve9P, when set, is the unix socket path the 9P2000.L server
+	// listens on.
+	Serve9P string
+	// Poll is the heartbeat period, and so the bound on how long a revoke
+	// takes to lock the volume (DefaultPoll if zero).
+	Poll time.Duration
+	// RetryMin and RetryMax bound the backoff while the key service is
+	// unreachable at boot; MaxWait, if set, gives up after that long.
+	RetryMin, RetryMax, MaxWait time.Duration
+	// Log receives the console lines (slog.Default if nil).
+	Log *slog.Logger
+	// OnEvent, if set, is called for every Event, synchronously; it must
+	// not block for long.
+	OnEvent func(Event)
+	// Monitor runs the key-page monitor (ebpfmon) in this process from
+	// before the unlock until the lock: every attempt by another process
+	// to read this process's memory is reported to Log, OnEvent
+	// (EventAlert) and the key service's /v1/events. It needs root; Run
+	// fails, before any key is released, when the monitor cannot start.
+	Monitor bool
+	// OnAlert is what an alert does: AlertLog (the default) or AlertLock.
+	OnAlert AlertAction
+}
+
+// EventKind names a step of the flow that a driver (keygate demo, a test)
+// may want to follow.
+type EventKind string
+
+// The events Run and the heartbeat report.
+const (
+	EventWaiting     EventKind = "waiting"     // key service unreachable at boot; retrying
+	EventUnlocked    EventKind = "unlocked"    // volume open, window PCR extended
+	EventServing     EventKind = "serving"     // 9P socket accepting
+	EventOutage      EventKind = "outage"      // heartbeat failed; volume stays open
+	EventReconnected EventKind = "reconnected" // heartbeat answered again after an outage
+	EventLocked      EventKind = "locked"      // keys wiped, volume closed, serving stopped
+	EventMonitoring  EventKind = "monitoring"  // the key-page monitor runs; the message says its mode and why
+	EventAlert       EventKind = "alert"       // the monitor saw an attempt at this process's memory (Event.Alert)
+)
+
+// Event is one step; Err is set for EventWaiting, EventOutage and, when the
+// lock was not asked for by Close, EventLocked.
+type Event struct {
+	Kind    EventKind
+	Message string
+	Err     error
+	Alert   *ebpfmon.Event // for EventAlert
+}
+
+// Boot is an unlocked volume and what keeps it: the 9P server, if any, and
+// the heartbeat. Close locks it.
+type Boot struct {
+	cfg     Config
+	log     *slog.Logger
+	cl      *client
+	tpm     *tpm.TPM
+	ownTPM  bool
+	session string
+	im      *disk.Image
+	fs      *disk.FS
+	srv     *ninep.Server
+	ln      net.Listener
+	mon     *monitor
+
+	stop     context.CancelFunc
+	hbDone   chan struct{}
+	lockOnce sync.Once
+	done     chan struct{}
+	err      error
+	closeErr error
+	serveErr chan error
+}
+
+// Run unlocks the volume (see the package comment for the steps) and, with
+// Serve9P, starts serving it. It returns once the volume is unlocked and
+// serving, or with the reason it could not be: a *Refusal (errors.Is
+// ErrRefused) carrying the service's diagnostics, ErrTLS for an untrusted
+// certificate, or ctx's error while it was still waiting for an unreachable
+// service. Nothing that holds a key is ever written anywhere.
+func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
+	if cfg.VM == "" || cfg.Image == "" {
+		return nil, errors.New("boot: --vm and --image are required")
+	}
+	if cfg.Poll <= 0 {
+		cfg.Poll = DefaultPoll
+	}
+	if cfg.RetryMin <= 0 {
+		cfg.RetryMin = DefaultRetryMin
+	}
+	if cfg.RetryMax < cfg.RetryMin {
+		cfg.RetryMax = max(DefaultRetryMax, cfg.RetryMin)
+	}
+	if cfg.InitFS == "" {
+		cfg.InitFS = disk.Ext4
+	}
+	switch {
+	case cfg.OnAlert == "":
+		cfg.OnAlert = AlertLog
+	case cfg.OnAlert != AlertLog && cfg.OnAlert != AlertLock:
+		return nil, fmt.Errorf("boot: on-alert %q: use log or lock", cfg.OnAlert)
+	}
+	if cfg.OnAlert == AlertLock && !cfg.Monitor {
+		return nil, errors.New("boot: --on-alert lock needs --monitor (there are no alerts without the monitor)")
+	}
+	b := &Boot{cfg: cfg, log: cfg.Log, done: make(chan struct{}), serveErr: make(chan error, 1)}
+	if b.log == nil {
+		b.log = slog.Default()
+	}
+	b.log.Info("memory protection", slog.String("keys", MemoryProtection()))
+	defer func() {
+		if err != nil {
+			b.release()
+		}
+	}()
+
+	st, err := inspect(cfg.Image)
+	if err != nil {
+		return nil, err
+	}
+	blank := false
+	switch {
+	case !st.luks && !st.zero:
+		return nil, fmt.Errorf("boot: %s has no LUKS2 header and holds data (a non-zero byte at offset %d); keygate formats only blank devices, so nothing was written", cfg.Image, st.nonZeroAt)
+	case !st.luks && !cfg.InitIfBlank:
+		return nil, fmt.Errorf("boot: %s is blank (no LUKS2 header, zeros at the start); pass --init-if-blank to provision it through the key service", cfg.Image)
+	case !st.luks:
+		blank = true
+	}
+	url, pin, volume := cfg.KeysvcURL, "", cfg.Volume
+	if st.token != nil {
+		pin = st.token.CASHA256
+		if url == "" {
+			url = st.token.URL
+		}
+		if volume == "" {
+			volume = st.token.VolumeID
+		} else if volume != st.token.VolumeID {
+			return nil, fmt.Errorf("boot: --volume %q is not the volume %q named in %s's keygate token", volume, st.token.VolumeID, cfg.Image)
+		}
+	}
+	if url == "" || volume == "" {
+		return nil, fmt.Errorf("boot: %s has no keygate token, so --keysvc and --volume are required (or create the volume with `keygate disk create --keysvc URL --volume ID`)", cfg.Image)
+	}
+	if b.cl, err = newClient(url, cfg.CA, pin); err != nil {
+		return nil, fmt.Errorf("boot: %w", err)
+	}
+	if cfg.TPM != nil {
+		b.tpm = cfg.TPM
+	} else {
+		if b.tpm, err = tpm.Open(cfg.TPMSpec); err != nil {
+			return nil, fmt.Errorf("boot: %w", err)
+		}
+		b.ownTPM = true
+	}
+
+	// Before the first key byte arrives: no core file, and no
+	// /proc/PID/mem or ptrace for anyone but root, from here on.
+	if err := harden(); err != nil {
+		return nil, fmt.Errorf("boot: harden process: %w", err)
+	}
+	if cfg.Monitor {
+		if err := b.startMonitor(); err != nil {
+			return nil, err
+		}
+	}
+	uk, err := b.unlock(ctx, url, volume, blank)
+	if err != nil {
+		return nil, err
+	}
+	defer uk.Destroy()
+	if blank {
+		if err := formatBlank(cfg.Image, uk.Bytes(), luks2.KeygateToken{URL: url, VolumeID: volume, CASHA256: pinFor(cfg.CA, pin)}, cfg.InitFS); err != nil {
+			return nil, fmt.Errorf("boot: provision %s: %w (the key service made the volume's key but the device is still blank: erase the volume with `keysvc erase --volume %s` and provision the device under a new --volume ID)", cfg.Image, err, volume)
+		}
+		b.log.Info("provisioned blank volume", slog.String("image", cfg.Image), slog.String("volume", volume), slog.String("fs", string(cfg.InitFS)))
+	}
+	key := disk.NewKey(uk.Bytes())
+	b.im, err = disk.OpenImage(cfg.Image, key, true)
+	key.Destroy()
+	uk.Destroy()
+	if err != nil {
+		return nil, fmt.Errorf("boot: %w", err)
+	}
+	if b.fs, err = b.im.FS(); err != nil {
+		return nil, fmt.Errorf("boot: %s: %w", cfg.Image, err)
+	}
+	b.emit(Event{Kind: EventUnlocked, Message: fmt.Sprintf("volume %s unlocked (%s); PCR %d extended", volume, b.fs.Type(), tpm.WindowPCR)})
+
+	if cfg.Serve9P != "" {
+		if err := b.serve(cfg.Serve9P); err != nil {
+			return nil, err
+		}
+	}
+	hctx, stop := context.WithCancel(context.Background())
+	b.stop, b.hbDone = stop, make(chan struct{})
+	go b.heartbeat(hctx)
+	b.monitorServing()
+	return b, nil
+}
+
+func pinFor(caPEM []byte, pin string) string {
+	if pin != "" {
+		return pin
+	}
+	fp, _ := CAFingerprint(caPEM)
+	return fp
+}
+
+// unlock runs challenge, attest and unlock (or provision) until the key
+// service answers, then imports the blob and closes the window. The UK it
+// returns is the caller's to destroy.
+func (b *Boot) unlock(ctx context.Context, url, volume string, provision bool) (*tpm.Secret, error) {
+	ek, err := b.tpm.EK(b.cfg.Alg)
+	if err != nil {
+		return nil, fmt.Errorf("boot: %w", err)
+	}
+	ak, err := b.tpm.AK(b.cfg.Alg)
+	if err != nil {
+		return nil, fmt.Errorf("boot: %w", err)
+	}
+	ekPEM, err := ek.PEM()
+	if err != nil {
+		return nil, err
+	}
+	akPEM, err := ak.PEM()
+	if err != nil {
+		return nil, err
+	}
+	path := "/v1/unlock"
+	if provision {
+		path = "/v1/provision"
+	}
+	var ur keysvc.UnlockResponse
+	start, delay := time.Now(), b.cfg.RetryMin
+	for {
+		err = b.attempt(ctx, keysvc.ChallengeRequest{VM: b.cfg.VM, Volume: volume, EKPub: string(ekPEM), AKPub: string(akPEM)}, path, &ur)
+		var ue *UnreachableError
+		if !errors.As(err, &ue) {
+			break
+		}
+		if b.cfg.MaxWait > 0 && time.Since(start)+delay > b.cfg.MaxWait {
+			return nil, fmt.Errorf("boot: gave up after %s: %w", time.Since(start).Round(time.Millisecond), err)
+		}
+		b.emit(Event{Kind: EventWaiting, Err: err, Message: fmt.Sprintf("key service %s unreachable (%v); retrying in %s", url, ue.Err, delay)})
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("boot: stopped while waiting for the key service: %w", ctx.Err())
+		case <-time.After(delay):
+		}
+		delay = min(delay*2, b.cfg.RetryMax)
+	}
+	var r *Refusal
+	if provision && errors.As(err, &r) && (r.Reason == keysvc.ReasonUnknownVolume || r.Reason == keysvc.ReasonNoProvisioning) {
+		return nil, fmt.Errorf("boot: provision volume %s: %w (this VM may not provision volumes: enroll it with provisioning allowed, or create the volume with `keygate disk create --keysvc`)", volume, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("boot: volume %s: %w", volume, err)
+	}
+	blob := &tpmpb.ImportBlob{}
+	if err := proto.Unmarshal(ur.ImportBlob, blob); err != nil {
+		return nil, fmt.Errorf("boot: the key service's import blob does not parse: %v", err)
+	}
+	uk, ierr := b.tpm.Import(blob, b.cfg.Alg)
+	// Close the window whatever Import did: from here on nothing in this
+	// boot can have the same blob, or a new one, imported or released.
+	xerr := b.tpm.Extend(tpm.WindowPCR, []byte("keygate: unlock done: "+volume))
+	if ierr != nil {
+		return nil, fmt.Errorf("boot: TPM import of the key service's blob: %w", ierr)
+	}
+	if xerr != nil {
+		uk.Destroy()
+		return nil, fmt.Errorf("boot: extend PCR %d after unlock: %w", tpm.WindowPCR, xerr)
+	}
+	b.session = ur.Session
+	b.monitorSession()
+	return uk, nil
+}
+
+// attempt is one challenge-quote-unlock round trip.
+func (b *Boot) attempt(ctx context.Context, req keysvc.ChallengeRequest, path string, ur *keysvc.UnlockResponse) error {
+	var ch keysvc.ChallengeResponse
+	if err := b.cl.do(ctx, "POST", "/v1/challenge", "", req, &ch); err != nil {
+		return err
+	}
+	att, err := b.tpm.Attest(ch.Nonce, b.cfg.Alg)
+	if err != nil {
+		return fmt.Errorf("quote PCRs: %w", err)
+	}
+	raw, err := proto.Marshal(att)
+	if err != nil {
+		return err
+	}
+	return b.cl.do(ctx, "POST", path, "", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: raw}, ur)
+}
+
+func (b *Boot) emit(ev Event) {
+	lvl := slog.LevelInfo
+	if ev.Err != nil {
+		lvl = slog.LevelWarn
+	}
+	b.log.Log(context.Background(), lvl, ev.Message, slog.String("event", string(ev.Kind)))
+	if b.cfg.OnEvent != nil {
+		b.cfg.OnEvent(ev)
+	}
+}
+
+// serve starts the 9P server on a unix socket at path.
+func (b *Boot) serve(path string) error {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return fmt.Errorf("boot: --serve-9p %s exists and is not a socket; choose another path", path)
+		}
+		os.Remove(path) // a stale socket of an earlier run
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("boot: listen on %s: %w", path, err)
+	}
+	os.Chmod(path, 0o600)
+	b.ln = ln
+	b.srv = ninep.NewServer(b.fs, ninep.WithLogger(b.log))
+	go func() { b.serveErr <- b.srv.Serve(ln) }()
+	b.emit(Event{Kind: EventServing, Message: "serving 9P2000.L on " + path + " (mount -t 9p -o trans=unix,version=9p2000.L " + path + " /mnt)"})
+	return nil
+}
+
+// FS is the unlocked filesystem; after the lock its calls fail.
+func (b *Boot) FS() *disk.FS { return b.fs }
+
+// Socket is the 9P socket path, or "".
+func (b *Boot) Socket() string { return b.cfg.Serve9P }
+
+// Done is closed once the volume is locked.
+func (b *Boot) Done() <-chan struct{} { return b.done }
+
+// Wait blocks until the volume is locked and returns why: ErrRevoked, the
+// 9P server's failure, or nil after Close.
+func (b *Boot) Wait() error {
+	<-b.done
+	return b.err
+}
+
+// Close locks the volume (flushing what 9P clients wrote), stops the
+// heartbeat and releases the TPM if Run opened it.
+func (b *Boot) Close() error {
+	b.lock(nil)
+	if b.hbDone != nil {
+		<-b.hbDone
+	}
+	return b.closeErr
+}
+
+// lock wipes the keys and closes the volume once; why is what Wait returns.
+func (b *Boot) lock(why error) {
+	b.lockOnce.Do(func() {
+		b.err = why
+		b.closeErr = b.release()
+		msg := "volume locked: keys wiped, volume closed"
+		if why != nil {
+			msg = "volume locked: " + why.Error()
+		}
+		b.emit(Event{Kind: EventLocked, Message: msg, Err: why})
+		close(b.done)
+	})
+}
+
+// release tears down whatever Run set up, in the order that keeps data:
+// 9P first (its Close syncs the filesystem), then the image (which wipes
+// the key schedule).
+func (b *Boot) release() error {
+	if b.stop != nil {
+		b.stop()
+	}
+	var errs []error
+	if b.srv != nil {
+		errs = append(errs, b.srv.Close())
+		os.Remove(b.cfg.Serve9P)
+	} else if b.ln != nil {
+		b.ln.Close()
+	}
+	if b.im != nil {
+		errs = append(errs, b.im.Close())
+		b.im = nil
+	}
+	// After the wipe, so that the keys are watched until they are gone;
+	// before the client closes, so that queued alerts still reach the key
+	// service.
+	errs = append(errs, b.stopMonitor())
+	if b.cl != nil {
+		b.cl.close()
+	}
+	if b.ownTPM && b.tpm != nil {
+		errs = append(errs, b.tpm.Close())
+		b.tpm = nil
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,140 @@
+package boot
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"errors"
+	"math/big"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/keygate/keygate/keysvc"
+)
+
+// issue makes a CA and a server certificate for 127.0.0.1 signed by it.
+func issue(t *testing.T) (ca *x509.Certificate, leaf tls.Certificate) {
+	t.Helper()
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test ca"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ = x509.ParseCertificate(caDER)
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "keysvc"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &k.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca, tls.Certificate{Certificate: [][]byte{der}, PrivateKey: k}
+}
+
+func fingerprint(c *x509.Certificate) string {
+	s := sha256.Sum256(c.Raw)
+	return hex.EncodeToString(s[:])
+}
+
+// TestPinnedCA: with only the token's CA fingerprint, the client accepts a
+// server whose chain carries that CA and whose leaf it signed, and nothing
+// else.
+func TestPinnedCA(t *testing.T) {
+	ca, leaf := issue(t)
+	otherCA, otherLeaf := issue(t)
+	withCA := tls.Certificate{Certificate: [][]byte{leaf.Certificate[0], ca.Raw}, PrivateKey: leaf.PrivateKey}
+	// A leaf from another CA, sent with the pinned CA appended: the chain
+	// "has" the pinned CA, but it did not sign the leaf.
+	forged := tls.Certificate{Certificate: [][]byte{otherLeaf.Certificate[0], ca.Raw}, PrivateKey: otherLeaf.PrivateKey}
+	for _, tc := range []struct {
+		name    string
+		serve   tls.Certificate
+		pin     string
+		wantErr error
+	}{
+		{"chain-with-pinned-ca", withCA, fingerprint(ca), nil},
+		{"leaf-only", leaf, fingerprint(ca), ErrTLS},
+		{"other-ca-pinned", withCA, fingerprint(otherCA), ErrTLS},
+		{"leaf-not-signed-by-pinned-ca", forged, fingerprint(ca), ErrTLS},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{tc.serve}, MinVersion: tls.VersionTLS13})
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Write([]byte(`{"state":"active"}`))
+			})}
+			go srv.Serve(ln)
+			defer srv.Close()
+			cl, err := newClient("https://"+ln.Addr().String(), nil, tc.pin)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cl.close()
+			var sr keysvc.SessionResponse
+			err = cl.do(context.Background(), "GET", "/v1/session", "tok", nil, &sr)
+			if tc.wantErr == nil {
+				if err != nil || sr.State != keysvc.StateActive {
+					t.Fatalf("do: %v %+v", err, sr)
+				}
+				return
+			}
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("do: %v, want %v", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+// TestNewClientRefuses: what the client refuses before any connection.
+func TestNewClientRefuses(t *testing.T) {
+	ca, _ := issue(t)
+	caPEM := []byte("-----BEGIN CERTIFICATE-----\n" + "\n-----END CERTIFICATE-----\n")
+	for _, tc := range []struct {
+		name, url, pin string
+		ca             []byte
+	}{
+		{"http", "http://127.0.0.1:1", fingerprint(ca), nil},
+		{"no-trust-anchor", "https://127.0.0.1:1", "", nil},
+		{"bad-ca-file", "https://127.0.0.1:1", "", caPEM},
+		{"ca-not-the-pinned-one", "https://127.0.0.1:1", fingerprint(ca), otherCA(t)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := newClient(tc.url, tc.ca, tc.pin); err == nil {
+				t.Fatal("accepted")
+			}
+		})
+	}
+}
+
+// FuzzParseRefusal: a 403 body from the network never panics the parser or
+// the message built from it, and a policy denial keeps its mismatches.
+func FuzzParseRefusal(f *testing.F) {
+	f.Add([]byte(`{"reason":"revoked","hint":"the VM was revoked"}`))
+	f.Add([]byte(`{"reason":"PCR 7 not allowed","mismatches":[{"pcr":7,"allowed":["00"],"got":"11"}],"rules":[{"rule":"secure_boot","want":"enabled","got":"disabled"}]}`))
+	f.Add([]byte(`{"mismatches":null}`))
+	f.Add([]byte(`not json`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		err := parseRefusal(b)
+		var r *Refusal
+		if !errors.As(err, &r) || !errors.Is(err, ErrRefused) {
+			t.Fatalf("parseRefusal returned %T", err)
+		}
+		_ = err.Error()
+		if r.Denial != nil && r.Reason != keysvc.ReasonPolicy {
+			t.Fatalf("denial with reason %q", r.Reason)
+		}
+	})
+}

@@ -1,0 +1,210 @@
+package boot
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/awnumar/memguard"
+
+	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/disk/luks2"
+	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keysvc"
+)
+
+// CreateConfig describes a new volume registered at the key service.
+type CreateConfig struct {
+	Image     string // must not exist
+	KeysvcURL string // VM API URL, written into the token
+	AdminURL  string // admin API URL (https://HOST:PORT) the UK is registered through
+	CA        []byte // the key service's CA (PEM); its fingerprint goes into the token
+	Token     string // admin bearer token
+	VM        string
+	Volume    string
+	Options   disk.CreateOptions // PBKDF is forced to pbkdf2: the UK is random
+}
+
+// CreateVolume makes a 32-byte UK in locked memory, builds the image (UK as
+// keyslot passphrase, keygate token naming KeysvcURL, Volume and the CA's
+// fingerprint) beside Image, registers the UK at the key service for VM
+// (admin volume import), and only then links the image into place.
+//
+// Nothing is left half-done: a failure before the registration removes the
+// unfinished image; a failure to put the image in place after it (Image
+// appeared meanwhile) erases the volume's key at the key service again, and
+// says so, since the ID then cannot be reused.
+func CreateVolume(ctx context.Context, cc CreateConfig) (*disk.Created, error) {
+	if cc.Image == "" || cc.VM == "" || cc.Volume == "" || cc.KeysvcURL == "" || cc.AdminURL == "" || cc.Token == "" {
+		return nil, errors.New("create volume: image, --keysvc, --vm, --volume, the admin URL and the admin token are required")
+	}
+	if !strings.HasPrefix(cc.KeysvcURL, "https://") {
+		return nil, fmt.Errorf("create volume: --keysvc %q must be an https URL", cc.KeysvcURL)
+	}
+	ca, err := parseCA(cc.CA)
+	if err != nil {
+		return nil, fmt.Errorf("create volume: %w", err)
+	}
+	fp, _ := CAFingerprint(cc.CA)
+	if _, err := os.Lstat(cc.Image); err == nil {
+		return nil, fmt.Errorf("create volume: %s exists; choose another name, or remove it first if its data is no longer needed", cc.Image)
+	}
+	uk := memguard.NewBufferRandom(keysvc.UKSize)
+	unregister := keyrange.Register(uk.Bytes())
+	defer func() { unregister(); uk.Destroy() }()
+
+	tmp := filepath.Join(filepath.Dir(cc.Image), fmt.Sprintf(".%s.keygate-create-%d", filepath.Base(cc.Image), time.Now().UnixNano()))
+	tok := luks2.KeygateToken{URL: cc.KeysvcURL, VolumeID: cc.Volume, CASHA256: fp}
+	res, err := createImage(tmp, uk.Bytes(), tok, cc.Options)
+	if err != nil {
+		os.Remove(tmp)
+		return nil, fmt.Errorf("create volume: %w", err)
+	}
+	placed := false
+	defer func() {
+		if !placed {
+			res.Wipe()
+			os.Remove(tmp)
+		}
+	}()
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool}}}
+	defer hc.CloseIdleConnections()
+	if err := adminCall(ctx, hc, cc, "/v1/admin/volumes", keysvc.VolumeRequest{ID: cc.Volume, VM: cc.VM, Key: uk.Bytes()}); err != nil {
+		return nil, fmt.Errorf("create volume: register at the key service: %w (nothing was created)", err)
+	}
+	if err := linkNoClobber(tmp, cc.Image); err != nil {
+		eraseErr := adminCall(ctx, hc, cc, "/v1/admin/volumes/"+cc.Volume+"/erase", nil)
+		return nil, fmt.Errorf("create volume: put the image in place: %w; the volume's key was registered and has been erased again (%v), so choose a new --volume ID", err, eraseErr)
+	}
+	os.Remove(tmp)
+	placed = true
+	if in, err := disk.Inspect(cc.Image); err == nil {
+		res.Info = in
+	}
+	return res, nil
+}
+
+// createImage makes the image at tmp (which must not exist). Without a
+// recovery keyslot it formats it here, with the cheap volume-key digest
+// (see digestIterations); with one it leaves the work to disk.CreateImage,
+// which owns the recovery passphrase, and adds the token after.
+func createImage(tmp string, uk []byte, tok luks2.KeygateToken, opts disk.CreateOptions) (*disk.Created, error) {
+	if opts.Recovery {
+		opts.PBKDF = disk.PBKDF2
+		key := disk.NewKey(uk)
+		res, err := disk.CreateImage(tmp, key, opts)
+		key.Destroy()
+		if err != nil {
+			return nil, err
+		}
+		tok.Keyslot = res.KeySlot
+		if err := writeToken(tmp, tok); err != nil {
+			res.Wipe()
+			return nil, err
+		}
+		return res, nil
+	}
+	if opts.SectorSize == 0 {
+		opts.SectorSize = 4096
+	}
+	if opts.SectorSize != 512 && opts.SectorSize != 4096 {
+		return nil, fmt.Errorf("sector size %d: use 512 or 4096", opts.SectorSize)
+	}
+	if opts.Size < disk.DataOffset+disk.MinFAT32Size {
+		return nil, fmt.Errorf("--size %d bytes is too small: the LUKS2 header takes 16 MiB, so use at least %dM", opts.Size, (disk.DataOffset+disk.MinFAT32Size)>>20)
+	}
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if err := f.Truncate(opts.Size - opts.Size%int64(opts.SectorSize)); err != nil {
+		return nil, err
+	}
+	if err := formatFile(f, uk, tok, opts.FS, opts.SectorSize, opts.Label); err != nil {
+		return nil, err
+	}
+	if err := f.Sync(); err != nil {
+		return nil, err
+	}
+	return &disk.Created{KeySlot: 0, RecoverySlot: -1}, nil
+}
+
+func writeToken(path string, tok luks2.KeygateToken) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	vol, err := luks2.Open(f)
+	if err != nil {
+		return err
+	}
+	t, err := tok.Token()
+	if err != nil {
+		return err
+	}
+	if _, err := vol.AddToken(t); err != nil {
+		return fmt.Errorf("write keygate token: %w", err)
+	}
+	return f.Sync()
+}
+
+// linkNoClobber puts tmp at path without replacing a file that appeared
+// there meanwhile (disk.CreateImage does the same for its own temp file).
+func linkNoClobber(tmp, path string) error {
+	err := os.Link(tmp, path)
+	if err == nil || errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	if _, serr := os.Lstat(path); serr == nil {
+		return fmt.Errorf("%s appeared meanwhile: %w", path, fs.ErrExist)
+	}
+	return os.Rename(tmp, path)
+}
+
+// adminCall POSTs body to the admin API and wants a 2xx. The request body,
+// which carries the UK for a volume import, is wiped once sent.
+func adminCall(ctx context.Context, hc *http.Client, cc CreateConfig, path string, body any) error {
+	var b []byte
+	if body != nil {
+		var err error
+		if b, err = json.Marshal(body); err != nil {
+			return err
+		}
+		defer clear(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, "POST", strings.TrimRight(cc.AdminURL, "/")+path, bytes.NewReader(b))
+	if err != nil {
+		return fmt.Errorf("bad admin URL %q: %v", cc.AdminURL, err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+cc.Token)
+	resp, err := hc.Do(req)
+	if err != nil {
+		var ua x509.UnknownAuthorityError
+		if errors.As(err, &ua) {
+			return fmt.Errorf("%w: %v (pass --ca DATA/ca.pem)", ErrTLS, err)
+		}
+		return fmt.Errorf("reach the admin API at %s: %w (is `keysvc serve` running?)", cc.AdminURL, err)
+	}
+	defer resp.Body.Close()
+	rb, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("admin API answered %s%s", resp.Status, bodyMessage(rb))
+	}
+	return nil
+}

@@ -1,0 +1,164 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/keygate/keygate/boot"
+	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/internal/cli"
+	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/tpm"
+)
+
+func newBootCmd() *cobra.Command {
+	var (
+		cfg                   boot.Config
+		caFile, fsType, alert string
+		monitor, rsa, asJSON  bool
+	)
+	c := &cobra.Command{
+		Use:   "boot --keysvc URL --ca FILE --vm NAME --volume ID --image PATH|DEVICE --tpm /dev/tpmrm0|swtpm:SOCKET|sim",
+		Short: "Attest to the key service, unlock the volume and serve it over 9P",
+		Long: `Unlock a keygate volume through remote attestation: the TPM quotes its PCRs
+to the key service, which releases the volume's unwrap key sealed to this TPM
+and this boot's PCR values. The key is imported into locked memory, the
+volume is opened, PCR 15 is extended so the key cannot be released again in
+this boot, and with --serve-9p the filesystem is served as 9P2000.L:
+
+  mount -t 9p -o trans=unix,version=9p2000.L SOCKET /mnt
+
+While the key service is unreachable at boot, keygate retries with backoff.
+A denial prints the service's diagnostics (PCR, allowed and actual values)
+and exits non-zero. While serving, the session is polled every --poll; a
+revoke wipes the keys, closes the volume and stops serving.
+
+With --monitor (root only), an eBPF monitor runs inside this process from
+before the unlock: every attempt by another process to read its memory
+(process_vm_readv, ptrace, /proc/PID/mem, ...) is logged and sent to the key
+service. The first log line says whether attempts are only reported (detect
+mode) or also denied (deny mode, with the BPF LSM active), and why.
+--on-alert lock locks the volume, as a revoke does, on the first critical
+alert.
+
+--keysvc, --ca and --volume default to what the volume's keygate token says.
+See docs/boot.md.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if cfg.VM == "" || cfg.Image == "" || cfg.TPMSpec == "" {
+				return cli.Usagef(c, "--vm, --image and --tpm are required")
+			}
+			if alert != string(boot.AlertLog) && alert != string(boot.AlertLock) {
+				return cli.Usagef(c, "--on-alert %q: use log or lock", alert)
+			}
+			if alert == string(boot.AlertLock) && !monitor {
+				return cli.Usagef(c, "--on-alert lock needs --monitor (there are no alerts without the monitor)")
+			}
+			cfg.Monitor, cfg.OnAlert = monitor, boot.AlertAction(alert)
+			var err error
+			if cfg.InitFS, err = parseFS(fsType, false); err != nil {
+				return cli.Usage(c, err)
+			}
+			if rsa {
+				cfg.Alg = tpm.RSA
+			}
+			if caFile != "" {
+				if cfg.CA, err = os.ReadFile(caFile); err != nil {
+					return fmt.Errorf("read --ca: %w", err)
+				}
+			}
+			var h slog.Handler = slog.NewTextHandler(c.ErrOrStderr(), nil)
+			if asJSON {
+				h = slog.NewJSONHandler(c.ErrOrStderr(), nil)
+			}
+			cfg.Log = slog.New(h)
+			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			b, err := boot.Run(ctx, cfg)
+			if err != nil {
+				return err
+			}
+			select {
+			case <-ctx.Done():
+				cfg.Log.Info("stopping: flushing writes and wiping keys")
+				return b.Close()
+			case <-b.Done():
+				err := b.Wait()
+				b.Close()
+				return err
+			}
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&cfg.KeysvcURL, "keysvc", "", "key service VM API URL, https://HOST:PORT (default: the volume's token)")
+	f.StringVar(&caFile, "ca", "", "key service CA certificate, its DATA/ca.pem (default: pin the token's CA fingerprint)")
+	f.StringVar(&cfg.VM, "vm", "", "the name this VM is enrolled under")
+	f.StringVar(&cfg.Volume, "volume", "", "volume ID at the key service (default: the volume's token)")
+	f.StringVar(&cfg.Image, "image", "", "LUKS2 image file or block device")
+	f.StringVar(&cfg.TPMSpec, "tpm", tpm.DefaultDevice, "TPM: /dev/tpmrm0, swtpm:SOCKET or sim")
+	f.BoolVar(&rsa, "rsa", false, "use the RSA EK and AK instead of ECC")
+	f.BoolVar(&cfg.InitIfBlank, "init-if-blank", false, "provision and format a blank image (no LUKS2 header, zeros at the start) through the key service")
+	f.StringVar(&fsType, "fs", string(disk.Ext4), "filesystem --init-if-blank makes: ext4 or fat32")
+	f.StringVar(&cfg.Serve9P, "serve-9p", "", "serve the filesystem as 9P2000.L on this unix socket")
+	f.DurationVar(&cfg.Poll, "poll", boot.DefaultPoll, "session check period: a revoke locks the volume within this bound")
+	f.DurationVar(&cfg.MaxWait, "max-wait", 0, "give up when the key service is unreachable this long at boot (default: wait forever)")
+	f.BoolVar(&monitor, "monitor", false, "watch, with eBPF, for other processes reading this one's memory (needs root); see docs/monitor.md")
+	f.StringVar(&alert, "on-alert", "log", "with --monitor: log (report only), or lock (wipe the keys and stop serving on the first critical alert)")
+	f.BoolVar(&asJSON, "json", false, "log JSON lines instead of text")
+	return c
+}
+
+// keysvcCreate holds the admin-side flags of `disk create --keysvc`.
+type keysvcCreate struct{ vm, ca, admin, tokenFile string }
+
+func keysvcCreateFlags(c *cobra.Command, ks *keysvcCreate) {
+	f := c.Flags()
+	f.StringVar(&ks.vm, "vm", "", "with --keysvc: the VM the volume belongs to")
+	f.StringVar(&ks.ca, "ca", "", "with --keysvc: the key service CA, DATA/ca.pem (env KEYSVC_CA)")
+	f.StringVar(&ks.admin, "admin", "", "with --keysvc: admin API URL (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")
+	f.StringVar(&ks.tokenFile, "token-file", "", "with --keysvc: admin token file, DATA/admin.token (env KEYSVC_TOKEN_FILE)")
+}
+
+// createWithKeysvc is `disk create --keysvc URL --volume ID`.
+func createWithKeysvc(c *cobra.Command, image, url, volume string, opts disk.CreateOptions, ks *keysvcCreate) (*disk.Created, error) {
+	caFile := firstSet(ks.ca, os.Getenv("KEYSVC_CA"))
+	tokenFile := firstSet(ks.tokenFile, os.Getenv("KEYSVC_TOKEN_FILE"))
+	switch {
+	case url == "" || volume == "":
+		return nil, cli.Usagef(c, "--keysvc and --volume go together")
+	case ks.vm == "":
+		return nil, cli.Usagef(c, "--vm is required with --keysvc: the VM that may unlock the volume")
+	case caFile == "":
+		return nil, cli.Usagef(c, "--ca is required with --keysvc (the key service's DATA/ca.pem, or set KEYSVC_CA)")
+	case tokenFile == "":
+		return nil, cli.Usagef(c, "no admin token: pass --token-file DATA/admin.token or set KEYSVC_TOKEN_FILE")
+	}
+	ca, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("read --ca: %w", err)
+	}
+	tok, err := os.ReadFile(tokenFile)
+	if err != nil {
+		return nil, fmt.Errorf("read admin token: %w", err)
+	}
+	defer clear(tok)
+	return boot.CreateVolume(c.Context(), boot.CreateConfig{
+		Image: image, KeysvcURL: url, AdminURL: firstSet(ks.admin, os.Getenv("KEYSVC_SERVER"), "https://"+keysvc.DefaultAdminListen),
+		CA: ca, Token: strings.TrimSpace(string(tok)), VM: ks.vm, Volume: volume, Options: opts,
+	})
+}
+
+func firstSet(s ...string) string {
+	for _, x := range s {
+		if x != "" {
+			return x
+		}
+	}
+	return ""
+}
