@@ -66,7 +66,7 @@ func TestDemo(t *testing.T) {
 			"==> 4. write and read files through the 9P server", `"Quarterly numbers`, "only ciphertext",
 			"the key-page monitor (ebpfmon)",
 			"a changed boot is refused", "PCR 15: allowed 0000000000000000…, got",
-			"after PCR 7 changes", "PCR 7: allowed",
+			"after a reboot into a changed boot", "PCR 7: allowed",
 			"revoke the VM: the volume locks", "9P socket gone",
 			"crypto-erase the volume", "erased: true", "a boot is refused (revoked",
 			"audit:", "verify", "demo complete in",
