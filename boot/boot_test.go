@@ -12,6 +12,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"github.com/keygate/keygate/disk/ninep"
 	"math/big"
 	"net"
 	"net/http"
@@ -385,10 +386,10 @@ func TestWhileServing(t *testing.T) {
 			root, done := p9Client(t, b.Socket())
 			defer done()
 			data := bytes.Repeat([]byte("keygate "), 40000) // 320 KB: several 9P messages
-			if err := p9Write(root, "big.bin", data); err != nil {
+			if err := ninep.WriteFile(root, "big.bin", data); err != nil {
 				t.Fatalf("9P write: %v", err)
 			}
-			got, err := p9Read(root, "big.bin")
+			got, err := ninep.ReadFile(root, "big.bin")
 			if err != nil || !bytes.Equal(got, data) {
 				t.Fatalf("9P read back %d bytes (%v), want %d", len(got), err, len(data))
 			}
@@ -405,7 +406,7 @@ func TestWhileServing(t *testing.T) {
 			}
 			roundTrip(t, b.FS()) // the volume keeps working
 			root, done := p9Client(t, b.Socket())
-			if err := p9Write(root, "during-outage", []byte("ok")); err != nil {
+			if err := ninep.WriteFile(root, "during-outage", []byte("ok")); err != nil {
 				t.Fatalf("9P write during the outage: %v", err)
 			}
 			done()

@@ -8,9 +8,9 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"github.com/keygate/keygate/disk/ninep"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -219,61 +219,9 @@ func (ev *events) kinds() []EventKind {
 // p9Client attaches to a 9P server on a unix socket.
 func p9Client(t testing.TB, sock string) (p9.File, func()) {
 	t.Helper()
-	conn, err := net.Dial("unix", sock)
+	root, hangup, err := ninep.Dial(sock)
 	if err != nil {
-		t.Fatalf("dial 9P socket: %v", err)
+		t.Fatal(err)
 	}
-	c, err := p9.NewClient(conn)
-	if err != nil {
-		conn.Close()
-		t.Fatalf("9P version: %v", err)
-	}
-	root, err := c.Attach("")
-	if err != nil {
-		c.Close()
-		t.Fatalf("9P attach: %v", err)
-	}
-	return root, func() { root.Close(); c.Close() }
-}
-
-// p9Write creates name under root with data, fsyncs and clunks it.
-func p9Write(root p9.File, name string, data []byte) error {
-	_, dir, err := root.Walk(nil)
-	if err != nil {
-		return err
-	}
-	f, _, _, err := dir.Create(name, p9.WriteOnly, 0o644, p9.NoUID, p9.NoGID)
-	if err != nil {
-		dir.Close()
-		return err
-	}
-	_, err = f.WriteAt(data, 0)
-	if err == nil {
-		err = f.FSync()
-	}
-	return errors.Join(err, f.Close())
-}
-
-// p9Read reads name under root whole.
-func p9Read(root p9.File, name string) ([]byte, error) {
-	_, f, err := root.Walk([]string{name})
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	if _, _, err := f.Open(p9.ReadOnly); err != nil {
-		return nil, err
-	}
-	var out []byte
-	buf := make([]byte, 64<<10)
-	for {
-		n, err := f.ReadAt(buf, int64(len(out)))
-		out = append(out, buf[:n]...)
-		if err == io.EOF || (err == nil && n == 0) {
-			return out, nil
-		}
-		if err != nil {
-			return out, err
-		}
-	}
+	return root, func() { hangup() }
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/keygate/keygate/disk/ninep"
 	"io"
 	"net/http"
 	"os"
@@ -67,7 +68,7 @@ func TestInterruptedWrites(t *testing.T) {
 					for i := 0; ; i++ {
 						name := fmt.Sprintf("c%d-%03d", c, i)
 						data := bytes.Repeat([]byte(name+" "), 256<<10/8)
-						if err := p9Write(root, name, data); err != nil {
+						if err := ninep.WriteFile(root, name, data); err != nil {
 							return // the server went away: a clean failure
 						}
 						mu.Lock()

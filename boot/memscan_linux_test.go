@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/keygate/keygate/disk/ninep"
 	"io"
 	"net/http"
 	"os"
@@ -119,10 +120,10 @@ func TestServingProcessMemory(t *testing.T) {
 	// Make the cipher work: write and read through 9P.
 	root, done := p9Client(t, ch.sock)
 	data := bytes.Repeat([]byte("secret data "), 10000)
-	if err := p9Write(root, "f", data); err != nil {
+	if err := ninep.WriteFile(root, "f", data); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := p9Read(root, "f"); err != nil || !bytes.Equal(got, data) {
+	if got, err := ninep.ReadFile(root, "f"); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("9P read back: %v", err)
 	}
 	done()

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/keygate/keygate/disk/ninep"
 	"net"
 	"net/http"
 	"os"
@@ -181,7 +182,7 @@ func TestMonitor(t *testing.T) {
 				default:
 				}
 				root, done := p9Client(t, b.Socket())
-				if err := p9Write(root, "after-alerts", []byte("still serving")); err != nil {
+				if err := ninep.WriteFile(root, "after-alerts", []byte("still serving")); err != nil {
 					t.Fatalf("9P after the alerts: %v", err)
 				}
 				done()

@@ -29,6 +29,7 @@ import (
 	"github.com/keygate/keygate/attest"
 	"github.com/keygate/keygate/boot"
 	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/disk/ninep"
 	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/tpm"
@@ -294,12 +295,18 @@ func (d *demo) onEvent(e boot.Event) {
 
 func (d *demo) files() error {
 	secret := []byte("Quarterly numbers, not for the cloud provider's eyes.\n")
-	if err := d.with9P(func(root p9.File) error { return p9Put(root, "reports", "q3.txt", secret) }); err != nil {
+	err := d.with9P(func(root p9.File) error {
+		if _, err := root.Mkdir("reports", 0o755, p9.NoUID, p9.NoGID); err != nil {
+			return fmt.Errorf("mkdir /reports: %w", err)
+		}
+		return ninep.WriteFile(root, "/reports/q3.txt", secret)
+	})
+	if err != nil {
 		return fmt.Errorf("write over 9P: %w", err)
 	}
 	var got []byte
-	err := d.with9P(func(root p9.File) (err error) {
-		got, err = p9Get(root, "reports", "q3.txt")
+	err = d.with9P(func(root p9.File) (err error) {
+		got, err = ninep.ReadFile(root, "/reports/q3.txt")
 		return err
 	})
 	if err != nil {
@@ -323,22 +330,11 @@ func (d *demo) files() error {
 }
 
 func (d *demo) with9P(f func(root p9.File) error) error {
-	conn, err := net.Dial("unix", d.sock)
+	root, hangup, err := ninep.Dial(d.sock)
 	if err != nil {
 		return err
 	}
-	c, err := p9.NewClient(conn)
-	if err != nil {
-		conn.Close()
-		return err
-	}
-	defer c.Close()
-	root, err := c.Attach("")
-	if err != nil {
-		return err
-	}
-	defer root.Close()
-	return f(root)
+	return errors.Join(f(root), hangup())
 }
 
 func (d *demo) denial() error {
@@ -559,51 +555,6 @@ func (d *demo) admin(method, path string, body, out any) error {
 		return json.Unmarshal(b, out)
 	}
 	return nil
-}
-
-// p9Put makes dir under root and writes dir/name, fsyncing it: a write is
-// durable once fsync (or the close) returns.
-func p9Put(root p9.File, dir, name string, data []byte) error {
-	if _, err := root.Mkdir(dir, 0o755, p9.NoUID, p9.NoGID); err != nil {
-		return fmt.Errorf("mkdir %s: %w", dir, err)
-	}
-	_, dd, err := root.Walk([]string{dir})
-	if err != nil {
-		return err
-	}
-	defer dd.Close()
-	f, _, _, err := dd.Create(name, p9.WriteOnly, 0o644, p9.NoUID, p9.NoGID)
-	if err != nil {
-		return fmt.Errorf("create %s: %w", name, err)
-	}
-	if _, err = f.WriteAt(data, 0); err == nil {
-		err = f.FSync()
-	}
-	return errors.Join(err, f.Close())
-}
-
-// p9Get reads the file at path under root whole.
-func p9Get(root p9.File, path ...string) ([]byte, error) {
-	_, f, err := root.Walk(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	if _, _, err := f.Open(p9.ReadOnly); err != nil {
-		return nil, err
-	}
-	var out []byte
-	buf := make([]byte, 64<<10)
-	for {
-		n, err := f.ReadAt(buf, int64(len(out)))
-		out = append(out, buf[:n]...)
-		if err == io.EOF || (err == nil && n == 0) {
-			return out, nil
-		}
-		if err != nil {
-			return out, err
-		}
-	}
 }
 
 func slotsLine(n int) string {
