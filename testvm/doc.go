@@ -11,7 +11,8 @@
 // the guest reports results as "KEYGATE-RESULT key=value" lines (see
 // Console). It does not own what runs inside the guest beyond /init; the
 // scenarios that drive keygate boot and the monitor live in this package's
-// tests as those commands land.
+// tests (TestScenarios: enroll and learn, unlock and serve, tampered boot,
+// attack, revoke, erase, dm-crypt cross-check).
 //
 // Fetched and built artefacts are cached under CacheDir (by default
 // .cache/testvm at the module root, git-ignored), keyed by the Debian package

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -73,8 +74,11 @@ func (r *Initramfs) Write(path string) error {
 	return nil
 }
 
+// baseDirs are the directories every initramfs has.
+var baseDirs = []string{"bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "root", "run", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin"}
+
 func (r *Initramfs) write(c *cpioWriter, busybox, init []byte) error {
-	for _, d := range []string{"bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "root", "run", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin"} {
+	for _, d := range baseDirs {
 		if err := c.Dir(d, 0o755); err != nil {
 			return err
 		}
@@ -124,6 +128,24 @@ func (r *Initramfs) write(c *cpioWriter, busybox, init []byte) error {
 		names = append(names, n)
 	}
 	sort.Strings(names) // map order would make the archive, and PCR 9, vary
+	// The kernel's unpacker makes no parent directories: a file whose
+	// directory the archive lacks is silently dropped.
+	dirs := map[string]bool{}
+	for _, d := range baseDirs {
+		dirs[d] = true
+	}
+	for _, n := range names {
+		var parents []string
+		for d := path.Dir(strings.TrimPrefix(n, "/")); d != "." && d != "/" && !dirs[d]; d = path.Dir(d) {
+			parents = append(parents, d)
+		}
+		for i := len(parents) - 1; i >= 0; i-- {
+			if err := c.Dir(parents[i], 0o755); err != nil {
+				return err
+			}
+			dirs[parents[i]] = true
+		}
+	}
 	for _, n := range names {
 		perm := uint32(0o644)
 		if strings.HasPrefix(strings.TrimPrefix(n, "/"), "bin/") {

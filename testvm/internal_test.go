@@ -178,3 +178,38 @@ func cachedKernel(t *testing.T) *Kernel {
 	}
 	return k
 }
+
+// TestInitramfsParentDirs checks that extra files in directories the base
+// layout lacks get those directories: the kernel's unpacker, like cpio
+// without -d, drops a file whose directory is not in the archive.
+func TestInitramfsParentDirs(t *testing.T) {
+	if _, err := os.Stat(BusyboxPath); err != nil {
+		testutil.Skip(t, "qemu", "busybox-static is not installed (make test installs it)")
+	}
+	k := cachedKernel(t)
+	dir := t.TempDir()
+	files := map[string][]byte{"lib/cs/libx.so.1": []byte("x"), "a/b/c": []byte("deep"), "etc/top": []byte("t")}
+	p := filepath.Join(dir, "initrd")
+	if err := (&Initramfs{Kernel: k, Files: files}).Write(p); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	root := filepath.Join(dir, "root")
+	if err := os.Mkdir(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(BusyboxPath, "cpio", "-i") // no -d: as the kernel
+	cmd.Dir, cmd.Stdin = root, f
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("busybox cpio -i: %v\n%s", err, out)
+	}
+	for name, want := range files {
+		if b, err := os.ReadFile(filepath.Join(root, name)); err != nil || !bytes.Equal(b, want) {
+			t.Errorf("%s: %q, %v; want %q", name, b, err, want)
+		}
+	}
+}

@@ -26,13 +26,15 @@ const KernelMetaPackage = "linux-image-amd64"
 // DefaultModules are the kernel modules the guest loads, by module name
 // (dependencies are added by Kernel). They cover the virtio disk and network
 // the guest boots with, fw_cfg (the per-run, unmeasured parameters), the 9P
-// export, dm-crypt for the cross-check with the kernel's own LUKS2, and ext4.
+// client over virtio (host shares) and over a unix socket (keygate's export:
+// 9pnet_fd, which the kernel would otherwise ask modprobe for as "9p-unix"),
+// dm-crypt for the cross-check with the kernel's own LUKS2, and ext4.
 // crc32c_generic and the xts/aesni modules are named because the kernel asks
 // for them by alias at run time (ext4's crc32c, dm-crypt's cipher), and the
 // guest has no modprobe index to resolve aliases.
 var DefaultModules = []string{
 	"virtio_pci", "virtio_blk", "virtio_net", "qemu_fw_cfg",
-	"9p", "9pnet_virtio",
+	"9p", "9pnet_virtio", "9pnet_fd",
 	"dm_crypt", "xts", "aesni_intel",
 	"ext4", "crc32c_generic",
 	"loop",

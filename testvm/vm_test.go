@@ -70,21 +70,25 @@ func guest(t *testing.T) *testvm.Guest {
 }
 
 // TestMain fails the run if a VM's temporary directory (sockets, firmware
-// variables, fw_cfg files) outlives the tests.
+// variables, fw_cfg files) outlives the tests. The tests get a TMPDIR of
+// their own, so another run on the same machine can't be taken for a leak.
 func TestMain(m *testing.M) {
-	pattern := filepath.Join(os.TempDir(), "kgvm[0-9]*")
-	before, _ := filepath.Glob(pattern)
+	tmp, err := os.MkdirTemp("", "testvm-run")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Setenv("TMPDIR", tmp)
 	code := m.Run()
 	if guestDir != "" {
 		os.RemoveAll(guestDir)
 	}
-	after, _ := filepath.Glob(pattern)
-	for _, d := range after {
-		if !slices.Contains(before, d) {
-			fmt.Fprintf(os.Stderr, "leak: VM directory %s was not removed\n", d)
-			code = 1
-		}
+	leaked, _ := filepath.Glob(filepath.Join(tmp, "kgvm[0-9]*"))
+	for _, d := range leaked {
+		fmt.Fprintf(os.Stderr, "leak: VM directory %s was not removed\n", d)
+		code = 1
 	}
+	os.RemoveAll(tmp)
 	os.Exit(code)
 }
 
@@ -414,7 +418,7 @@ func TestGuest(t *testing.T) {
 	})
 	t.Run("modules", func(t *testing.T) {
 		mods := strings.Fields(r.get(t, "modules"))
-		for _, m := range []string{"9p", "9pnet", "9pnet_virtio", "dm_crypt", "dm_mod", "ext4", "virtio_blk"} {
+		for _, m := range []string{"9p", "9pnet", "9pnet_fd", "9pnet_virtio", "dm_crypt", "dm_mod", "ext4", "virtio_blk"} {
 			if !slices.Contains(mods, m) {
 				t.Errorf("module %s not loaded; loaded: %v", m, mods)
 			}

@@ -17,6 +17,11 @@ import (
 	"github.com/keygate/keygate/testvm"
 )
 
+var (
+	tpmState string
+	fwItems  = map[string][]byte{}
+)
+
 func main() {
 	shell := flag.Bool("shell", false, "start a shell on the serial console after /init's checks (power off with 'poweroff -f')")
 	script := flag.String("script", "", "shell script that /init runs (delivered through fw_cfg, so not measured)")
@@ -24,6 +29,19 @@ func main() {
 	extra := flag.String("append", "", "extra kernel arguments, after "+testvm.BaseCmdline)
 	print := flag.Bool("print", false, "build the guest, then print the swtpm and qemu commands instead of running them")
 	timeout := flag.Duration("timeout", 0, "kill the guest after this long (0: never)")
+	flag.StringVar(&tpmState, "tpm", "", "swtpm state directory to keep across boots (the same EK and AK every boot); a fresh TPM when empty")
+	flag.Func("fwcfg", "NAME=FILE: hand FILE to the guest as fw_cfg item NAME, read with 'fwcfg NAME' (repeatable; e.g. ca=DATA/ca.pem)", func(v string) error {
+		name, file, ok := strings.Cut(v, "=")
+		if !ok || name == "" || file == "" {
+			return fmt.Errorf("want NAME=FILE, got %q", v)
+		}
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return err
+		}
+		fwItems[name] = b
+		return nil
+	})
 	flag.Parse()
 	if err := run(*shell, *script, *data, *extra, *print, *timeout); err != nil {
 		fmt.Fprintln(os.Stderr, "kgvm:", err)
@@ -56,8 +74,8 @@ func run(shell bool, script, data, extra string, print bool, timeout time.Durati
 	if extra != "" {
 		cfg.Cmdline += " " + extra
 	}
-	cfg.DataDisk = data
-	cfg.FwCfg = map[string][]byte{}
+	cfg.DataDisk, cfg.SwtpmState = data, tpmState
+	cfg.FwCfg = fwItems
 	if script != "" {
 		b, err := os.ReadFile(script)
 		if err != nil {
