@@ -2,7 +2,9 @@ package ebpfmon_test
 
 import (
 	"context"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -14,11 +16,12 @@ import (
 	"github.com/keygate/keygate/ebpfmon"
 )
 
-// workloads are what the overhead benchmark times, each op a few syscalls:
-// opens and closes by absolute path (the monitor reads each path's first
-// bytes), relative to a directory fd (it checks the directory's filesystem),
-// and dd-style reads and writes (which it does not trace at all, but which
-// pay for syscall tracepoints being on).
+// workloads are what the overhead benchmark times: opens and closes by
+// absolute path and relative to a directory fd (the monitor's exit program
+// runs for each and looks at the opened file), dd-style reads and writes
+// (which it does not trace at all, but which pay for syscall tracepoints
+// being on), and reading a tree of small files, as tar, grep -r or a build
+// does (open, fstat, read to the end, close: one op per file).
 var workloads = []struct {
 	name string
 	op   func(b *testing.B, dir int, buf []byte)
@@ -41,9 +44,58 @@ var workloads = []struct {
 		unix.Read(zeroFD, buf)
 		unix.Write(nullFD, buf)
 	}},
+	{"read-tree", func(b *testing.B, _ int, buf []byte) {
+		p := treeFiles[treeNext%len(treeFiles)]
+		treeNext++
+		fd, err := unix.Open(p, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			b.Fatal(err)
+		}
+		for {
+			n, err := unix.Read(fd, buf)
+			if n <= 0 || err != nil {
+				break
+			}
+		}
+		unix.Close(fd)
+	}},
 }
 
-var zeroFD, nullFD int
+var (
+	zeroFD, nullFD int
+	treeFiles      []string
+	treeNext       int
+)
+
+// treeRoots are trees of many small files that every Debian system has:
+// package documentation, else the Go source tree.
+var treeRoots = []string{"/usr/share/doc", filepath.Join(runtime.GOROOT(), "src")}
+
+// loadTree lists up to max regular files under the first tree root that
+// has at least 1000 of them.
+func loadTree(b *testing.B, max int) []string {
+	for _, root := range treeRoots {
+		var files []string
+		filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+			if err != nil || len(files) >= max {
+				return filepath.SkipDir
+			}
+			if d.Type().IsRegular() {
+				files = append(files, p)
+			}
+			return nil
+		})
+		if len(files) >= 1000 {
+			return files
+		}
+	}
+	b.Fatalf("no tree of at least 1000 files under %v for the read-tree workload", treeRoots)
+	return nil
+}
 
 // BenchmarkOverhead times each workload with and without the monitor in
 // the same run, alternating rounds so that drift in the machine's load
@@ -64,6 +116,8 @@ func BenchmarkOverhead(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	treeFiles = loadTree(b, 4000)
+	b.Logf("read-tree: %d files under %s", len(treeFiles), filepath.Dir(treeFiles[0]))
 	v := startVictim(b)
 	buf := make([]byte, 4096)
 	// CPU time of this thread, not wall time: on a shared machine other
@@ -72,6 +126,12 @@ func BenchmarkOverhead(b *testing.B) {
 	defer runtime.UnlockOSThread()
 	ratios := make([][]float64, len(workloads))
 	offNS := make([][]float64, len(workloads))
+	// bestBlock[i][on] is workload i's fastest block of ops: other load
+	// only ever adds time, so the fastest of many short blocks is the
+	// closest to the syscalls' own cost.
+	const block = 200
+	bestBlock := make([][2]float64, len(workloads))
+	ops = max(ops/block, 1) * block
 	for r := 0; r < rounds; r++ {
 		var ns [2][]float64
 		// Alternate the order (off-on, on-off) so that drift cancels.
@@ -91,11 +151,18 @@ func BenchmarkOverhead(b *testing.B) {
 			if on {
 				idx = 1
 			}
-			for _, w := range workloads {
+			for i, w := range workloads {
 				w.op(b, dir, buf) // warm
+				treeNext = 0      // both modes read the same files in the same blocks
 				start := threadCPU()
-				for n := 0; n < ops; n++ {
-					w.op(b, dir, buf)
+				for n := 0; n < ops; n += block {
+					t0 := threadCPU()
+					for k := 0; k < block; k++ {
+						w.op(b, dir, buf)
+					}
+					if d := float64(threadCPU()-t0) / block; bestBlock[i][idx] == 0 || d < bestBlock[i][idx] {
+						bestBlock[i][idx] = d
+					}
 				}
 				ns[idx] = append(ns[idx], float64(threadCPU()-start)/float64(ops))
 			}
@@ -118,7 +185,10 @@ func BenchmarkOverhead(b *testing.B) {
 	if err := m.Protect(v.PID, []ebpfmon.Range{v.Key}); err != nil {
 		b.Fatal(err)
 	}
-	for _, w := range workloads[:2] {
+	for _, w := range workloads {
+		if w.name == "read-write-4k" {
+			continue // opens nothing
+		}
 		before, err := m.ProgramStats()
 		if err != nil {
 			b.Fatal(err)
@@ -130,26 +200,36 @@ func BenchmarkOverhead(b *testing.B) {
 		var runs uint64
 		var rt time.Duration
 		for _, name := range []string{"sys_enter_openat", "sys_exit_openat"} {
+			if _, ok := after[name]; !ok {
+				continue // opens have no entry program
+			}
 			r, d := after[name].Runs-before[name].Runs, after[name].Runtime-before[name].Runtime
 			runs += r
 			rt += d
 			b.Logf("%s: %s ran %d times, %.0f ns a run", w.name, name, r, float64(d.Nanoseconds())/float64(r))
 		}
-		// Other processes open files too; the per-run cost is what counts.
-		perRun := float64(rt.Nanoseconds()) / float64(runs)
-		b.ReportMetric(perRun*2, w.name+"-bpf-ns/op")
-		b.Logf("%s: the openat programs ran %d times, %.0f ns a run: %.0f ns of BPF per open+close", w.name, runs, perRun, perRun*2)
+		// Other processes open files too, so runs is not exactly ops;
+		// the cost per open is what counts.
+		perOpen := float64(rt.Nanoseconds()) / float64(runs) * float64(openProgs(after))
+		b.ReportMetric(perOpen, w.name+"-bpf-ns/op")
+		b.Logf("%s: the openat programs ran %d times in all: %.0f ns of BPF per open", w.name, runs, perOpen)
 	}
 	m.Close()
 	stats.Close()
+	// Two estimates, since other processes' load on this machine inflates
+	// single rounds by tens of percent: the median of the per-round ratios,
+	// and the ratio of the fastest blocks of ops with and without.
 	for i, w := range workloads {
 		slices.Sort(ratios[i])
 		slices.Sort(offNS[i])
 		med := ratios[i][len(ratios[i])/2]
+		best := bestBlock[i][1] / bestBlock[i][0]
 		b.ReportMetric(offNS[i][len(offNS[i])/2], w.name+"-ns/op")
 		b.ReportMetric(med, w.name+"-ratio")
-		b.Logf("%s: %.0f ns/op without the monitor; with it, median ratio %.4f (%+.2f%%), per round %v",
-			w.name, offNS[i][len(offNS[i])/2], med, (med-1)*100, ratios[i])
+		b.ReportMetric(best, w.name+"-best-ratio")
+		b.Logf("%s: %.0f ns/op without the monitor; with/without: median of %d rounds %.4f (%+.2f%%, middle half %.3f-%.3f); fastest %d-op blocks %.0f/%.0f ns = %.4f (%+.2f%%); target 1.02",
+			w.name, offNS[i][len(offNS[i])/2], len(ratios[i]), med, (med-1)*100,
+			ratios[i][len(ratios[i])/4], ratios[i][len(ratios[i])*3/4], block, bestBlock[i][1], bestBlock[i][0], best, (best-1)*100)
 	}
 }
 
@@ -191,6 +271,18 @@ func BenchmarkAlertLatency(b *testing.B) {
 	b.ReportMetric(lat[len(lat)-1], "max-µs")
 	b.ReportMetric(float64(st.Drops), "drops")
 	b.Logf("alert latency over %d alerts: p50 %.0f µs, p99 %.0f µs, max %.0f µs; %d dropped", n, lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1], st.Drops)
+}
+
+// openProgs is how many programs run per openat: the exit's, and the
+// entry's where there is one.
+func openProgs(st map[string]ebpfmon.ProgramStat) int {
+	n := 0
+	for _, name := range []string{"sys_enter_openat", "sys_exit_openat"} {
+		if _, ok := st[name]; ok {
+			n++
+		}
+	}
+	return n
 }
 
 func threadCPU() int64 {

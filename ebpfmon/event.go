@@ -61,7 +61,7 @@ const (
 // Event is one attempt to reach a protected process's memory (or all of
 // memory, for /proc/kcore and /dev/mem), as the kernel saw it.
 type Event struct {
-	Time time.Time `json:"time"` // when the syscall was entered
+	Time time.Time `json:"time"` // when the syscall was entered; for opens, when it returned
 	// KernelNS is that time on CLOCK_MONOTONIC, and ReceivedNS when the
 	// event reached user space: the difference is the alert's latency.
 	KernelNS   uint64 `json:"kernel_ns"`

@@ -71,9 +71,7 @@ const (
 	monitorMapScratch          = "scratch"
 	monitorMapTargets          = "targets"
 	monitorProgNewtask         = "newtask"
-	monitorProgOpenat2Enter    = "openat2_enter"
 	monitorProgOpenat2Exit     = "openat2_exit"
-	monitorProgOpenatEnter     = "openat_enter"
 	monitorProgOpenatExit      = "openat_exit"
 	monitorProgPerfEnter       = "perf_enter"
 	monitorProgPerfExit        = "perf_exit"
@@ -133,9 +131,7 @@ type monitorSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type monitorProgramSpecs struct {
 	Newtask         *ebpf.ProgramSpec `ebpf:"newtask"`
-	Openat2Enter    *ebpf.ProgramSpec `ebpf:"openat2_enter"`
 	Openat2Exit     *ebpf.ProgramSpec `ebpf:"openat2_exit"`
-	OpenatEnter     *ebpf.ProgramSpec `ebpf:"openat_enter"`
 	OpenatExit      *ebpf.ProgramSpec `ebpf:"openat_exit"`
 	PerfEnter       *ebpf.ProgramSpec `ebpf:"perf_enter"`
 	PerfExit        *ebpf.ProgramSpec `ebpf:"perf_exit"`
@@ -225,9 +221,7 @@ type monitorVariables struct {
 // It can be passed to loadMonitorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type monitorPrograms struct {
 	Newtask         *ebpf.Program `ebpf:"newtask"`
-	Openat2Enter    *ebpf.Program `ebpf:"openat2_enter"`
 	Openat2Exit     *ebpf.Program `ebpf:"openat2_exit"`
-	OpenatEnter     *ebpf.Program `ebpf:"openat_enter"`
 	OpenatExit      *ebpf.Program `ebpf:"openat_exit"`
 	PerfEnter       *ebpf.Program `ebpf:"perf_enter"`
 	PerfExit        *ebpf.Program `ebpf:"perf_exit"`
@@ -245,9 +239,7 @@ type monitorPrograms struct {
 func (p *monitorPrograms) Close() error {
 	return _MonitorClose(
 		p.Newtask,
-		p.Openat2Enter,
 		p.Openat2Exit,
-		p.OpenatEnter,
 		p.OpenatExit,
 		p.PerfEnter,
 		p.PerfExit,

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/keygate/keygate/ebpfmon"
 )
 
@@ -87,6 +89,10 @@ func TestTechniques(t *testing.T) {
 			}
 			if tc.path != "" && e.Path != tc.path {
 				t.Errorf("path %q, want %q", e.Path, tc.path)
+			}
+			// Every attacking open (openat and openat2 alike) passes these flags.
+			if tc.path != "" && e.Arg != unix.O_RDONLY|unix.O_CLOEXEC {
+				t.Errorf("open flags %#x, want %#x", e.Arg, unix.O_RDONLY|unix.O_CLOEXEC)
 			}
 			if tc.overlap && !strings.HasPrefix(tc.args[0], "mem") && tc.technique != ebpfmon.Kcore && tc.technique != ebpfmon.DevMem {
 				if e.Addr != v.Key.Start || e.OverlapBytes == 0 {

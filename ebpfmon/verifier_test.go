@@ -28,7 +28,7 @@ func TestVerifierHeadroom(t *testing.T) {
 	defer objs.Close()
 	re := regexp.MustCompile(`processed (\d+) insns`)
 	progs := map[string]*ebpf.Program{
-		"openat_enter": objs.OpenatEnter, "openat_exit": objs.OpenatExit, "openat2_enter": objs.Openat2Enter,
+		"openat_exit": objs.OpenatExit, "openat2_exit": objs.Openat2Exit,
 		"vm_readv_enter": objs.VmReadvEnter, "ptrace_enter": objs.PtraceEnter, "pidfd_getfd_enter": objs.PidfdGetfdEnter,
 		"perf_enter": objs.PerfEnter,
 	}
