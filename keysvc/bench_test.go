@@ -6,9 +6,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"runtime/pprof"
+	"runtime/trace"
 	"slices"
 	"sync"
 	"syscall"
@@ -38,12 +41,19 @@ import (
 //
 //	go test ./keysvc -run '^$' -bench '^BenchmarkUnlock$' -benchtime 2000x
 //	go test ./keysvc -run '^$' -bench '^BenchmarkUnlockOpenLoop$' -benchtime 4500x -keysvc.rate 1500
+//
+// -keysvc.timedtrace writes an execution trace of the timed part alone (go
+// tool trace -pprof=sched|sync|syscall splits the latency into waiting for a
+// CPU, for a lock or channel, and for fsync), and -keysvc.log json runs the
+// service with the Info-level JSON logger a deployment has, to a file.
 
 var (
 	// timedProfile writes a CPU profile of the timed part alone (go test's
 	// -cpuprofile also covers the quoting before it, which the simulator
 	// dominates).
 	timedProfile = flag.String("keysvc.timedprofile", "", "write a CPU profile of the unlock benchmarks' timed part to `file`")
+	timedTrace   = flag.String("keysvc.timedtrace", "", "write an execution trace of the unlock benchmarks' timed part to `file` (go tool trace)")
+	benchLog     = flag.String("keysvc.log", "discard", "the unlock benchmarks' service logger: discard, or json (Info, to a file as a deployment would)")
 	offeredRate  = flag.Float64("keysvc.rate", 1500, "BenchmarkUnlockOpenLoop's offered load, unlocks per second")
 )
 
@@ -58,7 +68,20 @@ type unlockLoad struct {
 // newUnlockLoad enrolls vms VMs and precomputes b.N unlock requests, client
 // c unlocking VM c%vms.
 func newUnlockLoad(b *testing.B, vms int) *unlockLoad {
-	e := startEnv(b, b.TempDir(), keysvc.WithRateLimits(0, 0), keysvc.WithChallengeTTL(time.Hour))
+	opts := []keysvc.Option{keysvc.WithRateLimits(0, 0), keysvc.WithChallengeTTL(time.Hour)}
+	switch *benchLog {
+	case "discard":
+	case "json":
+		f, err := os.Create(filepath.Join(b.TempDir(), "keysvc.log"))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { f.Close() })
+		opts = append(opts, keysvc.WithLogger(slog.New(slog.NewJSONHandler(f, nil))))
+	default:
+		b.Fatalf("-keysvc.log %q: want discard or json", *benchLog)
+	}
+	e := startEnv(b, b.TempDir(), opts...)
 	v := openVM(b)
 	names, vols := make([]string, vms), make([]string, vms)
 	for i := range vms {
@@ -122,6 +145,17 @@ func timed(b *testing.B, fn func()) time.Duration {
 		}
 		defer pprof.StopCPUProfile()
 	}
+	if *timedTrace != "" {
+		f, err := os.Create(*timedTrace)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+		if err := trace.Start(f); err != nil {
+			b.Fatal(err)
+		}
+		defer trace.Stop()
+	}
 	cpu0 := cpuTime()
 	b.ResetTimer()
 	start := time.Now()
@@ -141,11 +175,17 @@ func cpuTime() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// reportLatency reports p50 and p99 of lat.
+// reportLatency reports p50, p90, p99, p99.9 and the maximum of lat: the
+// shape of the tail tells a few stalls (p99.9 and max far above p99) from a
+// queue that grows (p50 and p90 already high).
 func reportLatency(b *testing.B, lat []time.Duration) {
 	slices.Sort(lat)
-	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
-	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	b.ReportMetric(ms(lat[len(lat)/2]), "p50-ms")
+	b.ReportMetric(ms(lat[len(lat)*9/10]), "p90-ms")
+	b.ReportMetric(ms(lat[len(lat)*99/100]), "p99-ms")
+	b.ReportMetric(ms(lat[len(lat)*999/1000]), "p99.9-ms")
+	b.ReportMetric(ms(lat[len(lat)-1]), "max-ms")
 }
 
 // firstErr keeps the first error reported from several goroutines.

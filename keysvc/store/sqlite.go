@@ -19,7 +19,7 @@ import (
 )
 
 // maxConns bounds the pool: the writer's connection, the checkpointer's,
-// and readers.
+// the pinned hot readers (hotReaders), and read transactions.
 const maxConns = 8
 
 // DBFile is the SQLite database's file name inside the data directory.
@@ -95,6 +95,9 @@ type SQLite struct {
 
 	ckptDone chan struct{}
 
+	readers  chan *readConn // see queryRow
+	nReaders int            // how many readers openReaders made
+
 	// failCommit, if set (by tests), is consulted just before each batch's
 	// COMMIT; an error rolls the batch back as a failed COMMIT would.
 	failCommit func(batch int) error
@@ -141,7 +144,11 @@ func OpenSQLite(ctx context.Context, dir string) (*SQLite, error) {
 	db.SetMaxIdleConns(maxConns)
 	s := &SQLite{db: db, path: path}
 	s.startWriter()
-	if err := s.migrate(ctx); err != nil {
+	err = s.migrate(ctx)
+	if err == nil {
+		err = s.openReaders(ctx)
+	}
+	if err != nil {
 		s.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
@@ -152,6 +159,7 @@ func OpenSQLite(ctx context.Context, dir string) (*SQLite, error) {
 // the database.
 func (s *SQLite) Close() error {
 	s.stopWriter()
+	s.closeReaders()
 	s.closeStmts()
 	return s.db.Close()
 }
@@ -265,15 +273,6 @@ func (s *SQLite) txQueryRow(ctx context.Context, tx *sql.Tx, query string, args 
 		return tx.QueryRowContext(ctx, query, args...)
 	}
 	return tx.StmtContext(ctx, st).QueryRowContext(ctx, args...)
-}
-
-// queryRow is s.db.QueryRowContext through the prepared-statement cache.
-func (s *SQLite) queryRow(ctx context.Context, query string, args ...any) *sql.Row {
-	st, err := s.prepared(query)
-	if err != nil {
-		return s.db.QueryRowContext(ctx, query, args...)
-	}
-	return st.QueryRowContext(ctx, args...)
 }
 
 // closeStmts closes the cached statements.
