@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
@@ -85,6 +86,34 @@ type Monitor struct {
 	closeErr  error
 }
 
+// monitorSpec returns the monitor's programs, told whether the kernel has
+// the bpf_rdonly_cast kfunc (Linux 6.2+). With it, the open filter reads
+// files through inlined loads; without it (Debian 12's 6.1), through
+// bpf_probe_read_kernel, and the kfunc's calls are dead code the verifier
+// drops. The programs cannot test for it themselves: kernels before 6.4
+// refuse the ld_imm64 that bpf_ksym_exists compiles to.
+func monitorSpec() (*ebpf.CollectionSpec, error) {
+	spec, err := loadMonitor()
+	if err != nil {
+		return nil, fmt.Errorf("load the embedded BPF object: %w", err)
+	}
+	if err := spec.Variables[monitorVarHaveRdonlyCast].Set(hasKfunc("bpf_rdonly_cast")); err != nil {
+		return nil, fmt.Errorf("set have_rdonly_cast in the BPF object: %w", err)
+	}
+	return spec, nil
+}
+
+// hasKfunc reports whether the running kernel's BTF names the function;
+// without kernel BTF the programs do not load anyway, so false is safe.
+func hasKfunc(name string) bool {
+	k, err := btf.LoadKernelSpec()
+	if err != nil {
+		return false
+	}
+	var fn *btf.Func
+	return k.TypeByName(name, &fn) == nil
+}
+
 // Start loads the BPF programs, attaches them, protects this process and
 // starts delivering events. The monitor runs until Close or until ctx ends.
 // It needs root (CAP_BPF and CAP_PERFMON) and syscall tracepoints; deny mode
@@ -101,7 +130,11 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 		done:      make(chan struct{}),
 		bootTime:  bootTime(),
 	}
-	if err := loadMonitorObjects(&m.objs, nil); err != nil {
+	spec, err := monitorSpec()
+	if err != nil {
+		return nil, err
+	}
+	if err := spec.LoadAndAssign(&m.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("load BPF programs: the verifier refused them: %v", ve)

@@ -84,6 +84,7 @@ const (
 	monitorProgVmReadvExit     = "vm_readv_exit"
 	monitorProgVmWritevEnter   = "vm_writev_enter"
 	monitorProgVmWritevExit    = "vm_writev_exit"
+	monitorVarHaveRdonlyCast   = "have_rdonly_cast"
 	monitorVarInflight         = "inflight"
 	monitorVarUnusedEvent      = "unused_event"
 )
@@ -163,8 +164,9 @@ type monitorMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type monitorVariableSpecs struct {
-	Inflight    *ebpf.VariableSpec `ebpf:"inflight"`
-	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
+	HaveRdonlyCast *ebpf.VariableSpec `ebpf:"have_rdonly_cast"`
+	Inflight       *ebpf.VariableSpec `ebpf:"inflight"`
+	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
 }
 
 // monitorObjects contains all objects after they have been loaded into the kernel.
@@ -212,8 +214,9 @@ func (m *monitorMaps) Close() error {
 //
 // It can be passed to loadMonitorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type monitorVariables struct {
-	Inflight    *ebpf.Variable `ebpf:"inflight"`
-	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
+	HaveRdonlyCast *ebpf.Variable `ebpf:"have_rdonly_cast"`
+	Inflight       *ebpf.Variable `ebpf:"inflight"`
+	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
 }
 
 // monitorPrograms contains all programs after they have been loaded into the kernel.

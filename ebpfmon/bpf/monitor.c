@@ -331,11 +331,19 @@ int ptrace_enter(struct enter_ctx *ctx)
 SEC("tracepoint/syscalls/sys_exit_ptrace")
 int ptrace_exit(struct exit_ctx *ctx) { return exit_send(ctx); }
 
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+// bpf_rdonly_cast is a kfunc of Linux 6.2+. It is weak so that the programs
+// still load without it (Debian 12's 6.1): the loader then turns its calls
+// into poisoned ones, which must be dead code. have_rdonly_cast, set by the
+// loader from the kernel's BTF, makes them so; bpf_ksym_exists would not do,
+// since kernels before 6.4 refuse an ld_imm64 of a kfunc's address.
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+const volatile __u8 have_rdonly_cast = 0;
 
-// file_of returns the struct file behind the current task's fd. It reads
-// through BTF pointers (inlined loads) rather than bpf_probe_read_kernel
-// calls, since it runs for every relative open in the system.
+// file_of returns the struct file behind the current task's fd. With
+// bpf_rdonly_cast the result is a BTF pointer, read through with inlined
+// loads rather than bpf_probe_read_kernel calls, since this runs for every
+// relative open in the system; without it the result is a plain address,
+// which callers must read with BPF_CORE_READ (see file_is_candidate).
 static __always_inline struct file *file_of(int fd)
 {
 	struct task_struct *t = bpf_get_current_task_btf();
@@ -348,7 +356,7 @@ static __always_inline struct file *file_of(int fd)
 	// Cast to untrusted memory (Linux 6.17+), the fd array is read with a
 	// plain load at a variable index: a bpf_probe_read_kernel call cost
 	// ~70 ns a run here, more than the rest of the exit program.
-	if (bpf_core_enum_value_exists(enum bpf_features, BPF_FEAT_RDONLY_CAST_TO_VOID)) {
+	if (have_rdonly_cast && bpf_core_enum_value_exists(enum bpf_features, BPF_FEAT_RDONLY_CAST_TO_VOID)) {
 		fds = bpf_rdonly_cast(fdt->fd, 0);
 		f = fds[fd & 0xfffffff];
 	} else {
@@ -357,7 +365,17 @@ static __always_inline struct file *file_of(int fd)
 	}
 	if (!f)
 		return 0;
+	if (!have_rdonly_cast)
+		return f;
 	return bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
+}
+
+// file_dentry_of returns the dentry a struct file from file_of names.
+static __always_inline struct dentry *file_dentry_of(struct file *f)
+{
+	if (!have_rdonly_cast)
+		return BPF_CORE_READ(f, f_path.dentry);
+	return f->f_path.dentry;
 }
 
 // base_on_procfs reports whether the directory an open is relative to (dfd, or
@@ -365,16 +383,27 @@ static __always_inline struct file *file_of(int fd)
 static __always_inline int base_on_procfs(int dfd, struct dentry **base)
 {
 	struct dentry *d;
+	unsigned long magic;
 
 	if (dfd == AT_FDCWD) {
 		d = bpf_get_current_task_btf()->fs->pwd.dentry;
+		if (!d)
+			return 0;
+		magic = d->d_sb->s_magic;
 	} else {
 		struct file *f = file_of(dfd);
 		if (!f)
 			return 0;
-		d = f->f_path.dentry;
+		d = file_dentry_of(f);
+		if (!d)
+			return 0;
+		// A dentry read through file_of's fallback is a plain address.
+		if (have_rdonly_cast)
+			magic = d->d_sb->s_magic;
+		else
+			magic = BPF_CORE_READ(d, d_sb, s_magic);
 	}
-	if (!d || d->d_sb->s_magic != PROC_SUPER_MAGIC)
+	if (magic != PROC_SUPER_MAGIC)
 		return 0;
 	*base = d;
 	return 1;
@@ -472,6 +501,25 @@ static __always_inline void open_args(__u32 flag, int *dfd, const char **fn, __u
 	}
 }
 
+// file_is_candidate reports whether a file from file_of is a character
+// device or on procfs: the only files the monitor looks at further.
+static __always_inline int file_is_candidate(struct file *f)
+{
+	struct inode *ino;
+
+	if (!have_rdonly_cast) {
+		ino = BPF_CORE_READ(f, f_inode);
+		if (!ino)
+			return 0;
+		return (BPF_CORE_READ(ino, i_mode) & S_IFMT) == S_IFCHR ||
+		       BPF_CORE_READ(ino, i_sb, s_magic) == PROC_SUPER_MAGIC;
+	}
+	ino = f->f_inode;
+	if (!ino)
+		return 0;
+	return (ino->i_mode & S_IFMT) == S_IFCHR || ino->i_sb->s_magic == PROC_SUPER_MAGIC;
+}
+
 // may_matter is the filter every open in the system passes through, so it
 // reads as little as it can. A successful open is judged by the file it
 // opened (a few loads through BTF pointers): only files on procfs and
@@ -486,10 +534,7 @@ static __always_inline int may_matter(long ret, __u32 flag, struct file **f)
 		struct file *file = file_of((int)ret);
 		if (!file)
 			return 0;
-		struct inode *ino = file->f_inode;
-		if (!ino)
-			return 0;
-		if ((ino->i_mode & S_IFMT) != S_IFCHR && ino->i_sb->s_magic != PROC_SUPER_MAGIC)
+		if (!file_is_candidate(file))
 			return 0;
 		*f = file;
 		return 1;
@@ -694,12 +739,13 @@ int newtask(struct newtask_ctx *ctx)
 	return 0;
 }
 
+// Only the fields every kernel has: group_dead came in Linux 6.16, and a
+// program that reads past a tracepoint's fields may not attach to it (EACCES).
 struct exit_task_ctx {
 	__u64 common;
 	char comm[16];
 	__s32 pid;
 	__s32 prio;
-	__u8 group_dead;
 };
 
 SEC("tracepoint/sched/sched_process_exit")
@@ -712,7 +758,9 @@ int task_exit(struct exit_task_ctx *ctx)
 	__u32 tgid = *t;
 	if (tid != tgid)
 		bpf_map_delete_elem(&targets, &tid);
-	if (ctx->group_dead) {
+	// do_exit counts the exiting thread out of signal->live before this
+	// tracepoint: at zero the whole process is going.
+	if (BPF_CORE_READ(bpf_get_current_task_btf(), signal, live.counter) == 0) {
 		bpf_map_delete_elem(&targets, &tgid);
 		bpf_map_delete_elem(&prot, &tgid);
 	}
