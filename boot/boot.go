@@ -223,6 +223,10 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 			return nil, err
 		}
 	}
+	// The handshake overlaps the TPM's EK and AK creation, which the
+	// challenge needs first; it starts after the hardening and the
+	// monitor, where the challenge's connection used to.
+	b.cl.warm()
 	uk, err := b.unlock(ctx, url, volume, blank)
 	if err != nil {
 		return nil, err

@@ -13,9 +13,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/keygate/keygate/attest"
@@ -75,7 +77,30 @@ var ErrTLS = errors.New("key service certificate not trusted")
 type client struct {
 	base string
 	hc   *http.Client
+	conf *tls.Config
+	addr string // host:port, as the transport dials it
+
+	mu        sync.Mutex
+	pre       chan preDialed // nil, or the one pending warm dial
+	preCancel context.CancelFunc
 }
+
+// preDialed is the outcome of warm's dial.
+type preDialed struct {
+	conn net.Conn
+	err  error
+	at   time.Time // when the handshake ended
+}
+
+// warmMaxAge is how long a warm connection may wait for its first request.
+// The key service (as any Go server) drops a connection that sends nothing
+// for 10 s after its handshake, and a hardware TPM can take that long to
+// make an RSA EK; an older connection is closed and a fresh one dialed, so
+// that the request never meets a dead connection.
+var warmMaxAge = 5 * time.Second
+
+// handshakeTimeout bounds one TCP connect plus TLS handshake.
+const handshakeTimeout = 10 * time.Second
 
 // CAFingerprint returns the lowercase hex SHA-256 of the first certificate
 // (DER) in caPEM, as a keygate token stores it.
@@ -134,9 +159,80 @@ func newClient(base string, caPEM []byte, pin string) (*client, error) {
 	default:
 		return nil, errors.New("no CA to trust: pass --ca DATA/ca.pem (the volume has no keygate token to take the CA fingerprint from)")
 	}
-	tr := &http.Transport{TLSClientConfig: conf, TLSHandshakeTimeout: 10 * time.Second,
-		ResponseHeaderTimeout: 30 * time.Second, MaxIdleConnsPerHost: 2, ForceAttemptHTTP2: true}
-	return &client{base: strings.TrimRight(base, "/"), hc: &http.Client{Transport: tr, Timeout: 60 * time.Second}}, nil
+	// The transport dials through dialTLS (so that a connection warm
+	// made can be handed over), so ALPN must be asked for here.
+	conf.NextProtos = []string{"h2", "http/1.1"}
+	port := u.Port()
+	if port == "" {
+		port = "443"
+	}
+	c := &client{base: strings.TrimRight(base, "/"), conf: conf, addr: net.JoinHostPort(u.Hostname(), port)}
+	tr := &http.Transport{DialTLSContext: c.dialTLS, ResponseHeaderTimeout: 30 * time.Second,
+		MaxIdleConnsPerHost: 2, ForceAttemptHTTP2: true}
+	c.hc = &http.Client{Transport: tr, Timeout: 60 * time.Second}
+	return c, nil
+}
+
+// warm starts the TCP connect and TLS handshake to the key service in the
+// background, so that it overlaps the TPM's key creation; the first
+// request takes the connection over. It sends nothing but the handshake,
+// which checks the key service's certificate as any other does.
+func (c *client) warm() {
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan preDialed, 1)
+	c.mu.Lock()
+	c.pre, c.preCancel = ch, cancel
+	c.mu.Unlock()
+	go func() {
+		conn, err := c.dial(ctx, "tcp", c.addr)
+		ch <- preDialed{conn, err, time.Now()}
+	}()
+}
+
+// dialTLS is the transport's dialer: the warm connection if there is one
+// for addr and it came up, a fresh one otherwise (which also retries a
+// warm dial that failed, so its error is the one the request reports).
+func (c *client) dialTLS(ctx context.Context, network, addr string) (net.Conn, error) {
+	c.mu.Lock()
+	ch, cancel := c.pre, c.preCancel
+	if addr != c.addr {
+		ch = nil
+	}
+	if ch != nil {
+		c.pre, c.preCancel = nil, nil
+	}
+	c.mu.Unlock()
+	if ch != nil {
+		select {
+		case p := <-ch:
+			cancel()
+			if p.err == nil && time.Since(p.at) < warmMaxAge {
+				return p.conn, nil
+			}
+			if p.conn != nil {
+				p.conn.Close()
+			}
+		case <-ctx.Done():
+			cancel()
+			go closePre(ch)
+			return nil, ctx.Err()
+		}
+	}
+	return c.dial(ctx, network, addr)
+}
+
+func (c *client) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+	defer cancel()
+	d := tls.Dialer{Config: c.conf}
+	return d.DialContext(ctx, network, addr)
+}
+
+// closePre closes the warm connection once its dial ends.
+func closePre(ch chan preDialed) {
+	if p := <-ch; p.conn != nil {
+		p.conn.Close()
+	}
 }
 
 func verifyPinned(cs tls.ConnectionState, host, pin string) error {
@@ -162,7 +258,17 @@ func verifyPinned(cs tls.ConnectionState, host, pin string) error {
 	return nil
 }
 
-func (c *client) close() { c.hc.CloseIdleConnections() }
+func (c *client) close() {
+	c.mu.Lock()
+	ch, cancel := c.pre, c.preCancel
+	c.pre, c.preCancel = nil, nil
+	c.mu.Unlock()
+	if ch != nil {
+		cancel()
+		go closePre(ch)
+	}
+	c.hc.CloseIdleConnections()
+}
 
 // do sends one request and decodes a 200 answer into out. A 403 becomes a
 // *Refusal, a transport failure or a 5xx an *UnreachableError, a TLS trust

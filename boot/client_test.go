@@ -49,7 +49,8 @@ func fingerprint(c *x509.Certificate) string {
 
 // TestPinnedCA: with only the token's CA fingerprint, the client accepts a
 // server whose chain carries that CA and whose leaf it signed, and nothing
-// else.
+// else; the same holds for a connection warm dialed ahead of the request,
+// which the request then uses instead of dialing again.
 func TestPinnedCA(t *testing.T) {
 	ca, leaf := issue(t)
 	otherCA, otherLeaf := issue(t)
@@ -68,33 +69,64 @@ func TestPinnedCA(t *testing.T) {
 		{"other-ca-pinned", withCA, fingerprint(otherCA), ErrTLS},
 		{"leaf-not-signed-by-pinned-ca", forged, fingerprint(ca), ErrTLS},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{tc.serve}, MinVersion: tls.VersionTLS13})
-			if err != nil {
-				t.Fatal(err)
-			}
-			srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				w.Write([]byte(`{"state":"active"}`))
-			})}
-			go srv.Serve(ln)
-			defer srv.Close()
-			cl, err := newClient("https://"+ln.Addr().String(), nil, tc.pin)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer cl.close()
-			var sr keysvc.SessionResponse
-			err = cl.do(context.Background(), "GET", "/v1/session", "tok", nil, &sr)
-			if tc.wantErr == nil {
-				if err != nil || sr.State != keysvc.StateActive {
-					t.Fatalf("do: %v %+v", err, sr)
+		for _, mode := range []string{"cold", "warm", "stale"} {
+			warm, stale := mode != "cold", mode == "stale"
+			t.Run(tc.name+"/"+mode, func(t *testing.T) {
+				if stale {
+					// A warm connection older than warmMaxAge is dropped
+					// for a fresh one.
+					defer func(d time.Duration) { warmMaxAge = d }(warmMaxAge)
+					warmMaxAge = 0
 				}
-				return
-			}
-			if !errors.Is(err, tc.wantErr) {
-				t.Fatalf("do: %v, want %v", err, tc.wantErr)
-			}
-		})
+				ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{tc.serve}, MinVersion: tls.VersionTLS13})
+				if err != nil {
+					t.Fatal(err)
+				}
+				conns := make(chan struct{}, 16)
+				srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					w.Write([]byte(`{"state":"active"}`))
+				}), ConnState: func(_ net.Conn, st http.ConnState) {
+					if st == http.StateNew {
+						conns <- struct{}{}
+					}
+				}}
+				go srv.Serve(ln)
+				defer srv.Close()
+				cl, err := newClient("https://"+ln.Addr().String(), nil, tc.pin)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer cl.close()
+				if warm {
+					cl.warm()
+					<-conns // the warm dial reached the server before any request
+				}
+				for i := range 2 {
+					var sr keysvc.SessionResponse
+					err = cl.do(context.Background(), "GET", "/v1/session", "tok", nil, &sr)
+					if tc.wantErr == nil {
+						if err != nil || sr.State != keysvc.StateActive {
+							t.Fatalf("do %d: %v %+v", i, err, sr)
+						}
+						continue
+					}
+					if !errors.Is(err, tc.wantErr) {
+						t.Fatalf("do %d: %v, want %v", i, err, tc.wantErr)
+					}
+				}
+				if tc.wantErr != nil {
+					return
+				}
+				srv.Close()
+				want := 1 // the requests share one connection: the warm one if it is fresh
+				if warm && !stale {
+					want = 0
+				}
+				if n := len(conns); n != want {
+					t.Fatalf("requests opened %d connection(s) besides any warm one; want %d", n, want)
+				}
+			})
+		}
 	}
 }
 
