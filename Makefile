@@ -15,7 +15,7 @@ TEST_DEBS := cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools sw
 	clang llvm libbpf-dev procps clevis clevis-tpm2 tang socat \
 	qemu-system-x86 ovmf busybox-static
 # Tools the tests must find: a missing one fails the run instead of skipping.
-export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep,qemu
+export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep,qemu,guest-bpf
 
 .PHONY: all build test testvm bench demo generate deps test-deps fuzz clean
 
