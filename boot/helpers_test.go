@@ -7,8 +7,8 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"github.com/keygate/keygate/disk/ninep"
+	"github.com/keygate/keygate/internal/tpmtest"
 	"io"
 	"log/slog"
 	"net/http"
@@ -23,7 +23,6 @@ import (
 	"github.com/hugelgupf/p9/p9"
 
 	"github.com/keygate/keygate/disk"
-	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/tpm"
 )
@@ -110,20 +109,7 @@ func (e *env) admin(t testing.TB, method, path string, body any, want int) []byt
 // and checks at the end that nothing was left loaded in it.
 func openSim(t testing.TB) *tpm.TPM {
 	t.Helper()
-	tp, err := tpm.Open("sim")
-	if errors.Is(err, tpm.ErrNotSupported) {
-		testutil.Skip(t, "cgo", err.Error())
-	}
-	if err != nil {
-		t.Fatalf("open TPM simulator: %v", err)
-	}
-	t.Cleanup(func() {
-		if h, err := tp.TransientHandles(); err != nil || len(h) != 0 {
-			t.Errorf("transient handles left: %v %v", h, err)
-		}
-		tp.Close()
-	})
-	return tp
+	return tpmtest.Open(t, "sim")
 }
 
 // policyPCRs are the PCRs the tests' policies name: two boot PCRs and the

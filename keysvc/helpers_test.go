@@ -10,7 +10,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
+	"github.com/keygate/keygate/internal/tpmtest"
 	"io"
 	"log/slog"
 	"net/http"
@@ -25,7 +25,6 @@ import (
 	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/tpm"
 )
@@ -162,19 +161,7 @@ type vmTPM struct {
 
 func openVM(t testing.TB) *vmTPM {
 	t.Helper()
-	tp, err := tpm.Open("sim")
-	if errors.Is(err, tpm.ErrNotSupported) {
-		testutil.Skip(t, "cgo", err.Error())
-	}
-	if err != nil {
-		t.Fatalf("open TPM simulator: %v", err)
-	}
-	t.Cleanup(func() {
-		if h, err := tp.TransientHandles(); err != nil || len(h) != 0 {
-			t.Errorf("transient handles left: %v %v", h, err)
-		}
-		tp.Close()
-	})
+	tp := tpmtest.Open(t, "sim")
 	ek, err := tp.EK(tpm.ECC)
 	if err != nil {
 		t.Fatal(err)

@@ -1,8 +1,8 @@
 package tpm_test
 
 import (
-	"errors"
 	"flag"
+	"github.com/keygate/keygate/internal/tpmtest"
 	"os"
 	"testing"
 
@@ -61,25 +61,7 @@ func mayExtend(t *testing.T, tp *tpm.TPM) {
 // object or session was left loaded, then closes the TPM.
 func openChecked(t *testing.T, spec string) *tpm.TPM {
 	t.Helper()
-	tp, err := tpm.Open(spec)
-	if spec == "sim" && errors.Is(err, tpm.ErrNotSupported) {
-		testutil.Skip(t, "sim", err.Error()) // a CGO_ENABLED=0 build
-	}
-	if err != nil {
-		t.Fatalf("Open(%q): %v", spec, err)
-	}
-	t.Cleanup(func() {
-		defer tp.Close()
-		hs, err := tp.TransientHandles()
-		if err != nil {
-			t.Errorf("list transient handles: %v", err)
-			return
-		}
-		if len(hs) > 0 {
-			t.Errorf("leaked %d transient handles/sessions: %#x", len(hs), hs)
-		}
-	})
-	return tp
+	return tpmtest.Open(t, spec)
 }
 
 // startSwtpm starts a swtpm with a fresh state and returns its server
