@@ -236,24 +236,37 @@ static long range_cb(__u32 i, void *data)
 	return 0;
 }
 
-static __always_inline int vm_enter(struct enter_ctx *ctx, __u32 technique)
+// event_on starts an event of technique against pid when pid is a thread of
+// a protected process other than the caller's own; *pp is that process's
+// entry, for the callers that check addresses against its key ranges.
+static __always_inline struct scratch *event_on(__u32 pid, __u32 technique, __s32 nr, struct protected_proc **pp)
 {
 	__u32 tgid;
-	struct protected_proc *p = lookup_target((__u32)ctx->args[0], &tgid);
+	struct protected_proc *p = lookup_target(pid, &tgid);
 	if (!p)
 		return 0;
 	if ((bpf_get_current_pid_tgid() >> 32) == tgid)
 		return 0;
-	struct scratch *s = new_event(technique, ctx->nr);
+	struct scratch *s = new_event(technique, nr);
+	if (!s)
+		return 0;
+	s->e.target = pid;
+	s->e.target_tgid = tgid;
+	if (p->whole)
+		s->e.flags |= F_WHOLE;
+	*pp = p;
+	return s;
+}
+
+static __always_inline int vm_enter(struct enter_ctx *ctx, __u32 technique)
+{
+	struct protected_proc *p;
+	struct scratch *s = event_on((__u32)ctx->args[0], technique, ctx->nr, &p);
 	if (!s)
 		return 0;
 	struct event *e = &s->e;
-	e->target = (__u32)ctx->args[0];
-	e->target_tgid = tgid;
 	__u64 cnt = ctx->args[4];
 	e->niov = cnt > 0xffffffff ? 0xffffffff : cnt;
-	if (p->whole)
-		e->flags |= F_WHOLE;
 	__u64 n = cnt;
 	if (n > MAX_IOV) {
 		n = MAX_IOV;
@@ -307,21 +320,12 @@ int ptrace_enter(struct enter_ctx *ctx)
 	default:
 		return 0;
 	}
-	__u32 tgid;
-	struct protected_proc *p = lookup_target((__u32)ctx->args[1], &tgid);
-	if (!p)
-		return 0;
-	if ((bpf_get_current_pid_tgid() >> 32) == tgid)
-		return 0;
-	struct scratch *s = new_event(technique, ctx->nr);
+	struct protected_proc *p;
+	struct scratch *s = event_on((__u32)ctx->args[1], technique, ctx->nr, &p);
 	if (!s)
 		return 0;
 	struct event *e = &s->e;
-	e->target = (__u32)ctx->args[1];
-	e->target_tgid = tgid;
 	e->arg = req;
-	if (p->whole)
-		e->flags |= F_WHOLE;
 	if (req == 1 || req == 2 || req == 4 || req == 5)
 		add_range(e, p, ctx->args[2], sizeof(long), 1);
 	stash(e);
@@ -689,25 +693,16 @@ SEC("tracepoint/syscalls/sys_enter_perf_event_open")
 int perf_enter(struct enter_ctx *ctx)
 {
 	int pid = (int)ctx->args[1];
-	__u32 tgid;
+	struct protected_proc *p;
 
 	if (pid <= 0 || (ctx->args[4] & PERF_FLAG_PID_CGROUP))
 		return 0;
-	struct protected_proc *p = lookup_target(pid, &tgid);
-	if (!p)
-		return 0;
-	if ((bpf_get_current_pid_tgid() >> 32) == tgid)
-		return 0;
-	struct scratch *s = new_event(T_PERF_EVENT_OPEN, ctx->nr);
+	struct scratch *s = event_on(pid, T_PERF_EVENT_OPEN, ctx->nr, &p);
 	if (!s)
 		return 0;
 	__u32 type = 0;
 	bpf_probe_read_user(&type, sizeof(type), (void *)ctx->args[0]);
-	s->e.target = pid;
-	s->e.target_tgid = tgid;
 	s->e.arg = type;
-	if (p->whole)
-		s->e.flags |= F_WHOLE;
 	stash(&s->e);
 	return 0;
 }
