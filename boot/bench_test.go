@@ -3,8 +3,6 @@ package boot
 import (
 	"context"
 	"net"
-	"os"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -34,12 +32,7 @@ func BenchmarkBoot(b *testing.B) {
 	e.enroll(b, tp, "bench", false)
 	tp.Close()
 	img := e.volume(b, "bench", "bench-vol")
-	sockDir, err := os.MkdirTemp("", "kgbench")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer os.RemoveAll(sockDir)
-	p9sock := filepath.Join(sockDir, "9p")
+	p9sock := socketPath(b)
 
 	var lat []time.Duration
 	b.ResetTimer()

@@ -435,12 +435,7 @@ func TestWhileServing(t *testing.T) {
 			img := e.volume(t, vm, vm+"-vol")
 			ev := newEvents()
 			c := e.cfg(tp, vm, img, ev)
-			sock, err := os.MkdirTemp("", "kgb")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer os.RemoveAll(sock)
-			c.Serve9P = filepath.Join(sock, "9p")
+			c.Serve9P = socketPath(t)
 			b, err := Run(context.Background(), c)
 			if err != nil {
 				t.Fatalf("run: %v", err)

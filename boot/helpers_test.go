@@ -211,3 +211,16 @@ func p9Client(t testing.TB, sock string) (p9.File, func()) {
 	}
 	return root, func() { hangup() }
 }
+
+// socketPath returns a path for a unix socket in a fresh directory that is
+// removed when the test ends. It is not under t.TempDir, whose long paths
+// can exceed the 108 bytes a socket's name may have.
+func socketPath(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "kgsock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return filepath.Join(dir, "9p")
+}

@@ -177,11 +177,9 @@ func spawn(t *testing.T, e *env, img, vm, tpmSock string) *childProc {
 	dir := t.TempDir()
 	caFile := filepath.Join(dir, "ca.pem")
 	os.WriteFile(caFile, e.ca, 0o644)
-	sockDir, err := os.MkdirTemp("", "kgm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	spec, _ := json.Marshal(childSpec{URL: e.url(), CAFile: caFile, VM: vm, Image: img, TPM: "swtpm:" + tpmSock, Sock: filepath.Join(sockDir, "9p")})
+	// Registered before the Cleanup below, so it runs after the child is gone.
+	sock := socketPath(t)
+	spec, _ := json.Marshal(childSpec{URL: e.url(), CAFile: caFile, VM: vm, Image: img, TPM: "swtpm:" + tpmSock, Sock: sock})
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+string(spec))
 	stdin, _ := cmd.StdinPipe()
@@ -194,10 +192,9 @@ func spawn(t *testing.T, e *env, img, vm, tpmSock string) *childProc {
 		stdin.Close()
 		cmd.Process.Kill()
 		cmd.Wait()
-		os.RemoveAll(sockDir)
 	})
 	lines := bufio.NewScanner(stdout)
-	return &childProc{cmd: cmd, sock: filepath.Join(sockDir, "9p"), expect: func(want string) {
+	return &childProc{cmd: cmd, sock: sock, expect: func(want string) {
 		t.Helper()
 		if !lines.Scan() || lines.Text() != want {
 			t.Fatalf("child said %q (%v), want %q", lines.Text(), lines.Err(), want)

@@ -131,12 +131,7 @@ func TestMonitor(t *testing.T) {
 			ev := newEvents()
 			c := e.cfg(tp, vm, img, ev)
 			c.Monitor, c.OnAlert = true, tc.onAlert
-			sock, err := os.MkdirTemp("", "kgm")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer os.RemoveAll(sock)
-			c.Serve9P = filepath.Join(sock, "9p")
+			c.Serve9P = socketPath(t)
 			b, err := Run(context.Background(), c)
 			if err != nil {
 				t.Fatalf("run: %v", err)
