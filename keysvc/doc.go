@@ -11,11 +11,13 @@
 //  1. POST /v1/challenge: the service checks that the VM is enrolled with the
 //     EK (and AK) it presents and returns a stateless challenge token and a
 //     nonce (package attest).
-//  2. POST /v1/unlock: the service redeems the token (so that even a failed
-//     attempt uses it up), verifies the quote with attest.Verify against the
+//  2. POST /v1/unlock: the service checks the token, verifies the quote with attest.Verify against the
 //     VM's enrolled AK and policy, and answers with the volume's unwrap key
 //     sealed by server.CreateImportBlob to the VM's EK and to the PCR values
-//     the quote proved; only that TPM, in that state, can import it.
+//     the quote proved; only that TPM, in that state, can import it. The
+//     token's use is recorded with the audit record of the outcome, in one
+//     transaction, so even a failed attempt uses it up and an unlock waits
+//     for one durable write.
 //
 // What it owns: HTTP handlers, request decoding and limits, the order of
 // checks, learn mode's switch, session tokens, the monitor event wire type

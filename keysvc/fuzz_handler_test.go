@@ -177,10 +177,18 @@ func (m *memStore) UseChallenge(_ context.Context, id string, _ time.Time) error
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.used[id] {
-		return store.ErrExists
+		return store.ErrChallengeUsed
 	}
 	m.used[id] = true
 	return nil
+}
+
+// ChallengeUsed sees only UseChallenge's uses: memAudit keeps those of
+// AppendUsing, so a replay gets past this early check and is refused there.
+func (m *memStore) ChallengeUsed(_ context.Context, id string) (bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.used[id], nil
 }
 
 func (m *memStore) PurgeChallenges(context.Context, time.Time) (int64, error) { return 0, nil }
@@ -206,11 +214,32 @@ func (m *memStore) PurgeEvents(context.Context, time.Time) (int64, error) { retu
 type memAudit struct {
 	mu   sync.Mutex
 	recs []audit.Record
+	used map[string]bool
 }
 
 func (a *memAudit) Append(_ context.Context, ev audit.Event) (audit.Record, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	return a.appendLocked(ev)
+}
+
+func (a *memAudit) AppendUsing(_ context.Context, use store.ChallengeUse, ev audit.Event) (audit.Record, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.used[use.ID] {
+		return audit.Record{}, store.ErrChallengeUsed
+	}
+	r, err := a.appendLocked(ev)
+	if err == nil {
+		if a.used == nil {
+			a.used = map[string]bool{}
+		}
+		a.used[use.ID] = true
+	}
+	return r, err
+}
+
+func (a *memAudit) appendLocked(ev audit.Event) (audit.Record, error) {
 	d, err := json.Marshal(ev.Details)
 	if err != nil {
 		return audit.Record{}, err

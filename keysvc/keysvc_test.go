@@ -97,9 +97,49 @@ func TestUnlockOverHTTPS(t *testing.T) {
 			t.Fatalf("first unlock: %d %s", code, body)
 		}
 		code, body := e.vm(t, "POST", "/v1/unlock", req)
-		m := wantRefusal(t, code, body, keysvc.ReasonChallenge)
-		if !strings.Contains(m["hint"].(string), "already used") {
-			t.Fatalf("hint %q does not say the challenge was used", m["hint"])
+		wantReplay(t, code, body)
+	})
+
+	t.Run("refused-attempt-uses-challenge", func(t *testing.T) {
+		// The refusal's record and the challenge's use are one write: the
+		// challenge of a refused attempt cannot be tried again.
+		vol := setup(t, e, v, "burnt")
+		ch := e.challenge(t, v, "burnt", vol)
+		code, body := e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, bytes.Repeat([]byte{2}, 32))})
+		wantRefusal(t, code, body, keysvc.ReasonEvidence)
+		code, body = e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
+		wantReplay(t, code, body)
+	})
+
+	t.Run("concurrent-replays", func(t *testing.T) {
+		// Copies of one valid request sent at once all pass the early
+		// replay check; the write that records the release must let one
+		// through and refuse the rest.
+		vol := setup(t, e, v, "racing")
+		ch := e.challenge(t, v, "racing", vol)
+		req := keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)}
+		const n = 8
+		codes := make([]int, n)
+		bodies := make([][]byte, n)
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				codes[i], bodies[i] = e.vm(t, "POST", "/v1/unlock", req)
+			}()
+		}
+		wg.Wait()
+		ok := 0
+		for i := range n {
+			if codes[i] == http.StatusOK {
+				ok++
+				continue
+			}
+			wantReplay(t, codes[i], bodies[i])
+		}
+		if ok != 1 {
+			t.Fatalf("%d of %d copies of one challenge were released, want exactly 1", ok, n)
 		}
 	})
 
@@ -579,4 +619,14 @@ func TestProvision(t *testing.T) {
 	ch := e.challenge(t, v, "strict", "strict-vol")
 	code, body = e.vm(t, "POST", "/v1/provision", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
 	wantRefusal(t, code, body, keysvc.ReasonNoProvisioning)
+}
+
+// wantReplay checks that an unlock was refused because its challenge was
+// used already.
+func wantReplay(t *testing.T, code int, body []byte) {
+	t.Helper()
+	m := wantRefusal(t, code, body, keysvc.ReasonChallenge)
+	if !strings.Contains(m["hint"].(string), "already used") {
+		t.Fatalf("hint %q does not say the challenge was used", m["hint"])
+	}
 }

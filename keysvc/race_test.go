@@ -30,6 +30,13 @@ func (a *hookAuditor) Append(ctx context.Context, ev audit.Event) (audit.Record,
 	return a.Log.Append(ctx, ev)
 }
 
+func (a *hookAuditor) AppendUsing(ctx context.Context, use store.ChallengeUse, ev audit.Event) (audit.Record, error) {
+	if ev.Action == audit.ActionUnlock && a.hook != nil {
+		a.once.Do(a.hook)
+	}
+	return a.Log.AppendUsing(ctx, use, ev)
+}
+
 // TestReleaseRechecksAfterRace: an erase or revoke that commits while an
 // unlock is being verified must win; the unlock gets a refusal, never a blob.
 func TestReleaseRechecksAfterRace(t *testing.T) {

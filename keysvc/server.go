@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/x509"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -39,6 +38,7 @@ type Store interface {
 // Auditor appends to and checks the audit chain; *audit.Log implements it.
 type Auditor interface {
 	Append(ctx context.Context, ev audit.Event) (audit.Record, error)
+	AppendUsing(ctx context.Context, use store.ChallengeUse, ev audit.Event) (audit.Record, error)
 	Verify(ctx context.Context) (audit.Report, error)
 	Scan(ctx context.Context, from uint64, fn func(audit.Record) error) error
 }
@@ -120,9 +120,11 @@ func WithChallengeTTL(d time.Duration) Option { return func(s *Server) { s.ttl =
 
 // WithChallenger sets the challenge issuer and checker. By default New makes
 // one keyed with the master key's challenge sub-key
-// (masterkey.LabelChallengeMAC), with the store as its replay cache, so that
-// every replica on one database accepts each token once; a Challenger given
-// here must have a replay cache (attest.WithReplayCache) and the same clock.
+// (masterkey.LabelChallengeMAC), so that every replica on one database
+// accepts the others' tokens; a Challenger given here must use the same
+// clock. The Server records used challenges in its store itself (with the
+// record of each attempt, see unlock), so the Challenger's replay cache, if
+// it has one, is not consulted.
 func WithChallenger(ch *attest.Challenger) Option { return func(s *Server) { s.ch = ch } }
 
 // DefaultEventRetention is how long stored VM events are kept.
@@ -171,8 +173,7 @@ func New(opts ...Option) (*Server, error) {
 		if err != nil {
 			return nil, fmt.Errorf("new key service: challenge key: %w", err)
 		}
-		s.ch, err = attest.NewChallenger(chKey.Bytes(), attest.WithTTL(s.ttl), attest.WithClock(s.now),
-			attest.WithReplayCache(replayCache{st: s.st}))
+		s.ch, err = attest.NewChallenger(chKey.Bytes(), attest.WithTTL(s.ttl), attest.WithClock(s.now))
 		chKey.Destroy()
 		if err != nil {
 			return nil, fmt.Errorf("new key service: %w", err)
@@ -188,20 +189,6 @@ func New(opts ...Option) (*Server, error) {
 	s.bySource, s.byVM = newLimiter(s.sourceRate, time.Now), newLimiter(s.vmRate, time.Now)
 	s.byAdmin, s.byAnon = newLimiter(s.sourceRate, time.Now), newLimiter(s.sourceRate, time.Now)
 	return s, nil
-}
-
-// replayCache records redeemed challenges in the store, so that every
-// replica on one database refuses a replay.
-type replayCache struct{ st store.Challenges }
-
-func (r replayCache) Use(id []byte, expiry time.Time) (bool, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	err := r.st.UseChallenge(ctx, hex.EncodeToString(id), expiry)
-	if errors.Is(err, store.ErrExists) {
-		return false, nil
-	}
-	return err == nil, err
 }
 
 // VMHandler returns the handler of the VM API (/v1/challenge, /v1/unlock,

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -34,6 +35,13 @@ type refusal struct {
 }
 
 func (s *Server) refuse(w http.ResponseWriter, r *http.Request, vm, volume string, f *refusal) {
+	s.refuseUsing(w, r, vm, volume, f, nil)
+}
+
+// refuseUsing is refuse for an unlock whose challenge is checked but not yet
+// recorded as used: use (if not nil) is recorded in the same transaction as
+// the denial, so that a refused attempt uses its challenge up.
+func (s *Server) refuseUsing(w http.ResponseWriter, r *http.Request, vm, volume string, f *refusal, use *store.ChallengeUse) {
 	s.metrics.denials.WithLabelValues(f.reason).Inc()
 	d := audit.Deny{Volume: volume, Reason: f.reason, Remote: remoteHost(r)}
 	if f.denial != nil {
@@ -50,7 +58,16 @@ func (s *Server) refuse(w http.ResponseWriter, r *http.Request, vm, volume strin
 	if vm == "" {
 		vm = "unknown"
 	}
-	s.record(r.Context(), audit.Event{Actor: "vm:" + vm, Action: audit.ActionDeny, Subject: volume, Details: d})
+	ev := audit.Event{Actor: "vm:" + vm, Action: audit.ActionDeny, Subject: volume, Details: d}
+	if use == nil {
+		s.record(r.Context(), ev)
+	} else if _, err := s.audit.AppendUsing(context.WithoutCancel(r.Context()), *use, ev); errors.Is(err, store.ErrChallengeUsed) {
+		// A concurrent replay of this challenge was recorded first; the
+		// answer is a refusal either way.
+		s.record(r.Context(), ev)
+	} else if err != nil {
+		s.log.Error("audit append failed", slog.String("action", string(ev.Action)), slog.String("subject", ev.Subject), slog.Any("err", err))
+	}
 	s.log.Warn("refused", slog.String("vm", vm), slog.String("volume", volume), slog.String("reason", f.reason), slog.String("path", r.URL.Path))
 	if f.denial != nil {
 		writeJSON(w, http.StatusForbidden, f.denial)
@@ -274,15 +291,41 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		s.refuse(w, r, vmName, volID, f)
 		return
 	}
-	claims, err := s.ch.Redeem(req.Challenge, vmName, volID, ekPub, akPub, s.now())
+	claims, err := s.ch.Check(req.Challenge, vmName, volID, ekPub, akPub, s.now())
 	if err != nil {
 		if isChallengeErr(err) {
 			s.refuse(w, r, vmName, volID, &refusal{reason: ReasonChallenge, hint: err.Error()})
 		} else {
-			s.internal(w, "redeem challenge", err)
+			s.internal(w, "check challenge", err)
 		}
 		return
 	}
+	// The challenge is recorded as used in the same transaction as the
+	// record of this attempt's outcome (release or refusal): one durable
+	// write per unlock. A replay is refused here, before its evidence is
+	// verified, if its first use is on record; a replay racing its first
+	// use is refused by that transaction.
+	use := &store.ChallengeUse{ID: hex.EncodeToString(claims.ID()), Expires: claims.Expiry}
+	replay := &refusal{reason: ReasonChallenge, hint: attest.ErrChallengeReplayed.Error() + "; request a new challenge for every unlock"}
+	if provision {
+		// Provisioning writes the new volume before the release, so the
+		// challenge must be used up before that.
+		if err := s.st.UseChallenge(ctx, use.ID, use.Expires); errors.Is(err, store.ErrChallengeUsed) {
+			s.refuse(w, r, vmName, volID, replay)
+			return
+		} else if err != nil {
+			s.internal(w, "record challenge use", err)
+			return
+		}
+		use = nil
+	} else if used, err := s.st.ChallengeUsed(ctx, use.ID); err != nil {
+		s.internal(w, "look up challenge", err)
+		return
+	} else if used {
+		s.refuse(w, r, vmName, volID, replay)
+		return
+	}
+	deny := func(f *refusal) { s.refuseUsing(w, r, vmName, volID, f, use) }
 	var vol store.Volume
 	if provision {
 		f = canProvision(vm, stored)
@@ -290,12 +333,12 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		vol = *stored
 	}
 	if f != nil {
-		s.refuse(w, r, vmName, volID, f)
+		deny(f)
 		return
 	}
 	att := &pb.Attestation{}
 	if err := proto.Unmarshal(req.Attestation, att); err != nil {
-		s.refuse(w, r, vmName, volID, &refusal{reason: ReasonEvidence, hint: "attestation is not a go-tpm-tools Attestation proto: " + err.Error()})
+		deny(&refusal{reason: ReasonEvidence, hint: "attestation is not a go-tpm-tools Attestation proto: " + err.Error()})
 		return
 	}
 	pol, res, f, err := s.verify(ctx, vm, att, claims.Nonce, akPub)
@@ -303,7 +346,7 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		if err != nil {
 			s.internal(w, "verify attestation", err)
 		} else {
-			s.refuse(w, r, vmName, volID, f)
+			deny(f)
 		}
 		return
 	}
@@ -318,7 +361,7 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		s.record(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionProvision, Subject: volID,
 			Details: audit.Admin{Method: r.Method, Path: r.URL.Path, Status: http.StatusOK, Remote: remoteHost(r), Client: "vm:" + vm.Name}})
 	}
-	s.release(w, r, vm, vol, ekPub, pol, res)
+	s.release(w, r, vm, vol, ekPub, pol, res, use, replay)
 }
 
 // canProvision checks that vm may provision a volume, which must not exist
@@ -440,8 +483,10 @@ func verifyRefusal(err error) *refusal {
 }
 
 // release seals the volume's UK to the VM's EK and the policy's PCRs, as the
-// verified quote showed them, and answers 200.
-func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vol store.Volume, ek crypto.PublicKey, pol *attest.Policy, res *attest.Result) {
+// verified quote showed them, and answers 200. use, if not nil, is the
+// unlock's challenge, recorded as used together with the release record; if
+// it turns out used already, release answers replay instead.
+func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vol store.Volume, ek crypto.PublicKey, pol *attest.Policy, res *attest.Result, use *store.ChallengeUse, replay *refusal) {
 	pcrs := &tpmpb.PCRs{Hash: tpmpb.HashAlgo_SHA256, Pcrs: make(map[uint32][]byte)}
 	idx := make([]int, 0, len(pol.PCRs))
 	for i := range pol.PCRs {
@@ -473,8 +518,18 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 	ctx := context.WithoutCancel(r.Context())
 	sess, id := s.newSession(vm.Name, vol.ID)
 	// Fail closed: a key is released only once its release is on record.
-	if _, err := s.audit.Append(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionUnlock, Subject: vol.ID,
-		Details: audit.Unlock{Volume: vol.ID, SessionID: id, Remote: remoteHost(r)}}); err != nil {
+	ev := audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionUnlock, Subject: vol.ID,
+		Details: audit.Unlock{Volume: vol.ID, SessionID: id, Remote: remoteHost(r)}}
+	if use != nil {
+		_, err = s.audit.AppendUsing(ctx, *use, ev)
+	} else {
+		_, err = s.audit.Append(ctx, ev)
+	}
+	if errors.Is(err, store.ErrChallengeUsed) {
+		s.refuse(w, r, vm.Name, vol.ID, replay)
+		return
+	}
+	if err != nil {
 		s.log.Error("audit append failed; unwrap key withheld", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.Any("err", err))
 		writeError(w, errorf(http.StatusInternalServerError, "the operator must run `keysvc audit verify` and repair the audit chain", "the release could not be audited, so no key is released"))
 		return

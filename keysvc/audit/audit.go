@@ -149,6 +149,18 @@ func (l *Log) Destroy() { l.key.Destroy() }
 // chain. It checks the end it extends (last record's hash and MAC, the head's
 // MAC, and that they agree) and fails with ErrChainBroken if it does not.
 func (l *Log) Append(ctx context.Context, ev Event) (Record, error) {
+	return l.append(ctx, nil, ev)
+}
+
+// AppendUsing is Append that also records the challenge use as used, in
+// the same transaction (store.AuditLog.AppendAuditUsing): if the challenge
+// was used already, nothing is appended and the error wraps
+// store.ErrChallengeUsed.
+func (l *Log) AppendUsing(ctx context.Context, use store.ChallengeUse, ev Event) (Record, error) {
+	return l.append(ctx, &use, ev)
+}
+
+func (l *Log) append(ctx context.Context, use *store.ChallengeUse, ev Event) (Record, error) {
 	if ev.Actor == "" || ev.Action == "" {
 		return Record{}, errors.New("audit append: event needs an actor and an action")
 	}
@@ -160,7 +172,7 @@ func (l *Log) Append(ctx context.Context, ev Event) (Record, error) {
 		}
 	}
 	var out store.AuditRecord
-	err := l.st.AppendAudit(ctx, func(last *store.AuditRecord, head *store.AuditHead) (store.AuditRecord, store.AuditHead, error) {
+	next := func(last *store.AuditRecord, head *store.AuditHead) (store.AuditRecord, store.AuditHead, error) {
 		seq, prev, err := l.tip(last, head)
 		if err != nil {
 			return store.AuditRecord{}, store.AuditHead{}, err
@@ -178,7 +190,13 @@ func (l *Log) Append(ctx context.Context, ev Event) (Record, error) {
 		r.MAC = l.mac(r.Hash)
 		out = r
 		return r, store.AuditHead{Seq: seq, Hash: r.Hash, MAC: l.headMAC(seq, r.Hash)}, nil
-	})
+	}
+	var err error
+	if use != nil {
+		err = l.st.AppendAuditUsing(ctx, *use, next)
+	} else {
+		err = l.st.AppendAudit(ctx, next)
+	}
 	if err != nil {
 		return Record{}, fmt.Errorf("audit append %s: %w", ev.Action, err)
 	}

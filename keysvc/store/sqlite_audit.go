@@ -42,7 +42,26 @@ func (s *SQLite) readHead(ctx context.Context, tx *sql.Tx) (*AuditHead, error) {
 // commit: writers in other processes wait, and cannot read the same "last"
 // record.
 func (s *SQLite) AppendAudit(ctx context.Context, next func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)) error {
+	return s.appendAudit(ctx, nil, next)
+}
+
+// AppendAuditUsing implements AuditLog.
+func (s *SQLite) AppendAuditUsing(ctx context.Context, use ChallengeUse, next func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)) error {
+	if use.ID == "" {
+		return fmt.Errorf("append audit: use challenge: empty id")
+	}
+	return s.appendAudit(ctx, &use, next)
+}
+
+func (s *SQLite) appendAudit(ctx context.Context, use *ChallengeUse, next func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)) error {
 	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		// First, so that a replay writes nothing; the batch's savepoint
+		// undoes this insert if the append below fails.
+		if use != nil {
+			if err := s.useChallenge(ctx, tx, *use); err != nil {
+				return err
+			}
+		}
 		var last *AuditRecord
 		a, err := scanAudit(s.txQueryRow(ctx, tx, `SELECT `+auditColumns+` FROM audit_log ORDER BY seq DESC LIMIT 1`))
 		switch {

@@ -295,23 +295,42 @@ func (s *SQLite) UseChallenge(ctx context.Context, id string, expires time.Time)
 		return fmt.Errorf("use challenge: empty id")
 	}
 	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		res, err := s.txExec(ctx, tx, `INSERT INTO used_challenges (id, expires_ns) VALUES (?, ?) ON CONFLICT (id) DO NOTHING`, id, ns(expires))
-		if err != nil {
-			return err
-		}
-		n, err := res.RowsAffected()
-		if err != nil {
-			return err
-		}
-		if n == 0 {
-			return fmt.Errorf("challenge already used (a replay): %w", ErrExists)
-		}
-		return nil
+		return s.useChallenge(ctx, tx, ChallengeUse{ID: id, Expires: expires})
 	})
 	if err != nil {
 		return fmt.Errorf("use challenge: %w", err)
 	}
 	return nil
+}
+
+// useChallenge inserts u inside tx; ErrChallengeUsed if it is there already.
+func (s *SQLite) useChallenge(ctx context.Context, tx *sql.Tx, u ChallengeUse) error {
+	res, err := s.txExec(ctx, tx, `INSERT INTO used_challenges (id, expires_ns) VALUES (?, ?) ON CONFLICT (id) DO NOTHING`, u.ID, ns(u.Expires))
+	if err != nil {
+		return err
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		return ErrChallengeUsed
+	}
+	return nil
+}
+
+// ChallengeUsed implements Challenges.
+func (s *SQLite) ChallengeUsed(ctx context.Context, id string) (bool, error) {
+	var one int
+	err := s.queryRow(ctx, `SELECT 1 FROM used_challenges WHERE id = ?`, id).Scan(&one)
+	switch {
+	case err == nil:
+		return true, nil
+	case isNoRows(err):
+		return false, nil
+	default:
+		return false, fmt.Errorf("look up challenge: %w", err)
+	}
 }
 
 // PurgeChallenges implements Challenges.

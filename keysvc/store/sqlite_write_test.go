@@ -231,3 +231,75 @@ func TestWriteAfterClose(t *testing.T) {
 		t.Errorf("write after Close: %v, want errClosed", err)
 	}
 }
+
+// TestAppendAuditUsingBothOrNeither checks that an audit record and the
+// challenge use written with it are stored together or not at all: a replay
+// appends nothing, and a failed append leaves the challenge unused.
+func TestAppendAuditUsingBothOrNeither(t *testing.T) {
+	ctx := context.Background()
+	s, err := OpenSQLite(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	exp := time.Now().Add(time.Hour)
+	if err := s.UseChallenge(ctx, "used", exp); err != nil {
+		t.Fatal(err)
+	}
+	errNext := errors.New("next failed")
+	failing := func(*AuditRecord, *AuditHead) (AuditRecord, AuditHead, error) {
+		return AuditRecord{}, AuditHead{}, errNext
+	}
+	for _, tc := range []struct {
+		name      string
+		id        string
+		next      func(*AuditRecord, *AuditHead) (AuditRecord, AuditHead, error)
+		wantErr   error // nil: success
+		appended  bool  // the chain grew by one
+		usedAfter bool  // the challenge is recorded as used afterwards
+	}{
+		{"fresh challenge", "fresh", appendNext, nil, true, true},
+		{"same challenge again", "fresh", appendNext, ErrChallengeUsed, false, true},
+		{"challenge used by UseChallenge", "used", appendNext, ErrChallengeUsed, false, true},
+		{"append fails", "unlucky", failing, errNext, false, false},
+		{"empty id", "", appendNext, errAny, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := countAudit(t, s)
+			err := s.AppendAuditUsing(ctx, ChallengeUse{ID: tc.id, Expires: exp}, tc.next)
+			switch {
+			case tc.wantErr == nil && err != nil:
+				t.Fatalf("append: %v", err)
+			case tc.wantErr == errAny && err == nil:
+				t.Fatal("append succeeded, want an error")
+			case tc.wantErr != nil && tc.wantErr != errAny && !errors.Is(err, tc.wantErr):
+				t.Fatalf("append: %v, want %v", err, tc.wantErr)
+			}
+			if got := countAudit(t, s) - before; got != map[bool]int{true: 1, false: 0}[tc.appended] {
+				t.Errorf("the chain grew by %d records", got)
+			}
+			if tc.id == "" {
+				return
+			}
+			used, err := s.ChallengeUsed(ctx, tc.id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if used != tc.usedAfter {
+				t.Errorf("ChallengeUsed(%q) = %v, want %v", tc.id, used, tc.usedAfter)
+			}
+		})
+	}
+}
+
+// errAny marks a table case that wants some error, whichever.
+var errAny = errors.New("any error")
+
+func countAudit(t *testing.T, s *SQLite) int {
+	t.Helper()
+	n := 0
+	if _, err := s.ScanAudit(context.Background(), 0, func(AuditRecord) error { n++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}

@@ -42,6 +42,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"time"
 )
@@ -55,6 +56,9 @@ var (
 	// ErrImmutable means an update tried to change a field that never
 	// changes (a name, an ID, a creation time) or to restore an erased key.
 	ErrImmutable = errors.New("field cannot be changed")
+	// ErrChallengeUsed means a challenge ID was already recorded as used:
+	// a replay. It wraps ErrExists.
+	ErrChallengeUsed = fmt.Errorf("challenge already used (a replay): %w", ErrExists)
 )
 
 // Store is everything the key service persists. Implementations: SQLite
@@ -136,12 +140,22 @@ type Volumes interface {
 // Challenges records used challenge IDs so that a replayed challenge is
 // refused by any replica.
 type Challenges interface {
-	// UseChallenge records id as used until expires; ErrExists if it was
-	// already used (a replay).
+	// UseChallenge records id as used until expires; ErrChallengeUsed if
+	// it was already used (a replay).
 	UseChallenge(ctx context.Context, id string, expires time.Time) error
+	// ChallengeUsed reports whether id is recorded as used. It is a cheap
+	// early answer to a replay; only UseChallenge and AppendAuditUsing
+	// decide one, atomically.
+	ChallengeUsed(ctx context.Context, id string) (bool, error)
 	// PurgeChallenges forgets IDs whose expiry is at or before now and
 	// returns how many it removed.
 	PurgeChallenges(ctx context.Context, now time.Time) (int64, error)
+}
+
+// ChallengeUse is a challenge ID to record as used until Expires.
+type ChallengeUse struct {
+	ID      string
+	Expires time.Time
 }
 
 // AuditRecord is one stored row of the audit chain. The store keeps the bytes
@@ -174,6 +188,12 @@ type AuditLog interface {
 	// an error nothing is written and that error is returned. ErrExists if
 	// the record's seq is taken.
 	AppendAudit(ctx context.Context, next func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)) error
+	// AppendAuditUsing is AppendAudit that also records the challenge use
+	// as used, in the same transaction: both are stored, or neither. If
+	// the challenge was used already it stores nothing and returns
+	// ErrChallengeUsed. The key service records an unlock's release (or
+	// refusal) this way, so an unlock waits for one durable write, not two.
+	AppendAuditUsing(ctx context.Context, use ChallengeUse, next func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)) error
 	// ScanAudit reads the stored head (nil if there is none) and calls fn
 	// for each record with seq >= from, in seq order, all from one
 	// consistent snapshot, so that a concurrent append cannot make the head
