@@ -101,6 +101,11 @@ type SQLite struct {
 	// failCommit, if set (by tests), is consulted just before each batch's
 	// COMMIT; an error rolls the batch back as a failed COMMIT would.
 	failCommit func(batch int) error
+	// commitDelay: see SetCommitDelay. lastCommit is when the writer's last
+	// COMMIT returned; only the writer touches it, and it is set before the
+	// batch's callers are answered.
+	commitDelay time.Duration
+	lastCommit  time.Time
 }
 
 var _ Store = (*SQLite)(nil)
@@ -142,7 +147,7 @@ func OpenSQLite(ctx context.Context, dir string) (*SQLite, error) {
 	// load).
 	db.SetMaxOpenConns(maxConns)
 	db.SetMaxIdleConns(maxConns)
-	s := &SQLite{db: db, path: path}
+	s := &SQLite{db: db, path: path, commitDelay: DefaultCommitDelay}
 	s.startWriter()
 	err = s.migrate(ctx)
 	if err == nil {

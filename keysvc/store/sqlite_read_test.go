@@ -12,11 +12,7 @@ import (
 // correctly, found or not, and are all given back whatever the outcome.
 func TestPinnedReaders(t *testing.T) {
 	ctx := context.Background()
-	s, err := OpenSQLite(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openTemp(t)
 	const vms = 8
 	for i := range vms {
 		name := fmt.Sprintf("vm-%d", i)
@@ -67,11 +63,7 @@ func TestPinnedReaders(t *testing.T) {
 // reader ends with its context, and that the readers then still work.
 func TestPinnedReaderWaitHonoursContext(t *testing.T) {
 	ctx := context.Background()
-	s, err := OpenSQLite(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openTemp(t)
 	if _, err := s.CreateVM(ctx, VM{Name: "web", EKPubPEM: "ek"}); err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,17 @@ import (
 	"time"
 )
 
+// openTemp opens a store in a temporary directory, closed when t ends.
+func openTemp(t *testing.T) *SQLite {
+	t.Helper()
+	s, err := OpenSQLite(context.Background(), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
 // appendNext is an AppendAudit step that extends the chain by one record
 // (the store does not check hashes; package audit does).
 func appendNext(last *AuditRecord, _ *AuditHead) (AuditRecord, AuditHead, error) {
@@ -55,11 +66,7 @@ func waitQueued(s *SQLite, n int) {
 // append succeed, so no key is released for any unlock in such a batch.
 func TestBatchCommitFailureFailsEveryWaiter(t *testing.T) {
 	ctx := context.Background()
-	s, err := OpenSQLite(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openTemp(t)
 	if err := s.AppendAudit(ctx, appendNext); err != nil {
 		t.Fatal(err)
 	}
@@ -127,11 +134,7 @@ func TestBatchCommitFailureFailsEveryWaiter(t *testing.T) {
 // that a panicking write is re-raised in its caller only.
 func TestBatchIsolatesFailures(t *testing.T) {
 	ctx := context.Background()
-	s, err := OpenSQLite(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openTemp(t)
 	var sizes []int
 	s.failCommit = func(n int) error { sizes = append(sizes, n); return nil }
 	resume := pauseWriter(t, s)
@@ -237,11 +240,7 @@ func TestWriteAfterClose(t *testing.T) {
 // appends nothing, and a failed append leaves the challenge unused.
 func TestAppendAuditUsingBothOrNeither(t *testing.T) {
 	ctx := context.Background()
-	s, err := OpenSQLite(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openTemp(t)
 	exp := time.Now().Add(time.Hour)
 	if err := s.UseChallenge(ctx, "used", exp); err != nil {
 		t.Fatal(err)
@@ -302,4 +301,33 @@ func countAudit(t *testing.T, s *SQLite) int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// TestCommitDelay checks the group commit's delay, set to an hour so that
+// any wait it should not make would hang the test: a write to a quiet store
+// commits at once, and writes that arrive while the store is busy wait for
+// each other, here until their batch is full.
+func TestCommitDelay(t *testing.T) {
+	ctx := context.Background()
+	s := openTemp(t)
+	var sizes []int // written by the writer goroutine, read after it answered
+	s.failCommit = func(n int) error { sizes = append(sizes, n); return nil }
+	s.SetCommitDelay(time.Hour)
+	s.lastCommit = time.Time{} // quiet: nothing committed within the hour
+	if err := s.UseChallenge(ctx, "lone", time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	// Busy now: the next batch waits until it holds maxBatch writes.
+	var wg sync.WaitGroup
+	for i := range maxBatch {
+		wg.Go(func() {
+			if err := s.UseChallenge(ctx, fmt.Sprintf("busy-%d", i), time.Now().Add(time.Hour)); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if len(sizes) != 2 || sizes[0] != 1 || sizes[1] != maxBatch {
+		t.Fatalf("batch sizes %v, want [1 %d]: the lone write alone, the busy ones in one full batch", sizes, maxBatch)
+	}
 }
