@@ -47,7 +47,7 @@ func (m *Monitor) tryEnforce() (Mode, string) {
 	}
 	var objs enforceObjects
 	err = loadEnforceObjects(&objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
-		"prot": m.objs.Prot, "targets": m.objs.Targets, "allow": m.objs.Allow,
+		"prot": m.objs.Prot, "targets": m.objs.Targets, "allow": m.objs.Allow, "denials": m.objs.Denials,
 	}})
 	if err != nil {
 		// cilium/ebpf's hint about MEMLOCK is beside the point: Start

@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type enforceDenial struct {
+	_   structs.HostLayout
+	Nr  int32
+	Pad uint32
+}
+
 type enforceProtectedProc struct {
 	_     structs.HostLayout
 	N     uint32
@@ -29,6 +35,7 @@ type enforceProtectedProc struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	enforceMapAllow       = "allow"
+	enforceMapDenials     = "denials"
 	enforceMapProt        = "prot"
 	enforceMapTargets     = "targets"
 	enforceProgDenyOpen   = "deny_open"
@@ -86,6 +93,7 @@ type enforceProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type enforceMapSpecs struct {
 	Allow   *ebpf.MapSpec `ebpf:"allow"`
+	Denials *ebpf.MapSpec `ebpf:"denials"`
 	Prot    *ebpf.MapSpec `ebpf:"prot"`
 	Targets *ebpf.MapSpec `ebpf:"targets"`
 }
@@ -117,6 +125,7 @@ func (o *enforceObjects) Close() error {
 // It can be passed to loadEnforceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type enforceMaps struct {
 	Allow   *ebpf.Map `ebpf:"allow"`
+	Denials *ebpf.Map `ebpf:"denials"`
 	Prot    *ebpf.Map `ebpf:"prot"`
 	Targets *ebpf.Map `ebpf:"targets"`
 }
@@ -124,6 +133,7 @@ type enforceMaps struct {
 func (m *enforceMaps) Close() error {
 	return _EnforceClose(
 		m.Allow,
+		m.Denials,
 		m.Prot,
 		m.Targets,
 	)

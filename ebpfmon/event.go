@@ -56,6 +56,7 @@ const (
 	flagWhole     = 4
 	flagResolved  = 8
 	flagOpenat2   = 16
+	flagDenied    = 32
 )
 
 // Event is one attempt to reach a protected process's memory (or all of
@@ -93,10 +94,16 @@ type Event struct {
 	Ranges       int    `json:"ranges,omitempty"` // remote iovecs named
 	Truncated    bool   `json:"truncated,omitempty"`
 
-	Path   string `json:"path,omitempty"`   // the path as passed to openat/openat2
-	Arg    uint64 `json:"arg,omitempty"`    // ptrace request, open flags, perf type, or pidfd_getfd's fd
-	Result int64  `json:"result"`           // the syscall's return value; negative is -errno
-	Denied bool   `json:"denied,omitempty"` // the syscall failed with EPERM while in deny mode
+	Path   string `json:"path,omitempty"` // the path as passed to openat/openat2
+	Arg    uint64 `json:"arg,omitempty"`  // ptrace request, open flags, perf type, or pidfd_getfd's fd
+	Result int64  `json:"result"`         // the syscall's return value; negative is -errno
+	// Denied says the kernel refused this attempt because of our BPF LSM
+	// program: the program recorded its refusal, and the monitor matched the
+	// record to this syscall. The errno alone cannot say it (the kernel turns
+	// the LSM's EPERM into EACCES for /proc/<pid>/mem, and its own checks
+	// return EPERM too), so it is never inferred from Result. Never set in
+	// detect mode, where no LSM program runs.
+	Denied bool `json:"denied,omitempty"`
 }
 
 // Succeeded reports whether the syscall succeeded.
@@ -163,8 +170,8 @@ func toEvent(raw monitorEvent, bootTime time.Time, mode Mode) Event {
 		Path:         cString(raw.Path[:]),
 		Arg:          raw.Arg,
 		Result:       raw.Result,
+		Denied:       raw.Flags&flagDenied != 0,
 	}
-	e.Denied = mode == ModeDeny && e.Result == -1 // -EPERM
 	e.Severity = severityOf(e)
 	return e
 }

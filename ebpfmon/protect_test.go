@@ -203,6 +203,42 @@ func TestMode(t *testing.T) {
 	}
 }
 
+// TestDetectNeverDenied checks that no event claims a refusal where no LSM
+// program runs, whether the attempt succeeded or failed (kcore and /dev/mem
+// fail on kernels without them). TestDenied covers EPERM and EACCES results
+// without the LSM's record.
+func TestDetectNeverDenied(t *testing.T) {
+	m := startMonitor(t, ebpfmon.Config{DetectOnly: true})
+	if mode, why := m.Mode(); mode != ebpfmon.ModeDetect {
+		t.Fatalf("DetectOnly gave mode %s (%s)", mode, why)
+	}
+	v := startVictim(t)
+	if err := m.Protect(v.PID, nil); err != nil {
+		t.Fatal(err)
+	}
+	pid := strconv.Itoa(v.PID)
+	for _, tc := range []struct {
+		attack    string
+		technique ebpfmon.Technique
+	}{
+		{"vm_readv", ebpfmon.ProcessVMReadv},
+		{"ptrace_attach", ebpfmon.PtraceAttach},
+		{"mem", ebpfmon.ProcMem},
+		{"pidfd_getfd", ebpfmon.PidfdGetfd},
+		{"kcore", ebpfmon.Kcore},
+		{"devmem", ebpfmon.DevMem},
+	} {
+		t.Run(tc.attack, func(t *testing.T) {
+			a := runAttack(t, tc.attack, pid, fmt.Sprintf("%#x", v.Key.Start))
+			e := waitEvent(t, m, a.PID, func(e ebpfmon.Event) bool { return e.Technique == tc.technique })
+			t.Logf("result %d (attacker: %q)", e.Result, a.Err)
+			if e.Denied {
+				t.Errorf("detect mode, yet denied: %+v", e)
+			}
+		})
+	}
+}
+
 func TestNotSupportedError(t *testing.T) {
 	err := fmt.Errorf("start: %w", &ebpfmon.NotSupportedError{Feature: "BPF LSM", Reason: "add bpf to lsm="})
 	if !errors.Is(err, ebpfmon.ErrNotSupported) {

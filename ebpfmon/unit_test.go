@@ -152,6 +152,50 @@ func TestDecodeRecord(t *testing.T) {
 	}
 }
 
+// TestDenied checks that Denied comes from the BPF LSM's own record (the
+// F_DENIED flag), never from the errno: the kernel hands the caller EACCES
+// for a refused open of /proc/<pid>/mem, and its own checks return EPERM.
+func TestDenied(t *testing.T) {
+	const eperm, eacces = -1, -13
+	tests := []struct {
+		name   string
+		tech   uint32
+		flags  uint32
+		result int64
+		mode   Mode
+		want   bool
+	}{
+		{"flag with EPERM", 1, flagOverlap | flagDenied, eperm, ModeDeny, true},
+		{"flag with EACCES from mm_access", 7, flagOverlap | flagResolved | flagDenied, eacces, ModeDeny, true},
+		{"EPERM from the kernel's own checks", 3, 0, eperm, ModeDeny, false},
+		{"EACCES without the flag", 7, flagOverlap, eacces, ModeDeny, false},
+		{"EPERM in detect mode", 1, flagOverlap, eperm, ModeDetect, false},
+		{"success", 1, flagOverlap, 64, ModeDeny, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			raw, err := decodeRecord(record(t, monitorEvent{Technique: tc.tech, Flags: tc.flags, Result: tc.result}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			e := toEvent(raw, time.Unix(0, 0), tc.mode)
+			if e.Denied != tc.want {
+				t.Errorf("flags %#x result %d mode %s: Denied %v, want %v", tc.flags, tc.result, tc.mode, e.Denied, tc.want)
+			}
+			if e.Result != tc.result {
+				t.Errorf("Result %d, want %d", e.Result, tc.result)
+			}
+			b, err := json.Marshal(e)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := bytes.Contains(b, []byte(`"denied":true`)); got != tc.want {
+				t.Errorf("JSON %s: \"denied\":true present %v, want %v", b, got, tc.want)
+			}
+		})
+	}
+}
+
 func FuzzDecodeRecord(f *testing.F) {
 	f.Add(record(f, monitorEvent{Technique: 7, Path: [64]int8{'/', 'p'}}))
 	f.Add([]byte{1, 2, 3})

@@ -2,7 +2,7 @@
 // Maps and types shared by monitor.c (syscall tracepoints, detection) and
 // enforce.c (BPF LSM, denial). The loader creates the maps once, from the
 // monitor object, and hands them to the enforce object, so both programs see
-// the same protected set.
+// the same protected set, and the monitor sees the enforcer's refusals.
 #ifndef KEYGATE_COMMON_H
 #define KEYGATE_COMMON_H
 
@@ -60,6 +60,52 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8);
 } allow SEC(".maps");
+
+// denials: an accessor thread (pid_tgid) -> the syscall it was in when an
+// enforce.c program refused it. monitor.c's exit programs consume the record
+// when they send an event, so that `denied` says the LSM refused, not merely
+// that the syscall failed with some errno (mm_access turns our EPERM into
+// EACCES for /proc/<pid>/mem). The syscall number keeps a record left by a
+// syscall the monitor does not report from marking another one's event; LRU,
+// so that such records cannot pile up.
+struct denial {
+	__s32 nr; // the syscall number, as the exit tracepoint's nr gives it
+	__u32 _pad;
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct denial);
+} denials SEC(".maps");
+
+// arm64's pt_regs, for CO-RE: the first argument register is overwritten
+// by the return value, and its value at entry kept in orig_x0; the syscall
+// number is syscallno (x86-64's is orig_ax).
+struct pt_regs___arm64 {
+	__u64 regs[31];
+	__u64 orig_x0;
+	__s32 syscallno;
+} __attribute__((preserve_access_index));
+
+// current_regs returns the registers the current task entered the kernel
+// with.
+static __always_inline struct pt_regs *current_regs(void)
+{
+	return (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+}
+
+// syscall_nr returns the number of the syscall the current task is in, as
+// the syscall tracepoints report it. The architecture is chosen at load time
+// (CO-RE); only x86-64 is tested.
+static __always_inline __s32 syscall_nr(void)
+{
+	struct pt_regs *regs = current_regs();
+
+	if (bpf_core_field_exists(regs->orig_ax))
+		return (__s32)regs->orig_ax;
+	return ((struct pt_regs___arm64 *)(void *)regs)->syscallno;
+}
 
 static __always_inline struct protected_proc *lookup_target(__u32 pid, __u32 *tgid)
 {

@@ -6,6 +6,18 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+// refuse records the refusal for monitor.c (see denials in common.h) and
+// returns it. The kernel may hand the caller another errno than ours (EACCES
+// for /proc/<pid>/mem), so the record, not the errno, says who refused.
+static __always_inline int refuse(void)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct denial d = {.nr = syscall_nr()};
+
+	bpf_map_update_elem(&denials, &id, &d, BPF_ANY);
+	return -EPERM;
+}
+
 static __always_inline int allowed(void)
 {
 	__u32 me = bpf_get_current_pid_tgid() >> 32;
@@ -28,7 +40,7 @@ int BPF_PROG(deny_ptrace, struct task_struct *child, unsigned int mode, int ret)
 		return 0;
 	if ((bpf_get_current_pid_tgid() >> 32) == tgid || allowed())
 		return 0;
-	return -EPERM;
+	return refuse();
 }
 
 // file_open denies /proc/kcore and /dev/mem, which expose all of memory
@@ -46,5 +58,5 @@ int BPF_PROG(deny_open, struct file *file, int ret)
 		return 0;
 	if (allowed())
 		return 0;
-	return -EPERM;
+	return refuse();
 }

@@ -37,6 +37,7 @@ enum flags {
 	F_WHOLE = 4,     // the whole address space is protected
 	F_RESOLVED = 8,  // an open's target was read from the opened inode
 	F_OPENAT2 = 16,
+	F_DENIED = 32,   // an enforce.c program refused this syscall (denials)
 };
 
 struct event {
@@ -204,6 +205,21 @@ static __always_inline void add_range(struct event *e, struct protected_proc *p,
 	e->overlap += hit;
 }
 
+// take_denial consumes this thread's refusal record, if any, and marks e
+// denied when the refusal was of the syscall now exiting, which then failed.
+// Only programs about to send an event call it: the lookup stays off the
+// path every open in the system takes.
+static __always_inline void take_denial(struct event *e, __s32 nr, long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct denial *d = bpf_map_lookup_elem(&denials, &id);
+	if (!d)
+		return;
+	if (d->nr == nr && ret < 0)
+		e->flags |= F_DENIED;
+	bpf_map_delete_elem(&denials, &id);
+}
+
 // exit_send completes the event this thread stashed at entry.
 static __always_inline int exit_send(struct exit_ctx *ctx)
 {
@@ -215,6 +231,7 @@ static __always_inline int exit_send(struct exit_ctx *ctx)
 		return 0;
 	if (e->nr == ctx->nr) {
 		e->result = ctx->ret;
+		take_denial(e, ctx->nr, ctx->ret);
 		send(e);
 	}
 	unstash(id);
@@ -469,13 +486,6 @@ static __always_inline void guess_open(struct event *e, int len, struct dentry *
 	}
 }
 
-// arm64's pt_regs, for CO-RE: the first argument register is overwritten
-// by the return value, and its value at entry kept in orig_x0.
-struct pt_regs___arm64 {
-	__u64 regs[31];
-	__u64 orig_x0;
-} __attribute__((preserve_access_index));
-
 // open_args recovers an open's directory fd, path and flags at its exit from
 // the registers the syscall was entered with, so that no program runs at
 // openat's entry: that program, and its read of every path in the system
@@ -483,7 +493,7 @@ struct pt_regs___arm64 {
 // chosen at load time (CO-RE); only x86-64 is tested.
 static __always_inline void open_args(__u32 flag, int *dfd, const char **fn, __u64 *flags)
 {
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	struct pt_regs *regs = current_regs();
 	__u64 how;
 
 	if (bpf_core_field_exists(regs->di)) {
@@ -641,11 +651,13 @@ static __always_inline int open_exit(struct exit_ctx *ctx, __u32 flag)
 			e->flags |= F_WHOLE;
 		if (e->technique == T_PROC_MEM)
 			e->flags |= F_OVERLAP;
+		take_denial(e, ctx->nr, ctx->ret);
 		send(e);
 		break;
 	case T_KCORE:
 	case T_DEVMEM:
 		e->flags |= F_OVERLAP;
+		take_denial(e, ctx->nr, ctx->ret);
 		send(e);
 		break;
 	}
