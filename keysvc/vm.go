@@ -263,6 +263,8 @@ func (s *Server) handleUnlock(w http.ResponseWriter, r *http.Request) { s.unlock
 func (s *Server) handleProvision(w http.ResponseWriter, r *http.Request) { s.unlock(w, r, true) }
 
 func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) {
+	s.unlocking.Add(1)
+	defer s.unlocking.Add(-1)
 	var req UnlockRequest
 	if e := readJSON(w, r, MaxUnlockBody, &req); e != nil {
 		writeError(w, e)

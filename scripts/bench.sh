@@ -61,7 +61,7 @@ echo "(load average before: $(cut -d' ' -f1-3 /proc/loadavg); on a busy machine 
 # was due (no coordinated omission): the latency a VM sees at that load.
 rate=1500
 $GO test -run '^$' -bench '^BenchmarkUnlock$' -benchtime 2000x -timeout 10m ./keysvc >"$out/keysvc.txt"
-$GO test -run '^$' -bench '^BenchmarkUnlockOpenLoop$' -benchtime $((rate * 3))x -timeout 10m ./keysvc -args -keysvc.rate "$rate" >"$out/keysvc-open.txt"
+$GO test -run '^$' -bench '^BenchmarkUnlockOpenLoop$' -benchtime $((rate * 6))x -timeout 10m ./keysvc -args -keysvc.rate "$rate" >"$out/keysvc-open.txt"
 load=$(cut -d' ' -f1 /proc/loadavg)
 $GO test -run '^$' -bench '^BenchmarkVerify$' -benchtime 2s -cpu 1 ./attest >"$out/attest.txt"
 u=$(metric "$out/keysvc.txt" BenchmarkUnlock unlocks/s)

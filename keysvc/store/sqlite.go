@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
@@ -101,11 +102,9 @@ type SQLite struct {
 	// failCommit, if set (by tests), is consulted just before each batch's
 	// COMMIT; an error rolls the batch back as a failed COMMIT would.
 	failCommit func(batch int) error
-	// commitDelay: see SetCommitDelay. lastCommit is when the writer's last
-	// COMMIT returned; only the writer touches it, and it is set before the
-	// batch's callers are answered.
-	commitDelay time.Duration
-	lastCommit  time.Time
+	// commit holds SetCommitDelay's settings; atomic, since a key service
+	// may set them on a store that is already in use.
+	commit atomic.Pointer[commitDelay]
 }
 
 var _ Store = (*SQLite)(nil)
@@ -147,7 +146,7 @@ func OpenSQLite(ctx context.Context, dir string) (*SQLite, error) {
 	// load).
 	db.SetMaxOpenConns(maxConns)
 	db.SetMaxIdleConns(maxConns)
-	s := &SQLite{db: db, path: path, commitDelay: DefaultCommitDelay}
+	s := &SQLite{db: db, path: path}
 	s.startWriter()
 	err = s.migrate(ctx)
 	if err == nil {

@@ -5,7 +5,9 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -304,30 +306,34 @@ func countAudit(t *testing.T, s *SQLite) int {
 }
 
 // TestCommitDelay checks the group commit's delay, set to an hour so that
-// any wait it should not make would hang the test: a write to a quiet store
-// commits at once, and writes that arrive while the store is busy wait for
-// each other, here until their batch is full.
+// any wait it should not make would hang the test: with no siblings under
+// way a write commits at once, and while siblings are under way the batch
+// waits for their writes, here until it is full.
 func TestCommitDelay(t *testing.T) {
 	ctx := context.Background()
 	s := openTemp(t)
 	var sizes []int // written by the writer goroutine, read after it answered
 	s.failCommit = func(n int) error { sizes = append(sizes, n); return nil }
-	s.SetCommitDelay(time.Hour)
-	s.lastCommit = time.Time{} // quiet: nothing committed within the hour
-	if err := s.UseChallenge(ctx, "lone", time.Now().Add(time.Hour)); err != nil {
-		t.Fatal(err)
+	var siblings atomic.Int64
+	s.SetCommitDelay(time.Hour, func() int { return int(siblings.Load()) })
+	use := func(id string) {
+		if err := s.UseChallenge(ctx, id, time.Now().Add(time.Hour)); err != nil {
+			t.Error(err)
+		}
 	}
-	// Busy now: the next batch waits until it holds maxBatch writes.
+	for _, n := range []int{1, 2, 3} {
+		// One caller, writing again and again: alone, so never waits.
+		siblings.Store(1)
+		use(fmt.Sprintf("lone-%d", n))
+	}
+	// maxBatch operations under way: their writes share one batch.
+	siblings.Store(maxBatch)
 	var wg sync.WaitGroup
 	for i := range maxBatch {
-		wg.Go(func() {
-			if err := s.UseChallenge(ctx, fmt.Sprintf("busy-%d", i), time.Now().Add(time.Hour)); err != nil {
-				t.Error(err)
-			}
-		})
+		wg.Go(func() { use(fmt.Sprintf("busy-%d", i)) })
 	}
 	wg.Wait()
-	if len(sizes) != 2 || sizes[0] != 1 || sizes[1] != maxBatch {
-		t.Fatalf("batch sizes %v, want [1 %d]: the lone write alone, the busy ones in one full batch", sizes, maxBatch)
+	if want := []int{1, 1, 1, maxBatch}; !slices.Equal(sizes, want) {
+		t.Fatalf("batch sizes %v, want %v: lone writes alone, busy ones together", sizes, want)
 	}
 }
