@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/keysvc/audit"
@@ -49,23 +51,7 @@ func TestReleaseRechecksAfterRace(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			// The service's own database and master key, through a second
-			// handle, as another replica would hold them.
-			mk, _, err := masterkey.LoadOrCreate(filepath.Join(dir, keysvc.MasterKeyFile))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(mk.Destroy)
-			st, err := store.OpenSQLite(context.Background(), dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { st.Close() })
-			lg, err := audit.New(st, mk)
-			if err != nil {
-				t.Fatal(err)
-			}
-			ha := &hookAuditor{Log: lg}
+			ha := &hookAuditor{Log: replicaAudit(t, dir)}
 			e := startEnv(t, dir, keysvc.WithAudit(ha))
 			vol := setup(t, e, v, "racer")
 
@@ -91,5 +77,149 @@ func TestReleaseRechecksAfterRace(t *testing.T) {
 				t.Fatalf("the unlock that raced %s carries a blob", tc.name)
 			}
 		})
+	}
+}
+
+// jumpClock reads the real time until armed; once armed, the first reading
+// is still the real time and every later one is d ahead: time jumps right
+// after the unlock's challenge check.
+type jumpClock struct {
+	mu    sync.Mutex
+	d     time.Duration
+	armed bool
+	reads int
+}
+
+func (c *jumpClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.armed {
+		c.reads++
+		if c.reads > 1 {
+			return time.Now().Add(c.d)
+		}
+	}
+	return time.Now()
+}
+
+func (c *jumpClock) arm(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.d, c.armed, c.reads = d, true, 0
+}
+
+// TestReleaseRefusedPastChallengeGrace: used challenges are purged some
+// time after they expire, so a release whose challenge expired long before
+// its record could be written (a stalled verification) is refused, never
+// recorded as a fresh use.
+func TestReleaseRefusedPastChallengeGrace(t *testing.T) {
+	c := &jumpClock{}
+	e := startEnv(t, t.TempDir(), keysvc.WithClock(c.Now))
+	v := openVM(t)
+	vol := setup(t, e, v, "slow")
+	ch := e.challenge(t, v, "slow", vol)
+	req := keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)}
+	c.arm(time.Hour)
+	code, body := e.vm(t, "POST", "/v1/unlock", req)
+	m := wantRefusal(t, code, body, keysvc.ReasonChallenge)
+	if !strings.Contains(m["hint"].(string), "expired while") {
+		t.Fatalf("hint %q does not say the challenge expired during the unlock", m["hint"])
+	}
+}
+
+// replicaAudit opens the audit log of the service that will run on dir
+// through a second handle on its database and master key, as another
+// replica would hold them.
+func replicaAudit(t *testing.T, dir string) *audit.Log {
+	t.Helper()
+	mk, _, err := masterkey.LoadOrCreate(filepath.Join(dir, keysvc.MasterKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(mk.Destroy)
+	st, err := store.OpenSQLite(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	lg, err := audit.New(st, mk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lg
+}
+
+// barrierAuditor holds each unlock's release append until n of them have
+// arrived (or a minute has passed, so that a failure cannot hang the test).
+type barrierAuditor struct {
+	*audit.Log
+	n       int
+	mu      sync.Mutex
+	arrived int
+	all     chan struct{}
+}
+
+func (a *barrierAuditor) AppendUsing(ctx context.Context, use store.ChallengeUse, ev audit.Event) (audit.Record, error) {
+	a.wait(ev)
+	return a.Log.AppendUsing(ctx, use, ev)
+}
+
+func (a *barrierAuditor) Append(ctx context.Context, ev audit.Event) (audit.Record, error) {
+	a.wait(ev)
+	return a.Log.Append(ctx, ev)
+}
+
+func (a *barrierAuditor) wait(ev audit.Event) {
+	if ev.Action != audit.ActionUnlock {
+		return
+	}
+	a.mu.Lock()
+	a.arrived++
+	if a.arrived == a.n {
+		close(a.all)
+	}
+	a.mu.Unlock()
+	select {
+	case <-a.all:
+	case <-time.After(time.Minute):
+	}
+}
+
+// TestConcurrentCopiesReleaseOnce: copies of one valid unlock request that
+// all pass the early replay check (the barrier holds every release until
+// all have) must be released exactly once: the write that records the
+// release and the challenge's use refuses the others.
+func TestConcurrentCopiesReleaseOnce(t *testing.T) {
+	const n = 6
+	dir := t.TempDir()
+	ba := &barrierAuditor{Log: replicaAudit(t, dir), n: n, all: make(chan struct{})}
+	e := startEnv(t, dir, keysvc.WithAudit(ba))
+	v := openVM(t)
+	vol := setup(t, e, v, "copies")
+	ch := e.challenge(t, v, "copies", vol)
+	req := keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)}
+	codes := make([]int, n)
+	bodies := make([][]byte, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { codes[i], bodies[i] = e.vm(t, "POST", "/v1/unlock", req) })
+	}
+	wg.Wait()
+	ba.mu.Lock()
+	arrived := ba.arrived
+	ba.mu.Unlock()
+	if arrived != n {
+		t.Fatalf("%d of %d copies reached the release write; the test needs all of them there", arrived, n)
+	}
+	released := 0
+	for i := range n {
+		if codes[i] == http.StatusOK {
+			released++
+			continue
+		}
+		wantReplay(t, codes[i], bodies[i])
+	}
+	if released != 1 {
+		t.Fatalf("%d of %d copies of one challenge were released, want exactly 1", released, n)
 	}
 }

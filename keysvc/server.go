@@ -52,6 +52,13 @@ type MasterKey interface {
 	Derive(label string) (*memguard.LockedBuffer, error)
 }
 
+// challengeGrace is how long a used challenge stays on record past its
+// expiry. The service records an unlock's challenge use with its outcome,
+// after verifying the quote; a release whose challenge expired more than
+// half of this ago is refused, so that the purge can never have removed the
+// record of an earlier use of the same challenge.
+const challengeGrace = 10 * time.Minute
+
 // Sub-key labels this package derives from the master key (the challenge
 // MAC key uses masterkey.LabelChallengeMAC, so that every replica agrees).
 const labelSessionMAC = "keygate session mac v1"

@@ -66,7 +66,13 @@ func (s *Server) refuseUsing(w http.ResponseWriter, r *http.Request, vm, volume 
 		// answer is a refusal either way.
 		s.record(r.Context(), ev)
 	} else if err != nil {
+		// The denial is not on record (a broken chain, an I/O error); the
+		// challenge must still be used up, so that the evidence cannot be
+		// tried against it again.
 		s.log.Error("audit append failed", slog.String("action", string(ev.Action)), slog.String("subject", ev.Subject), slog.Any("err", err))
+		if err := s.st.UseChallenge(context.WithoutCancel(r.Context()), use.ID, use.Expires); err != nil && !errors.Is(err, store.ErrChallengeUsed) {
+			s.log.Error("record challenge use failed", slog.String("vm", vm), slog.Any("err", err))
+		}
 	}
 	s.log.Warn("refused", slog.String("vm", vm), slog.String("volume", volume), slog.String("reason", f.reason), slog.String("path", r.URL.Path))
 	if f.denial != nil {
@@ -220,7 +226,7 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 
 // peekNames reads the vm and volume names from a v1 challenge token without
 // authenticating it (attest/challenge.go documents the layout), so that the
-// enrolled keys can be looked up; Redeem then checks the MAC and the binding
+// enrolled keys can be looked up; Check then checks the MAC and the binding
 // to exactly those keys. Nothing else is taken from the unauthenticated
 // payload.
 func peekNames(token string) (vm, volume string, ok bool) {
@@ -263,8 +269,6 @@ func (s *Server) handleUnlock(w http.ResponseWriter, r *http.Request) { s.unlock
 func (s *Server) handleProvision(w http.ResponseWriter, r *http.Request) { s.unlock(w, r, true) }
 
 func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) {
-	s.unlocking.Add(1)
-	defer s.unlocking.Add(-1)
 	var req UnlockRequest
 	if e := readJSON(w, r, MaxUnlockBody, &req); e != nil {
 		writeError(w, e)
@@ -277,7 +281,7 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		return
 	}
 	// The volume is read here too, in the same query, but checked only
-	// after the challenge is redeemed (so a refused attempt uses it up);
+	// after the challenge is checked (so a refused attempt uses it up);
 	// stillReleasable reads both again after the release is on record.
 	vm, stored, err := s.vmAndVolume(ctx, vmName, volID)
 	if errors.Is(err, store.ErrNotFound) {
@@ -302,6 +306,10 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		}
 		return
 	}
+	// From here until its outcome is written, this unlock is one the
+	// store's group commit waits for (see New).
+	s.unlocking.Add(1)
+	defer s.unlocking.Add(-1)
 	// The challenge is recorded as used in the same transaction as the
 	// record of this attempt's outcome (release or refusal): one durable
 	// write per unlock. A replay is refused here, before its evidence is
@@ -522,6 +530,13 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 	// Fail closed: a key is released only once its release is on record.
 	ev := audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionUnlock, Subject: vol.ID,
 		Details: audit.Unlock{Volume: vol.ID, SessionID: id, Remote: remoteHost(r)}}
+	if use != nil && !s.now().Before(use.Expires.Add(challengeGrace/2)) {
+		// Used challenges are purged challengeGrace after they expire: one
+		// checked long ago could otherwise be recorded again, after its
+		// first use was purged.
+		s.refuse(w, r, vm.Name, vol.ID, &refusal{reason: ReasonChallenge, hint: "the challenge expired while the unlock was being verified; request a new one"})
+		return
+	}
 	if use != nil {
 		_, err = s.audit.AppendUsing(ctx, *use, ev)
 	} else {
