@@ -239,7 +239,8 @@ func TestWriteAfterClose(t *testing.T) {
 
 // TestAppendAuditUsingBothOrNeither checks that an audit record and the
 // challenge use written with it are stored together or not at all: a replay
-// appends nothing, and a failed append leaves the challenge unused.
+// appends nothing, and a failed append leaves the challenge unused. The
+// cases run in order on one store, each after the ones before it.
 func TestAppendAuditUsingBothOrNeither(t *testing.T) {
 	ctx := context.Background()
 	s := openTemp(t)
@@ -335,5 +336,69 @@ func TestCommitDelay(t *testing.T) {
 	wg.Wait()
 	if want := []int{1, 1, 1, maxBatch}; !slices.Equal(sizes, want) {
 		t.Fatalf("batch sizes %v, want %v: lone writes alone, busy ones together", sizes, want)
+	}
+}
+
+// TestAppendAuditUsingInOneBatch covers the group-commit cases of
+// AppendAuditUsing: two uses of one challenge committed in one batch (the
+// second sees the first and is refused), and a batch whose COMMIT fails
+// (neither the challenge use nor the record is kept).
+func TestAppendAuditUsingInOneBatch(t *testing.T) {
+	ctx := context.Background()
+	exp := time.Now().Add(time.Hour)
+	for _, tc := range []struct {
+		name      string
+		commitErr error
+	}{
+		{"commit succeeds", nil},
+		{"commit fails", errors.New("injected: disk failed during COMMIT")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := openTemp(t)
+			var sizes []int
+			s.failCommit = func(n int) error { sizes = append(sizes, n); return tc.commitErr }
+			resume := pauseWriter(t, s)
+			errs := make([]error, 2)
+			var wg sync.WaitGroup
+			for i := range errs {
+				wg.Go(func() { errs[i] = s.AppendAuditUsing(ctx, ChallengeUse{ID: "twice", Expires: exp}, appendNext) })
+			}
+			waitQueued(s, 2)
+			resume()
+			wg.Wait()
+			if len(sizes) != 2 || sizes[1] != 2 {
+				t.Fatalf("batch sizes %v, want [1 2]: the two uses were not committed as one batch", sizes)
+			}
+			s.failCommit = nil
+			used, err := s.ChallengeUsed(ctx, "twice")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.commitErr != nil {
+				for i, err := range errs {
+					if err == nil {
+						t.Errorf("use %d reported success in a batch whose COMMIT failed", i)
+					}
+				}
+				if used || countAudit(t, s) != 0 {
+					t.Errorf("after the failed COMMIT: challenge used %v, %d audit records; want neither kept", used, countAudit(t, s))
+				}
+				return
+			}
+			ok, replays := 0, 0
+			for _, err := range errs {
+				switch {
+				case err == nil:
+					ok++
+				case errors.Is(err, ErrChallengeUsed):
+					replays++
+				default:
+					t.Errorf("use: %v", err)
+				}
+			}
+			if ok != 1 || replays != 1 || !used || countAudit(t, s) != 1 {
+				t.Errorf("%d stored, %d refused as replays, challenge used %v, %d records; want 1, 1, true, 1", ok, replays, used, countAudit(t, s))
+			}
+		})
 	}
 }
