@@ -154,6 +154,7 @@ type Image struct {
 	dev    *Device
 	cipher *xts.Cipher
 	fs     *FS
+	blocks *Blocks
 }
 
 // OpenImage unlocks the image at path with key through any keyslot.
@@ -241,6 +242,9 @@ func (im *Image) Mkfs(t FSType, label string) error {
 // closes the file. It reports the first error but always releases the key.
 func (im *Image) Close() error {
 	var errs []error
+	if im.blocks != nil {
+		errs = append(errs, im.blocks.close())
+	}
 	if im.fs != nil {
 		errs = append(errs, im.fs.Close())
 	}

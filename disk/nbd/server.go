@@ -1,0 +1,425 @@
+package nbd
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+// Backend is the block device an export serves: the plaintext view of an
+// encrypted volume (disk.Blocks) or, as a performance reference, a file.
+// Its methods are called concurrently.
+type Backend interface {
+	io.ReaderAt
+	// WriteAt returns once all of p is in the backing store.
+	io.WriterAt
+	// Sync makes every completed write durable.
+	Sync() error
+	Size() int64
+}
+
+// Defaults of Options.
+const (
+	DefaultMaxRequest  = 32 << 20
+	DefaultMaxInFlight = 16
+	handshakeTimeout   = 10 * time.Second
+)
+
+// Options configures a Server. The zero value serves a writable export
+// named "" with 512-byte blocks.
+type Options struct {
+	// Name is the export's name; "" is always accepted too.
+	Name     string
+	ReadOnly bool
+	// MinBlock and PreferredBlock are advertised to clients that ask
+	// (NBD_INFO_BLOCK_SIZE): the volume's sector size. Smaller or
+	// unaligned requests still work, through read-modify-write.
+	MinBlock, PreferredBlock uint32
+	// MaxRequest bounds a request's length (DefaultMaxRequest).
+	MaxRequest uint32
+	// MaxInFlight bounds the requests one connection has under way
+	// (DefaultMaxInFlight).
+	MaxInFlight int
+	Log         *slog.Logger
+}
+
+// Server serves one Backend as an NBD export (fixed newstyle handshake,
+// simple replies) on any number of connections at once: the export
+// advertises NBD_FLAG_CAN_MULTI_CONN, which holds because a FLUSH syncs the
+// whole backend, not one connection's writes.
+type Server struct {
+	b     Backend
+	size  int64
+	flags uint16
+	opts  Options
+	log   *slog.Logger
+
+	mu    sync.Mutex
+	lns   map[net.Listener]struct{}
+	conns map[net.Conn]struct{}
+	done  bool
+	wg    sync.WaitGroup
+}
+
+// NewServer returns a server for b.
+func NewServer(b Backend, o Options) *Server {
+	if o.MinBlock == 0 {
+		o.MinBlock = 512
+	}
+	if o.PreferredBlock < o.MinBlock {
+		o.PreferredBlock = max(o.MinBlock, 4096)
+	}
+	if o.MaxRequest == 0 {
+		o.MaxRequest = DefaultMaxRequest
+	}
+	if o.MaxInFlight <= 0 {
+		o.MaxInFlight = DefaultMaxInFlight
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	flags := uint16(FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendWriteZeros | FlagCanMultiConn)
+	if o.ReadOnly {
+		flags |= FlagReadOnly
+	}
+	return &Server{b: b, size: b.Size(), flags: flags, opts: o, log: o.Log,
+		lns: map[net.Listener]struct{}{}, conns: map[net.Conn]struct{}{}}
+}
+
+// Flags are the transmission flags the export advertises; an in-kernel
+// client set up without a handshake (NBD_SET_FLAGS) needs them.
+func (s *Server) Flags() uint16 { return s.flags }
+
+// Size is the export's size in bytes.
+func (s *Server) Size() int64 { return s.size }
+
+// ErrServerClosed is what Serve returns after Close.
+var ErrServerClosed = errors.New("nbd: server closed")
+
+// Serve accepts connections on l, each served with a handshake, until l
+// fails or Close is called.
+func (s *Server) Serve(l net.Listener) error {
+	if !add(s, s.lns, l) {
+		l.Close()
+		return ErrServerClosed
+	}
+	defer remove(s, s.lns, l)
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if s.closing() {
+				return ErrServerClosed
+			}
+			return fmt.Errorf("nbd: accept: %w", err)
+		}
+		go s.ServeConn(c)
+	}
+}
+
+// ServeConn runs the handshake on c, then serves requests until the client
+// disconnects, a protocol error, or Close. It closes c.
+func (s *Server) ServeConn(c net.Conn) error {
+	return s.serve(c, true)
+}
+
+// ServeTransmission serves requests on c with no handshake: for the Linux
+// kernel's NBD client, which is given its socket already negotiated. It
+// closes c.
+func (s *Server) ServeTransmission(c net.Conn) error {
+	return s.serve(c, false)
+}
+
+func (s *Server) serve(c net.Conn, handshake bool) error {
+	s.wg.Add(1)
+	defer s.wg.Done()
+	if !add(s, s.conns, c) {
+		c.Close()
+		return ErrServerClosed
+	}
+	defer remove(s, s.conns, c)
+	defer c.Close()
+	if handshake {
+		c.SetDeadline(time.Now().Add(handshakeTimeout))
+		if err := s.handshake(c); err != nil {
+			if !errors.Is(err, errAbort) {
+				s.log.Warn("nbd handshake failed; connection closed", "err", err)
+			}
+			return err
+		}
+		c.SetDeadline(time.Time{})
+	}
+	err := s.transmit(c)
+	if err != nil && !s.closing() {
+		s.log.Warn("nbd connection closed", "err", err)
+	}
+	return err
+}
+
+// Close stops every listener and connection and waits until no request is
+// under way, so that the backend can then be closed safely.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.done = true
+	for l := range s.lns {
+		l.Close()
+	}
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+func (s *Server) closing() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.done
+}
+
+// add registers v in m unless the server is closing.
+func add[T comparable](s *Server, m map[T]struct{}, v T) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return false
+	}
+	m[v] = struct{}{}
+	return true
+}
+
+func remove[T comparable](s *Server, m map[T]struct{}, v T) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(m, v)
+}
+
+// conn is one connection's transmission phase: a reader that parses
+// requests in order and a bounded set of handlers that answer them in any
+// order, each reply written whole under wmu.
+type conn struct {
+	s     *Server
+	c     net.Conn
+	wmu   sync.Mutex
+	werr  error
+	slots chan struct{}
+	wg    sync.WaitGroup
+}
+
+func (s *Server) transmit(c net.Conn) error {
+	cn := &conn{s: s, c: c, slots: make(chan struct{}, s.opts.MaxInFlight)}
+	// Handlers still under way finish (their writes are in the backend)
+	// before the connection is closed and before Close returns.
+	defer cn.wg.Wait()
+	hdr := make([]byte, requestHdrSize)
+	for {
+		if _, err := io.ReadFull(c, hdr); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil // a client that closes without NBD_CMD_DISC
+			}
+			return fmt.Errorf("read request: %w", err)
+		}
+		r, err := ParseRequest(hdr)
+		if err != nil {
+			return err
+		}
+		if r.Type == CmdDisc {
+			return nil
+		}
+		var payload []byte
+		if r.Type == CmdWrite {
+			if r.Length > s.opts.MaxRequest {
+				// The payload cannot be skipped safely: close.
+				return fmt.Errorf("WRITE of %d bytes, more than the %d advertised", r.Length, s.opts.MaxRequest)
+			}
+			payload = getBuf(int(r.Length))
+			if _, err := io.ReadFull(c, payload); err != nil {
+				putBuf(payload)
+				// Nothing of a request cut short is written.
+				return fmt.Errorf("read WRITE payload of %d bytes: %w", r.Length, err)
+			}
+		}
+		cn.slots <- struct{}{}
+		cn.wg.Add(1)
+		go func() {
+			defer func() { <-cn.slots; cn.wg.Done() }()
+			cn.handle(r, payload)
+		}()
+		if err := cn.writeErr(); err != nil {
+			return err
+		}
+	}
+}
+
+func (cn *conn) writeErr() error {
+	cn.wmu.Lock()
+	defer cn.wmu.Unlock()
+	return cn.werr
+}
+
+// handle runs one request and sends its reply.
+func (cn *conn) handle(r Request, payload []byte) {
+	if payload != nil {
+		defer putBuf(payload)
+	}
+	if errno := cn.check(r); errno != 0 {
+		cn.reply(r.Cookie, errno, nil)
+		return
+	}
+	s := cn.s
+	switch r.Type {
+	case CmdRead:
+		buf := getBuf(int(r.Length))
+		defer putBuf(buf)
+		if _, err := s.b.ReadAt(buf, int64(r.Offset)); err != nil {
+			s.log.Error("nbd READ failed", "offset", r.Offset, "length", r.Length, "err", err)
+			cn.reply(r.Cookie, errIO, nil)
+			return
+		}
+		cn.reply(r.Cookie, 0, buf)
+	case CmdWrite:
+		if _, err := s.b.WriteAt(payload, int64(r.Offset)); err != nil {
+			s.log.Error("nbd WRITE failed", "offset", r.Offset, "length", r.Length, "err", err)
+			cn.reply(r.Cookie, errIO, nil)
+			return
+		}
+		cn.reply(r.Cookie, cn.fua(r), nil)
+	case CmdWriteZeroes:
+		if err := writeZeroes(s.b, int64(r.Offset), int64(r.Length)); err != nil {
+			s.log.Error("nbd WRITE_ZEROES failed", "offset", r.Offset, "length", r.Length, "err", err)
+			cn.reply(r.Cookie, errIO, nil)
+			return
+		}
+		cn.reply(r.Cookie, cn.fua(r), nil)
+	case CmdFlush:
+		cn.reply(r.Cookie, cn.sync(), nil)
+	}
+}
+
+// fua syncs after a write that asked for it (NBD_CMD_FLAG_FUA).
+func (cn *conn) fua(r Request) uint32 {
+	if r.Flags&CmdFlagFUA == 0 {
+		return 0
+	}
+	return cn.sync()
+}
+
+func (cn *conn) sync() uint32 {
+	if err := cn.s.b.Sync(); err != nil {
+		cn.s.log.Error("nbd FLUSH failed: writes may not be durable", "err", err)
+		return errIO
+	}
+	return 0
+}
+
+// check validates a request against the export and returns the errno to
+// answer with, or 0.
+func (cn *conn) check(r Request) uint32 {
+	s := cn.s
+	var allowed uint16
+	switch r.Type {
+	case CmdRead:
+		allowed = CmdFlagFUA // meaningless on a read, and harmless
+	case CmdWrite:
+		allowed = CmdFlagFUA
+	case CmdWriteZeroes:
+		allowed = CmdFlagFUA | CmdFlagNoHole
+	case CmdFlush:
+		if r.Offset != 0 || r.Length != 0 {
+			return errInval
+		}
+		return 0
+	default:
+		// TRIM, CACHE and BLOCK_STATUS are not advertised.
+		return errInval
+	}
+	if r.Flags&^allowed != 0 {
+		return errInval
+	}
+	if r.Type != CmdRead && s.opts.ReadOnly {
+		return errPerm
+	}
+	if r.Length == 0 || r.Length > s.opts.MaxRequest && r.Type != CmdWriteZeroes {
+		return errInval
+	}
+	if r.Offset > uint64(s.size) || uint64(r.Length) > uint64(s.size)-r.Offset {
+		if r.Type == CmdRead {
+			return errInval
+		}
+		return errNoSpc
+	}
+	return 0
+}
+
+// reply sends one simple reply, with data for a successful read.
+func (cn *conn) reply(cookie uint64, errno uint32, data []byte) {
+	var hdr [replyHdrSize]byte
+	putReply(hdr[:], errno, cookie)
+	cn.wmu.Lock()
+	defer cn.wmu.Unlock()
+	if cn.werr != nil {
+		return
+	}
+	bufs := net.Buffers{hdr[:]}
+	if errno == 0 && data != nil {
+		bufs = append(bufs, data)
+	}
+	if _, err := bufs.WriteTo(cn.c); err != nil {
+		cn.werr = fmt.Errorf("send reply: %w", err)
+		cn.c.Close() // wakes the reader
+	}
+}
+
+// writeZeroes writes real zeros: on an encrypted backend a hole punched in
+// the image would read back as noise, and would tell the storage provider
+// which blocks are unused.
+func writeZeroes(b Backend, off, n int64) error {
+	zero := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		m := min(n, int64(len(zero)))
+		if _, err := b.WriteAt(zero[:m], off); err != nil {
+			return err
+		}
+		off, n = off+m, n-m
+	}
+	return nil
+}
+
+// Request buffers are pooled by power-of-two size class from 4 KiB, so a
+// stream of same-sized requests allocates nothing.
+var bufPools [14]sync.Pool // 4 KiB .. 32 MiB
+
+func sizeClass(n int) int {
+	c := 0
+	for size := 4096; size < n; size <<= 1 {
+		c++
+	}
+	return c
+}
+
+func getBuf(n int) []byte {
+	c := sizeClass(n)
+	if c >= len(bufPools) {
+		return make([]byte, n)
+	}
+	if p, ok := bufPools[c].Get().(*[]byte); ok {
+		return (*p)[:n]
+	}
+	return make([]byte, n, 4096<<c)
+}
+
+func putBuf(b []byte) {
+	c := sizeClass(cap(b))
+	if c >= len(bufPools) || cap(b) != 4096<<c {
+		return
+	}
+	bufPools[c].Put(&b)
+}
+
+func (r Request) String() string {
+	return fmt.Sprintf("%s offset=%d length=%d flags=0x%x", cmdName(r.Type), r.Offset, r.Length, r.Flags)
+}

@@ -1,0 +1,129 @@
+// Package unixsock owns the unix sockets keygate serves plaintext on (the
+// 9P and NBD exports): private from their first instant, and open only to
+// the peers' uids the operator allowed.
+//
+// A socket made with net.Listen and then chmod-ed is world-connectable for
+// the moment in between (its mode comes from the umask), and the umask is
+// process-wide, so changing it races every other goroutine that creates a
+// file. Listen instead binds inside a fresh 0700 directory beside the
+// target, sets the socket's mode there, and renames it into place: no other
+// user can reach it before it is 0600.
+package unixsock
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"syscall"
+)
+
+// ErrPeerRefused is logged (never returned by Accept) for a connection whose
+// peer runs under a uid that is not allowed.
+var ErrPeerRefused = errors.New("peer uid not allowed")
+
+// Listener is a unix-socket listener that accepts only peers whose uid is
+// allowed; it removes its socket file on Close.
+type Listener struct {
+	*net.UnixListener
+	path    string
+	allowed []uint32
+	// OnRefused, if set, is called for each refused peer (uid, or -1 when
+	// the credentials could not be read).
+	OnRefused func(uid int64, err error)
+}
+
+// Listen creates a unix socket at path with mode 0600, which no other user
+// could connect to at any moment, and accepts only connections from root,
+// from this process's effective uid, and from allowUIDs. An existing socket
+// at path (a stale one from an earlier run) is replaced; anything else
+// there is an error.
+func Listen(path string, allowUIDs ...uint32) (*Listener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("listen on %s: it exists and is not a socket (choose another path)", path)
+		}
+	}
+	dir, err := os.MkdirTemp(filepath.Dir(path), ".keygate-sock-")
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	defer os.RemoveAll(dir)
+	// MkdirTemp makes the directory 0700, so the socket inside it is
+	// private even while its own mode still follows the umask.
+	tmp := filepath.Join(dir, "s")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	// The listener must not unlink tmp on Close: the file moves to path.
+	ln.SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	allowed := append([]uint32{0, uint32(os.Geteuid())}, allowUIDs...)
+	return &Listener{UnixListener: ln, path: path, allowed: allowed}, nil
+}
+
+// Path is the socket's path.
+func (l *Listener) Path() string { return l.path }
+
+// Accept returns the next connection from an allowed peer; connections from
+// others are closed at once and reported to OnRefused.
+func (l *Listener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.UnixListener.AcceptUnix()
+		if err != nil {
+			return nil, err
+		}
+		uid, err := PeerUID(c)
+		if err == nil && slices.Contains(l.allowed, uid) {
+			return c, nil
+		}
+		c.Close()
+		if l.OnRefused != nil {
+			u := int64(-1)
+			if err == nil {
+				u = int64(uid)
+				err = fmt.Errorf("%w: uid %s (allow it with --allow-uid)", ErrPeerRefused, strconv.FormatUint(uint64(uid), 10))
+			}
+			l.OnRefused(u, err)
+		}
+	}
+}
+
+// Close stops listening and removes the socket file.
+func (l *Listener) Close() error {
+	err := l.UnixListener.Close()
+	if rmErr := os.Remove(l.path); rmErr != nil && !errors.Is(rmErr, os.ErrNotExist) && err == nil {
+		err = rmErr
+	}
+	return err
+}
+
+// PeerUID is the uid of the process at the other end of c (SO_PEERCRED).
+func PeerUID(c *net.UnixConn) (uint32, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return 0, fmt.Errorf("peer credentials: %w", err)
+	}
+	var cred *syscall.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	}); err != nil {
+		return 0, fmt.Errorf("peer credentials: %w", err)
+	}
+	if credErr != nil {
+		return 0, fmt.Errorf("peer credentials: %w", credErr)
+	}
+	return cred.Uid, nil
+}
