@@ -327,7 +327,13 @@ func (s *Server) adminSetPolicy(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusBadRequest, `see docs/protocol.md: {"pcrs": {"7": ["<64 hex>"]}}`, "%v", err))
 		return
 	}
-	canon, err := json.Marshal(pol)
+	if err := checkWindowPolicy(pol); err != nil {
+		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
+		return
+	}
+	// Stored with the window bound, so that `policy show` shows what every
+	// unlock is held to (releasePolicy binds it anyway).
+	canon, err := json.Marshal(withWindow(pol))
 	if err != nil {
 		s.internal(w, "encode policy", err)
 		return

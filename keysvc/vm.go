@@ -1,6 +1,7 @@
 package keysvc
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -409,33 +410,20 @@ func isChallengeErr(err error) bool {
 	return false
 }
 
-// windowOpen reports whether a learned policy saw WindowPCR at its reset
-// value (all zeros), or does not capture it.
-func windowOpen(p *attest.Policy) bool {
-	for _, v := range p.PCRs[WindowPCR] {
-		for _, b := range v {
-			if b != 0 {
-				return false
-			}
-		}
-	}
-	return true
-}
-
 // errNotArmed means learn mode was consumed by a concurrent unlock.
 var errNotArmed = errors.New("learn mode no longer armed")
 
 // verify runs attest.Verify against the VM's policy, or, with learn mode
 // armed, attest.Learn, and then stores the captured policy and disarms.
 func (s *Server) verify(ctx context.Context, vm store.VM, att *pb.Attestation, nonce []byte, ak crypto.PublicKey) (*attest.Policy, *attest.Result, *refusal, error) {
-	pol, err := storedPolicy(vm.Policy)
+	pol, err := releasePolicy(vm.Policy)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("vm %q: stored policy: %w", vm.Name, err)
 	}
 	opts := attest.VerifyOpts{Nonce: nonce, TrustedAKs: []crypto.PublicKey{ak}, Policy: pol}
 	if vm.LearnArmed {
 		learned, res, err := attest.Learn(att, opts, s.learnPCRs)
-		if err == nil && !windowOpen(learned) {
+		if err == nil && !bytes.Equal(res.PCRs[WindowPCR], windowReset) {
 			// Learning now would allow only the state after an unlock.
 			return nil, nil, &refusal{reason: ReasonPolicy, hint: fmt.Sprintf("learn mode stays armed: PCR %d is already extended in this boot (an unlock happened); learn from a freshly booted VM", WindowPCR)}, nil
 		}
@@ -459,7 +447,9 @@ func (s *Server) verify(ctx context.Context, vm store.VM, att *pb.Attestation, n
 				}
 				s.record(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionLearn, Subject: vm.Name, Details: audit.Learn{PCRs: pcrs}})
 				s.log.Info("learned policy", slog.String("vm", vm.Name), slog.Int("pcrs", len(pcrs)))
-				return learned, res, nil, nil
+				// Learn captures only s.learnPCRs; the release is bound to
+				// the window all the same.
+				return withWindow(learned), res, nil, nil
 			case errors.Is(uerr, errNotArmed):
 				// Another unlock captured the policy first: verify against it.
 				fresh, err := s.st.GetVM(ctx, vm.Name)
