@@ -25,6 +25,7 @@ import (
 
 	"github.com/keygate/keygate/attest"
 	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
 )
 
@@ -42,9 +43,16 @@ func (s *Server) refuse(w http.ResponseWriter, r *http.Request, vm, volume strin
 // refuseUsing is refuse for an unlock whose challenge is checked but not yet
 // recorded as used: use (if not nil) is recorded in the same transaction as
 // the denial, so that a refused attempt uses its challenge up.
+//
+// Refusals are audited within a per-source budget (vmAudit): past it they
+// are counted into a summary record, not recorded one by one, so that
+// unauthenticated requests cannot flood the chain. The names recorded come
+// from the request and are cut to the store's limit (capName).
 func (s *Server) refuseUsing(w http.ResponseWriter, r *http.Request, vm, volume string, f *refusal, use *store.ChallengeUse) {
 	s.metrics.denials.WithLabelValues(f.reason).Inc()
-	d := audit.Deny{Volume: volume, Reason: f.reason, Remote: remoteHost(r)}
+	vm, volume = capName(vm), capName(volume)
+	remote := remoteHost(r)
+	d := audit.Deny{Volume: volume, Reason: f.reason, Remote: remote}
 	if f.denial != nil {
 		d.Reason = f.reason + ": " + f.denial.Reason
 		for _, m := range f.denial.Mismatches {
@@ -60,7 +68,15 @@ func (s *Server) refuseUsing(w http.ResponseWriter, r *http.Request, vm, volume 
 		vm = "unknown"
 	}
 	ev := audit.Event{Actor: "vm:" + vm, Action: audit.ActionDeny, Subject: volume, Details: d}
-	if use == nil {
+	if !s.vmAudit.take(r.Context(), remote, r.Method, auditPath(r.URL.Path), f.reason, s.now()) {
+		// Over the source's budget: counted for its summary record. A
+		// checked challenge must still be used up.
+		if use != nil {
+			if err := s.st.UseChallenge(context.WithoutCancel(r.Context()), use.ID, use.Expires); err != nil && !errors.Is(err, store.ErrChallengeUsed) {
+				s.log.Error("record challenge use failed", slog.String("vm", vm), slog.Any("err", err))
+			}
+		}
+	} else if use == nil {
 		s.record(r.Context(), ev)
 	} else if _, err := s.audit.AppendUsing(context.WithoutCancel(r.Context()), *use, ev); errors.Is(err, store.ErrChallengeUsed) {
 		// A concurrent replay of this challenge was recorded first; the
@@ -202,7 +218,7 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err != nil {
-		s.internal(w, "read vm and volume", err)
+		s.readFailed(w, r, req.VM, req.Volume, err)
 		return
 	}
 	if _, _, f := enrolledKeys(vm, ek, ak); f != nil {
@@ -290,7 +306,7 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		return
 	}
 	if err != nil {
-		s.internal(w, "read vm and volume", err)
+		s.readFailed(w, r, vmName, volID, err)
 		return
 	}
 	ekPub, akPub, f := enrolledKeys(vm, nil, nil)
@@ -352,9 +368,11 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		deny(&refusal{reason: ReasonEvidence, hint: "attestation is not a go-tpm-tools Attestation proto: " + err.Error()})
 		return
 	}
-	pol, res, f, err := s.verify(ctx, vm, att, claims.Nonce, akPub)
+	pol, res, f, err := s.verify(ctx, &vm, att, claims.Nonce, akPub)
 	if err != nil || f != nil {
-		if err != nil {
+		if errors.Is(err, ErrTampered) {
+			s.readFailed(w, r, vmName, volID, err)
+		} else if err != nil {
 			s.internal(w, "verify attestation", err)
 		} else {
 			deny(f)
@@ -362,17 +380,18 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		return
 	}
 	if provision {
-		if vol, err = s.provisionVolume(ctx, vm.Name, volID); errors.Is(err, store.ErrExists) {
+		if vol, err = s.provisionVolume(ctx, vm.Name, volID, ekPub); errors.Is(err, store.ErrExists) {
 			s.refuse(w, r, vmName, volID, &refusal{reason: ReasonVolumeExists, hint: "the volume was provisioned meanwhile; unlock it"})
 			return
 		} else if err != nil {
 			s.internal(w, "provision volume", err)
 			return
 		}
+		fp, _ := attest.KeyFingerprint(ekPub)
 		s.record(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionProvision, Subject: volID,
-			Details: audit.Admin{Method: r.Method, Path: r.URL.Path, Status: http.StatusOK, Remote: remoteHost(r), Client: "vm:" + vm.Name}})
+			Details: audit.Volume{Volume: volID, VM: vm.Name, Source: "provisioned", EKFingerprint: hex.EncodeToString(fp[:])}})
 	}
-	s.release(w, r, vm, vol, ekPub, pol, res, use, replay)
+	s.release(w, r, vm, vol, ekPub, akPub, pol, res, use, replay)
 }
 
 // canProvision checks that vm may provision a volume, which must not exist
@@ -387,13 +406,18 @@ func canProvision(vm store.VM, existing *store.Volume) *refusal {
 	return nil
 }
 
-// provisionVolume makes, seals and stores a new UK for volume id of vm.
-func (s *Server) provisionVolume(ctx context.Context, vm, id string) (store.Volume, error) {
+// provisionVolume makes, seals and stores a new UK for volume id of vm,
+// whose enrolled EK is ek.
+func (s *Server) provisionVolume(ctx context.Context, vm, id string, ek crypto.PublicKey) (store.Volume, error) {
+	fp, err := attest.KeyFingerprint(ek)
+	if err != nil {
+		return store.Volume{}, err
+	}
 	uk := make([]byte, UKSize)
 	if _, err := rand.Read(uk); err != nil {
 		return store.Volume{}, err
 	}
-	sealed, err := s.mk.Seal(id, uk)
+	sealed, err := s.mk.Seal(ukRecordID(id, vm, hex.EncodeToString(fp[:])), uk)
 	clear(uk)
 	if err != nil {
 		return store.Volume{}, err
@@ -414,8 +438,10 @@ func isChallengeErr(err error) bool {
 var errNotArmed = errors.New("learn mode no longer armed")
 
 // verify runs attest.Verify against the VM's policy, or, with learn mode
-// armed, attest.Learn, and then stores the captured policy and disarms.
-func (s *Server) verify(ctx context.Context, vm store.VM, att *pb.Attestation, nonce []byte, ak crypto.PublicKey) (*attest.Policy, *attest.Result, *refusal, error) {
+// armed, attest.Learn, and then stores the captured policy and disarms. On
+// success vm.Policy is the stored policy it verified against (the learned
+// one, if it learned), for the re-check after the release (stillReleasable).
+func (s *Server) verify(ctx context.Context, vm *store.VM, att *pb.Attestation, nonce []byte, ak crypto.PublicKey) (*attest.Policy, *attest.Result, *refusal, error) {
 	pol, err := releasePolicy(vm.Policy)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("vm %q: stored policy: %w", vm.Name, err)
@@ -441,6 +467,7 @@ func (s *Server) verify(ctx context.Context, vm store.VM, att *pb.Attestation, n
 			})
 			switch {
 			case uerr == nil:
+				vm.Policy, vm.LearnArmed = raw, false
 				pcrs := make(map[int]string, len(learned.PCRs))
 				for i, vals := range learned.PCRs {
 					pcrs[i] = fmt.Sprintf("%x", vals[0])
@@ -455,6 +482,9 @@ func (s *Server) verify(ctx context.Context, vm store.VM, att *pb.Attestation, n
 				fresh, err := s.st.GetVM(ctx, vm.Name)
 				if err != nil {
 					return nil, nil, nil, err
+				}
+				if fresh.EKPubPEM != vm.EKPubPEM || fresh.AKPubPEM != vm.AKPubPEM || fresh.Revoked {
+					return nil, nil, &refusal{reason: ReasonPolicy, hint: "the VM's enrollment changed during this unlock; retry"}, nil
 				}
 				vm.LearnArmed, vm.Policy = false, fresh.Policy
 				return s.verify(ctx, vm, att, nonce, ak)
@@ -486,7 +516,7 @@ func verifyRefusal(err error) *refusal {
 // verified quote showed them, and answers 200. use, if not nil, is the
 // unlock's challenge, recorded as used together with the release record; if
 // it turns out used already, release answers replay instead.
-func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vol store.Volume, ek crypto.PublicKey, pol *attest.Policy, res *attest.Result, use *store.ChallengeUse, replay *refusal) {
+func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vol store.Volume, ek, ak crypto.PublicKey, pol *attest.Policy, res *attest.Result, use *store.ChallengeUse, replay *refusal) {
 	pcrs := &tpmpb.PCRs{Hash: tpmpb.HashAlgo_SHA256, Pcrs: make(map[uint32][]byte)}
 	idx := make([]int, 0, len(pol.PCRs))
 	for i := range pol.PCRs {
@@ -499,7 +529,19 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		idx = append(idx, i)
 	}
 	slices.Sort(idx)
-	uk, wipe, err := s.openUK(vol.ID, vol.SealedUK)
+	fp, err := attest.KeyFingerprint(ek)
+	if err != nil {
+		s.internal(w, "fingerprint enrolled EK", err)
+		return
+	}
+	uk, wipe, err := s.openUK(ukRecordID(vol.ID, vm.Name, hex.EncodeToString(fp[:])), vol.SealedUK)
+	if errors.Is(err, masterkey.ErrOpen) {
+		// The row MACs passed, but the sealed UK is not this volume's,
+		// this owner's or this EK's: it was moved or its row re-pointed.
+		s.readFailed(w, r, vm.Name, vol.ID, fmt.Errorf("%w: %w", &TamperError{Kind: "volume", Name: vol.ID,
+			Detail: "the sealed UK does not open for this volume, owner VM and EK"}, err))
+		return
+	}
 	if err != nil {
 		s.internal(w, "open sealed unwrap key", err)
 		return
@@ -547,9 +589,9 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 	// now: check again, and release nothing if either happened. (The chain
 	// then holds the release record followed by the denial, which is what
 	// took place.)
-	if f, err := s.stillReleasable(ctx, vm.Name, vol.ID); err != nil || f != nil {
+	if f, err := s.stillReleasable(ctx, vm, vol.ID); err != nil || f != nil {
 		if err != nil {
-			s.internal(w, "re-read vm and volume", err)
+			s.readFailed(w, r, vm.Name, vol.ID, err)
 		} else {
 			s.refuse(w, r, vm.Name, vol.ID, f)
 		}
@@ -561,9 +603,14 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 }
 
 // stillReleasable re-reads the VM and the volume after a release was
-// recorded, to catch a revoke or erase that raced the verification.
-func (s *Server) stillReleasable(ctx context.Context, vmName, volID string) (*refusal, error) {
-	vm, vol, err := s.vmAndVolume(ctx, vmName, volID)
+// recorded, to catch a revoke, an erase or any change to what the unlock
+// was verified against that raced the verification. verified is the VM as
+// the unlock read it, with the policy it verified against: the re-read EK,
+// AK and policy must be exactly those, not merely still parse (a new AK or
+// policy committed meanwhile would otherwise ride on a quote checked
+// against the old ones).
+func (s *Server) stillReleasable(ctx context.Context, verified store.VM, volID string) (*refusal, error) {
+	vm, vol, err := s.vmAndVolume(ctx, verified.Name, volID)
 	if err != nil {
 		return nil, err
 	}
@@ -571,7 +618,28 @@ func (s *Server) stillReleasable(ctx context.Context, vmName, volID string) (*re
 	if _, _, f := enrolledKeys(vm, nil, nil); f != nil {
 		return f, nil
 	}
-	return checkVolume(vmName, vol), nil
+	switch {
+	case vm.EKPubPEM != verified.EKPubPEM:
+		return &refusal{reason: ReasonUnknownEK, hint: "the VM's enrolled EK changed while this unlock was verified; retry"}, nil
+	case vm.AKPubPEM != verified.AKPubPEM:
+		return &refusal{reason: ReasonUnknownAK, hint: "the VM's enrolled AK changed while this unlock was verified; retry"}, nil
+	case !bytes.Equal(vm.Policy, verified.Policy):
+		return &refusal{reason: ReasonPolicy, hint: "the VM's policy changed while this unlock was verified; retry against the new policy"}, nil
+	}
+	return checkVolume(verified.Name, vol), nil
+}
+
+// readFailed answers a failed read of a VM or volume: a row that fails its
+// integrity check is refused (403 store-integrity) and raised as a
+// critical event; anything else is a 500.
+func (s *Server) readFailed(w http.ResponseWriter, r *http.Request, vm, volume string, err error) {
+	if !errors.Is(err, ErrTampered) {
+		s.internal(w, "read vm and volume", err)
+		return
+	}
+	s.tampered(r, vm, volume, err)
+	s.refuse(w, r, vm, volume, &refusal{reason: ReasonIntegrity,
+		hint: "the key service's records for this VM or volume fail their integrity check; an operator must run `keysvc audit verify`"})
 }
 
 // internal answers 500 and logs the cause (never a secret: causes are
