@@ -458,7 +458,7 @@ func eraseCmd(cl *client) *cobra.Command {
 func auditCmd(cl *client) *cobra.Command {
 	a := &cobra.Command{Use: "audit", Short: "Read and verify the audit chain"}
 	verify := &cobra.Command{
-		Use: "verify", Short: "Check the audit chain for edited, deleted or truncated records", Args: noArgs,
+		Use: "verify", Short: "Check the audit chain for edited, deleted or truncated records, and the stored VM and volume rows for changes made outside the service", Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			b, err := cl.call("GET", "/v1/admin/audit/verify", nil)
 			if err != nil {
