@@ -53,7 +53,7 @@ func adopt(ctx context.Context, st anchorStore, lg *audit.Log, mk *masterkey.Key
 		return fmt.Errorf("adopt store: %w", err)
 	}
 	defer rk.Destroy()
-	k := rowKey{key: rk}
+	k := newRowKey(rk)
 	a, err := st.Anchor(ctx)
 	if err != nil {
 		return err

@@ -143,7 +143,7 @@ func (s *Server) stillReleasable(ctx context.Context, verified store.VM, volID s
 // critical event; anything else is a 500.
 func (s *Server) readFailed(w http.ResponseWriter, r *http.Request, vm, volume string, err error) {
 	if !errors.Is(err, ErrTampered) {
-		s.internal(w, "read vm and volume", err)
+		s.internal(w, "read or update vm and volume", err)
 		return
 	}
 	s.tampered(r, vm, volume, err)

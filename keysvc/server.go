@@ -201,7 +201,7 @@ func New(opts ...Option) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("new key service: row MAC key: %w", err)
 	}
-	s.rows = rowKey{key: rk}
+	s.rows = newRowKey(rk)
 	s.metrics = newMetrics()
 	// Each unlock makes one durable write, after verifying its quote: while
 	// others are under way, the store holds a commit briefly for theirs, so

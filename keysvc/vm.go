@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/binary"
@@ -468,7 +469,7 @@ func (s *Server) verify(ctx context.Context, vm *store.VM, att *pb.Attestation, 
 				for i, vals := range learned.PCRs {
 					pcrs[i] = fmt.Sprintf("%x", vals[0])
 				}
-				s.record(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionLearn, Subject: vm.Name, Details: audit.Learn{PCRs: pcrs}})
+				s.record(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionLearn, Subject: vm.Name, Details: audit.Learn{PCRs: pcrs, Policy: raw, SHA256: fmt.Sprintf("%x", sha256.Sum256(raw))}})
 				s.log.Info("learned policy", slog.String("vm", vm.Name), slog.Int("pcrs", len(pcrs)))
 				// Learn captures only s.learnPCRs; the release is bound to
 				// the window all the same.

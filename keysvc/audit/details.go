@@ -64,6 +64,10 @@ type Learn struct {
 	Armed bool `json:"armed,omitempty"`
 	// PCRs are the captured values (hex) by PCR index.
 	PCRs map[int]string `json:"pcrs,omitempty"`
+	// Policy is the whole policy stored by the capture, and SHA256 its
+	// hash, as in a Policy record.
+	Policy json.RawMessage `json:"policy,omitempty"`
+	SHA256 string          `json:"sha256,omitempty"`
 }
 
 // Admin records an admin API call (including refused ones).
