@@ -45,6 +45,9 @@ type VMInfo struct {
 	Updated             time.Time       `json:"updated"`
 	// Next says what the operator still has to do, if anything.
 	Next string `json:"next,omitempty"`
+	// Tampered, in a list, says why the row fails its integrity check (it
+	// was changed outside the service, and refuses every unlock).
+	Tampered string `json:"tampered,omitempty"`
 }
 
 // VolumeRequest is the body of POST /v1/admin/volumes. Without Key the
@@ -63,6 +66,8 @@ type VolumeInfo struct {
 	Erased   bool       `json:"erased"`
 	ErasedAt *time.Time `json:"erased_at,omitempty"`
 	Created  time.Time  `json:"created"`
+	// Tampered: as VMInfo's.
+	Tampered string `json:"tampered,omitempty"`
 }
 
 // AuditVerifyResponse is the answer to GET /v1/admin/audit/verify.
@@ -268,7 +273,13 @@ func (s *Server) adminListVMs(w http.ResponseWriter, r *http.Request) {
 	}
 	out := make([]VMInfo, 0, len(vms))
 	for _, v := range vms {
-		out = append(out, vmInfo(v))
+		info := vmInfo(v)
+		// Lists read the rows unchecked (they decide nothing), so that a
+		// tampered row can be seen; it is flagged here.
+		if err := s.rows.checkVM(v); err != nil {
+			info.Tampered = err.Error()
+		}
+		out = append(out, info)
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -458,7 +469,11 @@ func (s *Server) adminListVolumes(w http.ResponseWriter, r *http.Request) {
 	}
 	out := make([]VolumeInfo, 0, len(vols))
 	for _, v := range vols {
-		out = append(out, volumeInfo(v))
+		info := volumeInfo(v)
+		if err := s.rows.checkVolume(v); err != nil {
+			info.Tampered = err.Error()
+		}
+		out = append(out, info)
 	}
 	writeJSON(w, http.StatusOK, out)
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -98,6 +99,24 @@ func TestDatabaseWriteReleasesNothing(t *testing.T) {
 			}
 			if !critical {
 				t.Error("no critical store-tampered event was raised")
+			}
+			var vms []keysvc.VMInfo
+			json.Unmarshal(e.admin(t, "GET", "/v1/admin/vms", nil, http.StatusOK), &vms)
+			var vols []keysvc.VolumeInfo
+			json.Unmarshal(e.admin(t, "GET", "/v1/admin/volumes", nil, http.StatusOK), &vols)
+			var flagged []string
+			for _, v := range vms {
+				if v.Tampered != "" {
+					flagged = append(flagged, `vm "`+v.Name+`"`)
+				}
+			}
+			for _, v := range vols {
+				if v.Tampered != "" {
+					flagged = append(flagged, `volume "`+v.ID+`"`)
+				}
+			}
+			if tc.names != "" && !slices.Contains(flagged, tc.names) {
+				t.Errorf("the admin lists flag %v, want %s among them", flagged, tc.names)
 			}
 			var rep keysvc.AuditVerifyResponse
 			json.Unmarshal(e.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK), &rep)

@@ -143,6 +143,12 @@ func TestAuditVerifyNamesStoreTampering(t *testing.T) {
 			if code == 0 || !strings.Contains(out.String()+errb.String(), tc.want) {
 				t.Fatalf("audit verify: exit %d; stdout %q stderr %q; want it to name %s", code, out.String(), errb.String(), tc.want)
 			}
+			if list, ok := map[string][]string{"vm-row": {"vm", "list", tok}, "volume-row": {"volume", "list", tok}}[tc.name]; ok {
+				out.Reset()
+				if code := run(list, nil, &out, &errb); code != 0 || !strings.Contains(out.String(), "TAMPERED") {
+					t.Fatalf("%v: exit %d, %q; want the row marked TAMPERED", list, code, out.String())
+				}
+			}
 		})
 	}
 }
