@@ -101,6 +101,10 @@ const (
 	ReasonNoProvisioning = "provisioning-refused"
 	// ReasonVolumeExists: POST /v1/provision of a volume that exists.
 	ReasonVolumeExists = "volume-exists"
+	// ReasonIntegrity: the service's stored records for this VM or volume
+	// fail their integrity check (changed outside the service); nothing is
+	// released until an operator restores them.
+	ReasonIntegrity = "store-integrity"
 )
 
 // ErrorBody is the JSON body of every 4xx/5xx answer other than a 403
