@@ -23,7 +23,7 @@ import (
 
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/luks2"
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/tpm"
@@ -47,7 +47,7 @@ func TestMain(m *testing.M) {
 	// Every key buffer the tests made must have left the key-page
 	// registry by the end: one left behind is a buffer never destroyed, or
 	// destroyed without unregistering (which a monitor would then guard).
-	if rs := keyrange.Default.Ranges(); code == 0 && len(rs) > 0 {
+	if rs := keymem.Default.Ranges(); code == 0 && len(rs) > 0 {
 		fmt.Printf("FAIL: %d key ranges still registered after the tests: %v\n", len(rs), rs)
 		code = 1
 	}

@@ -5,13 +5,12 @@ import (
 	"fmt"
 	"strings"
 
-	"github.com/awnumar/memguard"
 	"github.com/google/go-tpm-tools/client"
 	attestpb "github.com/google/go-tpm-tools/proto/attest"
 	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
 	"github.com/google/go-tpm/legacy/tpm2"
 
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 )
 
 // ErrWrongTPM is returned by [TPM.Import] when the blob was not made for
@@ -30,8 +29,8 @@ var ErrPCRMismatch = errors.New("PCR values differ from those the import blob is
 // and, for a PCR-bound blob, if its SHA-256 (or whichever bank the blob
 // names) PCRs have those values now.
 //
-// The secret is returned in a memguard LockedBuffer (locked, guarded pages),
-// registered as key pages (keyrange) until Destroy, and the heap copy the
+// The secret is returned in key memory (keymem: locked, guarded pages,
+// registered as key pages until Destroy), and the heap copy the
 // TPM library returned is zeroed; the caller must Destroy the Secret. Copies made inside go-tpm's command marshalling are out
 // of this package's reach.
 //
@@ -54,23 +53,18 @@ func (t *TPM) Import(blob *tpmpb.ImportBlob, alg Alg) (*Secret, error) {
 	if err != nil {
 		return nil, t.classifyImportError(err, alg, blob)
 	}
-	buf := memguard.NewBufferFromBytes(secret) // wipes secret
-	return &Secret{LockedBuffer: buf, unregister: keyrange.Register(buf.Bytes())}, nil
+	buf, err := keymem.FromBytes(secret) // wipes secret
+	if err != nil {
+		return nil, fmt.Errorf("import: %w", err)
+	}
+	return &Secret{buf}, nil
 }
 
 // Secret is a key Import recovered, in locked memory whose pages are in
 // the key-page registry (which a monitor of this process follows) until
 // Destroy.
 type Secret struct {
-	*memguard.LockedBuffer
-	unregister func()
-}
-
-// Destroy removes the key's pages from the registry, then wipes and unlocks
-// them. It is idempotent.
-func (s *Secret) Destroy() {
-	s.unregister()
-	s.LockedBuffer.Destroy()
+	*keymem.Buffer
 }
 
 // classifyImportError turns the TPM's response codes into the two failures

@@ -16,7 +16,10 @@ import (
 // without its fid, so no Go client can send one over the wire.)
 func TestLocks(t *testing.T) {
 	dir := t.TempDir()
-	key := disk.NewKey([]byte("0123456789abcdef0123456789abcdef"))
+	key, err := disk.NewKey([]byte("0123456789abcdef0123456789abcdef"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer key.Destroy()
 	img := filepath.Join(dir, "vol.img")
 	if _, err := disk.CreateImage(img, key, disk.CreateOptions{Size: 64 << 20, FS: disk.Ext4, PBKDF: disk.PBKDF2}); err != nil {
