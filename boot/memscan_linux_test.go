@@ -23,8 +23,8 @@ import (
 
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/luks2"
-	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/internal/testutil"
+	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/tpm"
 )

@@ -9,8 +9,8 @@ import (
 	"sync"
 
 	"github.com/keygate/keygate/ebpfmon"
-	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/ebpfmon/keysvcsink"
+	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/keysvc"
 )
 

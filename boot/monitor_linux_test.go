@@ -24,8 +24,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/keygate/keygate/ebpfmon"
-	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/internal/testutil"
+	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/keysvc"
 )
 

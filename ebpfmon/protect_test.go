@@ -14,8 +14,8 @@ import (
 	"github.com/awnumar/memguard"
 
 	"github.com/keygate/keygate/ebpfmon"
-	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/internal/testutil"
+	"github.com/keygate/keygate/keymem"
 )
 
 // TestBenignWorkload runs what a busy machine does around a key holder (ps,
