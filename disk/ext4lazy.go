@@ -224,12 +224,10 @@ func (m *ext4Meta) computedBlockBitmap(g int) []byte {
 	bm := make([]byte, m.bs)
 	start := m.firstData + uint64(g)*uint64(m.bpg)
 	n := min(uint64(m.bpg), m.blocksCount-start)
-	set := func(b, count uint64) {
-		for ; count > 0; b, count = b+1, count-1 {
-			if b >= start && b < start+n {
-				i := b - start
-				bm[i/8] |= 1 << (i % 8)
-			}
+	set := func(from, count uint64) {
+		for b := max(from, start); b < min(from+count, start+n); b++ {
+			i := b - start
+			bm[i/8] |= 1 << (i % 8)
 		}
 	}
 	if m.hasSuper(g) {

@@ -193,11 +193,9 @@ func (p *ext4Plan) blockBitmap(g int) ([]byte, uint64) {
 	bm := make([]byte, mkfsBlockSize)
 	start, n := p.groupStart(g), p.groupLen(g)
 	set := func(from, count uint64) {
-		for b := from; b < from+count; b++ {
-			if b >= start && b < start+n {
-				i := b - start
-				bm[i/8] |= 1 << (i % 8)
-			}
+		for b := max(from, start); b < min(from+count, start+n); b++ {
+			i := b - start
+			bm[i/8] |= 1 << (i % 8)
 		}
 	}
 	set(start, p.baseMeta(g))
