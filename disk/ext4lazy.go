@@ -106,11 +106,14 @@ func (l *lazyExt4) WriteAt(p []byte, off int64) (int, error) {
 	if off < gdtEnd && off+int64(len(p)) > l.m.gdtOff {
 		p = l.patchGDT(p, off)
 	}
+	// a bitmap go-diskfs writes is one whose checksum it now keeps
 	l.mu.Lock()
-	for g := range l.patched {
+	for g := range l.bbOurs {
 		if off <= l.m.blockBitmap(g) && off+int64(len(p)) > l.m.blockBitmap(g) {
 			delete(l.bbOurs, g)
 		}
+	}
+	for g := range l.ibOurs {
 		if off <= l.m.inodeBitmap(g) && off+int64(len(p)) > l.m.inodeBitmap(g) {
 			delete(l.ibOurs, g)
 		}

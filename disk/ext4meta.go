@@ -15,6 +15,9 @@ package disk
 //     parent's links, recomputes the free counters and checksums from the
 //     bitmaps, and reloads go-diskfs so it drops its stale in-memory
 //     superblock and group descriptors.
+//   - go-diskfs leaves the checksums of extent tree blocks unset under
+//     metadata_csum (which mkfsExt4 and mkfs.ext4 turn on); FS.write seals
+//     them (sealExtentBlocks) once a file is written.
 //   - #429: ext4 File.Read/Write panic (negative makeslice) or misread when
 //     the offset is not block-aligned and the previous extent ends in the
 //     block before it. FS reads file data itself from the extent tree

@@ -326,8 +326,8 @@ func mkfsExt4(dev *Device, label string) error {
 	le.PutUint32(sb[0x160:], 1) // signed directory hash, as on x86
 	sb[0x174] = mkfsFlexLog
 	sb[0x175] = 1 // crc32c
-	// backups first: a crash before the primary is written leaves no
-	// superblock that claims a filesystem
+	// the primary last: until it is written, no tool opens the volume as
+	// ext4 (go-diskfs and the kernel look only at the primary)
 	for g := p.groups - 1; g >= 0; g-- {
 		if !hasSuper(g) {
 			continue

@@ -431,7 +431,7 @@ func TestExt4MadeByMkfs(t *testing.T) {
 		bs    string
 		size  int64
 		spill int // MiB, to fill group 0
-	}{{"1024", 64 << 20, 0}, {"4096", 64 << 20, 0}, {"4096", 1 << 30, 200}} {
+	}{{"1024", 64 << 20, 0}, {"4096", 64 << 20, 0}, {"4096", 512 << 20, 150}} {
 		t.Run(fmt.Sprintf("block-%s/%dM", tc.bs, tc.size>>20), func(t *testing.T) {
 			size := tc.size
 			f := newImage(t, size)
