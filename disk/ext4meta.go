@@ -1,7 +1,7 @@
 package disk
 
 // This file reads and patches ext4 metadata directly on the Device. It
-// exists for two go-diskfs v1.9.4 bugs:
+// exists for these go-diskfs v1.9.4 bugs:
 //
 //   - #425: ext4 Remove clears the wrong inode bitmap bit (inode+1, so a
 //     live inode is later handed out again and two files share it), frees
