@@ -300,7 +300,7 @@ func TestKeyPagesRegistered(t *testing.T) {
 	defer uk.Destroy()
 	dek := volumeKey(t, img, uk)
 	defer dek.Destroy()
-	needles := keyNeedles(dek.Bytes())
+	needles := keyNeedles(dek.Bytes(), nil)
 	defer needles.Destroy()
 	mem, err := os.Open("/proc/self/mem")
 	if err != nil {

@@ -395,10 +395,12 @@ func (s *Server) adminLearn(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 	var req VolumeRequest
-	if e := readJSON(w, r, MaxAdminBody, &req); e != nil {
+	if e := readSecretJSON(w, r, MaxAdminBody, &req); e != nil {
+		clear(req.Key)
 		writeError(w, e)
 		return
 	}
+	defer clear(req.Key) // on every refusal below, too
 	if req.ID == "" || len(req.ID) > 255 || req.VM == "" {
 		writeError(w, errorf(http.StatusBadRequest, "", "id (1-255 bytes) and vm are required"))
 		return

@@ -3,6 +3,7 @@ package tpm
 import (
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 
 	"github.com/google/go-tpm-tools/client"
@@ -44,6 +45,16 @@ func (t *TPM) Import(blob *tpmpb.ImportBlob, alg Alg) (*Secret, error) {
 		return nil, err
 	}
 	defer t.mu.Unlock()
+	// Every response of this exchange passes through scrub, which wipes
+	// the library's response buffers when it is done: TPM2_Unseal's
+	// carries the secret in plaintext, and go-tpm would leave it on the
+	// heap until the memory is reused.
+	scrub := &scrubRW{ReadWriteCloser: t.rw}
+	t.rw = scrub
+	defer func() {
+		t.rw = scrub.ReadWriteCloser
+		scrub.wipe()
+	}()
 	ek, err := t.loadEK(alg)
 	if err != nil {
 		return nil, fmt.Errorf("import: %w", err)
@@ -179,4 +190,25 @@ func (t *TPM) TransientHandles() ([]uint32, error) {
 		}
 	}
 	return all, nil
+}
+
+// scrubRW passes TPM commands through and remembers each buffer a response
+// was read into, so that wipe can clear them once the library has copied
+// out what it needed. It must not outlive the command sequence it wraps.
+type scrubRW struct {
+	io.ReadWriteCloser
+	bufs [][]byte
+}
+
+func (s *scrubRW) Read(p []byte) (int, error) {
+	n, err := s.ReadWriteCloser.Read(p)
+	s.bufs = append(s.bufs, p)
+	return n, err
+}
+
+func (s *scrubRW) wipe() {
+	for _, b := range s.bufs {
+		clear(b)
+	}
+	s.bufs = nil
 }
