@@ -308,6 +308,17 @@ func (of *openFile) flush() error {
 		return nil
 	}
 	f := of.fs
+	if f.typ == Ext4 {
+		err := of.flushInPlace()
+		if err == nil {
+			f.inPlace++
+			return of.reopen()
+		}
+		if !errors.Is(err, errFallback) {
+			return err // the writes stay, as below
+		}
+	}
+	f.whole++
 	if err := f.store(of); err != nil {
 		// keep the writes: the caller may free space and try again
 		return err
@@ -316,6 +327,26 @@ func (of *openFile) flush() error {
 		return err
 	}
 	return f.sync()
+}
+
+// flushInPlace writes the pages in place on ext4 (ext4write.go). The
+// block holding the flushed content's end is written whole when the file
+// now extends past it, so that its tail reads as the zeros readBase gave
+// rather than whatever the block held past the old end.
+func (of *openFile) flushInPlace() error {
+	bs := of.fs.ext.bs
+	if idx := of.baseLen / pageSize; of.baseLen%bs != 0 && of.baseLen < of.size && of.pages[idx] == nil {
+		pg := make([]byte, pageSize)
+		start := idx * pageSize
+		if _, err := of.readAt(pg[:min(pageSize, of.size-start)], start); err != nil && err != io.EOF {
+			return err
+		}
+		if of.pages == nil {
+			of.pages = map[int64][]byte{}
+		}
+		of.pages[idx] = pg
+	}
+	return of.fs.flushExt4(of)
 }
 
 // store writes the file's content to disk. On ext4 a file that is empty

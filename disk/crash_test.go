@@ -1,0 +1,226 @@
+package disk_test
+
+import (
+	"bytes"
+	"fmt"
+	mrand "math/rand/v2"
+	"os"
+	"testing"
+
+	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/disk/xts"
+)
+
+// fileOp is a write (data at off) or, with data nil, a truncation to off.
+type fileOp struct {
+	off  int64
+	data []byte
+}
+
+func w(seed uint64, off, n int64) fileOp {
+	b := make([]byte, n)
+	mrand.NewChaCha8([32]byte{byte(seed), byte(off), byte(off >> 8), byte(off >> 16)}).Read(b)
+	return fileOp{off: off, data: b}
+}
+
+func trunc(n int64) fileOp { return fileOp{off: n} }
+
+// apply runs ops on h and on the model, and returns the model.
+func apply(t *testing.T, h *disk.File, model []byte, ops []fileOp) []byte {
+	t.Helper()
+	for _, op := range ops {
+		if op.data == nil {
+			if err := h.Truncate(op.off); err != nil {
+				t.Fatal(err)
+			}
+			if n := int(op.off); n < len(model) {
+				model = model[:n]
+			} else {
+				model = append(model, make([]byte, n-len(model))...)
+			}
+			continue
+		}
+		if _, err := h.WriteAt(op.data, op.off); err != nil {
+			t.Fatal(err)
+		}
+		if end := int(op.off) + len(op.data); end > len(model) {
+			model = append(model, make([]byte, end-len(model))...)
+		}
+		copy(model[op.off:], op.data)
+	}
+	return model
+}
+
+func holes(seed uint64, n int, every int64) []fileOp {
+	var ops []fileOp
+	for i := range n {
+		ops = append(ops, w(seed, int64(i)*every, 4096))
+	}
+	return ops
+}
+
+// TestCrashDuringFlush cuts the device's writes off at many points of the
+// flush of one file (the Sync after the case's writes) and opens what is
+// left as the next boot would: the file must be as of its last Sync or
+// newer (each block old or new, its length old or new), and e2fsck -fn
+// must find nothing wrong. Every case must go in place, not through the
+// whole-file path, or it would test the wrong thing.
+func TestCrashDuringFlush(t *testing.T) {
+	const size = 40 << 20
+	for _, tc := range []struct {
+		name       string
+		before, op []fileOp
+	}{
+		{"overwrite in place", []fileOp{w(1, 0, 1 << 20)}, []fileOp{w(2, 100_000, 4096), w(2, 700_000, 4096), w(2, 300_000, 20_000)}},
+		{"append", []fileOp{w(1, 0, 200_000)}, []fileOp{w(2, 200_000, 300_000)}},
+		{"first write of a new file", nil, []fileOp{w(2, 0, 500_000)}},
+		{"holes need a leaf block", nil, holes(2, 8, 256<<10)},
+		{"grow a leaf tree", holes(1, 8, 256<<10), []fileOp{w(2, 100_000, 4096), w(2, 3_000_000, 4096), w(2, 5_000_000, 70_000)}},
+		{"leaf tree back to inline", holes(1, 8, 256<<10), []fileOp{trunc(300_000)}},
+		{"truncate then grow", []fileOp{w(1, 0, 1 << 20)}, []fileOp{trunc(100_001), w(2, 400_000, 10_000)}},
+		{"truncate to zero", []fileOp{w(1, 0, 300_000)}, []fileOp{trunc(0)}},
+		{"grow with a hole", []fileOp{w(1, 0, 5000)}, []fileOp{trunc(90_000), w(2, 200_000, 100)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := newImage(t, size)
+			_, c := newKey(t)
+			d := newDevice(t, img, size, 4096, c)
+			fsys, err := disk.Mkfs(d, disk.Ext4, "CRASH")
+			if err != nil {
+				t.Fatal(err)
+			}
+			old := writeAndSync(t, fsys, nil, tc.before)
+			if err := fsys.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			base, err := os.ReadFile(img.Name())
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			// a run to the end counts the sectors the flush writes
+			d = crashDevice(t, img, base, c, 1<<62)
+			fsys = openFS(t, d)
+			nw := writeAndSync(t, fsys, old, tc.op)
+			total := disk.SectorsWritten(d)
+			if in, whole := disk.FlushCounts(fsys); in != 1 || whole != 0 {
+				t.Fatalf("flushes in place %d, whole-file %d; want 1 and 0", in, whole)
+			}
+			for _, n := range cutPoints(total) {
+				d := crashDevice(t, img, base, c, n)
+				fsys := openFS(t, d)
+				h, err := fsys.OpenFile("/f", os.O_RDWR)
+				if err != nil {
+					t.Fatal(err)
+				}
+				apply(t, h, nil, tc.op)
+				if err := h.Sync(); err == nil {
+					t.Fatalf("cut after %d of %d sectors: Sync succeeded", n, total)
+				}
+				// the next boot: a fresh device on what reached the file
+				d2 := newDevice(t, img, size, 4096, c)
+				fsys2, err := disk.OpenFS(d2)
+				if err != nil {
+					t.Fatalf("cut after %d of %d sectors: open: %v", n, total, err)
+				}
+				if err := asOldOrNew(get(t, fsys2, "/f"), old, nw); err != nil {
+					t.Fatalf("cut after %d of %d sectors: /f %v", n, total, err)
+				}
+				fsckAt(t, fsys2, d2, fmt.Sprintf("cut after %d of %d sectors", n, total))
+			}
+		})
+	}
+}
+
+// writeAndSync opens /f (creating it), applies ops over the model and syncs.
+func writeAndSync(t *testing.T, fsys *disk.FS, model []byte, ops []fileOp) []byte {
+	t.Helper()
+	h, err := fsys.OpenFile("/f", os.O_RDWR|os.O_CREATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	model = apply(t, h, bytes.Clone(model), ops)
+	if err := h.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return model
+}
+
+// crashDevice restores the image to base and returns a device on it that
+// writes n sectors and then no more.
+func crashDevice(t *testing.T, img *os.File, base []byte, c *xts.Cipher, n int64) *disk.Device {
+	t.Helper()
+	if _, err := img.WriteAt(base, 0); err != nil {
+		t.Fatal(err)
+	}
+	d := newDevice(t, img, int64(len(base))-segOff, 4096, c)
+	disk.CutWritesAfter(d, n)
+	return d
+}
+
+func openFS(t *testing.T, d *disk.Device) *disk.FS {
+	t.Helper()
+	fsys, err := disk.OpenFS(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fsys
+}
+
+// cutPoints are where to cut a flush of total sectors: every point when
+// there are few, else a spread over the data and every one of the last
+// 24, where the metadata goes.
+func cutPoints(total int64) []int64 {
+	if total <= 48 {
+		out := make([]int64, total)
+		for i := range out {
+			out[i] = int64(i)
+		}
+		return out
+	}
+	var out []int64
+	for n := int64(0); n < total-24; n += (total-24)/24 + 1 {
+		out = append(out, n)
+	}
+	for n := total - 24; n < total; n++ {
+		out = append(out, n)
+	}
+	return out
+}
+
+// asOldOrNew checks that got is old or nw, or a mix of their blocks at the
+// length of either: what a crash between two syncs may leave.
+func asOldOrNew(got, old, nw []byte) error {
+	if len(got) != len(old) && len(got) != len(nw) {
+		return fmt.Errorf("has %d bytes, neither the %d synced before nor the %d after", len(got), len(old), len(nw))
+	}
+	pad := func(b []byte, off, n int) []byte {
+		out := make([]byte, n)
+		if off < len(b) {
+			copy(out, b[off:])
+		}
+		return out
+	}
+	for off := 0; off < len(got); off += 4096 {
+		g := got[off:min(off+4096, len(got))]
+		if !bytes.Equal(g, pad(old, off, len(g))) && !bytes.Equal(g, pad(nw, off, len(g))) {
+			return fmt.Errorf("block at %d is neither the old nor the new content", off)
+		}
+	}
+	return nil
+}
+
+// fsckAt is fsck with what the failure is about.
+func fsckAt(t *testing.T, fsys *disk.FS, d *disk.Device, what string) {
+	t.Helper()
+	t.Run(what, func(t *testing.T) { fsck(t, fsys, d) })
+	if t.Failed() {
+		t.FailNow()
+	}
+}
