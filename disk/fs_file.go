@@ -29,6 +29,7 @@ import (
 	"os"
 	"path"
 	"strings"
+	"sync"
 )
 
 var (
@@ -53,6 +54,28 @@ var (
 
 const pageSize = 64 << 10
 
+// writeBackPages is how many written pages an ext4 file holds before they
+// are written in place without waiting for Sync, as a kernel's writeback
+// would: it bounds the memory a big write takes, and a page reused from
+// pagePool is one the CPU and the kernel already have mapped.
+const writeBackPages = 256 // 16 MiB
+
+// pagePool recycles pages, wiped, between flushes.
+var pagePool = sync.Pool{New: func() any { return new([pageSize]byte) }}
+
+// newPage is a zeroed page.
+func newPage() []byte { return pagePool.Get().(*[pageSize]byte)[:] }
+
+// dropPages wipes the file's pages (file data is not key material, but
+// need not linger either) and gives them back to the pool.
+func (of *openFile) dropPages() {
+	for _, pg := range of.pages {
+		clear(pg)
+		pagePool.Put((*[pageSize]byte)(pg))
+	}
+	of.pages = nil
+}
+
 // openFile is the state shared by every handle on one path, so that all
 // of them see each other's unflushed writes, as with a kernel page cache.
 // All fields are guarded by fs.mu.
@@ -65,6 +88,7 @@ type openFile struct {
 	size    int64
 	pages   map[int64][]byte // written pages, by page index
 	dirty   bool
+	noWB    bool // in-place writeback failed or is not possible: keep pages until Sync
 	gone    bool // removed or replaced underneath: nothing to flush to
 }
 
@@ -164,10 +188,8 @@ func (of *openFile) reopen() error {
 	if of.base, err = f.openUnlocked(p); err != nil {
 		return err
 	}
-	for _, pg := range of.pages {
-		clear(pg)
-	}
-	of.baseLen, of.size, of.pages, of.dirty = fi.Size, fi.Size, nil, false
+	of.dropPages()
+	of.baseLen, of.size, of.dirty = fi.Size, fi.Size, false
 	return nil
 }
 
@@ -271,7 +293,7 @@ func (of *openFile) writeAt(p []byte, off int64) (int, error) {
 		idx := pos / pageSize
 		pg := of.pages[idx]
 		if pg == nil {
-			pg = make([]byte, pageSize)
+			pg = newPage()
 			if start := idx * pageSize; start < of.size {
 				if err := of.readBase(pg[:min(pageSize, of.size-start)], start); err != nil {
 					return i, err
@@ -336,7 +358,7 @@ func (of *openFile) flush() error {
 func (of *openFile) flushInPlace() error {
 	bs := of.fs.ext.bs
 	if idx := of.baseLen / pageSize; of.baseLen%bs != 0 && of.baseLen < of.size && of.pages[idx] == nil {
-		pg := make([]byte, pageSize)
+		pg := newPage()
 		start := idx * pageSize
 		if _, err := of.readAt(pg[:min(pageSize, of.size-start)], start); err != nil && err != io.EOF {
 			return err
@@ -412,7 +434,28 @@ func (h *File) WriteAt(p []byte, off int64) (int, error) {
 	if err := h.check(true); err != nil {
 		return 0, err
 	}
-	return h.of.writeAt(p, off)
+	n, err := h.of.writeAt(p, off)
+	if err == nil && len(h.of.pages) >= writeBackPages {
+		h.of.writeBack()
+	}
+	return n, err
+}
+
+// writeBack writes the pages in place on ext4 before Sync asks for it.
+// A failure is not the writer's: the pages stay, and Sync (which may take
+// the whole-file path) reports what is wrong.
+func (of *openFile) writeBack() {
+	if of.fs.typ != Ext4 || of.gone || of.noWB {
+		return
+	}
+	if err := of.flushInPlace(); err != nil {
+		of.noWB = true
+		return
+	}
+	of.fs.inPlace++
+	if err := of.reopen(); err != nil {
+		of.noWB = true
+	}
 }
 
 // Truncate sets the file's length to n, cutting or extending with zeros.
@@ -471,11 +514,7 @@ func (h *File) Close() error {
 		if k := f.fileKey(h.of.path); !h.of.gone && f.files[k] == h.of {
 			delete(f.files, k)
 		}
-		// file data is not key material, but need not linger either
-		for _, pg := range h.of.pages {
-			clear(pg)
-		}
-		h.of.pages = nil
+		h.of.dropPages()
 	}
 	return err
 }
