@@ -599,6 +599,10 @@ func (f *FS) Rename(oldp, newp string) error {
 	if f.fileKey(o) == f.fileKey(n) {
 		return nil // the same file (FAT names ignore case)
 	}
+	if strings.HasPrefix(f.fileKey(o), f.fileKey(n)+"/") {
+		// n holds o: as rename(2), which finds this before anything else
+		return fmt.Errorf("rename %s over %s, which holds it: %w", display(o), display(n), ErrNotEmpty)
+	}
 	if oi.IsDir && strings.HasPrefix(f.fileKey(n), f.fileKey(o)+"/") {
 		return fmt.Errorf("rename %s to %s: a directory cannot move into itself: %w", display(o), display(n), ErrInvalid)
 	}
