@@ -71,13 +71,13 @@ func TestCrashDuringFlush(t *testing.T) {
 		name       string
 		before, op []fileOp
 	}{
-		{"overwrite in place", []fileOp{w(1, 0, 1 << 20)}, []fileOp{w(2, 100_000, 4096), w(2, 700_000, 4096), w(2, 300_000, 20_000)}},
+		{"overwrite in place", []fileOp{w(1, 0, 1<<20)}, []fileOp{w(2, 100_000, 4096), w(2, 700_000, 4096), w(2, 300_000, 20_000)}},
 		{"append", []fileOp{w(1, 0, 200_000)}, []fileOp{w(2, 200_000, 300_000)}},
 		{"first write of a new file", nil, []fileOp{w(2, 0, 500_000)}},
 		{"holes need a leaf block", nil, holes(2, 8, 256<<10)},
 		{"grow a leaf tree", holes(1, 8, 256<<10), []fileOp{w(2, 100_000, 4096), w(2, 3_000_000, 4096), w(2, 5_000_000, 70_000)}},
 		{"leaf tree back to inline", holes(1, 8, 256<<10), []fileOp{trunc(300_000)}},
-		{"truncate then grow", []fileOp{w(1, 0, 1 << 20)}, []fileOp{trunc(100_001), w(2, 400_000, 10_000)}},
+		{"truncate then grow", []fileOp{w(1, 0, 1<<20)}, []fileOp{trunc(100_001), w(2, 400_000, 10_000)}},
 		{"truncate to zero", []fileOp{w(1, 0, 300_000)}, []fileOp{trunc(0)}},
 		{"grow with a hole", []fileOp{w(1, 0, 5000)}, []fileOp{trunc(90_000), w(2, 200_000, 100)}},
 	} {

@@ -51,6 +51,9 @@ p=$(metric "$out/disk.txt" "BenchmarkRandomRead4K/ext4-plain" iops)
 awk -v e="$e" -v p="$p" 'BEGIN { printf "%-24s %12.0f %12.0f %7.2fx\n", "random 4K reads/s", e, p, (p > 0 ? e / p : 0) }'
 
 echo
+scripts/bench_9p.sh
+
+echo
 echo "== keysvc: attested unlocks over HTTPS (TLS 1.3, SQLite, audit chain on), 256 concurrent clients =="
 echo "(quotes are precomputed with the TPM simulator before timing: the TPM is not the bottleneck measured."
 echo " The load generator's HTTPS client runs in the same process, on the same 2 cores as the service.)"
