@@ -60,13 +60,14 @@ func holes(seed uint64, n int, every int64) []fileOp {
 }
 
 // TestCrashDuringFlush cuts the device's writes off at many points of the
-// flush of one file (the Sync after the case's writes) and opens what is
+// flush of one file (the Sync after the case's writes), with 4096- and
+// 512-byte sectors (a cut pwrite tears at a sector), and opens what is
 // left as the next boot would: the file must be as of its last Sync or
-// newer (each block old or new, its length old or new), and e2fsck -fn
+// newer (each sector old or new, its length old or new), and e2fsck -fn
 // must find nothing wrong. Every case must go in place, not through the
 // whole-file path, or it would test the wrong thing.
 func TestCrashDuringFlush(t *testing.T) {
-	const size = 40 << 20
+	const size = 12 << 20
 	for _, tc := range []struct {
 		name       string
 		before, op []fileOp
@@ -81,57 +82,59 @@ func TestCrashDuringFlush(t *testing.T) {
 		{"truncate to zero", []fileOp{w(1, 0, 300_000)}, []fileOp{trunc(0)}},
 		{"grow with a hole", []fileOp{w(1, 0, 5000)}, []fileOp{trunc(90_000), w(2, 200_000, 100)}},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			img := newImage(t, size)
-			_, c := newKey(t)
-			d := newDevice(t, img, size, 4096, c)
-			fsys, err := disk.Mkfs(d, disk.Ext4, "CRASH")
-			if err != nil {
-				t.Fatal(err)
-			}
-			old := writeAndSync(t, fsys, nil, tc.before)
-			if err := fsys.Close(); err != nil {
-				t.Fatal(err)
-			}
-			if err := d.Close(); err != nil {
-				t.Fatal(err)
-			}
-			base, err := os.ReadFile(img.Name())
-			if err != nil {
-				t.Fatal(err)
-			}
-
-			// a run to the end counts the sectors the flush writes
-			d = crashDevice(t, img, base, c, 1<<62)
-			fsys = openFS(t, d)
-			nw := writeAndSync(t, fsys, old, tc.op)
-			total := disk.SectorsWritten(d)
-			if in, whole := disk.FlushCounts(fsys); in != 1 || whole != 0 {
-				t.Fatalf("flushes in place %d, whole-file %d; want 1 and 0", in, whole)
-			}
-			for _, n := range cutPoints(total) {
-				d := crashDevice(t, img, base, c, n)
-				fsys := openFS(t, d)
-				h, err := fsys.OpenFile("/f", os.O_RDWR)
+		for _, ss := range []int{4096, 512} {
+			t.Run(fmt.Sprintf("%s/%d", tc.name, ss), func(t *testing.T) {
+				img := newImage(t, size)
+				_, c := newKey(t)
+				d := newDevice(t, img, size, ss, c)
+				fsys, err := disk.Mkfs(d, disk.Ext4, "CRASH")
 				if err != nil {
 					t.Fatal(err)
 				}
-				apply(t, h, nil, tc.op)
-				if err := h.Sync(); err == nil {
-					t.Fatalf("cut after %d of %d sectors: Sync succeeded", n, total)
+				old := writeAndSync(t, fsys, nil, tc.before)
+				if err := fsys.Close(); err != nil {
+					t.Fatal(err)
 				}
-				// the next boot: a fresh device on what reached the file
-				d2 := newDevice(t, img, size, 4096, c)
-				fsys2, err := disk.OpenFS(d2)
+				if err := d.Close(); err != nil {
+					t.Fatal(err)
+				}
+				base, err := os.ReadFile(img.Name())
 				if err != nil {
-					t.Fatalf("cut after %d of %d sectors: open: %v", n, total, err)
+					t.Fatal(err)
 				}
-				if err := asOldOrNew(get(t, fsys2, "/f"), old, nw); err != nil {
-					t.Fatalf("cut after %d of %d sectors: /f %v", n, total, err)
+
+				// a run to the end counts the sectors the flush writes
+				d = crashDevice(t, img, base, ss, c, 1<<62)
+				fsys = openFS(t, d)
+				nw := writeAndSync(t, fsys, old, tc.op)
+				total := disk.SectorsWritten(d)
+				if in, whole := disk.FlushCounts(fsys); in != 1 || whole != 0 {
+					t.Fatalf("flushes in place %d, whole-file %d; want 1 and 0", in, whole)
 				}
-				fsckAt(t, fsys2, d2, fmt.Sprintf("cut after %d of %d sectors", n, total))
-			}
-		})
+				for _, n := range cutPoints(total, ss) {
+					d := crashDevice(t, img, base, ss, c, n)
+					fsys := openFS(t, d)
+					h, err := fsys.OpenFile("/f", os.O_RDWR)
+					if err != nil {
+						t.Fatal(err)
+					}
+					apply(t, h, nil, tc.op)
+					if err := h.Sync(); err == nil {
+						t.Fatalf("cut after %d of %d sectors: Sync succeeded", n, total)
+					}
+					// the next boot: a fresh device on what reached the file
+					d2 := newDevice(t, img, size, ss, c)
+					fsys2, err := disk.OpenFS(d2)
+					if err != nil {
+						t.Fatalf("cut after %d of %d sectors: open: %v", n, total, err)
+					}
+					if err := asOldOrNew(get(t, fsys2, "/f"), old, nw, ss); err != nil {
+						t.Fatalf("cut after %d of %d sectors: /f %v", n, total, err)
+					}
+					fsckAt(t, fsys2, d2, fmt.Sprintf("cut after %d of %d sectors", n, total))
+				}
+			})
+		}
 	}
 }
 
@@ -154,12 +157,12 @@ func writeAndSync(t *testing.T, fsys *disk.FS, model []byte, ops []fileOp) []byt
 
 // crashDevice restores the image to base and returns a device on it that
 // writes n sectors and then no more.
-func crashDevice(t *testing.T, img *os.File, base []byte, c *xts.Cipher, n int64) *disk.Device {
+func crashDevice(t *testing.T, img *os.File, base []byte, ss int, c *xts.Cipher, n int64) *disk.Device {
 	t.Helper()
 	if _, err := img.WriteAt(base, 0); err != nil {
 		t.Fatal(err)
 	}
-	d := newDevice(t, img, int64(len(base))-segOff, 4096, c)
+	d := newDevice(t, img, int64(len(base))-segOff, ss, c)
 	disk.CutWritesAfter(d, n)
 	return d
 }
@@ -174,29 +177,27 @@ func openFS(t *testing.T, d *disk.Device) *disk.FS {
 }
 
 // cutPoints are where to cut a flush of total sectors: every point when
-// there are few, else a spread over the data and every one of the last
-// 24, where the metadata goes.
-func cutPoints(total int64) []int64 {
-	if total <= 48 {
-		out := make([]int64, total)
-		for i := range out {
-			out[i] = int64(i)
-		}
-		return out
+// there are few, else 8 spread over the data and every one of the last
+// tail, where the metadata goes (about 10 writes, 30 sectors at 512).
+func cutPoints(total int64, ss int) []int64 {
+	tail := int64(24)
+	if ss < 4096 {
+		tail = 40
 	}
 	var out []int64
-	for n := int64(0); n < total-24; n += (total-24)/24 + 1 {
+	for n := int64(0); n < total-tail; n += (total-tail)/8 + 1 {
 		out = append(out, n)
 	}
-	for n := total - 24; n < total; n++ {
+	for n := max(0, total-tail); n < total; n++ {
 		out = append(out, n)
 	}
 	return out
 }
 
-// asOldOrNew checks that got is old or nw, or a mix of their blocks at the
-// length of either: what a crash between two syncs may leave.
-func asOldOrNew(got, old, nw []byte) error {
+// asOldOrNew checks that got is old or nw, or a mix of their sectors (ss
+// bytes) at the length of either: what a crash between two syncs may
+// leave, as a pwrite cut short tears at a sector.
+func asOldOrNew(got, old, nw []byte, ss int) error {
 	if len(got) != len(old) && len(got) != len(nw) {
 		return fmt.Errorf("has %d bytes, neither the %d synced before nor the %d after", len(got), len(old), len(nw))
 	}
@@ -207,10 +208,10 @@ func asOldOrNew(got, old, nw []byte) error {
 		}
 		return out
 	}
-	for off := 0; off < len(got); off += 4096 {
-		g := got[off:min(off+4096, len(got))]
+	for off := 0; off < len(got); off += ss {
+		g := got[off:min(off+ss, len(got))]
 		if !bytes.Equal(g, pad(old, off, len(g))) && !bytes.Equal(g, pad(nw, off, len(g))) {
-			return fmt.Errorf("block at %d is neither the old nor the new content", off)
+			return fmt.Errorf("sector at %d is neither the old nor the new content", off)
 		}
 	}
 	return nil

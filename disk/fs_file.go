@@ -11,7 +11,7 @@ package disk
 // On ext4 that flush writes the pages into the file's own blocks and
 // allocates blocks for the rest (ext4write.go): it costs what was written
 // since the last flush, and a crash at any point leaves the file as of its
-// last completed flush or newer, block by block, never with bytes no one
+// last completed flush or newer, sector by sector, never with bytes no one
 // wrote; the next writable OpenFS repairs the block bitmaps from the
 // flush's intent record. Layouts beyond ext4write.go (deep extent trees,
 // unwritten extents) and FAT take the whole-file path instead: Put's
