@@ -17,8 +17,8 @@ package disk
 //	D  the inode: size, extent root (i_block), i_blocks. One sector
 //	   write, so the file switches from its old to its new layout at once
 //	E  the bitmaps and counts that free the blocks the old layout held
-//	   and the new one dropped (truncation, replaced leaf blocks); then,
-//	   in an epoch of its own, the intent record cleared
+//	   and the new one dropped (truncation, replaced leaf blocks); then
+//	   the intent record cleared, made durable by the next sync
 //
 // Between C and E the bitmaps and the inode disagree, which e2fsck would
 // report. The intent record (inode number and the block runs that change
@@ -452,11 +452,13 @@ func (p *ext4Flush) run(of *openFile) error {
 	if err := dev.Sync(); err != nil {
 		return err
 	}
+	// Its clearing needs no sync of its own: a record that outlives the
+	// flush names blocks the inode references exactly as the bitmaps say,
+	// so a repair from it changes nothing; and it cannot outlive the next
+	// sync, which every later change ends with (nor can a block it names
+	// change owner before then).
 	m.setIntent(0, nil)
-	if err := m.writeSuper(); err != nil {
-		return err
-	}
-	return dev.Sync()
+	return m.writeSuper()
 }
 
 // write stores the changed bitmaps, their groups' free counts and
