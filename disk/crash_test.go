@@ -225,3 +225,51 @@ func fsckAt(t *testing.T, fsys *disk.FS, d *disk.Device, what string) {
 		t.FailNow()
 	}
 }
+
+// TestFlushCostsWhatChanged counts the sectors a Sync writes after a 4 KiB
+// write into files of several sizes: in place, it is the same for all of
+// them (the page written, and the inode), however big the file.
+func TestFlushCostsWhatChanged(t *testing.T) {
+	const size = 48 << 20
+	for _, tc := range []struct {
+		name string
+		size int64
+	}{{"64K", 64 << 10}, {"1M", 1 << 20}, {"16M", 16 << 20}} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := newImage(t, size)
+			_, c := newKey(t)
+			d := newDevice(t, img, size, 4096, c)
+			fsys, err := disk.Mkfs(d, disk.Ext4, "COST")
+			if err != nil {
+				t.Fatal(err)
+			}
+			model := writeAndSync(t, fsys, nil, []fileOp{w(1, 0, tc.size)})
+			h, err := fsys.OpenFile("/f", os.O_RDWR)
+			if err != nil {
+				t.Fatal(err)
+			}
+			op := w(2, tc.size/2, 4096)
+			model = apply(t, h, model, []fileOp{op})
+			if err := fsys.Sync(); err != nil { // what an earlier flush left in the cache
+				t.Fatal(err)
+			}
+			disk.CutWritesAfter(d, 1<<62) // counts from here
+			if err := h.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			n := disk.SectorsWritten(d)
+			if err := h.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(get(t, fsys, "/f"), model) {
+				t.Fatal("the file differs from what was written")
+			}
+			if want := int64(pageSize4K + 1); n != want {
+				t.Errorf("Sync after a 4 KiB write into a %s file wrote %d sectors, want %d (its 64 KiB page and its inode)", tc.name, n, want)
+			}
+		})
+	}
+}
+
+// pageSize4K is the 64 KiB page a flush writes, in 4 KiB sectors.
+const pageSize4K = 16
