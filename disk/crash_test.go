@@ -5,10 +5,12 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"os"
+	"os/exec"
 	"testing"
 
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/xts"
+	"github.com/keygate/keygate/internal/testutil"
 )
 
 // fileOp is a write (data at off) or, with data nil, a truncation to off.
@@ -273,3 +275,36 @@ func TestFlushCostsWhatChanged(t *testing.T) {
 
 // pageSize4K is the 64 KiB page a flush writes, in 4 KiB sectors.
 const pageSize4K = 16
+
+// TestInPlaceOnMkfsVolume flushes in place on volumes mkfs.ext4 made
+// (metadata_csum, flex_bg, uninitialised groups, 1 KiB or 4 KiB blocks):
+// the checksums of bitmaps, descriptors, inodes and extent leaves must
+// all be what e2fsck expects.
+func TestInPlaceOnMkfsVolume(t *testing.T) {
+	mkfs := testutil.LookPath(t, "mkfs.ext4")
+	for _, bs := range []string{"1024", "4096"} {
+		t.Run("block-"+bs, func(t *testing.T) {
+			const size = 64 << 20
+			f := newImage(t, size)
+			out, err := exec.Command(mkfs, "-q", "-F", "-b", bs, "-E", "offset="+fmt.Sprint(segOff), f.Name(), "64M").CombinedOutput()
+			if err != nil {
+				t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+			}
+			d := newDevice(t, f, size, 4096, nil)
+			fsys, err := disk.OpenFS(d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			model := writeAndSync(t, fsys, nil, holes(1, 8, 256<<10)) // a leaf block
+			model = writeAndSync(t, fsys, model, []fileOp{w(2, 100_000, 300_000), w(2, 9_000_000, 4096)})
+			model = writeAndSync(t, fsys, model, []fileOp{trunc(150_001), w(3, 160_000, 5000)}) // back inline
+			if in, whole := disk.FlushCounts(fsys); in != 3 || whole != 0 {
+				t.Errorf("flushes in place %d, whole-file %d; want 3 and 0", in, whole)
+			}
+			if !bytes.Equal(get(t, fsys, "/f"), model) {
+				t.Error("/f differs from what was written")
+			}
+			fsck(t, fsys, d)
+		})
+	}
+}
