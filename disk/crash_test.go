@@ -6,6 +6,7 @@ import (
 	mrand "math/rand/v2"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"testing"
 
 	"github.com/keygate/keygate/disk"
@@ -63,9 +64,10 @@ func holes(seed uint64, n int, every int64) []fileOp {
 
 // TestCrashDuringFlush cuts the device's writes off at many points of the
 // flush of one file (the Sync after the case's writes), with 4096- and
-// 512-byte sectors (a cut pwrite tears at a sector), and opens what is
-// left as the next boot would: the file must be as of its last Sync or
-// newer (each sector old or new, its length old or new), and e2fsck -fn
+// 512-byte sectors (a cut pwrite tears at a sector), and on a volume
+// mkfs.ext4 made (metadata_csum, 1 KiB blocks), then opens what is left
+// as the next boot would: the file must be as of its last Sync or newer
+// (each sector or block old or new, its length old or new), and e2fsck -fn
 // must find nothing wrong. Every case must go in place, not through the
 // whole-file path, or it would test the wrong thing.
 func TestCrashDuringFlush(t *testing.T) {
@@ -84,15 +86,21 @@ func TestCrashDuringFlush(t *testing.T) {
 		{"truncate to zero", []fileOp{w(1, 0, 300_000)}, []fileOp{trunc(0)}},
 		{"grow with a hole", []fileOp{w(1, 0, 5000)}, []fileOp{trunc(90_000), w(2, 200_000, 100)}},
 	} {
-		for _, ss := range []int{4096, 512} {
-			t.Run(fmt.Sprintf("%s/%d", tc.name, ss), func(t *testing.T) {
+		for _, v := range []struct {
+			name string
+			ss   int
+			mkfs bool // formatted by mkfs.ext4: metadata_csum, 1 KiB blocks at this size
+		}{{"go-diskfs/4096", 4096, false}, {"go-diskfs/512", 512, false}, {"mkfs.ext4/4096", 4096, true}} {
+			ss := v.ss
+			unit := ss // what may be old or new: a sector, or a smaller block
+			if v.mkfs {
+				unit = 1024
+			}
+			t.Run(tc.name+"/"+v.name, func(t *testing.T) {
 				img := newImage(t, size)
 				_, c := newKey(t)
 				d := newDevice(t, img, size, ss, c)
-				fsys, err := disk.Mkfs(d, disk.Ext4, "CRASH")
-				if err != nil {
-					t.Fatal(err)
-				}
+				fsys := formatExt4(t, d, v.mkfs)
 				old := writeAndSync(t, fsys, nil, tc.before)
 				if err := fsys.Close(); err != nil {
 					t.Fatal(err)
@@ -130,7 +138,7 @@ func TestCrashDuringFlush(t *testing.T) {
 					if err != nil {
 						t.Fatalf("cut after %d of %d sectors: open: %v", n, total, err)
 					}
-					if err := asOldOrNew(get(t, fsys2, "/f"), old, nw, ss); err != nil {
+					if err := asOldOrNew(get(t, fsys2, "/f"), old, nw, unit); err != nil {
 						t.Fatalf("cut after %d of %d sectors: /f %v", n, total, err)
 					}
 					fsckAt(t, fsys2, d2, fmt.Sprintf("cut after %d of %d sectors", n, total))
@@ -138,6 +146,41 @@ func TestCrashDuringFlush(t *testing.T) {
 			})
 		}
 	}
+}
+
+// formatExt4 makes ext4 on d with go-diskfs, or with mkfs.ext4 (on a
+// plain file, copied in through d).
+func formatExt4(t *testing.T, d *disk.Device, mkfs bool) *disk.FS {
+	t.Helper()
+	if !mkfs {
+		fsys, err := disk.Mkfs(d, disk.Ext4, "CRASH")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fsys
+	}
+	plain := filepath.Join(t.TempDir(), "plain.img")
+	if err := os.WriteFile(plain, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(plain, d.Size()); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(testutil.LookPath(t, "mkfs.ext4"), "-q", "-F", plain).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.WriteAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	fsys, err := disk.OpenFS(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fsys
 }
 
 // writeAndSync opens /f (creating it), applies ops over the model and syncs.
@@ -196,9 +239,10 @@ func cutPoints(total int64, ss int) []int64 {
 	return out
 }
 
-// asOldOrNew checks that got is old or nw, or a mix of their sectors (ss
-// bytes) at the length of either: what a crash between two syncs may
-// leave, as a pwrite cut short tears at a sector.
+// asOldOrNew checks that got is old or nw, or a mix of their pieces of ss
+// bytes at the length of either: what a crash between two syncs may
+// leave, as a pwrite cut short tears at a sector, and blocks smaller than
+// a sector are placed apart.
 func asOldOrNew(got, old, nw []byte, ss int) error {
 	if len(got) != len(old) && len(got) != len(nw) {
 		return fmt.Errorf("has %d bytes, neither the %d synced before nor the %d after", len(got), len(old), len(nw))

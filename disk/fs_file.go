@@ -11,9 +11,9 @@ package disk
 // On ext4 that flush writes the pages into the file's own blocks and
 // allocates blocks for the rest (ext4write.go): it costs what was written
 // since the last flush, and a crash at any point leaves the file as of its
-// last completed flush or newer, sector by sector, never with bytes no one
-// wrote; the next writable OpenFS repairs the block bitmaps from the
-// flush's intent record. Layouts beyond ext4write.go (deep extent trees,
+// last completed flush or newer (each sector or block old or new), never
+// with bytes no one wrote; the next writable OpenFS repairs the block
+// bitmaps from the flush's intent record. Layouts beyond ext4write.go (deep extent trees,
 // unwritten extents) and FAT take the whole-file path instead: Put's
 // replace (new content beside the old in .NAME.keygate-put, then swapped
 // in), which rewrites the file (on ext4, which go-diskfs cannot rename,
