@@ -29,6 +29,8 @@ var directSkips = map[string]string{
 	"disk/bench_test.go: no /proc/self/io":                                   "a benchmark, not run by make test",
 	"disk/bench_test.go: no write_bytes in /proc/self/io":                    "a benchmark, not run by make test",
 	"disk/nbd/attach_linux_test.go: this kernel has /dev/nbd0":               "the case is the kernel without NBD; the test VM attaches a real device",
+	"disk/ninep/bench_test.go: no dd":                                        "a benchmark, not run by make test",
+	"disk/ninep/differential_test.go: runs only as TestDifferential's child": "the child half of TestDifferential, which runs it",
 	"keysvc/flood_test.go: sends 10,000 requests":                            "-short only",
 	"keysvc/masterkey/seal_test.go: set KEYGATE_WRITE_FUZZ_SEEDS=1":          "opt-in: regenerates the seed corpus",
 	"attest/fuzz_test.go: skipping: set KEYGATE_WRITE_SEEDS=1 to regenerate": "opt-in: regenerates testdata",
