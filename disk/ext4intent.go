@@ -6,6 +6,7 @@ package disk
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"github.com/diskfs/go-diskfs/filesystem/ext4/crc"
@@ -104,4 +105,35 @@ func (f *FS) recoverExt4() error {
 		return err
 	}
 	return f.reload()
+}
+
+// ErrTornSuperblock means the ext4 superblock's checksum fails on a volume
+// opened read-only: a crash tore its last write across two 512-byte
+// sectors, and repairing it needs a writable open.
+var ErrTornSuperblock = errors.New("the ext4 superblock's checksum fails: a crash tore its last write; open the volume writable once (keygate boot, or any change with keygate disk) to repair it")
+
+// repairTornSuper mends a superblock whose write a crash tore. On a volume
+// with 512-byte sectors the 1 KiB superblock spans two, and a cut between
+// them leaves each half a valid old or new version, but the checksum (in
+// the second) matching neither whole. Nothing in either half can be wrong
+// for the volume: the geometry never changes, the intent record (second
+// half) is replayed by recoverExt4 whichever version it is, and the free
+// counts (first half) are derived again from the bitmaps. So the repair is
+// a recount, which rewrites the superblock with its checksum. go-diskfs
+// refuses the volume otherwise.
+func repairTornSuper(dev *Device) error {
+	m, err := readExt4Meta(dev)
+	if err != nil || !m.metaCsum {
+		return nil // go-diskfs reports what is wrong with it
+	}
+	if binary.LittleEndian.Uint32(m.sb[0x3fc:]) == crc.CRC32c(0xffffffff, m.sb[:0x3fc]) {
+		return nil
+	}
+	if dev.readOnly {
+		return ErrTornSuperblock
+	}
+	if err := m.recount(); err != nil {
+		return fmt.Errorf("repair torn superblock: %w", err)
+	}
+	return dev.Sync()
 }

@@ -140,6 +140,9 @@ func OpenFS(dev *Device) (*FS, error) {
 		return nil, ErrUnknownFS
 	}
 	f.typ = Ext4
+	if err := repairTornSuper(dev); err != nil {
+		return nil, fmt.Errorf("open ext4: %w", err)
+	}
 	if err := f.reload(); err != nil {
 		return nil, fmt.Errorf("open ext4: %w", err)
 	}
