@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -56,6 +57,11 @@ type Config struct {
 	// holds the BPF objects; with Self it follows Self's ranges, and without
 	// it treats its whole address space as key pages.
 	Self *keyrange.Registry
+	// MinSeverity is the lowest severity Events delivers (default Warning).
+	// Events below it are still counted (Stats, NewMetrics): a benign ps
+	// reads every process's environ, and each read is an info event that
+	// would otherwise bury the alerts. Info delivers everything.
+	MinSeverity Severity
 	// EventBuffer is the capacity of the Events channel (default 1024). When
 	// the reader falls behind, the kernel's ring buffer fills and its drops
 	// are counted (Stats).
@@ -74,6 +80,14 @@ type Monitor struct {
 	mode     Mode
 	reason   string
 	bootTime time.Time
+	minSev   Severity
+
+	// counts holds, per technique and severity, every event decoded,
+	// delivered or not; readErrs and decodeErrs what the reader lost.
+	counts     map[countKey]*atomic.Uint64
+	readErrs   atomic.Uint64
+	decodeErrs atomic.Uint64
+	err        atomic.Pointer[error] // why the reader stopped, if it failed
 
 	mu        sync.Mutex
 	protected map[int]bool
@@ -129,6 +143,19 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 		protected: map[int]bool{},
 		done:      make(chan struct{}),
 		bootTime:  bootTime(),
+		minSev:    Warning,
+		counts:    map[countKey]*atomic.Uint64{},
+	}
+	if cfg.MinSeverity != "" {
+		if _, err := ParseSeverity(string(cfg.MinSeverity)); err != nil {
+			return nil, fmt.Errorf("config MinSeverity: %v", err)
+		}
+		m.minSev = cfg.MinSeverity
+	}
+	for _, t := range Techniques() {
+		for _, sv := range Severities() {
+			m.counts[countKey{t, sv}] = new(atomic.Uint64)
+		}
 	}
 	spec, err := monitorSpec()
 	if err != nil {
@@ -174,7 +201,7 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 	}
 	m.events = make(chan Event, n)
 	m.wg.Add(2)
-	go m.read()
+	go m.read(m.rd)
 	go func() {
 		defer m.wg.Done()
 		select {
@@ -190,21 +217,26 @@ func (m *Monitor) attach() error {
 	tps := []struct {
 		group, name string
 		prog        *ebpf.Program
+		optional    bool // absent where the kernel has no such route (no open(2) on arm64, no io_uring)
 	}{
-		{"syscalls", "sys_enter_process_vm_readv", m.objs.VmReadvEnter},
-		{"syscalls", "sys_exit_process_vm_readv", m.objs.VmReadvExit},
-		{"syscalls", "sys_enter_process_vm_writev", m.objs.VmWritevEnter},
-		{"syscalls", "sys_exit_process_vm_writev", m.objs.VmWritevExit},
-		{"syscalls", "sys_enter_ptrace", m.objs.PtraceEnter},
-		{"syscalls", "sys_exit_ptrace", m.objs.PtraceExit},
-		{"syscalls", "sys_exit_openat", m.objs.OpenatExit},
-		{"syscalls", "sys_exit_openat2", m.objs.Openat2Exit},
-		{"syscalls", "sys_enter_pidfd_getfd", m.objs.PidfdGetfdEnter},
-		{"syscalls", "sys_exit_pidfd_getfd", m.objs.PidfdGetfdExit},
-		{"syscalls", "sys_enter_perf_event_open", m.objs.PerfEnter},
-		{"syscalls", "sys_exit_perf_event_open", m.objs.PerfExit},
-		{"task", "task_newtask", m.objs.Newtask},
-		{"sched", "sched_process_exit", m.objs.TaskExit},
+		{"syscalls", "sys_enter_process_vm_readv", m.objs.VmReadvEnter, false},
+		{"syscalls", "sys_exit_process_vm_readv", m.objs.VmReadvExit, false},
+		{"syscalls", "sys_enter_process_vm_writev", m.objs.VmWritevEnter, false},
+		{"syscalls", "sys_exit_process_vm_writev", m.objs.VmWritevExit, false},
+		{"syscalls", "sys_enter_ptrace", m.objs.PtraceEnter, false},
+		{"syscalls", "sys_exit_ptrace", m.objs.PtraceExit, false},
+		{"syscalls", "sys_exit_openat", m.objs.OpenatExit, false},
+		{"syscalls", "sys_exit_openat2", m.objs.Openat2Exit, false},
+		{"syscalls", "sys_exit_open", m.objs.OpenLegacyExit, true},
+		{"syscalls", "sys_exit_creat", m.objs.CreatExit, true},
+		{"io_uring", "io_uring_complete", m.objs.RingComplete, true},
+		{"raw_syscalls", "sys_exit", m.objs.CompatExit, false},
+		{"syscalls", "sys_enter_pidfd_getfd", m.objs.PidfdGetfdEnter, false},
+		{"syscalls", "sys_exit_pidfd_getfd", m.objs.PidfdGetfdExit, false},
+		{"syscalls", "sys_enter_perf_event_open", m.objs.PerfEnter, false},
+		{"syscalls", "sys_exit_perf_event_open", m.objs.PerfExit, false},
+		{"task", "task_newtask", m.objs.Newtask, false},
+		{"sched", "sched_process_exit", m.objs.TaskExit, false},
 	}
 	m.progs = map[string]*ebpf.Program{}
 	// Exits first: an entry seen without its exit would sit in pending.
@@ -212,6 +244,9 @@ func (m *Monitor) attach() error {
 		tp := tps[i]
 		m.progs[tp.name] = tp.prog
 		l, err := link.Tracepoint(tp.group, tp.name, tp.prog, nil)
+		if err != nil && tp.optional && errors.Is(err, os.ErrNotExist) {
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("attach tracepoint %s/%s: %w", tp.group, tp.name, &NotSupportedError{
 				Feature: "syscall tracepoints", Reason: err.Error() + " (the kernel needs CONFIG_FTRACE_SYSCALLS and tracefs)"})
@@ -357,24 +392,71 @@ func (m *Monitor) Mode() (Mode, string) { return m.mode, m.reason }
 // closed by Close.
 func (m *Monitor) Events() <-chan Event { return m.events }
 
-// Stats counts what the monitor lost.
+// Stats counts what the monitor saw and what it lost.
 type Stats struct {
 	// Drops counts events the kernel could not queue: the ring buffer was
 	// full because the Events reader fell behind.
 	Drops uint64 `json:"drops"`
+	// ReadErrors counts failed reads of the ring buffer, DecodeErrors
+	// records that did not decode (BPF objects and Go out of step: run make
+	// generate). Each may have been an event.
+	ReadErrors   uint64 `json:"read_errors"`
+	DecodeErrors uint64 `json:"decode_errors"`
+	// Events counts every event decoded, by technique and severity,
+	// whether or not Events delivered it (Config.MinSeverity).
+	Events map[Technique]map[Severity]uint64 `json:"events"`
+	// Below counts the events not delivered for being below MinSeverity.
+	Below uint64 `json:"below_min_severity"`
 }
 
-// Stats reads the kernel's counters.
+type countKey struct {
+	t Technique
+	s Severity
+}
+
+// count returns how many events of technique t with severity s were decoded.
+func (m *Monitor) count(t Technique, s Severity) uint64 {
+	if c := m.counts[countKey{t, s}]; c != nil {
+		return c.Load()
+	}
+	return 0
+}
+
+// Stats reads the kernel's counters and the reader's.
 func (m *Monitor) Stats() (Stats, error) {
+	s := Stats{ReadErrors: m.readErrs.Load(), DecodeErrors: m.decodeErrs.Load(), Events: map[Technique]map[Severity]uint64{}}
+	for k, c := range m.counts {
+		n := c.Load()
+		if n == 0 {
+			continue
+		}
+		if s.Events[k.t] == nil {
+			s.Events[k.t] = map[Severity]uint64{}
+		}
+		s.Events[k.t][k.s] = n
+		if !k.s.AtLeast(m.minSev) {
+			s.Below += n
+		}
+	}
 	var per []uint64
 	if err := m.objs.Drops.Lookup(uint32(0), &per); err != nil {
-		return Stats{}, fmt.Errorf("read drop counter: %v", err)
+		return s, fmt.Errorf("read drop counter: %v", err)
 	}
-	var s Stats
 	for _, v := range per {
 		s.Drops += v
 	}
 	return s, nil
+}
+
+// Err says why the monitor stopped delivering events on its own, if it
+// did: the ring buffer kept failing to read, or none of its records
+// decoded. Events is closed then; it is nil after a Close or a cancelled
+// context.
+func (m *Monitor) Err() error {
+	if p := m.err.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // ProgramStat is what one of the monitor's BPF programs has cost so far.
@@ -409,28 +491,78 @@ func EnableStats() (io.Closer, error) {
 	return c, nil
 }
 
-func (m *Monitor) read() {
+// recordReader is what read needs of a *ringbuf.Reader; tests hand it
+// readers that fail.
+type recordReader interface {
+	Read() (ringbuf.Record, error)
+}
+
+// The reader gives up after this many failures in a row, rather than spin on
+// an error that will not clear: a monitor that reports nothing must say so.
+// A single success resets the count. readBackoff is the pause after each
+// failure, doubling, so that the limit spans more than a passing hiccup.
+const (
+	maxReadErrors   = 10
+	maxDecodeErrors = 64
+	readBackoff     = time.Millisecond
+)
+
+func (m *Monitor) read(rd recordReader) {
 	defer m.wg.Done()
 	defer close(m.events)
+	if err := m.readLoop(rd); err != nil {
+		m.err.Store(&err)
+	}
+}
+
+// readLoop delivers records until the reader is closed (nil), or fails
+// persistently (an error saying what failed and that the monitor stopped).
+// Every failed read and every record that does not decode is counted
+// (Stats), and so never lost silently.
+func (m *Monitor) readLoop(rd recordReader) error {
+	readFails, decodeFails := 0, 0
+	pause := readBackoff
 	for {
-		rec, err := m.rd.Read()
+		rec, err := rd.Read()
 		if err != nil {
 			if errors.Is(err, ringbuf.ErrClosed) {
-				return
+				return nil
+			}
+			m.readErrs.Add(1)
+			if readFails++; readFails >= maxReadErrors {
+				return fmt.Errorf("read the BPF ring buffer: %d failures in a row, the last: %w; the monitor stopped (restart it)", readFails, err)
+			}
+			select {
+			case <-time.After(pause):
+			case <-m.done:
+				return nil
+			}
+			pause *= 2
+			continue
+		}
+		readFails, pause = 0, readBackoff
+		raw, err := decodeRecord(rec.RawSample)
+		if err != nil {
+			m.decodeErrs.Add(1)
+			if decodeFails++; decodeFails >= maxDecodeErrors {
+				return fmt.Errorf("%d ring buffer records in a row did not decode, the last: %w; the monitor stopped", decodeFails, err)
 			}
 			continue
 		}
-		raw, err := decodeRecord(rec.RawSample)
-		if err != nil {
+		decodeFails = 0
+		e := toEvent(raw, m.bootTime, m.mode)
+		if c := m.counts[countKey{e.Technique, e.Severity}]; c != nil {
+			c.Add(1)
+		}
+		if !e.Severity.AtLeast(m.minSev) {
 			continue
 		}
-		e := toEvent(raw, m.bootTime, m.mode)
 		e.ReceivedNS = MonotonicNow()
 		e.Exe = exePath(e.TGID, e.Exe)
 		select {
 		case m.events <- e:
 		case <-m.done:
-			return
+			return nil
 		}
 	}
 }
