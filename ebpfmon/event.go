@@ -143,6 +143,15 @@ func (e Event) String() string {
 	if e.Path != "" {
 		s += " path " + strconv.Quote(e.Path)
 	}
+	if e.Via != "" && e.Via != "openat" {
+		s += " via " + e.Via
+	}
+	if e.Compat {
+		s += " (32-bit syscall)"
+	}
+	if e.Scope != "" {
+		s += " on every task of a " + e.Scope
+	}
 	if e.Addr != 0 || e.Len != 0 {
 		s += fmt.Sprintf(" addr %#x+%d", e.Addr, e.Len)
 	}

@@ -6,80 +6,15 @@
 // and filtered on the opened file's filesystem, or for failed opens on the
 // path's first bytes. Other entries build the event in `pending`; their exit
 // adds the result and sends it.
-#include "common.h"
+#include "event.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
-#define MAX_IOV 16
 #define AT_FDCWD -100
 #define CLONE_THREAD 0x00010000
 #define PERF_FLAG_PID_CGROUP (1U << 2)
 // creat(2) is open(path, O_CREAT|O_WRONLY|O_TRUNC, mode).
 #define O_CREAT_TRUNC_WRONLY 01101
-
-enum technique {
-	T_VM_READV = 1,
-	T_VM_WRITEV = 2,
-	T_PTRACE_ATTACH = 3,
-	T_PTRACE_SEIZE = 4,
-	T_PTRACE_PEEK = 5,
-	T_PTRACE_POKE = 6,
-	T_PROC_MEM = 7,
-	T_PROC_ENVIRON = 8,
-	T_PROC_MAPS = 9,
-	T_PIDFD_GETFD = 10,
-	T_PERF_EVENT_OPEN = 11,
-	T_KCORE = 12,
-	T_DEVMEM = 13,
-};
-
-enum flags {
-	F_OVERLAP = 1,   // the request touches key pages
-	F_TRUNCATED = 2, // more remote iovecs than the program checks
-	F_WHOLE = 4,     // the whole address space is protected
-	F_RESOLVED = 8,  // an open's target was read from the opened inode
-	F_OPENAT2 = 16,
-	F_DENIED = 32,   // an enforce.c program refused this syscall (denials)
-	F_OPEN = 64,     // open(2): no directory fd, flags second
-	F_CREAT = 128,   // creat(2): no directory fd, no flags (O_CREAT|O_WRONLY|O_TRUNC)
-	F_IO_URING = 256, // an io_uring IORING_OP_OPENAT/OPENAT2, seen at completion
-	F_COMPAT = 512,  // a 32-bit syscall (int 0x80) of any process
-	F_PERF_CPU = 1024,    // perf_event_open(pid -1): every process on a CPU
-	F_PERF_CGROUP = 2048, // perf_event_open in cgroup mode
-	F_IOV_CHANGED = 4096, // the remote iovecs read at exit differ from those at entry
-	F_IOV_UNREAD = 8192,  // the remote iovecs could not be read at entry nor at exit
-};
-
-struct event {
-	__u64 ktime; // CLOCK_MONOTONIC at syscall entry (for opens, at exit)
-	__u64 cgroup_id;
-	__u64 addr; // first remote range touching key pages, else the first
-	__u64 len;
-	__u64 overlap; // bytes of key pages the request covers
-	__u64 total;   // bytes the request covers
-	__s64 result;
-	__u64 arg; // ptrace request, open flags, perf type, pidfd_getfd's fd
-	__u32 pid;
-	__u32 tgid;
-	__u32 uid;
-	__u32 target; // the pid as the caller named it
-	__u32 target_tgid;
-	__u32 technique;
-	__u32 flags;
-	__u32 niov;
-	__s32 nr; // syscall number, to pair entry with exit
-	__u32 _pad;
-	__u64 sample_type; // perf_event_open's attr.sample_type
-	char comm[16];
-	char exe[EXE_LEN];
-	char path[PATH_LEN];
-};
-const struct event *unused_event __attribute__((unused));
-
-struct iovec_u {
-	__u64 base;
-	__u64 len;
-};
 
 struct enter_ctx {
 	__u64 common;
@@ -95,19 +30,6 @@ struct exit_ctx {
 	__s64 ret;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
-} events SEC(".maps");
-
-// drops counts events lost because the ringbuf was full.
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} drops SEC(".maps");
-
 // pending holds an event between syscall entry and exit, per thread. LRU, so
 // that an exit never seen (a tracepoint attached mid-syscall) cannot leak.
 struct {
@@ -116,42 +38,6 @@ struct {
 	__type(key, __u64);
 	__type(value, struct event);
 } pending SEC(".maps");
-
-struct scratch {
-	struct event e;
-	struct iovec_u iov[MAX_IOV];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct scratch);
-} scratch SEC(".maps");
-
-static __always_inline struct scratch *new_event(__u32 technique, __s32 nr)
-{
-	__u32 zero = 0;
-	struct scratch *s = bpf_map_lookup_elem(&scratch, &zero);
-	if (!s)
-		return 0;
-	struct event *e = &s->e;
-	__builtin_memset(e, 0, sizeof(*e));
-	__u64 id = bpf_get_current_pid_tgid();
-	e->ktime = bpf_ktime_get_ns();
-	e->pid = (__u32)id;
-	e->tgid = id >> 32;
-	e->uid = (__u32)bpf_get_current_uid_gid();
-	e->cgroup_id = bpf_get_current_cgroup_id();
-	e->technique = technique;
-	e->nr = nr;
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	struct task_struct *t = (void *)bpf_get_current_task();
-	const unsigned char *exe = BPF_CORE_READ(t, mm, exe_file, f_path.dentry, d_name.name);
-	if (exe)
-		bpf_probe_read_kernel_str(e->exe, sizeof(e->exe), exe);
-	return s;
-}
 
 // inflight counts the entries in pending, so that the exit of every traced
 // syscall (nearly all of which have nothing pending) is one load, not a hash
@@ -172,16 +58,6 @@ static __always_inline void unstash(__u64 id)
 {
 	if (bpf_map_delete_elem(&pending, &id) == 0)
 		__sync_fetch_and_sub(&inflight, 1);
-}
-
-static __always_inline void send(struct event *e)
-{
-	if (bpf_ringbuf_output(&events, e, sizeof(*e), 0)) {
-		__u32 zero = 0;
-		__u64 *d = bpf_map_lookup_elem(&drops, &zero);
-		if (d)
-			*d += 1;
-	}
 }
 
 // add_range adds the key-page bytes of [base, base+len) to e.
