@@ -174,6 +174,14 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 		}
 		return nil, fmt.Errorf("load BPF programs: %w", err)
 	}
+	// This process enters prot before the programs attach: attaching a
+	// tracepoint is a CPU-wide perf_event_open, which the monitor reports
+	// unless a protected process makes it. protectSelf below fills in its
+	// threads and ranges.
+	if err := m.objs.Prot.Put(uint32(os.Getpid()), &monitorProtectedProc{Whole: 1}); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("protect this process: %v", err)
+	}
 	if err := m.attach(); err != nil {
 		m.Close()
 		return nil, err

@@ -434,6 +434,11 @@ int perf_enter(struct enter_ctx *ctx)
 	if (ctx->args[4] & PERF_FLAG_PID_CGROUP || pid == -1) {
 		// A cgroup's events (pid is a cgroup fd) or a CPU's (pid -1) sample
 		// whichever task runs there, protected ones included: no target.
+		// A protected process's own are not reported: the monitor attaches
+		// its tracepoints this way (it protects itself first).
+		__u32 me = bpf_get_current_pid_tgid() >> 32;
+		if (bpf_map_lookup_elem(&prot, &me))
+			return 0;
 		s = new_event(T_PERF_EVENT_OPEN, ctx->nr);
 		if (!s)
 			return 0;
