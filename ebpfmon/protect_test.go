@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/awnumar/memguard"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keygate/keygate/ebpfmon"
 	"github.com/keygate/keygate/ebpfmon/keyrange"
@@ -71,6 +72,33 @@ func TestBenignWorkload(t *testing.T) {
 		t.Errorf("stats %+v: want the environ reads counted as info, below the minimum severity", st)
 	}
 	t.Logf("counted, not delivered: %d events (%v)", st.Below, st.Events)
+	// The metrics are the monitor's counts, the undelivered included.
+	reg := prometheus.NewRegistry()
+	if _, err := ebpfmon.NewMetrics(reg, m); err != nil {
+		t.Fatal(err)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		for _, mt := range mf.GetMetric() {
+			key := mf.GetName()
+			for _, l := range mt.GetLabel() {
+				key += "/" + l.GetValue()
+			}
+			got[key] = mt.GetCounter().GetValue()
+		}
+	}
+	if n := got["keygate_monitor_events_total/info/proc_environ"]; n != float64(st.Events[ebpfmon.ProcEnviron][ebpfmon.Info]) {
+		t.Errorf("metrics count %v environ info events, Stats %d", n, st.Events[ebpfmon.ProcEnviron][ebpfmon.Info])
+	}
+	for _, name := range []string{"keygate_monitor_drops_total", "keygate_monitor_read_errors_total", "keygate_monitor_decode_errors_total"} {
+		if v, ok := got[name]; !ok || v != 0 {
+			t.Errorf("%s = %v (present %v), want an exported 0", name, v, ok)
+		}
+	}
 }
 
 // TestSelfProtection checks that the monitor's own process is protected and
