@@ -18,8 +18,8 @@ import (
 // close, and the server clunks every fid of a connection that drops), so a
 // crashed client cannot hold a lock forever.
 //
-// Tgetlock (F_GETLK) is not served: hugelgupf/p9 v0.3.0 does not decode
-// that message.
+// Tgetlock (F_GETLK), which hugelgupf/p9 v0.3.0 does not decode, arrives
+// here as a probing Tlock (getlock.go).
 
 type lockOwner struct {
 	client string
@@ -41,6 +41,44 @@ func (l byteLock) overlaps(start, end uint64) bool {
 type lockTable struct {
 	mu    sync.Mutex
 	files map[string][]byteLock
+	// conflicts found by probes, until their Rgetlock names them
+	conflicts map[getlockReq]byteLock
+}
+
+// probe answers F_GETLK: whether a lock of typ over the range would
+// conflict, remembering with which lock; it takes nothing.
+func (t *lockTable) probe(f *file, pid int, typ p9.LockType, start, length uint64, client string) p9.LockStatus {
+	end := start + length
+	if length == 0 || end < start {
+		end = 0
+	}
+	owner := lockOwner{client, pid}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if typ == p9.Unlock {
+		return p9.LockStatusOK
+	}
+	for _, l := range t.files[f.path] {
+		if l.owner != owner && l.overlaps(start, end) && (l.write || typ == p9.WriteLock) {
+			if t.conflicts == nil {
+				t.conflicts = map[getlockReq]byteLock{}
+			}
+			if len(t.conflicts) < 1024 { // bounded, whatever a client leaves behind
+				t.conflicts[getlockReq{typ: typ, start: start, length: length, pid: uint32(pid), client: client}] = l
+			}
+			return p9.LockStatusBlocked
+		}
+	}
+	return p9.LockStatusOK
+}
+
+// takeConflict returns (and forgets) the lock a probe for req found.
+func (t *lockTable) takeConflict(req getlockReq) (byteLock, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	l, ok := t.conflicts[req]
+	delete(t.conflicts, req)
+	return l, ok
 }
 
 // lock applies one Tlock request.
@@ -114,6 +152,9 @@ func (f *file) Lock(pid int, typ p9.LockType, flags p9.LockFlags, start, length 
 	case p9.ReadLock, p9.WriteLock, p9.Unlock:
 	default:
 		return p9.LockStatusError, nil
+	}
+	if flags&probeFlag != 0 {
+		return f.s.locks.probe(f, pid, typ, start, length, client), nil
 	}
 	return f.s.locks.lock(f, pid, typ, start, length, client), nil
 }

@@ -151,7 +151,7 @@ func (s *Server) handle(c net.Conn) {
 			c.Close()
 		}
 	}()
-	_ = s.p9.Handle(c, c)
+	_ = s.p9.Handle(s.translate(c))
 }
 
 // Close stops accepting, closes client connections, and makes every write
