@@ -110,11 +110,11 @@ func (r *tReader) Close() error { return r.c.Close() }
 func getlockToLock(tag uint16, b []byte) ([]byte, getlockReq, error) {
 	le := binary.LittleEndian
 	if len(b) < 27 {
-		return nil, getlockReq{}, fmt.Errorf("Tgetlock of %d bytes", len(b))
+		return nil, getlockReq{}, fmt.Errorf("getlock request of %d bytes", len(b))
 	}
 	n := int(le.Uint16(b[25:]))
 	if len(b) != 27+n {
-		return nil, getlockReq{}, fmt.Errorf("Tgetlock client id of %d bytes in %d", n, len(b))
+		return nil, getlockReq{}, fmt.Errorf("getlock client id of %d bytes in %d", n, len(b))
 	}
 	req := getlockReq{typ: p9.LockType(b[4]), start: le.Uint64(b[5:]), length: le.Uint64(b[13:]),
 		pid: le.Uint32(b[21:]), client: string(b[27:])}

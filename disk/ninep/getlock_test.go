@@ -14,9 +14,8 @@ import (
 // client sends Tlock without its fid and has no Tgetlock at all, and this
 // test is about what the kernel sends.
 type wire struct {
-	t   *testing.T
-	c   net.Conn
-	tag uint16
+	t *testing.T
+	c net.Conn
 }
 
 func dialWire(t *testing.T, sock string) *wire {
@@ -32,7 +31,6 @@ func dialWire(t *testing.T, sock string) *wire {
 	w.rpc(100, 0xffff, append(v, str("9P2000.L")...), 101)
 	return w
 }
-
 
 // rpc sends one T-message and returns the body of the reply, which must be
 // of type want.
