@@ -9,6 +9,7 @@
 //	kg-workload sqlite-run DB N    commit N transactions after the last one in DB
 //	kg-workload sqlite-check DB    integrity_check, highest sequence, gaps
 //	kg-workload io LABEL FILE MiB RANDOPS
+//	kg-workload probe DIR          what SQLite needs of a filesystem
 //
 // sqlite-run opens DB in WAL mode with synchronous=FULL, so a COMMIT has
 // returned only once its WAL frames are fsynced. Each transaction inserts
@@ -17,6 +18,8 @@
 // COMMIT returns it prints "KEYGATE-RESULT sqlite_committed=SEQ". The host
 // therefore knows a lower bound of what was acknowledged when it kills the
 // guest, and after the reboot every number up to that bound must be there.
+// With KG_SQLITE_NOLOCK set it opens DB without file locks (see open), for
+// filesystems that refuse them.
 package main
 
 import (
@@ -32,8 +35,10 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
 	_ "modernc.org/sqlite"
 )
 
@@ -57,6 +62,11 @@ func main() {
 			usage()
 		}
 		err = sqliteCheck(os.Args[2])
+	case "probe":
+		if len(os.Args) != 3 {
+			usage()
+		}
+		err = probe(os.Args[2])
 	case "io":
 		if len(os.Args) != 6 {
 			usage()
@@ -78,7 +88,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: kg-workload sqlite-run DB N | sqlite-check DB | io LABEL FILE MiB RANDOPS")
+	fmt.Fprintln(os.Stderr, "usage: kg-workload sqlite-run DB N | sqlite-check DB | io LABEL FILE MiB RANDOPS | probe DIR")
 	os.Exit(2)
 }
 
@@ -112,13 +122,20 @@ func sum(p []byte) string {
 
 func open(path string) (*sql.DB, error) {
 	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=busy_timeout(10000)"
+	if os.Getenv("KG_SQLITE_NOLOCK") != "" {
+		// SQLite's unix-none VFS takes no file locks, and in exclusive
+		// locking mode the WAL index lives in the heap, not in a shared
+		// mapping of the -shm file: one process, no locks asked of the
+		// filesystem. Only safe while no other process opens DB.
+		dsn = "file:" + path + "?vfs=unix-none&_pragma=locking_mode(EXCLUSIVE)&_pragma=synchronous(FULL)"
+	}
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, err
 	}
 	db.SetMaxOpenConns(1)
 	var mode string
-	if err := db.QueryRow("PRAGMA journal_mode").Scan(&mode); err != nil {
+	if err := db.QueryRow("PRAGMA journal_mode=WAL").Scan(&mode); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
@@ -321,4 +338,49 @@ func dropCaches() error {
 		return fmt.Errorf("drop caches: %w", err)
 	}
 	return nil
+}
+
+// probe tries, on a new file in dir, the three things SQLite's unix VFS
+// asks of a filesystem in WAL mode, and reports what the kernel answered:
+// fcntl record locks (every transaction), flock (not used by SQLite's
+// default VFS; for comparison) and a shared writable mmap (the -shm
+// wal-index).
+func probe(dir string) error {
+	path := dir + "/.kg-probe"
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(path)
+	defer f.Close()
+	if _, err := f.Write(make([]byte, 32768)); err != nil {
+		return err
+	}
+	fd := int(f.Fd())
+	lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: 0, Start: 1 << 30, Len: 1}
+	r := []string{"fcntl_setlk=" + errnoName(unix.FcntlFlock(uintptr(fd), unix.F_SETLK, &lk))}
+	lk.Type = unix.F_UNLCK
+	unix.FcntlFlock(uintptr(fd), unix.F_SETLK, &lk)
+	r = append(r, "flock="+errnoName(unix.Flock(fd, unix.LOCK_SH|unix.LOCK_NB)))
+	unix.Flock(fd, unix.LOCK_UN)
+	m, err := unix.Mmap(fd, 0, 32768, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err == nil {
+		unix.Munmap(m)
+	}
+	r = append(r, "mmap_shared_rw="+errnoName(err))
+	result("probe", strings.Join(r, " "))
+	return nil
+}
+
+func errnoName(err error) string {
+	if err == nil {
+		return "ok"
+	}
+	var e syscall.Errno
+	if errors.As(err, &e) {
+		if n := unix.ErrnoName(e); n != "" {
+			return n
+		}
+	}
+	return strings.ReplaceAll(err.Error(), " ", "_")
 }
