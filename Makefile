@@ -10,12 +10,14 @@ BIN       := bin
 # clevis, clevis-tpm2, tang and socat as make bench's reference for the
 # unlock latency; qemu-system-x86, ovmf and busybox-static for the measured
 # test guest (testvm/; its Debian kernel is downloaded and unpacked, never
-# installed, and cached in .cache/testvm).
-TEST_DEBS := cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools swtpm swtpm-tools tpm2-tools libssl-dev gcc libc6-dev \
+# installed, and cached in .cache/testvm); qemu-utils (qemu-img, qemu-io),
+# libnbd-bin (nbdcopy, nbdinfo) and fio as real clients of the NBD export,
+# nbdkit as the server to measure it against.
+TEST_DEBS := qemu-utils libnbd-bin nbdkit fio cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools swtpm swtpm-tools tpm2-tools libssl-dev gcc libc6-dev \
 	clang llvm libbpf-dev procps clevis clevis-tpm2 tang socat \
 	qemu-system-x86 ovmf busybox-static
 # Tools the tests must find: a missing one fails the run instead of skipping.
-export KEYGATE_REQUIRE ?= cryptsetup,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep,qemu,guest-bpf
+export KEYGATE_REQUIRE ?= cryptsetup,qemu-img,qemu-io,nbdcopy,nbdinfo,nbdkit,fio,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep,qemu,guest-bpf
 
 .PHONY: all build test testvm bench demo generate deps test-deps fuzz clean
 

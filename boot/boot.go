@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"sync"
 	"time"
 
@@ -15,6 +14,7 @@ import (
 
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/luks2"
+	"github.com/keygate/keygate/disk/nbd"
 	"github.com/keygate/keygate/disk/ninep"
 	"github.com/keygate/keygate/ebpfmon"
 	"github.com/keygate/keygate/keysvc"
@@ -61,6 +61,19 @@ type Config struct {
 	// Serve9P, when set, is the unix socket path the 9P2000.L server
 	// listens on.
 	Serve9P string
+	// ServeNBD, when set, is the unix socket path the NBD server listens
+	// on: the volume's data segment as a block device, for a kernel to
+	// run its own filesystem on. Exclusive with Serve9P: two writers (a
+	// kernel's ext4 and go-diskfs) would corrupt the volume.
+	ServeNBD string
+	// Attach, when set, is a kernel NBD device (/dev/nbdN) that Run
+	// connects to the NBD export, so that it can be mounted once Run
+	// returns. It needs root and the nbd module; it implies the NBD
+	// export even without ServeNBD.
+	Attach string
+	// AllowUIDs are the uids, besides root and this process's, that may
+	// connect to the 9P or NBD socket (checked with SO_PEERCRED).
+	AllowUIDs []uint32
 	// Poll is the heartbeat period, and so the bound on how long a revoke
 	// takes to lock the volume (DefaultPoll if zero).
 	Poll time.Duration
@@ -120,6 +133,9 @@ type Boot struct {
 	fs      *disk.FS
 	srv     *ninep.Server
 	ln      net.Listener
+	nbd     *nbd.Server
+	nbdLn   net.Listener
+	att     *nbd.Attachment
 	mon     *monitor
 
 	stop     context.CancelFunc
@@ -158,6 +174,9 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 		cfg.OnAlert = AlertLog
 	case cfg.OnAlert != AlertLog && cfg.OnAlert != AlertLock:
 		return nil, fmt.Errorf("boot: on-alert %q: use log or lock", cfg.OnAlert)
+	}
+	if cfg.Serve9P != "" && (cfg.ServeNBD != "" || cfg.Attach != "") {
+		return nil, ErrTwoExports
 	}
 	if cfg.OnAlert == AlertLock && !cfg.Monitor {
 		return nil, errors.New("boot: --on-alert lock needs --monitor (there are no alerts without the monitor)")
@@ -245,14 +264,21 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("boot: %w", err)
 	}
-	if b.fs, err = b.im.FS(); err != nil {
-		return nil, fmt.Errorf("boot: %s: %w", cfg.Image, err)
-	}
-	b.emit(Event{Kind: EventUnlocked, Message: fmt.Sprintf("volume %s unlocked (%s); PCR %d extended", volume, b.fs.Type(), tpm.WindowPCR)})
-
-	if cfg.Serve9P != "" {
-		if err := b.serve(cfg.Serve9P); err != nil {
+	if cfg.blockExport() {
+		// The kernel's filesystem owns the volume: go-diskfs stays out.
+		b.emit(Event{Kind: EventUnlocked, Message: fmt.Sprintf("volume %s unlocked (block export); PCR %d extended", volume, tpm.WindowPCR)})
+		if err := b.serveNBD(); err != nil {
 			return nil, err
+		}
+	} else {
+		if b.fs, err = b.im.FS(); err != nil {
+			return nil, fmt.Errorf("boot: %s: %w", cfg.Image, err)
+		}
+		b.emit(Event{Kind: EventUnlocked, Message: fmt.Sprintf("volume %s unlocked (%s); PCR %d extended", volume, b.fs.Type(), tpm.WindowPCR)})
+		if cfg.Serve9P != "" {
+			if err := b.serve9P(cfg.Serve9P); err != nil {
+				return nil, err
+			}
 		}
 	}
 	hctx, stop := context.WithCancel(context.Background())
@@ -368,27 +394,8 @@ func (b *Boot) emit(ev Event) {
 	}
 }
 
-// serve starts the 9P server on a unix socket at path.
-func (b *Boot) serve(path string) error {
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return fmt.Errorf("boot: --serve-9p %s exists and is not a socket; choose another path", path)
-		}
-		os.Remove(path) // a stale socket of an earlier run
-	}
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return fmt.Errorf("boot: listen on %s: %w", path, err)
-	}
-	os.Chmod(path, 0o600)
-	b.ln = ln
-	b.srv = ninep.NewServer(b.fs, ninep.WithLogger(b.log))
-	go func() { b.serveErr <- b.srv.Serve(ln) }()
-	b.emit(Event{Kind: EventServing, Message: "serving 9P2000.L on " + path + " (mount -t 9p -o trans=unix,version=9p2000.L " + path + " /mnt)"})
-	return nil
-}
-
-// FS is the unlocked filesystem; after the lock its calls fail.
+// FS is the unlocked filesystem; after the lock its calls fail. It is nil
+// with a block export (ServeNBD, Attach).
 func (b *Boot) FS() *disk.FS { return b.fs }
 
 // Socket is the 9P socket path, or "".
@@ -435,13 +442,7 @@ func (b *Boot) release() error {
 	if b.stop != nil {
 		b.stop()
 	}
-	var errs []error
-	if b.srv != nil {
-		errs = append(errs, b.srv.Close())
-		os.Remove(b.cfg.Serve9P)
-	} else if b.ln != nil {
-		b.ln.Close()
-	}
+	errs := b.stopServing()
 	if b.im != nil {
 		errs = append(errs, b.im.Close())
 		b.im = nil

@@ -22,17 +22,29 @@ func newBootCmd() *cobra.Command {
 		cfg                   boot.Config
 		caFile, fsType, alert string
 		monitor, rsa, asJSON  bool
+		allowUIDs             []uint32
 	)
 	c := &cobra.Command{
 		Use:   "boot --keysvc URL --ca FILE --vm NAME --volume ID --image PATH|DEVICE --tpm /dev/tpmrm0|swtpm:SOCKET|sim",
-		Short: "Attest to the key service, unlock the volume and serve it over 9P",
+		Short: "Attest to the key service, unlock the volume and serve it over NBD or 9P",
 		Long: `Unlock a keygate volume through remote attestation: the TPM quotes its PCRs
 to the key service, which releases the volume's unwrap key sealed to this TPM
 and this boot's PCR values. The key is imported into locked memory, the
 volume is opened, PCR 15 is extended so the key cannot be released again in
-this boot, and with --serve-9p the filesystem is served as 9P2000.L:
+this boot, and the volume is served one of two ways:
 
-  mount -t 9p -o trans=unix,version=9p2000.L SOCKET /mnt
+  --serve-nbd SOCKET [--attach /dev/nbd0]   the block device (for databases
+      and any workload: the kernel runs its own ext4 on sectors keygate
+      encrypts in user space; the key never enters the kernel)
+        mount /dev/nbd0 /mnt                 with --attach (root, modprobe nbd)
+        qemu-img convert -n disk.raw nbd+unix:///?socket=SOCKET
+  --serve-9p SOCKET                          the filesystem as 9P2000.L, for
+      file access without a block device
+        mount -t 9p -o trans=unix,version=9p2000.L SOCKET /mnt
+
+The two are exclusive: two writers would corrupt the volume. Sockets are
+0600 from their first instant and admit only root, this process's user and
+--allow-uid.
 
 While the key service is unreachable at boot, keygate retries with backoff.
 A denial prints the service's diagnostics (PCR, allowed and actual values)
@@ -60,6 +72,10 @@ See docs/boot.md.`,
 			if alert == string(boot.AlertLock) && !monitor {
 				return cli.Usagef(c, "--on-alert lock needs --monitor (there are no alerts without the monitor)")
 			}
+			if cfg.Serve9P != "" && (cfg.ServeNBD != "" || cfg.Attach != "") {
+				return cli.Usagef(c, "--serve-9p and --serve-nbd/--attach are exclusive: two writers (a kernel's ext4 and go-diskfs) would corrupt the volume; choose one")
+			}
+			cfg.AllowUIDs = allowUIDs
 			cfg.Monitor, cfg.OnAlert = monitor, boot.AlertAction(alert)
 			var err error
 			if cfg.InitFS, err = parseFS(fsType, false); err != nil {
@@ -106,6 +122,9 @@ See docs/boot.md.`,
 	f.BoolVar(&cfg.InitIfBlank, "init-if-blank", false, "provision and format a blank image (no LUKS2 header, zeros at the start) through the key service")
 	f.StringVar(&fsType, "fs", string(disk.Ext4), "filesystem --init-if-blank makes: ext4 or fat32")
 	f.StringVar(&cfg.Serve9P, "serve-9p", "", "serve the filesystem as 9P2000.L on this unix socket")
+	f.StringVar(&cfg.ServeNBD, "serve-nbd", "", "serve the volume as an NBD block device on this unix socket")
+	f.StringVar(&cfg.Attach, "attach", "", "connect this kernel NBD device (/dev/nbdN) to the NBD export, then mount it (root, modprobe nbd)")
+	allowUIDFlag(f, &allowUIDs)
 	f.DurationVar(&cfg.Poll, "poll", boot.DefaultPoll, "session check period: a revoke locks the volume within this bound")
 	f.DurationVar(&cfg.MaxWait, "max-wait", 0, "give up when the key service is unreachable this long at boot (default: wait forever)")
 	f.BoolVar(&monitor, "monitor", false, "watch, with eBPF, for other processes reading this one's memory (needs root); see docs/monitor.md")

@@ -250,6 +250,9 @@ func TestBootUsage(t *testing.T) {
 		{[]string{"boot", "--vm", "a", "--image", "x", "--on-alert", "lock"}, "--on-alert lock needs --monitor"},
 		{[]string{"boot", "--vm", "a", "--image", "x", "--on-alert", "panic"}, "use log or lock"},
 		{[]string{"boot", "--vm", "a", "--image", "/nonexistent/x"}, "open image"},
+		{[]string{"boot", "--vm", "a", "--image", "x", "--serve-9p", "a", "--serve-nbd", "b"}, "exclusive"},
+		{[]string{"boot", "--vm", "a", "--image", "x", "--serve-9p", "a", "--attach", "/dev/nbd0"}, "exclusive"},
+		{[]string{"boot", "--vm", "a", "--image", "x", "--allow-uid", "-1"}, "not a numeric uid"},
 		{[]string{"disk", "create", "x.img", "--size", "64M", "--keysvc", "https://h", "--volume", "v"}, "--vm is required with --keysvc"},
 		{[]string{"disk", "create", "x.img", "--size", "64M", "--keysvc", "https://h", "--volume", "v", "--key-file", "k"}, "not both"},
 	} {

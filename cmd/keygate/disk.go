@@ -30,7 +30,7 @@ same file opens the image with 'cryptsetup open --key-file F'.`,
 	}
 	c.AddCommand(diskCreateCmd(), diskMkfsCmd(), diskInfoCmd(), diskLsCmd(),
 		diskPutCmd(), diskGetCmd(), diskCatCmd(), diskMkdirCmd(), diskRmCmd(),
-		diskAddKeyCmd(), diskRemoveKeyCmd())
+		diskAddKeyCmd(), diskRemoveKeyCmd(), diskServeCmd())
 	return c
 }
 

@@ -2,9 +2,11 @@ package main
 
 import (
 	"math/rand/v2"
+	"net"
 	"os"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
 )
@@ -24,7 +26,8 @@ func TestScripts(t *testing.T) {
 		Dir:                 "testdata/script",
 		RequireExplicitExec: true,
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
-			"mkfile": cmdMkfile,
+			"mkfile":   cmdMkfile,
+			"waitsock": cmdWaitSock,
 		},
 	})
 }
@@ -41,4 +44,19 @@ func cmdMkfile(ts *testscript.TestScript, neg bool, args []string) {
 	r := rand.NewChaCha8([32]byte{1})
 	r.Read(b)
 	ts.Check(os.WriteFile(ts.MkAbs(args[0]), b, 0o644))
+}
+
+// cmdWaitSock waits until a unix socket accepts connections: waitsock PATH.
+// The bound is for a hang, not a performance threshold.
+func cmdWaitSock(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: waitsock PATH")
+	}
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if c, err := net.Dial("unix", args[0]); err == nil {
+			c.Close()
+			return
+		}
+	}
+	ts.Fatalf("nothing listens on %s after 60s", args[0])
 }

@@ -231,3 +231,5 @@ func (r *rawClient) closed() error {
 }
 
 func newAES(key []byte) (cipher.Block, error) { return aes.NewCipher(key) }
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"sync"
 	"time"
 )
@@ -123,17 +124,20 @@ func (s *Server) Serve(l net.Listener) error {
 // ServeConn runs the handshake on c, then serves requests until the client
 // disconnects, a protocol error, or Close. It closes c.
 func (s *Server) ServeConn(c net.Conn) error {
-	return s.serve(c, true)
+	return s.serve(c, true, nil)
 }
 
 // ServeTransmission serves requests on c with no handshake: for the Linux
 // kernel's NBD client, which is given its socket already negotiated. It
 // closes c.
 func (s *Server) ServeTransmission(c net.Conn) error {
-	return s.serve(c, false)
+	return s.serve(c, false, nil)
 }
 
-func (s *Server) serve(c net.Conn, handshake bool) error {
+// serve runs one connection. threadInit, when set, is run on each OS
+// thread that serves it (the reader and a fixed set of workers, each
+// locked to its thread), for thread attributes such as PR_SET_IO_FLUSHER.
+func (s *Server) serve(c net.Conn, handshake bool, threadInit func() error) error {
 	s.wg.Add(1)
 	defer s.wg.Done()
 	if !add(s, s.conns, c) {
@@ -152,7 +156,7 @@ func (s *Server) serve(c net.Conn, handshake bool) error {
 		}
 		c.SetDeadline(time.Time{})
 	}
-	err := s.transmit(c)
+	err := s.transmit(c, threadInit)
 	if err != nil && !s.closing() {
 		s.log.Warn("nbd connection closed", "err", err)
 	}
@@ -210,11 +214,42 @@ type conn struct {
 	wg    sync.WaitGroup
 }
 
-func (s *Server) transmit(c net.Conn) error {
+func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 	cn := &conn{s: s, c: c, slots: make(chan struct{}, s.opts.MaxInFlight)}
 	// Handlers still under way finish (their writes are in the backend)
 	// before the connection is closed and before Close returns.
 	defer cn.wg.Wait()
+	dispatch := func(r Request, payload []byte) {
+		go func() {
+			defer func() { <-cn.slots; cn.wg.Done() }()
+			cn.handle(r, payload)
+		}()
+	}
+	if threadInit != nil {
+		runtime.LockOSThread() // the thread ends with this goroutine
+		if err := threadInit(); err != nil {
+			s.log.Warn("nbd: serving without the thread attribute", "err", err)
+		}
+		work := make(chan func(), s.opts.MaxInFlight)
+		defer close(work)
+		for range s.opts.MaxInFlight {
+			go func() {
+				runtime.LockOSThread()
+				if err := threadInit(); err != nil {
+					s.log.Warn("nbd: serving without the thread attribute", "err", err)
+				}
+				for fn := range work {
+					fn()
+				}
+			}()
+		}
+		dispatch = func(r Request, payload []byte) {
+			work <- func() {
+				defer func() { <-cn.slots; cn.wg.Done() }()
+				cn.handle(r, payload)
+			}
+		}
+	}
 	hdr := make([]byte, requestHdrSize)
 	for {
 		if _, err := io.ReadFull(c, hdr); err != nil {
@@ -245,10 +280,7 @@ func (s *Server) transmit(c net.Conn) error {
 		}
 		cn.slots <- struct{}{}
 		cn.wg.Add(1)
-		go func() {
-			defer func() { <-cn.slots; cn.wg.Done() }()
-			cn.handle(r, payload)
-		}()
+		dispatch(r, payload)
 		if err := cn.writeErr(); err != nil {
 			return err
 		}

@@ -1,0 +1,135 @@
+package nbd
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// The kernel's NBD ioctls (linux/nbd.h): _IO(0xab, n).
+const (
+	ioctlSetSock       = 0xab00
+	ioctlSetBlksize    = 0xab01
+	ioctlDoIt          = 0xab03
+	ioctlClearSock     = 0xab04
+	ioctlSetSizeBlocks = 0xab07
+	ioctlDisconnect    = 0xab08
+	ioctlSetFlags      = 0xab0a
+)
+
+// ErrAttached means the NBD device is already connected to something.
+var ErrAttached = errors.New("the NBD device is already in use")
+
+// Attachment is a kernel NBD device (/dev/nbdN) connected to a Server.
+type Attachment struct {
+	dev  *os.File
+	done chan error
+	once sync.Once
+}
+
+// Attach connects the kernel's NBD device at path to s, with the given
+// logical block size (the volume's sector size), through a socket pair: the
+// kernel gets one end already negotiated (NBD_SET_SOCK) and s serves the
+// other with no handshake. The device can be mounted once Attach returns.
+//
+// The thread that serves the kernel must not wait on the kernel's own
+// writeback to this device when it allocates memory, or the two deadlock
+// under memory pressure; Attach serves the kernel on threads of their own
+// marked PR_SET_IO_FLUSHER for that reason.
+//
+// It needs root and the nbd module (modprobe nbd).
+func Attach(path string, s *Server, blockSize uint32) (*Attachment, error) {
+	if blockSize == 0 || s.size%int64(blockSize) != 0 {
+		return nil, fmt.Errorf("attach %s: export size %d is not a multiple of the block size %d", path, s.size, blockSize)
+	}
+	dev, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: %w (is the nbd module loaded? modprobe nbd)", path, err)
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("attach %s: socketpair: %w", path, err)
+	}
+	kernelEnd := os.NewFile(uintptr(fds[0]), "nbd-kernel")
+	serverFile := os.NewFile(uintptr(fds[1]), "nbd-server")
+	defer kernelEnd.Close() // the kernel holds its own reference once set
+	serverEnd, err := net.FileConn(serverFile)
+	serverFile.Close()
+	if err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("attach %s: %w", path, err)
+	}
+	fd := dev.Fd()
+	steps := []struct {
+		name string
+		req  uint
+		arg  uintptr
+	}{
+		{"NBD_SET_BLKSIZE", ioctlSetBlksize, uintptr(blockSize)},
+		{"NBD_SET_SIZE_BLOCKS", ioctlSetSizeBlocks, uintptr(s.size / int64(blockSize))},
+		{"NBD_SET_FLAGS", ioctlSetFlags, uintptr(s.flags)},
+		{"NBD_SET_SOCK", ioctlSetSock, kernelEnd.Fd()},
+	}
+	for _, st := range steps {
+		if err := ioctl(fd, st.req, st.arg); err != nil {
+			serverEnd.Close()
+			unix.Syscall(unix.SYS_IOCTL, fd, ioctlClearSock, 0)
+			dev.Close()
+			if errors.Is(err, unix.EBUSY) {
+				err = fmt.Errorf("%w (%w): pick another /dev/nbdN", ErrAttached, err)
+			}
+			return nil, fmt.Errorf("attach %s: %s: %w", path, st.name, err)
+		}
+	}
+	a := &Attachment{dev: dev, done: make(chan error, 1)}
+	go s.serve(serverEnd, false, ioFlusher)
+	started := make(chan struct{})
+	go func() {
+		// NBD_DO_IT runs the device until it is disconnected; it blocks
+		// this thread, so keep the goroutine on it.
+		runtime.LockOSThread()
+		close(started)
+		err := ioctl(fd, ioctlDoIt, 0)
+		unix.Syscall(unix.SYS_IOCTL, fd, ioctlClearSock, 0)
+		a.done <- err
+	}()
+	<-started
+	return a, nil
+}
+
+// Close disconnects the device (the kernel fails I/O still queued) and
+// waits until the kernel has let go of it.
+func (a *Attachment) Close() error {
+	var err error
+	a.once.Do(func() {
+		if e := ioctl(a.dev.Fd(), ioctlDisconnect, 0); e != nil {
+			err = fmt.Errorf("detach: NBD_DISCONNECT: %w", e)
+		}
+		<-a.done // DO_IT returns once the device is down
+		a.dev.Close()
+	})
+	return err
+}
+
+func ioctl(fd uintptr, req uint, arg uintptr) error {
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, fd, uintptr(req), arg); e != 0 {
+		return e
+	}
+	return nil
+}
+
+// ioFlusher marks the calling thread PR_SET_IO_FLUSHER: the kernel then
+// does not make its allocations wait on writeback (which, for a thread
+// that serves a block device, would be writeback to itself).
+func ioFlusher() error {
+	if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("prctl PR_SET_IO_FLUSHER: %w", err)
+	}
+	return nil
+}
