@@ -62,6 +62,8 @@ nbd-*)
 	fi
 	result serving "$(cut -d' ' -f1 /proc/uptime)"
 	result nbd_sectors "$(cat /sys/block/nbd0/size)"
+	q() { for d; do echo "$d:$(cd /sys/block/$d/queue && echo lbs=$(cat logical_block_size) max_sectors_kb=$(cat max_sectors_kb) read_ahead_kb=$(cat read_ahead_kb) sched=$(cat scheduler | tr ' ' ,))"; done; }
+	result queues "$(q nbd0 vda | tr '\n' ' ')"
 	kg=$(pidof keygate)
 	if [ -n "$(fwcfg mkfs)" ]; then
 		# 4 KiB blocks: mke2fs would pick 1 KiB for a volume this small.
@@ -328,10 +330,10 @@ func TestDataPath(t *testing.T) {
 		if dm, k := r.get(t, "dm_sqlite_check"), r.get(t, "sqlite_check"); dm != k {
 			t.Errorf("the database through dm-crypt: %s; through keygate's NBD export: %s", dm, k)
 		}
+		t.Logf("block queues in the guest: %s", r.get(t, "queues"))
 		nbd, dm := ioFigures(t, r.get(t, "io_nbd")), ioFigures(t, r.get(t, "io_dmcrypt"))
 		for _, k := range []string{"seqwrite_mibs", "seqread_mibs", "randwrite_iops", "randread_iops"} {
 			t.Logf("ext4 on NBD vs ext4 on dm-crypt, %s: %.2f vs %.2f = %.2fx", k, nbd[k], dm[k], nbd[k]/dm[k])
-			fmt.Printf("KEYGATE-BENCH testvm_nbd_vs_dmcrypt_%s=%.2f\n", k, nbd[k]/dm[k])
 		}
 	})
 
