@@ -9,7 +9,7 @@ import (
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/luks2"
 	"github.com/keygate/keygate/disk/xts"
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 )
 
 // blankCheck is how much of the start (and of the end, where a GPT keeps
@@ -114,8 +114,7 @@ func formatFile(f *os.File, uk []byte, tok luks2.KeygateToken, t disk.FSType, se
 	if err != nil {
 		return err
 	}
-	unregister := keyrange.Register(vk.Bytes())
-	defer func() { unregister(); vk.Destroy() }()
+	defer keymem.Wrap(vk).Destroy()
 	tok.Keyslot = 0
 	gt, err := tok.Token()
 	if err != nil {

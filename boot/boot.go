@@ -257,9 +257,11 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 		}
 		b.log.Info("provisioned blank volume", slog.String("image", cfg.Image), slog.String("volume", volume), slog.String("fs", string(cfg.InitFS)))
 	}
-	key := disk.NewKey(uk.Bytes())
-	b.im, err = disk.OpenImage(cfg.Image, key, true)
-	key.Destroy()
+	key, err := disk.NewKey(uk.Bytes())
+	if err == nil {
+		b.im, err = disk.OpenImage(cfg.Image, key, true)
+		key.Destroy()
+	}
 	uk.Destroy()
 	if err != nil {
 		return nil, fmt.Errorf("boot: %w", err)

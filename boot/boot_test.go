@@ -330,8 +330,11 @@ func TestOfflineProvisioned(t *testing.T) {
 	e.enroll(t, tp, "offline", false)
 	uk := bytes.Repeat([]byte{7}, 32) // a test key file's bytes
 	img := filepath.Join(t.TempDir(), "v.img")
-	key := disk.NewKey(uk)
-	_, err := disk.CreateImage(img, key, disk.CreateOptions{Size: 64 << 20, FS: disk.Ext4, PBKDF: disk.PBKDF2})
+	key, err := disk.NewKey(uk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = disk.CreateImage(img, key, disk.CreateOptions{Size: 64 << 20, FS: disk.Ext4, PBKDF: disk.PBKDF2})
 	key.Destroy()
 	if err != nil {
 		t.Fatal(err)

@@ -16,11 +16,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/awnumar/memguard"
-
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/luks2"
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/keysvc"
 )
 
@@ -60,9 +58,11 @@ func CreateVolume(ctx context.Context, cc CreateConfig) (*disk.Created, error) {
 	if _, err := os.Lstat(cc.Image); err == nil {
 		return nil, fmt.Errorf("create volume: %s exists; choose another name, or remove it first if its data is no longer needed", cc.Image)
 	}
-	uk := memguard.NewBufferRandom(keysvc.UKSize)
-	unregister := keyrange.Register(uk.Bytes())
-	defer func() { unregister(); uk.Destroy() }()
+	uk, err := keymem.Random(keysvc.UKSize)
+	if err != nil {
+		return nil, fmt.Errorf("create volume: %w", err)
+	}
+	defer uk.Destroy()
 
 	tmp := filepath.Join(filepath.Dir(cc.Image), fmt.Sprintf(".%s.keygate-create-%d", filepath.Base(cc.Image), time.Now().UnixNano()))
 	tok := luks2.KeygateToken{URL: cc.KeysvcURL, VolumeID: cc.Volume, CASHA256: fp}
@@ -104,7 +104,10 @@ func CreateVolume(ctx context.Context, cc CreateConfig) (*disk.Created, error) {
 func createImage(tmp string, uk []byte, tok luks2.KeygateToken, opts disk.CreateOptions) (*disk.Created, error) {
 	if opts.Recovery {
 		opts.PBKDF = disk.PBKDF2
-		key := disk.NewKey(uk)
+		key, err := disk.NewKey(uk)
+		if err != nil {
+			return nil, err
+		}
 		res, err := disk.CreateImage(tmp, key, opts)
 		key.Destroy()
 		if err != nil {

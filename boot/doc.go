@@ -22,7 +22,7 @@
 //
 // With Config.Monitor, the key-page monitor (ebpfmon) runs in this process
 // from before the unlock (so that a failure to start it costs no release)
-// until the lock. It follows the registry of key pages (ebpfmon/keyrange)
+// until the lock. It follows the registry of key pages (package keymem)
 // that the TPM import, disk and disk/xts fill as they make and destroy key
 // buffers; the mode in force (detect or deny) and why is the first thing it
 // logs. Each alert goes to the log, to OnEvent and, batched, to the key

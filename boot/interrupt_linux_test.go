@@ -90,7 +90,10 @@ func TestInterruptedWrites(t *testing.T) {
 
 			// The next unlock: open with the UK, check every acknowledged file,
 			// then e2fsck the decrypted filesystem.
-			key := disk.NewKey(uk.Bytes())
+			key, err := disk.NewKey(uk.Bytes())
+			if err != nil {
+				t.Fatal(err)
+			}
 			im, err := disk.OpenImage(img, key, false)
 			key.Destroy()
 			if err != nil {

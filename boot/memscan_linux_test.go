@@ -23,8 +23,8 @@ import (
 
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/luks2"
-	"github.com/keygate/keygate/ebpfmon/keyrange"
 	"github.com/keygate/keygate/internal/testutil"
+	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/tpm"
 )
@@ -47,7 +47,7 @@ func TestMain(m *testing.M) {
 	// Every key buffer the tests made must have left the key-page
 	// registry by the end: one left behind is a buffer never destroyed, or
 	// destroyed without unregistering (which a monitor would then guard).
-	if rs := keyrange.Default.Ranges(); code == 0 && len(rs) > 0 {
+	if rs := keymem.Default.Ranges(); code == 0 && len(rs) > 0 {
 		fmt.Printf("FAIL: %d key ranges still registered after the tests: %v\n", len(rs), rs)
 		code = 1
 	}
@@ -112,10 +112,18 @@ func TestServingProcessMemory(t *testing.T) {
 	defer uk.Destroy()
 	dek := volumeKey(t, img, uk)
 	defer dek.Destroy()
-	needles := keyNeedles(dek.Bytes())
+	needles := keyNeedles(dek.Bytes(), uk.Bytes())
 	defer needles.Destroy()
 	ch := spawn(t, e, img, "scanned", sock)
 	ch.expect("serving")
+
+	// Right after the unlock, before other allocations can reuse freed
+	// heap: the UK's path (TPM response, import, keyslot) left no copy.
+	for _, h := range scanProcess(t, ch.cmd.Process.Pid, needles.list) {
+		if !h.locked {
+			t.Errorf("key material outside locked memory right after the unlock: %s", h)
+		}
+	}
 
 	// Make the cipher work: write and read through 9P.
 	root, done := p9Client(t, ch.sock)
@@ -236,8 +244,8 @@ func (n needleSet) Destroy() { n.buf.Destroy() }
 // keyNeedles builds, in one locked buffer, the DEK's 16-byte pieces and
 // round key 2 of each 32-byte XTS half, each also with its 32-bit words
 // byte-swapped (a schedule kept as little-endian words).
-func keyNeedles(dek []byte) needleSet {
-	buf := memguard.NewBuffer(2*(len(dek)+2*16) + 2*240)
+func keyNeedles(dek, uk []byte) needleSet {
+	buf := memguard.NewBuffer(2*(len(dek)+2*16+len(uk)) + 2*240)
 	b := buf.Bytes()
 	var list []needle
 	add := func(name string, p []byte) {
@@ -251,6 +259,9 @@ func keyNeedles(dek []byte) needleSet {
 	}
 	for i := 0; i < len(dek); i += 16 {
 		add(fmt.Sprintf("DEK[%d:%d]", i, i+16), dek[i:i+16])
+	}
+	for i := 0; i+16 <= len(uk); i += 16 {
+		add(fmt.Sprintf("UK[%d:%d]", i, i+16), uk[i:i+16])
 	}
 	for h := 0; h < 2; h++ {
 		sched := b[:240]

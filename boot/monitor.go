@@ -9,8 +9,8 @@ import (
 	"sync"
 
 	"github.com/keygate/keygate/ebpfmon"
-	"github.com/keygate/keygate/ebpfmon/keyrange"
 	"github.com/keygate/keygate/ebpfmon/keysvcsink"
+	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/keysvc"
 )
 
@@ -59,12 +59,12 @@ type monitor struct {
 }
 
 // startMonitor loads the BPF programs and protects this process, following
-// the key-page registry that the locked-buffer code fills (keyrange). It
+// the key-page registry that every key buffer (package keymem) fills. It
 // runs before the unlock, so that the keys are watched from the moment
 // they exist, and so that a failure costs nothing: no key was released and
 // the window PCR is not yet extended.
 func (b *Boot) startMonitor() error {
-	m, err := ebpfmon.Start(context.Background(), ebpfmon.Config{Self: keyrange.Default})
+	m, err := ebpfmon.Start(context.Background(), ebpfmon.Config{Self: keymem.Default})
 	if err != nil {
 		why := ""
 		if os.Geteuid() != 0 {

@@ -24,8 +24,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/keygate/keygate/ebpfmon"
-	"github.com/keygate/keygate/ebpfmon/keyrange"
 	"github.com/keygate/keygate/internal/testutil"
+	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/keysvc"
 )
 
@@ -81,8 +81,8 @@ func runAttack(t *testing.T, kind string, addr uint64, n int) int {
 var notKey [64]byte
 
 // newRanges is what after has that before had not.
-func newRanges(before, after []keyrange.Range) []keyrange.Range {
-	var out []keyrange.Range
+func newRanges(before, after []keymem.Range) []keymem.Range {
+	var out []keymem.Range
 	for _, r := range after {
 		if !slices.Contains(before, r) {
 			out = append(out, r)
@@ -127,7 +127,7 @@ func TestMonitor(t *testing.T) {
 			vm := "mon" + string(rune('a'+i))
 			e.enroll(t, tp, vm, false)
 			img := e.volume(t, vm, vm+"-vol")
-			before := keyrange.Default.Ranges()
+			before := keymem.Default.Ranges()
 			ev := newEvents()
 			c := e.cfg(tp, vm, img, ev)
 			c.Monitor, c.OnAlert = true, tc.onAlert
@@ -147,7 +147,7 @@ func TestMonitor(t *testing.T) {
 			}
 			t.Logf("%s", msg)
 			ev.wait(t, EventServing)
-			keys := newRanges(before, keyrange.Default.Ranges())
+			keys := newRanges(before, keymem.Default.Ranges())
 			if len(keys) == 0 {
 				t.Fatal("no key pages registered while serving")
 			}
@@ -201,7 +201,7 @@ func TestMonitor(t *testing.T) {
 					t.Fatal("the filesystem still takes writes after the lock")
 				}
 			}
-			now := keyrange.Default.Ranges()
+			now := keymem.Default.Ranges()
 			for _, r := range keys {
 				if slices.Contains(now, r) {
 					t.Errorf("key range %#x-%#x still registered after the lock", r.Start, r.End)
@@ -300,7 +300,7 @@ func TestKeyPagesRegistered(t *testing.T) {
 	defer uk.Destroy()
 	dek := volumeKey(t, img, uk)
 	defer dek.Destroy()
-	needles := keyNeedles(dek.Bytes())
+	needles := keyNeedles(dek.Bytes(), nil)
 	defer needles.Destroy()
 	mem, err := os.Open("/proc/self/mem")
 	if err != nil {
@@ -308,7 +308,7 @@ func TestKeyPagesRegistered(t *testing.T) {
 	}
 	defer mem.Close()
 	// holds reports whether one of rs holds p.
-	holds := func(rs []keyrange.Range, p []byte) bool {
+	holds := func(rs []keymem.Range, p []byte) bool {
 		for _, r := range rs {
 			buf := make([]byte, r.End-r.Start)
 			n, _ := mem.ReadAt(buf, int64(r.Start))
@@ -321,10 +321,10 @@ func TestKeyPagesRegistered(t *testing.T) {
 		return false
 	}
 
-	before := keyrange.Default.Ranges()
+	before := keymem.Default.Ranges()
 	var mu sync.Mutex
 	var sawUK, sawDEK bool
-	stop := keyrange.Default.Watch(func(rs []keyrange.Range) {
+	stop := keymem.Default.Watch(func(rs []keymem.Range) {
 		added := newRanges(before, rs)
 		mu.Lock()
 		defer mu.Unlock()
@@ -343,7 +343,7 @@ func TestKeyPagesRegistered(t *testing.T) {
 	}
 	mu.Unlock()
 
-	serving := newRanges(before, keyrange.Default.Ranges())
+	serving := newRanges(before, keymem.Default.Ranges())
 	for i := 0; i < len(needles.list); i += 2 { // each needle, then its word-swapped form
 		if !holds(serving, needles.list[i].b) && !holds(serving, needles.list[i+1].b) {
 			t.Errorf("while serving, no registered range holds %s", needles.list[i].name)
@@ -352,7 +352,7 @@ func TestKeyPagesRegistered(t *testing.T) {
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if left := newRanges(before, keyrange.Default.Ranges()); len(left) != 0 {
+	if left := newRanges(before, keymem.Default.Ranges()); len(left) != 0 {
 		t.Fatalf("after the lock, %d key ranges are still registered: %v", len(left), left)
 	}
 }

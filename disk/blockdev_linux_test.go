@@ -18,7 +18,10 @@ func TestOpenBlockDevice(t *testing.T) {
 	testutil.Root(t)
 	losetup := testutil.LookPath(t, "losetup")
 	img := filepath.Join(t.TempDir(), "vol.img")
-	key := disk.NewKey([]byte("block device key"))
+	key, err := disk.NewKey([]byte("block device key"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer key.Destroy()
 	res, err := disk.CreateImage(img, key, disk.CreateOptions{Size: 32 << 20, FS: disk.Ext4, PBKDF: disk.PBKDF2})
 	if err != nil {

@@ -17,7 +17,10 @@ func Example() {
 	dir, _ := os.MkdirTemp("", "keygate-example-")
 	defer os.RemoveAll(dir)
 	img := filepath.Join(dir, "vol.img")
-	key := disk.NewKey([]byte("a high-entropy key, in practice 32 random bytes"))
+	key, err := disk.NewKey([]byte("a high-entropy key, in practice 32 random bytes"))
+	if err != nil {
+		log.Fatal(err)
+	}
 	defer key.Destroy()
 
 	res, err := disk.CreateImage(img, key, disk.CreateOptions{Size: 32 << 20, FS: disk.Ext4, PBKDF: disk.PBKDF2})

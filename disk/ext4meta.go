@@ -1,7 +1,7 @@
 package disk
 
 // This file reads and patches ext4 metadata directly on the Device. It
-// exists for two go-diskfs v1.9.4 bugs:
+// exists for these go-diskfs v1.9.4 bugs:
 //
 //   - #425: ext4 Remove clears the wrong inode bitmap bit (inode+1, so a
 //     live inode is later handed out again and two files share it), frees
@@ -15,6 +15,9 @@ package disk
 //     parent's links, recomputes the free counters and checksums from the
 //     bitmaps, and reloads go-diskfs so it drops its stale in-memory
 //     superblock and group descriptors.
+//   - go-diskfs leaves the checksums of extent tree blocks unset under
+//     metadata_csum (which mkfsExt4 and mkfs.ext4 turn on); FS.write seals
+//     them (sealExtentBlocks) once a file is written.
 //   - #429: ext4 File.Read/Write panic (negative makeslice) or misread when
 //     the offset is not block-aligned and the previous extent ends in the
 //     block before it. FS reads file data itself from the extent tree
@@ -151,21 +154,8 @@ func (m *ext4Meta) readInode(ino uint32) ([]byte, error) {
 // checksums even without metadata_csum, so they are always written; an
 // all-zero (freed) inode is written as is, as e2fsck expects.
 func (m *ext4Meta) writeInode(ino uint32, b []byte) error {
-	le := binary.LittleEndian
 	if !allZero(b) {
-		le.PutUint16(b[0x7c:], 0)
-		big := m.inodeSize > 128 && le.Uint16(b[0x80:]) >= 4
-		if big {
-			le.PutUint16(b[0x82:], 0)
-		}
-		var n [8]byte
-		le.PutUint32(n[:], ino)
-		le.PutUint32(n[4:], le.Uint32(b[0x64:]))
-		c := crc.CRC32c(crc.CRC32c(m.seed, n[:]), b)
-		le.PutUint16(b[0x7c:], uint16(c))
-		if big {
-			le.PutUint16(b[0x82:], uint16(c>>16))
-		}
+		sealInode(m.seed, ino, b)
 	}
 	if _, err := m.dev.WriteAt(b, m.inodeOff(ino)); err != nil {
 		return fmt.Errorf("write inode %d: %w", ino, err)
@@ -333,6 +323,45 @@ func (f *FS) removeExt4(p string, isDir bool) error {
 	}
 	if err := f.reload(); err != nil {
 		return fmt.Errorf("reload filesystem: %w", err)
+	}
+	return nil
+}
+
+// sealExtentBlocks sets the metadata_csum checksums of file p's extent
+// tree blocks, which go-diskfs v1.9.4 leaves unset (e2fsck: "extent block
+// passes checks, but checksum does not match extent"). The root lives in
+// the inode, whose checksum go-diskfs does set.
+func (f *FS) sealExtentBlocks(p string) error {
+	m, le := f.ext, binary.LittleEndian
+	ino, err := f.inodeOf(p)
+	if err != nil {
+		return err
+	}
+	in, err := m.readInode(ino)
+	if err != nil {
+		return err
+	}
+	_, index, err := m.extents(in)
+	if err != nil {
+		return fmt.Errorf("inode %d: %w", ino, err)
+	}
+	var n [8]byte
+	le.PutUint32(n[:], ino)
+	le.PutUint32(n[4:], le.Uint32(in[0x64:]))
+	seed := crc.CRC32c(m.seed, n[:])
+	blk := make([]byte, m.bs)
+	for _, b := range index {
+		if _, err := m.dev.ReadAt(blk, int64(b)*m.bs); err != nil {
+			return fmt.Errorf("read extent block %d: %w", b, err)
+		}
+		tail := 12 + 12*int(le.Uint16(blk[4:]))
+		if tail+4 > len(blk) {
+			return fmt.Errorf("extent block %d: corrupt header", b)
+		}
+		le.PutUint32(blk[tail:], crc.CRC32c(seed, blk[:tail]))
+		if _, err := m.dev.WriteAt(blk, int64(b)*m.bs); err != nil {
+			return fmt.Errorf("write extent block %d: %w", b, err)
+		}
 	}
 	return nil
 }

@@ -66,8 +66,9 @@ type FS struct {
 }
 
 // Mkfs creates a filesystem of type t over the whole device and returns it.
-// ext4 gets 4 KiB blocks whatever the size: go-diskfs mishandles the 1 KiB
-// blocks it would pick below 512 MiB (first data block 1, see #425).
+// ext4 gets 4 KiB blocks whatever the size (go-diskfs mishandles 1 KiB
+// blocks, see #425) and lazy-init block groups: what it writes does not
+// grow with the size (ext4mkfs.go).
 func Mkfs(dev *Device, t FSType, label string) (*FS, error) {
 	f := &FS{dev: dev, typ: t}
 	var err error
@@ -75,9 +76,9 @@ func Mkfs(dev *Device, t FSType, label string) (*FS, error) {
 	case FAT32:
 		f.fs, err = createFAT32(dev, label)
 	case Ext4:
-		f.fs, err = ext4.Create(dev, dev.Size(), 0, 512, &ext4.Params{VolumeName: label, SectorsPerBlock: 8,
-			// no resize inode: go-diskfs fails to make one for a single block group
-			Features: []ext4.FeatureOpt{ext4.WithFeatureReservedGDTBlocksForExpansion(false)}})
+		// our own writer, not go-diskfs's: it writes metadata in
+		// proportion to the size (ext4mkfs.go)
+		err = mkfsExt4(dev, label)
 	default:
 		return nil, fmt.Errorf("mkfs: unknown filesystem type %q (use %s or %s)", t, Ext4, FAT32)
 	}
@@ -152,7 +153,11 @@ func (f *FS) reload() error {
 	case FAT32:
 		f.fs, err = fat32.Read(f.dev, f.dev.Size(), 0, 512)
 	case Ext4:
-		f.fs, err = ext4.Read(f.dev, f.dev.Size(), 0, 512)
+		var lazy *ext4Meta
+		if lazy, err = readExt4Meta(f.dev); err != nil {
+			return err
+		}
+		f.fs, err = ext4.Read(newLazyExt4(f.dev, lazy), f.dev.Size(), 0, 512)
 		if err == nil {
 			f.ext, err = readExt4Meta(f.dev)
 		}
@@ -541,6 +546,11 @@ func (f *FS) write(p string, r io.Reader, size int64) (int64, error) {
 	}
 	if size >= 0 && total != size {
 		return total, fmt.Errorf("input had %d bytes, expected %d", total, size)
+	}
+	if f.typ == Ext4 && f.ext.metaCsum {
+		if err := f.sealExtentBlocks(p); err != nil {
+			return total, err
+		}
 	}
 	return total, nil
 }

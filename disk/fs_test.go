@@ -422,14 +422,20 @@ func TestFSConcurrent(t *testing.T) {
 
 // TestExt4MadeByMkfs opens filesystems that e2fsprogs made (metadata_csum,
 // and 1 KiB blocks, where s_first_data_block is 1: the block-bitmap half
-// of #425), changes them, and has e2fsck check the result.
+// of #425; and several groups, with mkfs.ext4's lazy-init flags, where a
+// write spills into a BLOCK_UNINIT group holding a backup superblock),
+// changes them, and has e2fsck check the result.
 func TestExt4MadeByMkfs(t *testing.T) {
 	mkfs := testutil.LookPath(t, "mkfs.ext4")
-	for _, bs := range []string{"1024", "4096"} {
-		t.Run("block-"+bs, func(t *testing.T) {
-			const size = 64 << 20
+	for _, tc := range []struct {
+		bs    string
+		size  int64
+		spill int // MiB, to fill group 0
+	}{{"1024", 64 << 20, 0}, {"4096", 64 << 20, 0}, {"4096", 512 << 20, 150}} {
+		t.Run(fmt.Sprintf("block-%s/%dM", tc.bs, tc.size>>20), func(t *testing.T) {
+			size := tc.size
 			f := newImage(t, size)
-			out, err := exec.Command(mkfs, "-q", "-F", "-b", bs, "-E", "offset="+fmt.Sprint(segOff), f.Name(), "64M").CombinedOutput()
+			out, err := exec.Command(mkfs, "-q", "-F", "-b", tc.bs, "-E", "offset="+fmt.Sprint(segOff), f.Name(), fmt.Sprintf("%dM", size>>20)).CombinedOutput()
 			if err != nil {
 				t.Fatalf("mkfs.ext4: %v\n%s", err, out)
 			}
@@ -452,6 +458,9 @@ func TestExt4MadeByMkfs(t *testing.T) {
 			}
 			g := randBytes(100000)
 			put(t, fsys, "/g", g)
+			if tc.spill > 0 {
+				put(t, fsys, "/spill", randBytes(tc.spill<<20))
+			}
 			if got := get(t, fsys, "/c"); !bytes.Equal(got, bytes.Repeat([]byte("/c"), 5000)) {
 				t.Error("/c corrupted")
 			}

@@ -7,11 +7,9 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/awnumar/memguard"
-
 	"github.com/keygate/keygate/disk/luks2"
 	"github.com/keygate/keygate/disk/xts"
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 )
 
 // maxKeyFile is cryptsetup's default --keyfile-size limit: a key file
@@ -20,14 +18,9 @@ const maxKeyFile = 8 << 20
 
 // Key is keyslot passphrase material in locked memory: the bytes of a key
 // file, exactly as cryptsetup --key-file reads them. Its pages are in the
-// key-page registry (keyrange) from creation until Destroy.
+// key-page registry (keymem) from creation until Destroy.
 type Key struct {
-	b          *memguard.LockedBuffer
-	unregister func()
-}
-
-func newKey(b *memguard.LockedBuffer) *Key {
-	return &Key{b: b, unregister: keyrange.Register(b.Bytes())}
+	b *keymem.Buffer
 }
 
 // ReadKeyFile reads path, whole and as it is, straight into locked memory.
@@ -49,7 +42,11 @@ func ReadKeyFile(path string) (*Key, error) {
 	case st.Size() > maxKeyFile:
 		return nil, fmt.Errorf("read key file %s: %d bytes is more than cryptsetup's 8 MiB limit; is it the right file?", path, st.Size())
 	}
-	k := newKey(memguard.NewBuffer(int(st.Size())))
+	b, err := keymem.New(int(st.Size()))
+	if err != nil {
+		return nil, fmt.Errorf("read key file %s: %w", path, err)
+	}
+	k := &Key{b}
 	if _, err := io.ReadFull(f, k.Bytes()); err != nil {
 		k.Destroy()
 		return nil, fmt.Errorf("read key file %s: %w", path, err)
@@ -58,16 +55,19 @@ func ReadKeyFile(path string) (*Key, error) {
 }
 
 // NewKey copies p into locked memory; the caller wipes p.
-func NewKey(p []byte) *Key { return newKey(memguard.NewBufferFromBytes(append([]byte(nil), p...))) }
+func NewKey(p []byte) (*Key, error) {
+	b, err := keymem.FromBytes(append([]byte(nil), p...))
+	if err != nil {
+		return nil, err
+	}
+	return &Key{b}, nil
+}
 
 // Bytes returns the key material; it is valid until Destroy.
 func (k *Key) Bytes() []byte { return k.b.Bytes() }
 
 // Destroy wipes and unlocks the key. It is idempotent.
-func (k *Key) Destroy() {
-	k.unregister()
-	k.b.Destroy()
-}
+func (k *Key) Destroy() { k.b.Destroy() }
 
 // PBKDFKind picks the key derivation of a new keyslot.
 type PBKDFKind string
@@ -259,31 +259,15 @@ func (im *Image) Close() error {
 
 // unlockVolume tries key on every keyslot and explains a failure in the
 // terms a user can act on.
-func unlockVolume(vol *luks2.Volume, path string, key *Key) (lockedKey, error) {
+func unlockVolume(vol *luks2.Volume, path string, key *Key) (*keymem.Buffer, error) {
 	vk, _, err := vol.Unlock(key.Bytes())
 	switch {
 	case err == nil:
-		return registerKey(vk), nil
+		return keymem.Wrap(vk), nil
 	case len(vol.Keyslots()) == 0:
-		return lockedKey{}, fmt.Errorf("open %s: the volume has no keyslots left: it was crypto-erased, and its data cannot be recovered", path)
+		return nil, fmt.Errorf("open %s: the volume has no keyslots left: it was crypto-erased, and its data cannot be recovered", path)
 	case errors.Is(err, luks2.ErrWrongKey):
-		return lockedKey{}, fmt.Errorf("open %s: %w (every byte of the file counts, a trailing newline too); 'keygate disk info %s' lists the keyslots", path, err, path)
+		return nil, fmt.Errorf("open %s: %w (every byte of the file counts, a trailing newline too); 'keygate disk info %s' lists the keyslots", path, err, path)
 	}
-	return lockedKey{}, fmt.Errorf("open %s: %w", path, err)
-}
-
-// lockedKey is a volume key (DEK) luks2 handed out, with its entry in the
-// key-page registry, which Destroy removes before it wipes the key.
-type lockedKey struct {
-	*memguard.LockedBuffer
-	unregister func()
-}
-
-func registerKey(b *memguard.LockedBuffer) lockedKey {
-	return lockedKey{b, keyrange.Register(b.Bytes())}
-}
-
-func (k lockedKey) Destroy() {
-	k.unregister()
-	k.LockedBuffer.Destroy()
+	return nil, fmt.Errorf("open %s: %w", path, err)
 }

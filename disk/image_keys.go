@@ -12,6 +12,7 @@ import (
 
 	"github.com/keygate/keygate/disk/luks2"
 	"github.com/keygate/keygate/disk/xts"
+	"github.com/keygate/keygate/keymem"
 )
 
 // minDataSize is the least data a new image may hold: below it no
@@ -123,7 +124,7 @@ func format(f *os.File, key *Key, opts CreateOptions) (*Created, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer registerKey(vk).Destroy()
+	defer keymem.Wrap(vk).Destroy()
 	res := &Created{KeySlot: 0, RecoverySlot: -1}
 	if opts.Recovery {
 		res.Recovery, err = recoveryPassphrase()
@@ -220,7 +221,7 @@ func withVolume(path string, key *Key, fn func(*luks2.Volume, *memguard.LockedBu
 		return err
 	}
 	defer vk.Destroy()
-	if err := fn(vol, vk.LockedBuffer); err != nil {
+	if err := fn(vol, vk.Locked()); err != nil {
 		return err
 	}
 	return f.Sync()

@@ -123,7 +123,10 @@ func TestRecoveryAndKeyslots(t *testing.T) {
 	if res.Recovery == nil || res.RecoverySlot != 1 {
 		t.Fatalf("recovery slot %d, passphrase present %v", res.RecoverySlot, res.Recovery != nil)
 	}
-	rec := disk.NewKey(res.Recovery.Bytes())
+	rec, err := disk.NewKey(res.Recovery.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer rec.Destroy()
 	if p := string(rec.Bytes()); len(p) != 55 || strings.Count(p, "-") != 7 {
 		t.Fatalf("recovery passphrase %q is not 8 dash-separated groups of 6", p)

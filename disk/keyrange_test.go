@@ -6,13 +6,13 @@ import (
 	"testing"
 	"unsafe"
 
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 )
 
 func registered(b []byte) bool {
 	lo := uint64(uintptr(unsafe.Pointer(&b[0])))
 	hi := lo + uint64(len(b))
-	for _, r := range keyrange.Default.Ranges() {
+	for _, r := range keymem.Default.Ranges() {
 		if r.Start <= lo && hi <= r.End {
 			return true
 		}
@@ -32,7 +32,13 @@ func TestKeyPagesRegistered(t *testing.T) {
 		name string
 		key  func(t *testing.T) *Key
 	}{
-		{"NewKey", func(*testing.T) *Key { return NewKey([]byte("passphrase")) }},
+		{"NewKey", func(t *testing.T) *Key {
+			k, err := NewKey([]byte("passphrase"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return k
+		}},
 		{"ReadKeyFile", func(t *testing.T) *Key {
 			k, err := ReadKeyFile(kf)
 			if err != nil {
@@ -42,7 +48,7 @@ func TestKeyPagesRegistered(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			before := len(keyrange.Default.Ranges())
+			before := len(keymem.Default.Ranges())
 			k := tc.key(t)
 			if !registered(k.Bytes()) {
 				t.Fatal("key not in the registry")
@@ -55,13 +61,13 @@ func TestKeyPagesRegistered(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if n := len(keyrange.Default.Ranges()); n != before+2 {
+			if n := len(keymem.Default.Ranges()); n != before+2 {
 				t.Fatalf("%d ranges registered with the key and an open image, want %d (key, key schedule)", n, before+2)
 			}
 			im.Close()
 			k.Destroy()
 			k.Destroy()
-			if n := len(keyrange.Default.Ranges()); n != before {
+			if n := len(keymem.Default.Ranges()); n != before {
 				t.Fatalf("%d ranges registered after Close and Destroy, %d before", n, before)
 			}
 		})

@@ -11,8 +11,8 @@
 // programs also deny them; [Monitor.Mode] says which mode is in force and
 // why, and the monitor never claims enforcement the kernel did not give it.
 //
-// The registry of a key holder's own key pages lives in package keyrange,
-// which the locked-buffer code imports without pulling in BPF; the adapter to
+// The registry of a key holder's own key pages lives in package keymem,
+// which every key buffer uses without pulling in BPF; the adapter to
 // keysvc's wire type lives in package keysvcsink. docs/monitor.md describes
 // the techniques, the event fields and the kernel requirements.
 package ebpfmon

@@ -7,14 +7,14 @@ import (
 	"os"
 
 	"github.com/keygate/keygate/ebpfmon"
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 )
 
 // A key holder runs the monitor in its own process: it follows the key
 // registry, writes JSON lines, and wipes the keys on the first critical alert.
 func ExampleStart() {
 	ctx := context.Background()
-	m, err := ebpfmon.Start(ctx, ebpfmon.Config{Self: keyrange.Default})
+	m, err := ebpfmon.Start(ctx, ebpfmon.Config{Self: keymem.Default})
 	if err != nil {
 		log.Fatal(err)
 	}

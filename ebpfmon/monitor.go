@@ -18,7 +18,7 @@ import (
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 )
 
 // Mode is what the monitor does about an attempt.
@@ -51,11 +51,11 @@ type Config struct {
 	// Allow lists accessor pids the BPF LSM lets through (tools the key
 	// holder runs on purpose). They are still reported.
 	Allow []int
-	// Self is the registry of this process's key pages (keyrange.Default in
+	// Self is the registry of this process's key pages (keymem.Default in
 	// the key holder). The monitor always protects its own process, since it
 	// holds the BPF objects; with Self it follows Self's ranges, and without
 	// it treats its whole address space as key pages.
-	Self *keyrange.Registry
+	Self *keymem.Registry
 	// EventBuffer is the capacity of the Events channel (default 1024). When
 	// the reader falls behind, the kernel's ring buffer fills and its drops
 	// are counted (Stats).
@@ -257,7 +257,7 @@ func MonotonicNow() uint64 {
 	return uint64(ts.Nano())
 }
 
-func (m *Monitor) protectSelf(reg *keyrange.Registry) error {
+func (m *Monitor) protectSelf(reg *keymem.Registry) error {
 	self := os.Getpid()
 	if reg == nil {
 		return m.Protect(self, nil)
@@ -265,7 +265,7 @@ func (m *Monitor) protectSelf(reg *keyrange.Registry) error {
 	if err := m.protect(self, nil, false); err != nil {
 		return err
 	}
-	m.stopSelf = reg.Watch(func(rs []keyrange.Range) {
+	m.stopSelf = reg.Watch(func(rs []keymem.Range) {
 		conv := make([]Range, len(rs))
 		for i, r := range rs {
 			conv[i] = Range{r.Start, r.End}

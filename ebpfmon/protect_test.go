@@ -14,8 +14,8 @@ import (
 	"github.com/awnumar/memguard"
 
 	"github.com/keygate/keygate/ebpfmon"
-	"github.com/keygate/keygate/ebpfmon/keyrange"
 	"github.com/keygate/keygate/internal/testutil"
+	"github.com/keygate/keygate/keymem"
 )
 
 // TestBenignWorkload runs what a busy machine does around a key holder (ps,
@@ -70,7 +70,7 @@ func TestBenignWorkload(t *testing.T) {
 // follows the key registry: a read over a registered key buffer is critical,
 // and once the buffer is unregistered the same read is a warning.
 func TestSelfProtection(t *testing.T) {
-	reg := &keyrange.Registry{}
+	reg := &keymem.Registry{}
 	m := startMonitor(t, ebpfmon.Config{Self: reg})
 	buf := memguard.NewBufferRandom(32)
 	defer buf.Destroy()

@@ -113,7 +113,7 @@ func (s *Server) handleActivate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err != nil {
-		s.internal(w, "read vm", err)
+		s.readFailed(w, r, req.VM, "", err)
 		return
 	}
 	if _, _, f := enrolledKeys(vm, ek, nil); f != nil && f.reason != ReasonNoAK {
@@ -192,7 +192,7 @@ func (s *Server) handleActivateFinish(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, c.VM, "", &refusal{reason: ReasonAKEnrolled, hint: "another AK was enrolled during activation"})
 		return
 	case err != nil:
-		s.internal(w, "enroll AK", err)
+		s.readFailed(w, r, c.VM, "", err)
 		return
 	}
 	akFP := fingerprint(c.AK)

@@ -1,6 +1,7 @@
 package keysvc
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/rand"
 	"crypto/x509"
@@ -44,6 +45,9 @@ type VMInfo struct {
 	Updated             time.Time       `json:"updated"`
 	// Next says what the operator still has to do, if anything.
 	Next string `json:"next,omitempty"`
+	// Tampered, in a list, says why the row fails its integrity check (it
+	// was changed outside the service, and refuses every unlock).
+	Tampered string `json:"tampered,omitempty"`
 }
 
 // VolumeRequest is the body of POST /v1/admin/volumes. Without Key the
@@ -62,6 +66,8 @@ type VolumeInfo struct {
 	Erased   bool       `json:"erased"`
 	ErasedAt *time.Time `json:"erased_at,omitempty"`
 	Created  time.Time  `json:"created"`
+	// Tampered: as VMInfo's.
+	Tampered string `json:"tampered,omitempty"`
 }
 
 // AuditVerifyResponse is the answer to GET /v1/admin/audit/verify.
@@ -146,6 +152,9 @@ func (s *Server) storeError(w http.ResponseWriter, what string, err error) {
 		writeError(w, errorf(http.StatusConflict, "pick another name, or show the existing one", "%s: already exists", what))
 	case errors.Is(err, store.ErrImmutable):
 		writeError(w, errorf(http.StatusConflict, "", "%s: %v", what, err))
+	case errors.Is(err, ErrTampered):
+		// Not changed: a change would re-MAC what someone else wrote.
+		writeError(w, errorf(http.StatusConflict, "run `keysvc audit verify`; restore the database from a backup, or enroll the VM again under a new name", "%s: %v", what, err))
 	default:
 		s.internal(w, what, err)
 	}
@@ -264,7 +273,13 @@ func (s *Server) adminListVMs(w http.ResponseWriter, r *http.Request) {
 	}
 	out := make([]VMInfo, 0, len(vms))
 	for _, v := range vms {
-		out = append(out, vmInfo(v))
+		info := vmInfo(v)
+		// Lists read the rows unchecked (they decide nothing), so that a
+		// tampered row can be seen; it is flagged here.
+		if err := s.rows.checkVM(v); err != nil {
+			info.Tampered = err.Error()
+		}
+		out = append(out, info)
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -327,23 +342,34 @@ func (s *Server) adminSetPolicy(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusBadRequest, `see docs/protocol.md: {"pcrs": {"7": ["<64 hex>"]}}`, "%v", err))
 		return
 	}
-	canon, err := json.Marshal(pol)
+	if err := checkWindowPolicy(pol); err != nil {
+		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
+		return
+	}
+	// Stored with the window bound, so that `policy show` shows what every
+	// unlock is held to (releasePolicy binds it anyway).
+	canon, err := json.Marshal(withWindow(pol))
 	if err != nil {
 		s.internal(w, "encode policy", err)
 		return
 	}
 	name := r.PathValue("name")
-	if _, ok := s.existingVM(w, r, "set policy of vm", name); !ok {
+	cur, ok := s.existingVM(w, r, "set policy of vm", name)
+	if !ok {
 		return
 	}
-	pcrs := make(map[int]string, len(pol.PCRs))
-	for i, vals := range pol.PCRs {
-		pcrs[i] = fmt.Sprintf("%x", vals[0])
-	}
-	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionAdmin, Subject: name, Details: audit.Learn{PCRs: pcrs}}) {
+	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionPolicy, Subject: name, Details: policyChange(cur.Policy, canon)}) {
 		return
 	}
-	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.Policy, v.LearnArmed = canon, false; return nil })
+	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error {
+		// The record names the change from cur; refuse if another
+		// change came first, rather than record a wrong diff.
+		if !bytes.Equal(v.Policy, cur.Policy) {
+			return fmt.Errorf("the policy changed meanwhile: %w", store.ErrImmutable)
+		}
+		v.Policy, v.LearnArmed = canon, false
+		return nil
+	})
 	if err != nil {
 		s.storeError(w, "set policy of vm "+strconv.Quote(name), err)
 		return
@@ -369,15 +395,18 @@ func (s *Server) adminLearn(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 	var req VolumeRequest
-	if e := readJSON(w, r, MaxAdminBody, &req); e != nil {
+	if e := readSecretJSON(w, r, MaxAdminBody, &req); e != nil {
+		clear(req.Key)
 		writeError(w, e)
 		return
 	}
+	defer clear(req.Key) // on every refusal below, too
 	if req.ID == "" || len(req.ID) > 255 || req.VM == "" {
 		writeError(w, errorf(http.StatusBadRequest, "", "id (1-255 bytes) and vm are required"))
 		return
 	}
-	if _, err := s.st.GetVM(r.Context(), req.VM); err != nil {
+	owner, err := s.st.GetVM(r.Context(), req.VM)
+	if err != nil {
 		clear(req.Key)
 		if errors.Is(err, store.ErrNotFound) {
 			writeError(w, errorf(http.StatusNotFound, "enroll the VM first with `keysvc vm enroll`", "vm %q is not enrolled", req.VM))
@@ -399,18 +428,27 @@ func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	sealed, err := s.mk.Seal(req.ID, key)
+	ekFP := fingerprint(owner.EKPubPEM)
+	if ekFP == "" {
+		clear(key)
+		clear(req.Key)
+		writeError(w, errorf(http.StatusConflict, "enroll the VM again", "vm %q: its enrolled EK does not parse", req.VM))
+		return
+	}
+	// Bound to the volume, its owner and the owner's EK (rowauth.go).
+	sealed, err := s.mk.Seal(ukRecordID(req.ID, req.VM, ekFP), key)
 	clear(key)
 	clear(req.Key)
 	if err != nil {
 		s.internal(w, "seal unwrap key", err)
 		return
 	}
-	// audit has no volume detail type yet, so whether the UK was made here
-	// or imported, and for which VM, is not recorded beyond the admin call
-	// itself; Status 0 marks a record written before the call's outcome.
-	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionProvision, Subject: req.ID,
-		Details: audit.Admin{Method: r.Method, Path: auditPath(r.URL.Path), Remote: remoteHost(r), Client: "admin-token"}}) {
+	source := "created"
+	if imported {
+		source = "imported"
+	}
+	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionVolume, Subject: req.ID,
+		Details: audit.Volume{Volume: req.ID, VM: req.VM, Source: source, EKFingerprint: ekFP}}) {
 		return
 	}
 	vol, err := s.st.CreateVolume(r.Context(), store.Volume{ID: req.ID, VM: req.VM, SealedUK: sealed})
@@ -433,7 +471,11 @@ func (s *Server) adminListVolumes(w http.ResponseWriter, r *http.Request) {
 	}
 	out := make([]VolumeInfo, 0, len(vols))
 	for _, v := range vols {
-		out = append(out, volumeInfo(v))
+		info := volumeInfo(v)
+		if err := s.rows.checkVolume(v); err != nil {
+			info.Tampered = err.Error()
+		}
+		out = append(out, info)
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -501,5 +543,14 @@ func (s *Server) adminAuditVerify(w http.ResponseWriter, r *http.Request) {
 	for _, p := range rep.Problems {
 		out.Problems = append(out.Problems, p.String())
 	}
+	// What the chain alone cannot show: the anchor, a wiped chain, and
+	// rows changed outside the service.
+	more, err := s.verifyStore(r.Context(), rep)
+	if err != nil {
+		s.internal(w, "verify stored records", err)
+		return
+	}
+	out.Problems = append(out.Problems, more...)
+	out.OK = out.OK && len(more) == 0
 	writeJSON(w, http.StatusOK, out)
 }

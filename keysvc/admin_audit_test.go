@@ -105,7 +105,8 @@ func TestAdminChangeRecordedBeforeOutcome(t *testing.T) {
 		seq = append(seq, string(r.Action)+" "+r.Subject)
 	}
 	got := strings.Join(seq, "\n")
-	want := "enroll a\nadmin /v1/admin/vms\nrevoke a\nadmin /v1/admin/vms/a/revoke\nadmin /v1/admin/vms/ghost/revoke\nadmin /v1/admin/volumes/ghost/erase"
+	// A new store starts with its genesis record (adopt.go).
+	want := "genesis store\nenroll a\nadmin /v1/admin/vms\nrevoke a\nadmin /v1/admin/vms/a/revoke\nadmin /v1/admin/vms/ghost/revoke\nadmin /v1/admin/volumes/ghost/erase"
 	if got != want {
 		t.Fatalf("audit records:\n%s\nwant:\n%s", got, want)
 	}

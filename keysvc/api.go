@@ -101,6 +101,10 @@ const (
 	ReasonNoProvisioning = "provisioning-refused"
 	// ReasonVolumeExists: POST /v1/provision of a volume that exists.
 	ReasonVolumeExists = "volume-exists"
+	// ReasonIntegrity: the service's stored records for this VM or volume
+	// fail their integrity check (changed outside the service); nothing is
+	// released until an operator restores them.
+	ReasonIntegrity = "store-integrity"
 )
 
 // ErrorBody is the JSON body of every 4xx/5xx answer other than a 403
@@ -144,10 +148,24 @@ func DecodeJSON(data []byte, v any) error {
 
 // readJSON reads a body of at most limit bytes and decodes it strictly.
 func readJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) *httpError {
+	return readJSONBody(w, r, limit, v, false)
+}
+
+// readSecretJSON is readJSON for a body that carries a key (volume import):
+// the raw body, base64 of the key, is wiped once decoded. The decoded key is
+// the handler's to wipe.
+func readSecretJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) *httpError {
+	return readJSONBody(w, r, limit, v, true)
+}
+
+func readJSONBody(w http.ResponseWriter, r *http.Request, limit int64, v any, wipe bool) *httpError {
 	if ct := r.Header.Get("Content-Type"); ct != "" && !isJSONType(ct) {
 		return errorf(http.StatusUnsupportedMediaType, "send Content-Type: application/json", "unsupported content type %q", ct)
 	}
 	body, err := readBody(http.MaxBytesReader(w, r.Body, limit), r.ContentLength, limit)
+	if wipe {
+		defer clear(body)
+	}
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {

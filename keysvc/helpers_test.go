@@ -157,6 +157,25 @@ func (e *env) admin(t testing.TB, method, path string, body any, want int) []byt
 type vmTPM struct {
 	tpm          *tpm.TPM
 	ekPEM, akPEM string
+	alg          tpm.Alg // of the EK and AK; ECC, the zero value, unless asMallory
+}
+
+// asMallory is "another TPM" for tests that need two: the simulator is one
+// per process, so its RSA EK and AK stand in for a second TPM's keys (keys
+// the service has never seen for this VM, with quotes only they can sign).
+func (v *vmTPM) asMallory(t testing.TB) *vmTPM {
+	t.Helper()
+	ek, err := v.tpm.EK(tpm.RSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ak, err := v.tpm.AK(tpm.RSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ekPEM, _ := ek.PEM()
+	akPEM, _ := ak.PEM()
+	return &vmTPM{tpm: v.tpm, ekPEM: string(ekPEM), akPEM: string(akPEM), alg: tpm.RSA}
 }
 
 func openVM(t testing.TB) *vmTPM {
@@ -221,7 +240,7 @@ func (e *env) challenge(t testing.TB, v *vmTPM, name, volume string) keysvc.Chal
 // quote makes the VM's attestation over nonce, as bytes.
 func (v *vmTPM) quote(t testing.TB, nonce []byte) []byte {
 	t.Helper()
-	att, err := v.tpm.Attest(nonce, tpm.ECC)
+	att, err := v.tpm.Attest(nonce, v.alg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -372,7 +372,7 @@ func TestUnlockOverHTTPS(t *testing.T) {
 				seen["deny erased"] = true
 			case r.Action == "unlock" && strings.Contains(d, `"session_id"`):
 				seen["unlock"] = true
-			case r.Action == "learn" && strings.Contains(d, `"pcrs"`):
+			case r.Action == "learn" && strings.Contains(d, `"pcrs"`) && strings.Contains(d, `"policy":{"pcrs"`) && strings.Contains(d, `"sha256"`):
 				seen["learn capture"] = true
 			case r.Action == "erase", r.Action == "revoke", r.Action == "enroll", r.Action == "alert":
 				seen[r.Action] = true

@@ -223,3 +223,48 @@ func TestConcurrentCopiesReleaseOnce(t *testing.T) {
 		t.Fatalf("%d of %d copies of one challenge were released, want exactly 1", released, n)
 	}
 }
+
+// TestReleaseRechecksChangedEnrollment: an AK or policy change that commits
+// while an unlock is being verified must win: the re-check after the
+// release record compares the re-read AK and policy with the ones the quote
+// was verified against, so the unlock gets a refusal, never a blob.
+func TestReleaseRechecksChangedEnrollment(t *testing.T) {
+	v := openVM(t)
+	other := strings.Repeat("ab", 32)
+	for _, tc := range []struct {
+		name, path, body, reason string
+	}{
+		{"set-ak", "/v1/admin/vms/racer/ak", fmt.Sprintf(`{"ak_pub": %q}`, randomPEM(t)), keysvc.ReasonUnknownAK},
+		{"set-policy", "/v1/admin/vms/racer/policy", `{"pcrs": {"7": ["` + other + `"]}}`, keysvc.ReasonPolicy},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			ha := &hookAuditor{Log: replicaAudit(t, dir)}
+			e := startEnv(t, dir, keysvc.WithAudit(ha))
+			vol := setup(t, e, v, "racer")
+
+			var hookErr error
+			ha.hook = func() {
+				req, _ := http.NewRequest("PUT", "https://"+e.svc.AdminAddr()+tc.path, strings.NewReader(tc.body))
+				req.Header.Set("Authorization", "Bearer "+e.token)
+				req.Header.Set("Content-Type", "application/json")
+				resp, err := e.client.Do(req)
+				if err == nil {
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusOK {
+						err = fmt.Errorf("%s answered %d", tc.path, resp.StatusCode)
+					}
+				}
+				hookErr = err
+			}
+			code, body := e.unlock(t, v, "racer", vol)
+			if hookErr != nil {
+				t.Fatalf("racing %s: %v", tc.name, hookErr)
+			}
+			wantRefusal(t, code, body, tc.reason)
+			if bytes.Contains(body, []byte("import_blob")) {
+				t.Fatalf("the unlock that raced %s carries a blob", tc.name)
+			}
+		})
+	}
+}

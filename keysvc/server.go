@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -69,7 +68,8 @@ const UKSize = 32
 // Server serves the VM API and the admin API. Build it with New; it is safe
 // for concurrent use.
 type Server struct {
-	st         Store
+	st         Store // an *authStore over the store given (rowauth.go)
+	rows       rowKey
 	audit      Auditor
 	mk         MasterKey
 	ch         *attest.Challenger
@@ -88,8 +88,9 @@ type Server struct {
 	vmRate     float64
 	bySource   *limiter
 	byAdmin    *limiter
-	byAnon     *limiter // audit budget for unauthenticated admin requests
-	anon       suppressedSet
+	anonAudit  *auditBudget // unauthenticated admin requests (budget.go)
+	vmAudit    *auditBudget // VM API refusals (budget.go)
+	auditRate  float64
 	byVM       *limiter
 	ekRoots    *x509.CertPool
 	eventsKept time.Duration
@@ -163,7 +164,7 @@ var LearnPCRs = append(slices.Clone(attest.BootPCRs), WindowPCR)
 // WithAdminToken are required.
 func New(opts ...Option) (*Server, error) {
 	s := &Server{now: time.Now, log: slog.Default(), learnPCRs: LearnPCRs, ttl: attest.DefaultChallengeTTL,
-		sourceRate: DefaultSourceRate, vmRate: DefaultVMRate, eventsKept: DefaultEventRetention}
+		sourceRate: DefaultSourceRate, vmRate: DefaultVMRate, auditRate: DefaultRefusalAuditRate, eventsKept: DefaultEventRetention}
 	for _, o := range opts {
 		o(s)
 	}
@@ -196,6 +197,11 @@ func New(opts ...Option) (*Server, error) {
 	}
 	s.sessKey = append([]byte(nil), sk.Bytes()...)
 	sk.Destroy()
+	rk, err := s.mk.Derive(masterkey.LabelRowMAC)
+	if err != nil {
+		return nil, fmt.Errorf("new key service: row MAC key: %w", err)
+	}
+	s.rows = newRowKey(rk)
 	s.metrics = newMetrics()
 	// Each unlock makes one durable write, after verifying its quote: while
 	// others are under way, the store holds a commit briefly for theirs, so
@@ -205,8 +211,13 @@ func New(opts ...Option) (*Server, error) {
 	}); ok {
 		cd.SetCommitDelay(store.DefaultCommitDelay, func() int { return int(s.unlocking.Load()) })
 	}
+	// From here on every VM and volume row is MAC'd on write and checked on
+	// read (rowauth.go).
+	s.st = &authStore{Store: s.st, k: s.rows}
 	s.bySource, s.byVM = newLimiter(s.sourceRate, time.Now), newLimiter(s.vmRate, time.Now)
-	s.byAdmin, s.byAnon = newLimiter(s.sourceRate, time.Now), newLimiter(s.sourceRate, time.Now)
+	s.byAdmin = newLimiter(s.sourceRate, time.Now)
+	s.anonAudit = s.newAuditBudget(s.sourceRate, anonSummary)
+	s.vmAudit = s.newAuditBudget(s.auditRate, refusalSummary)
 	return s, nil
 }
 
@@ -294,9 +305,9 @@ func (s *Server) instrument(api string, h http.Handler) http.Handler {
 //
 // A request without a valid token is answered 401, never 429, and audited;
 // so that a flood of them cannot grow the chain without bound, each source
-// address gets its own record for at most the per-source rate (byAnon), and
-// the ones past it are counted and written as one summary record (see
-// suppressedSet). An authenticated request is then held to the admin API's
+// address gets its own record for at most the per-source rate, and the
+// ones past it are counted and written as one summary record (anonAudit,
+// an auditBudget: the VM API's refusals use the same mechanism). An authenticated request is then held to the admin API's
 // per-source limit (429) and routed; either way it is audited with its
 // status. These outcome records are best-effort (record); a mutating call
 // has already appended its action record, fail-closed, before changing
@@ -309,11 +320,9 @@ func (s *Server) requireAdmin(next http.Handler) http.Handler {
 		if !s.checkAdmin(r) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="keysvc admin"`)
 			writeError(sw, errorf(http.StatusUnauthorized, "send Authorization: Bearer <contents of DATA/admin.token>", "admin API needs a valid bearer token"))
-			if !s.byAnon.allow(remote) {
-				s.anon.add(remote, r.Method, path, s.now())
+			if !s.anonAudit.take(r.Context(), remote, r.Method, path, "", s.now()) {
 				return
 			}
-			s.flushSuppressed(r.Context(), remote)
 			s.record(r.Context(), audit.Event{Actor: "anonymous", Action: audit.ActionAdmin, Subject: path,
 				Details: audit.Admin{Method: r.Method, Path: path, Status: sw.code(), Remote: remote}})
 			return
@@ -343,76 +352,6 @@ func auditPath(p string) string {
 	}
 	return p + "…"
 }
-
-// suppressedSet counts, per source address, the unauthenticated admin
-// requests that were answered 401 but not audited one by one. Its size is
-// bounded as a limiter's: past maxBuckets addresses, new ones share one
-// entry.
-type suppressedSet struct {
-	mu sync.Mutex
-	m  map[string]*suppressed
-}
-
-type suppressed struct {
-	n            uint64
-	first, last  time.Time
-	method, path string // of the last one
-}
-
-const overflowSource = "(many addresses)"
-
-func (ss *suppressedSet) add(remote, method, path string, now time.Time) {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	if ss.m == nil {
-		ss.m = make(map[string]*suppressed)
-	}
-	e := ss.m[remote]
-	if e == nil {
-		if len(ss.m) >= maxBuckets {
-			remote = overflowSource
-			e = ss.m[remote]
-		}
-		if e == nil {
-			e = &suppressed{first: now}
-			ss.m[remote] = e
-		}
-	}
-	e.n++
-	e.last, e.method, e.path = now, method, path
-}
-
-// take removes and returns the counts of remote, or of every address if
-// remote is "".
-func (ss *suppressedSet) take(remote string) map[string]suppressed {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	out := map[string]suppressed{}
-	for k, e := range ss.m {
-		if remote == "" || k == remote {
-			out[k] = *e
-			delete(ss.m, k)
-		}
-	}
-	return out
-}
-
-// flushSuppressed writes one summary record for each address (remote, or
-// all if remote is "") whose unauthenticated requests were not audited one
-// by one. A summary whose append fails is logged, like any outcome record.
-func (s *Server) flushSuppressed(ctx context.Context, remote string) {
-	for src, e := range s.anon.take(remote) {
-		s.record(ctx, audit.Event{Actor: "anonymous", Action: audit.ActionAdmin,
-			Subject: fmt.Sprintf("%d more unauthenticated requests from %s between %s and %s (over the per-source rate; not recorded one by one)",
-				e.n, src, e.first.UTC().Format(time.RFC3339), e.last.UTC().Format(time.RFC3339)),
-			Details: audit.Admin{Method: e.method, Path: e.path, Status: http.StatusUnauthorized, Remote: src}})
-	}
-}
-
-// FlushAudit writes the summary records of unauthenticated admin requests
-// that were rate-limited out of the audit chain. Service calls it
-// periodically and on shutdown.
-func (s *Server) FlushAudit(ctx context.Context) { s.flushSuppressed(ctx, "") }
 
 func (s *Server) checkAdmin(r *http.Request) bool {
 	h := r.Header.Get("Authorization")

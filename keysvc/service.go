@@ -143,6 +143,11 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if svc.auditLog, err = audit.New(svc.st, svc.mk); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
+	// With the master key in hand (trusted at this point), authenticate a
+	// store that is not yet, or check its anchor (adopt.go).
+	if err := adopt(ctx, svc.st, svc.auditLog, svc.mk, time.Now(), log); err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
 	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
 		WithAdminToken(svc.Data.adminToken), WithLogger(log)}, cfg.Options...)
 	if svc.Server, err = New(opts...); err != nil {
@@ -236,6 +241,7 @@ func (s *Service) release() {
 		if s.Server != nil {
 			s.Server.FlushAudit(context.Background())
 			clear(s.Server.sessKey)
+			s.Server.rows.key.Destroy()
 		}
 		if s.auditLog != nil {
 			s.auditLog.Destroy()

@@ -63,11 +63,20 @@ func (s *Server) sessionState(r *http.Request, c sessionClaims) (string, error) 
 	if errors.Is(err, store.ErrNotFound) {
 		return StateRevoked, nil
 	}
+	if errors.Is(err, ErrTampered) {
+		// Fail closed: the VM wipes its keys, as for a deleted row.
+		s.tampered(r, c.VM, c.Volume, err)
+		return StateRevoked, nil
+	}
 	if err != nil {
 		return "", err
 	}
 	vol, err := s.st.GetVolume(r.Context(), c.Volume)
 	if errors.Is(err, store.ErrNotFound) {
+		return StateRevoked, nil
+	}
+	if errors.Is(err, ErrTampered) {
+		s.tampered(r, c.VM, c.Volume, err)
 		return StateRevoked, nil
 	}
 	if err != nil {

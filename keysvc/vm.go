@@ -1,9 +1,11 @@
 package keysvc
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/binary"
@@ -14,12 +16,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"slices"
 	"strings"
 
 	pb "github.com/google/go-tpm-tools/proto/attest"
-	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
-	"github.com/google/go-tpm-tools/server"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keygate/keygate/attest"
@@ -41,9 +40,16 @@ func (s *Server) refuse(w http.ResponseWriter, r *http.Request, vm, volume strin
 // refuseUsing is refuse for an unlock whose challenge is checked but not yet
 // recorded as used: use (if not nil) is recorded in the same transaction as
 // the denial, so that a refused attempt uses its challenge up.
+//
+// Refusals are audited within a per-source budget (vmAudit): past it they
+// are counted into a summary record, not recorded one by one, so that
+// unauthenticated requests cannot flood the chain. The names recorded come
+// from the request and are cut to the store's limit (capName).
 func (s *Server) refuseUsing(w http.ResponseWriter, r *http.Request, vm, volume string, f *refusal, use *store.ChallengeUse) {
 	s.metrics.denials.WithLabelValues(f.reason).Inc()
-	d := audit.Deny{Volume: volume, Reason: f.reason, Remote: remoteHost(r)}
+	vm, volume = capName(vm), capName(volume)
+	remote := remoteHost(r)
+	d := audit.Deny{Volume: volume, Reason: f.reason, Remote: remote}
 	if f.denial != nil {
 		d.Reason = f.reason + ": " + f.denial.Reason
 		for _, m := range f.denial.Mismatches {
@@ -59,7 +65,15 @@ func (s *Server) refuseUsing(w http.ResponseWriter, r *http.Request, vm, volume 
 		vm = "unknown"
 	}
 	ev := audit.Event{Actor: "vm:" + vm, Action: audit.ActionDeny, Subject: volume, Details: d}
-	if use == nil {
+	if !s.vmAudit.take(r.Context(), remote, r.Method, auditPath(r.URL.Path), f.reason, s.now()) {
+		// Over the source's budget: counted for its summary record. A
+		// checked challenge must still be used up.
+		if use != nil {
+			if err := s.st.UseChallenge(context.WithoutCancel(r.Context()), use.ID, use.Expires); err != nil && !errors.Is(err, store.ErrChallengeUsed) {
+				s.log.Error("record challenge use failed", slog.String("vm", vm), slog.Any("err", err))
+			}
+		}
+	} else if use == nil {
 		s.record(r.Context(), ev)
 	} else if _, err := s.audit.AppendUsing(context.WithoutCancel(r.Context()), *use, ev); errors.Is(err, store.ErrChallengeUsed) {
 		// A concurrent replay of this challenge was recorded first; the
@@ -201,7 +215,7 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err != nil {
-		s.internal(w, "read vm and volume", err)
+		s.readFailed(w, r, req.VM, req.Volume, err)
 		return
 	}
 	if _, _, f := enrolledKeys(vm, ek, ak); f != nil {
@@ -289,7 +303,7 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		return
 	}
 	if err != nil {
-		s.internal(w, "read vm and volume", err)
+		s.readFailed(w, r, vmName, volID, err)
 		return
 	}
 	ekPub, akPub, f := enrolledKeys(vm, nil, nil)
@@ -351,9 +365,11 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		deny(&refusal{reason: ReasonEvidence, hint: "attestation is not a go-tpm-tools Attestation proto: " + err.Error()})
 		return
 	}
-	pol, res, f, err := s.verify(ctx, vm, att, claims.Nonce, akPub)
+	pol, res, f, err := s.verify(ctx, &vm, att, claims.Nonce, akPub)
 	if err != nil || f != nil {
-		if err != nil {
+		if errors.Is(err, ErrTampered) {
+			s.readFailed(w, r, vmName, volID, err)
+		} else if err != nil {
 			s.internal(w, "verify attestation", err)
 		} else {
 			deny(f)
@@ -361,15 +377,16 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		return
 	}
 	if provision {
-		if vol, err = s.provisionVolume(ctx, vm.Name, volID); errors.Is(err, store.ErrExists) {
+		if vol, err = s.provisionVolume(ctx, vm.Name, volID, ekPub); errors.Is(err, store.ErrExists) {
 			s.refuse(w, r, vmName, volID, &refusal{reason: ReasonVolumeExists, hint: "the volume was provisioned meanwhile; unlock it"})
 			return
 		} else if err != nil {
 			s.internal(w, "provision volume", err)
 			return
 		}
+		fp, _ := attest.KeyFingerprint(ekPub)
 		s.record(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionProvision, Subject: volID,
-			Details: audit.Admin{Method: r.Method, Path: r.URL.Path, Status: http.StatusOK, Remote: remoteHost(r), Client: "vm:" + vm.Name}})
+			Details: audit.Volume{Volume: volID, VM: vm.Name, Source: "provisioned", EKFingerprint: hex.EncodeToString(fp[:])}})
 	}
 	s.release(w, r, vm, vol, ekPub, pol, res, use, replay)
 }
@@ -386,13 +403,18 @@ func canProvision(vm store.VM, existing *store.Volume) *refusal {
 	return nil
 }
 
-// provisionVolume makes, seals and stores a new UK for volume id of vm.
-func (s *Server) provisionVolume(ctx context.Context, vm, id string) (store.Volume, error) {
+// provisionVolume makes, seals and stores a new UK for volume id of vm,
+// whose enrolled EK is ek.
+func (s *Server) provisionVolume(ctx context.Context, vm, id string, ek crypto.PublicKey) (store.Volume, error) {
+	fp, err := attest.KeyFingerprint(ek)
+	if err != nil {
+		return store.Volume{}, err
+	}
 	uk := make([]byte, UKSize)
 	if _, err := rand.Read(uk); err != nil {
 		return store.Volume{}, err
 	}
-	sealed, err := s.mk.Seal(id, uk)
+	sealed, err := s.mk.Seal(ukRecordID(id, vm, hex.EncodeToString(fp[:])), uk)
 	clear(uk)
 	if err != nil {
 		return store.Volume{}, err
@@ -409,33 +431,22 @@ func isChallengeErr(err error) bool {
 	return false
 }
 
-// windowOpen reports whether a learned policy saw WindowPCR at its reset
-// value (all zeros), or does not capture it.
-func windowOpen(p *attest.Policy) bool {
-	for _, v := range p.PCRs[WindowPCR] {
-		for _, b := range v {
-			if b != 0 {
-				return false
-			}
-		}
-	}
-	return true
-}
-
 // errNotArmed means learn mode was consumed by a concurrent unlock.
 var errNotArmed = errors.New("learn mode no longer armed")
 
 // verify runs attest.Verify against the VM's policy, or, with learn mode
-// armed, attest.Learn, and then stores the captured policy and disarms.
-func (s *Server) verify(ctx context.Context, vm store.VM, att *pb.Attestation, nonce []byte, ak crypto.PublicKey) (*attest.Policy, *attest.Result, *refusal, error) {
-	pol, err := storedPolicy(vm.Policy)
+// armed, attest.Learn, and then stores the captured policy and disarms. On
+// success vm.Policy is the stored policy it verified against (the learned
+// one, if it learned), for the re-check after the release (stillReleasable).
+func (s *Server) verify(ctx context.Context, vm *store.VM, att *pb.Attestation, nonce []byte, ak crypto.PublicKey) (*attest.Policy, *attest.Result, *refusal, error) {
+	pol, err := releasePolicy(vm.Policy)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("vm %q: stored policy: %w", vm.Name, err)
 	}
 	opts := attest.VerifyOpts{Nonce: nonce, TrustedAKs: []crypto.PublicKey{ak}, Policy: pol}
 	if vm.LearnArmed {
 		learned, res, err := attest.Learn(att, opts, s.learnPCRs)
-		if err == nil && !windowOpen(learned) {
+		if err == nil && !bytes.Equal(res.PCRs[WindowPCR], windowReset) {
 			// Learning now would allow only the state after an unlock.
 			return nil, nil, &refusal{reason: ReasonPolicy, hint: fmt.Sprintf("learn mode stays armed: PCR %d is already extended in this boot (an unlock happened); learn from a freshly booted VM", WindowPCR)}, nil
 		}
@@ -453,18 +464,24 @@ func (s *Server) verify(ctx context.Context, vm store.VM, att *pb.Attestation, n
 			})
 			switch {
 			case uerr == nil:
+				vm.Policy, vm.LearnArmed = raw, false
 				pcrs := make(map[int]string, len(learned.PCRs))
 				for i, vals := range learned.PCRs {
 					pcrs[i] = fmt.Sprintf("%x", vals[0])
 				}
-				s.record(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionLearn, Subject: vm.Name, Details: audit.Learn{PCRs: pcrs}})
+				s.record(ctx, audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionLearn, Subject: vm.Name, Details: audit.Learn{PCRs: pcrs, Policy: raw, SHA256: fmt.Sprintf("%x", sha256.Sum256(raw))}})
 				s.log.Info("learned policy", slog.String("vm", vm.Name), slog.Int("pcrs", len(pcrs)))
-				return learned, res, nil, nil
+				// Learn captures only s.learnPCRs; the release is bound to
+				// the window all the same.
+				return withWindow(learned), res, nil, nil
 			case errors.Is(uerr, errNotArmed):
 				// Another unlock captured the policy first: verify against it.
 				fresh, err := s.st.GetVM(ctx, vm.Name)
 				if err != nil {
 					return nil, nil, nil, err
+				}
+				if fresh.EKPubPEM != vm.EKPubPEM || fresh.AKPubPEM != vm.AKPubPEM || fresh.Revoked {
+					return nil, nil, &refusal{reason: ReasonPolicy, hint: "the VM's enrollment changed during this unlock; retry"}, nil
 				}
 				vm.LearnArmed, vm.Policy = false, fresh.Policy
 				return s.verify(ctx, vm, att, nonce, ak)
@@ -490,98 +507,6 @@ func verifyRefusal(err error) *refusal {
 		return &refusal{reason: ReasonUnknownAK, hint: err.Error()}
 	}
 	return &refusal{reason: ReasonEvidence, hint: err.Error()}
-}
-
-// release seals the volume's UK to the VM's EK and the policy's PCRs, as the
-// verified quote showed them, and answers 200. use, if not nil, is the
-// unlock's challenge, recorded as used together with the release record; if
-// it turns out used already, release answers replay instead.
-func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vol store.Volume, ek crypto.PublicKey, pol *attest.Policy, res *attest.Result, use *store.ChallengeUse, replay *refusal) {
-	pcrs := &tpmpb.PCRs{Hash: tpmpb.HashAlgo_SHA256, Pcrs: make(map[uint32][]byte)}
-	idx := make([]int, 0, len(pol.PCRs))
-	for i := range pol.PCRs {
-		v, ok := res.PCRs[i]
-		if !ok { // Verify checked every policy PCR is quoted
-			s.internal(w, "bind blob", fmt.Errorf("PCR %d missing from a verified quote", i))
-			return
-		}
-		pcrs.Pcrs[uint32(i)] = v
-		idx = append(idx, i)
-	}
-	slices.Sort(idx)
-	uk, wipe, err := s.openUK(vol.ID, vol.SealedUK)
-	if err != nil {
-		s.internal(w, "open sealed unwrap key", err)
-		return
-	}
-	blob, err := server.CreateImportBlob(ek, uk, pcrs)
-	wipe()
-	if err != nil {
-		s.internal(w, "create import blob", err)
-		return
-	}
-	blobBytes, err := proto.Marshal(blob)
-	if err != nil {
-		s.internal(w, "encode import blob", err)
-		return
-	}
-	ctx := context.WithoutCancel(r.Context())
-	sess, id := s.newSession(vm.Name, vol.ID)
-	// Fail closed: a key is released only once its release is on record.
-	ev := audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionUnlock, Subject: vol.ID,
-		Details: audit.Unlock{Volume: vol.ID, SessionID: id, Remote: remoteHost(r)}}
-	if use != nil && !s.now().Before(use.Expires.Add(challengeGrace/2)) {
-		// Used challenges are purged challengeGrace after they expire: one
-		// checked long ago could otherwise be recorded again, after its
-		// first use was purged.
-		s.refuse(w, r, vm.Name, vol.ID, &refusal{reason: ReasonChallenge, hint: "the challenge expired while the unlock was being verified; request a new one"})
-		return
-	}
-	if use != nil {
-		_, err = s.audit.AppendUsing(ctx, *use, ev)
-	} else {
-		_, err = s.audit.Append(ctx, ev)
-	}
-	if errors.Is(err, store.ErrChallengeUsed) {
-		s.refuse(w, r, vm.Name, vol.ID, replay)
-		return
-	}
-	if err != nil {
-		s.log.Error("audit append failed; unwrap key withheld", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.Any("err", err))
-		writeError(w, errorf(http.StatusInternalServerError, "the operator must run `keysvc audit verify` and repair the audit chain", "the release could not be audited, so no key is released"))
-		return
-	}
-	// An erase or revoke may have committed while this unlock was being
-	// verified. The release record above is durable and every write goes
-	// through one ordered writer, so whatever committed before it is visible
-	// now: check again, and release nothing if either happened. (The chain
-	// then holds the release record followed by the denial, which is what
-	// took place.)
-	if f, err := s.stillReleasable(ctx, vm.Name, vol.ID); err != nil || f != nil {
-		if err != nil {
-			s.internal(w, "re-read vm and volume", err)
-		} else {
-			s.refuse(w, r, vm.Name, vol.ID, f)
-		}
-		return
-	}
-	s.metrics.unlocks.Inc()
-	s.log.Info("unlock", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.String("session_id", id), slog.Any("pcrs", idx))
-	writeJSON(w, http.StatusOK, UnlockResponse{ImportBlob: blobBytes, Session: sess, PCRs: idx})
-}
-
-// stillReleasable re-reads the VM and the volume after a release was
-// recorded, to catch a revoke or erase that raced the verification.
-func (s *Server) stillReleasable(ctx context.Context, vmName, volID string) (*refusal, error) {
-	vm, vol, err := s.vmAndVolume(ctx, vmName, volID)
-	if err != nil {
-		return nil, err
-	}
-	// The same checks as before verification: revoked, EK and AK still enrolled.
-	if _, _, f := enrolledKeys(vm, nil, nil); f != nil {
-		return f, nil
-	}
-	return checkVolume(vmName, vol), nil
 }
 
 // internal answers 500 and logs the cause (never a secret: causes are

@@ -3,15 +3,15 @@ package tpm
 import (
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 
-	"github.com/awnumar/memguard"
 	"github.com/google/go-tpm-tools/client"
 	attestpb "github.com/google/go-tpm-tools/proto/attest"
 	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
 	"github.com/google/go-tpm/legacy/tpm2"
 
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 )
 
 // ErrWrongTPM is returned by [TPM.Import] when the blob was not made for
@@ -30,8 +30,8 @@ var ErrPCRMismatch = errors.New("PCR values differ from those the import blob is
 // and, for a PCR-bound blob, if its SHA-256 (or whichever bank the blob
 // names) PCRs have those values now.
 //
-// The secret is returned in a memguard LockedBuffer (locked, guarded pages),
-// registered as key pages (keyrange) until Destroy, and the heap copy the
+// The secret is returned in key memory (keymem: locked, guarded pages,
+// registered as key pages until Destroy), and the heap copy the
 // TPM library returned is zeroed; the caller must Destroy the Secret. Copies made inside go-tpm's command marshalling are out
 // of this package's reach.
 //
@@ -45,6 +45,16 @@ func (t *TPM) Import(blob *tpmpb.ImportBlob, alg Alg) (*Secret, error) {
 		return nil, err
 	}
 	defer t.mu.Unlock()
+	// Every response of this exchange passes through scrub, which wipes
+	// the library's response buffers when it is done: TPM2_Unseal's
+	// carries the secret in plaintext, and go-tpm would leave it on the
+	// heap until the memory is reused.
+	scrub := &scrubRW{ReadWriteCloser: t.rw}
+	t.rw = scrub
+	defer func() {
+		t.rw = scrub.ReadWriteCloser
+		scrub.wipe()
+	}()
 	ek, err := t.loadEK(alg)
 	if err != nil {
 		return nil, fmt.Errorf("import: %w", err)
@@ -54,23 +64,18 @@ func (t *TPM) Import(blob *tpmpb.ImportBlob, alg Alg) (*Secret, error) {
 	if err != nil {
 		return nil, t.classifyImportError(err, alg, blob)
 	}
-	buf := memguard.NewBufferFromBytes(secret) // wipes secret
-	return &Secret{LockedBuffer: buf, unregister: keyrange.Register(buf.Bytes())}, nil
+	buf, err := keymem.FromBytes(secret) // wipes secret
+	if err != nil {
+		return nil, fmt.Errorf("import: %w", err)
+	}
+	return &Secret{buf}, nil
 }
 
 // Secret is a key Import recovered, in locked memory whose pages are in
 // the key-page registry (which a monitor of this process follows) until
 // Destroy.
 type Secret struct {
-	*memguard.LockedBuffer
-	unregister func()
-}
-
-// Destroy removes the key's pages from the registry, then wipes and unlocks
-// them. It is idempotent.
-func (s *Secret) Destroy() {
-	s.unregister()
-	s.LockedBuffer.Destroy()
+	*keymem.Buffer
 }
 
 // classifyImportError turns the TPM's response codes into the two failures
@@ -185,4 +190,25 @@ func (t *TPM) TransientHandles() ([]uint32, error) {
 		}
 	}
 	return all, nil
+}
+
+// scrubRW passes TPM commands through and remembers each buffer a response
+// was read into, so that wipe can clear them once the library has copied
+// out what it needed. It must not outlive the command sequence it wraps.
+type scrubRW struct {
+	io.ReadWriteCloser
+	bufs [][]byte
+}
+
+func (s *scrubRW) Read(p []byte) (int, error) {
+	n, err := s.ReadWriteCloser.Read(p)
+	s.bufs = append(s.bufs, p)
+	return n, err
+}
+
+func (s *scrubRW) wipe() {
+	for _, b := range s.bufs {
+		clear(b)
+	}
+	s.bufs = nil
 }

@@ -4,7 +4,7 @@ import (
 	"testing"
 	"unsafe"
 
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -17,7 +17,7 @@ func TestImportRegistersKeyPages(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	before := len(keyrange.Default.Ranges())
+	before := len(keymem.Default.Ranges())
 	uk, err := tp.Import(createBlob(t, ek.Key, []byte("0123456789abcdef0123456789abcdef"), nil), tpm.ECC)
 	if err != nil {
 		t.Fatal(err)
@@ -25,15 +25,15 @@ func TestImportRegistersKeyPages(t *testing.T) {
 	lo := uint64(uintptr(unsafe.Pointer(&uk.Bytes()[0])))
 	hi := lo + uint64(len(uk.Bytes()))
 	covered := false
-	for _, r := range keyrange.Default.Ranges() {
+	for _, r := range keymem.Default.Ranges() {
 		covered = covered || r.Start <= lo && hi <= r.End
 	}
 	if !covered {
-		t.Fatalf("imported key %#x-%#x not in the registry %v", lo, hi, keyrange.Default.Ranges())
+		t.Fatalf("imported key %#x-%#x not in the registry %v", lo, hi, keymem.Default.Ranges())
 	}
 	uk.Destroy()
 	uk.Destroy()
-	if n := len(keyrange.Default.Ranges()); n != before {
+	if n := len(keymem.Default.Ranges()); n != before {
 		t.Fatalf("%d ranges registered after Destroy, %d before Import", n, before)
 	}
 }

@@ -236,7 +236,11 @@ func vmCmd(cl *client) *cobra.Command {
 					return err
 				}
 				for _, v := range vs {
-					fmt.Fprintf(w, "%s\trevoked=%v\tak=%v\n", v.Name, v.Revoked, v.AKFingerprint != "")
+					fmt.Fprintf(w, "%s\trevoked=%v\tak=%v", v.Name, v.Revoked, v.AKFingerprint != "")
+					if v.Tampered != "" {
+						fmt.Fprintf(w, "\tTAMPERED: %s", v.Tampered)
+					}
+					fmt.Fprintln(w)
 				}
 				return nil
 			})
@@ -338,7 +342,11 @@ func volumeCmd(cl *client) *cobra.Command {
 					return err
 				}
 				for _, v := range vs {
-					fmt.Fprintf(w, "%s\tvm=%s\terased=%v\n", v.ID, v.VM, v.Erased)
+					fmt.Fprintf(w, "%s\tvm=%s\terased=%v", v.ID, v.VM, v.Erased)
+					if v.Tampered != "" {
+						fmt.Fprintf(w, "\tTAMPERED: %s", v.Tampered)
+					}
+					fmt.Fprintln(w)
 				}
 				return nil
 			})
@@ -458,7 +466,7 @@ func eraseCmd(cl *client) *cobra.Command {
 func auditCmd(cl *client) *cobra.Command {
 	a := &cobra.Command{Use: "audit", Short: "Read and verify the audit chain"}
 	verify := &cobra.Command{
-		Use: "verify", Short: "Check the audit chain for edited, deleted or truncated records", Args: noArgs,
+		Use: "verify", Short: "Check the audit chain for edited, deleted or truncated records, and the stored VM and volume rows for changes made outside the service", Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			b, err := cl.call("GET", "/v1/admin/audit/verify", nil)
 			if err != nil {

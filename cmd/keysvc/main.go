@@ -78,6 +78,7 @@ func newServeCmd() *cobra.Command {
 		logFormat string
 		perSource float64
 		perVM     float64
+		auditRate float64
 		ekRoots   string
 		mkTPM     string
 		retention time.Duration
@@ -115,7 +116,8 @@ a cleared or dead TPM loses every key the service holds).`,
 			if retention <= 0 {
 				return cli.Usage(c, fmt.Errorf("--event-retention %v: give a positive duration such as 2160h", retention))
 			}
-			cfg.Options = append(cfg.Options, keysvc.WithRateLimits(perSource, perVM), keysvc.WithEventRetention(retention))
+			cfg.Options = append(cfg.Options, keysvc.WithRateLimits(perSource, perVM), keysvc.WithRefusalAuditRate(auditRate),
+				keysvc.WithEventRetention(retention))
 			if ekRoots != "" {
 				pool, err := keysvc.LoadEKRoots(ekRoots)
 				if err != nil {
@@ -187,6 +189,7 @@ a cleared or dead TPM loses every key the service holds).`,
 	f.StringVar(&ekRoots, "ek-roots", "", "PEM file of CAs that EK certificates given at enrollment must chain to")
 	f.Float64Var(&perSource, "rate-per-source", keysvc.DefaultSourceRate, "VM API requests per second from one address, and separately admin API requests and individually audited unauthenticated ones (burst twice that; 0: no limit)")
 	f.Float64Var(&perVM, "rate-per-vm", keysvc.DefaultVMRate, "challenges per second for one VM from one source address, counted once its EK/AK match (burst twice that; 0: no limit)")
+	f.Float64Var(&auditRate, "audit-refusals-per-source", keysvc.DefaultRefusalAuditRate, "VM API refusals per second from one address that get an audit record of their own; past it they are summarised (burst twice that; 0: record every one)")
 	f.DurationVar(&retention, "event-retention", keysvc.DefaultEventRetention, "keep events VMs report for this long (warning and critical ones stay in the audit chain)")
 	return c
 }

@@ -55,16 +55,19 @@ func (p PBKDF) check() error {
 		if _, err := pbkdf2Hash(p.Hash); err != nil {
 			return err
 		}
-		if p.Iterations < 1000 {
-			return fmt.Errorf("pbkdf2 iterations %d: cryptsetup requires at least 1000", p.Iterations)
+		if p.Iterations < 1000 || p.Iterations > maxPBKDF2Iterations {
+			return fmt.Errorf("pbkdf2 iterations %d: use 1000 (cryptsetup's minimum) to %d (keygate's cap)", p.Iterations, maxPBKDF2Iterations)
 		}
 	case "argon2id", "argon2i":
 		if p.Time < 1 || p.MemoryKiB < 32 || p.Parallel < 1 || p.Parallel > 255 {
 			return fmt.Errorf("%s time %d, memory %d KiB, parallel %d: need time >= 1, memory >= 32 KiB, 1 <= parallel <= 255",
 				p.Type, p.Time, p.MemoryKiB, p.Parallel)
 		}
-		if p.MemoryKiB > 4<<20 {
+		if p.MemoryKiB > maxArgon2MemoryKiB {
 			return fmt.Errorf("%s memory %d KiB exceeds cryptsetup's 4 GiB maximum", p.Type, p.MemoryKiB)
+		}
+		if uint64(p.Time)*uint64(p.MemoryKiB) > maxArgon2Work {
+			return fmt.Errorf("%s time %d x memory %d KiB exceeds keygate's cap of %d KiB-passes", p.Type, p.Time, p.MemoryKiB, maxArgon2Work)
 		}
 	default:
 		return unsupported("pbkdf "+p.Type, "use pbkdf2, argon2id or argon2i")

@@ -12,6 +12,28 @@ import (
 // know, and so do we (see Volume.checkRequirements).
 var knownRequirements = map[string]bool{}
 
+// Caps on the work a header can ask for. cryptsetup accepts iteration
+// counts up to 2^32-1, which at this machine's ~2M PBKDF2-SHA256
+// iterations/s would hang a booting VM for half an hour on a header an
+// attacker with write access to the disk planted. The caps sit far above
+// anything cryptsetup's own benchmark produces (it aims at 2 s: a few
+// million PBKDF2 iterations, or a few argon2 passes over 1 GiB), so every
+// volume cryptsetup made opens, and a hostile one fails at once with the
+// reason.
+const (
+	// maxPBKDF2Iterations bounds a keyslot's PBKDF2 (about 30 s here).
+	maxPBKDF2Iterations = 1 << 26
+	// maxDigestIterations bounds the volume-key digest's PBKDF2, which
+	// cryptsetup sizes to an eighth of a keyslot's time.
+	maxDigestIterations = 1 << 24
+	// maxArgon2Work bounds argon2 time x memory, in KiB-passes: 64 GiB
+	// of memory traffic, e.g. 16 passes over 4 GiB (cryptsetup's memory
+	// maximum).
+	maxArgon2Work = 64 << 20
+	// maxArgon2MemoryKiB is cryptsetup's own maximum.
+	maxArgon2MemoryKiB = 4 << 20
+)
+
 // maxKeyslotsSize is cryptsetup's upper bound on config.keyslots_size. It
 // also bounds what a hostile header can make keygate allocate for a
 // keyslot's split material.
@@ -174,9 +196,18 @@ func (k *jsonKeyslot) validate() error {
 		if k.KDF.Iterations <= 0 {
 			return fmt.Errorf("pbkdf2 iterations %d out of range", k.KDF.Iterations)
 		}
+		if k.KDF.Iterations > maxPBKDF2Iterations {
+			return fmt.Errorf("pbkdf2 iterations %d exceed keygate's cap of %d (about 30 s of work); if the header is genuine, lower them with cryptsetup luksConvertKey --pbkdf-force-iterations", k.KDF.Iterations, maxPBKDF2Iterations)
+		}
 	case "argon2i", "argon2id":
 		if k.KDF.Time <= 0 || k.KDF.Memory <= 0 || k.KDF.CPUs <= 0 {
 			return fmt.Errorf("%s needs positive time, memory and cpus", k.KDF.Type)
+		}
+		if k.KDF.Memory > maxArgon2MemoryKiB || k.KDF.CPUs > 255 {
+			return fmt.Errorf("%s memory %d KiB, cpus %d: beyond cryptsetup's maxima (4 GiB, 255)", k.KDF.Type, k.KDF.Memory, k.KDF.CPUs)
+		}
+		if uint64(k.KDF.Time)*uint64(k.KDF.Memory) > maxArgon2Work {
+			return fmt.Errorf("%s time %d x memory %d KiB exceeds keygate's cap of %d KiB-passes; if the header is genuine, lower them with cryptsetup luksConvertKey --pbkdf-force-iterations", k.KDF.Type, k.KDF.Time, k.KDF.Memory, maxArgon2Work)
 		}
 	}
 	return nil
@@ -185,6 +216,9 @@ func (k *jsonKeyslot) validate() error {
 func (d *jsonDigest) validate() error {
 	if d.Iterations <= 0 {
 		return fmt.Errorf("iterations %d out of range", d.Iterations)
+	}
+	if d.Iterations > maxDigestIterations {
+		return fmt.Errorf("iterations %d exceed keygate's cap of %d for the volume-key digest", d.Iterations, maxDigestIterations)
 	}
 	if _, err := base64.StdEncoding.DecodeString(d.Salt); err != nil {
 		return fmt.Errorf("salt: %v", err)

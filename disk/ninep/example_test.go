@@ -19,7 +19,10 @@ func ExampleNewServer() {
 	dir, _ := os.MkdirTemp("", "ninep-example-")
 	defer os.RemoveAll(dir)
 	img := filepath.Join(dir, "vol.img")
-	key := disk.NewKey([]byte("a high-entropy key, in practice 32 random bytes"))
+	key, err := disk.NewKey([]byte("a high-entropy key, in practice 32 random bytes"))
+	if err != nil {
+		log.Fatal(err)
+	}
 	defer key.Destroy()
 	if _, err := disk.CreateImage(img, key, disk.CreateOptions{Size: 32 << 20, FS: disk.Ext4, PBKDF: disk.PBKDF2}); err != nil {
 		log.Fatal(err)

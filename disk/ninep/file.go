@@ -197,6 +197,7 @@ func (f *file) SetAttr(valid p9.SetAttrMask, attr p9.SetAttr) error {
 }
 
 func (f *file) Close() error {
+	f.s.locks.release(f)
 	if f.h == nil {
 		return nil
 	}

@@ -25,6 +25,7 @@ type Server struct {
 	log      *slog.Logger
 	readOnly bool
 	p9       *p9.Server
+	locks    lockTable
 
 	mu       sync.Mutex
 	closed   bool

@@ -49,7 +49,10 @@ func (l testLog) Write(p []byte) (int, error) {
 func newKey(t testing.TB) *disk.Key {
 	b := make([]byte, 32)
 	rand.Read(b)
-	k := disk.NewKey(b)
+	k, err := disk.NewKey(b)
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(k.Destroy)
 	return k
 }

@@ -3,7 +3,7 @@ package xts
 import (
 	"testing"
 
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 )
 
 // BenchmarkRegister is what registering a key buffer costs when no monitor
@@ -12,7 +12,7 @@ import (
 func BenchmarkRegister(b *testing.B) {
 	buf := make([]byte, lockedSize)
 	for b.Loop() {
-		keyrange.Register(buf)()
+		keymem.Default.Add(buf)()
 	}
 }
 

@@ -6,14 +6,14 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 )
 
-// covered reports whether keyrange.Default has a range holding all of b.
+// covered reports whether keymem.Default has a range holding all of b.
 func covered(b []byte) bool {
 	lo := uint64(uintptr(unsafe.Pointer(unsafe.SliceData(b))))
 	hi := lo + uint64(len(b))
-	for _, r := range keyrange.Default.Ranges() {
+	for _, r := range keymem.Default.Ranges() {
 		if r.Start <= lo && hi <= r.End {
 			return true
 		}
@@ -34,23 +34,23 @@ func TestKeyPagesRegistered(t *testing.T) {
 		{"close twice", func(c *Cipher) { c.Close(); c.Close() }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			before := len(keyrange.Default.Ranges())
+			before := len(keymem.Default.Ranges())
 			c, err := New(make([]byte, 64))
 			if err != nil {
 				t.Fatal(err)
 			}
 			whole := c.buf.buf.Bytes()
 			if !covered(whole) {
-				t.Fatalf("schedule %p+%d not in the registry %v", &whole[0], len(whole), keyrange.Default.Ranges())
+				t.Fatalf("schedule %p+%d not in the registry %v", &whole[0], len(whole), keymem.Default.Ranges())
 			}
 			tc.drop(c)
-			if n := len(keyrange.Default.Ranges()); n != before {
+			if n := len(keymem.Default.Ranges()); n != before {
 				t.Fatalf("%d ranges registered after Close, %d before New", n, before)
 			}
 		})
 	}
 	t.Run("dropped", func(t *testing.T) {
-		before := len(keyrange.Default.Ranges())
+		before := len(keymem.Default.Ranges())
 		c, err := New(make([]byte, 32))
 		if err != nil {
 			t.Fatal(err)
@@ -60,14 +60,14 @@ func TestKeyPagesRegistered(t *testing.T) {
 			t.Fatal("schedule not in the registry")
 		}
 		c = nil
-		for deadline := time.Now().Add(5 * time.Second); buf.IsAlive() && time.Now().Before(deadline); {
+		for deadline := time.Now().Add(5 * time.Second); buf.Alive() && time.Now().Before(deadline); {
 			runtime.GC()
 			time.Sleep(2 * time.Millisecond)
 		}
-		if buf.IsAlive() {
+		if buf.Alive() {
 			t.Fatal("locked buffer of an unreachable Cipher was never destroyed")
 		}
-		if n := len(keyrange.Default.Ranges()); n != before {
+		if n := len(keymem.Default.Ranges()); n != before {
 			t.Fatalf("%d ranges registered after the cleanup, %d before New", n, before)
 		}
 	})

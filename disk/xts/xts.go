@@ -2,14 +2,13 @@ package xts
 
 import (
 	"errors"
+	"fmt"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"unsafe"
 
-	"github.com/awnumar/memguard"
-
-	"github.com/keygate/keygate/ebpfmon/keyrange"
+	"github.com/keygate/keygate/keymem"
 )
 
 // BlockSize is the AES block size; every data unit is a multiple of it.
@@ -75,14 +74,15 @@ func newWithImpl(key []byte, im impl) (*Cipher, error) {
 	if len(key) != 32 && len(key) != 64 {
 		return nil, ErrKeySize
 	}
-	mb := memguard.NewBuffer(lockedSize)
-	if mb.Size() != lockedSize {
-		return nil, errors.New("xts: cannot allocate locked memory for the key schedule (raise RLIMIT_MEMLOCK)")
+	// Registered before the first key byte is written, so that a monitor
+	// following the key-page registry never sees the schedule outside the
+	// key pages.
+	mb, err := keymem.New(lockedSize)
+	if err != nil {
+		return nil, fmt.Errorf("xts: key schedule: %w", err)
 	}
 	b := mb.Bytes()
-	// Registered before the first key byte is written, so that a monitor
-	// following keyrange never sees the schedule outside the key pages.
-	buf := &lockedSchedule{buf: mb, unregister: keyrange.Register(b)}
+	buf := &lockedSchedule{buf: mb}
 	off := int(-uintptr(unsafe.Pointer(&b[0])) & 63)
 	c := &Cipher{buf: buf, ks: b[off : off+ksSize], nr: len(key)/8 + 6, impl: im}
 	c.cleanup = runtime.AddCleanup(c, (*lockedSchedule).destroy, buf)
@@ -105,14 +105,10 @@ func newWithImpl(key []byte, im impl) (*Cipher, error) {
 // would otherwise guard, and report reads of, memory that no longer holds a
 // key).
 type lockedSchedule struct {
-	buf        *memguard.LockedBuffer
-	unregister func()
+	buf *keymem.Buffer
 }
 
-func (l *lockedSchedule) destroy() {
-	l.unregister()
-	l.buf.Destroy()
-}
+func (l *lockedSchedule) destroy() { l.buf.Destroy() }
 
 // Close wipes the key schedule and unlocks its memory. It is idempotent.
 // Any later Encrypt or Decrypt panics.

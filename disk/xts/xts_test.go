@@ -316,7 +316,7 @@ func TestDroppedCipher(t *testing.T) {
 	c = nil
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
 		runtime.GC()
-		if !buf.IsAlive() {
+		if !buf.Alive() {
 			return
 		}
 		time.Sleep(2 * time.Millisecond)

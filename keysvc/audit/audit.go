@@ -78,6 +78,15 @@ const (
 	ActionProvision Action = "provision"
 	ActionRotate    Action = "rotate"
 	ActionAlert     Action = "alert"
+	// ActionPolicy records a policy set by an administrator.
+	ActionPolicy Action = "policy"
+	// ActionVolume records a volume created or imported by an administrator.
+	ActionVolume Action = "volume"
+	// ActionGenesis records that the key service adopted the store: its
+	// rows were authenticated under the master key and its anchor written.
+	ActionGenesis Action = "genesis"
+	// ActionTamper records that a stored row failed its integrity check.
+	ActionTamper Action = "tamper"
 )
 
 // ErrChainBroken is returned by Append when the stored chain's end does not
@@ -160,7 +169,24 @@ func (l *Log) AppendUsing(ctx context.Context, use store.ChallengeUse, ev Event)
 	return l.append(ctx, &use, ev)
 }
 
+// AppendVia is Append through a caller's own store transaction: via is
+// given the function that makes the next record and head, and must run it
+// as store.AuditLog.AppendAudit would (store.SQLite.Adopt does, together
+// with its own writes).
+func (l *Log) AppendVia(ctx context.Context, ev Event, via func(next store.AuditNext) error) (Record, error) {
+	return l.appendWith(ctx, ev, via)
+}
+
 func (l *Log) append(ctx context.Context, use *store.ChallengeUse, ev Event) (Record, error) {
+	return l.appendWith(ctx, ev, func(next store.AuditNext) error {
+		if use != nil {
+			return l.st.AppendAuditUsing(ctx, *use, next)
+		}
+		return l.st.AppendAudit(ctx, next)
+	})
+}
+
+func (l *Log) appendWith(ctx context.Context, ev Event, via func(next store.AuditNext) error) (Record, error) {
 	if ev.Actor == "" || ev.Action == "" {
 		return Record{}, errors.New("audit append: event needs an actor and an action")
 	}
@@ -191,13 +217,7 @@ func (l *Log) append(ctx context.Context, use *store.ChallengeUse, ev Event) (Re
 		out = r
 		return r, store.AuditHead{Seq: seq, Hash: r.Hash, MAC: l.headMAC(seq, r.Hash)}, nil
 	}
-	var err error
-	if use != nil {
-		err = l.st.AppendAuditUsing(ctx, *use, next)
-	} else {
-		err = l.st.AppendAudit(ctx, next)
-	}
-	if err != nil {
+	if err := via(next); err != nil {
 		return Record{}, fmt.Errorf("audit append %s: %w", ev.Action, err)
 	}
 	return fromStore(out), nil

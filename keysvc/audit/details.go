@@ -1,5 +1,7 @@
 package audit
 
+import "encoding/json"
+
 // Details is the typed payload of an audit event. Only the types in this
 // package implement it, so a caller cannot slip an arbitrary map (and with it
 // a key, token or passphrase) into the log.
@@ -62,6 +64,10 @@ type Learn struct {
 	Armed bool `json:"armed,omitempty"`
 	// PCRs are the captured values (hex) by PCR index.
 	PCRs map[int]string `json:"pcrs,omitempty"`
+	// Policy is the whole policy stored by the capture, and SHA256 its
+	// hash, as in a Policy record.
+	Policy json.RawMessage `json:"policy,omitempty"`
+	SHA256 string          `json:"sha256,omitempty"`
 }
 
 // Admin records an admin API call (including refused ones).
@@ -94,11 +100,68 @@ type Alert struct {
 	Mode      string  `json:"mode,omitempty"`
 }
 
-func (Enroll) auditDetails() {}
-func (Unlock) auditDetails() {}
-func (Deny) auditDetails()   {}
-func (Revoke) auditDetails() {}
-func (Erase) auditDetails()  {}
-func (Learn) auditDetails()  {}
-func (Admin) auditDetails()  {}
-func (Alert) auditDetails()  {}
+// Policy records a policy set by an administrator: the whole canonical
+// policy as stored (PCR values and event-log rules), its SHA-256, and what
+// changed from the previous one.
+type Policy struct {
+	Policy     json.RawMessage `json:"policy"`
+	SHA256     string          `json:"sha256"`
+	PrevSHA256 string          `json:"prev_sha256"`
+	// Changes lists what differs from the previous policy, one line each
+	// ("pcr 7: + <hex>", "pcr 4: - <hex>", "secure_boot: <old> -> <new>").
+	Changes []string `json:"changes,omitempty"`
+}
+
+// Volume records a volume made by an administrator.
+type Volume struct {
+	Volume string `json:"volume"`
+	VM     string `json:"vm"`
+	// Source is "created" (the service made the UK) or "imported" (from a
+	// key file).
+	Source        string `json:"source"`
+	EKFingerprint string `json:"ek_fingerprint"` // of the owner VM, bound into the sealed UK
+}
+
+// Genesis records that the key service adopted the store: every row that
+// decides a release was authenticated under the master key, and the
+// store's anchor written. Adopted counts the rows that had no MAC yet (a
+// store from before row MACs).
+type Genesis struct {
+	VMs     int `json:"vms"`
+	Volumes int `json:"volumes"`
+	Adopted int `json:"adopted"`
+}
+
+// Tamper records a stored row that failed its integrity check.
+type Tamper struct {
+	Kind   string `json:"kind"` // "vm" or "volume"
+	Name   string `json:"name"`
+	Detail string `json:"detail"`
+	Remote string `json:"remote,omitempty"`
+}
+
+// Summary records requests that were refused but, over a per-source
+// budget, not recorded one by one.
+type Summary struct {
+	Remote string `json:"remote"`
+	Count  uint64 `json:"count"`
+	First  string `json:"first"` // RFC 3339
+	Last   string `json:"last"`
+	// Reason and Path are those of the last refusal summarised.
+	Reason string `json:"reason,omitempty"`
+	Path   string `json:"path,omitempty"`
+}
+
+func (Policy) auditDetails()  {}
+func (Volume) auditDetails()  {}
+func (Genesis) auditDetails() {}
+func (Tamper) auditDetails()  {}
+func (Summary) auditDetails() {}
+func (Enroll) auditDetails()  {}
+func (Unlock) auditDetails()  {}
+func (Deny) auditDetails()    {}
+func (Revoke) auditDetails()  {}
+func (Erase) auditDetails()   {}
+func (Learn) auditDetails()   {}
+func (Admin) auditDetails()   {}
+func (Alert) auditDetails()   {}

@@ -42,6 +42,9 @@ const (
 	LabelChallengeMAC = "keygate challenge mac v1"
 	LabelAuditMAC     = "keygate audit mac v1"
 	LabelRecords      = "keygate records v1"
+	// LabelRowMAC keys the MACs of the key service's stored rows that
+	// decide a release (VMs, volumes) and of the store's genesis anchor.
+	LabelRowMAC = "keygate row mac v1"
 )
 
 // argon2id parameters for FromPassphrase: RFC 9106's second recommended

@@ -42,7 +42,7 @@ func (s *SQLite) readHead(ctx context.Context, tx *sql.Tx) (*AuditHead, error) {
 // commit: writers in other processes wait, and cannot read the same "last"
 // record.
 func (s *SQLite) AppendAudit(ctx context.Context, next func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)) error {
-	return s.appendAudit(ctx, nil, next)
+	return s.appendAudit(ctx, nil, nil, next, nil)
 }
 
 // AppendAuditUsing implements AuditLog.
@@ -50,11 +50,19 @@ func (s *SQLite) AppendAuditUsing(ctx context.Context, use ChallengeUse, next fu
 	if use.ID == "" {
 		return fmt.Errorf("append audit: use challenge: empty id")
 	}
-	return s.appendAudit(ctx, &use, next)
+	return s.appendAudit(ctx, &use, nil, next, nil)
 }
 
-func (s *SQLite) appendAudit(ctx context.Context, use *ChallengeUse, next func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)) error {
+// appendAudit appends the record next makes; pre and post, if not nil, run
+// before and after it in the same transaction (Adopt's writes).
+func (s *SQLite) appendAudit(ctx context.Context, use *ChallengeUse, pre func(context.Context, *sql.Tx) error, next AuditNext,
+	post func(context.Context, *sql.Tx, AuditRecord) error) error {
 	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if pre != nil {
+			if err := pre(ctx, tx); err != nil {
+				return err
+			}
+		}
 		// First, so that a replay writes nothing; the batch's savepoint
 		// undoes this insert if the append below fails.
 		if use != nil {
@@ -97,6 +105,9 @@ func (s *SQLite) appendAudit(ctx context.Context, use *ChallengeUse, next func(l
 			ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, mac = excluded.mac`,
 			int64(h.Seq), h.Hash, h.MAC); err != nil {
 			return fmt.Errorf("write audit head: %w", err)
+		}
+		if post != nil {
+			return post(ctx, tx, rec)
 		}
 		return nil
 	})

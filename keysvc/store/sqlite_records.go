@@ -9,7 +9,7 @@ import (
 	"time"
 )
 
-const vmColumns = `name, ek_pub_pem, ak_pub_pem, provisioning_allowed, revoked, policy_json, learn_armed, created_ns, updated_ns`
+const vmColumns = `name, ek_pub_pem, ak_pub_pem, provisioning_allowed, revoked, policy_json, learn_armed, created_ns, updated_ns, row_mac`
 
 type rowScanner interface{ Scan(dest ...any) error }
 
@@ -20,7 +20,7 @@ func scanVM(r rowScanner) (VM, error) {
 		policy           string
 		created, updated int64
 	)
-	if err := r.Scan(&v.Name, &v.EKPubPEM, &ak, &v.ProvisioningAllowed, &v.Revoked, &policy, &v.LearnArmed, &created, &updated); err != nil {
+	if err := r.Scan(&v.Name, &v.EKPubPEM, &ak, &v.ProvisioningAllowed, &v.Revoked, &policy, &v.LearnArmed, &created, &updated, &v.MAC); err != nil {
 		return VM{}, err
 	}
 	v.AKPubPEM = ak.String
@@ -63,8 +63,8 @@ func (s *SQLite) CreateVM(ctx context.Context, v VM) (VM, error) {
 		if !isNoRows(err) {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `INSERT INTO vms (`+vmColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-			v.Name, v.EKPubPEM, nullString(v.AKPubPEM), v.ProvisioningAllowed, v.Revoked, string(v.Policy), v.LearnArmed, ns(now), ns(now))
+		_, err = tx.ExecContext(ctx, `INSERT INTO vms (`+vmColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			v.Name, v.EKPubPEM, nullString(v.AKPubPEM), v.ProvisioningAllowed, v.Revoked, string(v.Policy), v.LearnArmed, ns(now), ns(now), v.MAC)
 		return err
 	})
 	if err != nil {
@@ -109,8 +109,8 @@ func (s *SQLite) UpdateVM(ctx context.Context, name string, fn func(*VM) error) 
 		}
 		v.Updated = time.Now().UTC()
 		_, err = tx.ExecContext(ctx, `UPDATE vms SET ek_pub_pem = ?, ak_pub_pem = ?, provisioning_allowed = ?, revoked = ?,
-			policy_json = ?, learn_armed = ?, updated_ns = ? WHERE name = ?`,
-			v.EKPubPEM, nullString(v.AKPubPEM), v.ProvisioningAllowed, v.Revoked, string(v.Policy), v.LearnArmed, ns(v.Updated), name)
+			policy_json = ?, learn_armed = ?, updated_ns = ?, row_mac = ? WHERE name = ?`,
+			v.EKPubPEM, nullString(v.AKPubPEM), v.ProvisioningAllowed, v.Revoked, string(v.Policy), v.LearnArmed, ns(v.Updated), v.MAC, name)
 		out = v
 		return err
 	})
@@ -141,7 +141,7 @@ func (s *SQLite) ListVMs(ctx context.Context) ([]VM, error) {
 	return out, nil
 }
 
-const volumeColumns = `id, vm, sealed_uk, erased_ns, created_ns`
+const volumeColumns = `id, vm, sealed_uk, erased_ns, created_ns, row_mac`
 
 func scanVolume(r rowScanner) (Volume, error) {
 	var (
@@ -149,7 +149,7 @@ func scanVolume(r rowScanner) (Volume, error) {
 		erased  sql.NullInt64
 		created int64
 	)
-	if err := r.Scan(&v.ID, &v.VM, &v.SealedUK, &erased, &created); err != nil {
+	if err := r.Scan(&v.ID, &v.VM, &v.SealedUK, &erased, &created, &v.MAC); err != nil {
 		return Volume{}, err
 	}
 	if len(v.SealedUK) == 0 {
@@ -188,8 +188,8 @@ func (s *SQLite) CreateVolume(ctx context.Context, v Volume) (Volume, error) {
 		if !isNoRows(err) {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `INSERT INTO volumes (`+volumeColumns+`) VALUES (?, ?, ?, NULL, ?)`,
-			v.ID, v.VM, v.SealedUK, ns(v.Created))
+		_, err = tx.ExecContext(ctx, `INSERT INTO volumes (`+volumeColumns+`) VALUES (?, ?, ?, NULL, ?, ?)`,
+			v.ID, v.VM, v.SealedUK, ns(v.Created), v.MAC)
 		return err
 	})
 	if err != nil {
@@ -251,7 +251,7 @@ func (s *SQLite) UpdateVolume(ctx context.Context, id string, fn func(*Volume) e
 		if v.Erased() {
 			erasedNS = sql.NullInt64{Int64: ns(v.ErasedAt), Valid: true}
 		}
-		_, err = tx.ExecContext(ctx, `UPDATE volumes SET sealed_uk = ?, erased_ns = ? WHERE id = ?`, v.SealedUK, erasedNS, id)
+		_, err = tx.ExecContext(ctx, `UPDATE volumes SET sealed_uk = ?, erased_ns = ?, row_mac = ? WHERE id = ?`, v.SealedUK, erasedNS, v.MAC, id)
 		out = v
 		return err
 	})
@@ -358,15 +358,15 @@ func (s *SQLite) PurgeChallenges(ctx context.Context, now time.Time) (int64, err
 func (s *SQLite) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume, error) {
 	var (
 		volID, volVM sql.NullString
-		sealed       []byte
+		sealed, mac  []byte
 		erased       sql.NullInt64
 		volCreated   sql.NullInt64
 	)
 	row := s.queryRow(ctx, `SELECT vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
-		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns,
-		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns
+		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns, vms.row_mac,
+		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac
 		FROM vms LEFT JOIN volumes ON volumes.id = ? WHERE vms.name = ?`, id, vm)
-	v, err := scanVM(scanTail{row, []any{&volID, &volVM, &sealed, &erased, &volCreated}})
+	v, err := scanVM(scanTail{row, []any{&volID, &volVM, &sealed, &erased, &volCreated, &mac}})
 	if isNoRows(err) {
 		return VM{}, nil, fmt.Errorf("get vm %q: %w (enroll it with `keysvc vm enroll`)", vm, ErrNotFound)
 	}
@@ -376,7 +376,7 @@ func (s *SQLite) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume
 	if !volID.Valid {
 		return v, nil, nil
 	}
-	vol := &Volume{ID: volID.String, VM: volVM.String, SealedUK: sealed, Created: fromNS(volCreated.Int64)}
+	vol := &Volume{ID: volID.String, VM: volVM.String, SealedUK: sealed, MAC: mac, Created: fromNS(volCreated.Int64)}
 	if len(vol.SealedUK) == 0 {
 		vol.SealedUK = nil
 	}

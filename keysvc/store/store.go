@@ -86,8 +86,11 @@ type VM struct {
 	Policy json.RawMessage
 	// LearnArmed makes the next otherwise-valid attestation's PCRs the policy.
 	LearnArmed bool
-	Created    time.Time // set by the store
-	Updated    time.Time // set by the store on every write
+	// MAC authenticates the fields above that decide a release; the key
+	// service computes and checks it (the store keeps the bytes as given).
+	MAC     []byte
+	Created time.Time // set by the store
+	Updated time.Time // set by the store on every write
 }
 
 // VMs stores enrolled VMs. A VM is never deleted: revoke it instead.
@@ -112,7 +115,10 @@ type Volume struct {
 	VM       string // the VM allowed to unlock it
 	SealedUK []byte // nil once erased
 	ErasedAt time.Time
-	Created  time.Time // set by the store
+	// MAC authenticates ID, VM and the erased state; the key service
+	// computes and checks it (the store keeps the bytes as given).
+	MAC     []byte
+	Created time.Time // set by the store
 }
 
 // Erased reports whether the volume's UK has been destroyed.
@@ -178,6 +184,9 @@ type AuditHead struct {
 	Hash []byte
 	MAC  []byte
 }
+
+// AuditNext is what AppendAudit runs to make the next record and head.
+type AuditNext = func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)
 
 // AuditLog stores the audit chain.
 type AuditLog interface {

@@ -1,10 +1,4 @@
-// Package keyrange is the registry of this process's key pages: the
-// locked-buffer code adds each key buffer's pages when it creates the buffer
-// and removes them when it destroys it, and a monitor watching this process
-// (ebpfmon) follows the set. It has no dependencies, so that the code holding
-// keys can import it without pulling in the BPF loader; it knows nothing of
-// BPF itself.
-package keyrange
+package keymem
 
 import (
 	"os"
@@ -29,9 +23,9 @@ type Registry struct {
 // Default is the registry of this process, the one locked-buffer code adds to.
 var Default = &Registry{}
 
-// Register adds b's pages to Default. Call the returned func when b is
-// destroyed (before its memory is unmapped).
-func Register(b []byte) (unregister func()) { return Default.Add(b) }
+// register adds b's pages to Default; only Buffer does, so that no key
+// holder pairs the two steps by hand.
+func register(b []byte) (unregister func()) { return Default.Add(b) }
 
 // Add registers the pages that hold b and returns the func that removes them
 // again; calling it more than once is harmless. An empty b registers nothing.

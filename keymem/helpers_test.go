@@ -1,4 +1,4 @@
-package keyrange_test
+package keymem_test
 
 import "unsafe"
 
