@@ -340,11 +340,11 @@ func dropCaches() error {
 	return nil
 }
 
-// probe tries, on a new file in dir, the three things SQLite's unix VFS
-// asks of a filesystem in WAL mode, and reports what the kernel answered:
-// fcntl record locks (every transaction), flock (not used by SQLite's
-// default VFS; for comparison) and a shared writable mmap (the -shm
-// wal-index).
+// probe tries, on a new file in dir, what SQLite's unix VFS asks of a
+// filesystem in WAL mode, and reports what the kernel answered: fcntl
+// record locks (F_SETLK read and write: every transaction; F_GETLK: the
+// first open of the -shm wal-index), flock (not used by SQLite's default
+// VFS; for comparison) and a shared writable mmap (the -shm wal-index).
 func probe(dir string) error {
 	path := dir + "/.kg-probe"
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
@@ -357,10 +357,17 @@ func probe(dir string) error {
 		return err
 	}
 	fd := int(f.Fd())
+	// The byte SQLite takes a SHARED lock through (PENDING_BYTE), then the
+	// write lock of RESERVED, then the F_GETLK that opening a WAL
+	// database's -shm file starts with (unixLockSharedMemory).
 	lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: 0, Start: 1 << 30, Len: 1}
 	r := []string{"fcntl_setlk=" + errnoName(unix.FcntlFlock(uintptr(fd), unix.F_SETLK, &lk))}
-	lk.Type = unix.F_UNLCK
+	lk = unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 1<<30 + 1, Len: 1}
+	r = append(r, "fcntl_setlk_wr="+errnoName(unix.FcntlFlock(uintptr(fd), unix.F_SETLK, &lk)))
+	lk = unix.Flock_t{Type: unix.F_UNLCK, Whence: 0, Start: 1 << 30, Len: 2}
 	unix.FcntlFlock(uintptr(fd), unix.F_SETLK, &lk)
+	lk = unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 128, Len: 1}
+	r = append(r, "fcntl_getlk="+errnoName(unix.FcntlFlock(uintptr(fd), unix.F_GETLK, &lk)))
 	r = append(r, "flock="+errnoName(unix.Flock(fd, unix.LOCK_SH|unix.LOCK_NB)))
 	unix.Flock(fd, unix.LOCK_UN)
 	m, err := unix.Mmap(fd, 0, 32768, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
