@@ -198,18 +198,7 @@ func newLab(t *testing.T, g *testvm.Guest, extra map[string][]byte) *lab {
 
 // buildAttacker builds testvm/internal/attack as a static binary.
 func buildAttacker(dir string) ([]byte, error) {
-	root, err := testvm.ModuleRoot()
-	if err != nil {
-		return nil, err
-	}
-	out := filepath.Join(dir, "kg-attack")
-	cmd := exec.Command("go", "build", "-buildvcs=false", "-ldflags=-s -w", "-o", out, "./testvm/internal/attack")
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("build the attacker: %v\n%s", err, b)
-	}
-	return os.ReadFile(out)
+	return buildGuestProgram(dir, "./testvm/internal/attack")
 }
 
 // cryptsetupFiles returns the host's cryptsetup for the initramfs (see
