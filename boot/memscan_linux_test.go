@@ -344,9 +344,9 @@ func scanProcess(t *testing.T, pid int, needles []needle) []hit {
 	}
 	defer mem.Close()
 	type mapping struct {
-		lo, hi       uint64
-		perms, name  string
-		lockedKB, kb uint64
+		lo, hi      uint64
+		perms, name string
+		lockedKB    uint64
 	}
 	var maps []*mapping
 	for _, line := range strings.Split(string(smaps), "\n") {

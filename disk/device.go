@@ -57,6 +57,42 @@ type Device struct {
 	hand       int
 	free       [][]byte
 	scratch    []byte
+	cut        *writeCut // tests only (export_test.go): a crash after so many sectors
+}
+
+// writeCut stops a Device's writes to its file after budget more sectors,
+// the last write torn at a sector boundary, and fails every later write
+// and Sync: what a process killed at that instant leaves in the file.
+// written counts the sectors that reached the file.
+type writeCut struct {
+	budget, written int64
+	cut             bool
+}
+
+// errCut is what writes and syncs return once a writeCut has cut them off.
+var errCut = errors.New("disk: writes cut off (simulated crash)")
+
+// writeFile is the one place a Device writes its file, so that a test can
+// cut it off.
+func (d *Device) writeFile(p []byte, off int64) error {
+	if c := d.cut; c != nil {
+		n := int64(len(p) / d.ss)
+		if c.cut || n > c.budget {
+			n = max(0, min(n, c.budget))
+			if n > 0 && !c.cut {
+				if _, err := d.f.WriteAt(p[:n*int64(d.ss)], off); err != nil {
+					return err
+				}
+				c.written += n
+			}
+			c.cut, c.budget = true, 0
+			return errCut
+		}
+		c.budget -= n
+		c.written += n
+	}
+	_, err := d.f.WriteAt(p, off)
+	return err
 }
 
 type entry struct {
@@ -313,7 +349,7 @@ func (d *Device) writeDirect(p []byte, sec int64) error {
 	count := int64(len(p) / d.ss)
 	d.eachCached(sec, count, d.drop)
 	if d.c == nil {
-		if _, err := d.f.WriteAt(p, d.off+sec*int64(d.ss)); err != nil {
+		if err := d.writeFile(p, d.off+sec*int64(d.ss)); err != nil {
 			return fmt.Errorf("write sectors %d+%d: %w", sec, count, err)
 		}
 		return nil
@@ -324,7 +360,7 @@ func (d *Device) writeDirect(p []byte, sec int64) error {
 	for len(p) > 0 {
 		m := min(len(p), len(d.scratch))
 		d.c.EncryptSectors(d.scratch[:m], p[:m], d.ss, uint64(sec)*d.tweakStep, d.tweakStep)
-		if _, err := d.f.WriteAt(d.scratch[:m], d.off+sec*int64(d.ss)); err != nil {
+		if err := d.writeFile(d.scratch[:m], d.off+sec*int64(d.ss)); err != nil {
 			return fmt.Errorf("write sectors %d+%d: %w", sec, m/d.ss, err)
 		}
 		p, sec = p[m:], sec+int64(m/d.ss)
@@ -424,7 +460,7 @@ func (d *Device) writeRun(run []*entry) error {
 	if d.c != nil {
 		d.c.EncryptSectors(buf, buf, d.ss, uint64(sec)*d.tweakStep, d.tweakStep)
 	}
-	_, err := d.f.WriteAt(buf, d.off+sec*int64(d.ss))
+	err := d.writeFile(buf, d.off+sec*int64(d.ss))
 	if d.c == nil {
 		clear(buf) // plaintext
 	}
@@ -481,6 +517,9 @@ func (d *Device) Sync() error {
 	}
 	if err := d.flush(); err != nil {
 		return err
+	}
+	if d.cut != nil && d.cut.cut {
+		return errCut
 	}
 	if err := d.f.Sync(); err != nil {
 		return fmt.Errorf("sync: %w", err)

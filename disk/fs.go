@@ -63,6 +63,8 @@ type FS struct {
 	ext *ext4Meta // ext4 only: our reader of its on-disk metadata
 
 	files map[string]*openFile // files open through OpenFile, by fileKey
+
+	inPlace, whole int // flushes of open files written in place, and whole (tests read them)
 }
 
 // Mkfs creates a filesystem of type t over the whole device and returns it.
@@ -138,8 +140,17 @@ func OpenFS(dev *Device) (*FS, error) {
 		return nil, ErrUnknownFS
 	}
 	f.typ = Ext4
+	if err := repairTornSuper(dev); err != nil {
+		return nil, fmt.Errorf("open ext4: %w", err)
+	}
 	if err := f.reload(); err != nil {
 		return nil, fmt.Errorf("open ext4: %w", err)
+	}
+	if !dev.readOnly {
+		// finish or undo an in-place flush a crash interrupted (ext4write.go)
+		if err := f.recoverExt4(); err != nil {
+			return nil, fmt.Errorf("open ext4: recover an interrupted flush: %w", err)
+		}
 	}
 	return f, nil
 }

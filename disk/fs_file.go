@@ -5,21 +5,23 @@ package disk
 // rename, and errors a server can map to errnos.
 //
 // Writes to an open file are kept in memory, copy-on-write in 64 KiB pages
-// over the file's on-disk content, until Sync or the Close of a writable
-// handle. That flush stores the whole file with Put's replace (new content
-// beside the old in .NAME.keygate-put, then swapped in) and syncs the
-// device. Memory grows by the pages written since the last flush, not by
-// the file's size. A flush rewrites the whole file (on ext4, which
-// go-diskfs cannot rename, twice: the replace copies it back) and needs
-// room for the new copy beside the old one.
+// over the file's on-disk content, until Sync, the Close of a writable
+// handle, or (on ext4) writeback once writeBackPages are waiting.
 //
-// What a crash leaves: outside a flush, each file as of its last completed
-// flush. During one, on FAT the old name may be gone with the complete new
-// content in the temporary file; on ext4 the name may hold a partial copy,
-// again with the complete content in the temporary file. A file that is
-// empty on disk (just created) is written in place on ext4, so a crash
-// during its first flush can leave it partial; none of that data had been
-// acknowledged. docs/disk.md ("9P export") says this for operators.
+// On ext4 that flush writes the pages into the file's own blocks and
+// allocates blocks for the rest (ext4write.go): it costs what was written
+// since the last flush, and a crash at any point leaves the file as of its
+// last completed flush or newer (each sector or block old or new), never
+// with bytes no one wrote; the next writable OpenFS repairs the block
+// bitmaps from the flush's intent record. Layouts beyond ext4write.go (deep extent trees,
+// unwritten extents) and FAT take the whole-file path instead: Put's
+// replace (new content beside the old in .NAME.keygate-put, then swapped
+// in), which rewrites the file (on ext4, which go-diskfs cannot rename,
+// twice) and needs room for a second copy. A crash during it can leave, on
+// FAT, the old name gone with the complete new content in the temporary
+// file, and on ext4 the name holding a partial copy, again with the
+// complete content in the temporary file. docs/disk.md ("9P export") says
+// this for operators.
 
 import (
 	"errors"
@@ -29,6 +31,7 @@ import (
 	"os"
 	"path"
 	"strings"
+	"sync"
 )
 
 var (
@@ -53,6 +56,28 @@ var (
 
 const pageSize = 64 << 10
 
+// writeBackPages is how many written pages an ext4 file holds before they
+// are written in place without waiting for Sync, as a kernel's writeback
+// would: it bounds the memory a big write takes, and a page reused from
+// pagePool is one the CPU and the kernel already have mapped.
+const writeBackPages = 256 // 16 MiB
+
+// pagePool recycles pages, wiped, between flushes.
+var pagePool = sync.Pool{New: func() any { return new([pageSize]byte) }}
+
+// newPage is a zeroed page.
+func newPage() []byte { return pagePool.Get().(*[pageSize]byte)[:] }
+
+// dropPages wipes the file's pages (file data is not key material, but
+// need not linger either) and gives them back to the pool.
+func (of *openFile) dropPages() {
+	for _, pg := range of.pages {
+		clear(pg)
+		pagePool.Put((*[pageSize]byte)(pg))
+	}
+	of.pages = nil
+}
+
 // openFile is the state shared by every handle on one path, so that all
 // of them see each other's unflushed writes, as with a kernel page cache.
 // All fields are guarded by fs.mu.
@@ -65,6 +90,7 @@ type openFile struct {
 	size    int64
 	pages   map[int64][]byte // written pages, by page index
 	dirty   bool
+	noWB    bool // in-place writeback failed or is not possible: keep pages until Sync
 	gone    bool // removed or replaced underneath: nothing to flush to
 }
 
@@ -164,10 +190,8 @@ func (of *openFile) reopen() error {
 	if of.base, err = f.openUnlocked(p); err != nil {
 		return err
 	}
-	for _, pg := range of.pages {
-		clear(pg)
-	}
-	of.baseLen, of.size, of.pages, of.dirty = fi.Size, fi.Size, nil, false
+	of.dropPages()
+	of.baseLen, of.size, of.dirty = fi.Size, fi.Size, false
 	return nil
 }
 
@@ -271,7 +295,7 @@ func (of *openFile) writeAt(p []byte, off int64) (int, error) {
 		idx := pos / pageSize
 		pg := of.pages[idx]
 		if pg == nil {
-			pg = make([]byte, pageSize)
+			pg = newPage()
 			if start := idx * pageSize; start < of.size {
 				if err := of.readBase(pg[:min(pageSize, of.size-start)], start); err != nil {
 					return i, err
@@ -308,6 +332,17 @@ func (of *openFile) flush() error {
 		return nil
 	}
 	f := of.fs
+	if f.typ == Ext4 {
+		err := of.flushInPlace()
+		if err == nil {
+			f.inPlace++
+			return of.reopen()
+		}
+		if !errors.Is(err, errFallback) {
+			return err // the writes stay, as below
+		}
+	}
+	f.whole++
 	if err := f.store(of); err != nil {
 		// keep the writes: the caller may free space and try again
 		return err
@@ -316,6 +351,26 @@ func (of *openFile) flush() error {
 		return err
 	}
 	return f.sync()
+}
+
+// flushInPlace writes the pages in place on ext4 (ext4write.go). The
+// block holding the flushed content's end is written whole when the file
+// now extends past it, so that its tail reads as the zeros readBase gave
+// rather than whatever the block held past the old end.
+func (of *openFile) flushInPlace() error {
+	bs := of.fs.ext.bs
+	if idx := of.baseLen / pageSize; of.baseLen%bs != 0 && of.baseLen < of.size && of.pages[idx] == nil {
+		pg := newPage()
+		start := idx * pageSize
+		if _, err := of.readAt(pg[:min(pageSize, of.size-start)], start); err != nil && err != io.EOF {
+			return err
+		}
+		if of.pages == nil {
+			of.pages = map[int64][]byte{}
+		}
+		of.pages[idx] = pg
+	}
+	return of.fs.flushExt4(of)
 }
 
 // store writes the file's content to disk. On ext4 a file that is empty
@@ -381,7 +436,28 @@ func (h *File) WriteAt(p []byte, off int64) (int, error) {
 	if err := h.check(true); err != nil {
 		return 0, err
 	}
-	return h.of.writeAt(p, off)
+	n, err := h.of.writeAt(p, off)
+	if err == nil && len(h.of.pages) >= writeBackPages {
+		h.of.writeBack()
+	}
+	return n, err
+}
+
+// writeBack writes the pages in place on ext4 before Sync asks for it.
+// A failure is not the writer's: the pages stay, and Sync (which may take
+// the whole-file path) reports what is wrong.
+func (of *openFile) writeBack() {
+	if of.fs.typ != Ext4 || of.gone || of.noWB {
+		return
+	}
+	if err := of.flushInPlace(); err != nil {
+		of.noWB = true
+		return
+	}
+	of.fs.inPlace++
+	if err := of.reopen(); err != nil {
+		of.noWB = true
+	}
 }
 
 // Truncate sets the file's length to n, cutting or extending with zeros.
@@ -440,11 +516,7 @@ func (h *File) Close() error {
 		if k := f.fileKey(h.of.path); !h.of.gone && f.files[k] == h.of {
 			delete(f.files, k)
 		}
-		// file data is not key material, but need not linger either
-		for _, pg := range h.of.pages {
-			clear(pg)
-		}
-		h.of.pages = nil
+		h.of.dropPages()
 	}
 	return err
 }
@@ -496,146 +568,6 @@ func (f *FS) Truncate(p string, n int64) error {
 		err = cerr
 	}
 	return err
-}
-
-// Rename moves the file or directory oldp to newp, replacing a file (or
-// an empty directory, when moving a directory) already there, as
-// rename(2) does.
-//
-// go-diskfs renames only within one FAT directory, and not at all on
-// ext4. Elsewhere a file is copied to newp (with Put's replace when newp
-// exists) and then oldp is removed; a crash in between leaves both names,
-// with the complete content, never neither. An empty directory is made
-// anew and the old one removed. A non-empty directory cannot be moved that
-// way and fails with ErrCannotMove, which a 9P server reports as EXDEV so
-// that mv falls back to copying.
-func (f *FS) Rename(oldp, newp string) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	o, n := clean(oldp), clean(newp)
-	if f.dev.readOnly {
-		return fmt.Errorf("rename %s: %w", display(o), ErrReadOnly)
-	}
-	if o == "." || n == "." {
-		return fmt.Errorf("rename %s to %s: the root cannot move or be replaced: %w", display(o), display(n), ErrInvalid)
-	}
-	oi, err := f.stat(o)
-	if err != nil {
-		return fmt.Errorf("rename: %w", err)
-	}
-	if err := f.mustBeDir(path.Dir(n)); err != nil {
-		return fmt.Errorf("rename %s: %w", display(o), err)
-	}
-	if f.fileKey(o) == f.fileKey(n) {
-		return nil // the same file (FAT names ignore case)
-	}
-	if oi.IsDir && strings.HasPrefix(f.fileKey(n), f.fileKey(o)+"/") {
-		return fmt.Errorf("rename %s to %s: a directory cannot move into itself: %w", display(o), display(n), ErrInvalid)
-	}
-	ni, err := f.stat(n)
-	exists := err == nil
-	if exists {
-		switch {
-		case oi.IsDir && !ni.IsDir:
-			return fmt.Errorf("rename %s: %s is a file: %w", display(o), display(n), ErrNotDir)
-		case !oi.IsDir && ni.IsDir:
-			return fmt.Errorf("rename %s: %s: %w", display(o), display(n), ErrIsDir)
-		case ni.IsDir:
-			if empty, err := f.dirEmpty(n); err != nil {
-				return err
-			} else if !empty {
-				return fmt.Errorf("rename %s: %s: %w", display(o), display(n), ErrNotEmpty)
-			}
-		}
-	}
-	// open files below o must be on disk before their blocks are copied
-	// or their directory entry moves
-	moved := f.openUnder(o)
-	for _, of := range moved {
-		if err := of.flush(); err != nil {
-			return fmt.Errorf("rename %s: %w", display(o), err)
-		}
-	}
-	switch {
-	case f.typ == FAT32 && path.Dir(o) == path.Dir(n):
-		if exists {
-			f.detach(n)
-			if err := f.remove(n, ni.IsDir); err != nil {
-				return fmt.Errorf("rename %s: %w", display(o), err)
-			}
-		}
-		if err := f.fs.Rename(o, n); err != nil {
-			return fmt.Errorf("rename %s to %s: %w", display(o), display(n), err)
-		}
-	case !oi.IsDir:
-		f.detach(n)
-		r, err := f.openUnlocked(o)
-		if err != nil {
-			return fmt.Errorf("rename %s: %w", display(o), err)
-		}
-		if err := f.put(n, io.NewSectionReader(r, 0, oi.Size), oi.Size); err != nil {
-			return fmt.Errorf("rename %s: copy: %w", display(o), err)
-		}
-		if err := f.remove(o, false); err != nil {
-			return fmt.Errorf("rename %s: %s is complete; removing the old name failed: %w", display(o), display(n), err)
-		}
-	default:
-		if empty, err := f.dirEmpty(o); err != nil {
-			return err
-		} else if !empty {
-			return fmt.Errorf("rename %s to %s: %w", display(o), display(n), ErrCannotMove)
-		}
-		if exists {
-			if err := f.remove(n, true); err != nil {
-				return fmt.Errorf("rename %s: %w", display(o), err)
-			}
-		}
-		if err := f.mkdir(n); err != nil {
-			return fmt.Errorf("rename %s: %w", display(o), err)
-		}
-		if err := f.remove(o, true); err != nil {
-			return fmt.Errorf("rename %s: %s is made; removing the old directory failed: %w", display(o), display(n), err)
-		}
-	}
-	for _, of := range moved {
-		delete(f.files, f.fileKey(of.path))
-		of.path = n + of.path[len(o):] // of.path may differ from o in case on FAT
-		f.files[f.fileKey(of.path)] = of
-		if err := of.reopen(); err != nil {
-			return fmt.Errorf("rename %s: reopen %s: %w", display(o), display(of.path), err)
-		}
-	}
-	return f.sync()
-}
-
-func (f *FS) emptyFAT(p string) bool {
-	fi, err := f.stat(p)
-	return err == nil && !fi.IsDir && fi.Size == 0
-}
-
-// openUnder lists the open files at p or below it.
-func (f *FS) openUnder(p string) []*openFile {
-	k := f.fileKey(p)
-	var out []*openFile
-	for key, of := range f.files {
-		if key == k || strings.HasPrefix(key, k+"/") {
-			out = append(out, of)
-		}
-	}
-	return out
-}
-
-func (f *FS) dirEmpty(p string) (bool, error) {
-	entries, err := f.fs.ReadDir(p)
-	if err != nil {
-		return false, fmt.Errorf("read directory %s: %w", display(p), err)
-	}
-	for _, e := range entries {
-		if e.Name() != "." && e.Name() != ".." && e.Name() != "" {
-			return false, nil
-		}
-	}
-	return true, nil
 }
 
 // openUnlocked is a reader of p for use with fs.mu held (ext4's

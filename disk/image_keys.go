@@ -85,7 +85,10 @@ func CreateImage(path string, key *Key, opts CreateOptions) (*Created, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create %s: %w", path, err)
 	}
-	if err := tmp.Sync(); err == nil {
+	// A failed Sync or Close must stop the link: a half-written image
+	// would otherwise take the name.
+	err = tmp.Sync()
+	if err == nil {
 		err = tmp.Close()
 	}
 	if err == nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -77,7 +78,16 @@ var (
 
 // treeRoots are trees of many small files that every Debian system has:
 // package documentation, else the Go source tree.
-var treeRoots = []string{"/usr/share/doc", filepath.Join(runtime.GOROOT(), "src")}
+var treeRoots = []string{"/usr/share/doc", filepath.Join(goroot(), "src")}
+
+// goroot is the toolchain's GOROOT, as the go command reports it.
+func goroot() string {
+	out, err := exec.Command("go", "env", "GOROOT").Output()
+	if err != nil {
+		return "/usr/local/go"
+	}
+	return strings.TrimSpace(string(out))
+}
 
 // loadTree lists up to max regular files under the first tree root that
 // has at least 1000 of them.

@@ -73,7 +73,9 @@ func TestLimiter(t *testing.T) {
 		t.Fatal("another key shares the bucket")
 	}
 	now = now.Add(time.Second)
-	if !l.allow("a") || !l.allow("a") || l.allow("a") {
+	// Three requests in a row: two allowed, the third not.
+	first, second, third := l.allow("a"), l.allow("a"), l.allow("a")
+	if !first || !second || third {
 		t.Fatal("refill is not 2 per second")
 	}
 	if newLimiter(0, time.Now) != nil || !(*limiter)(nil).allow("x") {

@@ -75,6 +75,9 @@ for sz in 100G 1T; do
 done
 
 echo
+scripts/bench_9p.sh
+
+echo
 echo "== keysvc: attested unlocks over HTTPS (TLS 1.3, SQLite, audit chain on), 256 concurrent clients =="
 echo "(quotes are precomputed with the TPM simulator before timing: the TPM is not the bottleneck measured."
 echo " The load generator's HTTPS client runs in the same process, on the same 2 cores as the service.)"

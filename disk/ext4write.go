@@ -1,0 +1,555 @@
+package disk
+
+// This file writes an open ext4 file's dirty pages into the file's own
+// blocks, so that an fsync costs what was written since the last one.
+// go-diskfs v1.9.4 can neither write a file's blocks in place at any
+// offset (#429) nor rename on ext4, so without this every flush rewrote
+// the whole file, twice.
+//
+// A flush runs in up to four epochs, each ended by a Device.Sync, so that
+// no crash can show a file that no one wrote:
+//
+//	B  data: dirty pages into blocks already mapped (in place) and into
+//	   newly allocated, still-free blocks; new extent leaf blocks; and,
+//	   when blocks change hands, an intent record in the superblock
+//	C  the block bitmaps, group descriptors and superblock counts that
+//	   mark the new blocks used
+//	D  the inode: size, extent root (i_block), i_blocks. One sector
+//	   write, so the file switches from its old to its new layout at once
+//	E  the bitmaps and counts that free the blocks the old layout held
+//	   and the new one dropped (truncation, replaced leaf blocks); then
+//	   the intent record cleared, made durable by the next sync
+//
+// Between C and E the bitmaps and the inode disagree, which e2fsck would
+// report. The intent record (inode number and the block runs that change
+// hands) lets the next writable OpenFS repair that: each listed block is
+// marked used exactly when the inode now references it (recoverExt4).
+// A leaf block is never rewritten while an inode references it: a changed
+// tree gets new leaf blocks, so epoch D alone decides which tree is live.
+//
+// What is not handled here falls back to the whole-file path in
+// fs_file.go (errFallback): inodes without extents, trees deeper than one
+// level or with more than four leaves, unwritten (preallocated) extents,
+// more block runs changing hands than the intent record holds, and
+// allocations that would need a block group whose bitmap is uninitialised
+// (BLOCK_UNINIT, as mkfs.ext4 leaves them).
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/diskfs/go-diskfs/filesystem/ext4/crc"
+)
+
+const (
+	// intentOff is where the intent record lives: the superblock's
+	// reserved padding (0x288-0x3fb), which e2fsck ignores and go-diskfs
+	// writes back as zeros whenever it writes the superblock. Only a
+	// flush of ours is ever in progress while a record is set.
+	intentOff   = 0x300
+	intentMagic = 0x3149474b // "KGI1"
+	// intentMax is how many runs fit between intentOff and the checksum.
+	intentMax         = (0x3fc - intentOff - 12) / 12
+	inodeFlagHugeFile = 0x40000
+	maxExtentLen      = 32768 // an initialised extent's longest run
+)
+
+// errFallback means a file's layout is beyond what flushExt4 supports; the
+// caller stores the file the old way. Nothing was written.
+var errFallback = errors.New("file layout beyond in-place writes")
+
+// ext4Flush is the plan of one in-place flush, computed before anything
+// is written.
+type ext4Flush struct {
+	m        *ext4Meta
+	ino      uint32
+	inode    []byte
+	ext      []extent // the new layout, in file order
+	oldIndex []uint64
+	leaves   [][]byte // new leaf blocks (depth 1), with their numbers in leafAt
+	leafAt   []uint64
+	alloc    []extent // runs to mark used (data and leaves)
+	free     []extent // runs to mark free (dropped data, replaced leaves)
+	tree     bool     // the extent tree changes
+	size     int64
+	sizeOld  int64
+	bm       *bitmaps
+}
+
+// bitmaps caches block bitmaps read (and changed) during one flush.
+type bitmaps struct {
+	m     *ext4Meta
+	maps  map[int][]byte
+	dirty map[int]bool
+}
+
+func (b *bitmaps) get(g int) ([]byte, error) {
+	if bm, ok := b.maps[g]; ok {
+		return bm, nil
+	}
+	if b.m.flags(g)&bgBlockUninit != 0 {
+		return nil, errFallback
+	}
+	bm := make([]byte, b.m.bs)
+	if _, err := b.m.dev.ReadAt(bm, b.m.blockBitmap(g)); err != nil {
+		return nil, fmt.Errorf("read block bitmap %d: %w", g, err)
+	}
+	b.maps[g] = bm
+	return bm, nil
+}
+
+func (b *bitmaps) set(blk uint64, used bool) error {
+	if blk < b.m.firstData || blk >= b.m.blocksCount {
+		return fmt.Errorf("block %d is outside the filesystem", blk)
+	}
+	g, i := int((blk-b.m.firstData)/uint64(b.m.bpg)), (blk-b.m.firstData)%uint64(b.m.bpg)
+	bm, err := b.get(g)
+	if err != nil {
+		return err
+	}
+	if used {
+		bm[i/8] |= 1 << (i % 8)
+	} else {
+		bm[i/8] &^= 1 << (i % 8)
+	}
+	b.dirty[g] = true
+	return nil
+}
+
+// alloc takes up to n free blocks in one run, at goal or after it
+// (wrapping around), and marks them used in the cached bitmaps.
+func (b *bitmaps) alloc(goal, n uint64) (extent, error) {
+	m := b.m
+	if goal < m.firstData || goal >= m.blocksCount {
+		goal = m.firstData
+	}
+	g0 := int((goal - m.firstData) / uint64(m.bpg))
+	for k := 0; k <= m.groups; k++ {
+		g := (g0 + k) % m.groups
+		if m.flags(g)&bgBlockUninit != 0 {
+			continue
+		}
+		bm, err := b.get(g)
+		if err != nil {
+			return extent{}, err
+		}
+		start := m.firstData + uint64(g)*uint64(m.bpg)
+		end := min(start+uint64(m.bpg), m.blocksCount)
+		from := start
+		if k == 0 {
+			from = goal
+		}
+		for blk := from; blk < end; blk++ {
+			i := blk - start
+			if bm[i/8] == 0xff && i%8 == 0 {
+				blk += 7
+				continue
+			}
+			if bm[i/8]&(1<<(i%8)) != 0 {
+				continue
+			}
+			e := extent{phys: blk}
+			for blk < end && uint64(e.count) < n && bm[(blk-start)/8]&(1<<((blk-start)%8)) == 0 {
+				bm[(blk-start)/8] |= 1 << ((blk - start) % 8)
+				e.count++
+				blk++
+			}
+			b.dirty[g] = true
+			return e, nil
+		}
+	}
+	// the initialised groups are full; the old path (go-diskfs) may still
+	// find room in uninitialised ones, and reports ErrNoSpace if not
+	return extent{}, errFallback
+}
+
+// planExt4 works out the flush of of without writing anything.
+func (f *FS) planExt4(of *openFile) (*ext4Flush, error) {
+	m, err := readExt4Meta(f.dev)
+	if err != nil {
+		return nil, err
+	}
+	ino, err := f.inodeOf(of.path)
+	if err != nil {
+		return nil, err
+	}
+	in, err := m.readInode(ino)
+	if err != nil {
+		return nil, err
+	}
+	le := binary.LittleEndian
+	if le.Uint32(in[0x20:])&inodeFlagExtents == 0 || le.Uint16(in[0x28+6:]) > 1 {
+		return nil, errFallback
+	}
+	old, index, err := m.extents(in)
+	if err != nil {
+		return nil, fmt.Errorf("inode %d: %w", ino, err)
+	}
+	for _, e := range old {
+		if e.unwritten {
+			return nil, errFallback
+		}
+	}
+	bs := m.bs
+	p := &ext4Flush{m: m, ino: ino, inode: in, oldIndex: index, size: of.size,
+		sizeOld: int64(le.Uint32(in[0x04:])) | int64(le.Uint32(in[0x6c:]))<<32,
+		bm:      &bitmaps{m: m, maps: map[int][]byte{}, dirty: map[int]bool{}}}
+	// blocks at or past keep hold content truncated away since the last
+	// flush: they are dropped, and any page rewritten there gets new ones
+	keep := uint64((of.baseLen + bs - 1) / bs)
+	nblocks := uint64((of.size + bs - 1) / bs)
+	for _, e := range old {
+		switch {
+		case e.logical+uint64(e.count) <= keep:
+			p.ext = append(p.ext, e)
+		case e.logical >= keep:
+			p.free = append(p.free, extent{phys: e.phys, count: e.count})
+		default:
+			n := uint32(keep - e.logical)
+			p.ext = append(p.ext, extent{logical: e.logical, phys: e.phys, count: n})
+			p.free = append(p.free, extent{phys: e.phys + uint64(n), count: e.count - n})
+		}
+	}
+	// unmapped blocks under dirty pages get new blocks, placed after the
+	// block mapped just before them so that files stay contiguous
+	var need []uint64
+	for _, idx := range sortedPages(of) {
+		first := uint64(idx * pageSize / bs)
+		for b := first; b < first+uint64(pageSize/bs) && b < nblocks; b++ {
+			if _, ok := lookup(p.ext, b); !ok {
+				need = append(need, b)
+			}
+		}
+	}
+	goal := m.firstData + uint64((ino-1)/m.ipg)*uint64(m.bpg)
+	for i := 0; i < len(need); {
+		j := i + 1
+		for j < len(need) && need[j] == need[j-1]+1 {
+			j++
+		}
+		if g, ok := after(p.ext, need[i]); ok {
+			goal = g
+		}
+		for l, n := need[i], uint64(j-i); n > 0; {
+			e, err := p.bm.alloc(goal, min(n, maxExtentLen))
+			if err != nil {
+				return nil, err
+			}
+			p.alloc = append(p.alloc, e)
+			p.ext = append(p.ext, extent{logical: l, phys: e.phys, count: e.count})
+			l, n, goal = l+uint64(e.count), n-uint64(e.count), e.phys+uint64(e.count)
+		}
+		i = j
+	}
+	p.ext = mergeExtents(p.ext)
+	p.tree = !slices.Equal(p.ext, old)
+	if p.tree {
+		if err := p.buildTree(); err != nil {
+			return nil, err
+		}
+	}
+	if len(mergeRuns(append(slices.Clone(p.alloc), p.free...))) > intentMax {
+		return nil, errFallback
+	}
+	return p, nil
+}
+
+// buildTree lays out p.ext as the inode's extent tree: inline when four
+// extents or fewer, else one level of new leaf blocks under i_block.
+func (p *ext4Flush) buildTree() error {
+	m, le := p.m, binary.LittleEndian
+	for _, b := range p.oldIndex {
+		p.free = append(p.free, extent{phys: b, count: 1})
+	}
+	if len(p.ext) <= 4 {
+		return nil
+	}
+	per := int((m.bs - 12) / 12)
+	if len(p.ext) > 4*per {
+		return errFallback
+	}
+	goal := p.ext[len(p.ext)-1].phys
+	var seed [4]byte
+	le.PutUint32(seed[:], p.ino)
+	csum := crc.CRC32c(crc.CRC32c(m.seed, seed[:]), p.inode[0x64:0x68])
+	for i := 0; i < len(p.ext); i += per {
+		chunk := p.ext[i:min(i+per, len(p.ext))]
+		e, err := p.bm.alloc(goal, 1)
+		if err != nil {
+			return err
+		}
+		p.alloc = append(p.alloc, e)
+		blk := make([]byte, m.bs)
+		putHeader(blk, len(chunk), per, 0)
+		for j, x := range chunk {
+			putLeaf(blk[12+12*j:], x)
+		}
+		if m.metaCsum {
+			le.PutUint32(blk[12+12*per:], crc.CRC32c(csum, blk[:12+12*per]))
+		}
+		p.leaves, p.leafAt = append(p.leaves, blk), append(p.leafAt, e.phys)
+	}
+	return nil
+}
+
+func putHeader(b []byte, entries, max, depth int) {
+	le := binary.LittleEndian
+	le.PutUint16(b, extentMagic)
+	le.PutUint16(b[2:], uint16(entries))
+	le.PutUint16(b[4:], uint16(max))
+	le.PutUint16(b[6:], uint16(depth))
+	le.PutUint32(b[8:], 0)
+}
+
+func putLeaf(b []byte, e extent) {
+	le := binary.LittleEndian
+	le.PutUint32(b, uint32(e.logical))
+	le.PutUint16(b[4:], uint16(e.count))
+	le.PutUint16(b[6:], uint16(e.phys>>32))
+	le.PutUint32(b[8:], uint32(e.phys))
+}
+
+// newInode is the inode as epoch D writes it.
+func (p *ext4Flush) newInode() []byte {
+	in, le := slices.Clone(p.inode), binary.LittleEndian
+	le.PutUint32(in[0x04:], uint32(p.size))
+	le.PutUint32(in[0x6c:], uint32(p.size>>32))
+	now := uint32(time.Now().Unix())
+	le.PutUint32(in[0x0c:], now)
+	le.PutUint32(in[0x10:], now)
+	if !p.tree {
+		return in
+	}
+	root := in[0x28 : 0x28+60]
+	clear(root)
+	blocks := uint64(len(p.leaves))
+	for _, e := range p.ext {
+		blocks += uint64(e.count)
+	}
+	if p.leaves == nil {
+		putHeader(root, len(p.ext), 4, 0)
+		for i, e := range p.ext {
+			putLeaf(root[12+12*i:], e)
+		}
+	} else {
+		putHeader(root, len(p.leaves), 4, 1)
+		for i, at := range p.leafAt {
+			x := root[12+12*i:]
+			le.PutUint32(x, uint32(p.ext[i*int((p.m.bs-12)/12)].logical))
+			le.PutUint32(x[4:], uint32(at))
+			le.PutUint16(x[8:], uint16(at>>32))
+		}
+	}
+	if le.Uint32(in[0x20:])&inodeFlagHugeFile == 0 {
+		blocks *= uint64(p.m.bs / 512)
+	}
+	le.PutUint32(in[0x1c:], uint32(blocks))
+	le.PutUint16(in[0x74:], uint16(blocks>>32))
+	return in
+}
+
+// flushExt4 writes of's dirty pages in place and makes them durable, in
+// the epochs described at the top of this file. It returns errFallback,
+// having written nothing, when the file's layout is beyond it.
+func (f *FS) flushExt4(of *openFile) error {
+	p, err := f.planExt4(of)
+	if err != nil {
+		return err
+	}
+	if err := p.run(of); err != nil {
+		// as after a crash: put the bitmaps right before anything else
+		if rerr := f.recoverExt4(); rerr != nil {
+			err = fmt.Errorf("%w (and repairing the bitmaps failed: %v)", err, rerr)
+		}
+		return fmt.Errorf("write %s: %w", display(of.path), err)
+	}
+	if p.tree || len(p.alloc)+len(p.free) > 0 || p.size != p.sizeOld {
+		// go-diskfs keeps the superblock and group descriptors in memory
+		return f.reload()
+	}
+	return nil
+}
+
+func (p *ext4Flush) run(of *openFile) error {
+	m, dev := p.m, p.m.dev
+	bs := m.bs
+	nblocks := uint64((p.size + bs - 1) / bs)
+	// B: the data, the new leaves, the intent
+	for _, idx := range sortedPages(of) {
+		pg := of.pages[idx]
+		first := uint64(idx * pageSize / bs)
+		for b := first; b < first+uint64(pageSize/bs) && b < nblocks; {
+			phys, _ := lookup(p.ext, b)
+			n := uint64(1)
+			for b+n < first+uint64(pageSize/bs) && b+n < nblocks {
+				if q, ok := lookup(p.ext, b+n); !ok || q != phys+n {
+					break
+				}
+				n++
+			}
+			off := int64(b-first) * bs
+			if _, err := dev.WriteAt(pg[off:off+int64(n)*bs], int64(phys)*bs); err != nil {
+				return fmt.Errorf("write data: %w", err)
+			}
+			b += n
+		}
+	}
+	for i, blk := range p.leaves {
+		if _, err := dev.WriteAt(blk, int64(p.leafAt[i])*bs); err != nil {
+			return fmt.Errorf("write extent leaf: %w", err)
+		}
+	}
+	moving := len(p.alloc)+len(p.free) > 0
+	if moving {
+		m.setIntent(p.ino, mergeRuns(append(slices.Clone(p.alloc), p.free...)))
+		if err := m.writeSuper(); err != nil {
+			return err
+		}
+	}
+	if !p.tree && p.size == p.sizeOld {
+		// only the times change: no layout to order against the data
+		return errors.Join(m.writeInode(p.ino, p.newInode()), dev.Sync())
+	}
+	if err := dev.Sync(); err != nil {
+		return err
+	}
+	// C: the new blocks marked used
+	if len(p.alloc) > 0 {
+		if err := p.bm.write(); err != nil {
+			return err
+		}
+		if err := dev.Sync(); err != nil {
+			return err
+		}
+	}
+	// D: the inode switches to the new layout
+	if err := m.writeInode(p.ino, p.newInode()); err != nil {
+		return err
+	}
+	if err := dev.Sync(); err != nil {
+		return err
+	}
+	// E: the dropped blocks freed, the intent cleared
+	if !moving {
+		return nil
+	}
+	for _, e := range p.free {
+		for b := e.phys; b < e.phys+uint64(e.count); b++ {
+			if err := p.bm.set(b, false); err != nil {
+				return err
+			}
+		}
+	}
+	if err := p.bm.write(); err != nil {
+		return err
+	}
+	// the intent goes only once the bitmaps are durable: within one
+	// epoch the Device writes in sector order, superblock first
+	if err := dev.Sync(); err != nil {
+		return err
+	}
+	// Its clearing needs no sync of its own: a record that outlives the
+	// flush names blocks the inode references exactly as the bitmaps say,
+	// so a repair from it changes nothing; and it cannot outlive the next
+	// sync, which every later change ends with (nor can a block it names
+	// change owner before then).
+	m.setIntent(0, nil)
+	return m.writeSuper()
+}
+
+// write stores the changed bitmaps, their groups' free counts and
+// checksums, and the superblock's free count.
+func (b *bitmaps) write() error {
+	m, le := b.m, binary.LittleEndian
+	for g := range b.dirty {
+		bm := b.maps[g]
+		if _, err := m.dev.WriteAt(bm, m.blockBitmap(g)); err != nil {
+			return fmt.Errorf("write block bitmap %d: %w", g, err)
+		}
+		inGroup := min(uint64(m.bpg), m.blocksCount-m.firstData-uint64(g)*uint64(m.bpg))
+		m.setField16(g, 0x0c, 0x2c, uint32(zeros(bm, int(inGroup))))
+		if m.metaCsum {
+			m.setField16(g, 0x18, 0x38, crc.CRC32c(m.seed, bm[:m.bpg/8]))
+		}
+		m.sealDesc(g)
+		if _, err := m.dev.WriteAt(m.desc(g), m.gdtOff+int64(g*m.descSize)); err != nil {
+			return fmt.Errorf("write group descriptor %d: %w", g, err)
+		}
+	}
+	clear(b.dirty)
+	var free uint64
+	for g := 0; g < m.groups; g++ {
+		free += m.field(g, 0x0c, 0x2c, 2)
+	}
+	le.PutUint32(m.sb[0x0c:], uint32(free))
+	le.PutUint32(m.sb[0x158:], uint32(free>>32))
+	return m.writeSuper()
+}
+
+// sortedPages lists of's pages in file order.
+func sortedPages(of *openFile) []int64 {
+	idx := make([]int64, 0, len(of.pages))
+	for i := range of.pages {
+		idx = append(idx, i)
+	}
+	slices.Sort(idx)
+	return idx
+}
+
+// lookup maps file block b through es, sorted by logical block.
+func lookup(es []extent, b uint64) (uint64, bool) {
+	i := sort.Search(len(es), func(i int) bool { return es[i].logical+uint64(es[i].count) > b })
+	if i < len(es) && es[i].logical <= b {
+		return es[i].phys + (b - es[i].logical), true
+	}
+	return 0, false
+}
+
+// after is the block just past the extent that ends last before file
+// block b: where a new run placed after it continues it on disk.
+func after(es []extent, b uint64) (uint64, bool) {
+	var goal uint64
+	ok := false
+	for _, e := range es {
+		if e.logical < b {
+			goal, ok = e.phys+uint64(e.count), true
+		}
+	}
+	return goal, ok
+}
+
+// mergeExtents sorts es by file block and joins runs contiguous both in
+// the file and on disk.
+func mergeExtents(es []extent) []extent {
+	slices.SortFunc(es, func(a, b extent) int { return int(int64(a.logical) - int64(b.logical)) })
+	var out []extent
+	for _, e := range es {
+		if n := len(out); n > 0 {
+			l := &out[n-1]
+			if l.logical+uint64(l.count) == e.logical && l.phys+uint64(l.count) == e.phys && l.count+e.count <= maxExtentLen {
+				l.count += e.count
+				continue
+			}
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// mergeRuns sorts block runs and joins the adjacent ones.
+func mergeRuns(rs []extent) []extent {
+	slices.SortFunc(rs, func(a, b extent) int { return int(int64(a.phys) - int64(b.phys)) })
+	var out []extent
+	for _, r := range rs {
+		if n := len(out); n > 0 && out[n-1].phys+uint64(out[n-1].count) == r.phys {
+			out[n-1].count += r.count
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
