@@ -28,7 +28,8 @@ import (
 //	           (fw_cfg "uk"), checks the database and runs the benchmark
 //	9p-load    --serve-9p, mount -t 9p, commit SQLite transactions until
 //	           the host kills the guest (or SQLite fails)
-//	9p-check   mount again, check the database, list the files
+//	9p-check   mount again, check the database, list the files; once
+//	           keygate has stopped, e2fsck -fn through dm-crypt
 const dataScript = `
 fwcfg ca >/tmp/ca.pem
 mode=$(fwcfg mode)
@@ -140,6 +141,15 @@ nbd-*)
 	umount /mnt
 	kill -TERM "$kg"
 	waitkg
+	if [ "$mode" = 9p-check ] && fwcfg uk >/tmp/uk; then
+		# After keygate's writable open (its repair, if the crash needed
+		# one), the kernel's e2fsck through dm-crypt must find nothing.
+		x /bin/cryptsetup --disable-locks open --key-file /tmp/uk /dev/vda kgx || exit 41
+		rm /tmp/uk
+		x /bin/e2fsck -fn /dev/mapper/kgx >/tmp/fsck.out 2>&1
+		result fsck "rc=$? $(tail -n 1 /tmp/fsck.out)"
+		x /bin/cryptsetup --disable-locks close kgx || exit 42
+	fi
 	;;
 esac
 `
@@ -338,7 +348,7 @@ func TestDataPath(t *testing.T) {
 	})
 
 	t.Run("9p", func(t *testing.T) {
-		img, _ := l.volumeOf(t, "vm-db", "vol-9p", "64M", "ext4")
+		img, ukFile := l.volumeOf(t, "vm-db", "vol-9p", "64M", "ext4")
 		load := l.crash(t, m, img, "vol-9p", map[string][]byte{"script": []byte(dataScript),
 			"mode": []byte("9p-load"), "n": []byte(strconv.Itoa(loadTx))})
 		requireModules(t, load.results, load.console)
@@ -369,8 +379,17 @@ func TestDataPath(t *testing.T) {
 			t.Fatalf("the guest reported no commit on the 9P mount\n%s", tail(load.console, 60))
 		}
 		t.Logf("9P load (SQLite vfs %s): QEMU killed after %d transactions reported committed; guest rate %s", vfs, load.committed, load.results["sqlite_rate"])
-		r := l.boot(t, m, img, "vol-9p", "", map[string][]byte{"script": []byte(dataScript), "mode": []byte("9p-check"), "vfs": []byte(vfs)}, nil)
+		uk, err := os.ReadFile(ukFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := l.boot(t, m, img, "vol-9p", "", map[string][]byte{"script": []byte(dataScript), "mode": []byte("9p-check"), "vfs": []byte(vfs), "uk": uk}, nil)
 		t.Logf("files on the 9P mount after the crash: %s", r.get(t, "files_9p"))
+		if got := r.get(t, "fsck"); !strings.HasPrefix(got, "rc=0 ") {
+			t.Errorf("e2fsck -fn through dm-crypt, after keygate's next open of the crashed volume: %s", got)
+		} else {
+			t.Logf("e2fsck -fn through dm-crypt after the reboot: %s", got)
+		}
 		max := checkDB(t, r.get(t, "sqlite_integrity"), r.get(t, "sqlite_check"), load.committed)
 		t.Logf("after the reboot: %d transactions present, %d reported committed before the kill", max, load.committed)
 	})
