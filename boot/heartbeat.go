@@ -25,7 +25,7 @@ func (b *Boot) heartbeat(ctx context.Context) {
 			return
 		case err := <-b.serveErr:
 			if err != nil {
-				b.lock(fmt.Errorf("9P server failed: %w", err))
+				b.lock(fmt.Errorf("serving the volume failed: %w", err))
 				return
 			}
 			continue

@@ -53,7 +53,13 @@ func (b *Boot) serveNBD() error {
 			return err
 		}
 		b.nbdLn = ln
-		go func() { b.serveErr <- b.nbd.Serve(ln) }()
+		go func() {
+			err := b.nbd.Serve(ln)
+			if errors.Is(err, nbd.ErrServerClosed) {
+				err = nil // the lock closed it
+			}
+			b.serveErr <- err
+		}()
 		b.emit(Event{Kind: EventServing, Message: "serving NBD on " + path + " (qemu-img, nbdcopy: nbd+unix:///?socket=" + path + ")"})
 	}
 	if dev := b.cfg.Attach; dev != "" {
