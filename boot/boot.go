@@ -93,6 +93,10 @@ type Config struct {
 	Monitor bool
 	// OnAlert is what an alert does: AlertLog (the default) or AlertLock.
 	OnAlert AlertAction
+	// MonitorMinSeverity is the lowest severity of the monitor's events
+	// that reach Log, OnEvent and the key service (default warning); those
+	// below are only counted. ebpfmon.Info passes them all.
+	MonitorMinSeverity ebpfmon.Severity
 }
 
 // EventKind names a step of the flow that a driver (keygate demo, a test)

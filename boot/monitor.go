@@ -64,7 +64,7 @@ type monitor struct {
 // they exist, and so that a failure costs nothing: no key was released and
 // the window PCR is not yet extended.
 func (b *Boot) startMonitor() error {
-	m, err := ebpfmon.Start(context.Background(), ebpfmon.Config{Self: keymem.Default})
+	m, err := ebpfmon.Start(context.Background(), ebpfmon.Config{Self: keymem.Default, MinSeverity: b.cfg.MonitorMinSeverity})
 	if err != nil {
 		why := ""
 		if os.Geteuid() != 0 {
@@ -120,6 +120,11 @@ func (b *Boot) dispatchAlerts() {
 	go func() {
 		defer close(mon.done)
 		ebpfmon.Dispatch(ctx, mon.m.Events(), onErr, sinks...)
+		if err := mon.m.Err(); err != nil {
+			// The monitor is blind from here on; the heartbeats go on,
+			// so say so where the operator looks.
+			b.log.Error("monitor: "+err.Error()+"; this process is no longer watched", slog.String("event", string(EventAlert)))
+		}
 	}()
 }
 

@@ -48,6 +48,7 @@ func (m *Monitor) tryEnforce() (Mode, string) {
 	var objs enforceObjects
 	err = loadEnforceObjects(&objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
 		"prot": m.objs.Prot, "targets": m.objs.Targets, "allow": m.objs.Allow, "denials": m.objs.Denials,
+		"events": m.objs.Events, "drops": m.objs.Drops,
 	}})
 	if err != nil {
 		// cilium/ebpf's hint about MEMLOCK is beside the point: Start
@@ -72,7 +73,7 @@ func (m *Monitor) tryEnforce() (Mode, string) {
 	}
 	m.links = append(m.links, attached...)
 	m.enforce = &objs
-	return ModeDeny, "BPF LSM programs attached: ptrace_access_check denies ATTACH-mode access to protected processes, file_open denies /proc/kcore and /dev/mem"
+	return ModeDeny, "BPF LSM programs attached: ptrace_access_check denies ATTACH-mode access to protected processes, file_open reports every open of a protected process's mem, environ and maps and of /proc/kcore and /dev/mem (the open tracepoints are detached) and denies mem, kcore and /dev/mem"
 }
 
 // lockdownHint names kernel lockdown when it is on, the usual reason root

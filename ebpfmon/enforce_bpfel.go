@@ -30,16 +30,54 @@ type enforceProtectedProc struct {
 	}
 }
 
+type enforceScratch struct {
+	_ structs.HostLayout
+	E struct {
+		_          structs.HostLayout
+		Ktime      uint64
+		CgroupId   uint64
+		Addr       uint64
+		Len        uint64
+		Overlap    uint64
+		Total      uint64
+		Result     int64
+		Arg        uint64
+		Pid        uint32
+		Tgid       uint32
+		Uid        uint32
+		Target     uint32
+		TargetTgid uint32
+		Technique  uint32
+		Flags      uint32
+		Niov       uint32
+		Nr         int32
+		Pad        uint32
+		SampleType uint64
+		Comm       [16]int8
+		Exe        [32]int8
+		Path       [64]int8
+	}
+	Iov [16]struct {
+		_    structs.HostLayout
+		Base uint64
+		Len  uint64
+	}
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	enforceMapAllow       = "allow"
 	enforceMapDenials     = "denials"
+	enforceMapDrops       = "drops"
+	enforceMapEvents      = "events"
 	enforceMapProt        = "prot"
+	enforceMapScratch     = "scratch"
 	enforceMapTargets     = "targets"
 	enforceProgDenyOpen   = "deny_open"
 	enforceProgDenyPtrace = "deny_ptrace"
+	enforceVarUnusedEvent = "unused_event"
 )
 
 // loadEnforce returns the embedded CollectionSpec for enforce.
@@ -94,7 +132,10 @@ type enforceProgramSpecs struct {
 type enforceMapSpecs struct {
 	Allow   *ebpf.MapSpec `ebpf:"allow"`
 	Denials *ebpf.MapSpec `ebpf:"denials"`
+	Drops   *ebpf.MapSpec `ebpf:"drops"`
+	Events  *ebpf.MapSpec `ebpf:"events"`
 	Prot    *ebpf.MapSpec `ebpf:"prot"`
+	Scratch *ebpf.MapSpec `ebpf:"scratch"`
 	Targets *ebpf.MapSpec `ebpf:"targets"`
 }
 
@@ -102,6 +143,7 @@ type enforceMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type enforceVariableSpecs struct {
+	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
 }
 
 // enforceObjects contains all objects after they have been loaded into the kernel.
@@ -126,7 +168,10 @@ func (o *enforceObjects) Close() error {
 type enforceMaps struct {
 	Allow   *ebpf.Map `ebpf:"allow"`
 	Denials *ebpf.Map `ebpf:"denials"`
+	Drops   *ebpf.Map `ebpf:"drops"`
+	Events  *ebpf.Map `ebpf:"events"`
 	Prot    *ebpf.Map `ebpf:"prot"`
+	Scratch *ebpf.Map `ebpf:"scratch"`
 	Targets *ebpf.Map `ebpf:"targets"`
 }
 
@@ -134,7 +179,10 @@ func (m *enforceMaps) Close() error {
 	return _EnforceClose(
 		m.Allow,
 		m.Denials,
+		m.Drops,
+		m.Events,
 		m.Prot,
+		m.Scratch,
 		m.Targets,
 	)
 }
@@ -143,6 +191,7 @@ func (m *enforceMaps) Close() error {
 //
 // It can be passed to loadEnforceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type enforceVariables struct {
+	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
 }
 
 // enforcePrograms contains all programs after they have been loaded into the kernel.

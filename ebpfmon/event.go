@@ -57,6 +57,14 @@ const (
 	flagResolved  = 8
 	flagOpenat2   = 16
 	flagDenied    = 32
+	flagOpen      = 64
+	flagCreat     = 128
+	flagIOUring   = 256
+	flagCompat    = 512
+	flagPerfCPU   = 1024
+	flagPerfCgrp  = 2048
+	flagIovChange = 4096
+	flagIovUnread = 8192
 )
 
 // Event is one attempt to reach a protected process's memory (or all of
@@ -94,7 +102,27 @@ type Event struct {
 	Ranges       int    `json:"ranges,omitempty"` // remote iovecs named
 	Truncated    bool   `json:"truncated,omitempty"`
 
-	Path   string `json:"path,omitempty"` // the path as passed to openat/openat2
+	// IovChanged: the remote iovecs read when the syscall returned differ
+	// from those read when it was entered (another thread rewrote them
+	// mid-call); the graver reading counts. IovUnread: neither reading
+	// could be made, so the ranges are unknown.
+	IovChanged bool `json:"iov_changed,omitempty"`
+	IovUnread  bool `json:"iov_unread,omitempty"`
+
+	// Via is the route of an open: openat, openat2, open, creat or
+	// io_uring (a ring's IORING_OP_OPENAT/OPENAT2, seen at completion: no
+	// path, no flags). Compat says the syscall was a 32-bit one (int 0x80).
+	Via    string `json:"via,omitempty"`
+	Compat bool   `json:"compat,omitempty"`
+	// Scope is set for a perf_event_open that names no process: "cpu"
+	// (pid -1: every task on a CPU) or "cgroup" (every task of a cgroup).
+	// Either samples the key holder whenever it runs there; TargetPID is 0.
+	Scope string `json:"scope,omitempty"`
+	// SampleType is perf_event_open's attr.sample_type: what each sample
+	// copies out of the task it interrupts.
+	SampleType uint64 `json:"sample_type,omitempty"`
+
+	Path   string `json:"path,omitempty"` // the path as passed to the open syscall
 	Arg    uint64 `json:"arg,omitempty"`  // ptrace request, open flags, perf type, or pidfd_getfd's fd
 	Result int64  `json:"result"`         // the syscall's return value; negative is -errno
 	// Denied says the kernel refused this attempt because of our BPF LSM
@@ -114,6 +142,15 @@ func (e Event) String() string {
 	s := fmt.Sprintf("%s %s by pid %d (%s, uid %d) on pid %d", e.Severity, e.Technique, e.TGID, e.Comm, e.UID, e.TargetPID)
 	if e.Path != "" {
 		s += " path " + strconv.Quote(e.Path)
+	}
+	if e.Via != "" && e.Via != "openat" {
+		s += " via " + e.Via
+	}
+	if e.Compat {
+		s += " (32-bit syscall)"
+	}
+	if e.Scope != "" {
+		s += " on every task of a " + e.Scope
 	}
 	if e.Addr != 0 || e.Len != 0 {
 		s += fmt.Sprintf(" addr %#x+%d", e.Addr, e.Len)
@@ -172,6 +209,31 @@ func toEvent(raw monitorEvent, bootTime time.Time, mode Mode) Event {
 		Result:       raw.Result,
 		Denied:       raw.Flags&flagDenied != 0,
 	}
+	e.SampleType = raw.SampleType
+	e.IovChanged = raw.Flags&flagIovChange != 0
+	e.IovUnread = raw.Flags&flagIovUnread != 0
+	e.Compat = raw.Flags&flagCompat != 0
+	switch {
+	case raw.Flags&flagPerfCPU != 0:
+		e.Scope = "cpu"
+	case raw.Flags&flagPerfCgrp != 0:
+		e.Scope = "cgroup"
+	}
+	switch e.Technique {
+	case ProcMem, ProcEnviron, ProcMaps, Kcore, DevMem:
+		switch {
+		case raw.Flags&flagIOUring != 0:
+			e.Via = "io_uring"
+		case raw.Flags&flagOpen != 0:
+			e.Via = "open"
+		case raw.Flags&flagCreat != 0:
+			e.Via = "creat"
+		case raw.Flags&flagOpenat2 != 0:
+			e.Via = "openat2"
+		default:
+			e.Via = "openat"
+		}
+	}
 	e.Severity = severityOf(e)
 	return e
 }
@@ -188,13 +250,41 @@ func severityOf(e Event) Severity {
 	case PtraceAttach, PtraceSeize, PidfdGetfd, ProcMem, Kcore, DevMem:
 		return Critical
 	case PerfEventOpen:
+		// On the process itself: its samples can carry registers and stack.
+		// Without a process (a CPU's or a cgroup's events), only samples
+		// that copy registers or stack can carry key bytes out of whichever
+		// task they interrupt; the rest (counting, tracepoints: every BPF
+		// tool attaches its programs this way) is info.
+		if e.Scope != "" && e.SampleType&perfSamplesMemory == 0 {
+			return Info
+		}
 		return Warning
 	}
-	if e.Overlap || e.Truncated {
+	// Ranges that changed mid-call, or could not be read while the call
+	// succeeded, may have reached the key pages: no benign caller does either.
+	if e.Overlap || e.Truncated || e.IovChanged || (e.IovUnread && e.Succeeded()) {
 		return Critical
 	}
 	return Warning
 }
+
+// perfSamplesMemory are the perf sample types that copy a task's registers
+// or user stack into the sample: PERF_SAMPLE_REGS_USER, STACK_USER,
+// REGS_INTR.
+const perfSamplesMemory = 1<<12 | 1<<13 | 1<<18
+
+// ParseSeverity parses a severity name (info, warning, critical).
+func ParseSeverity(s string) (Severity, error) {
+	for _, v := range Severities() {
+		if string(v) == s {
+			return v, nil
+		}
+	}
+	return "", fmt.Errorf("severity %q: use info, warning or critical", s)
+}
+
+// AtLeast reports whether s is at or above min.
+func (s Severity) AtLeast(min Severity) bool { return rank(s) >= rank(min) }
 
 func cString(b []int8) string {
 	u := unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(b))), len(b))

@@ -245,6 +245,20 @@ func attack(args []string) int {
 		if err == nil {
 			unix.Close(fd)
 		}
+	case "mem_open":
+		err = openLegacy(fmt.Sprintf("/proc/%d/mem", pid), false, start)
+	case "mem_creat":
+		err = openLegacy(fmt.Sprintf("/proc/%d/mem", pid), true, start)
+	case "mem_io_uring":
+		err = openRing(fmt.Sprintf("/proc/%d/mem", pid), start)
+	case "kcore_open":
+		err = openLegacy("/proc/kcore", false, start)
+	case "perf_cpu":
+		err = perfWide(false, start)
+	case "perf_cgroup":
+		err = perfWide(true, start)
+	case "vm_readv_lazy":
+		err = readvLazy(pid, addr, start)
 	case "environ":
 		open(unix.AT_FDCWD, fmt.Sprintf("/proc/%d/environ", pid))
 	case "maps":

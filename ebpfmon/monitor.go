@@ -7,8 +7,10 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -56,6 +58,11 @@ type Config struct {
 	// holds the BPF objects; with Self it follows Self's ranges, and without
 	// it treats its whole address space as key pages.
 	Self *keymem.Registry
+	// MinSeverity is the lowest severity Events delivers (default Warning).
+	// Events below it are still counted (Stats, NewMetrics): a benign ps
+	// reads every process's environ, and each read is an info event that
+	// would otherwise bury the alerts. Info delivers everything.
+	MinSeverity Severity
 	// EventBuffer is the capacity of the Events channel (default 1024). When
 	// the reader falls behind, the kernel's ring buffer fills and its drops
 	// are counted (Stats).
@@ -65,15 +72,25 @@ type Config struct {
 // Monitor watches the protected processes. Its methods may be called from
 // any goroutine.
 type Monitor struct {
-	objs     monitorObjects
-	enforce  *enforceObjects
-	links    []link.Link
-	progs    map[string]*ebpf.Program
-	rd       *ringbuf.Reader
-	events   chan Event
-	mode     Mode
-	reason   string
-	bootTime time.Time
+	objs    monitorObjects
+	enforce *enforceObjects
+	links   []link.Link
+	progs   map[string]*ebpf.Program
+	// openLinks are the open tracepoints' links, by tracepoint name.
+	openLinks map[string]link.Link
+	rd        *ringbuf.Reader
+	events    chan Event
+	mode      Mode
+	reason    string
+	bootTime  time.Time
+	minSev    Severity
+
+	// counts holds, per technique and severity, every event decoded,
+	// delivered or not; readErrs and decodeErrs what the reader lost.
+	counts     map[countKey]*atomic.Uint64
+	readErrs   atomic.Uint64
+	decodeErrs atomic.Uint64
+	err        atomic.Pointer[error] // why the reader stopped, if it failed
 
 	mu        sync.Mutex
 	protected map[int]bool
@@ -129,6 +146,19 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 		protected: map[int]bool{},
 		done:      make(chan struct{}),
 		bootTime:  bootTime(),
+		minSev:    Warning,
+		counts:    map[countKey]*atomic.Uint64{},
+	}
+	if cfg.MinSeverity != "" {
+		if _, err := ParseSeverity(string(cfg.MinSeverity)); err != nil {
+			return nil, fmt.Errorf("config MinSeverity: %v", err)
+		}
+		m.minSev = cfg.MinSeverity
+	}
+	for _, t := range Techniques() {
+		for _, sv := range Severities() {
+			m.counts[countKey{t, sv}] = new(atomic.Uint64)
+		}
 	}
 	spec, err := monitorSpec()
 	if err != nil {
@@ -144,6 +174,14 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 		}
 		return nil, fmt.Errorf("load BPF programs: %w", err)
 	}
+	// This process enters prot before the programs attach: attaching a
+	// tracepoint is a CPU-wide perf_event_open, which the monitor reports
+	// unless a protected process makes it. protectSelf below fills in its
+	// threads and ranges.
+	if err := m.objs.Prot.Put(uint32(os.Getpid()), &monitorProtectedProc{Whole: 1}); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("protect this process: %v", err)
+	}
 	if err := m.attach(); err != nil {
 		m.Close()
 		return nil, err
@@ -157,6 +195,12 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 	m.mode, m.reason = ModeDetect, "detect-only mode was asked for (Config.DetectOnly)"
 	if !cfg.DetectOnly {
 		m.mode, m.reason = m.tryEnforce()
+	}
+	if m.mode == ModeDeny {
+		if err := m.dropOpenTracepoints(); err != nil {
+			m.Close()
+			return nil, err
+		}
 	}
 	if err := m.protectSelf(cfg.Self); err != nil {
 		m.Close()
@@ -174,7 +218,7 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 	}
 	m.events = make(chan Event, n)
 	m.wg.Add(2)
-	go m.read()
+	go m.read(m.rd)
 	go func() {
 		defer m.wg.Done()
 		select {
@@ -190,33 +234,63 @@ func (m *Monitor) attach() error {
 	tps := []struct {
 		group, name string
 		prog        *ebpf.Program
+		optional    bool // absent where the kernel has no such route (no open(2) on arm64, no io_uring)
+		open        bool // an open route, which lsm/file_open covers in deny mode
 	}{
-		{"syscalls", "sys_enter_process_vm_readv", m.objs.VmReadvEnter},
-		{"syscalls", "sys_exit_process_vm_readv", m.objs.VmReadvExit},
-		{"syscalls", "sys_enter_process_vm_writev", m.objs.VmWritevEnter},
-		{"syscalls", "sys_exit_process_vm_writev", m.objs.VmWritevExit},
-		{"syscalls", "sys_enter_ptrace", m.objs.PtraceEnter},
-		{"syscalls", "sys_exit_ptrace", m.objs.PtraceExit},
-		{"syscalls", "sys_exit_openat", m.objs.OpenatExit},
-		{"syscalls", "sys_exit_openat2", m.objs.Openat2Exit},
-		{"syscalls", "sys_enter_pidfd_getfd", m.objs.PidfdGetfdEnter},
-		{"syscalls", "sys_exit_pidfd_getfd", m.objs.PidfdGetfdExit},
-		{"syscalls", "sys_enter_perf_event_open", m.objs.PerfEnter},
-		{"syscalls", "sys_exit_perf_event_open", m.objs.PerfExit},
-		{"task", "task_newtask", m.objs.Newtask},
-		{"sched", "sched_process_exit", m.objs.TaskExit},
+		{"syscalls", "sys_enter_process_vm_readv", m.objs.VmReadvEnter, false, false},
+		{"syscalls", "sys_exit_process_vm_readv", m.objs.VmReadvExit, false, false},
+		{"syscalls", "sys_enter_process_vm_writev", m.objs.VmWritevEnter, false, false},
+		{"syscalls", "sys_exit_process_vm_writev", m.objs.VmWritevExit, false, false},
+		{"syscalls", "sys_enter_ptrace", m.objs.PtraceEnter, false, false},
+		{"syscalls", "sys_exit_ptrace", m.objs.PtraceExit, false, false},
+		{"syscalls", "sys_exit_openat", m.objs.OpenatExit, false, true},
+		{"syscalls", "sys_exit_openat2", m.objs.Openat2Exit, false, true},
+		{"syscalls", "sys_exit_open", m.objs.OpenLegacyExit, true, true},
+		{"syscalls", "sys_exit_creat", m.objs.CreatExit, true, true},
+		{"io_uring", "io_uring_complete", m.objs.RingComplete, true, true},
+		{"raw_syscalls", "sys_exit", m.objs.CompatExit, false, true},
+		{"syscalls", "sys_enter_pidfd_getfd", m.objs.PidfdGetfdEnter, false, false},
+		{"syscalls", "sys_exit_pidfd_getfd", m.objs.PidfdGetfdExit, false, false},
+		{"syscalls", "sys_enter_perf_event_open", m.objs.PerfEnter, false, false},
+		{"syscalls", "sys_exit_perf_event_open", m.objs.PerfExit, false, false},
+		{"task", "task_newtask", m.objs.Newtask, false, false},
+		{"sched", "sched_process_exit", m.objs.TaskExit, false, false},
 	}
 	m.progs = map[string]*ebpf.Program{}
+	m.openLinks = map[string]link.Link{}
 	// Exits first: an entry seen without its exit would sit in pending.
 	for i := len(tps) - 1; i >= 0; i-- {
 		tp := tps[i]
 		m.progs[tp.name] = tp.prog
 		l, err := link.Tracepoint(tp.group, tp.name, tp.prog, nil)
+		if err != nil && tp.optional && errors.Is(err, os.ErrNotExist) {
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("attach tracepoint %s/%s: %w", tp.group, tp.name, &NotSupportedError{
 				Feature: "syscall tracepoints", Reason: err.Error() + " (the kernel needs CONFIG_FTRACE_SYSCALLS and tracefs)"})
 		}
 		m.links = append(m.links, l)
+		if tp.open {
+			m.openLinks[tp.name] = l
+		}
+	}
+	return nil
+}
+
+// dropOpenTracepoints detaches the open programs once the BPF LSM's
+// file_open reports every open itself (deny mode): every route to a file
+// passes that hook, and the syscall tracepoints were the open path's cost.
+func (m *Monitor) dropOpenTracepoints() error {
+	var errs []error
+	for name, l := range m.openLinks {
+		errs = append(errs, l.Close())
+		m.links = slices.DeleteFunc(m.links, func(x link.Link) bool { return x == l })
+		delete(m.progs, name)
+	}
+	m.openLinks = nil
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("detach the open tracepoints (the BPF LSM reports opens): %v", err)
 	}
 	return nil
 }
@@ -357,26 +431,6 @@ func (m *Monitor) Mode() (Mode, string) { return m.mode, m.reason }
 // closed by Close.
 func (m *Monitor) Events() <-chan Event { return m.events }
 
-// Stats counts what the monitor lost.
-type Stats struct {
-	// Drops counts events the kernel could not queue: the ring buffer was
-	// full because the Events reader fell behind.
-	Drops uint64 `json:"drops"`
-}
-
-// Stats reads the kernel's counters.
-func (m *Monitor) Stats() (Stats, error) {
-	var per []uint64
-	if err := m.objs.Drops.Lookup(uint32(0), &per); err != nil {
-		return Stats{}, fmt.Errorf("read drop counter: %v", err)
-	}
-	var s Stats
-	for _, v := range per {
-		s.Drops += v
-	}
-	return s, nil
-}
-
 // ProgramStat is what one of the monitor's BPF programs has cost so far.
 type ProgramStat struct {
 	Runs    uint64        `json:"runs"`
@@ -407,32 +461,6 @@ func EnableStats() (io.Closer, error) {
 		return nil, fmt.Errorf("enable BPF run-time statistics: %v", err)
 	}
 	return c, nil
-}
-
-func (m *Monitor) read() {
-	defer m.wg.Done()
-	defer close(m.events)
-	for {
-		rec, err := m.rd.Read()
-		if err != nil {
-			if errors.Is(err, ringbuf.ErrClosed) {
-				return
-			}
-			continue
-		}
-		raw, err := decodeRecord(rec.RawSample)
-		if err != nil {
-			continue
-		}
-		e := toEvent(raw, m.bootTime, m.mode)
-		e.ReceivedNS = MonotonicNow()
-		e.Exe = exePath(e.TGID, e.Exe)
-		select {
-		case m.events <- e:
-		case <-m.done:
-			return
-		}
-	}
 }
 
 // Close detaches the programs and frees the maps; protection ends.

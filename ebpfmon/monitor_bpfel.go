@@ -39,6 +39,7 @@ type monitorEvent struct {
 	Niov       uint32
 	Nr         int32
 	Pad        uint32
+	SampleType uint64
 	Comm       [16]int8
 	Exe        [32]int8
 	Path       [64]int8
@@ -77,7 +78,10 @@ const (
 	monitorMapProt             = "prot"
 	monitorMapScratch          = "scratch"
 	monitorMapTargets          = "targets"
+	monitorProgCompatExit      = "compat_exit"
+	monitorProgCreatExit       = "creat_exit"
 	monitorProgNewtask         = "newtask"
+	monitorProgOpenLegacyExit  = "open_legacy_exit"
 	monitorProgOpenat2Exit     = "openat2_exit"
 	monitorProgOpenatExit      = "openat_exit"
 	monitorProgPerfEnter       = "perf_enter"
@@ -86,6 +90,7 @@ const (
 	monitorProgPidfdGetfdExit  = "pidfd_getfd_exit"
 	monitorProgPtraceEnter     = "ptrace_enter"
 	monitorProgPtraceExit      = "ptrace_exit"
+	monitorProgRingComplete    = "ring_complete"
 	monitorProgTaskExit        = "task_exit"
 	monitorProgVmReadvEnter    = "vm_readv_enter"
 	monitorProgVmReadvExit     = "vm_readv_exit"
@@ -138,7 +143,10 @@ type monitorSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type monitorProgramSpecs struct {
+	CompatExit      *ebpf.ProgramSpec `ebpf:"compat_exit"`
+	CreatExit       *ebpf.ProgramSpec `ebpf:"creat_exit"`
 	Newtask         *ebpf.ProgramSpec `ebpf:"newtask"`
+	OpenLegacyExit  *ebpf.ProgramSpec `ebpf:"open_legacy_exit"`
 	Openat2Exit     *ebpf.ProgramSpec `ebpf:"openat2_exit"`
 	OpenatExit      *ebpf.ProgramSpec `ebpf:"openat_exit"`
 	PerfEnter       *ebpf.ProgramSpec `ebpf:"perf_enter"`
@@ -147,6 +155,7 @@ type monitorProgramSpecs struct {
 	PidfdGetfdExit  *ebpf.ProgramSpec `ebpf:"pidfd_getfd_exit"`
 	PtraceEnter     *ebpf.ProgramSpec `ebpf:"ptrace_enter"`
 	PtraceExit      *ebpf.ProgramSpec `ebpf:"ptrace_exit"`
+	RingComplete    *ebpf.ProgramSpec `ebpf:"ring_complete"`
 	TaskExit        *ebpf.ProgramSpec `ebpf:"task_exit"`
 	VmReadvEnter    *ebpf.ProgramSpec `ebpf:"vm_readv_enter"`
 	VmReadvExit     *ebpf.ProgramSpec `ebpf:"vm_readv_exit"`
@@ -233,7 +242,10 @@ type monitorVariables struct {
 //
 // It can be passed to loadMonitorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type monitorPrograms struct {
+	CompatExit      *ebpf.Program `ebpf:"compat_exit"`
+	CreatExit       *ebpf.Program `ebpf:"creat_exit"`
 	Newtask         *ebpf.Program `ebpf:"newtask"`
+	OpenLegacyExit  *ebpf.Program `ebpf:"open_legacy_exit"`
 	Openat2Exit     *ebpf.Program `ebpf:"openat2_exit"`
 	OpenatExit      *ebpf.Program `ebpf:"openat_exit"`
 	PerfEnter       *ebpf.Program `ebpf:"perf_enter"`
@@ -242,6 +254,7 @@ type monitorPrograms struct {
 	PidfdGetfdExit  *ebpf.Program `ebpf:"pidfd_getfd_exit"`
 	PtraceEnter     *ebpf.Program `ebpf:"ptrace_enter"`
 	PtraceExit      *ebpf.Program `ebpf:"ptrace_exit"`
+	RingComplete    *ebpf.Program `ebpf:"ring_complete"`
 	TaskExit        *ebpf.Program `ebpf:"task_exit"`
 	VmReadvEnter    *ebpf.Program `ebpf:"vm_readv_enter"`
 	VmReadvExit     *ebpf.Program `ebpf:"vm_readv_exit"`
@@ -251,7 +264,10 @@ type monitorPrograms struct {
 
 func (p *monitorPrograms) Close() error {
 	return _MonitorClose(
+		p.CompatExit,
+		p.CreatExit,
 		p.Newtask,
+		p.OpenLegacyExit,
 		p.Openat2Exit,
 		p.OpenatExit,
 		p.PerfEnter,
@@ -260,6 +276,7 @@ func (p *monitorPrograms) Close() error {
 		p.PidfdGetfdExit,
 		p.PtraceEnter,
 		p.PtraceExit,
+		p.RingComplete,
 		p.TaskExit,
 		p.VmReadvEnter,
 		p.VmReadvExit,

@@ -17,7 +17,8 @@ import (
 // TestTechniques carries out every technique against a victim holding a key
 // in memguard and checks the alert the monitor raises, field by field.
 func TestTechniques(t *testing.T) {
-	m := startMonitor(t, ebpfmon.Config{})
+	// Info too: environ and maps are among the techniques checked.
+	m := startMonitor(t, ebpfmon.Config{MinSeverity: ebpfmon.Info})
 	v := startVictim(t)
 	if err := m.Protect(v.PID, []ebpfmon.Range{v.Key}); err != nil {
 		t.Fatal(err)
@@ -37,6 +38,9 @@ func TestTechniques(t *testing.T) {
 		target    int    // the pid as named, when it is not the victim's
 		path      string // expected path, when the syscall takes one
 		wantErr   bool   // the syscall fails here (no /proc/kcore, /dev/mem on this kernel) yet is flagged
+		via       string // the open's route, for opens
+		arg       uint64 // open flags, when not O_RDONLY|O_CLOEXEC
+		scope     string // perf_event_open without a target
 	}{
 		{name: "process_vm_readv over the key", args: []string{"vm_readv", pid, key}, technique: ebpfmon.ProcessVMReadv, severity: ebpfmon.Critical, overlap: true},
 		{name: "process_vm_readv elsewhere", args: []string{"vm_readv", pid, other}, technique: ebpfmon.ProcessVMReadv, severity: ebpfmon.Warning},
@@ -55,6 +59,14 @@ func TestTechniques(t *testing.T) {
 		{name: "proc mem task dirfd-relative", args: []string{"mem_task_dirfd", pid, "0", strconv.Itoa(tid)}, technique: ebpfmon.ProcMem, severity: ebpfmon.Critical, overlap: true, path: "mem"},
 		{name: "proc mem cwd-relative", args: []string{"mem_cwd", pid}, technique: ebpfmon.ProcMem, severity: ebpfmon.Critical, overlap: true, path: "mem"},
 		{name: "proc mem openat2", args: []string{"mem_openat2", pid}, technique: ebpfmon.ProcMem, severity: ebpfmon.Critical, overlap: true, path: "/proc/" + pid + "/mem"},
+		{name: "proc mem open(2)", args: []string{"mem_open", pid}, technique: ebpfmon.ProcMem, severity: ebpfmon.Critical, overlap: true, path: "/proc/" + pid + "/mem", via: "open"},
+		{name: "proc mem creat(2)", args: []string{"mem_creat", pid}, technique: ebpfmon.ProcMem, severity: ebpfmon.Critical, overlap: true, path: "/proc/" + pid + "/mem", via: "creat",
+			arg: unix.O_CREAT | unix.O_WRONLY | unix.O_TRUNC},
+		{name: "proc mem io_uring openat", args: []string{"mem_io_uring", pid}, technique: ebpfmon.ProcMem, severity: ebpfmon.Critical, overlap: true, via: "io_uring"},
+		{name: "proc kcore open(2)", args: []string{"kcore_open", pid}, technique: ebpfmon.Kcore, severity: ebpfmon.Critical, overlap: true, path: "/proc/kcore", target: -1, via: "open"},
+		{name: "process_vm_readv, remote iovec not yet faulted in", args: []string{"vm_readv_lazy", pid, key}, technique: ebpfmon.ProcessVMReadv, severity: ebpfmon.Critical, overlap: true},
+		{name: "perf_event_open on a CPU (pid -1)", args: []string{"perf_cpu", pid}, technique: ebpfmon.PerfEventOpen, severity: ebpfmon.Warning, target: -1, scope: "cpu"},
+		{name: "perf_event_open on a cgroup", args: []string{"perf_cgroup", pid}, technique: ebpfmon.PerfEventOpen, severity: ebpfmon.Warning, target: -1, scope: "cgroup"},
 		{name: "proc environ", args: []string{"environ", pid}, technique: ebpfmon.ProcEnviron, severity: ebpfmon.Info, path: "/proc/" + pid + "/environ"},
 		{name: "proc maps", args: []string{"maps", pid}, technique: ebpfmon.ProcMaps, severity: ebpfmon.Info, path: "/proc/" + pid + "/maps"},
 		{name: "pidfd_getfd", args: []string{"pidfd_getfd", pid}, technique: ebpfmon.PidfdGetfd, severity: ebpfmon.Critical},
@@ -90,9 +102,20 @@ func TestTechniques(t *testing.T) {
 			if tc.path != "" && e.Path != tc.path {
 				t.Errorf("path %q, want %q", e.Path, tc.path)
 			}
-			// Every attacking open (openat and openat2 alike) passes these flags.
-			if tc.path != "" && e.Arg != unix.O_RDONLY|unix.O_CLOEXEC {
-				t.Errorf("open flags %#x, want %#x", e.Arg, unix.O_RDONLY|unix.O_CLOEXEC)
+			// Every attacking open (openat and openat2 alike) passes these
+			// flags, but creat.
+			wantArg := uint64(unix.O_RDONLY | unix.O_CLOEXEC)
+			if tc.arg != 0 {
+				wantArg = tc.arg
+			}
+			if tc.path != "" && e.Arg != wantArg {
+				t.Errorf("open flags %#x, want %#x", e.Arg, wantArg)
+			}
+			if tc.via != "" && e.Via != tc.via {
+				t.Errorf("via %q, want %q", e.Via, tc.via)
+			}
+			if e.Scope != tc.scope {
+				t.Errorf("scope %q, want %q", e.Scope, tc.scope)
 			}
 			if tc.overlap && !strings.HasPrefix(tc.args[0], "mem") && tc.technique != ebpfmon.Kcore && tc.technique != ebpfmon.DevMem {
 				if e.Addr != v.Key.Start || e.OverlapBytes == 0 {

@@ -62,37 +62,70 @@ func (s *JSONSink) Write(e Event) error {
 }
 
 // Metrics counts events by technique and severity, and exposes the kernel's
-// drop counter, for Prometheus.
+// drop counter and the reader's error counters, for Prometheus.
 type Metrics struct {
-	events *prometheus.CounterVec
+	events *prometheus.CounterVec // events written, when no Monitor counts them
+	m      *Monitor
 }
 
-// NewMetrics registers keygate_monitor_events_total{technique,severity} and,
-// when m is not nil, keygate_monitor_drops_total with reg. Every technique
-// and severity starts at zero, so that a dashboard can tell "none" from
-// "not reported".
-func NewMetrics(reg prometheus.Registerer, m *Monitor) (*Metrics, error) {
-	mt := &Metrics{events: prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "keygate_monitor_events_total",
-		Help: "Attempts to reach a protected process's memory, by technique and severity.",
-	}, []string{"technique", "severity"})}
+var eventsDesc = prometheus.NewDesc("keygate_monitor_events_total",
+	"Attempts to reach a protected process's memory, by technique and severity.", []string{"technique", "severity"}, nil)
+
+// monitorEvents exports a Monitor's own counts: every event it decoded,
+// those below its MinSeverity included, which Events never delivers.
+type monitorEvents struct{ m *Monitor }
+
+func (c monitorEvents) Describe(ch chan<- *prometheus.Desc) { ch <- eventsDesc }
+
+func (c monitorEvents) Collect(ch chan<- prometheus.Metric) {
 	for _, t := range Techniques() {
 		for _, s := range Severities() {
-			mt.events.WithLabelValues(string(t), string(s))
+			ch <- prometheus.MustNewConstMetric(eventsDesc, prometheus.CounterValue, float64(c.m.count(t, s)), string(t), string(s))
 		}
 	}
-	cs := []prometheus.Collector{mt.events}
-	if m != nil {
-		cs = append(cs, prometheus.NewCounterFunc(prometheus.CounterOpts{
-			Name: "keygate_monitor_drops_total",
-			Help: "Events lost because the kernel's ring buffer was full.",
-		}, func() float64 {
-			st, err := m.Stats()
-			if err != nil {
-				return 0
+}
+
+// NewMetrics registers keygate_monitor_events_total{technique,severity}
+// with reg. Every technique and severity starts at zero, so that a
+// dashboard can tell "none" from "not reported". With a Monitor m, the
+// counts are m's own, which include events below its MinSeverity, and
+// keygate_monitor_drops_total, keygate_monitor_read_errors_total and
+// keygate_monitor_decode_errors_total join them; Write then does nothing.
+// Without one, Write counts the events it is given.
+func NewMetrics(reg prometheus.Registerer, m *Monitor) (*Metrics, error) {
+	mt := &Metrics{m: m}
+	var cs []prometheus.Collector
+	if m == nil {
+		mt.events = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "keygate_monitor_events_total",
+			Help: "Attempts to reach a protected process's memory, by technique and severity.",
+		}, []string{"technique", "severity"})
+		for _, t := range Techniques() {
+			for _, s := range Severities() {
+				mt.events.WithLabelValues(string(t), string(s))
 			}
-			return float64(st.Drops)
-		}))
+		}
+		cs = append(cs, mt.events)
+	} else {
+		stat := func(f func(Stats) uint64) func() float64 {
+			return func() float64 {
+				st, _ := m.Stats() // the user-space counters are there even when the kernel's is not
+				return float64(f(st))
+			}
+		}
+		cs = append(cs, monitorEvents{m},
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "keygate_monitor_drops_total",
+				Help: "Events lost because the kernel's ring buffer was full.",
+			}, stat(func(s Stats) uint64 { return s.Drops })),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "keygate_monitor_read_errors_total",
+				Help: "Failed reads of the kernel's ring buffer; each may have lost events.",
+			}, stat(func(s Stats) uint64 { return s.ReadErrors })),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "keygate_monitor_decode_errors_total",
+				Help: "Ring buffer records that did not decode (stale BPF objects); each was an event lost.",
+			}, stat(func(s Stats) uint64 { return s.DecodeErrors })))
 	}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {
@@ -103,6 +136,9 @@ func NewMetrics(reg prometheus.Registerer, m *Monitor) (*Metrics, error) {
 }
 
 func (mt *Metrics) Write(e Event) error {
+	if mt.m != nil {
+		return nil // the Monitor counted it as it decoded it
+	}
 	mt.events.WithLabelValues(string(e.Technique), string(e.Severity)).Inc()
 	return nil
 }
@@ -112,7 +148,7 @@ func (mt *Metrics) Write(e Event) error {
 func OnAlert(min Severity, fn func(Event)) Sink {
 	var once sync.Once
 	return SinkFunc(func(e Event) error {
-		if rank(e.Severity) >= rank(min) {
+		if e.Severity.AtLeast(min) {
 			once.Do(func() { fn(e) })
 		}
 		return nil

@@ -231,6 +231,12 @@ func TestSeverity(t *testing.T) {
 		{Event{Technique: ProcMaps}, Info},
 		{Event{Technique: PidfdGetfd}, Critical},
 		{Event{Technique: PerfEventOpen}, Warning},
+		{Event{Technique: PerfEventOpen, Scope: "cpu", SampleType: 1 << 13}, Warning},
+		{Event{Technique: PerfEventOpen, Scope: "cgroup", SampleType: 1 << 12}, Warning},
+		{Event{Technique: PerfEventOpen, Scope: "cpu", SampleType: 1 << 10}, Info}, // PERF_SAMPLE_RAW: a BPF tool attaching
+		{Event{Technique: ProcessVMReadv, IovChanged: true}, Critical},
+		{Event{Technique: ProcessVMReadv, IovUnread: true, Result: 64}, Critical},
+		{Event{Technique: ProcessVMReadv, IovUnread: true, Result: -1}, Warning},
 		{Event{Technique: Kcore}, Critical},
 		{Event{Technique: DevMem}, Critical},
 	}

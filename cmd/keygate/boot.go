@@ -12,6 +12,7 @@ import (
 
 	"github.com/keygate/keygate/boot"
 	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/ebpfmon"
 	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/tpm"
@@ -21,6 +22,7 @@ func newBootCmd() *cobra.Command {
 	var (
 		cfg                   boot.Config
 		caFile, fsType, alert string
+		minSev                string
 		monitor, rsa, asJSON  bool
 		allowUIDs             []uint32
 	)
@@ -66,6 +68,7 @@ See docs/boot.md.`,
 			if cfg.VM == "" || cfg.Image == "" || cfg.TPMSpec == "" {
 				return cli.Usagef(c, "--vm, --image and --tpm are required")
 			}
+			var err error
 			if alert != string(boot.AlertLog) && alert != string(boot.AlertLock) {
 				return cli.Usagef(c, "--on-alert %q: use log or lock", alert)
 			}
@@ -75,9 +78,11 @@ See docs/boot.md.`,
 			if cfg.Serve9P != "" && (cfg.ServeNBD != "" || cfg.Attach != "") {
 				return cli.Usagef(c, "--serve-9p and --serve-nbd/--attach are exclusive: two writers (a kernel's ext4 and go-diskfs) would corrupt the volume; choose one")
 			}
+			if cfg.MonitorMinSeverity, err = ebpfmon.ParseSeverity(minSev); err != nil {
+				return cli.Usagef(c, "--min-severity: %v", err)
+			}
 			cfg.AllowUIDs = allowUIDs
 			cfg.Monitor, cfg.OnAlert = monitor, boot.AlertAction(alert)
-			var err error
 			if cfg.InitFS, err = parseFS(fsType, false); err != nil {
 				return cli.Usage(c, err)
 			}
@@ -128,6 +133,7 @@ See docs/boot.md.`,
 	f.DurationVar(&cfg.Poll, "poll", boot.DefaultPoll, "session check period: a revoke locks the volume within this bound")
 	f.DurationVar(&cfg.MaxWait, "max-wait", 0, "give up when the key service is unreachable this long at boot (default: wait forever)")
 	f.BoolVar(&monitor, "monitor", false, "watch, with eBPF, for other processes reading this one's memory (needs root); see docs/monitor.md")
+	f.StringVar(&minSev, "min-severity", string(ebpfmon.Warning), "with --monitor: lowest severity of the alerts logged and sent to the key service: info, warning or critical (lower ones are counted only)")
 	f.StringVar(&alert, "on-alert", "log", "with --monitor: log (report only), or lock (wipe the keys and stop serving on the first critical alert)")
 	f.BoolVar(&asJSON, "json", false, "log JSON lines instead of text")
 	return c

@@ -31,6 +31,7 @@ type monitorFlags struct {
 	detectOnly bool
 	allow      []int
 	metrics    string
+	minSev     string
 }
 
 func newMonitorCmd() *cobra.Command {
@@ -56,7 +57,12 @@ With --ranges - the lines are read from stdin as they come, so the key holder
 can stream updates. Without --ranges, or while no range is registered, the
 whole address space counts as key pages.
 
-The monitor runs until PID exits or it is interrupted (SIGINT, SIGTERM).`,
+Events below --min-severity (warning by default) are counted, not printed:
+ps reads every process's environ, each an info event. --min-severity info
+prints them all.
+
+The monitor runs until PID exits or it is interrupted (SIGINT, SIGTERM). It
+stops with an error if the kernel's ring buffer keeps failing to read.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error { return runMonitor(c, f) },
 	}
@@ -67,6 +73,7 @@ The monitor runs until PID exits or it is interrupted (SIGINT, SIGTERM).`,
 	fl.StringVar(&f.ranges, "ranges", "", "file of key ranges, or - for stdin (default: the whole address space)")
 	fl.BoolVar(&f.detectOnly, "detect-only", false, "report only, even where the BPF LSM could deny")
 	fl.IntSliceVar(&f.allow, "allow", nil, "pid the BPF LSM lets through (still reported); repeatable")
+	fl.StringVar(&f.minSev, "min-severity", string(ebpfmon.Warning), "lowest severity printed and written: info, warning or critical (every event is counted in --metrics)")
 	fl.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464)")
 	return c
 }
@@ -83,6 +90,11 @@ func runMonitor(c *cobra.Command, f monitorFlags) error {
 		return fmt.Errorf("--pid %d: %v (is the process running?)", f.pid, err)
 	}
 	defer unix.Close(pidfd)
+
+	minSev, err := ebpfmon.ParseSeverity(f.minSev)
+	if err != nil {
+		return cli.Usagef(c, "--min-severity: %v", err)
+	}
 
 	var rangeFile io.Reader
 	if f.ranges != "" && f.ranges != "-" {
@@ -125,7 +137,7 @@ func runMonitor(c *cobra.Command, f monitorFlags) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 
-	m, err := ebpfmon.Start(ctx, ebpfmon.Config{DetectOnly: f.detectOnly, Allow: f.allow})
+	m, err := ebpfmon.Start(ctx, ebpfmon.Config{DetectOnly: f.detectOnly, Allow: f.allow, MinSeverity: minSev})
 	if err != nil {
 		return err
 	}
@@ -179,6 +191,12 @@ func runMonitor(c *cobra.Command, f monitorFlags) error {
 	st, serr := m.Stats()
 	if serr == nil && st.Drops > 0 {
 		fmt.Fprintf(c.ErrOrStderr(), "keygate monitor: %d events were dropped (the ring buffer was full)\n", st.Drops)
+	}
+	if st.ReadErrors+st.DecodeErrors > 0 {
+		fmt.Fprintf(c.ErrOrStderr(), "keygate monitor: %d ring buffer reads failed and %d records did not decode; events may be lost\n", st.ReadErrors, st.DecodeErrors)
+	}
+	if err := m.Err(); err != nil {
+		return fmt.Errorf("monitor stopped: %w", err)
 	}
 	switch cause := context.Cause(ctx); {
 	case errors.Is(cause, errTargetExited):

@@ -34,6 +34,7 @@ func TestMonitorUsage(t *testing.T) {
 		{"own pid", []string{"monitor", "--pid", strconv.Itoa(os.Getpid())}, "protects itself already"},
 		{"pid not running", []string{"monitor", "--pid", strconv.Itoa(gone.Process.Pid)}, "is the process running"},
 		{"stray argument", []string{"monitor", "--pid", "1", "extra"}, "unknown command"},
+		{"unknown severity", []string{"monitor", "--pid", "1", "--min-severity", "debug"}, "use info, warning or critical"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -220,4 +221,32 @@ func TestMonitorCmdText(t *testing.T) {
 		t.Errorf("line %q, want one saying %q and (key pages)", line, want)
 	}
 	r.stop(t)
+}
+
+// TestMonitorCmdMinSeverity reads the target's environ (an info event, as
+// ps does for every process), then reads its memory (critical): by default
+// only the second is printed; with --min-severity info both are.
+func TestMonitorCmdMinSeverity(t *testing.T) {
+	tests := []struct {
+		name  string
+		args  []string
+		first ebpfmon.Technique
+	}{
+		{"default: warning and above", []string{"--json"}, ebpfmon.ProcessVMReadv},
+		{"info", []string{"--json", "--min-severity", "info"}, ebpfmon.ProcEnviron},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := startMonitorCmd(t, tc.args...)
+			if _, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", r.target.Process.Pid)); err != nil {
+				t.Fatal(err)
+			}
+			r.readv(0x10000)
+			if e := r.next(t); e.Technique != tc.first {
+				t.Errorf("first event %v, want %s", e, tc.first)
+			}
+			go io.Copy(io.Discard, r.events) // the monitor must not block on stdout to see the target exit
+			r.stop(t)
+		})
+	}
 }

@@ -3,7 +3,10 @@
 // ways the monitor must deny — process_vm_readv, /proc/PID/mem and ptrace
 // attach — and prints what the kernel answered, one "technique=RESULT" per
 // word, for the host to check. The testvm tests build it statically and put
-// it in the initramfs; busybox has no such tool.
+// it in the initramfs; busybox has no such tool. It also opens
+// /proc/PID/mem through int 0x80, the 32-bit route that skips the kernel's
+// per-syscall tracepoints (it dies with SIGSEGV in the CI sandbox, so only
+// the guest runs it).
 //
 // Root holds CAP_SYS_PTRACE, which overrides the key holder's
 // PR_SET_DUMPABLE=0, so without the BPF LSM every attempt would succeed:
@@ -39,6 +42,9 @@ func main() {
 		"process_vm_readv=" + describe(processVMReadv(pid)),
 		"proc_mem=" + describe(procMem(pid)),
 		"ptrace_attach=" + describe(ptraceAttach(pid)),
+		// The same open as a 32-bit syscall, which the monitor must see
+		// on raw_syscalls:sys_exit.
+		"proc_mem_int80=" + describe(procMemInt80(pid)),
 	}
 	fmt.Println(strings.Join(out, " "))
 }
