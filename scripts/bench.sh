@@ -131,3 +131,13 @@ if [ "$(id -u)" = 0 ]; then
 else
 	echo "== ebpfmon: skipped, loading BPF programs needs root (run make bench as root)"
 fi
+
+echo
+if [ -n "${BENCH_TESTVM:-}" ]; then
+	echo "== In the test guest (QEMU TCG, 1 vCPU): ext4 on keygate's NBD device against ext4 on dm-crypt, same guest, same disk =="
+	echo "(TestDataPath/nbd; its SQLite crash run comes first; under TCG the absolute figures are slow and noisy, read the ratios)"
+	{ $GO test -count=1 -run 'TestDataPath/nbd' -v ./testvm/ || echo "  (the guest run failed: go test -run TestDataPath/nbd -v ./testvm/)"; } |
+		{ grep -E 'ext4 on NBD vs|NBD load|guest run failed' || true; } | sed 's/^ *datapath_test.go:[0-9]*: /  /'
+else
+	echo "== test guest: skipped (BENCH_TESTVM=1 adds ext4 on NBD vs dm-crypt in the guest, about 3 minutes)"
+fi

@@ -12,7 +12,9 @@
 // Console). It does not own what runs inside the guest beyond /init; the
 // scenarios that drive keygate boot and the monitor live in this package's
 // tests (TestScenarios: enroll and learn, unlock and serve, tampered boot,
-// attack, revoke, erase, dm-crypt cross-check).
+// attack, revoke, erase, dm-crypt cross-check; TestDataPath: SQLite on
+// ext4 over the NBD export and on the 9P export, killed mid-run and checked
+// after a reboot, and ext4 on NBD against ext4 on dm-crypt).
 //
 // Fetched and built artefacts are cached under CacheDir (by default
 // .cache/testvm at the module root, git-ignored), keyed by the Debian package

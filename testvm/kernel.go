@@ -28,7 +28,8 @@ const KernelMetaPackage = "linux-image-amd64"
 // the guest boots with, fw_cfg (the per-run, unmeasured parameters), the 9P
 // client over virtio (host shares) and over a unix socket (keygate's export:
 // 9pnet_fd, which the kernel would otherwise ask modprobe for as "9p-unix"),
-// dm-crypt for the cross-check with the kernel's own LUKS2, and ext4.
+// dm-crypt for the cross-check with the kernel's own LUKS2, ext4, and nbd,
+// the kernel's client of keygate's block-level export (--attach /dev/nbdN).
 // crc32c_generic and the xts/aesni modules are named because the kernel asks
 // for them by alias at run time (ext4's crc32c, dm-crypt's cipher), and the
 // guest has no modprobe index to resolve aliases.
@@ -38,6 +39,7 @@ var DefaultModules = []string{
 	"dm_crypt", "xts", "aesni_intel",
 	"ext4", "crc32c_generic",
 	"loop",
+	"nbd",
 }
 
 // Kernel is an extracted Debian kernel and the modules one guest needs.

@@ -138,7 +138,9 @@ type lab struct {
 	attack, crossCheck bool
 }
 
-func newLab(t *testing.T, g *testvm.Guest) *lab {
+// newLab starts the key service and writes the initramfs, with extra files
+// beyond the attacker and cryptsetup.
+func newLab(t *testing.T, g *testvm.Guest, extra map[string][]byte) *lab {
 	t.Helper()
 	l := &lab{g: g, data: t.TempDir()}
 	data := l.data
@@ -183,6 +185,7 @@ func newLab(t *testing.T, g *testvm.Guest) *lab {
 		maps.Copy(files, cs)
 		l.crossCheck = true
 	}
+	maps.Copy(files, extra)
 	l.initrd = filepath.Join(dir, "initrd.cpio")
 	if err := g.WriteInitramfs(l.initrd, files); err != nil {
 		t.Fatal(err)
@@ -195,33 +198,25 @@ func newLab(t *testing.T, g *testvm.Guest) *lab {
 
 // buildAttacker builds testvm/internal/attack as a static binary.
 func buildAttacker(dir string) ([]byte, error) {
-	root, err := testvm.ModuleRoot()
-	if err != nil {
-		return nil, err
-	}
-	out := filepath.Join(dir, "kg-attack")
-	cmd := exec.Command("go", "build", "-buildvcs=false", "-ldflags=-s -w", "-o", out, "./testvm/internal/attack")
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("build the attacker: %v\n%s", err, b)
-	}
-	return os.ReadFile(out)
+	return buildGuestProgram(dir, "./testvm/internal/attack")
 }
 
-// cryptsetupFiles returns the host's cryptsetup with the shared libraries
-// ldd names, for the initramfs: the binary at bin/cryptsetup, the dynamic
-// loader at bin/ld.so (run explicitly, so the guest needs no /lib64) and
-// the libraries under lib/cs.
+// cryptsetupFiles returns the host's cryptsetup for the initramfs (see
+// hostTools).
 func cryptsetupFiles() (map[string][]byte, error) {
-	bin, err := exec.LookPath("cryptsetup")
+	files, err := hostTools("cryptsetup")
 	if err != nil {
 		return nil, fmt.Errorf("%w (install cryptsetup-bin)", err)
 	}
-	out, err := exec.Command("ldd", bin).Output()
-	if err != nil {
-		return nil, fmt.Errorf("ldd %s: %w", bin, err)
-	}
+	return files, nil
+}
+
+// hostTools returns dynamically linked host programs with the shared
+// libraries ldd names, for the initramfs: each binary at bin/NAME, the
+// dynamic loader at bin/ld.so (run explicitly, so the guest needs no
+// /lib64) and the libraries under lib/cs. In the guest:
+// /bin/ld.so --library-path /lib/cs /bin/NAME ….
+func hostTools(names ...string) (map[string][]byte, error) {
 	files := map[string][]byte{}
 	add := func(guest, host string) error {
 		b, err := os.ReadFile(host)
@@ -231,23 +226,33 @@ func cryptsetupFiles() (map[string][]byte, error) {
 		files[guest] = b
 		return nil
 	}
-	if err := add("bin/cryptsetup", bin); err != nil {
-		return nil, err
-	}
-	for _, line := range strings.Split(string(out), "\n") {
-		f := strings.Fields(line)
-		switch {
-		case len(f) >= 3 && f[1] == "=>" && strings.HasPrefix(f[2], "/"):
-			err = add("lib/cs/"+f[0], f[2])
-		case len(f) >= 1 && strings.Contains(f[0], "/ld-linux"):
-			err = add("bin/ld.so", f[0])
-		}
+	for _, name := range names {
+		bin, err := exec.LookPath(name)
 		if err != nil {
 			return nil, err
 		}
-	}
-	if files["bin/ld.so"] == nil {
-		return nil, fmt.Errorf("ldd %s named no dynamic loader", bin)
+		out, err := exec.Command("ldd", bin).Output()
+		if err != nil {
+			return nil, fmt.Errorf("ldd %s: %w", bin, err)
+		}
+		if err := add("bin/"+name, bin); err != nil {
+			return nil, err
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			f := strings.Fields(line)
+			switch {
+			case len(f) >= 3 && f[1] == "=>" && strings.HasPrefix(f[2], "/"):
+				err = add("lib/cs/"+f[0], f[2])
+			case len(f) >= 1 && strings.Contains(f[0], "/ld-linux"):
+				err = add("bin/ld.so", f[0])
+			}
+			if err != nil {
+				return nil, err
+			}
+		}
+		if files["bin/ld.so"] == nil {
+			return nil, fmt.Errorf("ldd %s named no dynamic loader", bin)
+		}
 	}
 	return files, nil
 }
@@ -326,6 +331,12 @@ func (l *lab) enroll(t *testing.T, name string) *machine {
 // file of the test: it is the "test key" the host checks the volume with.
 func (l *lab) volume(t *testing.T, vm, id string) (img, ukFile string) {
 	t.Helper()
+	return l.volumeOf(t, vm, id, "32M", "ext4")
+}
+
+// volumeOf is volume with a size and a filesystem (none when fs is empty).
+func (l *lab) volumeOf(t *testing.T, vm, id, size, fs string) (img, ukFile string) {
+	t.Helper()
 	dir := t.TempDir()
 	uk := randBytes(t, keysvc.UKSize)
 	defer clear(uk)
@@ -337,7 +348,11 @@ func (l *lab) volume(t *testing.T, vm, id string) (img, ukFile string) {
 	// pbkdf2, as `keygate disk create --keysvc` makes UK keyslots: the UK
 	// is a random key, so argon2id's 256 MiB and four passes would add
 	// nothing but about 20 s of every unlock under TCG.
-	if out, err := exec.Command(l.g.Keygate, "disk", "create", img, "--size", "32M", "--fs", "ext4", "--key-file", ukFile, "--pbkdf", "pbkdf2").CombinedOutput(); err != nil {
+	args := []string{"disk", "create", img, "--size", size, "--key-file", ukFile, "--pbkdf", "pbkdf2"}
+	if fs != "" {
+		args = append(args, "--fs", fs)
+	}
+	if out, err := exec.Command(l.g.Keygate, args...).CombinedOutput(); err != nil {
 		t.Fatalf("keygate disk create: %v\n%s", err, out)
 	}
 	l.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: id, VM: vm, Key: uk}, http.StatusCreated)
@@ -381,6 +396,32 @@ func (r *scenarioRun) get(t *testing.T, key string) string {
 // img. during, when set, runs while the guest runs.
 func (l *lab) boot(t *testing.T, m *machine, img, volume, cmdline string, fw map[string][]byte, during func(*testvm.VM)) *scenarioRun {
 	t.Helper()
+	vm := l.start(t, m, img, volume, cmdline, fw)
+	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
+	defer cancel()
+	if during != nil {
+		during(vm)
+	}
+	err := vm.Wait(ctx)
+	r := &scenarioRun{results: vm.Console.Results(), console: vm.Console.Text()}
+	if err != nil {
+		t.Fatalf("guest run: %v", err)
+	}
+	assertGone(t, vm)
+	r.serving, _ = vm.Console.At("serving")
+	r.mounted, _ = vm.Console.At("mounted")
+	r.kgStart, _ = vm.Console.At("kg_start")
+	if r.results["done"] != "0" {
+		t.Fatalf("guest script failed (done=%q)\n%s", r.results["done"], tail(r.console, 60))
+	}
+	return r
+}
+
+// start starts one scenario boot of m (the scenario script, unless fw
+// names another) and returns the running VM, which the test's cleanup
+// closes.
+func (l *lab) start(t *testing.T, m *machine, img, volume, cmdline string, fw map[string][]byte) *testvm.VM {
+	t.Helper()
 	ca, err := os.ReadFile(l.caFile)
 	if err != nil {
 		t.Fatal(err)
@@ -404,24 +445,7 @@ func (l *lab) boot(t *testing.T, m *machine, img, volume, cmdline string, fw map
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { vm.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
-	defer cancel()
-	if during != nil {
-		during(vm)
-	}
-	err = vm.Wait(ctx)
-	r := &scenarioRun{results: vm.Console.Results(), console: vm.Console.Text()}
-	if err != nil {
-		t.Fatalf("guest run: %v", err)
-	}
-	assertGone(t, vm)
-	r.serving, _ = vm.Console.At("serving")
-	r.mounted, _ = vm.Console.At("mounted")
-	r.kgStart, _ = vm.Console.At("kg_start")
-	if r.results["done"] != "0" {
-		t.Fatalf("guest script failed (done=%q)\n%s", r.results["done"], tail(r.console, 60))
-	}
-	return r
+	return vm
 }
 
 // policyPCRs parses the PCR part of a policy as keysvc shows it.
@@ -476,7 +500,7 @@ func guestFiles(t *testing.T, s string) map[string]string {
 // "revoked" before it looks at the volume.
 func TestScenarios(t *testing.T) {
 	g := guest(t)
-	l := newLab(t, g)
+	l := newLab(t, g, nil)
 	a := l.enroll(t, "vm-a")
 	imgA, ukA := l.volume(t, "vm-a", "vol-a")
 	nonce1 := hex.EncodeToString(randBytes(t, 8))

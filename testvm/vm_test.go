@@ -248,6 +248,7 @@ result cmdline "$(cat /proc/cmdline)"
 result modules "$(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
 result filesystems "$(grep -E '\b(9p|ext4)$' /proc/filesystems | awk '{print $NF}' | sort | tr '\n' ' ')"
 [ -c /dev/mapper/control ] && result dm_control present
+[ -b /dev/nbd0 ] && result nbd_dev present
 result data_magic "$(head -c 6 /dev/vda | od -An -tx1 | tr -d ' \n')"
 mount -t 9p -o trans=virtio,version=9p2000.L host /mnt && result share "$(cat /mnt/hello)"
 echo "from-guest" > /mnt/out && umount /mnt
@@ -418,7 +419,7 @@ func TestGuest(t *testing.T) {
 	})
 	t.Run("modules", func(t *testing.T) {
 		mods := strings.Fields(r.get(t, "modules"))
-		for _, m := range []string{"9p", "9pnet", "9pnet_fd", "9pnet_virtio", "dm_crypt", "dm_mod", "ext4", "virtio_blk"} {
+		for _, m := range []string{"9p", "9pnet", "9pnet_fd", "9pnet_virtio", "dm_crypt", "dm_mod", "ext4", "nbd", "virtio_blk"} {
 			if !slices.Contains(mods, m) {
 				t.Errorf("module %s not loaded; loaded: %v", m, mods)
 			}
@@ -428,6 +429,9 @@ func TestGuest(t *testing.T) {
 		}
 		if r.get(t, "dm_control") != "present" {
 			t.Errorf("/dev/mapper/control missing: device-mapper is not usable")
+		}
+		if r.get(t, "nbd_dev") != "present" {
+			t.Errorf("/dev/nbd0 missing: keygate boot --attach has no device")
 		}
 		if got := r.get(t, "share"); got != "from-host" {
 			t.Errorf("9p mount of the host share read %q, want from-host", got)

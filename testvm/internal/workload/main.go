@@ -1,0 +1,393 @@
+// Command workload is the test guest's storage workload (issue 11): a real
+// SQLite (modernc.org/sqlite, pure Go, so it builds static) committing
+// transactions on a mounted volume, the check that runs after a crash, and
+// a small file I/O benchmark for comparing two mounts in one guest. The
+// testvm tests build it with CGO_ENABLED=0 and put it in the initramfs as
+// /bin/kg-workload; results go to stdout as "KEYGATE-RESULT key=value"
+// lines, which the guest's console carries to the host.
+//
+//	kg-workload sqlite-run DB N    commit N transactions after the last one in DB
+//	kg-workload sqlite-check DB    integrity_check, highest sequence, gaps
+//	kg-workload io LABEL FILE MiB RANDOPS
+//	kg-workload probe DIR          what SQLite needs of a filesystem
+//
+// sqlite-run opens DB in WAL mode with synchronous=FULL, so a COMMIT has
+// returned only once its WAL frames are fsynced. Each transaction inserts
+// one row (its sequence number, a payload derived from that number, and the
+// payload's SHA-256) and records the number in a one-row table; right after
+// COMMIT returns it prints "KEYGATE-RESULT sqlite_committed=SEQ". The host
+// therefore knows a lower bound of what was acknowledged when it kills the
+// guest, and after the reboot every number up to that bound must be there.
+// With KG_SQLITE_NOLOCK set it opens DB without file locks (see open), for
+// filesystems that refuse them.
+package main
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"database/sql"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	mrand "math/rand/v2"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+	_ "modernc.org/sqlite"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+	}
+	var err error
+	switch os.Args[1] {
+	case "sqlite-run":
+		if len(os.Args) != 4 {
+			usage()
+		}
+		n, perr := strconv.Atoi(os.Args[3])
+		if perr != nil || n <= 0 {
+			usage()
+		}
+		err = sqliteRun(os.Args[2], n)
+	case "sqlite-check":
+		if len(os.Args) != 3 {
+			usage()
+		}
+		err = sqliteCheck(os.Args[2])
+	case "probe":
+		if len(os.Args) != 3 {
+			usage()
+		}
+		err = probe(os.Args[2])
+	case "io":
+		if len(os.Args) != 6 {
+			usage()
+		}
+		mib, err1 := strconv.Atoi(os.Args[4])
+		ops, err2 := strconv.Atoi(os.Args[5])
+		if err1 != nil || err2 != nil || mib <= 0 || ops <= 0 {
+			usage()
+		}
+		err = ioBench(os.Args[2], os.Args[3], mib, ops)
+	default:
+		usage()
+	}
+	if err != nil {
+		// One line, so the host can read the whole reason from the result.
+		result(os.Args[1]+"_error", strings.ReplaceAll(err.Error(), "\n", " "))
+		os.Exit(1)
+	}
+}
+
+func usage() {
+	fmt.Fprintln(os.Stderr, "usage: kg-workload sqlite-run DB N | sqlite-check DB | io LABEL FILE MiB RANDOPS | probe DIR")
+	os.Exit(2)
+}
+
+func result(key, value string) {
+	// One write per line: the console must never hold half a result.
+	os.Stdout.WriteString("KEYGATE-RESULT " + key + "=" + value + "\n")
+}
+
+// payloadSize makes each transaction write a few pages of WAL, as a small
+// business record with an index would.
+const payloadSize = 1000
+
+// payload is the row content for seq: a pure function of seq, so the check
+// can tell a row that is present but damaged.
+func payload(seq int64) []byte {
+	out := make([]byte, 0, payloadSize+sha256.Size)
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], uint64(seq))
+	h := sha256.Sum256(b[:])
+	for len(out) < payloadSize {
+		out = append(out, h[:]...)
+		h = sha256.Sum256(h[:])
+	}
+	return out[:payloadSize]
+}
+
+func sum(p []byte) string {
+	s := sha256.Sum256(p)
+	return hex.EncodeToString(s[:])
+}
+
+func open(path string) (*sql.DB, error) {
+	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=busy_timeout(10000)"
+	if os.Getenv("KG_SQLITE_NOLOCK") != "" {
+		// SQLite's unix-none VFS takes no file locks, and in exclusive
+		// locking mode the WAL index lives in the heap, not in a shared
+		// mapping of the -shm file: one process, no locks asked of the
+		// filesystem. Only safe while no other process opens DB.
+		dsn = "file:" + path + "?vfs=unix-none&_pragma=locking_mode(EXCLUSIVE)&_pragma=synchronous(FULL)"
+	}
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, err
+	}
+	db.SetMaxOpenConns(1)
+	var mode string
+	if err := db.QueryRow("PRAGMA journal_mode=WAL").Scan(&mode); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	if mode != "wal" {
+		db.Close()
+		return nil, fmt.Errorf("open %s: journal_mode is %q, want wal", path, mode)
+	}
+	var sync int
+	if err := db.QueryRow("PRAGMA synchronous").Scan(&sync); err != nil || sync != 2 {
+		db.Close()
+		return nil, fmt.Errorf("open %s: synchronous is %d (%v), want 2 (FULL)", path, sync, err)
+	}
+	return db, nil
+}
+
+func sqliteRun(path string, n int) error {
+	db, err := open(path)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	for _, s := range []string{
+		"CREATE TABLE IF NOT EXISTS tx (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL, sum TEXT NOT NULL)",
+		"CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), last INTEGER NOT NULL)",
+		"INSERT OR IGNORE INTO meta VALUES (1, 0)",
+	} {
+		if _, err := db.Exec(s); err != nil {
+			return fmt.Errorf("set up %s: %w", path, err)
+		}
+	}
+	var last int64
+	if err := db.QueryRow("SELECT last FROM meta").Scan(&last); err != nil {
+		return fmt.Errorf("read the last sequence: %w", err)
+	}
+	result("sqlite_start", strconv.FormatInt(last, 10))
+	start := time.Now()
+	for i := 1; i <= n; i++ {
+		seq := last + int64(i)
+		p := payload(seq)
+		tx, err := db.Begin()
+		if err != nil {
+			return fmt.Errorf("begin %d: %w", seq, err)
+		}
+		if _, err := tx.Exec("INSERT INTO tx VALUES (?, ?, ?)", seq, p, sum(p)); err != nil {
+			tx.Rollback()
+			return fmt.Errorf("insert %d: %w", seq, err)
+		}
+		if _, err := tx.Exec("UPDATE meta SET last = ?", seq); err != nil {
+			tx.Rollback()
+			return fmt.Errorf("update meta to %d: %w", seq, err)
+		}
+		if err := tx.Commit(); err != nil {
+			return fmt.Errorf("commit %d: %w", seq, err)
+		}
+		result("sqlite_committed", strconv.FormatInt(seq, 10))
+		if i%100 == 0 || i == n {
+			secs := time.Since(start).Seconds()
+			result("sqlite_rate", fmt.Sprintf("tx=%d secs=%.2f txps=%.1f", i, secs, float64(i)/secs))
+		}
+	}
+	result("sqlite_run_done", strconv.Itoa(n))
+	return nil
+}
+
+func sqliteCheck(path string) error {
+	if _, err := os.Stat(path); err != nil {
+		return err
+	}
+	db, err := open(path)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	var integrity []string
+	rows, err := db.Query("PRAGMA integrity_check")
+	if err != nil {
+		return fmt.Errorf("integrity_check: %w", err)
+	}
+	for rows.Next() {
+		var s string
+		if err := rows.Scan(&s); err != nil {
+			rows.Close()
+			return err
+		}
+		integrity = append(integrity, s)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("integrity_check: %w", err)
+	}
+	result("sqlite_integrity", strings.Join(integrity, "; "))
+	var last int64
+	if err := db.QueryRow("SELECT last FROM meta").Scan(&last); err != nil {
+		return fmt.Errorf("read meta: %w", err)
+	}
+	// Every row: the sequence numbers present, and each payload as written.
+	rows, err = db.Query("SELECT seq, payload, sum FROM tx ORDER BY seq")
+	if err != nil {
+		return fmt.Errorf("read rows: %w", err)
+	}
+	var count, max, gaps, bad int64
+	var prev int64
+	for rows.Next() {
+		var seq int64
+		var p []byte
+		var s string
+		if err := rows.Scan(&seq, &p, &s); err != nil {
+			rows.Close()
+			return err
+		}
+		count++
+		gaps += seq - prev - 1
+		prev, max = seq, seq
+		if want := payload(seq); string(p) != string(want) || s != sum(want) {
+			bad++
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("read rows: %w", err)
+	}
+	// contiguous: every sequence 1..max is present, each row intact, and
+	// the one-row table agrees (both were written in one transaction).
+	result("sqlite_check", fmt.Sprintf("rows=%d max=%d missing=%d bad=%d meta_last=%d", count, max, gaps, bad, last))
+	return nil
+}
+
+// ioBench writes FILE sequentially (mib MiB in 1 MiB writes, then fsync),
+// drops the page cache, reads it back, then does ops random 4 KiB writes
+// each followed by fdatasync, and ops random 4 KiB reads after another
+// drop; it reports MiB/s and operations per second.
+func ioBench(label, path string, mib, ops int) error {
+	buf := make([]byte, 1<<20)
+	if _, err := rand.Read(buf); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	t := time.Now()
+	for i := 0; i < mib; i++ {
+		buf[0] = byte(i)
+		if _, err := f.Write(buf); err != nil {
+			return fmt.Errorf("write: %w", err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync: %w", err)
+	}
+	seqW := float64(mib) / time.Since(t).Seconds()
+	if err := dropCaches(); err != nil {
+		return err
+	}
+	t = time.Now()
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return err
+	}
+	n, err := io.CopyBuffer(io.Discard, struct{ io.Reader }{f}, buf)
+	if err != nil {
+		return fmt.Errorf("read: %w", err)
+	}
+	if n != int64(mib)<<20 {
+		return fmt.Errorf("read %d bytes back, wrote %d", n, int64(mib)<<20)
+	}
+	seqR := float64(mib) / time.Since(t).Seconds()
+	rng := mrand.New(mrand.NewPCG(1, 2))
+	blocks := int64(mib) << 20 / 4096
+	page := buf[:4096]
+	t = time.Now()
+	for i := 0; i < ops; i++ {
+		if _, err := f.WriteAt(page, rng.Int64N(blocks)*4096); err != nil {
+			return fmt.Errorf("random write: %w", err)
+		}
+		if err := f.Sync(); err != nil {
+			return fmt.Errorf("fsync: %w", err)
+		}
+	}
+	randW := float64(ops) / time.Since(t).Seconds()
+	if err := dropCaches(); err != nil {
+		return err
+	}
+	t = time.Now()
+	for i := 0; i < ops; i++ {
+		if _, err := f.ReadAt(page, rng.Int64N(blocks)*4096); err != nil {
+			return fmt.Errorf("random read: %w", err)
+		}
+	}
+	randR := float64(ops) / time.Since(t).Seconds()
+	result("io_"+label, fmt.Sprintf("seqwrite_mibs=%.2f seqread_mibs=%.2f randwrite_iops=%.1f randread_iops=%.1f mib=%d ops=%d", seqW, seqR, randW, randR, mib, ops))
+	return nil
+}
+
+func dropCaches() error {
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0); err != nil {
+		if errors.Is(err, os.ErrPermission) {
+			return fmt.Errorf("drop caches: %w (run as root)", err)
+		}
+		return fmt.Errorf("drop caches: %w", err)
+	}
+	return nil
+}
+
+// probe tries, on a new file in dir, what SQLite's unix VFS asks of a
+// filesystem in WAL mode, and reports what the kernel answered: fcntl
+// record locks (F_SETLK read and write: every transaction; F_GETLK: the
+// first open of the -shm wal-index), flock (not used by SQLite's default
+// VFS; for comparison) and a shared writable mmap (the -shm wal-index).
+func probe(dir string) error {
+	path := dir + "/.kg-probe"
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(path)
+	defer f.Close()
+	if _, err := f.Write(make([]byte, 32768)); err != nil {
+		return err
+	}
+	fd := int(f.Fd())
+	// The byte SQLite takes a SHARED lock through (PENDING_BYTE), then the
+	// write lock of RESERVED, then the F_GETLK that opening a WAL
+	// database's -shm file starts with (unixLockSharedMemory).
+	lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: 0, Start: 1 << 30, Len: 1}
+	r := []string{"fcntl_setlk=" + errnoName(unix.FcntlFlock(uintptr(fd), unix.F_SETLK, &lk))}
+	lk = unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 1<<30 + 1, Len: 1}
+	r = append(r, "fcntl_setlk_wr="+errnoName(unix.FcntlFlock(uintptr(fd), unix.F_SETLK, &lk)))
+	lk = unix.Flock_t{Type: unix.F_UNLCK, Whence: 0, Start: 1 << 30, Len: 2}
+	unix.FcntlFlock(uintptr(fd), unix.F_SETLK, &lk)
+	lk = unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 128, Len: 1}
+	r = append(r, "fcntl_getlk="+errnoName(unix.FcntlFlock(uintptr(fd), unix.F_GETLK, &lk)))
+	r = append(r, "flock="+errnoName(unix.Flock(fd, unix.LOCK_SH|unix.LOCK_NB)))
+	unix.Flock(fd, unix.LOCK_UN)
+	m, err := unix.Mmap(fd, 0, 32768, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err == nil {
+		unix.Munmap(m)
+	}
+	r = append(r, "mmap_shared_rw="+errnoName(err))
+	result("probe", strings.Join(r, " "))
+	return nil
+}
+
+func errnoName(err error) string {
+	if err == nil {
+		return "ok"
+	}
+	var e syscall.Errno
+	if errors.As(err, &e) {
+		if n := unix.ErrnoName(e); n != "" {
+			return n
+		}
+	}
+	return strings.ReplaceAll(err.Error(), " ", "_")
+}
