@@ -159,6 +159,12 @@ esac
 // dataFiles are the initramfs files the data-path boots need beyond the
 // lab's: the workload, and mke2fs and e2fsck from the host's e2fsprogs
 // (busybox has neither).
+
+// sqliteMountOpts are the 9P mount options SQLite's WAL mode needs: its
+// index (-shm) is a shared writable mapping, which v9fs allows only with a
+// page cache for mmap (docs/disk.md, "9P export").
+const sqliteMountOpts = ",cache=mmap"
+
 func dataFiles(t *testing.T) map[string][]byte {
 	t.Helper()
 	dir := t.TempDir()
@@ -357,7 +363,7 @@ func TestDataPath(t *testing.T) {
 	t.Run("9p", func(t *testing.T) {
 		img, ukFile := l.volumeOf(t, "vm-db", "vol-9p", "64M", "ext4")
 		load := l.crash(t, m, img, "vol-9p", map[string][]byte{"script": []byte(dataScript),
-			"mode": []byte("9p-load"), "n": []byte(strconv.Itoa(loadTx))})
+			"mode": []byte("9p-load"), "n": []byte(strconv.Itoa(loadTx)), "mountopts": []byte(sqliteMountOpts)})
 		requireModules(t, load.results, load.console)
 		probe := load.results["probe"]
 		t.Logf("on the 9P mount: %s; with -o cache=mmap: %s", probe, load.results["probe_cache_mmap"])
@@ -390,7 +396,7 @@ func TestDataPath(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r := l.boot(t, m, img, "vol-9p", "", map[string][]byte{"script": []byte(dataScript), "mode": []byte("9p-check"), "vfs": []byte(vfs), "uk": uk}, nil)
+		r := l.boot(t, m, img, "vol-9p", "", map[string][]byte{"script": []byte(dataScript), "mode": []byte("9p-check"), "vfs": []byte(vfs), "uk": uk, "mountopts": []byte(sqliteMountOpts)}, nil)
 		t.Logf("files on the 9P mount after the crash: %s", r.get(t, "files_9p"))
 		t.Run("e2fsck", func(t *testing.T) {
 			if !l.crossCheck {

@@ -3,9 +3,12 @@ package nbd
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -87,6 +90,7 @@ func Attach(path string, s *Server, blockSize uint32) (*Attachment, error) {
 			return nil, fmt.Errorf("attach %s: %s: %w", path, st.name, err)
 		}
 	}
+	tuneQueue(path, s.log)
 	a := &Attachment{dev: dev, done: make(chan error, 1)}
 	go s.serve(serverEnd, false, ioFlusher)
 	started := make(chan struct{})
@@ -115,6 +119,24 @@ func (a *Attachment) Close() error {
 		a.dev.Close()
 	})
 	return err
+}
+
+// queueKB is the read-ahead and largest request the attached device is
+// given. The nbd driver defaults both to 128 KiB, so a sequential read
+// costs a round trip to this process every 128 KiB; at 1 MiB, ext4 on the
+// device read 0.44x of dm-crypt in the test VM instead of 0.27-0.37x (and
+// raising only the request size changed nothing).
+const queueKB = 1024
+
+// tuneQueue sets the device's read-ahead and request size through sysfs.
+// It is a tuning: a kernel that refuses it still serves, and says so.
+func tuneQueue(path string, log *slog.Logger) {
+	q := filepath.Join("/sys/block", filepath.Base(path), "queue")
+	for _, f := range []string{"max_sectors_kb", "read_ahead_kb"} {
+		if err := os.WriteFile(filepath.Join(q, f), []byte(strconv.Itoa(queueKB)), 0); err != nil {
+			log.Warn("nbd: could not tune the device queue; it keeps the kernel's default", "file", f, "err", err)
+		}
+	}
 }
 
 func ioctl(fd uintptr, req uint, arg uintptr) error {
