@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
@@ -145,6 +146,7 @@ type Boot struct {
 	stop     context.CancelFunc
 	hbDone   chan struct{}
 	lockOnce sync.Once
+	closing  atomic.Bool // set when the lock starts
 	done     chan struct{}
 	err      error
 	closeErr error
@@ -271,7 +273,9 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 		return nil, fmt.Errorf("boot: %w", err)
 	}
 	if cfg.blockExport() {
-		// The kernel's filesystem owns the volume: go-diskfs stays out.
+		// The kernel's filesystem owns the volume: go-diskfs stays out,
+		// but for the repairs a crashed 9P session left for keygate.
+		b.repairForKernel()
 		b.emit(Event{Kind: EventUnlocked, Message: fmt.Sprintf("volume %s unlocked (block export); PCR %d extended", volume, tpm.WindowPCR)})
 		if err := b.serveNBD(); err != nil {
 			return nil, err
@@ -430,6 +434,7 @@ func (b *Boot) Close() error {
 // lock wipes the keys and closes the volume once; why is what Wait returns.
 func (b *Boot) lock(why error) {
 	b.lockOnce.Do(func() {
+		b.closing.Store(true)
 		b.err = why
 		b.closeErr = b.release()
 		msg := "volume locked: keys wiped, volume closed"

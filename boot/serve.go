@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/nbd"
 	"github.com/keygate/keygate/disk/ninep"
 	"github.com/keygate/keygate/internal/unixsock"
@@ -68,6 +69,20 @@ func (b *Boot) serveNBD() error {
 			return fmt.Errorf("boot: %w", err)
 		}
 		b.att = att
+		go func() {
+			// A device the kernel dropped on its own (the server failed,
+			// nbd-client -d) no longer serves: lock, as a failed server
+			// does. After Close (the lock itself) the send finds a full
+			// channel or no reader, and is dropped.
+			<-att.Done()
+			if !b.closing.Load() {
+				err := att.Err()
+				select {
+				case b.serveErr <- fmt.Errorf("kernel NBD device %s stopped: %v", dev, err):
+				default:
+				}
+			}
+		}()
 		b.emit(Event{Kind: EventServing, Message: fmt.Sprintf("%s attached (%d-byte blocks): mount %s /mnt", dev, ss, dev)})
 	}
 	return nil
@@ -95,6 +110,23 @@ func (b *Boot) stopServing() []error {
 		b.ln.Close()
 	}
 	return errs
+}
+
+// repairForKernel makes, before the kernel mounts the volume, the repairs
+// that a 9P session a crash interrupted left for the next writable open of
+// keygate's (the intent record of an in-place flush, a torn superblock):
+// the kernel knows nothing of them. A volume keygate cannot read (no
+// filesystem, a raw disk, an ext4 with features go-diskfs lacks, or a
+// journal the kernel must replay) is the kernel's alone, and left as is.
+func (b *Boot) repairForKernel() {
+	fsys, err := disk.OpenFS(b.im.Device())
+	if err != nil {
+		b.log.Debug("the block export's filesystem is the kernel's alone", "why", err)
+		return
+	}
+	if err := fsys.Close(); err != nil {
+		b.log.Warn("closing the filesystem after its repair failed; the kernel's e2fsck or journal replay will see it", "err", err)
+	}
 }
 
 // NBDSocket is the NBD socket path, or "".

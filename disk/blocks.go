@@ -36,8 +36,13 @@ type Blocks struct {
 	// cipher is never wiped under a request that is still using it.
 	mu     sync.RWMutex
 	closed bool
-	rmw    sync.Mutex
-	pool   sync.Pool // *[]byte of chunkSize, ciphertext scratch
+	// syncErr is the first failed fdatasync. Linux reports a writeback
+	// error to one fdatasync only; the next would succeed with the data
+	// lost, so every later Sync (a FLUSH the kernel retries) fails too.
+	syncMu  sync.Mutex
+	syncErr error
+	rmw     sync.Mutex
+	pool    sync.Pool // *[]byte of chunkSize, ciphertext scratch
 }
 
 // Blocks returns the image's block view. Image.Close closes it first.
@@ -187,8 +192,14 @@ func (b *Blocks) Sync() error {
 	if b.readOnly {
 		return nil
 	}
+	b.syncMu.Lock()
+	defer b.syncMu.Unlock()
+	if b.syncErr != nil {
+		return b.syncErr
+	}
 	if err := unix.Fdatasync(int(b.f.Fd())); err != nil {
-		return fmt.Errorf("sync image: %w", err)
+		b.syncErr = fmt.Errorf("sync image: %w (writes since the last good sync may be lost; the volume must be checked)", err)
+		return b.syncErr
 	}
 	return nil
 }

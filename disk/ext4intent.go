@@ -132,8 +132,45 @@ func repairTornSuper(dev *Device) error {
 	if dev.readOnly {
 		return ErrTornSuperblock
 	}
+	if err := m.sameAsBackup(); err != nil {
+		return fmt.Errorf("the ext4 superblock's checksum fails and it is not a torn write (%v): restore it with e2fsck -b", err)
+	}
 	if err := m.recount(); err != nil {
 		return fmt.Errorf("repair torn superblock: %w", err)
 	}
 	return dev.Sync()
+}
+
+// sameAsBackup checks that the fields a tear cannot change (geometry,
+// features, UUID, checksum seed) agree with group 1's backup superblock,
+// so that a superblock damaged some other way is not "repaired" into a
+// checksum that makes it look sound. A filesystem of one group has no
+// backup to compare with.
+func (m *ext4Meta) sameAsBackup() error {
+	if m.groups < 2 {
+		return nil
+	}
+	b := make([]byte, 1024)
+	if _, err := m.dev.ReadAt(b, int64(m.firstData+uint64(m.bpg))*m.bs); err != nil {
+		return fmt.Errorf("read backup superblock: %w", err)
+	}
+	for _, f := range []struct {
+		name   string
+		lo, hi int
+	}{
+		{"magic", 0x38, 0x3a}, {"block size", 0x18, 0x1c}, {"blocks per group", 0x20, 0x24},
+		{"inodes per group", 0x28, 0x2c}, {"inode size", 0x58, 0x5a}, {"compatible features", 0x5c, 0x60},
+		{"UUID", 0x68, 0x78}, {"checksum seed", 0x270, 0x274},
+	} {
+		if string(m.sb[f.lo:f.hi]) != string(b[f.lo:f.hi]) {
+			return fmt.Errorf("its %s differs from the backup's", f.name)
+		}
+	}
+	// The kernel sets needs_recovery (and, on newer kernels, read-only
+	// compatible flags such as orphan_present) in the primary only.
+	le := binary.LittleEndian
+	if le.Uint32(m.sb[0x60:])&^incompatRecover != le.Uint32(b[0x60:])&^incompatRecover {
+		return errors.New("its incompatible features differ from the backup's")
+	}
+	return nil
 }

@@ -35,6 +35,7 @@ import (
 )
 
 const (
+	incompatRecover    = 0x4 // the journal needs replay
 	incompat64Bit      = 0x80
 	incompatCsumSeed   = 0x2000
 	roCompatGdtCsum    = 0x10
@@ -86,7 +87,10 @@ func readExt4Meta(dev *Device) (*ext4Meta, error) {
 		m.descSize = int(le.Uint16(sb[0xfe:]))
 		m.blocksCount |= uint64(le.Uint32(sb[0x150:])) << 32
 	}
-	if m.bpg == 0 || m.ipg == 0 || m.descSize < 32 {
+	// Bounds before any size is computed from them: this runs before
+	// go-diskfs has checked anything (repairTornSuper, reload).
+	if le.Uint32(sb[0x18:]) > 6 || m.bpg == 0 || m.ipg == 0 || m.descSize < 32 || m.descSize > 1024 ||
+		m.firstData >= m.blocksCount || m.blocksCount > uint64(dev.Size())/uint64(m.bs)+1 {
 		return nil, errors.New("read ext4 superblock: corrupt geometry")
 	}
 	m.metaCsum, m.gdtC = ro&roCompatMetaCsum != 0, ro&roCompatGdtCsum != 0

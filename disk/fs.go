@@ -32,6 +32,11 @@ var (
 	ErrNotEmpty = errors.New("directory not empty")
 	// ErrUnknownFS means OpenFS found neither FAT32 nor ext4 on the device.
 	ErrUnknownFS = errors.New("no FAT32 or ext4 filesystem found (create one with mkfs)")
+	// ErrJournalNeedsReplay means a writable OpenFS found an ext4 whose
+	// journal a kernel left unreplayed (it had the volume mounted over
+	// NBD when it stopped). go-diskfs cannot replay it, and writing under
+	// it would be undone by the kernel's replay at its next mount.
+	ErrJournalNeedsReplay = errors.New("the ext4 journal needs replay (a kernel had the volume mounted over NBD when it stopped): serve it over NBD and mount it once, or run e2fsck on it, before opening its files here")
 )
 
 // MinFAT32Size is the smallest volume Mkfs formats as FAT32: the size at
@@ -140,6 +145,10 @@ func OpenFS(dev *Device) (*FS, error) {
 		return nil, ErrUnknownFS
 	}
 	f.typ = Ext4
+	var incompat [4]byte
+	if _, err := dev.ReadAt(incompat[:], 1024+0x60); err == nil && !dev.readOnly && incompat[0]&incompatRecover != 0 {
+		return nil, ErrJournalNeedsReplay
+	}
 	if err := repairTornSuper(dev); err != nil {
 		return nil, fmt.Errorf("open ext4: %w", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 
 	"github.com/google/go-tpm-tools/client"
@@ -201,6 +202,12 @@ type scrubRW struct {
 }
 
 func (s *scrubRW) Read(p []byte) (int, error) {
+	if f, ok := s.ReadWriteCloser.(*os.File); ok {
+		// go-tpm waits for a device's response only when it sees an
+		// *os.File, which this wrapper hides; Fd puts the descriptor in
+		// blocking mode, so the read waits for the response instead.
+		f.Fd()
+	}
 	n, err := s.ReadWriteCloser.Read(p)
 	s.bufs = append(s.bufs, p)
 	return n, err

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -31,7 +32,8 @@ var ErrAttached = errors.New("the NBD device is already in use")
 // Attachment is a kernel NBD device (/dev/nbdN) connected to a Server.
 type Attachment struct {
 	dev  *os.File
-	done chan error
+	dead chan struct{} // closed when NBD_DO_IT returns
+	err  error         // what it returned
 	once sync.Once
 }
 
@@ -49,6 +51,12 @@ type Attachment struct {
 func Attach(path string, s *Server, blockSize uint32) (*Attachment, error) {
 	if blockSize == 0 || s.size%int64(blockSize) != 0 {
 		return nil, fmt.Errorf("attach %s: export size %d is not a multiple of the block size %d", path, s.size, blockSize)
+	}
+	// A device in use must not be touched at all: NBD_SET_SIZE on it
+	// would resize a live disk. Its pid file exists while it runs.
+	sys := filepath.Join("/sys/block", filepath.Base(path))
+	if _, err := os.Stat(filepath.Join(sys, "pid")); err == nil {
+		return nil, fmt.Errorf("attach %s: %w: pick another /dev/nbdN", path, ErrAttached)
 	}
 	dev, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
@@ -69,6 +77,16 @@ func Attach(path string, s *Server, blockSize uint32) (*Attachment, error) {
 		return nil, fmt.Errorf("attach %s: %w", path, err)
 	}
 	fd := dev.Fd()
+	// The socket first: it is what fails (EBUSY) on a device someone set
+	// up since the check above, before anything of theirs is changed.
+	if err := ioctl(fd, ioctlSetSock, kernelEnd.Fd()); err != nil {
+		serverEnd.Close()
+		dev.Close()
+		if errors.Is(err, unix.EBUSY) {
+			err = fmt.Errorf("%w (%w): pick another /dev/nbdN", ErrAttached, err)
+		}
+		return nil, fmt.Errorf("attach %s: NBD_SET_SOCK: %w", path, err)
+	}
 	steps := []struct {
 		name string
 		req  uint
@@ -77,34 +95,54 @@ func Attach(path string, s *Server, blockSize uint32) (*Attachment, error) {
 		{"NBD_SET_BLKSIZE", ioctlSetBlksize, uintptr(blockSize)},
 		{"NBD_SET_SIZE_BLOCKS", ioctlSetSizeBlocks, uintptr(s.size / int64(blockSize))},
 		{"NBD_SET_FLAGS", ioctlSetFlags, uintptr(s.flags)},
-		{"NBD_SET_SOCK", ioctlSetSock, kernelEnd.Fd()},
 	}
 	for _, st := range steps {
 		if err := ioctl(fd, st.req, st.arg); err != nil {
 			serverEnd.Close()
-			unix.Syscall(unix.SYS_IOCTL, fd, ioctlClearSock, 0)
+			unix.Syscall(unix.SYS_IOCTL, fd, ioctlClearSock, 0) // ours, set above
 			dev.Close()
-			if errors.Is(err, unix.EBUSY) {
-				err = fmt.Errorf("%w (%w): pick another /dev/nbdN", ErrAttached, err)
-			}
 			return nil, fmt.Errorf("attach %s: %s: %w", path, st.name, err)
 		}
 	}
 	tuneQueue(path, s.log)
-	a := &Attachment{dev: dev, done: make(chan error, 1)}
+	a := &Attachment{dev: dev, dead: make(chan struct{})}
 	go s.serve(serverEnd, false, ioFlusher)
-	started := make(chan struct{})
 	go func() {
 		// NBD_DO_IT runs the device until it is disconnected; it blocks
 		// this thread, so keep the goroutine on it.
 		runtime.LockOSThread()
-		close(started)
 		err := ioctl(fd, ioctlDoIt, 0)
 		unix.Syscall(unix.SYS_IOCTL, fd, ioctlClearSock, 0)
-		a.done <- err
+		a.err = err
+		close(a.dead)
 	}()
-	<-started
-	return a, nil
+	// The device has its size, and can be mounted, only once the kernel
+	// runs it (its pid file appears); return no earlier.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		select {
+		case <-a.dead:
+			a.dev.Close()
+			return nil, fmt.Errorf("attach %s: the kernel stopped the device at once: %v", path, a.err)
+		default:
+		}
+		if _, err := os.Stat(filepath.Join(sys, "pid")); err == nil {
+			return a, nil
+		}
+		if time.Now().After(deadline) {
+			a.Close()
+			return nil, fmt.Errorf("attach %s: the kernel did not start the device within 10 s", path)
+		}
+	}
+}
+
+// Done is closed when the kernel lets go of the device: after Close, or on
+// its own (the server failed, or someone ran nbd-client -d).
+func (a *Attachment) Done() <-chan struct{} { return a.dead }
+
+// Err is why the device stopped, once Done is closed.
+func (a *Attachment) Err() error {
+	<-a.dead
+	return a.err
 }
 
 // Close disconnects the device (the kernel fails I/O still queued) and
@@ -115,7 +153,7 @@ func (a *Attachment) Close() error {
 		if e := ioctl(a.dev.Fd(), ioctlDisconnect, 0); e != nil {
 			err = fmt.Errorf("detach: NBD_DISCONNECT: %w", e)
 		}
-		<-a.done // DO_IT returns once the device is down
+		<-a.dead // DO_IT returns once the device is down
 		a.dev.Close()
 	})
 	return err

@@ -8,6 +8,7 @@ import (
 	"net"
 	"runtime"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -27,6 +28,7 @@ type Backend interface {
 const (
 	DefaultMaxRequest  = 32 << 20
 	DefaultMaxInFlight = 16
+	DefaultMaxConns    = 16
 	handshakeTimeout   = 10 * time.Second
 )
 
@@ -43,8 +45,10 @@ type Options struct {
 	// MaxRequest bounds a request's length (DefaultMaxRequest).
 	MaxRequest uint32
 	// MaxInFlight bounds the requests one connection has under way
-	// (DefaultMaxInFlight).
+	// (DefaultMaxInFlight); with MaxRequest and MaxConns (DefaultMaxConns)
+	// it bounds the memory clients can make the server hold.
 	MaxInFlight int
+	MaxConns    int
 	Log         *slog.Logger
 }
 
@@ -80,6 +84,9 @@ func NewServer(b Backend, o Options) *Server {
 	if o.MaxInFlight <= 0 {
 		o.MaxInFlight = DefaultMaxInFlight
 	}
+	if o.MaxConns <= 0 {
+		o.MaxConns = DefaultMaxConns
+	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
@@ -109,13 +116,30 @@ func (s *Server) Serve(l net.Listener) error {
 		return ErrServerClosed
 	}
 	defer remove(s, s.lns, l)
+	var backoff time.Duration
 	for {
 		c, err := l.Accept()
 		if err != nil {
 			if s.closing() {
 				return ErrServerClosed
 			}
+			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) || errors.Is(err, syscall.ECONNABORTED) {
+				// Out of descriptors, perhaps a client opening many
+				// connections: wait for some to close, as net/http does.
+				// Failing would lock the volume (boot treats a failed
+				// server as the end of serving).
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("nbd accept failed; retrying", "err", err, "in", backoff)
+				time.Sleep(backoff)
+				continue
+			}
 			return fmt.Errorf("nbd: accept: %w", err)
+		}
+		backoff = 0
+		if s.connCount() >= s.opts.MaxConns {
+			s.log.Warn("nbd: connection refused: too many", "max", s.opts.MaxConns)
+			c.Close()
+			continue
 		}
 		go s.ServeConn(c)
 	}
@@ -177,6 +201,12 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	s.wg.Wait()
 	return nil
+}
+
+func (s *Server) connCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
 }
 
 func (s *Server) closing() bool {
@@ -266,19 +296,22 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 			return nil
 		}
 		var payload []byte
+		if r.Type == CmdWrite && r.Length > s.opts.MaxRequest {
+			// The payload cannot be skipped safely: close.
+			return fmt.Errorf("WRITE of %d bytes, more than the %d advertised", r.Length, s.opts.MaxRequest)
+		}
+		// The slot first, then the payload's buffer: a connection holds
+		// at most MaxInFlight requests' buffers.
+		cn.slots <- struct{}{}
 		if r.Type == CmdWrite {
-			if r.Length > s.opts.MaxRequest {
-				// The payload cannot be skipped safely: close.
-				return fmt.Errorf("WRITE of %d bytes, more than the %d advertised", r.Length, s.opts.MaxRequest)
-			}
 			payload = getBuf(int(r.Length))
 			if _, err := io.ReadFull(c, payload); err != nil {
 				putBuf(payload)
+				<-cn.slots
 				// Nothing of a request cut short is written.
 				return fmt.Errorf("read WRITE payload of %d bytes: %w", r.Length, err)
 			}
 		}
-		cn.slots <- struct{}{}
 		cn.wg.Add(1)
 		dispatch(r, payload)
 		if err := cn.writeErr(); err != nil {

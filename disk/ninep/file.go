@@ -317,6 +317,7 @@ func (f *file) UnlinkAt(name string, flags uint32) error {
 	if err := f.s.fsys.Remove(p); err != nil {
 		return f.s.errno("unlink", p, err)
 	}
+	f.s.locks.removed(p)
 	return f.changed("unlink", p)
 }
 
@@ -332,6 +333,7 @@ func (f *file) RenameAt(oldName string, newDir p9.File, newName string) error {
 	if err := f.s.fsys.Rename(o, n); err != nil {
 		return f.s.errno("rename", o, err)
 	}
+	f.s.locks.renamed(o, n)
 	return nil // Rename syncs
 }
 

@@ -2,6 +2,7 @@ package ninep
 
 import (
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/hugelgupf/p9/p9"
@@ -63,13 +64,44 @@ func (t *lockTable) probe(f *file, pid int, typ p9.LockType, start, length uint6
 			if t.conflicts == nil {
 				t.conflicts = map[getlockReq]byteLock{}
 			}
-			if len(t.conflicts) < 1024 { // bounded, whatever a client leaves behind
-				t.conflicts[getlockReq{typ: typ, start: start, length: length, pid: uint32(pid), client: client}] = l
+			key := getlockReq{typ: typ, start: start, length: length, pid: uint32(pid), client: client}
+			if _, ok := t.conflicts[key]; ok || len(t.conflicts) < 1024 { // bounded, whatever a client leaves behind
+				t.conflicts[key] = l
 			}
 			return p9.LockStatusBlocked
 		}
 	}
 	return p9.LockStatusOK
+}
+
+// renamed moves the locks of o (and of everything under it, for a
+// directory) to n: locks follow the file, not the name. Locks of a file n
+// replaced go with it: it has no name any more, and a new file there must
+// not inherit them.
+func (t *lockTable) renamed(o, n string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	moved := map[string][]byteLock{}
+	for p, locks := range t.files {
+		if p == n || strings.HasPrefix(p, n+"/") {
+			delete(t.files, p)
+		}
+		if p == o || strings.HasPrefix(p, o+"/") {
+			moved[n+strings.TrimPrefix(p, o)] = locks
+			delete(t.files, p)
+		}
+	}
+	for p, locks := range moved {
+		t.files[p] = locks
+	}
+}
+
+// removed drops the locks of an unlinked file, so that a new file under
+// its name starts with none.
+func (t *lockTable) removed(p string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.files, p)
 }
 
 // takeConflict returns (and forgets) the lock a probe for req found.

@@ -105,4 +105,38 @@ func TestLocks(t *testing.T) {
 	if got, err := a.Lock(pidA, p9.WriteLock, 0, 0, 0, ""); err != nil || got != p9.LockStatusOK {
 		t.Fatalf("after B's close, A's whole-file write lock: %v (%v), want OK", got, err)
 	}
+
+	// Locks follow the file through a rename; a new file under the old
+	// name has none.
+	root, err := (&attacher{s: s}).Attach()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := root.RenameAt("db", root, "db2"); err != nil {
+		t.Fatal(err)
+	}
+	a.Renamed(root, "db2") // as the p9 server tells every fid of the file
+	if err := fsys.Put("/db", strings.NewReader("new"), 3); err != nil {
+		t.Fatal(err)
+	}
+	c := open()
+	if got, _ := c.Lock(300, p9.WriteLock, 0, 0, 0, "guestC"); got != p9.LockStatusOK {
+		t.Fatalf("a new file under the renamed one's name inherited its locks: %v", got)
+	}
+	_, moved, err := root.Walk([]string{"db2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := moved.Open(p9.ReadWrite); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := moved.Lock(300, p9.ReadLock, 0, 0, 10, "guestC"); got != p9.LockStatusBlocked {
+		t.Fatalf("A's write lock did not follow the file to its new name: %v", got)
+	}
+	if err := a.Close(); err != nil { // A's fid, renamed: its clunk still releases
+		t.Fatal(err)
+	}
+	if got, _ := moved.Lock(300, p9.ReadLock, 0, 0, 10, "guestC"); got != p9.LockStatusOK {
+		t.Fatalf("after A's close, its lock on the renamed file remains: %v", got)
+	}
 }

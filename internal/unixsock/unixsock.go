@@ -21,6 +21,9 @@ import (
 	"syscall"
 )
 
+// ErrInUse means another server listens on the socket path.
+var ErrInUse = errors.New("another server is listening there (stop it, or choose another path)")
+
 // ErrPeerRefused is logged (never returned by Accept) for a connection whose
 // peer runs under a uid that is not allowed.
 var ErrPeerRefused = errors.New("peer uid not allowed")
@@ -36,15 +39,23 @@ type Listener struct {
 	OnRefused func(uid int64, err error)
 }
 
-// Listen creates a unix socket at path with mode 0600, which no other user
-// could connect to at any moment, and accepts only connections from root,
-// from this process's effective uid, and from allowUIDs. An existing socket
+// Listen creates a unix socket at path, which no other user could connect
+// to at any moment, and accepts only connections from root, from this
+// process's effective uid, and from allowUIDs. Its mode is 0600, or 0666
+// when allowUIDs are given (connect needs write permission; the peer's uid
+// is then the gate, and the directory holding path must let them reach it). An existing socket
 // at path (a stale one from an earlier run) is replaced; anything else
 // there is an error.
 func Listen(path string, allowUIDs ...uint32) (*Listener, error) {
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("listen on %s: it exists and is not a socket (choose another path)", path)
+		}
+		// Replace a stale socket, never a live one: another server (a
+		// second keygate on the same volume) would lose its clients.
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("listen on %s: %w", path, ErrInUse)
 		}
 	}
 	dir, err := os.MkdirTemp(filepath.Dir(path), ".keygate-sock-")
@@ -61,7 +72,15 @@ func Listen(path string, allowUIDs ...uint32) (*Listener, error) {
 	}
 	// The listener must not unlink tmp on Close: the file moves to path.
 	ln.SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, 0o600); err != nil {
+	// connect(2) needs write permission on the socket file: 0600 admits
+	// only this uid (and root). With other uids allowed the file must be
+	// writable by all, and SO_PEERCRED is the gate; it is never reachable
+	// before that gate exists, inside the 0700 directory.
+	mode := os.FileMode(0o600)
+	if len(allowUIDs) > 0 {
+		mode = 0o666
+	}
+	if err := os.Chmod(tmp, mode); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}

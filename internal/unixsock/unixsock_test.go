@@ -40,6 +40,22 @@ func TestListen(t *testing.T) {
 			l.(*net.UnixListener).SetUnlinkOnClose(false)
 			l.Close()
 		}},
+		{name: "live socket is refused", wantErr: true, prepare: func(t *testing.T, path string) {
+			l, err := net.Listen("unix", path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { l.Close() })
+			go func() {
+				for {
+					c, err := l.Accept()
+					if err != nil {
+						return
+					}
+					c.Close()
+				}
+			}()
+		}},
 		{name: "regular file is refused", wantErr: true, prepare: func(t *testing.T, path string) {
 			if err := os.WriteFile(path, []byte("data"), 0o600); err != nil {
 				t.Fatal(err)
@@ -117,7 +133,7 @@ func TestPeerUID(t *testing.T) {
 		allow    []uint32
 		accepted bool
 	}{
-		{"not allowed", nil, false},
+		{"not allowed (mode loosened by hand)", nil, false},
 		{"allowed with --allow-uid", []uint32{nobody}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -131,7 +147,11 @@ func TestPeerUID(t *testing.T) {
 			defer l.Close()
 			refused := make(chan int64, 1)
 			l.OnRefused = func(uid int64, err error) { refused <- uid }
-			os.Chmod(path, 0o666) // as an operator might loosen it
+			if !tc.accepted {
+				// Only the peer check can refuse it now: loosen the mode
+				// as an operator might.
+				os.Chmod(path, 0o666)
+			}
 			go func() {
 				if c, err := l.Accept(); err == nil {
 					c.Write([]byte("y"))
