@@ -8,8 +8,9 @@ import (
 	"net"
 	"runtime"
 	"sync"
-	"syscall"
 	"time"
+
+	"github.com/keygate/keygate/internal/unixsock"
 )
 
 // Backend is the block device an export serves: the plaintext view of an
@@ -116,26 +117,20 @@ func (s *Server) Serve(l net.Listener) error {
 		return ErrServerClosed
 	}
 	defer remove(s, s.lns, l)
-	var backoff time.Duration
+	var backoff unixsock.AcceptBackoff
 	for {
 		c, err := l.Accept()
 		if err != nil {
 			if s.closing() {
 				return ErrServerClosed
 			}
-			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) || errors.Is(err, syscall.ECONNABORTED) {
-				// Out of descriptors, perhaps a client opening many
-				// connections: wait for some to close, as net/http does.
-				// Failing would lock the volume (boot treats a failed
-				// server as the end of serving).
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				s.log.Warn("nbd accept failed; retrying", "err", err, "in", backoff)
-				time.Sleep(backoff)
+			if in, ok := backoff.Wait(err); ok {
+				s.log.Warn("nbd accept failed; retried", "err", err, "after", in)
 				continue
 			}
 			return fmt.Errorf("nbd: accept: %w", err)
 		}
-		backoff = 0
+		backoff.Reset()
 		if s.connCount() >= s.opts.MaxConns {
 			s.log.Warn("nbd: connection refused: too many", "max", s.opts.MaxConns)
 			c.Close()

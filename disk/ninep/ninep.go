@@ -11,12 +11,11 @@ import (
 	"log/slog"
 	"net"
 	"sync"
-	"syscall"
-	"time"
 
 	"github.com/hugelgupf/p9/p9"
 
 	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/internal/unixsock"
 )
 
 // Server serves one disk.FS over 9P2000.L.
@@ -91,7 +90,7 @@ func (s *Server) Serve(l net.Listener) error {
 	}
 	s.lns[l] = struct{}{}
 	s.mu.Unlock()
-	var backoff time.Duration
+	var backoff unixsock.AcceptBackoff
 	for {
 		c, err := l.Accept()
 		if err != nil {
@@ -101,17 +100,13 @@ func (s *Server) Serve(l net.Listener) error {
 			if closed {
 				return nil
 			}
-			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) || errors.Is(err, syscall.ECONNABORTED) {
-				// out of descriptors (perhaps a client opening many
-				// connections): wait for some to close, as net/http does
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				s.log.Warn("9p accept failed; retrying", "err", err, "in", backoff)
-				time.Sleep(backoff)
+			if in, ok := backoff.Wait(err); ok {
+				s.log.Warn("9p accept failed; retried", "err", err, "after", in)
 				continue
 			}
 			return fmt.Errorf("serve 9p: accept: %w", err)
 		}
-		backoff = 0
+		backoff.Reset()
 		s.mu.Lock()
 		if s.closed {
 			s.mu.Unlock()

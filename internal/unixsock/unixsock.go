@@ -19,6 +19,7 @@ import (
 	"slices"
 	"strconv"
 	"syscall"
+	"time"
 )
 
 // ErrInUse means another server listens on the socket path.
@@ -146,3 +147,23 @@ func PeerUID(c *net.UnixConn) (uint32, error) {
 	}
 	return cred.Uid, nil
 }
+
+// AcceptBackoff paces a server's retries of Accept errors that pass (out of
+// descriptors, perhaps a client opening many connections), as net/http
+// does: failing instead would end serving, and keygate boot locks the
+// volume when its server ends. The zero value is ready.
+type AcceptBackoff struct{ d time.Duration }
+
+// Wait sleeps before the next Accept and reports true for an error worth
+// retrying; for any other it reports false at once.
+func (b *AcceptBackoff) Wait(err error) (time.Duration, bool) {
+	if !errors.Is(err, syscall.EMFILE) && !errors.Is(err, syscall.ENFILE) && !errors.Is(err, syscall.ECONNABORTED) {
+		return 0, false
+	}
+	b.d = min(max(2*b.d, 5*time.Millisecond), time.Second)
+	time.Sleep(b.d)
+	return b.d, true
+}
+
+// Reset is called after each accepted connection.
+func (b *AcceptBackoff) Reset() { b.d = 0 }
