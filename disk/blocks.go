@@ -3,13 +3,9 @@ package disk
 import (
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"sync"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/keygate/keygate/disk/xts"
 )
 
 // Blocks is the plaintext view of a volume's data segment for a block
@@ -25,12 +21,9 @@ import (
 // Blocks and the Device (the filesystem's view) must not both write one
 // volume: neither sees the other's writes.
 type Blocks struct {
-	f         *os.File
-	off, size int64
-	ss        int
-	tweakStep uint64
-	c         *xts.Cipher
-	readOnly  bool
+	segment
+	size     int64
+	readOnly bool
 
 	// mu is held shared by every request and exclusively by Close, so the
 	// cipher is never wiped under a request that is still using it.
@@ -49,7 +42,7 @@ type Blocks struct {
 func (im *Image) Blocks() *Blocks {
 	if im.blocks == nil {
 		d := im.dev
-		im.blocks = &Blocks{f: d.f, off: d.off, size: d.size, ss: d.ss, tweakStep: d.tweakStep, c: d.c, readOnly: d.readOnly}
+		im.blocks = &Blocks{segment: d.segment, size: d.size, readOnly: d.readOnly}
 	}
 	return im.blocks
 }
@@ -102,21 +95,6 @@ func (b *Blocks) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// readSectors reads whole sectors from sector sec into p, decrypting in
-// place.
-func (b *Blocks) readSectors(p []byte, sec int64) error {
-	if _, err := b.f.ReadAt(p, b.off+sec*int64(b.ss)); err != nil {
-		if errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF // the file is shorter than its header says
-		}
-		return fmt.Errorf("read sectors %d+%d: %w", sec, len(p)/b.ss, err)
-	}
-	if b.c != nil {
-		b.c.DecryptSectors(p, p, b.ss, uint64(sec)*b.tweakStep, b.tweakStep)
-	}
-	return nil
-}
-
 // WriteAt writes plaintext at off. It returns once all of p is in the image
 // file (or with an error, after which some sectors may hold the new data
 // and others the old, as on a disk).
@@ -156,30 +134,15 @@ func (b *Blocks) WriteAt(p []byte, off int64) (int, error) {
 }
 
 // writeSectors encrypts whole sectors of p into pooled scratch and writes
-// them at sector sec, a chunk at a time; p is left as it was.
+// them at sector sec; p is left as it was.
 func (b *Blocks) writeSectors(p []byte, sec int64) error {
-	if b.c == nil {
-		if _, err := b.f.WriteAt(p, b.off+sec*int64(b.ss)); err != nil {
-			return fmt.Errorf("write sectors %d+%d: %w", sec, len(p)/b.ss, err)
-		}
-		return nil
-	}
 	sp, _ := b.pool.Get().(*[]byte)
 	if sp == nil {
 		s := make([]byte, chunkSize)
 		sp = &s
 	}
 	defer b.pool.Put(sp)
-	scratch := *sp
-	for len(p) > 0 {
-		m := min(len(p), len(scratch))
-		b.c.EncryptSectors(scratch[:m], p[:m], b.ss, uint64(sec)*b.tweakStep, b.tweakStep)
-		if _, err := b.f.WriteAt(scratch[:m], b.off+sec*int64(b.ss)); err != nil {
-			return fmt.Errorf("write sectors %d+%d: %w", sec, m/b.ss, err)
-		}
-		p, sec = p[m:], sec+int64(m/b.ss)
-	}
-	return nil
+	return b.segment.writeSectors(p, sec, *sp, b.pwrite)
 }
 
 // Sync makes every completed write durable (fdatasync of the image).

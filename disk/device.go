@@ -41,12 +41,9 @@ var ErrClosed = errors.New("disk: device is closed")
 // go-diskfs's backend.Storage (and backend.WritableFile). All methods are
 // safe for concurrent use; one mutex guards the cache and the position.
 type Device struct {
-	mu         sync.Mutex
-	f          *os.File
-	off, size  int64
-	ss         int
-	tweakStep  uint64
-	c          *xts.Cipher
+	mu sync.Mutex
+	segment
+	size       int64
 	readOnly   bool
 	name       string
 	closed     bool
@@ -131,8 +128,8 @@ func NewDevice(f *os.File, offset, size int64, sectorSize int, c *xts.Cipher, op
 	if size <= 0 || size%int64(sectorSize) != 0 {
 		return nil, fmt.Errorf("new device: size %d is not a positive multiple of the sector size %d", size, sectorSize)
 	}
-	d := &Device{f: f, off: offset, size: size, ss: sectorSize, tweakStep: uint64(sectorSize / 512),
-		c: c, name: "keygate-volume", cache: map[int64]*entry{}}
+	d := &Device{segment: newSegment(f, offset, sectorSize, c), size: size,
+		name: "keygate-volume", cache: map[int64]*entry{}}
 	d.maxEntries = DefaultCacheSize / sectorSize
 	for _, o := range opts {
 		o(d)
@@ -266,11 +263,8 @@ func (d *Device) readAt(p []byte, off int64) (int, error) {
 // readDirect reads whole sectors starting at sector sec into p, decrypting
 // in place, then overlays any dirty cached sector, which is newer.
 func (d *Device) readDirect(p []byte, sec int64) error {
-	if _, err := d.f.ReadAt(p, d.off+sec*int64(d.ss)); err != nil {
-		return fmt.Errorf("read sectors %d+%d: %w", sec, len(p)/d.ss, err)
-	}
-	if d.c != nil {
-		d.c.DecryptSectors(p, p, d.ss, uint64(sec)*d.tweakStep, d.tweakStep)
+	if err := d.readSectors(p, sec); err != nil {
+		return err
 	}
 	d.eachCached(sec, int64(len(p)/d.ss), func(e *entry) {
 		if e.dirty {
@@ -348,24 +342,10 @@ func (d *Device) WriteAt(p []byte, off int64) (int, error) {
 func (d *Device) writeDirect(p []byte, sec int64) error {
 	count := int64(len(p) / d.ss)
 	d.eachCached(sec, count, d.drop)
-	if d.c == nil {
-		if err := d.writeFile(p, d.off+sec*int64(d.ss)); err != nil {
-			return fmt.Errorf("write sectors %d+%d: %w", sec, count, err)
-		}
-		return nil
-	}
 	if d.scratch == nil {
 		d.scratch = make([]byte, chunkSize)
 	}
-	for len(p) > 0 {
-		m := min(len(p), len(d.scratch))
-		d.c.EncryptSectors(d.scratch[:m], p[:m], d.ss, uint64(sec)*d.tweakStep, d.tweakStep)
-		if err := d.writeFile(d.scratch[:m], d.off+sec*int64(d.ss)); err != nil {
-			return fmt.Errorf("write sectors %d+%d: %w", sec, m/d.ss, err)
-		}
-		p, sec = p[m:], sec+int64(m/d.ss)
-	}
-	return nil
+	return d.writeSectors(p, sec, d.scratch, d.writeFile)
 }
 
 // get returns the cache entry for sector sec, loading (and decrypting) it
@@ -388,12 +368,9 @@ func (d *Device) get(sec int64, load bool) (*entry, error) {
 		buf = make([]byte, d.ss)
 	}
 	if load {
-		if _, err := d.f.ReadAt(buf, d.off+sec*int64(d.ss)); err != nil {
+		if err := d.readSectors(buf, sec); err != nil {
 			d.free = append(d.free, buf)
-			return nil, fmt.Errorf("read sector %d: %w", sec, err)
-		}
-		if d.c != nil {
-			d.c.DecryptSectors(buf, buf, d.ss, uint64(sec)*d.tweakStep, d.tweakStep)
+			return nil, err
 		}
 	}
 	e := &entry{sector: sec, data: buf, ref: true, slot: len(d.clock)}

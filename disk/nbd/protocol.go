@@ -68,7 +68,6 @@ const (
 	errIO       = 5
 	errInval    = 22
 	errNoSpc    = 28
-	errShutdown = 108
 )
 
 // maxOptionLen bounds an option's data. The longest legitimate one here is
@@ -121,26 +120,4 @@ func putReply(b []byte, errno uint32, cookie uint64) {
 	binary.BigEndian.PutUint32(b, magicReply)
 	binary.BigEndian.PutUint32(b[4:], errno)
 	binary.BigEndian.PutUint64(b[8:], cookie)
-}
-
-func cmdName(t uint16) string {
-	switch t {
-	case CmdRead:
-		return "READ"
-	case CmdWrite:
-		return "WRITE"
-	case CmdDisc:
-		return "DISC"
-	case CmdFlush:
-		return "FLUSH"
-	case CmdTrim:
-		return "TRIM"
-	case CmdCache:
-		return "CACHE"
-	case CmdWriteZeroes:
-		return "WRITE_ZEROES"
-	case CmdBlockStatus:
-		return "BLOCK_STATUS"
-	}
-	return fmt.Sprintf("command %d", t)
 }

@@ -479,7 +479,3 @@ func putBuf(b []byte) {
 	}
 	bufPools[c].Put(&b)
 }
-
-func (r Request) String() string {
-	return fmt.Sprintf("%s offset=%d length=%d flags=0x%x", cmdName(r.Type), r.Offset, r.Length, r.Flags)
-}
