@@ -64,10 +64,10 @@ const (
 	CmdFlagNoHole = 1 << 1
 
 	// Errors, as errno values the protocol carries.
-	errPerm     = 1
-	errIO       = 5
-	errInval    = 22
-	errNoSpc    = 28
+	errPerm  = 1
+	errIO    = 5
+	errInval = 22
+	errNoSpc = 28
 )
 
 // maxOptionLen bounds an option's data. The longest legitimate one here is
