@@ -7,8 +7,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"github.com/keygate/keygate/disk/ninep"
-	"github.com/keygate/keygate/internal/tpmtest"
 	"io"
 	"log/slog"
 	"net/http"
@@ -19,6 +17,10 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/keygate/keygate/disk/ninep"
+	"github.com/keygate/keygate/internal/testutil"
+	"github.com/keygate/keygate/internal/tpmtest"
 
 	"github.com/hugelgupf/p9/p9"
 
@@ -213,14 +215,9 @@ func p9Client(t testing.TB, sock string) (p9.File, func()) {
 }
 
 // socketPath returns a path for a unix socket in a fresh directory that is
-// removed when the test ends. It is not under t.TempDir, whose long paths
-// can exceed the 108 bytes a socket's name may have.
+// removed when the test ends (testutil.ShortTempDir: socket paths are
+// limited to 108 bytes).
 func socketPath(t testing.TB) string {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "kgsock")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return filepath.Join(dir, "9p")
+	return filepath.Join(testutil.ShortTempDir(t), "9p")
 }

@@ -5,9 +5,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
-	"syscall"
 	"testing"
 
 	"github.com/awnumar/memguard"
@@ -103,25 +101,8 @@ func TestLockRefusedIsAnError(t *testing.T) {
 		}
 		os.Exit(4)
 	}
-	testutil.Root(t)
-	dir, err := os.MkdirTemp("", "keymem")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	os.Chmod(dir, 0o755)
-	// The test binary's directory is private to root: run a copy.
-	self, err := os.ReadFile(os.Args[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "child")
-	if err := os.WriteFile(bin, self, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command("prlimit", "--memlock=65536", bin, "-test.run=^TestLockRefusedIsAnError$")
+	cmd := testutil.NobodyCommand(t, "^TestLockRefusedIsAnError$", "prlimit", "--memlock=65536")
 	cmd.Env = append(os.Environ(), "KEYMEM_CHILD=1")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	out, err := cmd.CombinedOutput()
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 3 {

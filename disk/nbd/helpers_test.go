@@ -43,22 +43,10 @@ func newFileBackend(t testing.TB, size int64) fileBackend {
 	return fileBackend{f, size}
 }
 
-// sockDir is a short directory for sockets: t.TempDir paths can exceed
-// the 108 bytes of a unix socket address.
-func sockDir(t testing.TB) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "nbd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
-
 // serve starts a server for b on a private socket and returns its URI.
 func serve(t testing.TB, b nbd.Backend, o nbd.Options) (*nbd.Server, string) {
 	t.Helper()
-	sock := filepath.Join(sockDir(t), "s")
+	sock := filepath.Join(testutil.ShortTempDir(t), "s")
 	ln, err := unixsock.Listen(sock)
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -64,4 +65,47 @@ func Glob(t testing.TB, pattern string) []string {
 		t.Fatalf("glob %s matched no files", pattern)
 	}
 	return m
+}
+
+// ShortTempDir is a temporary directory removed at the end of the test,
+// with a short path: a unix socket's path must fit in 108 bytes, and
+// t.TempDir's may not.
+func ShortTempDir(t testing.TB) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "kg")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// Nobody is the uid and gid NobodyCommand runs as.
+const Nobody = 65534
+
+// NobodyCommand returns a command that runs this test binary, with
+// -test.run=run, as the unprivileged user nobody, through wrapper (a
+// command and its arguments, such as prlimit, or none). The binary is
+// copied into a fresh 0755 directory first: the one go test builds it in
+// is private to root. It skips (or fails, see Skip) unless the test runs
+// as root.
+func NobodyCommand(t testing.TB, run string, wrapper ...string) *exec.Cmd {
+	t.Helper()
+	Root(t)
+	dir := ShortTempDir(t)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "test")
+	if err := os.WriteFile(bin, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	args := append(append([]string{}, wrapper...), bin, "-test.run="+run)
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: Nobody, Gid: Nobody}}
+	return cmd
 }

@@ -7,23 +7,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/internal/unixsock"
 )
-
-func shortDir(t *testing.T) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "us")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
 
 func TestListen(t *testing.T) {
 	for _, tc := range []struct {
@@ -66,7 +55,7 @@ func TestListen(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := shortDir(t)
+			dir := testutil.ShortTempDir(t)
 			path := filepath.Join(dir, "s")
 			if tc.prepare != nil {
 				tc.prepare(t, path)
@@ -127,7 +116,7 @@ func TestPeerUID(t *testing.T) {
 		os.Exit(0)
 	}
 	testutil.Root(t)
-	const nobody = 65534
+	const nobody = testutil.Nobody
 	for _, tc := range []struct {
 		name     string
 		allow    []uint32
@@ -137,7 +126,7 @@ func TestPeerUID(t *testing.T) {
 		{"allowed with --allow-uid", []uint32{nobody}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := shortDir(t)
+			dir := testutil.ShortTempDir(t)
 			os.Chmod(dir, 0o755)
 			path := filepath.Join(dir, "s")
 			l, err := unixsock.Listen(path, tc.allow...)
@@ -158,19 +147,8 @@ func TestPeerUID(t *testing.T) {
 					c.Close()
 				}
 			}()
-			// The test binary's own directory is private to root: run a
-			// copy that nobody can execute.
-			self, err := os.ReadFile(os.Args[0])
-			if err != nil {
-				t.Fatal(err)
-			}
-			bin := filepath.Join(dir, "dial")
-			if err := os.WriteFile(bin, self, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			cmd := exec.Command(bin, "-test.run=^TestPeerUID$")
+			cmd := testutil.NobodyCommand(t, "^TestPeerUID$")
 			cmd.Env = append(os.Environ(), "UNIXSOCK_DIAL="+path)
-			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
 			err = cmd.Run()
 			code := 0
 			if ee, ok := err.(*exec.ExitError); ok {
