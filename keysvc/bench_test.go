@@ -31,7 +31,7 @@ import (
 // bottleneck, so the quotes are precomputed: before the timer starts, b.N
 // challenges are issued and quoted (the challenge TTL is raised to cover
 // that). What is timed is the service's work per unlock: challenge redeem
-// (a store write), quote verification, unsealing the UK, CreateImportBlob,
+// (a store write), quote verification, unsealing the UK, building the import blob,
 // the audit append and the re-check after it, plus the load generator's own
 // HTTPS client, which runs in the same process on the same two cores (the
 // request bodies are encoded beforehand, so that the client costs what a

@@ -12,13 +12,13 @@ import (
 	"slices"
 
 	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
-	"github.com/google/go-tpm-tools/server"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keygate/keygate/attest"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
+	"github.com/keygate/keygate/tpm/importblob"
 )
 
 // release seals the volume's UK to the VM's EK and the policy's PCRs, as the
@@ -55,7 +55,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		s.internal(w, "open sealed unwrap key", err)
 		return
 	}
-	blob, err := server.CreateImportBlob(ek, uk, pcrs)
+	blob, err := importblob.New(ek, uk, pcrs)
 	wipe()
 	if err != nil {
 		s.internal(w, "create import blob", err)
