@@ -416,8 +416,9 @@ type ProgramStat struct {
 	Runtime time.Duration `json:"runtime_ns"`
 }
 
-// ProgramStats reports, per tracepoint, how often its program ran and for
-// how long in all. The kernel counts only while statistics are enabled
+// ProgramStats reports, per tracepoint (and in deny mode per LSM hook, as
+// "lsm/file_open" and so on), how often its program ran and for how long
+// in all. The kernel counts only while statistics are enabled
 // (EnableStats, or sysctl kernel.bpf_stats_enabled=1), so that the cost of
 // the monitor itself can be measured.
 func (m *Monitor) ProgramStats() (map[string]ProgramStat, error) {
