@@ -195,6 +195,18 @@ static __always_inline int classify_name(const char n[8])
 	return FK_NONE;
 }
 
+// inode_is_candidate reports whether an inode, reached through BTF
+// pointers (plain loads, no bpf_probe_read_kernel calls), is a character
+// device or on procfs: the only files the monitor looks at further. Every
+// open in the system passes this filter, in file_open (deny mode) or in the
+// open tracepoints (detect mode, Linux 6.2+).
+static __always_inline int inode_is_candidate(struct inode *ino)
+{
+	if (!ino)
+		return 0;
+	return (ino->i_mode & S_IFMT) == S_IFCHR || ino->i_sb->s_magic == PROC_SUPER_MAGIC;
+}
+
 // classify_file reads what an open file really is: a /proc/<pid> file
 // (whatever path reached it: symlinks, "..", dirfds, /proc/self) with the
 // tgid it belongs to, /proc/kcore, or /dev/mem.

@@ -187,10 +187,7 @@ static __always_inline int file_is_candidate(struct file *f)
 		return (BPF_CORE_READ(ino, i_mode) & S_IFMT) == S_IFCHR ||
 		       BPF_CORE_READ(ino, i_sb, s_magic) == PROC_SUPER_MAGIC;
 	}
-	ino = f->f_inode;
-	if (!ino)
-		return 0;
-	return (ino->i_mode & S_IFMT) == S_IFCHR || ino->i_sb->s_magic == PROC_SUPER_MAGIC;
+	return inode_is_candidate(f->f_inode);
 }
 
 // may_matter is the filter every open in the system passes through, so it
