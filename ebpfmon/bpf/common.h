@@ -101,7 +101,7 @@ static __always_inline int in_compat_syscall(void)
 	return (t->thread_info.status & TS_COMPAT) != 0;
 }
 
-// syscall_args reads the first n (up to 6) arguments of the syscall the
+// syscall_args reads the six argument registers of the syscall the
 // current task is in, from the registers it entered the kernel with, which
 // the kernel leaves alone until the syscall returns: x86-64's di, si, dx,
 // r10, r8, r9; with compat, ia32's ebx, ecx, edx, esi, edi, ebp

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
-// Detection: syscall tracepoints that see every way another process can read
-// (or write) a protected process's memory. Each program looks the named pid up
+// Detect mode: syscall tracepoints that see every way another process can
+// read (or write) a protected process's memory. In deny mode the loader
+// attaches none of them but newtask and task_exit: enforce.c's BPF LSM
+// programs report everything there. Each program looks the named pid up
 // in `targets` first, so other processes' syscalls cost one hash lookup; opens
 // are the exception (the pid is inside the path): they are seen at exit only,
 // and filtered on the opened file's filesystem, or for failed opens on the
