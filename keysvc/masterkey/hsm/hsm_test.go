@@ -106,7 +106,7 @@ func TestOpenRefusals(t *testing.T) {
 	module := testutil.SoftHSM(t, "kg", pin)
 	for _, tc := range []struct {
 		name, uri, pin, module string
-		want               error
+		want                   error
 	}{
 		{"wrong PIN", "pkcs11:token=kg;object=m", "9999", module, hsm.ErrPIN},
 		{"no such token", "pkcs11:token=other;object=m", pin, module, hsm.ErrToken},
