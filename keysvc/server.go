@@ -68,12 +68,16 @@ const UKSize = 32
 // Server serves the VM API and the admin API. Build it with New; it is safe
 // for concurrent use.
 type Server struct {
-	st         Store // an *authStore over the store given (rowauth.go)
-	rows       rowKey
+	st         Store    // an *authStore over the store given (rowauth.go)
+	rows       *keyring // the master key(s) and their row MAC keys (keyring.go)
 	audit      Auditor
 	mk         MasterKey
-	ch         *attest.Challenger
-	sessKey    []byte
+	ch         *attest.Challenger // as given or made by New; then chs
+	chs        atomic.Pointer[challengers]
+	sess       atomic.Pointer[sessionKeys]
+	rot        *rotator // nil: master-key rotation unavailable (rotate.go)
+	rotBatch   int
+	rotHook    func(batch int) error
 	adminToken [sha256.Size]byte
 	hasToken   bool
 	now        func() time.Time
@@ -195,13 +199,15 @@ func New(opts ...Option) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("new key service: session key: %w", err)
 	}
-	s.sessKey = append([]byte(nil), sk.Bytes()...)
+	s.sess.Store(&sessionKeys{cur: append([]byte(nil), sk.Bytes()...)})
 	sk.Destroy()
-	rk, err := s.mk.Derive(masterkey.LabelRowMAC)
+	s.chs.Store(&challengers{cur: s.ch})
+	ks, err := newRingKeys(s.mk)
 	if err != nil {
-		return nil, fmt.Errorf("new key service: row MAC key: %w", err)
+		return nil, fmt.Errorf("new key service: %w", err)
 	}
-	s.rows = newRowKey(rk)
+	s.rows = &keyring{}
+	s.rows.p.Store(ks)
 	s.metrics = newMetrics()
 	// Each unlock makes one durable write, after verifying its quote: while
 	// others are under way, the store holds a commit briefly for theirs, so
@@ -398,7 +404,7 @@ func remoteHost(r *http.Request) string {
 
 // mac is HMAC-SHA256 under the session key.
 func (s *Server) mac(b []byte) []byte {
-	m := hmac.New(sha256.New, s.sessKey)
+	m := hmac.New(sha256.New, s.sess.Load().cur)
 	m.Write(b)
 	return m.Sum(nil)
 }

@@ -138,7 +138,7 @@ func WithClock(now func() time.Time) Option { return func(l *Log) { l.now = now 
 
 // New returns a Log over st whose MAC key is derived from mk with
 // masterkey.LabelAuditMAC. Destroy the Log to wipe that key.
-func New(st store.AuditLog, mk masterkey.Master, opts ...Option) (*Log, error) {
+func New(st store.AuditLog, mk masterkey.Deriver, opts ...Option) (*Log, error) {
 	k, err := mk.Derive(masterkey.LabelAuditMAC)
 	if err != nil {
 		return nil, fmt.Errorf("audit key: %w", err)

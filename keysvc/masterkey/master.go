@@ -26,6 +26,11 @@ type Master interface {
 	Destroy()
 }
 
+// Deriver derives sub-keys; every Master is one.
+type Deriver interface {
+	Derive(label string) (*memguard.LockedBuffer, error)
+}
+
 // LabelFingerprint is the label of the sub-key whose first bytes are the
 // master key's fingerprint (Fingerprint).
 const LabelFingerprint = "keygate master key fingerprint v1"
@@ -35,7 +40,7 @@ const LabelFingerprint = "keygate master key fingerprint v1"
 // Derive, so an HSM key gets one from inside the token and a file key from
 // HKDF, and a store can record which key its rows are under whatever kind
 // of key that is. Knowing it tells nothing of the key or of other sub-keys.
-func Fingerprint(m Master) (string, error) {
+func Fingerprint(m Deriver) (string, error) {
 	b, err := m.Derive(LabelFingerprint)
 	if err != nil {
 		return "", fmt.Errorf("master key fingerprint: %w", err)

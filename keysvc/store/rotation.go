@@ -24,9 +24,10 @@ type Rotation struct {
 type Rotations interface {
 	// Rotation returns the rotation under way, or nil if none.
 	Rotation(ctx context.Context) (*Rotation, error)
-	// BeginRotation stores r (cursors empty) and appends the audit record
-	// next makes, atomically; ErrExists if a rotation is under way.
-	BeginRotation(ctx context.Context, r Rotation, next AuditNext) error
+	// BeginRotation stores r (cursors empty), stores the anchor re-MAC'd
+	// by anchor (if the store has one) and appends the audit record next
+	// makes, atomically; ErrExists if a rotation is under way.
+	BeginRotation(ctx context.Context, r Rotation, anchor func(Anchor) Anchor, next AuditNext) error
 	// RekeyBatch re-keys up to limit rows past the cursors in one write
 	// transaction: VMs in name order, then volumes in ID order. vm may set
 	// only a VM's MAC; vol only a volume's MAC and (unless erased) its
@@ -34,9 +35,8 @@ type Rotations interface {
 	// counts in the same transaction, and reports done when no row is
 	// left past them. ErrNotFound if no rotation is under way.
 	RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, vol func(*Volume) error) (r Rotation, done bool, err error)
-	// FinishRotation ends the rotation, atomically: it stores the anchor
-	// re-MAC'd by anchor (if the store has one), appends the audit record
-	// next makes and deletes the rotation row. ErrNotFound if no rotation
-	// is under way.
-	FinishRotation(ctx context.Context, anchor func(Anchor) Anchor, next AuditNext) error
+	// FinishRotation ends the rotation, atomically: it appends the audit
+	// record next makes and deletes the rotation row. ErrNotFound if no
+	// rotation is under way.
+	FinishRotation(ctx context.Context, next AuditNext) error
 }

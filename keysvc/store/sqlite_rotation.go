@@ -33,22 +33,40 @@ func (s *SQLite) Rotation(ctx context.Context) (*Rotation, error) {
 	return &r, nil
 }
 
-// BeginRotation stores r and appends next's audit record in one transaction.
-func (s *SQLite) BeginRotation(ctx context.Context, r Rotation, next AuditNext) error {
+// BeginRotation stores r, re-MACs the anchor with anchor and appends
+// next's audit record, in one transaction.
+func (s *SQLite) BeginRotation(ctx context.Context, r Rotation, anchor func(Anchor) Anchor, next AuditNext) error {
 	pre := func(ctx context.Context, tx *sql.Tx) error {
-		_, err := tx.ExecContext(ctx, `INSERT INTO master_key_rotation (id, old_key, new_key, started_ns) VALUES (1, ?, ?, ?)
-			ON CONFLICT (id) DO NOTHING`, r.OldKey, r.NewKey, ns(r.Started))
-		if err != nil {
-			return err
-		}
-		var n int
-		if err := tx.QueryRowContext(ctx, `SELECT changes()`).Scan(&n); err != nil {
-			return err
-		}
-		if n == 0 {
+		var one int
+		err := tx.QueryRowContext(ctx, `SELECT 1 FROM master_key_rotation WHERE id = 1`).Scan(&one)
+		if err == nil {
 			return fmt.Errorf("master-key rotation: one is under way: %w", ErrExists)
 		}
-		return nil
+		if !isNoRows(err) {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO master_key_rotation (id, old_key, new_key, started_ns) VALUES (1, ?, ?, ?)`,
+			r.OldKey, r.NewKey, ns(r.Started)); err != nil {
+			return err
+		}
+		var (
+			a       Anchor
+			cn, seq int64
+		)
+		err = tx.QueryRowContext(ctx, `SELECT created_ns, genesis_seq, genesis_hash, mac FROM store_anchor WHERE id = 1`).Scan(&cn, &seq, &a.GenesisHash, &a.MAC)
+		if isNoRows(err) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read store anchor: %w", err)
+		}
+		a.Created, a.GenesisSeq = fromNS(cn), uint64(seq)
+		b := anchor(a)
+		if !b.Created.Equal(a.Created) || b.GenesisSeq != a.GenesisSeq || !bytes.Equal(b.GenesisHash, a.GenesisHash) {
+			return fmt.Errorf("re-MAC store anchor: only its MAC may change: %w", ErrImmutable)
+		}
+		_, err = tx.ExecContext(ctx, `UPDATE store_anchor SET mac = ? WHERE id = 1`, b.MAC)
+		return err
 	}
 	if err := s.appendAudit(ctx, nil, pre, next, nil); err != nil {
 		return fmt.Errorf("begin master-key rotation: %w", err)
@@ -124,9 +142,9 @@ func (s *SQLite) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, 
 	return out, done, nil
 }
 
-// FinishRotation re-MACs the anchor, appends next's record and deletes the
-// rotation row in one transaction.
-func (s *SQLite) FinishRotation(ctx context.Context, anchor func(Anchor) Anchor, next AuditNext) error {
+// FinishRotation appends next's record and deletes the rotation row in one
+// transaction.
+func (s *SQLite) FinishRotation(ctx context.Context, next AuditNext) error {
 	pre := func(ctx context.Context, tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, `DELETE FROM master_key_rotation WHERE id = 1`)
 		if err != nil {
@@ -135,24 +153,7 @@ func (s *SQLite) FinishRotation(ctx context.Context, anchor func(Anchor) Anchor,
 		if n, _ := res.RowsAffected(); n == 0 {
 			return fmt.Errorf("master-key rotation: %w", ErrNotFound)
 		}
-		var (
-			a       Anchor
-			cn, seq int64
-		)
-		err = tx.QueryRowContext(ctx, `SELECT created_ns, genesis_seq, genesis_hash, mac FROM store_anchor WHERE id = 1`).Scan(&cn, &seq, &a.GenesisHash, &a.MAC)
-		if isNoRows(err) {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("read store anchor: %w", err)
-		}
-		a.Created, a.GenesisSeq = fromNS(cn), uint64(seq)
-		b := anchor(a)
-		if !b.Created.Equal(a.Created) || b.GenesisSeq != a.GenesisSeq || !bytes.Equal(b.GenesisHash, a.GenesisHash) {
-			return fmt.Errorf("re-MAC store anchor: only its MAC may change: %w", ErrImmutable)
-		}
-		_, err = tx.ExecContext(ctx, `UPDATE store_anchor SET mac = ? WHERE id = 1`, b.MAC)
-		return err
+		return nil
 	}
 	if err := s.appendAudit(ctx, nil, pre, next, nil); err != nil {
 		return fmt.Errorf("finish master-key rotation: %w", err)
