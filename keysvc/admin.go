@@ -78,6 +78,9 @@ type AuditVerifyResponse struct {
 	Head     uint64   `json:"head"`
 	Problems []string `json:"problems"`
 	Omitted  int      `json:"omitted,omitempty"`
+	// Retired counts records written under a master key since rotated
+	// away, checked by hash and link only (audit.Report.Retired).
+	Retired uint64 `json:"retired,omitempty"`
 }
 
 // MaxKeyFile bounds an imported key file (cryptsetup's own limit is 8 MiB;
@@ -541,7 +544,7 @@ func (s *Server) adminAuditVerify(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "verify audit log", err)
 		return
 	}
-	out := AuditVerifyResponse{OK: rep.OK(), Records: rep.Records, LastSeq: rep.LastSeq, Head: rep.Head, Problems: []string{}, Omitted: rep.Omitted}
+	out := AuditVerifyResponse{OK: rep.OK(), Records: rep.Records, LastSeq: rep.LastSeq, Head: rep.Head, Problems: []string{}, Omitted: rep.Omitted, Retired: rep.Retired}
 	for _, p := range rep.Problems {
 		out.Problems = append(out.Problems, p.String())
 	}
