@@ -49,7 +49,11 @@ func (f fileSource) load() (masterkey.Master, bool, error) {
 	if err := wipeFile(f.path + oldKeySuffix); err != nil {
 		return nil, false, err
 	}
-	return masterkey.LoadOrCreate(f.path)
+	mk, created, err := masterkey.LoadOrCreate(f.path)
+	if err != nil {
+		return nil, false, err // not a nil *Key in a non-nil interface
+	}
+	return mk, created, nil
 }
 
 func (f fileSource) sealed() bool {
@@ -68,7 +72,10 @@ func (f fileSource) next(create bool) (masterkey.Master, error) {
 		}
 	}
 	mk, _, err := masterkey.LoadOrCreate(p)
-	return mk, err
+	if err != nil {
+		return nil, err
+	}
+	return mk, nil
 }
 
 // install links the old key to master.key.old, renames master.key.next
@@ -146,18 +153,26 @@ func (h hsmSource) load() (masterkey.Master, bool, error) {
 		}
 	}
 	k, created, err := h.tok.LoadOrCreate(h.tok.Label())
-	return k, created, err
+	if err != nil {
+		return nil, false, err
+	}
+	return k, created, nil
 }
 
 func (h hsmSource) next(create bool) (masterkey.Master, error) {
+	var (
+		k   *hsm.Key
+		err error
+	)
 	if create {
-		return h.tok.CreateNext()
+		k, err = h.tok.CreateNext()
+	} else if k, err = h.tok.FindNext(); errors.Is(err, hsm.ErrNotFound) {
+		err = errNoNext
 	}
-	k, err := h.tok.FindNext()
-	if errors.Is(err, hsm.ErrNotFound) {
-		return nil, errNoNext
+	if err != nil {
+		return nil, err
 	}
-	return k, err
+	return k, nil
 }
 
 func (h hsmSource) install() error { return h.tok.Install() }
