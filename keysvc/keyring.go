@@ -52,7 +52,6 @@ func (k *keyring) seal(recordID string, pt []byte) ([]byte, error) {
 
 func (k *keyring) vmMAC(v store.VM) []byte         { return k.load().rows.vmMAC(v) }
 func (k *keyring) volumeMAC(v store.Volume) []byte { return k.load().rows.volumeMAC(v) }
-func (k *keyring) anchorMAC(a store.Anchor) []byte { return k.load().rows.anchorMAC(a) }
 
 // check runs fn under the current row key and, if that fails, the
 // previous one.

@@ -409,6 +409,7 @@ func (s *Server) runRotation(ctx context.Context) error {
 		return err
 	}
 	s.dropPrevious()
+	s.metrics.rotationRows.Set(0)
 	s.log.Info("master-key rotation finished; the old key is wiped", slog.String("key", r.NewKey), slog.Int("vms", r.VMs), slog.Int("volumes", r.Volumes))
 	return nil
 }
