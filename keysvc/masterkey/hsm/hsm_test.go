@@ -127,9 +127,9 @@ func TestOpenRefusals(t *testing.T) {
 	}
 }
 
-// generate makes a key object with the given attributes through the
-// module directly, as an operator's own tool would.
-func generate(t *testing.T, module, token string, mech uint, attrs ...*pkcs11.Attribute) {
+// raw runs fn in a logged-in session on the token, through the module
+// directly, as an operator's own tool would (no Token may be open).
+func raw(t *testing.T, module, token string, fn func(ctx *pkcs11.Ctx, sh pkcs11.SessionHandle)) {
 	t.Helper()
 	ctx := pkcs11.New(module)
 	if err := ctx.Initialize(); err != nil {
@@ -150,12 +150,20 @@ func generate(t *testing.T, module, token string, mech uint, attrs ...*pkcs11.At
 		if err := ctx.Login(sh, pkcs11.CKU_USER, pin); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := ctx.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, attrs); err != nil {
-			t.Fatal(err)
-		}
+		fn(ctx, sh)
 		return
 	}
 	t.Fatalf("no token %q", token)
+}
+
+// generate makes a key object with the given attributes.
+func generate(t *testing.T, module, token string, mech uint, attrs ...*pkcs11.Attribute) {
+	t.Helper()
+	raw(t, module, token, func(ctx *pkcs11.Ctx, sh pkcs11.SessionHandle) {
+		if _, err := ctx.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, attrs); err != nil {
+			t.Fatal(err)
+		}
+	})
 }
 
 // TestUnusableKeyRefused: key objects that could leave the token, or are
@@ -234,4 +242,41 @@ func mustFP(t *testing.T, m masterkey.Master) string {
 		t.Fatal(err)
 	}
 	return fp
+}
+
+// TestInterruptedInstall: a token left with only the next key (the old
+// one destroyed, the relabel not done) is not given a fresh key by
+// LoadOrCreate, which would lose every row; Install finishes the step.
+func TestInterruptedInstall(t *testing.T) {
+	module := testutil.SoftHSM(t, "kg", pin)
+	c := cfg(t, module, "pkcs11:token=kg;object=master", pin)
+	tok := open(t, c)
+	if _, _, err := tok.LoadOrCreate("master"); err != nil {
+		t.Fatal(err)
+	}
+	next, err := tok.CreateNext()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nextFP := mustFP(t, next)
+	tok.Close()
+	raw(t, module, "kg", func(ctx *pkcs11.Ctx, sh pkcs11.SessionHandle) {
+		ctx.FindObjectsInit(sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, "master")})
+		objs, _, _ := ctx.FindObjects(sh, 1)
+		ctx.FindObjectsFinal(sh)
+		if len(objs) != 1 || ctx.DestroyObject(sh, objs[0]) != nil {
+			t.Fatal("cannot destroy the old key")
+		}
+	})
+	tok = open(t, c)
+	if _, _, err := tok.LoadOrCreate("master"); !errors.Is(err, hsm.ErrKeyObject) || !bytes.Contains([]byte(err.Error()), []byte("interrupted")) {
+		t.Fatalf("LoadOrCreate with only the next key: %v, want a refusal naming the interrupted rotation", err)
+	}
+	if err := tok.Install(); err != nil {
+		t.Fatal(err)
+	}
+	cur, created, err := tok.LoadOrCreate("master")
+	if err != nil || created || mustFP(t, cur) != nextFP {
+		t.Fatalf("after install: created=%v %v", created, err)
+	}
 }
