@@ -129,7 +129,12 @@ type rotationStore interface {
 // (DefaultRotateBatch otherwise).
 func WithRotateBatch(n int) Option { return func(s *Server) { s.rotBatch = n } }
 
-// WithRotateHook runs hook before each master-key rotation batch; an error
+// HookInstalled is the batch number WithRotateHook's hook is given after
+// the new key is installed and before the rotation is finished.
+const HookInstalled = 0
+
+// WithRotateHook runs hook before each master-key rotation batch (1, 2, …)
+// and once more after the new key is installed (HookInstalled); an error
 // stops the rotation there as a crash would. For fault-injection tests.
 func WithRotateHook(hook func(batch int) error) Option {
 	return func(s *Server) { s.rotHook = hook }
@@ -402,6 +407,11 @@ func (s *Server) runRotation(ctx context.Context) error {
 	}
 	if err := s.rot.src.install(); err != nil {
 		return err
+	}
+	if s.rot.hook != nil {
+		if err := s.rot.hook(HookInstalled); err != nil {
+			return err
+		}
 	}
 	ev := audit.Event{Actor: "keysvc", Action: audit.ActionMasterKeyRotate, Subject: "master-key",
 		Details: audit.MasterKeyRotate{Phase: audit.RotateFinish, OldKey: r.OldKey, NewKey: r.NewKey, Kind: s.rot.src.kind(), VMs: r.VMs, Volumes: r.Volumes}}

@@ -288,8 +288,12 @@ var errCrash = errors.New("injected crash")
 // takes the rotation up where it stopped and finishes it, and the chain
 // verifies.
 func TestMasterKeyRotationResumes(t *testing.T) {
-	for _, crashAt := range []int{1, 3} {
-		t.Run(fmt.Sprintf("before batch %d", crashAt), func(t *testing.T) {
+	for _, crashAt := range []int{1, 3, keysvc.HookInstalled} {
+		name := fmt.Sprintf("before batch %d", crashAt)
+		if crashAt == keysvc.HookInstalled {
+			name = "after the new key is installed"
+		}
+		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
 			e := startEnv(t, dir, keysvc.WithRotateBatch(2), keysvc.WithRotateHook(func(b int) error {
 				if b == crashAt {
@@ -305,8 +309,12 @@ func TestMasterKeyRotationResumes(t *testing.T) {
 				t.Fatalf("rotation: %q, want the injected crash", msg)
 			}
 			mid := e.masterKey(t)
-			if mid.Rotation == nil || mid.Rotation.VMs+mid.Rotation.Volumes != 2*(crashAt-1) {
-				t.Fatalf("stopped rotation: %+v", mid.Rotation)
+			done := 2 * (crashAt - 1)
+			if crashAt == keysvc.HookInstalled {
+				done = 5 + 6 // every VM and volume, the erased one too
+			}
+			if mid.Rotation == nil || mid.Rotation.VMs+mid.Rotation.Volumes != done {
+				t.Fatalf("stopped rotation: %+v, want %d rows done", mid.Rotation, done)
 			}
 			// Rows under the old key and under the new one both serve.
 			for _, name := range []string{"rot-0"} {
@@ -318,8 +326,9 @@ func TestMasterKeyRotationResumes(t *testing.T) {
 			e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "mid-vol", VM: "mid", Key: ukBytes}, http.StatusCreated)
 			e.verifyAudit(t)
 			e.stop(t)
-			if _, err := os.Stat(filepath.Join(dir, keysvc.MasterKeyFile+keysvc.NextKeySuffix)); err != nil {
-				t.Fatalf("the new key is not kept while the rotation is under way: %v", err)
+			_, err := os.Stat(filepath.Join(dir, keysvc.MasterKeyFile+keysvc.NextKeySuffix))
+			if installed := crashAt == keysvc.HookInstalled; installed != errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("master.key.next: %v (installed: %v)", err, installed)
 			}
 
 			e2 := startEnv(t, dir)
