@@ -224,7 +224,7 @@ func (s *Server) adminRotateMasterKey(w http.ResponseWriter, r *http.Request) {
 func (s *Server) beginRotation(ctx context.Context) error {
 	next, err := s.rot.src.next(true)
 	if err != nil {
-		return err
+		return fmt.Errorf("make the new master key: %w", err)
 	}
 	ks := s.rows.load()
 	nk, err := newRingKeys(next)

@@ -3,6 +3,7 @@ package keysvc_test
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -384,4 +385,36 @@ func TestChallengeAcrossRotation(t *testing.T) {
 	e.clock.Add(2 * time.Minute)
 	code, body = e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
 	wantRefusal(t, code, body, keysvc.ReasonChallenge)
+}
+
+// TestRotationRefusesTamperedRow: a row changed behind the service's back
+// stops the rotation, naming it, instead of being re-MAC'd under the new
+// key; the rows keep serving meanwhile, and the audit check still names
+// the row.
+func TestRotationRefusesTamperedRow(t *testing.T) {
+	dir := t.TempDir()
+	e := startEnv(t, dir, keysvc.WithRotateBatch(2))
+	v := openVM(t)
+	vols := fleet(t, e, v, 4)
+	db, err := sql.Open("sqlite", filepath.Join(dir, store.DBFile)+"?_pragma=busy_timeout(5000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Exec(`UPDATE vms SET provisioning_allowed = 1 WHERE name = 'rot-2'`); err != nil {
+		t.Fatal(err)
+	}
+	e.admin(t, "POST", "/v1/admin/master-key/rotate", nil, http.StatusAccepted)
+	msg := e.waitRotation(t)
+	if !strings.Contains(msg, `vm "rot-2"`) || !strings.Contains(msg, "integrity") {
+		t.Fatalf("rotation over a tampered row: %q, want it stopped naming vm rot-2", msg)
+	}
+	if body0(t, e, v, "rot-0", vols["rot-0"]) == nil {
+		t.Fatal("no unlock while the rotation is stopped")
+	}
+	var rep keysvc.AuditVerifyResponse
+	json.Unmarshal(e.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK), &rep)
+	if rep.OK || !strings.Contains(strings.Join(rep.Problems, "\n"), `vm "rot-2"`) {
+		t.Fatalf("audit verify: %+v, want the tampered row named", rep)
+	}
 }

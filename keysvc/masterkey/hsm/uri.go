@@ -121,8 +121,6 @@ func ParseURI(s string) (URI, error) {
 		return u, fmt.Errorf("%w: no token= attribute (name the token by its label: pkcs11:token=LABEL;object=NAME)", ErrURI)
 	case u.Object == "":
 		return u, fmt.Errorf("%w: no object= attribute (name the master key object: pkcs11:token=LABEL;object=NAME)", ErrURI)
-	case len(u.Object) > 64-len(NextSuffix):
-		return u, fmt.Errorf("%w: object label is %d bytes; keep it to %d so that rotation can label the next key %q", ErrURI, len(u.Object), 64-len(NextSuffix), "NAME"+NextSuffix)
 	}
 	return u, nil
 }
