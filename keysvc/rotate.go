@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
@@ -140,35 +141,15 @@ func WithRotateHook(hook func(batch int) error) Option {
 	return func(s *Server) { s.rotHook = hook }
 }
 
-// MasterKeyInfo answers GET /v1/admin/master-key.
-type MasterKeyInfo struct {
-	Fingerprint string        `json:"fingerprint"` // masterkey.Fingerprint of the current key
-	Kind        string        `json:"kind"`        // file or pkcs11
-	Rotation    *RotationInfo `json:"rotation,omitempty"`
-}
-
-// RotationInfo is a master-key rotation under way.
-type RotationInfo struct {
-	OldKey  string    `json:"old_key"`
-	NewKey  string    `json:"new_key"`
-	Started time.Time `json:"started"`
-	VMs     int       `json:"vms_done"`
-	Volumes int       `json:"volumes_done"`
-	Running bool      `json:"running"`
-	// Error is why the rotation stopped, if it did; POST rotate again
-	// resumes it.
-	Error string `json:"error,omitempty"`
-}
-
-func (s *Server) masterKeyInfo(ctx context.Context) (MasterKeyInfo, error) {
-	info := MasterKeyInfo{Fingerprint: s.rows.fingerprint(), Kind: s.rot.src.kind()}
+func (s *Server) masterKeyInfo(ctx context.Context) (api.MasterKeyInfo, error) {
+	info := api.MasterKeyInfo{Fingerprint: s.rows.fingerprint(), Kind: s.rot.src.kind()}
 	r, err := s.rot.st.Rotation(ctx)
 	if err != nil {
 		return info, err
 	}
 	if r != nil {
 		s.rot.mu.Lock()
-		ri := &RotationInfo{OldKey: r.OldKey, NewKey: r.NewKey, Started: r.Started, VMs: r.VMs, Volumes: r.Volumes, Running: s.rot.running}
+		ri := &api.RotationInfo{OldKey: r.OldKey, NewKey: r.NewKey, Started: r.Started, VMs: r.VMs, Volumes: r.Volumes, Running: s.rot.running}
 		if s.rot.lastErr != nil {
 			ri.Error = s.rot.lastErr.Error()
 		}

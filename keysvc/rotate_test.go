@@ -21,6 +21,7 @@ import (
 
 	"github.com/keygate/keygate/attest"
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
 	"github.com/keygate/keygate/tpm"
@@ -28,11 +29,11 @@ import (
 
 // tryUnlock is unlock without failing the test, for other goroutines.
 func (e *env) tryUnlock(v *vmTPM, name, volume string) error {
-	code, b, err := e.post("/v1/challenge", keysvc.ChallengeRequest{VM: name, Volume: volume, EKPub: v.ekPEM, AKPub: v.akPEM})
+	code, b, err := e.post("/v1/challenge", api.ChallengeRequest{VM: name, Volume: volume, EKPub: v.ekPEM, AKPub: v.akPEM})
 	if err != nil || code != http.StatusOK {
 		return fmt.Errorf("challenge: %d %s %v", code, b, err)
 	}
-	var ch keysvc.ChallengeResponse
+	var ch api.ChallengeResponse
 	if err := json.Unmarshal(b, &ch); err != nil {
 		return err
 	}
@@ -41,16 +42,16 @@ func (e *env) tryUnlock(v *vmTPM, name, volume string) error {
 		return err
 	}
 	q, _ := proto.Marshal(att)
-	code, b, err = e.post("/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: q})
+	code, b, err = e.post("/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: q})
 	if err != nil || code != http.StatusOK {
 		return fmt.Errorf("unlock: %d %s %v", code, b, err)
 	}
 	return nil
 }
 
-func (e *env) masterKey(t testing.TB) keysvc.MasterKeyInfo {
+func (e *env) masterKey(t testing.TB) api.MasterKeyInfo {
 	t.Helper()
-	var info keysvc.MasterKeyInfo
+	var info api.MasterKeyInfo
 	if err := json.Unmarshal(e.admin(t, "GET", "/v1/admin/master-key", nil, http.StatusOK), &info); err != nil {
 		t.Fatal(err)
 	}
@@ -75,9 +76,9 @@ func (e *env) waitRotation(t testing.TB) string {
 	return ""
 }
 
-func (e *env) verifyAudit(t testing.TB) keysvc.AuditVerifyResponse {
+func (e *env) verifyAudit(t testing.TB) api.AuditVerifyResponse {
 	t.Helper()
-	var rep keysvc.AuditVerifyResponse
+	var rep api.AuditVerifyResponse
 	json.Unmarshal(e.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK), &rep)
 	if !rep.OK {
 		t.Fatalf("audit verify: %+v", rep)
@@ -92,12 +93,12 @@ func fleet(t *testing.T, e *env, v *vmTPM, n int) map[string]string {
 	vols := map[string]string{"rot-0": setup(t, e, v, "rot-0")}
 	for i := 1; i < n; i++ {
 		name := fmt.Sprintf("rot-%d", i)
-		e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: name, EKPub: randomPEM(t), AKPub: randomPEM(t)}, http.StatusCreated)
-		e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: name + "-vol", VM: name, Key: ukBytes}, http.StatusCreated)
+		e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: name, EKPub: randomPEM(t), AKPub: randomPEM(t)}, http.StatusCreated)
+		e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: name + "-vol", VM: name, Key: ukBytes}, http.StatusCreated)
 		vols[name] = name + "-vol"
 	}
 	// An erased volume is re-MAC'd but has no key to re-seal.
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "gone-vol", VM: "rot-1", Key: ukBytes}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "gone-vol", VM: "rot-1", Key: ukBytes}, http.StatusCreated)
 	e.admin(t, "POST", "/v1/admin/volumes/gone-vol/erase", nil, http.StatusOK)
 	return vols
 }
@@ -193,7 +194,7 @@ func TestMasterKeyRotation(t *testing.T) {
 		}
 	}()
 	b := e.admin(t, "POST", "/v1/admin/master-key/rotate", nil, http.StatusAccepted)
-	var started keysvc.MasterKeyInfo
+	var started api.MasterKeyInfo
 	json.Unmarshal(b, &started)
 	if msg := e.waitRotation(t); msg != "" {
 		t.Fatalf("rotation stopped: %s", msg)
@@ -323,8 +324,8 @@ func TestMasterKeyRotationResumes(t *testing.T) {
 					t.Fatal("no unlock mid-rotation")
 				}
 			}
-			e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "mid", EKPub: randomPEM(t), AKPub: randomPEM(t)}, http.StatusCreated)
-			e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "mid-vol", VM: "mid", Key: ukBytes}, http.StatusCreated)
+			e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "mid", EKPub: randomPEM(t), AKPub: randomPEM(t)}, http.StatusCreated)
+			e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "mid-vol", VM: "mid", Key: ukBytes}, http.StatusCreated)
 			e.verifyAudit(t)
 			e.stop(t)
 			_, err := os.Stat(filepath.Join(dir, keysvc.MasterKeyFile+keysvc.NextKeySuffix))
@@ -369,7 +370,7 @@ func TestChallengeAcrossRotation(t *testing.T) {
 	if msg := e.waitRotation(t); msg != "" {
 		t.Fatal(msg)
 	}
-	code, body := e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
+	code, body := e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
 	if code != http.StatusOK {
 		t.Fatalf("unlock with a challenge from before the rotation: %d %s", code, body)
 	}
@@ -383,8 +384,8 @@ func TestChallengeAcrossRotation(t *testing.T) {
 		t.Fatal(msg)
 	}
 	e.clock.Add(2 * time.Minute)
-	code, body = e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
-	wantRefusal(t, code, body, keysvc.ReasonChallenge)
+	code, body = e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
+	wantRefusal(t, code, body, api.ReasonChallenge)
 }
 
 // TestRotationRefusesTamperedRow: a row changed behind the service's back
@@ -412,7 +413,7 @@ func TestRotationRefusesTamperedRow(t *testing.T) {
 	if body0(t, e, v, "rot-0", vols["rot-0"]) == nil {
 		t.Fatal("no unlock while the rotation is stopped")
 	}
-	var rep keysvc.AuditVerifyResponse
+	var rep api.AuditVerifyResponse
 	json.Unmarshal(e.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK), &rep)
 	if rep.OK || !strings.Contains(strings.Join(rep.Problems, "\n"), `vm "rot-2"`) {
 		t.Fatalf("audit verify: %+v, want the tampered row named", rep)

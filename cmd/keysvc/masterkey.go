@@ -11,7 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/masterkey/hsm"
 )
 
@@ -93,7 +93,7 @@ Unless --no-wait, it waits for the rotation to finish. Back up the new key
 				return fmt.Errorf("master-key rotate: %w", err)
 			}
 			for !noWait {
-				var info keysvc.MasterKeyInfo
+				var info api.MasterKeyInfo
 				if err := json.Unmarshal(b, &info); err != nil {
 					return fmt.Errorf("master-key rotate: %w", err)
 				}
@@ -122,7 +122,7 @@ Unless --no-wait, it waits for the rotation to finish. Back up the new key
 
 func printMasterKey(body []byte) func(io.Writer) error {
 	return func(w io.Writer) error {
-		var info keysvc.MasterKeyInfo
+		var info api.MasterKeyInfo
 		if err := json.Unmarshal(body, &info); err != nil {
 			return err
 		}
