@@ -244,6 +244,10 @@ func TestMasterKeyRotation(t *testing.T) {
 	defer cur.Destroy()
 	checkSealedUnder(t, dir, cur, old)
 
+	// The offline commands append to the chain under the new key.
+	if _, err := keysvc.RotateAdminToken(context.Background(), dir); err != nil {
+		t.Fatalf("admin-token rotate after a master-key rotation: %v", err)
+	}
 	// Restarted on the new key: serves. Given the old key back: refuses.
 	e2 := startEnv(t, dir)
 	if body0(t, e2, v, "rot-0", vols["rot-0"]) == nil {
