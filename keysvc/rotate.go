@@ -114,6 +114,9 @@ type rotator struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	// begin serialises rotate calls, so that two at once make one new key.
+	begin sync.Mutex
+
 	mu      sync.Mutex
 	running bool
 	lastErr error
@@ -181,6 +184,8 @@ func (s *Server) adminRotateMasterKey(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
+	s.rot.begin.Lock()
+	defer s.rot.begin.Unlock()
 	cur, err := s.rot.st.Rotation(ctx)
 	if err != nil {
 		s.internal(w, "read master-key rotation", err)
