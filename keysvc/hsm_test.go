@@ -165,3 +165,38 @@ func TestHSMRotation(t *testing.T) {
 	}
 	e.verifyAudit(t)
 }
+
+// TestHSMRotationResumes: a rotation of a token key stopped between
+// batches resumes on restart, finding the new key by its .next label.
+func TestHSMRotationResumes(t *testing.T) {
+	dir := t.TempDir()
+	cfg := hsmConfig(t, dir, hsmPIN)
+	e := startEnvConfig(t, cfg, keysvc.WithRotateBatch(2), keysvc.WithRotateHook(func(b int) error {
+		if b == 2 {
+			return errCrash
+		}
+		return nil
+	}))
+	v := openVM(t)
+	vols := fleet(t, e, v, 3)
+	e.admin(t, "POST", "/v1/admin/master-key/rotate", nil, http.StatusAccepted)
+	if msg := e.waitRotation(t); !strings.Contains(msg, errCrash.Error()) {
+		t.Fatalf("rotation: %q, want the injected crash", msg)
+	}
+	newKey := e.masterKey(t).Rotation.NewKey
+	e.stop(t)
+
+	e = startEnvConfig(t, cfg)
+	if msg := e.waitRotation(t); msg != "" {
+		t.Fatalf("resumed rotation stopped: %s", msg)
+	}
+	if fp := e.masterKey(t).Fingerprint; fp != newKey {
+		t.Fatalf("fingerprint %s after resume, want %s", fp, newKey)
+	}
+	if body0(t, e, v, "rot-0", vols["rot-0"]) == nil {
+		t.Fatal("no unlock after the resumed rotation")
+	}
+	e.verifyAudit(t)
+	e.stop(t)
+	noKeyFiles(t, dir)
+}
