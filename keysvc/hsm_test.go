@@ -26,7 +26,13 @@ func hsmConfig(t *testing.T, dir, pin string) keysvc.Config {
 	return keysvc.Config{DataDir: dir, PKCS11: hsmCfg(t, module, pin)}
 }
 
-func hsmCfg(t *testing.T, module, pin string) *hsm.Config {
+// benchHSM is a fresh SoftHSM2 token's Config for a benchmark.
+func benchHSM(b *testing.B) *hsm.Config {
+	b.Helper()
+	return hsmCfg(b, testutil.SoftHSM(b, "keygate", hsmPIN), hsmPIN)
+}
+
+func hsmCfg(t testing.TB, module, pin string) *hsm.Config {
 	t.Helper()
 	u, err := hsm.ParseURI("pkcs11:token=keygate;object=master")
 	if err != nil {
