@@ -102,7 +102,13 @@ With --master-key-tpm the master key is kept sealed to that TPM, in
 master.key.tpm (0600), instead of in the plain master.key: a copy of DIR alone
 then yields no secret. Give the same flag on every start. To move an existing
 plain key into the TPM, use 'keysvc master-key seal' (escrow master.key first:
-a cleared or dead TPM loses every key the service holds).`,
+a cleared or dead TPM loses every key the service holds).
+
+With --master-key-pkcs11 'pkcs11:token=LABEL;object=NAME' (and
+--pkcs11-module, --pkcs11-pin-file) the master key is a non-extractable
+AES-256 key in that HSM token, created there on first start if absent; it
+never leaves the token and no master.key is written. docs/operator.md
+describes the set-up, and 'keysvc master-key rotate' the rotation.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if cfg.DataDir == "" {
