@@ -9,7 +9,7 @@ import (
 )
 
 // keyring is the master key the Server seals and MACs under, and during a
-// master-key rotation (rotate.go) the previous one, which still opens and
+// master-key rotation (masterkey_rotate.go) the previous one, which still opens and
 // checks the rows not yet re-keyed. Every write uses the current key;
 // every read accepts either, so that each row stays readable while a
 // rotation moves it, and none opens under the previous key once the

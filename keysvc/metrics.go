@@ -20,7 +20,7 @@ type metrics struct {
 	denials  *prometheus.CounterVec
 	events   *prometheus.CounterVec
 	// rotationRows counts the rows the running master-key rotation has
-	// re-keyed (rotate.go).
+	// re-keyed (masterkey_rotate.go).
 	rotationRows prometheus.Gauge
 }
 

@@ -72,7 +72,7 @@ type Server struct {
 	ch         *attest.Challenger // as given or made by New; then chs
 	chs        atomic.Pointer[challengers]
 	sess       atomic.Pointer[sessionKeys]
-	rot        *rotator // nil: master-key rotation unavailable (rotate.go)
+	rot        *rotator // nil: master-key rotation unavailable (masterkey_rotate.go)
 	rotBatch   int
 	rotHook    func(batch int) error
 	adminToken [sha256.Size]byte

@@ -38,19 +38,19 @@ func openKeySource(cfg Config) (keySource, error) {
 // once the new key is installed, cur is the new key and installed is set.
 type loadedKeys struct {
 	cur, next masterkey.Master
-	rot       *store.Rotation
+	rot       *store.MasterKeyRotation
 	installed bool
 }
 
 // loadKeys loads the master key and, if the store records a rotation
 // under way, the key it moves to, checking both against the fingerprints
 // the rotation recorded.
-func loadKeys(ctx context.Context, src keySource, st store.Rotations) (lk loadedKeys, created bool, err error) {
+func loadKeys(ctx context.Context, src keySource, st store.MasterKeyRotations) (lk loadedKeys, created bool, err error) {
 	lk.cur, created, err = src.load()
 	if err != nil {
 		return lk, false, err
 	}
-	if lk.rot, err = st.Rotation(ctx); err != nil || lk.rot == nil {
+	if lk.rot, err = st.MasterKeyRotation(ctx); err != nil || lk.rot == nil {
 		return lk, created, err
 	}
 	fp, err := masterkey.Fingerprint(lk.cur)

@@ -126,7 +126,7 @@ type Record struct {
 // appends are serialised by the store's write transaction.
 type Log struct {
 	st   store.AuditLog
-	keys atomic.Pointer[keys] // K, and during a master-key rotation the previous K (rotate.go)
+	keys atomic.Pointer[keys] // K, and during a master-key rotation the previous K (keyswitch.go)
 	now  func() time.Time
 }
 
@@ -189,7 +189,7 @@ func (l *Log) append(ctx context.Context, use *store.ChallengeUse, ev Event) (Re
 }
 
 // appendWith appends ev through via. If sw is set, the record is the one
-// that switches the chain to a new key (rotate.go): sw runs once the end it
+// that switches the chain to a new key (keyswitch.go): sw runs once the end it
 // extends has been checked, inside the store's transaction, and returns
 // the keys the record is MAC'd under.
 func (l *Log) appendWith(ctx context.Context, ev Event, sw func() *keys, via func(next store.AuditNext) error) (Record, error) {

@@ -46,7 +46,7 @@ type Report struct {
 	// Retired counts the records written under a master key since
 	// rotated away: their MACs can no longer be checked, and their
 	// hashes and links tie them to the later switch record, whose MAC
-	// was checked (rotate.go).
+	// was checked (keyswitch.go).
 	Retired uint64
 }
 

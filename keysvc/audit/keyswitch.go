@@ -75,7 +75,7 @@ func (ks *keys) destroy() {
 // AppendSwitch appends ev, the rotation's begin record, as the record
 // that moves the chain to next's K: it is MAC'd under it, and so is every
 // record after it. via runs it as AppendVia's does (with the store's own
-// writes: store.Rotations.BeginRotation). Until DropPrevious, the Log
+// writes: store.MasterKeyRotations.BeginMasterKeyRotation). Until DropPrevious, the Log
 // keeps the old K to check the records before it. If via fails, the Log
 // goes back to the old K alone.
 func (l *Log) AppendSwitch(ctx context.Context, ev Event, next masterkey.Master, via func(next store.AuditNext) error) (Record, error) {

@@ -125,7 +125,7 @@ type rotator struct {
 
 // rotationStore is what rotation needs of the store.
 type rotationStore interface {
-	store.Rotations
+	store.MasterKeyRotations
 	GetVM(ctx context.Context, name string) (store.VM, error)
 }
 
@@ -146,7 +146,7 @@ func WithRotateHook(hook func(batch int) error) Option {
 
 func (s *Server) masterKeyInfo(ctx context.Context) (api.MasterKeyInfo, error) {
 	info := api.MasterKeyInfo{Fingerprint: s.rows.fingerprint(), Kind: s.rot.src.kind()}
-	r, err := s.rot.st.Rotation(ctx)
+	r, err := s.rot.st.MasterKeyRotation(ctx)
 	if err != nil {
 		return info, err
 	}
@@ -186,7 +186,7 @@ func (s *Server) adminRotateMasterKey(w http.ResponseWriter, r *http.Request) {
 	ctx := r.Context()
 	s.rot.begin.Lock()
 	defer s.rot.begin.Unlock()
-	cur, err := s.rot.st.Rotation(ctx)
+	cur, err := s.rot.st.MasterKeyRotation(ctx)
 	if err != nil {
 		s.internal(w, "read master-key rotation", err)
 		return
@@ -224,9 +224,9 @@ func (s *Server) beginRotation(ctx context.Context) error {
 	nk.prev, nk.prevRows = ks.cur, &ks.rows
 	ev := audit.Event{Actor: "admin", Action: audit.ActionMasterKeyRotate, Subject: "master-key",
 		Details: audit.MasterKeyRotate{Phase: audit.RotateBegin, OldKey: ks.curFP, NewKey: nk.curFP, Kind: s.rot.src.kind()}}
-	rot := store.Rotation{OldKey: ks.curFP, NewKey: nk.curFP, Started: time.Unix(0, s.now().UnixNano()).UTC()}
+	rot := store.MasterKeyRotation{OldKey: ks.curFP, NewKey: nk.curFP, Started: time.Unix(0, s.now().UnixNano()).UTC()}
 	anchor := func(a store.Anchor) store.Anchor { a.MAC = nk.rows.anchorMAC(a); return a }
-	_, err = s.rot.lg.AppendSwitch(ctx, ev, next, func(n store.AuditNext) error { return s.rot.st.BeginRotation(ctx, rot, anchor, n) })
+	_, err = s.rot.lg.AppendSwitch(ctx, ev, next, func(n store.AuditNext) error { return s.rot.st.BeginMasterKeyRotation(ctx, rot, anchor, n) })
 	if err != nil {
 		nk.rows.key.Destroy()
 		return err
@@ -384,7 +384,7 @@ func (s *Server) runRotation(ctx context.Context) error {
 			}
 		}
 	}
-	r, err := s.rot.st.Rotation(ctx)
+	r, err := s.rot.st.MasterKeyRotation(ctx)
 	if err != nil {
 		return err
 	}
@@ -401,7 +401,7 @@ func (s *Server) runRotation(ctx context.Context) error {
 	}
 	ev := audit.Event{Actor: "keysvc", Action: audit.ActionMasterKeyRotate, Subject: "master-key",
 		Details: audit.MasterKeyRotate{Phase: audit.RotateFinish, OldKey: r.OldKey, NewKey: r.NewKey, Kind: s.rot.src.kind(), VMs: r.VMs, Volumes: r.Volumes}}
-	if _, err := s.rot.lg.AppendVia(ctx, ev, func(n store.AuditNext) error { return s.rot.st.FinishRotation(ctx, n) }); err != nil {
+	if _, err := s.rot.lg.AppendVia(ctx, ev, func(n store.AuditNext) error { return s.rot.st.FinishMasterKeyRotation(ctx, n) }); err != nil {
 		return err
 	}
 	s.dropPrevious()

@@ -7,13 +7,13 @@ import (
 	"fmt"
 )
 
-var _ Rotations = (*SQLite)(nil)
+var _ MasterKeyRotations = (*SQLite)(nil)
 
-const rotationColumns = `old_key, new_key, started_ns, vm_cursor, volume_cursor, vms, volumes`
+const mkRotationColumns = `old_key, new_key, started_ns, vm_cursor, volume_cursor, vms, volumes`
 
-func scanRotation(r rowScanner) (Rotation, error) {
+func scanMasterKeyRotation(r rowScanner) (MasterKeyRotation, error) {
 	var (
-		x  Rotation
+		x  MasterKeyRotation
 		sn int64
 	)
 	err := r.Scan(&x.OldKey, &x.NewKey, &sn, &x.VMCursor, &x.VolumeCursor, &x.VMs, &x.Volumes)
@@ -21,9 +21,9 @@ func scanRotation(r rowScanner) (Rotation, error) {
 	return x, err
 }
 
-// Rotation returns the rotation under way, or nil.
-func (s *SQLite) Rotation(ctx context.Context) (*Rotation, error) {
-	r, err := scanRotation(s.db.QueryRowContext(ctx, `SELECT `+rotationColumns+` FROM master_key_rotation WHERE id = 1`))
+// MasterKeyRotation returns the rotation under way, or nil.
+func (s *SQLite) MasterKeyRotation(ctx context.Context) (*MasterKeyRotation, error) {
+	r, err := scanMasterKeyRotation(s.db.QueryRowContext(ctx, `SELECT `+mkRotationColumns+` FROM master_key_rotation WHERE id = 1`))
 	if isNoRows(err) {
 		return nil, nil
 	}
@@ -33,9 +33,9 @@ func (s *SQLite) Rotation(ctx context.Context) (*Rotation, error) {
 	return &r, nil
 }
 
-// BeginRotation stores r, re-MACs the anchor with anchor and appends
+// BeginMasterKeyRotation stores r, re-MACs the anchor with anchor and appends
 // next's audit record, in one transaction.
-func (s *SQLite) BeginRotation(ctx context.Context, r Rotation, anchor func(Anchor) Anchor, next AuditNext) error {
+func (s *SQLite) BeginMasterKeyRotation(ctx context.Context, r MasterKeyRotation, anchor func(Anchor) Anchor, next AuditNext) error {
 	pre := func(ctx context.Context, tx *sql.Tx) error {
 		var one int
 		err := tx.QueryRowContext(ctx, `SELECT 1 FROM master_key_rotation WHERE id = 1`).Scan(&one)
@@ -75,12 +75,12 @@ func (s *SQLite) BeginRotation(ctx context.Context, r Rotation, anchor func(Anch
 }
 
 // RekeyBatch re-keys up to limit rows past the cursors in one transaction.
-func (s *SQLite) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, vol func(*Volume) error) (out Rotation, done bool, err error) {
+func (s *SQLite) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, vol func(*Volume) error) (out MasterKeyRotation, done bool, err error) {
 	if limit < 1 {
 		return out, false, fmt.Errorf("rekey batch: limit %d, want at least 1", limit)
 	}
 	err = s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
-		r, err := scanRotation(tx.QueryRowContext(ctx, `SELECT `+rotationColumns+` FROM master_key_rotation WHERE id = 1`))
+		r, err := scanMasterKeyRotation(tx.QueryRowContext(ctx, `SELECT `+mkRotationColumns+` FROM master_key_rotation WHERE id = 1`))
 		if isNoRows(err) {
 			return fmt.Errorf("master-key rotation: %w", ErrNotFound)
 		}
@@ -142,9 +142,9 @@ func (s *SQLite) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, 
 	return out, done, nil
 }
 
-// FinishRotation appends next's record and deletes the rotation row in one
+// FinishMasterKeyRotation appends next's record and deletes the rotation row in one
 // transaction.
-func (s *SQLite) FinishRotation(ctx context.Context, next AuditNext) error {
+func (s *SQLite) FinishMasterKeyRotation(ctx context.Context, next AuditNext) error {
 	pre := func(ctx context.Context, tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, `DELETE FROM master_key_rotation WHERE id = 1`)
 		if err != nil {
