@@ -27,7 +27,7 @@ import (
 //     or the token object NAME.next), before anything refers to it.
 //  2. Begin, in one store transaction: the rotation row (old and new key
 //     fingerprints, empty cursors), the store anchor re-MAC'd under the
-//     new key, and the audit chain's switch record (audit/rotate.go),
+//     new key, and the audit chain's switch record (audit/keyswitch.go),
 //     MAC'd under the new key. From here on the Server writes under the
 //     new key and reads under either (keyring.go).
 //  3. Batches of rows, each one transaction: a row is checked under
