@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -282,4 +283,52 @@ func TestNoneAnswers(t *testing.T) {
 			t.Fatalf("err = %v, want context.Canceled", err)
 		}
 	})
+}
+
+// TestConnectTimeoutGrows: when every replica times out connecting, each
+// further pass allows twice as long, so that a service that is merely far
+// away is reached; once one answers, the bound is back to the configured
+// one. (A bound of a microsecond cannot cover a TLS handshake; only the
+// doubling gets the calls through.) A replica that refuses is down, not
+// far: it does not make the bound grow.
+func TestConnectTimeoutGrows(t *testing.T) {
+	s := startService(t)
+	_, port, _ := net.SplitHostPort(s.svc.VMAddr())
+	far := []string{s.vmURL(), "https://localhost:" + port} // one service, two names
+	t.Run("refused-does-not-grow", func(t *testing.T) {
+		c, err := New(Config{URLs: []string{testutil.ClosedPort(t), testutil.ClosedPort(t)}, CA: s.ca, ConnectTimeout: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		for range 3 {
+			c.Do(context.Background(), "GET", "/v1/session", "x", nil, nil)
+		}
+		if got := time.Duration(c.dialTO.Load()); got != time.Second {
+			t.Fatalf("connect bound %s after refusals, want the configured 1s", got)
+		}
+	})
+	c, err := New(Config{URLs: far, CA: s.ca, ConnectTimeout: time.Microsecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var tries int
+	for tries = 1; tries <= 40; tries++ {
+		err = c.Do(context.Background(), "GET", "/v1/session", "not-a-session", nil, nil)
+		var se *Error
+		if errors.As(err, &se) && se.StatusCode == http.StatusUnauthorized {
+			break
+		}
+		var ue *UnreachableError
+		if !errors.As(err, &ue) {
+			t.Fatalf("try %d: %v, want unreachable until the bound is long enough", tries, err)
+		}
+	}
+	if tries > 40 {
+		t.Fatalf("never connected: %v", err)
+	}
+	if got := time.Duration(c.dialTO.Load()); got != time.Microsecond {
+		t.Fatalf("connect bound %s after an answer, want the configured 1µs", got)
+	}
 }
