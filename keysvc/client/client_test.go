@@ -31,10 +31,11 @@ type service struct {
 	token string
 }
 
-func startService(t testing.TB) *service {
+func startService(t testing.TB, opts ...keysvc.Option) *service {
 	t.Helper()
 	dir := t.TempDir()
-	svc, err := keysvc.Start(context.Background(), keysvc.Config{DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)})
+	svc, err := keysvc.Start(context.Background(), keysvc.Config{DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0",
+		Logger: slog.New(slog.DiscardHandler), Options: opts})
 	if err != nil {
 		t.Fatal(err)
 	}
