@@ -379,6 +379,9 @@ func (s *Server) record(ctx context.Context, ev audit.Event) {
 // fails, the call's outcome record (requireAdmin) carries its status.
 func (s *Server) intend(w http.ResponseWriter, r *http.Request, ev audit.Event) bool {
 	if _, err := s.audit.Append(context.WithoutCancel(r.Context()), ev); err != nil {
+		if unavailable(w, err) {
+			return false
+		}
 		s.log.Error("audit append failed; admin call refused", slog.String("action", string(ev.Action)),
 			slog.String("subject", ev.Subject), slog.Any("err", err))
 		writeError(w, errorf(http.StatusInternalServerError, "nothing was changed; run `keysvc audit verify` and repair the audit chain",

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -23,8 +22,10 @@ type Config struct {
 	Listen      string   // VM API; DefaultListen if empty
 	AdminListen string   // admin API and /metrics; DefaultAdminListen if empty
 	Hostnames   []string // extra names for the server certificate
-	DB          string   // "" or "sqlite": DataDir/keysvc.db
-	Logger      *slog.Logger
+	// DB is the database: "" or "sqlite" for DataDir/keysvc.db, or a
+	// PostgreSQL URL as libpq takes it (several replicas share one).
+	DB     string
+	Logger *slog.Logger
 	// Options are appended to the Server's (for tests: a clock, a TTL).
 	Options []Option
 }
@@ -43,7 +44,8 @@ type Service struct {
 	vmLn      net.Listener
 	adminLn   net.Listener
 	servers   []*http.Server
-	st        *store.SQLite
+	st        store.Backend
+	dbMon     *dbMonitor
 	auditLog  *audit.Log
 	mk        *masterkey.Key
 	errs      chan error
@@ -109,11 +111,8 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if cfg.DataDir == "" {
 		return nil, errors.New("start key service: no data directory (use --data DIR)")
 	}
-	if cfg.DB != "" && cfg.DB != "sqlite" {
-		if strings.HasPrefix(cfg.DB, "postgres") {
-			return nil, errors.New("start key service: PostgreSQL is not supported yet; use --db sqlite")
-		}
-		return nil, fmt.Errorf("start key service: unknown --db %q; use sqlite", cfg.DB)
+	if cfg.DB != "" && cfg.DB != "sqlite" && !store.IsPostgresURL(cfg.DB) {
+		return nil, fmt.Errorf("start key service: unknown --db %q: use sqlite (DIR/keysvc.db) or a postgres://user@host/dbname URL", cfg.DB)
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -137,7 +136,10 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if created {
 		svc.Data.Created = append(svc.Data.Created, MasterKeyFile)
 	}
-	if svc.st, err = store.OpenSQLite(ctx, cfg.DataDir); err != nil {
+	if svc.st, err = store.Open(ctx, cfg.DB, cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	if err := checkMasterKey(ctx, svc.st, svc.mk); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
 	if svc.auditLog, err = audit.New(svc.st, svc.mk); err != nil {
@@ -166,11 +168,12 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if svc.adminLn, err = net.Listen("tcp", adminListen); err != nil {
 		return nil, fmt.Errorf("start key service: admin API: %w (pick another --admin-listen)", err)
 	}
+	svc.dbMon = newDBMonitor(svc.st, log, svc.Server.metrics.reg)
 	errLog := slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 	for _, x := range []struct {
 		ln net.Listener
 		h  http.Handler
-	}{{svc.vmLn, svc.track(svc.Server.VMHandler())}, {svc.adminLn, svc.track(svc.Server.AdminHandler())}} {
+	}{{svc.vmLn, svc.dbMon.gate(svc.track(svc.Server.VMHandler()), true)}, {svc.adminLn, svc.dbMon.gate(svc.track(svc.Server.AdminHandler()), false)}} {
 		hs := &http.Server{Handler: x.h, TLSConfig: svc.Data.TLSConfig(), ErrorLog: errLog,
 			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 			IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10}
@@ -232,6 +235,9 @@ func (s *Service) release() {
 		if s.stopPurge != nil {
 			s.stopPurge()
 			s.purged.Wait()
+		}
+		if s.dbMon != nil {
+			s.dbMon.close()
 		}
 		for _, ln := range []net.Listener{s.vmLn, s.adminLn} {
 			if ln != nil {

@@ -55,7 +55,7 @@ The operator guide is docs/operator.md.`,
 	cl := &client{}
 	root.AddCommand(newServeCmd())
 	root.AddCommand(adminCommands(cl)...)
-	root.AddCommand(masterKeyCmd(), adminTokenCmd())
+	root.AddCommand(masterKeyCmd(), adminTokenCmd(), migrateCmd())
 	root.AddCommand(&cobra.Command{
 		Use:   "version",
 		Short: "Print keysvc's version",
@@ -97,7 +97,16 @@ With --master-key-tpm the master key is kept sealed to that TPM, in
 master.key.tpm (0600), instead of in the plain master.key: a copy of DIR alone
 then yields no secret. Give the same flag on every start. To move an existing
 plain key into the TPM, use 'keysvc master-key seal' (escrow master.key first:
-a cleared or dead TPM loses every key the service holds).`,
+a cleared or dead TPM loses every key the service holds).
+
+With --db postgres://... the records are kept in PostgreSQL, and several
+replicas can serve one fleet: start each from a copy of the first one's DIR
+(master key, CA and its key, admin token), with --db naming the same database
+and --hostname naming the replica (its server certificate is issued by the
+shared CA). The database records the master key's fingerprint on first use; a
+replica with another master key refuses to start. GET /healthz (alive) and
+GET /readyz (database reachable, schema current) on both listeners are for
+load balancers. To move an existing SQLite store, use 'keysvc migrate'.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if cfg.DataDir == "" {
@@ -182,7 +191,7 @@ a cleared or dead TPM loses every key the service holds).`,
 	f.StringVar(&cfg.DataDir, "data", "", "data directory (created 0700 if missing)")
 	f.StringVar(&cfg.Listen, "listen", keysvc.DefaultListen, "VM API address")
 	f.StringVar(&cfg.AdminListen, "admin-listen", keysvc.DefaultAdminListen, "admin API and /metrics address")
-	f.StringVar(&cfg.DB, "db", "sqlite", "database: sqlite (DIR/keysvc.db); postgres is not supported yet")
+	f.StringVar(&cfg.DB, "db", "sqlite", "database: sqlite (DIR/keysvc.db), or a PostgreSQL URL as libpq takes it (postgres://user@host1,host2/db?target_session_attrs=read-write) shared by several replicas")
 	f.StringSliceVar(&cfg.Hostnames, "hostname", nil, "extra DNS name or IP for the server certificate (repeatable)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: json or text")
 	f.StringVar(&mkTPM, "master-key-tpm", "", "keep the master key sealed to this TPM (/dev/tpmrm0, swtpm:SOCKET or sim) in DIR/master.key.tpm")

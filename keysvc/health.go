@@ -1,0 +1,200 @@
+package keysvc
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keygate/keygate/keysvc/masterkey"
+	"github.com/keygate/keygate/keysvc/store"
+)
+
+// Health and the database's outages: what a load balancer and a VM see of
+// a replica whose database is unreachable. A monitor probes the database
+// (store.Backend.Ready) every probeEvery; while it fails, every VM API
+// request is answered at once with 503 and Retry-After, /readyz says not
+// ready, and the outage is logged once when it starts and once when it
+// ends. Requests that reach the store anyway (the outage began under them)
+// are bounded by vmRequestTimeout and answered 503 the same way
+// (unavailable), never a hang past the VM's own timeout.
+
+const (
+	// probeEvery is how often the monitor asks the database.
+	probeEvery = time.Second
+	// probeTimeout bounds one probe.
+	probeTimeout = 2 * time.Second
+	// vmRequestTimeout bounds a VM API request's work, database calls
+	// included: well under the VM client's 30 s response timeout, so that it
+	// hears 503 and tries again (or another replica) instead of timing out.
+	vmRequestTimeout = 5 * time.Second
+	// retryAfter is the Retry-After, in seconds, of a 503 for an outage.
+	retryAfter = 2
+)
+
+// labelDBCheck derives the key whose hash the database records as the
+// master key's fingerprint (never the key itself).
+const labelDBCheck = "keygate database master key check v1"
+
+// masterKeyFingerprint is the fingerprint ClaimMasterKey records: the
+// SHA-256 of a sub-key derived for it alone, so that it tells nothing about
+// the master key or its other sub-keys.
+func masterKeyFingerprint(mk *masterkey.Key) ([]byte, error) {
+	k, err := mk.Derive(labelDBCheck)
+	if err != nil {
+		return nil, err
+	}
+	defer k.Destroy()
+	sum := sha256.Sum256(k.Bytes())
+	return sum[:], nil
+}
+
+// ErrMasterKeyMismatch is wrapped by Start's error when the database was
+// first used with another master key.
+var ErrMasterKeyMismatch = store.ErrMasterKeyMismatch
+
+// checkMasterKey records mk's fingerprint in a database that has none and
+// refuses one that records another: replicas of one service must share the
+// master key, or each would seal and MAC what the others cannot open.
+func checkMasterKey(ctx context.Context, st store.Backend, mk *masterkey.Key) error {
+	fp, err := masterKeyFingerprint(mk)
+	if err != nil {
+		return fmt.Errorf("master key check: %w", err)
+	}
+	stored, err := st.ClaimMasterKey(ctx, fp)
+	if err != nil {
+		return err
+	}
+	if subtle.ConstantTimeCompare(stored, fp) != 1 {
+		return fmt.Errorf("%w (the database's fingerprint is %s…, this data directory's master key gives %s…): start every replica from a copy of the first replica's data directory (master.key or master.key.tpm, ca.pem, ca.key, admin.token), or point --db at this key service's own database",
+			store.ErrMasterKeyMismatch, hex.EncodeToString(stored)[:16], hex.EncodeToString(fp)[:16])
+	}
+	return nil
+}
+
+// unavailable answers 503 with Retry-After if err means the database is
+// unavailable, and reports whether it did.
+func unavailable(w http.ResponseWriter, err error) bool {
+	if !errors.Is(err, store.ErrUnavailable) && !errors.Is(err, context.DeadlineExceeded) {
+		return false
+	}
+	w.Header().Set("Retry-After", strconv.Itoa(retryAfter))
+	writeError(w, errorf(http.StatusServiceUnavailable, "retry shortly, or another replica", "the key service's database is unavailable"))
+	return true
+}
+
+// dbMonitor probes the database and remembers whether it answered.
+type dbMonitor struct {
+	st      store.Backend
+	log     *slog.Logger
+	down    atomic.Bool
+	mu      sync.Mutex
+	lastErr error     // the probe's last failure, for /readyz
+	since   time.Time // when the current outage began
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+func newDBMonitor(st store.Backend, log *slog.Logger, reg *prometheus.Registry) *dbMonitor {
+	m := &dbMonitor{st: st, log: log, stop: make(chan struct{}), done: make(chan struct{})}
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "keysvc_database_up", Help: "1 while the database answers and carries this keysvc's migrations, 0 during an outage.",
+	}, func() float64 {
+		if m.down.Load() {
+			return 0
+		}
+		return 1
+	}))
+	go m.run()
+	return m
+}
+
+func (m *dbMonitor) run() {
+	defer close(m.done)
+	t := time.NewTicker(probeEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.stop:
+			return
+		case <-t.C:
+			m.probe()
+		}
+	}
+}
+
+// probe asks the database once and logs a change of state (once per
+// outage, not once per failed request).
+func (m *dbMonitor) probe() {
+	ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
+	err := m.st.Ready(ctx)
+	cancel()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.lastErr = err
+	switch wasDown := m.down.Load(); {
+	case err != nil && !wasDown:
+		m.since = time.Now()
+		m.down.Store(true)
+		m.log.Error("database unavailable: answering VM requests with 503 until it returns", slog.Any("err", err))
+	case err == nil && wasDown:
+		m.down.Store(false)
+		m.log.Info("database available again", slog.Duration("outage", time.Since(m.since).Round(time.Millisecond)))
+	}
+}
+
+func (m *dbMonitor) close() {
+	close(m.stop)
+	<-m.done
+}
+
+// healthz is liveness: the process serves HTTP.
+func healthz(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+// readyz is readiness: the database answered the last probe and carries
+// every migration.
+func (m *dbMonitor) readyz(w http.ResponseWriter, _ *http.Request) {
+	m.mu.Lock()
+	down, err := m.down.Load(), m.lastErr
+	m.mu.Unlock()
+	if down {
+		w.Header().Set("Retry-After", strconv.Itoa(retryAfter))
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready", "error": "database: " + err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+// gate answers every request with 503 while the database is down, bounds
+// the others' work by vmRequestTimeout, and serves /healthz and /readyz.
+func (m *dbMonitor) gate(h http.Handler, bound bool) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", healthz)
+	mux.HandleFunc("GET /readyz", m.readyz)
+	mux.Handle("GET /metrics", h) // served through an outage
+	mux.Handle("/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if m.down.Load() {
+			unavailable(w, store.ErrUnavailable)
+			return
+		}
+		if bound {
+			ctx, cancel := context.WithTimeout(r.Context(), vmRequestTimeout)
+			defer cancel()
+			r = r.WithContext(ctx)
+		}
+		h.ServeHTTP(w, r)
+	}))
+	return mux
+}
