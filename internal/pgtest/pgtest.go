@@ -130,7 +130,8 @@ func create(bin string, uid, gid uint32, o Options) (*Cluster, error) {
 		}
 	}
 	if o.NoInit {
-		if err := os.Mkdir(c.Data, 0o700); err == nil {
+		err := os.Mkdir(c.Data, 0o700)
+		if err == nil {
 			err = os.Chown(c.Data, int(uid), int(gid))
 		}
 		return c, err

@@ -241,11 +241,6 @@ func isConnClosed(err error) bool {
 	return false
 }
 
-func isUniqueViolation(err error) bool {
-	var pe *pgconn.PgError
-	return errors.As(err, &pe) && pe.Code == "23505"
-}
-
 // errRows is Rows that holds only an error.
 type errRows struct {
 	pgx.Rows
