@@ -304,3 +304,87 @@ func Shared(t testing.TB) *Cluster {
 	}
 	return shared
 }
+
+// SyncReplication is the primary's configuration for Standby: streaming
+// replication with one synchronous standby named "standby", so that a
+// commit is acknowledged only once the standby has flushed it.
+var SyncReplication = []string{
+	"wal_level = replica",
+	"max_wal_senders = 4",
+	"synchronous_standby_names = 'standby'",
+	"synchronous_commit = on",
+}
+
+// Standby makes a hot standby of c (started with SyncReplication) with
+// pg_basebackup, starts it streaming from c as "standby", and waits until
+// c counts it as its synchronous standby. It is stopped and removed in t's
+// cleanup. Promote it with Promote.
+func (c *Cluster) Standby(t testing.TB) *Cluster {
+	t.Helper()
+	s := New(t, Options{NoInit: true})
+	if out, err := s.run("pg_basebackup", "-D", s.Data, "-h", c.SockDir, "-p", strconv.Itoa(Port), "-U", "postgres", "-X", "stream", "-R", "--no-sync"); err != nil {
+		t.Fatalf("pg_basebackup: %v\n%s", err, out)
+	}
+	// The copy carries the primary's postgresql.conf: its own socket, no
+	// synchronous standby of its own once promoted (commits would wait for
+	// one forever), and its name for the primary's synchronous_standby_names.
+	if err := s.AppendConf(
+		"unix_socket_directories = '"+s.SockDir+"'",
+		"synchronous_standby_names = ''",
+		"hot_standby = on",
+	); err != nil {
+		t.Fatal(err)
+	}
+	// -R wrote primary_conninfo to postgresql.auto.conf, which is read last:
+	// name the standby there.
+	auto := "primary_conninfo = 'host=" + c.SockDir + " port=" + strconv.Itoa(Port) + " user=postgres application_name=standby'\n"
+	if err := os.WriteFile(filepath.Join(s.Data, "postgresql.auto.conf"), []byte(auto), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(filepath.Join(s.Data, "postgresql.auto.conf"), int(s.uid), int(s.gid)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, c.URL("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	for {
+		var state string
+		err := conn.QueryRow(ctx, `SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby'`).Scan(&state)
+		if err == nil && state == "sync" {
+			return s
+		}
+		if ctx.Err() != nil {
+			log, _ := os.ReadFile(filepath.Join(s.Dir, "server.log"))
+			t.Fatalf("the standby did not become synchronous: %v (state %q); its log:\n%s", err, state, log)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Promote makes a standby the primary and waits until it takes writes.
+func (c *Cluster) Promote() error {
+	if out, err := c.run("pg_ctl", "promote", "-w", "-t", "60", "-D", c.Data); err != nil {
+		return fmt.Errorf("pg_ctl promote: %v\n%s", err, out)
+	}
+	return nil
+}
+
+// MultiHostURL is a libpq URL for database db that lists every cluster's
+// socket, in order, and connects only to the one that takes writes
+// (target_session_attrs=read-write): what replicas use to follow a
+// failover.
+func MultiHostURL(db string, cs ...*Cluster) string {
+	hosts, ports := make([]string, len(cs)), make([]string, len(cs))
+	for i, c := range cs {
+		hosts[i], ports[i] = url.QueryEscape(c.SockDir), strconv.Itoa(Port)
+	}
+	return "postgres://postgres@/" + db + "?host=" + strings.Join(hosts, ",") + "&port=" + strings.Join(ports, ",") +
+		"&target_session_attrs=read-write&connect_timeout=2"
+}

@@ -77,3 +77,45 @@ func TestShared(t *testing.T) {
 		t.Fatalf("new database has %d tables (%v), want 0", n, err)
 	}
 }
+
+// TestStandby: a synchronous standby has every acknowledged commit when
+// the primary crashes, and a multi-host URL with target_session_attrs
+// reaches whichever server takes writes.
+func TestStandby(t *testing.T) {
+	ctx := context.Background()
+	p := pgtest.New(t, pgtest.Options{Conf: pgtest.SyncReplication})
+	s := p.Standby(t)
+	if err := p.Exec("postgres", "CREATE DATABASE d"); err != nil {
+		t.Fatal(err)
+	}
+	url := pgtest.MultiHostURL("d", p, s)
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, `CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 100)`); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close(ctx)
+	if err := p.Stop("immediate"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pgx.Connect(ctx, url); err == nil {
+		t.Fatal("connected for writes to a standby before its promotion")
+	}
+	if err := s.Promote(); err != nil {
+		t.Fatal(err)
+	}
+	conn, err = pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatalf("after promotion: %v", err)
+	}
+	defer conn.Close(ctx)
+	var n int
+	if err := conn.QueryRow(ctx, `SELECT count(*) FROM t`).Scan(&n); err != nil || n != 100 {
+		t.Fatalf("the promoted standby has %d rows (%v), want the 100 committed", n, err)
+	}
+	if _, err := conn.Exec(ctx, `INSERT INTO t VALUES (101)`); err != nil {
+		t.Fatalf("the promoted standby refuses writes: %v", err)
+	}
+}
