@@ -21,8 +21,14 @@ import (
 )
 
 // One PostgreSQL server for the package's tests (tests that stop their
-// server make their own with pgtest.New).
-func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+// server make their own with pgtest.New). With childEnv set, the binary is
+// a replica in a process of its own instead (startChild).
+func TestMain(m *testing.M) {
+	if spec := os.Getenv(childEnv); spec != "" {
+		os.Exit(runChild(spec))
+	}
+	os.Exit(pgtest.Main(m))
+}
 
 // replicaDir copies a data directory as an operator making a replica would:
 // master key, CA and its key, admin token (and the first replica's server
@@ -216,6 +222,16 @@ func mustJSON(t testing.TB, v any) []byte {
 	b, err := json.Marshal(v)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return b
+}
+
+// mustJSONNoT encodes a request body that always encodes (a test's own
+// request types).
+func mustJSONNoT(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
 	}
 	return b
 }
