@@ -3,8 +3,8 @@ package store
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -182,10 +182,15 @@ func (p *Postgres) writer() {
 }
 
 // commitAudit runs batch in one transaction under one lock of the head and
-// answers every request. An append whose next fails, or whose seq or
-// challenge is taken, writes nothing and gets its error; the others are
-// kept. If anything else fails (the connection, the COMMIT), every append
-// in the batch gets that error: none is reported done unless committed.
+// answers every request. The batch costs a fixed number of round trips,
+// whatever its size: its challenges are claimed in one INSERT … ON CONFLICT
+// DO NOTHING, its records computed in memory one after another (each on
+// the one before), and stored with one COPY. An append whose next fails,
+// or whose seq or challenge is taken, writes nothing (a challenge it had
+// claimed is released again in the same transaction) and gets its error;
+// the others are kept. If anything else fails (the connection, the
+// COMMIT), every append in the batch gets that error: none is reported
+// done unless committed.
 func (p *Postgres) commitAudit(batch []*auditReq) {
 	results := make([]writeResult, len(batch))
 	err := func() error {
@@ -200,29 +205,75 @@ func (p *Postgres) commitAudit(batch []*auditReq) {
 		if err != nil {
 			return err
 		}
-		wrote := false
+		var (
+			ids  []string
+			exps []int64
+		)
 		for i, r := range batch {
 			if err := r.ctx.Err(); err != nil {
 				results[i].err = err
+			} else if r.use != nil {
+				ids, exps = append(ids, r.use.ID), append(exps, ns(r.use.Expires))
+			}
+		}
+		claimed := map[string]bool{}
+		if len(ids) > 0 {
+			got, err := pgx.CollectRows(mustQuery(tx.Query(ctx, `INSERT INTO used_challenges (id, expires_ns)
+				SELECT * FROM unnest($1::text[], $2::bigint[]) ON CONFLICT (id) DO NOTHING RETURNING id`, ids, exps)), pgx.RowTo[string])
+			if err != nil {
+				return fmt.Errorf("record challenge uses: %w", err)
+			}
+			for _, id := range got {
+				claimed[id] = true
+			}
+		}
+		var (
+			recs    []AuditRecord
+			seqs    = map[uint64]bool{}
+			release []string // claimed for appends that failed
+		)
+		for i, r := range batch {
+			if results[i].err != nil {
 				continue
+			}
+			if r.use != nil {
+				if !claimed[r.use.ID] {
+					results[i].err = ErrChallengeUsed
+					continue
+				}
+				delete(claimed, r.use.ID) // a second use in this batch is a replay
 			}
 			rec, h, res := runNext(r.next, last, head)
 			if res.err == nil && res.panic == nil {
 				res.err = checkSeq(rec, h)
 			}
-			if res.err == nil && res.panic == nil {
-				res.err = insertRecord(ctx, tx, last, r.use, rec)
-				if res.err != nil && !errors.Is(res.err, ErrExists) {
-					return fmt.Errorf("insert audit record %d: %w", rec.Seq, res.err)
-				}
+			if res.err == nil && res.panic == nil && (seqs[rec.Seq] || last != nil && rec.Seq <= last.Seq && seqTaken(ctx, tx, rec.Seq)) {
+				res.err = fmt.Errorf("audit record %d: %w", rec.Seq, ErrExists)
 			}
 			results[i] = res
-			if res.err == nil && res.panic == nil {
-				last, head, wrote = &rec, &h, true
+			if res.err != nil || res.panic != nil {
+				if r.use != nil {
+					release = append(release, r.use.ID)
+				}
+				continue
+			}
+			recs, seqs[rec.Seq] = append(recs, rec), true
+			last, head = &rec, &h
+		}
+		if len(release) > 0 {
+			if _, err := tx.Exec(ctx, `DELETE FROM used_challenges WHERE id = ANY($1)`, release); err != nil {
+				return fmt.Errorf("release challenge uses: %w", err)
 			}
 		}
-		if !wrote {
-			return nil
+		if len(recs) == 0 {
+			return tx.Commit(ctx)
+		}
+		rows := make([][]any, len(recs))
+		for i, rec := range recs {
+			rows[i] = []any{int64(rec.Seq), ns(rec.Time), rec.Actor, rec.Action, rec.Subject, string(rec.Details), rec.PrevHash, rec.Hash, rec.MAC}
+		}
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_log"}, strings.Split(auditColumns, ", "), pgx.CopyFromRows(rows)); err != nil {
+			return fmt.Errorf("insert audit records %d to %d: %w", recs[0].Seq, recs[len(recs)-1].Seq, err)
 		}
 		if err := writeHead(ctx, tx, head); err != nil {
 			return err
@@ -240,6 +291,14 @@ func (p *Postgres) commitAudit(batch []*auditReq) {
 	for i, r := range batch {
 		r.done <- results[i]
 	}
+}
+
+// seqTaken reports whether the chain holds a record of seq (an error
+// counts as taken: the append is refused rather than risk a fork).
+func seqTaken(ctx context.Context, tx pgx.Tx, seq uint64) bool {
+	var one int
+	err := tx.QueryRow(ctx, `SELECT 1 FROM audit_log WHERE seq = $1`, int64(seq)).Scan(&one)
+	return !isNoRowsPG(err)
 }
 
 // runNext calls next, turning a panic into a result the caller re-raises.
