@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/keygate/keygate/internal/pgtest"
 	"github.com/keygate/keygate/keysvc"
 )
@@ -128,5 +130,39 @@ func TestMigrate(t *testing.T) {
 	code := run([]string{"migrate", "--from", data, "--to", url}, nil, &out, &errb)
 	if code == 0 || !strings.Contains(errb.String(), "not empty") {
 		t.Fatalf("migrate into a used database: exit %d, stderr %q", code, errb.String())
+	}
+}
+
+// TestAdminTokenRotatePostgres: admin-token rotate --db records the
+// rotation in the PostgreSQL store's chain, and refuses a data directory
+// whose master key is not the database's.
+func TestAdminTokenRotatePostgres(t *testing.T) {
+	url := pgtest.Shared(t).NewDB(t)
+	data := filepath.Join(t.TempDir(), "data")
+	serveOnce(t, data, "--db", url)
+	old, _ := os.ReadFile(filepath.Join(data, keysvc.AdminTokenFile))
+	var out, errb bytes.Buffer
+	if code := run([]string{"admin-token", "rotate", "--data", data, "--db", url}, nil, &out, &errb); code != 0 {
+		t.Fatalf("rotate: exit %d: %s", code, errb.String())
+	}
+	if now, _ := os.ReadFile(filepath.Join(data, keysvc.AdminTokenFile)); bytes.Equal(now, old) {
+		t.Fatal("the token did not change")
+	}
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var n int
+	if err := conn.QueryRow(ctx, `SELECT count(*) FROM audit_log WHERE action = 'rotate' AND subject = 'admin-token'`).Scan(&n); err != nil || n != 1 {
+		t.Fatalf("%d rotation records in PostgreSQL (%v), want 1", n, err)
+	}
+
+	other := filepath.Join(t.TempDir(), "other")
+	serveOnce(t, other) // a data directory of its own, with another master key
+	errb.Reset()
+	if code := run([]string{"admin-token", "rotate", "--data", other, "--db", url}, nil, &out, &errb); code == 0 || !strings.Contains(errb.String(), "different master key") {
+		t.Fatalf("rotate with another master key: exit %d, stderr %q", code, errb.String())
 	}
 }
