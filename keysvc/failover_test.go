@@ -220,6 +220,14 @@ func TestFailover(t *testing.T) {
 			break
 		}
 	}
+	for _, e := range []*env{a, b} {
+		// The load may have gone through one replica while the other's
+		// database monitor still waited for its next probe.
+		waitFor(t, "both replicas ready", func() bool {
+			code, _ := e.do(t, "GET", "https://"+e.svc.AdminAddr()+"/readyz", "", nil)
+			return code == http.StatusOK
+		})
+	}
 	checkReleases(t, url, rels, reps, b)
 	t.Logf("%d unlocks released, each audited, none releasable again", len(rels))
 }

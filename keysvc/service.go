@@ -89,6 +89,9 @@ func (s *Service) purge(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C: // with the clock challenges are checked with
+			if s.dbMon != nil && s.dbMon.down.Load() {
+				continue // the outage is logged once, by the monitor
+			}
 			s.Server.FlushAudit(ctx)
 			if n, err := s.st.PurgeChallenges(ctx, s.Server.now().Add(-challengeGrace)); err != nil && ctx.Err() == nil {
 				s.log.Warn("purge used challenges", slog.Any("err", err))

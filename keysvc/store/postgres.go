@@ -233,7 +233,7 @@ func classify(err error) error {
 // isConnClosed reports pgx's errors for a connection that died under a
 // statement (they are not net.Errors once wrapped).
 func isConnClosed(err error) bool {
-	for _, s := range []string{"conn closed", "unexpected EOF", "connection reset", "broken pipe", "conn busy"} {
+	for _, s := range []string{"conn closed", "unexpected EOF", "connection reset", "broken pipe"} {
 		if strings.Contains(err.Error(), s) {
 			return true
 		}
