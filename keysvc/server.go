@@ -27,7 +27,7 @@ import (
 
 // Store is what the Server persists: enrolled VMs, volumes with their sealed
 // unwrap keys, used challenge IDs, and the events VMs report. keysvc/store's
-// SQLite implements it.
+// SQLite and Postgres implement it.
 type Store interface {
 	store.VMs
 	store.Volumes
