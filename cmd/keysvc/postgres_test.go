@@ -102,6 +102,8 @@ func TestMigrate(t *testing.T) {
 		cmd("vm", "enroll", "--name", name, "--ek-pub", ek, tok)
 	}
 	cmd("volume", "create", "--id", "a-data", "--vm", "a", tok)
+	cmd("volume", "create", "--id", "b-data", "--vm", "b", tok)
+	cmd("erase", "--volume", "b-data", tok) // an erased row: no key, an erase time
 	sqliteVerify := cmd("audit", "verify", "--json", tok)
 	svc.Shutdown(context.Background())
 
@@ -110,7 +112,7 @@ func TestMigrate(t *testing.T) {
 	if err := json.Unmarshal([]byte(cmd("migrate", "--from", filepath.Join(data, "keysvc.db"), "--to", url, "--json")), &rep); err != nil {
 		t.Fatal(err)
 	}
-	if c := rep.Copied; c.VMs != 2 || c.Volumes != 1 || c.Audit == 0 || !c.Anchor || !c.MasterKey || rep.AuditRecords != uint64(c.Audit) {
+	if c := rep.Copied; c.VMs != 2 || c.Volumes != 2 || c.Audit == 0 || !c.Anchor || !c.MasterKey || rep.AuditRecords != uint64(c.Audit) {
 		t.Fatalf("migrate report %+v", rep)
 	}
 
@@ -118,6 +120,9 @@ func TestMigrate(t *testing.T) {
 	defer svc.Shutdown(context.Background())
 	if out := cmd("vm", "list", tok); !strings.Contains(out, "a") || !strings.Contains(out, "b") {
 		t.Fatalf("vm list on the copy: %s", out)
+	}
+	if out := cmd("volume", "list", "--vm", "b", "--json", tok); !strings.Contains(out, `"erased_at"`) {
+		t.Fatalf("the erased volume on the copy: %s", out)
 	}
 	var before, after struct{ Records uint64 }
 	json.Unmarshal([]byte(sqliteVerify), &before)
