@@ -2,6 +2,7 @@ package keysvc_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"encoding/json"
 	"log/slog"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/keygate/keygate/internal/pgtest"
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -234,4 +236,43 @@ func mustJSONNoT(v any) []byte {
 		panic(err)
 	}
 	return b
+}
+
+// TestReplicasStartTogether: replicas started at once on a new database
+// migrate it once, record the master key once, and adopt the store once:
+// both start, and the chain holds one genesis record.
+func TestReplicasStartTogether(t *testing.T) {
+	url := pgtest.Shared(t).NewDB(t)
+	first := t.TempDir()
+	if _, err := keysvc.Bootstrap(first, nil, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	mk, _, err := masterkey.LoadOrCreate(filepath.Join(first, keysvc.MasterKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk.Destroy()
+	dirs := []string{first, replicaDir(t, first)}
+	errs := make([]error, len(dirs))
+	var wg sync.WaitGroup
+	for i, d := range dirs {
+		wg.Go(func() {
+			svc, err := keysvc.Start(context.Background(), keysvc.Config{DataDir: d, DB: url, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", Logger: discardLogger()})
+			if err == nil {
+				svc.Shutdown(context.Background())
+			}
+			errs[i] = err
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("replica %d started together with another: %v", i, err)
+		}
+	}
+	e := startEnvWith(t, keysvc.Config{DataDir: first, DB: url})
+	body := e.admin(t, "GET", "/v1/admin/audit?from=1", nil, http.StatusOK)
+	if n := strings.Count(string(body), `"Action":"genesis"`); n != 1 {
+		t.Fatalf("%d genesis records after two replicas started together, want 1: %s", n, body)
+	}
 }
