@@ -75,6 +75,14 @@ func adopt(ctx context.Context, st anchorStore, lg *audit.Log, mk MasterKey, now
 		return err
 	}
 	if genesis {
+		// Another replica may have adopted the store since the anchor was
+		// read: its anchor and genesis record commit together, so a second
+		// read after seeing the record is conclusive.
+		if a, err := st.Anchor(ctx); err != nil {
+			return err
+		} else if a != nil {
+			return k.checkAnchor(*a)
+		}
 		return fmt.Errorf("%w: the audit chain records an adoption but the store has no anchor (it was deleted); restore the database from a backup", ErrAnchor)
 	}
 	vms, err := st.ListVMs(ctx)

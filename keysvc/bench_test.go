@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keygate/keygate/internal/pgtest"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/keysvc/api"
 )
@@ -56,6 +57,7 @@ var (
 	timedTrace   = flag.String("keysvc.timedtrace", "", "write an execution trace of the unlock benchmarks' timed part to `file` (go tool trace)")
 	benchLog     = flag.String("keysvc.log", "discard", "the unlock benchmarks' service logger: discard, or json (Info, to a file as a deployment would)")
 	offeredRate  = flag.Float64("keysvc.rate", 1500, "BenchmarkUnlockOpenLoop's offered load, unlocks per second")
+	benchDB      = flag.String("keysvc.db", "sqlite", "the unlock benchmarks' database: sqlite, postgres (one replica on a private PostgreSQL server) or postgres2 (two replicas on it, the clients split between them)")
 )
 
 const benchClients = 256
@@ -82,7 +84,20 @@ func newUnlockLoad(b *testing.B, vms int) *unlockLoad {
 	default:
 		b.Fatalf("-keysvc.log %q: want discard or json", *benchLog)
 	}
-	e := startEnv(b, b.TempDir(), opts...)
+	var reps []*env
+	switch *benchDB {
+	case "sqlite":
+		reps = []*env{startEnv(b, b.TempDir(), opts...)}
+	case "postgres", "postgres2":
+		url := pgtest.Shared(b).NewDB(b)
+		reps = []*env{startEnvWith(b, keysvc.Config{DataDir: b.TempDir(), DB: url}, opts...)}
+		if *benchDB == "postgres2" {
+			reps = append(reps, startEnvWith(b, keysvc.Config{DataDir: replicaDir(b, reps[0].dir), DB: url}, opts...))
+		}
+	default:
+		b.Fatalf("-keysvc.db %q: want sqlite, postgres or postgres2", *benchDB)
+	}
+	e := reps[0]
 	v := openVM(b)
 	names, vols := make([]string, vms), make([]string, vms)
 	for i := range vms {
@@ -101,7 +116,7 @@ func newUnlockLoad(b *testing.B, vms int) *unlockLoad {
 	}
 	var wg sync.WaitGroup
 	for c := range l.conns {
-		l.conns[c] = e.from(b, "127.0.0.1")
+		l.conns[c] = reps[c%len(reps)].from(b, "127.0.0.1")
 		// Room for a whole request, so that it leaves in one write.
 		l.conns[c].client.Transport.(*http.Transport).WriteBufferSize = 64 << 10
 		wg.Go(func() {

@@ -318,9 +318,17 @@ func (d *DataDir) TLSConfig() *tls.Config {
 // created: a directory without a master key and a database is refused. The
 // new token is written to a temporary file first and renamed into place only
 // after the audit record is stored, so a failure leaves the old token.
-func RotateAdminToken(ctx context.Context, dir string) (path string, err error) {
+//
+// db names the database as Config.DB does ("" for DIR/keysvc.db). With
+// several replicas, copy the new token to every replica's data directory and
+// restart them all.
+func RotateAdminToken(ctx context.Context, dir, db string) (path string, err error) {
 	d := &DataDir{Dir: dir}
-	for _, name := range []string{store.DBFile, AdminTokenFile} {
+	need := []string{store.DBFile, AdminTokenFile}
+	if store.IsPostgresURL(db) {
+		need = need[1:]
+	}
+	for _, name := range need {
 		if _, err := os.Stat(d.Path(name)); err != nil {
 			return "", fmt.Errorf("rotate admin token: %s: %w (is --data the service's data directory? start the service once to create it)", d.Path(name), err)
 		}
@@ -335,11 +343,14 @@ func RotateAdminToken(ctx context.Context, dir string) (path string, err error) 
 		return "", fmt.Errorf("rotate admin token: master key: %w", err)
 	}
 	defer mk.Destroy()
-	st, err := store.OpenSQLite(ctx, dir)
+	st, err := store.Open(ctx, db, dir)
 	if err != nil {
 		return "", fmt.Errorf("rotate admin token: %w", err)
 	}
 	defer st.Close()
+	if err := checkMasterKey(ctx, st, mk); err != nil {
+		return "", fmt.Errorf("rotate admin token: %w", err)
+	}
 	log, err := audit.New(st, mk)
 	if err != nil {
 		return "", fmt.Errorf("rotate admin token: %w", err)

@@ -32,10 +32,13 @@
 // WithMasterKey, WithAdminToken, WithChallenger, WithClock, WithLogger,
 // WithRateLimits, WithEKRoots, WithEventRetention) through narrow interfaces
 // (Store, Auditor, MasterKey); Start wires the defaults for a data directory (Bootstrap, keysvc/store's
-// SQLite, keysvc/audit, keysvc/masterkey). Nothing here logs or audits a
+// SQLite or, with Config.DB a postgres:// URL, its PostgreSQL store shared by
+// several replicas, keysvc/audit, keysvc/masterkey). health.go owns what a
+// replica does when its database is unavailable (503 with Retry-After,
+// /readyz) and the master key check every replica passes at start. Nothing here logs or audits a
 // secret: unwrap keys, tokens and import blobs are named by fingerprints or
 // IDs only. A key is released only after its release was appended to the
 // audit chain.
 //
-// Not yet here: PostgreSQL, mTLS admin clients, and UK rotation.
+// Not yet here: mTLS admin clients, and UK rotation.
 package keysvc

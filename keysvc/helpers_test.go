@@ -55,15 +55,24 @@ type env struct {
 
 func startEnv(t testing.TB, dir string, opts ...keysvc.Option) *env {
 	t.Helper()
-	return startEnvConfig(t, keysvc.Config{DataDir: dir}, opts...)
+	return startEnvWith(t, keysvc.Config{DataDir: dir}, opts...)
 }
 
 // startEnvConfig is startEnv with more of the Config set (a PKCS#11 token).
 func startEnvConfig(t testing.TB, cfg keysvc.Config, opts ...keysvc.Option) *env {
 	t.Helper()
+	return startEnvWith(t, cfg, opts...)
+}
+
+// startEnvWith is startEnv with cfg's database, hostnames, logger and key.
+func startEnvWith(t testing.TB, cfg keysvc.Config, opts ...keysvc.Option) *env {
+	t.Helper()
 	c := &clock{}
 	dir := cfg.DataDir
-	cfg.Listen, cfg.AdminListen, cfg.Logger = "127.0.0.1:0", "127.0.0.1:0", discardLogger()
+	cfg.Listen, cfg.AdminListen = "127.0.0.1:0", "127.0.0.1:0"
+	if cfg.Logger == nil {
+		cfg.Logger = discardLogger()
+	}
 	cfg.Options = append([]keysvc.Option{keysvc.WithClock(c.Now), keysvc.WithChallengeTTL(time.Minute)}, opts...)
 	svc, err := keysvc.Start(context.Background(), cfg)
 	if err != nil {

@@ -245,7 +245,7 @@ func TestMasterKeyRotation(t *testing.T) {
 	checkSealedUnder(t, dir, cur, old)
 
 	// The offline commands append to the chain under the new key.
-	if _, err := keysvc.RotateAdminToken(context.Background(), dir); err != nil {
+	if _, err := keysvc.RotateAdminToken(context.Background(), dir, ""); err != nil {
 		t.Fatalf("admin-token rotate after a master-key rotation: %v", err)
 	}
 	// Restarted on the new key: serves. Given the old key back: refuses.

@@ -89,6 +89,9 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		return
 	}
 	if err != nil {
+		if unavailable(w, err) { // logged once, by the database monitor
+			return
+		}
 		s.log.Error("audit append failed; unwrap key withheld", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.Any("err", err))
 		writeError(w, errorf(http.StatusInternalServerError, "the operator must run `keysvc audit verify` and repair the audit chain", "the release could not be audited, so no key is released"))
 		return

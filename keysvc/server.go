@@ -27,7 +27,7 @@ import (
 
 // Store is what the Server persists: enrolled VMs, volumes with their sealed
 // unwrap keys, used challenge IDs, and the events VMs report. keysvc/store's
-// SQLite implements it.
+// SQLite and Postgres implement it.
 type Store interface {
 	store.VMs
 	store.Volumes
@@ -385,6 +385,9 @@ func (s *Server) record(ctx context.Context, ev audit.Event) {
 // fails, the call's outcome record (requireAdmin) carries its status.
 func (s *Server) intend(w http.ResponseWriter, r *http.Request, ev audit.Event) bool {
 	if _, err := s.audit.Append(context.WithoutCancel(r.Context()), ev); err != nil {
+		if unavailable(w, err) {
+			return false
+		}
 		s.log.Error("audit append failed; admin call refused", slog.String("action", string(ev.Action)),
 			slog.String("subject", ev.Subject), slog.Any("err", err))
 		writeError(w, errorf(http.StatusInternalServerError, "nothing was changed; run `keysvc audit verify` and repair the audit chain",

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
 
@@ -23,7 +22,9 @@ type Config struct {
 	Listen      string   // VM API; DefaultListen if empty
 	AdminListen string   // admin API and /metrics; DefaultAdminListen if empty
 	Hostnames   []string // extra names for the server certificate
-	DB          string   // "" or "sqlite": DataDir/keysvc.db
+	// DB is the database: "" or "sqlite" for DataDir/keysvc.db, or a
+	// PostgreSQL URL as libpq takes it (several replicas share one).
+	DB string
 	// PKCS11, if set, keeps the master key in that token instead of
 	// DataDir/master.key (package keysvc/masterkey/hsm).
 	PKCS11 *hsm.Config
@@ -46,7 +47,8 @@ type Service struct {
 	vmLn      net.Listener
 	adminLn   net.Listener
 	servers   []*http.Server
-	st        *store.SQLite
+	st        store.Backend
+	dbMon     *dbMonitor
 	auditLog  *audit.Log
 	mk        masterkey.Master
 	src       keySource
@@ -92,6 +94,9 @@ func (s *Service) purge(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C: // with the clock challenges are checked with
+			if s.dbMon != nil && s.dbMon.down.Load() {
+				continue // the outage is logged once, by the monitor
+			}
 			s.Server.FlushAudit(ctx)
 			if n, err := s.st.PurgeChallenges(ctx, s.Server.now().Add(-challengeGrace)); err != nil && ctx.Err() == nil {
 				s.log.Warn("purge used challenges", slog.Any("err", err))
@@ -114,11 +119,8 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if cfg.DataDir == "" {
 		return nil, errors.New("start key service: no data directory (use --data DIR)")
 	}
-	if cfg.DB != "" && cfg.DB != "sqlite" {
-		if strings.HasPrefix(cfg.DB, "postgres") {
-			return nil, errors.New("start key service: PostgreSQL is not supported yet; use --db sqlite")
-		}
-		return nil, fmt.Errorf("start key service: unknown --db %q; use sqlite", cfg.DB)
+	if cfg.DB != "" && cfg.DB != "sqlite" && !store.IsPostgresURL(cfg.DB) {
+		return nil, fmt.Errorf("start key service: unknown --db %q: use sqlite (DIR/keysvc.db) or a postgres://user@host/dbname URL", cfg.DB)
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -137,7 +139,7 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if svc.src, err = openKeySource(cfg); err != nil {
 		return nil, fmt.Errorf("start key service: master key: %w", err)
 	}
-	if svc.st, err = store.OpenSQLite(ctx, cfg.DataDir); err != nil {
+	if svc.st, err = store.Open(ctx, cfg.DB, cfg.DataDir); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
 	lk, created, err := loadKeys(ctx, svc.src, svc.st)
@@ -146,6 +148,9 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 		return nil, fmt.Errorf("start key service: master key: %w", err)
 	}
 	svc.mk = lk.cur
+	if err := checkMasterKey(ctx, svc.st, svc.mk); err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
 	if created {
 		if cfg.PKCS11 != nil {
 			svc.Data.Created = append(svc.Data.Created, "pkcs11:"+cfg.PKCS11.URI.Object)
@@ -182,11 +187,12 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if svc.adminLn, err = net.Listen("tcp", adminListen); err != nil {
 		return nil, fmt.Errorf("start key service: admin API: %w (pick another --admin-listen)", err)
 	}
+	svc.dbMon = newDBMonitor(svc.st, log, svc.Server.metrics.reg)
 	errLog := slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 	for _, x := range []struct {
 		ln net.Listener
 		h  http.Handler
-	}{{svc.vmLn, svc.track(svc.Server.VMHandler())}, {svc.adminLn, svc.track(svc.Server.AdminHandler())}} {
+	}{{svc.vmLn, svc.dbMon.gate(svc.track(svc.Server.VMHandler()), true)}, {svc.adminLn, svc.dbMon.gate(svc.track(svc.Server.AdminHandler()), false)}} {
 		hs := &http.Server{Handler: x.h, TLSConfig: svc.Data.TLSConfig(), ErrorLog: errLog,
 			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 			IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10}
@@ -248,6 +254,9 @@ func (s *Service) release() {
 		if s.stopPurge != nil {
 			s.stopPurge()
 			s.purged.Wait()
+		}
+		if s.dbMon != nil {
+			s.dbMon.close()
 		}
 		for _, ln := range []net.Listener{s.vmLn, s.adminLn} {
 			if ln != nil {

@@ -513,6 +513,9 @@ func verifyRefusal(err error) *refusal {
 // internal answers 500 and logs the cause (never a secret: causes are
 // store, sealing and encoding errors).
 func (s *Server) internal(w http.ResponseWriter, what string, err error) {
+	if unavailable(w, err) {
+		return
+	}
 	s.log.Error("internal error", slog.String("op", what), slog.Any("err", err))
 	writeError(w, errorf(http.StatusInternalServerError, "see the key service's log", "%s failed", what))
 }

@@ -86,8 +86,8 @@ cleared or failed TPM would otherwise lose every key the service holds.`,
 func adminTokenCmd() *cobra.Command {
 	at := &cobra.Command{Use: "admin-token", Short: "Manage the admin token in a data directory"}
 	var (
-		data, spec string
-		asJSON     bool
+		data, spec, db string
+		asJSON         bool
 	)
 	rotate := &cobra.Command{
 		Use:   "rotate --data DIR [--master-key-tpm TPM]",
@@ -101,7 +101,9 @@ rotating (or stop it first). Until then it still accepts the old token, and
 refuses the new one. After the restart the old token gets 401.
 
 If the master key is sealed to a TPM, pass the same --master-key-tpm as to
-serve: the audit record is MAC'd with a key derived from it.`,
+serve: the audit record is MAC'd with a key derived from it. If the service
+runs on PostgreSQL, pass the same --db as to serve; with several replicas,
+copy the new DIR/admin.token to every replica and restart them all.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := required(c, "data"); err != nil {
@@ -112,7 +114,7 @@ serve: the audit record is MAC'd with a key derived from it.`,
 				return err
 			}
 			defer release()
-			path, err := keysvc.RotateAdminToken(context.Background(), data)
+			path, err := keysvc.RotateAdminToken(context.Background(), data, db)
 			if err != nil {
 				return err
 			}
@@ -125,6 +127,7 @@ serve: the audit record is MAC'd with a key derived from it.`,
 	}
 	rotate.Flags().StringVar(&data, "data", "", "the service's data directory")
 	rotate.Flags().StringVar(&spec, "master-key-tpm", "", "TPM the master key is sealed to, as given to serve")
+	rotate.Flags().StringVar(&db, "db", "sqlite", "the service's database, as given to serve")
 	rotate.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
 	at.AddCommand(rotate)
 	return at

@@ -57,7 +57,7 @@ The operator guide is docs/operator.md.`,
 	root.AddCommand(adminCommands(cl)...)
 	mk := masterKeyCmd()
 	mk.AddCommand(masterKeyAdminCmds(cl)...)
-	root.AddCommand(mk, adminTokenCmd())
+	root.AddCommand(mk, adminTokenCmd(), migrateCmd())
 	root.AddCommand(&cobra.Command{
 		Use:   "version",
 		Short: "Print keysvc's version",
@@ -108,7 +108,17 @@ With --master-key-pkcs11 'pkcs11:token=LABEL;object=NAME' (and
 --pkcs11-module, --pkcs11-pin-file) the master key is a non-extractable
 AES-256 key in that HSM token, created there on first start if absent; it
 never leaves the token and no master.key is written. docs/operator.md
-describes the set-up, and 'keysvc master-key rotate' the rotation.`,
+describes the set-up, and 'keysvc master-key rotate' the rotation.
+
+
+With --db postgres://... the records are kept in PostgreSQL, and several
+replicas can serve one fleet: start each from a copy of the first one's DIR
+(master key, CA and its key, admin token), with --db naming the same database
+and --hostname naming the replica (its server certificate is issued by the
+shared CA). The database records the master key's fingerprint on first use; a
+replica with another master key refuses to start. GET /healthz (alive) and
+GET /readyz (database reachable, schema current) on both listeners are for
+load balancers. To move an existing SQLite store, use 'keysvc migrate'.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if cfg.DataDir == "" {
@@ -211,7 +221,7 @@ describes the set-up, and 'keysvc master-key rotate' the rotation.`,
 	f.StringVar(&cfg.DataDir, "data", "", "data directory (created 0700 if missing)")
 	f.StringVar(&cfg.Listen, "listen", keysvc.DefaultListen, "VM API address")
 	f.StringVar(&cfg.AdminListen, "admin-listen", keysvc.DefaultAdminListen, "admin API and /metrics address")
-	f.StringVar(&cfg.DB, "db", "sqlite", "database: sqlite (DIR/keysvc.db); postgres is not supported yet")
+	f.StringVar(&cfg.DB, "db", "sqlite", "database: sqlite (DIR/keysvc.db), or a PostgreSQL URL as libpq takes it (postgres://user@host1,host2/db?target_session_attrs=read-write) shared by several replicas")
 	f.StringSliceVar(&cfg.Hostnames, "hostname", nil, "extra DNS name or IP for the server certificate (repeatable)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: json or text")
 	f.StringVar(&mkPKCS11, "master-key-pkcs11", "", "keep the master key in an HSM: RFC 7512 URI 'pkcs11:token=LABEL;object=NAME' of a non-extractable AES-256 key (created if absent)")

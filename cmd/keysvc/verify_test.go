@@ -15,19 +15,19 @@ import (
 	"github.com/keygate/keygate/keysvc/store"
 )
 
-// TestServePostgresNotYet: --db postgres://… says PostgreSQL is not
-// available yet, exits non-zero, and creates nothing.
-func TestServePostgresNotYet(t *testing.T) {
+// TestServeUnknownDB: a --db that is neither sqlite nor a PostgreSQL URL
+// is refused with the choices, exits non-zero, and creates nothing.
+func TestServeUnknownDB(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "data")
 	var out, errb bytes.Buffer
-	code := run([]string{"serve", "--data", data, "--db", "postgres://keysvc@db.example/keysvc",
+	code := run([]string{"serve", "--data", data, "--db", "mysql://keysvc@db.example/keysvc",
 		"--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"}, nil, &out, &errb)
-	if code == 0 || !strings.Contains(errb.String(), "PostgreSQL is not supported yet") || !strings.Contains(errb.String(), "--db sqlite") {
+	if code == 0 || !strings.Contains(errb.String(), "use sqlite") || !strings.Contains(errb.String(), "postgres://") {
 		t.Fatalf("exit %d; stdout %q stderr %q", code, out.String(), errb.String())
 	}
 	if _, err := os.Stat(data); !os.IsNotExist(err) {
 		ents, _ := os.ReadDir(data)
-		t.Fatalf("serve --db postgres created %s: %v", data, ents)
+		t.Fatalf("serve --db mysql created %s: %v", data, ents)
 	}
 }
 

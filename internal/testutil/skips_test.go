@@ -41,6 +41,7 @@ var (
 	reLocal    = regexp.MustCompile(`(?:^|[^.\w])(?:Skip|LookPath)\(\w+, "([^"]+)"`)
 	reRoot     = regexp.MustCompile(`testutil\.Root\(`)
 	reSwtpm    = regexp.MustCompile(`testutil\.StartSwtpm\(`)
+	rePG       = regexp.MustCompile(`pgtest\.(?:New|Shared)\(`)
 	reDirect   = regexp.MustCompile(`\b\w+\.Skipf?\(\s*"([^"]*)"`)
 	reRequired = regexp.MustCompile(`(?m)^export KEYGATE_REQUIRE \?= (\S+)$`)
 )
@@ -91,6 +92,9 @@ func TestEverySkipIsRequired(t *testing.T) {
 		}
 		if reSwtpm.Match(src) {
 			features["swtpm"] = append(features["swtpm"], rel)
+		}
+		if rePG.Match(src) {
+			features["postgresql"] = append(features["postgresql"], rel)
 		}
 		for _, m := range reDirect.FindAllSubmatch(src, -1) {
 			direct = append(direct, rel+": "+string(m[1]))

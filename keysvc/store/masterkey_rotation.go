@@ -1,7 +1,9 @@
 package store
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"time"
 )
 
@@ -36,7 +38,41 @@ type MasterKeyRotations interface {
 	// left past them. ErrNotFound if no rotation is under way.
 	RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, vol func(*Volume) error) (r MasterKeyRotation, done bool, err error)
 	// FinishMasterKeyRotation ends the rotation, atomically: it appends the audit
-	// record next makes and deletes the rotation row. ErrNotFound if no
+	// record next makes, deletes the rotation row and records NewKey as
+	// the fingerprint ClaimMasterKey returns from then on. ErrNotFound if no
 	// rotation is under way.
 	FinishMasterKeyRotation(ctx context.Context, next AuditNext) error
+}
+
+// rekeyVM passes v to fn, checks that only its MAC changed, and stores it
+// with save (RekeyBatch on either engine).
+func rekeyVM(v VM, fn func(*VM) error, save func(VM) error) error {
+	old := v
+	if err := fn(&v); err != nil {
+		return err
+	}
+	if v.Name != old.Name || v.EKPubPEM != old.EKPubPEM || v.AKPubPEM != old.AKPubPEM || v.Revoked != old.Revoked ||
+		v.LearnArmed != old.LearnArmed || v.ProvisioningAllowed != old.ProvisioningAllowed || !bytes.Equal(v.Policy, old.Policy) {
+		return fmt.Errorf("rekey vm %q: only its MAC may change: %w", old.Name, ErrImmutable)
+	}
+	if err := save(v); err != nil {
+		return fmt.Errorf("rekey vm %q: %w", v.Name, err)
+	}
+	return nil
+}
+
+// rekeyVolume passes v to fn, checks that only its MAC and sealed UK
+// changed, and stores it with save.
+func rekeyVolume(v Volume, fn func(*Volume) error, save func(Volume) error) error {
+	old := v
+	if err := fn(&v); err != nil {
+		return err
+	}
+	if v.ID != old.ID || v.VM != old.VM || v.Erased() != old.Erased() {
+		return fmt.Errorf("rekey volume %q: only its MAC and sealed UK may change: %w", old.ID, ErrImmutable)
+	}
+	if err := save(v); err != nil {
+		return fmt.Errorf("rekey volume %q: %w", v.ID, err)
+	}
+	return nil
 }

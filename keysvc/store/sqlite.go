@@ -26,7 +26,7 @@ const maxConns = 8
 // DBFile is the SQLite database's file name inside the data directory.
 const DBFile = "keysvc.db"
 
-//go:embed migrations/*.sql
+//go:embed migrations/*.sql migrations/postgres/*.sql
 var migrationFS embed.FS
 
 type migration struct {
@@ -35,21 +35,27 @@ type migration struct {
 	sql     string
 }
 
-// loadMigrations returns the embedded migrations in version order. Files are
-// named NNNN_name.sql and numbered 1, 2, 3, … without gaps.
-func loadMigrations() ([]migration, error) {
-	ents, err := fs.ReadDir(migrationFS, "migrations")
+// loadMigrations returns the embedded migrations of dir in version order.
+// Files are named NNNN_name.sql, each number used once. Numbers may have
+// gaps (branches reserve numbers for migrations that merge later), and a
+// database gets every migration it has not recorded, so one that arrives
+// with a lower number than some already applied is still applied.
+func loadMigrations(dir string) ([]migration, error) {
+	ents, err := fs.ReadDir(migrationFS, dir)
 	if err != nil {
 		return nil, err
 	}
 	var ms []migration
 	for _, e := range ents {
+		if e.IsDir() {
+			continue
+		}
 		num, _, ok := strings.Cut(e.Name(), "_")
 		v, err := strconv.Atoi(num)
 		if !ok || err != nil || !strings.HasSuffix(e.Name(), ".sql") {
 			return nil, fmt.Errorf("migration file %q is not named NNNN_name.sql", e.Name())
 		}
-		b, err := migrationFS.ReadFile("migrations/" + e.Name())
+		b, err := migrationFS.ReadFile(dir + "/" + e.Name())
 		if err != nil {
 			return nil, err
 		}
@@ -57,11 +63,38 @@ func loadMigrations() ([]migration, error) {
 	}
 	sort.Slice(ms, func(i, j int) bool { return ms[i].version < ms[j].version })
 	for i, m := range ms {
-		if m.version != i+1 {
-			return nil, fmt.Errorf("migration %q: want version %d (versions must run 1, 2, 3, … without gaps)", m.name, i+1)
+		if m.version < 1 || i > 0 && m.version == ms[i-1].version {
+			return nil, fmt.Errorf("migration %q: version %d is taken or below 1 (give each file its own number)", m.name, m.version)
 		}
 	}
 	return ms, nil
+}
+
+// pending returns the migrations of ms not in applied, or ErrNewerSchema if
+// applied holds a version that ms does not know: a newer keysvc (or another
+// branch's) migrated the database.
+func pending(ms []migration, applied map[int]bool) ([]migration, error) {
+	known := map[int]bool{}
+	for _, m := range ms {
+		known[m.version] = true
+	}
+	unknown := 0
+	for v := range applied {
+		if !known[v] {
+			unknown = max(unknown, v)
+		}
+	}
+	if unknown > 0 {
+		return nil, fmt.Errorf("%w: the database carries migration %d, which this keysvc does not know (its newest is %d): run a keysvc at least as new as the one that last used this database, or restore a backup made by this version",
+			ErrNewerSchema, unknown, ms[len(ms)-1].version)
+	}
+	var out []migration
+	for _, m := range ms {
+		if !applied[m.version] {
+			out = append(out, m)
+		}
+	}
+	return out, nil
 }
 
 // SQLite is the embedded Store: one database file, DIR/keysvc.db, in WAL
@@ -169,11 +202,10 @@ func (s *SQLite) Close() error {
 }
 
 func (s *SQLite) migrate(ctx context.Context) error {
-	ms, err := loadMigrations()
+	ms, err := loadMigrations("migrations")
 	if err != nil {
 		return err
 	}
-	latest := len(ms)
 	return s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
 		if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
 			version    INTEGER PRIMARY KEY,
@@ -182,15 +214,15 @@ func (s *SQLite) migrate(ctx context.Context) error {
 		) STRICT`); err != nil {
 			return fmt.Errorf("create schema_migrations: %w", err)
 		}
-		var cur int
-		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&cur); err != nil {
-			return fmt.Errorf("read schema version: %w", err)
+		applied, err := appliedVersions(ctx, tx)
+		if err != nil {
+			return err
 		}
-		if cur > latest {
-			return fmt.Errorf("%w: the database is at version %d, this keysvc knows versions up to %d (run a keysvc at least as new as the one that last used this database, or restore a backup made by this version)",
-				ErrNewerSchema, cur, latest)
+		todo, err := pending(ms, applied)
+		if err != nil {
+			return err
 		}
-		for _, m := range ms[cur:] {
+		for _, m := range todo {
 			if _, err := tx.ExecContext(ctx, m.sql); err != nil {
 				return fmt.Errorf("apply migration %s: %w", m.name, err)
 			}
@@ -201,6 +233,24 @@ func (s *SQLite) migrate(ctx context.Context) error {
 		}
 		return nil
 	})
+}
+
+// appliedVersions reads the versions schema_migrations records.
+func appliedVersions(ctx context.Context, tx *sql.Tx) (map[int]bool, error) {
+	rows, err := tx.QueryContext(ctx, `SELECT version FROM schema_migrations`)
+	if err != nil {
+		return nil, fmt.Errorf("read schema version: %w", err)
+	}
+	defer rows.Close()
+	applied := map[int]bool{}
+	for rows.Next() {
+		var v int
+		if err := rows.Scan(&v); err != nil {
+			return nil, fmt.Errorf("read schema version: %w", err)
+		}
+		applied[v] = true
+	}
+	return applied, rows.Err()
 }
 
 // read runs fn in a deferred (read-only) transaction: one snapshot.

@@ -27,7 +27,9 @@ func nextRecord(action string) store.AuditNext {
 // TestAdopt: Adopt stores every row's MAC, the re-sealed UKs, the record
 // and the anchor naming it together, or nothing at all; a second Adopt is
 // ErrExists; and a callback cannot change what it must not.
-func TestAdopt(t *testing.T) {
+func TestAdopt(t *testing.T) { forEachBackend(t, testAdopt) }
+
+func testAdopt(t *testing.T, b backend) {
 	ctx := context.Background()
 	mac := []byte("mac")
 	anchor := func(r store.AuditRecord) store.Anchor {
@@ -48,7 +50,7 @@ func TestAdopt(t *testing.T) {
 		{"volume-callback-changes-owner", setMAC, func(v *store.Volume) error { v.VM = "b"; return nil }, store.ErrImmutable},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			st := openStore(t, t.TempDir())
+			st := forEachCase(t, b).open(t)
 			if _, err := st.CreateVM(ctx, store.VM{Name: "a", EKPubPEM: "ek"}); err != nil {
 				t.Fatal(err)
 			}
@@ -86,9 +88,10 @@ func TestAdopt(t *testing.T) {
 
 // TestRowMACKept: the store keeps a row's MAC as given through every write
 // and returns it from every read, the joined one included.
-func TestRowMACKept(t *testing.T) {
+func TestRowMACKept(t *testing.T) { each(t, testRowMACKept) }
+
+func testRowMACKept(t *testing.T, st store.Backend) {
 	ctx := context.Background()
-	st := openStore(t, t.TempDir())
 	if _, err := st.CreateVM(ctx, store.VM{Name: "a", EKPubPEM: "ek", MAC: []byte("m1")}); err != nil {
 		t.Fatal(err)
 	}

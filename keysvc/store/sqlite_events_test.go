@@ -10,10 +10,11 @@ import (
 	"github.com/keygate/keygate/keysvc/store"
 )
 
-func TestEvents(t *testing.T) {
+func TestEvents(t *testing.T) { forEachBackend(t, testEvents) }
+
+func testEvents(t *testing.T, b backend) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	s := openStore(t, dir)
+	s := b.open(t)
 	t0 := time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)
 	ev := func(vm, kind, sev string, at time.Duration) store.VMEvent {
 		return store.VMEvent{Received: t0.Add(at), VM: vm, Volume: vm + "-vol", Session: "s-" + vm, Kind: kind, Severity: sev,
@@ -119,7 +120,7 @@ func TestEvents(t *testing.T) {
 
 	t.Run("kept across reopen", func(t *testing.T) {
 		s.Close()
-		s2 := openStore(t, dir)
+		s2 := b.open(t)
 		got, err := s2.ListEvents(ctx, store.EventFilter{})
 		if err != nil || len(got) != 2 {
 			t.Fatalf("after reopen: %d events, %v", len(got), err)

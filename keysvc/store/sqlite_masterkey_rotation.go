@@ -93,16 +93,11 @@ func (s *SQLite) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, 
 			return fmt.Errorf("read vms: %w", err)
 		}
 		for _, v := range vms {
-			old := v
-			if err := vm(&v); err != nil {
+			if err := rekeyVM(v, vm, func(v VM) error {
+				_, err := tx.ExecContext(ctx, `UPDATE vms SET row_mac = ? WHERE name = ?`, v.MAC, v.Name)
 				return err
-			}
-			if v.Name != old.Name || v.EKPubPEM != old.EKPubPEM || v.AKPubPEM != old.AKPubPEM || v.Revoked != old.Revoked ||
-				v.LearnArmed != old.LearnArmed || v.ProvisioningAllowed != old.ProvisioningAllowed || !bytes.Equal(v.Policy, old.Policy) {
-				return fmt.Errorf("rekey vm %q: only its MAC may change: %w", old.Name, ErrImmutable)
-			}
-			if _, err := tx.ExecContext(ctx, `UPDATE vms SET row_mac = ? WHERE name = ?`, v.MAC, v.Name); err != nil {
-				return fmt.Errorf("rekey vm %q: %w", v.Name, err)
+			}); err != nil {
+				return err
 			}
 			r.VMCursor, r.VMs, left = v.Name, r.VMs+1, left-1
 		}
@@ -114,15 +109,11 @@ func (s *SQLite) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, 
 			}
 		}
 		for _, v := range vols {
-			old := v
-			if err := vol(&v); err != nil {
+			if err := rekeyVolume(v, vol, func(v Volume) error {
+				_, err := tx.ExecContext(ctx, `UPDATE volumes SET sealed_uk = ?, row_mac = ? WHERE id = ?`, v.SealedUK, v.MAC, v.ID)
 				return err
-			}
-			if v.ID != old.ID || v.VM != old.VM || v.Erased() != old.Erased() {
-				return fmt.Errorf("rekey volume %q: only its MAC and sealed UK may change: %w", old.ID, ErrImmutable)
-			}
-			if _, err := tx.ExecContext(ctx, `UPDATE volumes SET sealed_uk = ?, row_mac = ? WHERE id = ?`, v.SealedUK, v.MAC, v.ID); err != nil {
-				return fmt.Errorf("rekey volume %q: %w", v.ID, err)
+			}); err != nil {
+				return err
 			}
 			r.VolumeCursor, r.Volumes, left = v.ID, r.Volumes+1, left-1
 		}
@@ -142,18 +133,22 @@ func (s *SQLite) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, 
 	return out, done, nil
 }
 
-// FinishMasterKeyRotation appends next's record and deletes the rotation row in one
+// FinishMasterKeyRotation appends next's record, deletes the rotation row and
+// records the new key's fingerprint as the one replicas must hold, in one
 // transaction.
 func (s *SQLite) FinishMasterKeyRotation(ctx context.Context, next AuditNext) error {
 	pre := func(ctx context.Context, tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx, `DELETE FROM master_key_rotation WHERE id = 1`)
+		var newKey string
+		err := tx.QueryRowContext(ctx, `DELETE FROM master_key_rotation WHERE id = 1 RETURNING new_key`).Scan(&newKey)
+		if isNoRows(err) {
+			return fmt.Errorf("master-key rotation: %w", ErrNotFound)
+		}
 		if err != nil {
 			return err
 		}
-		if n, _ := res.RowsAffected(); n == 0 {
-			return fmt.Errorf("master-key rotation: %w", ErrNotFound)
-		}
-		return nil
+		// From now on replicas must hold the new key (ClaimMasterKey).
+		_, err = tx.ExecContext(ctx, `UPDATE master_key_check SET fingerprint = ? WHERE id = 1`, []byte(newKey))
+		return err
 	}
 	if err := s.appendAudit(ctx, nil, pre, next, nil); err != nil {
 		return fmt.Errorf("finish master-key rotation: %w", err)

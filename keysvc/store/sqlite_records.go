@@ -231,21 +231,8 @@ func (s *SQLite) UpdateVolume(ctx context.Context, id string, fn func(*Volume) e
 		if err := fn(&v); err != nil {
 			return err
 		}
-		if len(v.SealedUK) == 0 {
-			v.SealedUK = nil
-		}
-		switch {
-		case v.ID != old.ID || v.VM != old.VM || !v.Created.Equal(old.Created):
-			return fmt.Errorf("volume %q: id, vm and creation time: %w", id, ErrImmutable)
-		case old.Erased() && !v.Erased():
-			return fmt.Errorf("volume %q is erased and cannot get a key back (create a new volume): %w", id, ErrImmutable)
-		case old.Erased():
-			v.ErasedAt = old.ErasedAt
-		case v.Erased():
-			v.ErasedAt = time.Now().UTC()
-			erased = true
-		default:
-			v.ErasedAt = time.Time{}
+		if erased, err = settleErase(old, &v, id); err != nil {
+			return err
 		}
 		var erasedNS sql.NullInt64
 		if v.Erased() {
@@ -262,6 +249,28 @@ func (s *SQLite) UpdateVolume(ctx context.Context, id string, fn func(*Volume) e
 		s.truncateWAL(ctx)
 	}
 	return out, nil
+}
+
+// settleErase checks what an UpdateVolume fn did to v (read as old) and
+// stamps ErasedAt; erasedNow reports that this update erases the volume.
+func settleErase(old Volume, v *Volume, id string) (erasedNow bool, err error) {
+	if len(v.SealedUK) == 0 {
+		v.SealedUK = nil
+	}
+	switch {
+	case v.ID != old.ID || v.VM != old.VM || !v.Created.Equal(old.Created):
+		return false, fmt.Errorf("volume %q: id, vm and creation time: %w", id, ErrImmutable)
+	case old.Erased() && !v.Erased():
+		return false, fmt.Errorf("volume %q is erased and cannot get a key back (create a new volume): %w", id, ErrImmutable)
+	case old.Erased():
+		v.ErasedAt = old.ErasedAt
+	case v.Erased():
+		v.ErasedAt = time.Now().UTC()
+		return true, nil
+	default:
+		v.ErasedAt = time.Time{}
+	}
+	return false, nil
 }
 
 // ListVolumes implements Volumes.

@@ -118,9 +118,10 @@ func TestMigrations(t *testing.T) {
 	})
 }
 
-func TestVMs(t *testing.T) {
+func TestVMs(t *testing.T) { each(t, testVMs) }
+
+func testVMs(t *testing.T, s store.Backend) {
 	ctx := context.Background()
-	s := openStore(t, t.TempDir())
 	vm, err := s.CreateVM(ctx, store.VM{Name: "web-1", EKPubPEM: "EK PEM", ProvisioningAllowed: true})
 	if err != nil {
 		t.Fatal(err)
@@ -224,10 +225,12 @@ func TestVMs(t *testing.T) {
 	}
 }
 
-func TestVolumes(t *testing.T) {
+func TestVolumes(t *testing.T) { forEachBackend(t, testVolumes) }
+
+func testVolumes(t *testing.T, b backend) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	s := openStore(t, dir)
+	dir := b.dir
+	s := b.open(t)
 	if _, err := s.CreateVM(ctx, store.VM{Name: "web-1", EKPubPEM: "x"}); err != nil {
 		t.Fatal(err)
 	}
@@ -273,6 +276,9 @@ func TestVolumes(t *testing.T) {
 			return nil
 		}, nil},
 		{"erase", func() error {
+			if dir == "" {
+				return eraseElsewhere(s)
+			}
 			// Put the sealed UK into the main database file first, as a
 			// checkpoint would have long before an erase.
 			if _, err := rawDB(t, dir).Exec(`PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
@@ -340,9 +346,10 @@ func TestVolumes(t *testing.T) {
 	}
 }
 
-func TestChallenges(t *testing.T) {
+func TestChallenges(t *testing.T) { each(t, testChallenges) }
+
+func testChallenges(t *testing.T, s store.Backend) {
 	ctx := context.Background()
-	s := openStore(t, t.TempDir())
 	now := time.Now()
 	if err := s.UseChallenge(ctx, "c1", now.Add(-time.Minute)); err != nil {
 		t.Fatal(err)
@@ -368,9 +375,10 @@ func TestChallenges(t *testing.T) {
 
 // TestConcurrent hammers one store from many goroutines: read-modify-write
 // updates must not be lost, and a challenge must be usable exactly once.
-func TestConcurrent(t *testing.T) {
+func TestConcurrent(t *testing.T) { each(t, testConcurrent) }
+
+func testConcurrent(t *testing.T, s store.Backend) {
 	ctx := context.Background()
-	s := openStore(t, t.TempDir())
 	if _, err := s.CreateVM(ctx, store.VM{Name: "web-1", EKPubPEM: "x", Policy: json.RawMessage(`{"n":0}`)}); err != nil {
 		t.Fatal(err)
 	}
@@ -424,10 +432,11 @@ func TestConcurrent(t *testing.T) {
 	}
 }
 
-func TestAuditLog(t *testing.T) {
+func TestAuditLog(t *testing.T) { forEachBackend(t, testAuditLog) }
+
+func testAuditLog(t *testing.T, b backend) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	s := openStore(t, dir)
+	s := b.open(t)
 	rec := func(seq uint64) (store.AuditRecord, store.AuditHead) {
 		h := []byte(fmt.Sprintf("hash-%d", seq))
 		return store.AuditRecord{Seq: seq, Time: time.Unix(0, int64(seq)).UTC(), Actor: "a", Action: "x", Subject: "s",
@@ -473,11 +482,10 @@ func TestAuditLog(t *testing.T) {
 		}
 	})
 	t.Run("append-only triggers", func(t *testing.T) {
-		db := rawDB(t, dir)
-		if _, err := db.Exec(`UPDATE audit_log SET actor = 'x' WHERE seq = 1`); err == nil {
+		if err := b.exec(t, `UPDATE audit_log SET actor = 'x' WHERE seq = 1`); err == nil {
 			t.Error("UPDATE of audit_log allowed")
 		}
-		if _, err := db.Exec(`DELETE FROM audit_log WHERE seq = 1`); err == nil {
+		if err := b.exec(t, `DELETE FROM audit_log WHERE seq = 1`); err == nil {
 			t.Error("DELETE from audit_log allowed")
 		}
 	})

@@ -11,9 +11,10 @@ import (
 
 // TestGetVMAndVolume checks the unlock path's joined read against the two
 // reads it replaces.
-func TestGetVMAndVolume(t *testing.T) {
+func TestGetVMAndVolume(t *testing.T) { each(t, testGetVMAndVolume) }
+
+func testGetVMAndVolume(t *testing.T, s store.Backend) {
 	ctx := context.Background()
-	s := openStore(t, t.TempDir())
 	for _, vm := range []store.VM{{Name: "web-1", EKPubPEM: "ek1", AKPubPEM: "ak1", Policy: []byte(`{"pcrs":{}}`)}, {Name: "web-2", EKPubPEM: "ek2", Revoked: true}} {
 		if _, err := s.CreateVM(ctx, vm); err != nil {
 			t.Fatal(err)

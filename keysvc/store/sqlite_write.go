@@ -118,7 +118,7 @@ func (s *SQLite) writer() {
 			}
 		}
 		if cd := s.commit.Load(); cd != nil && cd.siblings() > len(batch) {
-			batch = cd.linger(s.queue, batch, delay)
+			batch = linger(cd, s.queue, batch, delay)
 		}
 		s.commitBatch(batch)
 		clear(batch) // drop references to answered requests
@@ -157,7 +157,7 @@ func (s *SQLite) SetCommitDelay(d time.Duration, siblings func() int) {
 // writes as there are siblings: measured at 1500 unlocks/s, committing
 // that early made more, smaller commits, for more CPU per unlock and a
 // longer tail.
-func (cd *commitDelay) linger(queue <-chan *writeReq, batch []*writeReq, t *time.Timer) []*writeReq {
+func linger[R any](cd *commitDelay, queue <-chan R, batch []R, t *time.Timer) []R {
 	t.Reset(cd.d)
 	defer t.Stop()
 	for len(batch) < maxBatch {

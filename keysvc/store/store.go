@@ -1,8 +1,11 @@
 // Package store owns the key service's persistent records: enrolled VMs,
 // volumes and their sealed unwrap keys, used challenge IDs, the rows of the
 // audit chain, and the events VMs report. It defines the Store interface the key service depends on
-// and an SQLite implementation (modernc.org/sqlite, pure Go) at DIR/keysvc.db;
-// a PostgreSQL (pgx) implementation can join later behind the same interface.
+// (and Backend, what the service needs beyond it), with two implementations:
+// SQLite (modernc.org/sqlite, pure Go) at DIR/keysvc.db, the embedded
+// default, and PostgreSQL (pgx), which several key service replicas share.
+// Each has its own migrations (migrations/ and migrations/postgres/); one
+// conformance suite runs the store tests against both.
 //
 // It does not own cryptography: sealed unwrap keys arrive already sealed
 // (package keysvc/masterkey), and audit hashes and MACs are computed by
@@ -26,11 +29,11 @@
 // the same for the chain: it reads the last record and the head and writes the
 // next record and the new head atomically, so the chain cannot fork.
 //
-// A PostgreSQL implementation gets the same guarantees from its own
-// primitives: UpdateVM/UpdateVolume as SELECT … FOR UPDATE in one
+// The PostgreSQL implementation gets the same guarantees from its own
+// primitives, across processes: UpdateVM/UpdateVolume as SELECT … FOR UPDATE in one
 // transaction, UseChallenge as INSERT … ON CONFLICT DO NOTHING, and
 // AppendAudit by locking the audit_head row with SELECT … FOR UPDATE before
-// reading the last record (its migration should create that row up front, so
+// reading the last record (its migration creates that row up front, so
 // that there is always one to lock, even before the first record).
 //
 // All methods take a context first, are safe for concurrent use, and report
@@ -62,7 +65,7 @@ var (
 )
 
 // Store is everything the key service persists. Implementations: SQLite
-// (OpenSQLite); PostgreSQL later.
+// (OpenSQLite) and PostgreSQL (OpenPostgres); Open picks one.
 type Store interface {
 	VMs
 	Volumes

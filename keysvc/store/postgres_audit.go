@@ -1,0 +1,459 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// auditReq is one caller's audit append, queued for the writer.
+type auditReq struct {
+	ctx  context.Context
+	use  *ChallengeUse
+	next AuditNext
+	done chan writeResult
+}
+
+func pgAudit(r pgx.Row) (AuditRecord, error) {
+	var (
+		a       AuditRecord
+		seq, tn int64
+		details string
+	)
+	if err := r.Scan(&seq, &tn, &a.Actor, &a.Action, &a.Subject, &details, &a.PrevHash, &a.Hash, &a.MAC); err != nil {
+		return AuditRecord{}, err
+	}
+	a.Seq, a.Time, a.Details = uint64(seq), fromNS(tn), []byte(details)
+	return a, nil
+}
+
+// lockHead locks the chain's head row and reads it and the last record.
+// Every appender, in every replica, calls it first in its transaction.
+func lockHead(ctx context.Context, tx pgx.Tx) (last *AuditRecord, head *AuditHead, err error) {
+	var (
+		h   AuditHead
+		seq int64
+	)
+	if err := tx.QueryRow(ctx, `SELECT seq, hash, mac FROM audit_head WHERE id = 1 FOR UPDATE`).Scan(&seq, &h.Hash, &h.MAC); err != nil {
+		return nil, nil, fmt.Errorf("lock audit head: %w (the migration creates its row: was it deleted?)", err)
+	}
+	if seq > 0 {
+		h.Seq = uint64(seq)
+		head = &h
+	}
+	a, err := pgAudit(tx.QueryRow(ctx, `SELECT `+auditColumns+` FROM audit_log ORDER BY seq DESC LIMIT 1`))
+	switch {
+	case err == nil:
+		last = &a
+	case !isNoRowsPG(err):
+		return nil, nil, fmt.Errorf("read last audit record: %w", err)
+	}
+	return last, head, nil
+}
+
+// insertRecord stores rec (and the challenge use, if any, in the same
+// statement: both rows or neither). It returns ErrExists if rec's seq is
+// taken and ErrChallengeUsed for a replay; nothing is written then, and
+// the transaction stays usable.
+func insertRecord(ctx context.Context, tx pgx.Tx, last *AuditRecord, use *ChallengeUse, rec AuditRecord) error {
+	if last != nil && rec.Seq <= last.Seq {
+		var one int
+		err := tx.QueryRow(ctx, `SELECT 1 FROM audit_log WHERE seq = $1`, int64(rec.Seq)).Scan(&one)
+		if err == nil {
+			return fmt.Errorf("audit record %d: %w", rec.Seq, ErrExists)
+		}
+		if !isNoRowsPG(err) {
+			return err
+		}
+	}
+	args := []any{int64(rec.Seq), ns(rec.Time), rec.Actor, rec.Action, rec.Subject, string(rec.Details), rec.PrevHash, rec.Hash, rec.MAC}
+	if use == nil {
+		_, err := tx.Exec(ctx, `INSERT INTO audit_log (`+auditColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`, args...)
+		return err
+	}
+	// The challenge row first: when it is there already (a replay, maybe
+	// at another replica just now: the insert waits for that transaction
+	// and then conflicts), the CTE returns nothing and the record is not
+	// inserted either.
+	tag, err := tx.Exec(ctx, `WITH used AS (
+			INSERT INTO used_challenges (id, expires_ns) VALUES ($10, $11) ON CONFLICT (id) DO NOTHING RETURNING id)
+		INSERT INTO audit_log (`+auditColumns+`) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 FROM used`,
+		append(args, use.ID, ns(use.Expires))...)
+	if err == nil && tag.RowsAffected() == 0 {
+		return ErrChallengeUsed
+	}
+	return err
+}
+
+func writeHead(ctx context.Context, tx pgx.Tx, h *AuditHead) error {
+	if _, err := tx.Exec(ctx, `UPDATE audit_head SET seq = $1, hash = $2, mac = $3 WHERE id = 1`, int64(h.Seq), h.Hash, h.MAC); err != nil {
+		return fmt.Errorf("write audit head: %w", err)
+	}
+	return nil
+}
+
+func checkSeq(rec AuditRecord, h AuditHead) error {
+	if rec.Seq == 0 || rec.Seq > 1<<63-1 || h.Seq != rec.Seq {
+		return fmt.Errorf("audit record seq %d, head seq %d: want equal and in 1..2^63-1", rec.Seq, h.Seq)
+	}
+	return nil
+}
+
+// AppendAudit implements AuditLog.
+func (p *Postgres) AppendAudit(ctx context.Context, next func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)) error {
+	return p.appendAudit(ctx, nil, next)
+}
+
+// AppendAuditUsing implements AuditLog.
+func (p *Postgres) AppendAuditUsing(ctx context.Context, use ChallengeUse, next func(last *AuditRecord, head *AuditHead) (AuditRecord, AuditHead, error)) error {
+	if use.ID == "" {
+		return fmt.Errorf("append audit: use challenge: empty id")
+	}
+	return p.appendAudit(ctx, &use, next)
+}
+
+// appendAudit queues the append for the writer and waits for its batch's
+// commit, or for ctx's end: then the caller is told the database did not
+// answer in time, and the append may still commit (an unlock that gives up
+// this way has released nothing; its challenge may be spent).
+func (p *Postgres) appendAudit(ctx context.Context, use *ChallengeUse, next AuditNext) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("append audit: %w", err)
+	}
+	req := &auditReq{ctx: ctx, use: use, next: next, done: make(chan writeResult, 1)}
+	p.qmu.RLock()
+	if p.closed {
+		p.qmu.RUnlock()
+		return fmt.Errorf("append audit: %w", errClosed)
+	}
+	p.queue <- req
+	p.qmu.RUnlock()
+	select {
+	case res := <-req.done:
+		if res.panic != nil {
+			panic(res.panic)
+		}
+		if res.err != nil {
+			return fmt.Errorf("append audit: %w", res.err)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("append audit: %w: no commit before the request's deadline (it may still commit): %w", ErrUnavailable, ctx.Err())
+	}
+}
+
+// writer runs the queued appends in batches until Close.
+func (p *Postgres) writer() {
+	defer close(p.stopped)
+	delay := time.NewTimer(time.Hour)
+	delay.Stop()
+	batch := make([]*auditReq, 0, maxBatch)
+	for {
+		var r *auditReq
+		select {
+		case r = <-p.queue:
+		case <-p.stop:
+			select {
+			case r = <-p.queue:
+			default:
+				return
+			}
+		}
+		batch = append(batch[:0], r)
+	drain:
+		for len(batch) < maxBatch {
+			select {
+			case r := <-p.queue:
+				batch = append(batch, r)
+			default:
+				break drain
+			}
+		}
+		if cd := p.commit.Load(); cd != nil && cd.siblings() > len(batch) {
+			batch = linger(cd, p.queue, batch, delay)
+		}
+		p.commitAudit(batch)
+		clear(batch)
+	}
+}
+
+// commitAudit runs batch in one transaction under one lock of the head and
+// answers every request. The batch costs a fixed number of round trips,
+// whatever its size: its challenges are claimed in one INSERT … ON CONFLICT
+// DO NOTHING, its records computed in memory one after another (each on
+// the one before), and stored with one COPY. An append whose next fails,
+// or whose seq or challenge is taken, writes nothing (a challenge it had
+// claimed is released again in the same transaction) and gets its error;
+// the others are kept. If anything else fails (the connection, the
+// COMMIT), every append in the batch gets that error: none is reported
+// done unless committed.
+func (p *Postgres) commitAudit(batch []*auditReq) {
+	results := make([]writeResult, len(batch))
+	err := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+		defer cancel()
+		tx, err := p.pool.Begin(ctx)
+		if err != nil {
+			return fmt.Errorf("begin: %w", err)
+		}
+		defer tx.Rollback(ctx)
+		last, head, err := lockHead(ctx, tx)
+		if err != nil {
+			return err
+		}
+		var (
+			ids  []string
+			exps []int64
+		)
+		for i, r := range batch {
+			if err := r.ctx.Err(); err != nil {
+				results[i].err = err
+			} else if r.use != nil {
+				ids, exps = append(ids, r.use.ID), append(exps, ns(r.use.Expires))
+			}
+		}
+		claimed := map[string]bool{}
+		if len(ids) > 0 {
+			got, err := pgx.CollectRows(mustQuery(tx.Query(ctx, `INSERT INTO used_challenges (id, expires_ns)
+				SELECT * FROM unnest($1::text[], $2::bigint[]) ON CONFLICT (id) DO NOTHING RETURNING id`, ids, exps)), pgx.RowTo[string])
+			if err != nil {
+				return fmt.Errorf("record challenge uses: %w", err)
+			}
+			for _, id := range got {
+				claimed[id] = true
+			}
+		}
+		var (
+			recs    []AuditRecord
+			seqs    = map[uint64]bool{}
+			release []string // claimed for appends that failed
+		)
+		for i, r := range batch {
+			if results[i].err != nil {
+				continue
+			}
+			if r.use != nil {
+				if !claimed[r.use.ID] {
+					results[i].err = ErrChallengeUsed
+					continue
+				}
+				delete(claimed, r.use.ID) // a second use in this batch is a replay
+			}
+			rec, h, res := runNext(r.next, last, head)
+			if res.err == nil && res.panic == nil {
+				res.err = checkSeq(rec, h)
+			}
+			if res.err == nil && res.panic == nil && (seqs[rec.Seq] || last != nil && rec.Seq <= last.Seq && seqTaken(ctx, tx, rec.Seq)) {
+				res.err = fmt.Errorf("audit record %d: %w", rec.Seq, ErrExists)
+			}
+			results[i] = res
+			if res.err != nil || res.panic != nil {
+				if r.use != nil {
+					release = append(release, r.use.ID)
+				}
+				continue
+			}
+			recs, seqs[rec.Seq] = append(recs, rec), true
+			last, head = &rec, &h
+		}
+		if len(release) > 0 {
+			if _, err := tx.Exec(ctx, `DELETE FROM used_challenges WHERE id = ANY($1)`, release); err != nil {
+				return fmt.Errorf("release challenge uses: %w", err)
+			}
+		}
+		if len(recs) == 0 {
+			return tx.Commit(ctx)
+		}
+		rows := make([][]any, len(recs))
+		for i, rec := range recs {
+			rows[i] = []any{int64(rec.Seq), ns(rec.Time), rec.Actor, rec.Action, rec.Subject, string(rec.Details), rec.PrevHash, rec.Hash, rec.MAC}
+		}
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_log"}, strings.Split(auditColumns, ", "), pgx.CopyFromRows(rows)); err != nil {
+			return fmt.Errorf("insert audit records %d to %d: %w", recs[0].Seq, recs[len(recs)-1].Seq, err)
+		}
+		if err := writeHead(ctx, tx, head); err != nil {
+			return err
+		}
+		return tx.Commit(ctx)
+	}()
+	if err != nil {
+		err = classify(err)
+		for i := range results {
+			if results[i].err == nil && results[i].panic == nil {
+				results[i].err = err
+			}
+		}
+	}
+	for i, r := range batch {
+		r.done <- results[i]
+	}
+}
+
+// seqTaken reports whether the chain holds a record of seq (an error
+// counts as taken: the append is refused rather than risk a fork).
+func seqTaken(ctx context.Context, tx pgx.Tx, seq uint64) bool {
+	var one int
+	err := tx.QueryRow(ctx, `SELECT 1 FROM audit_log WHERE seq = $1`, int64(seq)).Scan(&one)
+	return !isNoRowsPG(err)
+}
+
+// runNext calls next, turning a panic into a result the caller re-raises.
+func runNext(next AuditNext, last *AuditRecord, head *AuditHead) (rec AuditRecord, h AuditHead, res writeResult) {
+	defer func() {
+		if p := recover(); p != nil {
+			res = writeResult{panic: p}
+		}
+	}()
+	rec, h, err := next(last, head)
+	return rec, h, writeResult{err: err}
+}
+
+// ScanAudit implements AuditLog: one REPEATABLE READ snapshot for the head
+// and the records.
+func (p *Postgres) ScanAudit(ctx context.Context, from uint64, fn func(AuditRecord) error) (*AuditHead, error) {
+	if from > 1<<63-1 {
+		return nil, fmt.Errorf("scan audit: from %d out of range", from)
+	}
+	ctx, cancel := bound(ctx)
+	defer cancel()
+	var head *AuditHead
+	err := func() error {
+		tx, err := p.pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+		if err != nil {
+			return classify(err)
+		}
+		defer tx.Rollback(ctx)
+		var (
+			h   AuditHead
+			seq int64
+		)
+		if err := tx.QueryRow(ctx, `SELECT seq, hash, mac FROM audit_head WHERE id = 1`).Scan(&seq, &h.Hash, &h.MAC); err != nil && !isNoRowsPG(err) {
+			return fmt.Errorf("read audit head: %w", classify(err))
+		}
+		if seq > 0 {
+			h.Seq = uint64(seq)
+			head = &h
+		}
+		rows, err := tx.Query(ctx, `SELECT `+auditColumns+` FROM audit_log WHERE seq >= $1 ORDER BY seq`, int64(from))
+		if err != nil {
+			return fmt.Errorf("scan audit: %w", classify(err))
+		}
+		defer rows.Close()
+		for rows.Next() {
+			a, err := pgAudit(rows)
+			if err != nil {
+				return fmt.Errorf("scan audit: %w", err)
+			}
+			if err := fn(a); err != nil {
+				return err
+			}
+		}
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("scan audit: %w", classify(err))
+		}
+		return nil
+	}()
+	if err != nil {
+		return nil, err
+	}
+	return head, nil
+}
+
+// Anchor returns the stored anchor, or nil if there is none.
+func (p *Postgres) Anchor(ctx context.Context) (*Anchor, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
+	var (
+		a       Anchor
+		cn, seq int64
+	)
+	err := p.pool.QueryRow(ctx, `SELECT created_ns, genesis_seq, genesis_hash, mac FROM store_anchor WHERE id = 1`).Scan(&cn, &seq, &a.GenesisHash, &a.MAC)
+	if isNoRowsPG(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read store anchor: %w", classify(err))
+	}
+	a.Created, a.GenesisSeq = fromNS(cn), uint64(seq)
+	return &a, nil
+}
+
+// Adopt implements Backend as SQLite.Adopt does, in one transaction that
+// holds the head's lock throughout: a replica adopting at the same time
+// waits, then finds the anchor and gets ErrExists.
+func (p *Postgres) Adopt(ctx context.Context, vm func(*VM) error, vol func(*Volume) error, next AuditNext, anchor func(AuditRecord) Anchor) error {
+	err := p.tx(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		last, head, err := lockHead(ctx, tx)
+		if err != nil {
+			return err
+		}
+		var one int
+		err = tx.QueryRow(ctx, `SELECT 1 FROM store_anchor WHERE id = 1`).Scan(&one)
+		if err == nil {
+			return fmt.Errorf("store anchor: %w", ErrExists)
+		}
+		if !isNoRowsPG(err) {
+			return err
+		}
+		vms, err := pgx.CollectRows(mustQuery(tx.Query(ctx, `SELECT `+vmColumns+` FROM vms ORDER BY name FOR UPDATE`)),
+			func(r pgx.CollectableRow) (VM, error) { return pgVM(r) })
+		if err != nil {
+			return fmt.Errorf("read vms: %w", err)
+		}
+		for _, v := range vms {
+			old := v
+			if err := vm(&v); err != nil {
+				return err
+			}
+			if v.Name != old.Name || v.EKPubPEM != old.EKPubPEM || v.AKPubPEM != old.AKPubPEM || v.Revoked != old.Revoked ||
+				v.LearnArmed != old.LearnArmed || v.ProvisioningAllowed != old.ProvisioningAllowed || !bytes.Equal(v.Policy, old.Policy) {
+				return fmt.Errorf("adopt vm %q: only its MAC may change: %w", old.Name, ErrImmutable)
+			}
+			if _, err := tx.Exec(ctx, `UPDATE vms SET row_mac = $1 WHERE name = $2`, v.MAC, v.Name); err != nil {
+				return fmt.Errorf("adopt vm %q: %w", v.Name, err)
+			}
+		}
+		vols, err := pgx.CollectRows(mustQuery(tx.Query(ctx, `SELECT `+volumeColumns+` FROM volumes ORDER BY id FOR UPDATE`)),
+			func(r pgx.CollectableRow) (Volume, error) { return pgVolume(r) })
+		if err != nil {
+			return fmt.Errorf("read volumes: %w", err)
+		}
+		for _, v := range vols {
+			old := v
+			if err := vol(&v); err != nil {
+				return err
+			}
+			if v.ID != old.ID || v.VM != old.VM || v.Erased() != old.Erased() {
+				return fmt.Errorf("adopt volume %q: only its MAC and sealed UK may change: %w", old.ID, ErrImmutable)
+			}
+			if _, err := tx.Exec(ctx, `UPDATE volumes SET sealed_uk = $1, row_mac = $2 WHERE id = $3`, v.SealedUK, v.MAC, v.ID); err != nil {
+				return fmt.Errorf("adopt volume %q: %w", v.ID, err)
+			}
+		}
+		rec, h, err := next(last, head)
+		if err != nil {
+			return err
+		}
+		if err := checkSeq(rec, h); err != nil {
+			return err
+		}
+		if err := insertRecord(ctx, tx, last, nil, rec); err != nil {
+			return err
+		}
+		if err := writeHead(ctx, tx, &h); err != nil {
+			return err
+		}
+		a := anchor(rec)
+		_, err = tx.Exec(ctx, `INSERT INTO store_anchor (id, created_ns, genesis_seq, genesis_hash, mac) VALUES (1, $1, $2, $3, $4)`,
+			ns(a.Created), int64(a.GenesisSeq), a.GenesisHash, a.MAC)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("adopt store: %w", err)
+	}
+	return nil
+}
