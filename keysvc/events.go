@@ -176,6 +176,7 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 			s.internal(w, "store events", err)
 			return
 		}
+		s.bell.ring()
 	}
 	for i, e := range req.Events {
 		s.metrics.events.WithLabelValues(e.Severity, metricKind(e.Kind)).Inc()
@@ -246,12 +247,7 @@ func (s *Server) adminListEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	out := make([]EventRecord, 0, len(evs))
 	for _, ev := range evs {
-		rec := EventRecord{ID: ev.ID, Received: ev.Received, VM: ev.VM, Volume: ev.Volume, SessionID: ev.Session}
-		if err := json.Unmarshal(ev.Data, &rec.Event); err != nil {
-			// Stored by this service after checkEvent; keep what the row says.
-			rec.Event = Event{Kind: ev.Kind, Severity: ev.Severity, Message: "(stored event does not decode: " + err.Error() + ")"}
-		}
-		out = append(out, rec)
+		out = append(out, eventRecord(ev))
 	}
 	writeJSON(w, http.StatusOK, out)
 }

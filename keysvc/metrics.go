@@ -19,6 +19,7 @@ type metrics struct {
 	unlocks  prometheus.Counter
 	denials  *prometheus.CounterVec
 	events   *prometheus.CounterVec
+	streams  prometheus.Gauge
 }
 
 func newMetrics() *metrics {
@@ -40,8 +41,11 @@ func newMetrics() *metrics {
 		events: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "keysvc_vm_events_total", Help: "Events reported by VMs by severity and kind (kinds other than heartbeat and the monitor's techniques count as \"other\").",
 		}, []string{"severity", "kind"}),
+		streams: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "keysvc_event_streams", Help: "Open live event streams (GET /v1/admin/events/stream).",
+		}),
 	}
-	m.reg.MustRegister(m.requests, m.latency, m.unlocks, m.denials, m.events,
+	m.reg.MustRegister(m.requests, m.latency, m.unlocks, m.denials, m.events, m.streams,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

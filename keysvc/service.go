@@ -209,6 +209,9 @@ func (s *Service) Err() <-chan error { return s.errs }
 // of them has returned, in the background, never under it.
 func (s *Service) Shutdown(ctx context.Context) error {
 	var errs []error
+	if s.Server != nil {
+		s.Server.StopStreams()
+	}
 	for _, hs := range s.servers {
 		if err := hs.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
