@@ -132,13 +132,20 @@ func remote(r *http.Request) string {
 	return h
 }
 
-// sameOrigin checks that a POST came from a page of this origin: browsers
-// send Origin with every POST, and a cross-site form or fetch names its
-// own.
+// sameOrigin checks that a POST came from a page of this origin. Browsers
+// say where a request comes from in Origin and Sec-Fetch-Site. Under this
+// dashboard's Referrer-Policy: no-referrer, a browser sends its own
+// forms' POSTs with "Origin: null", so a null Origin passes only with
+// "Sec-Fetch-Site: same-origin" (which a page cannot forge); an Origin that
+// names a host must name this one; a request that says neither is refused.
 func sameOrigin(r *http.Request) bool {
+	site := r.Header.Get("Sec-Fetch-Site")
+	if site != "" && site != "same-origin" {
+		return false
+	}
 	o := r.Header.Get("Origin")
 	if o == "" || o == "null" {
-		return false
+		return site == "same-origin"
 	}
 	u, err := url.Parse(o)
 	return err == nil && u.Scheme == "https" && strings.EqualFold(u.Host, r.Host)
