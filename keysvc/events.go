@@ -177,6 +177,12 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		s.bell.ring()
+		// Queued before the answer: a VM that is not answered 200 sends
+		// the batch again, so no alert is lost between the two writes.
+		if err := s.queueAlerts(r.Context(), stored); err != nil {
+			s.internal(w, "queue alerts", err)
+			return
+		}
 	}
 	for i, e := range req.Events {
 		s.metrics.events.WithLabelValues(e.Severity, metricKind(e.Kind)).Inc()

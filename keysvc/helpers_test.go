@@ -53,10 +53,16 @@ type env struct {
 
 func startEnv(t testing.TB, dir string, opts ...keysvc.Option) *env {
 	t.Helper()
+	return startEnvWith(t, dir, keysvc.AlertConfig{}, opts...)
+}
+
+// startEnvWith is startEnv with alert delivery.
+func startEnvWith(t testing.TB, dir string, alerts keysvc.AlertConfig, opts ...keysvc.Option) *env {
+	t.Helper()
 	c := &clock{}
 	svc, err := keysvc.Start(context.Background(), keysvc.Config{
 		DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0",
-		Logger:  discardLogger(),
+		Logger:  discardLogger(), Alerts: alerts,
 		Options: append([]keysvc.Option{keysvc.WithClock(c.Now), keysvc.WithChallengeTTL(time.Minute)}, opts...),
 	})
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/awnumar/memguard"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keygate/keygate/attest"
 	"github.com/keygate/keygate/keysvc/audit"
@@ -104,6 +105,7 @@ type Server struct {
 	streams     context.Context // ended by StopStreams
 	stopStreams context.CancelFunc
 	adminCAs    *x509.CertPool // admin client certificates (WithAdminClientCAs)
+	alerts      Alerter        // nil: no alert delivery (alerts.go)
 }
 
 // Option configures a Server.
@@ -213,6 +215,9 @@ func New(opts ...Option) (*Server, error) {
 	}
 	s.rows = newRowKey(rk)
 	s.metrics = newMetrics()
+	if c, ok := s.alerts.(interface{ Collectors() []prometheus.Collector }); ok {
+		s.metrics.reg.MustRegister(c.Collectors()...)
+	}
 	// Each unlock makes one durable write, after verifying its quote: while
 	// others are under way, the store holds a commit briefly for theirs, so
 	// that under load they share one fsync (store.SetCommitDelay).

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keygate/keygate/keysvc/alert"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
@@ -25,6 +26,8 @@ type Config struct {
 	Hostnames   []string // extra names for the server certificate
 	DB          string   // "" or "sqlite": DataDir/keysvc.db
 	Logger      *slog.Logger
+	// Alerts says where alerts are delivered (none if empty).
+	Alerts AlertConfig
 	// Options are appended to the Server's (for tests: a clock, a TTL).
 	Options []Option
 }
@@ -56,6 +59,10 @@ type Service struct {
 	// running handler; released makes later requests answer 503.
 	live     sync.RWMutex
 	released bool
+	// alert delivery (alerts.go), stopped before the store closes
+	alerts     *alert.Dispatcher
+	stopAlerts context.CancelFunc
+	alerted    sync.WaitGroup
 }
 
 // track runs h under s.live, refusing requests once the service released
@@ -150,6 +157,12 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	}
 	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
 		WithAdminToken(svc.Data.adminToken), WithLogger(log)}, cfg.Options...)
+	if !cfg.Alerts.empty() {
+		if svc.alerts, err = newDispatcher(svc.st, cfg.Alerts, log); err != nil {
+			return nil, fmt.Errorf("start key service: %w", err)
+		}
+		opts = append(opts, WithAlerts(svc.alerts))
+	}
 	if svc.Server, err = New(opts...); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
@@ -180,6 +193,12 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 				svc.errs <- err
 			}
 		}(x.ln)
+	}
+	if svc.alerts != nil {
+		actx, stop := context.WithCancel(context.Background())
+		svc.stopAlerts = stop
+		svc.alerted.Add(1)
+		go func() { defer svc.alerted.Done(); svc.alerts.Run(actx) }()
 	}
 	purgeCtx, stopPurge := context.WithCancel(context.Background())
 	svc.stopPurge = stopPurge
@@ -235,6 +254,13 @@ func (s *Service) release() {
 		if s.stopPurge != nil {
 			s.stopPurge()
 			s.purged.Wait()
+		}
+		if s.stopAlerts != nil {
+			s.stopAlerts()
+			s.alerted.Wait()
+		}
+		if s.alerts != nil {
+			s.alerts.Close()
 		}
 		for _, ln := range []net.Listener{s.vmLn, s.adminLn} {
 			if ln != nil {

@@ -82,6 +82,7 @@ func newServeCmd() *cobra.Command {
 		ekRoots   string
 		mkTPM     string
 		retention time.Duration
+		alerts    alertFlags
 	)
 	c := &cobra.Command{
 		Use:   "serve --data DIR",
@@ -99,7 +100,7 @@ then yields no secret. Give the same flag on every start. To move an existing
 plain key into the TPM, use 'keysvc master-key seal' (escrow master.key first:
 a cleared or dead TPM loses every key the service holds).`,
 		Args: noArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
+		RunE: func(c *cobra.Command, _ []string) (err error) {
 			if cfg.DataDir == "" {
 				return cli.Usage(c, errors.New("--data DIR is required"))
 			}
@@ -124,6 +125,9 @@ a cleared or dead TPM loses every key the service holds).`,
 					return err
 				}
 				cfg.Options = append(cfg.Options, keysvc.WithEKRoots(pool))
+			}
+			if cfg.Alerts, err = alerts.config(c); err != nil {
+				return err
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -191,5 +195,6 @@ a cleared or dead TPM loses every key the service holds).`,
 	f.Float64Var(&perVM, "rate-per-vm", keysvc.DefaultVMRate, "challenges per second for one VM from one source address, counted once its EK/AK match (burst twice that; 0: no limit)")
 	f.Float64Var(&auditRate, "audit-refusals-per-source", keysvc.DefaultRefusalAuditRate, "VM API refusals per second from one address that get an audit record of their own; past it they are summarised (burst twice that; 0: record every one)")
 	f.DurationVar(&retention, "event-retention", keysvc.DefaultEventRetention, "keep events VMs report for this long (warning and critical ones stay in the audit chain)")
+	alerts.register(f)
 	return c
 }
