@@ -62,7 +62,7 @@ func startEnvWith(t testing.TB, dir string, alerts keysvc.AlertConfig, opts ...k
 	c := &clock{}
 	svc, err := keysvc.Start(context.Background(), keysvc.Config{
 		DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0",
-		Logger:  discardLogger(), Alerts: alerts,
+		Logger: discardLogger(), Alerts: alerts,
 		Options: append([]keysvc.Option{keysvc.WithClock(c.Now), keysvc.WithChallengeTTL(time.Minute)}, opts...),
 	})
 	if err != nil {

@@ -41,11 +41,11 @@ type Sink interface {
 
 // Delivery is one alert for one sink.
 type Delivery struct {
-	Key      string // idempotency key
-	EventID  int64
-	Body     []byte // JSON
-	Attempt  int    // 1 for the first try
-	Created  time.Time
+	Key     string // idempotency key
+	EventID int64
+	Body    []byte // JSON
+	Attempt int    // 1 for the first try
+	Created time.Time
 }
 
 // Alert is what the key service queues: one event, for every sink.
