@@ -216,7 +216,7 @@ func New(opts ...Option) (*Server, error) {
 	s.rows = newRowKey(rk)
 	s.metrics = newMetrics()
 	if c, ok := s.alerts.(interface{ Collectors() []prometheus.Collector }); ok {
-		s.metrics.reg.MustRegister(c.Collectors()...)
+		s.metrics.register(c.Collectors()...)
 	}
 	// Each unlock makes one durable write, after verifying its quote: while
 	// others are under way, the store holds a commit briefly for theirs, so
