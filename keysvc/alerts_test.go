@@ -84,7 +84,7 @@ func TestWebhookAcrossRestart(t *testing.T) {
 	addr := freeAddr(t)
 	secret := []byte("0123456789abcdef0123456789abcdef")
 	cfg := keysvc.AlertConfig{Webhooks: []string{"https://" + addr + "/hook?token=opaque"}, WebhookSecret: secret, CAs: pool}
-	e := startEnvWith(t, dir, cfg)
+	e := startEnvWith(t, dir, func(c *keysvc.Config) { c.Alerts = cfg })
 	v := openVM(t)
 	sess := e.session(t, v, "hook-vm")
 	alertEv := keysvc.Event{Kind: "proc_mem", Severity: "critical", PID: 4242, Comm: "<svg/onload=1>", Overlap: true, Mode: "detect"}
@@ -115,7 +115,7 @@ func TestWebhookAcrossRestart(t *testing.T) {
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	srv.StartTLS()
 	defer srv.Close()
-	e2 := startEnvWith(t, dir, cfg)
+	e2 := startEnvWith(t, dir, func(c *keysvc.Config) { c.Alerts = cfg })
 
 	var r *http.Request
 	var b []byte
@@ -208,7 +208,9 @@ func TestSyslog(t *testing.T) {
 					msgs <- m
 				}
 			}()
-			e := startEnvWith(t, t.TempDir(), keysvc.AlertConfig{Syslog: []string{tc.scheme + "://" + ln.Addr().String()}, CAs: pool})
+			e := startEnvWith(t, t.TempDir(), func(c *keysvc.Config) {
+				c.Alerts = keysvc.AlertConfig{Syslog: []string{tc.scheme + "://" + ln.Addr().String()}, CAs: pool}
+			})
 			v := openVM(t)
 			sess := e.session(t, v, "log-vm")
 			ev := keysvc.Event{Kind: "ptrace_attach", Severity: "warning", PID: 77, Comm: `a"b]c\d`, Mode: "deny", Denied: true}

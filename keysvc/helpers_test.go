@@ -53,18 +53,23 @@ type env struct {
 
 func startEnv(t testing.TB, dir string, opts ...keysvc.Option) *env {
 	t.Helper()
-	return startEnvWith(t, dir, keysvc.AlertConfig{}, opts...)
+	return startEnvWith(t, dir, nil, opts...)
 }
 
-// startEnvWith is startEnv with alert delivery.
-func startEnvWith(t testing.TB, dir string, alerts keysvc.AlertConfig, opts ...keysvc.Option) *env {
+// startEnvWith is startEnv with more configuration (alert delivery, admin
+// client CAs) set by with.
+func startEnvWith(t testing.TB, dir string, with func(*keysvc.Config), opts ...keysvc.Option) *env {
 	t.Helper()
 	c := &clock{}
-	svc, err := keysvc.Start(context.Background(), keysvc.Config{
+	cfg := keysvc.Config{
 		DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0",
-		Logger: discardLogger(), Alerts: alerts,
+		Logger:  discardLogger(),
 		Options: append([]keysvc.Option{keysvc.WithClock(c.Now), keysvc.WithChallengeTTL(time.Minute)}, opts...),
-	})
+	}
+	if with != nil {
+		with(&cfg)
+	}
+	svc, err := keysvc.Start(context.Background(), cfg)
 	if err != nil {
 		t.Fatalf("start: %v", err)
 	}

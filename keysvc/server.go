@@ -132,6 +132,11 @@ func WithAdminToken(token string) Option {
 	}
 }
 
+// WithAdminClientCAs has admin client certificates that chain to cas
+// authenticate the admin API and the dashboard's login like the token
+// (Config.AdminClientCAs also makes the listener ask for them).
+func WithAdminClientCAs(cas *x509.CertPool) Option { return func(s *Server) { s.adminCAs = cas } }
+
 // WithClock sets the clock for challenges and records (time.Now otherwise).
 func WithClock(now func() time.Time) Option { return func(s *Server) { s.now = now } }
 
@@ -348,6 +353,9 @@ func (s *Server) requireAdmin(next http.Handler) http.Handler {
 		path := auditPath(r.URL.Path)
 		client := "admin-token"
 		ok := s.checkAdmin(r)
+		if subj := s.adminCert(r); !ok && subj != "" {
+			client, ok = "cert:"+subj, true
+		}
 		if !ok && r.Method == http.MethodGet && r.URL.Path == dashboard.StreamPath {
 			// The dashboard's pages read the stream with their session
 			// cookie (SameSite=Strict; the stream only reads).
@@ -387,6 +395,15 @@ func auditPath(p string) string {
 		p = p[:len(p)-1]
 	}
 	return p + "…"
+}
+
+// adminCert is the subject of r's admin client certificate, verified in
+// the handshake against the admin client CAs, or "".
+func (s *Server) adminCert(r *http.Request) string {
+	if s.adminCAs == nil || r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+		return ""
+	}
+	return r.TLS.VerifiedChains[0][0].Subject.String()
 }
 
 func (s *Server) checkAdmin(r *http.Request) bool {

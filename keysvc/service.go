@@ -2,6 +2,8 @@ package keysvc
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -28,6 +30,11 @@ type Config struct {
 	Logger      *slog.Logger
 	// Alerts says where alerts are delivered (none if empty).
 	Alerts AlertConfig
+	// AdminClientCAs, if set, makes the admin listener ask for a client
+	// certificate: one that chains to these CAs (with the client-auth
+	// usage) authenticates like the admin token, on the API and for the
+	// dashboard's login.
+	AdminClientCAs *x509.CertPool
 	// Options are appended to the Server's (for tests: a clock, a TTL).
 	Options []Option
 }
@@ -157,6 +164,9 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	}
 	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
 		WithAdminToken(svc.Data.adminToken), WithLogger(log)}, cfg.Options...)
+	if cfg.AdminClientCAs != nil {
+		opts = append(opts, WithAdminClientCAs(cfg.AdminClientCAs))
+	}
 	if !cfg.Alerts.empty() {
 		if svc.alerts, err = newDispatcher(svc.st, cfg.Alerts, log); err != nil {
 			return nil, fmt.Errorf("start key service: %w", err)
@@ -183,8 +193,9 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	for _, x := range []struct {
 		ln net.Listener
 		h  http.Handler
-	}{{svc.vmLn, svc.track(svc.Server.VMHandler())}, {svc.adminLn, svc.track(svc.Server.AdminHandler())}} {
-		hs := &http.Server{Handler: x.h, TLSConfig: svc.Data.TLSConfig(), ErrorLog: errLog,
+		tc *tls.Config
+	}{{svc.vmLn, svc.track(svc.Server.VMHandler()), svc.Data.TLSConfig()}, {svc.adminLn, svc.track(svc.Server.AdminHandler()), adminTLS(svc.Data, cfg.AdminClientCAs)}} {
+		hs := &http.Server{Handler: x.h, TLSConfig: x.tc, ErrorLog: errLog,
 			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 			IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10}
 		svc.servers = append(svc.servers, hs)
@@ -209,6 +220,18 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 		slog.String("ca", svc.Data.Path(CAFile)), slog.String("ca_sha256", svc.Data.CAFingerprint),
 		slog.String("admin_token_file", svc.Data.Path(AdminTokenFile)))
 	return svc, nil
+}
+
+// adminTLS is the admin listener's TLS: the VM API's, asking for a client
+// certificate when admin client CAs are set (a certificate is optional:
+// the token works without one; one that does not chain is refused in the
+// handshake).
+func adminTLS(d *DataDir, cas *x509.CertPool) *tls.Config {
+	c := d.TLSConfig()
+	if cas != nil {
+		c.ClientCAs, c.ClientAuth = cas, tls.VerifyClientCertIfGiven
+	}
+	return c
 }
 
 // VMAddr is the VM API's listening address.

@@ -65,14 +65,23 @@ func (a *alertFlags) config(c *cobra.Command) (keysvc.AlertConfig, error) {
 		return cfg, cli.Usage(c, errors.New("--alert-webhook-secret-file without --alert-webhook: name the webhook URL too"))
 	}
 	if a.caFile != "" {
-		b, err := os.ReadFile(a.caFile)
-		if err != nil {
-			return cfg, fmt.Errorf("--alert-ca: %w", err)
-		}
-		cfg.CAs = x509.NewCertPool()
-		if !cfg.CAs.AppendCertsFromPEM(b) {
-			return cfg, fmt.Errorf("--alert-ca %s holds no PEM certificate", a.caFile)
+		var err error
+		if cfg.CAs, err = loadPool("--alert-ca", a.caFile); err != nil {
+			return cfg, err
 		}
 	}
 	return cfg, nil
+}
+
+// loadPool reads a PEM file of CA certificates named by flag.
+func loadPool(flag, file string) (*x509.CertPool, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flag, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, fmt.Errorf("%s %s holds no PEM certificate", flag, file)
+	}
+	return pool, nil
 }

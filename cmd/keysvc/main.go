@@ -83,6 +83,7 @@ func newServeCmd() *cobra.Command {
 		mkTPM     string
 		retention time.Duration
 		alerts    alertFlags
+		clientCA  string
 	)
 	c := &cobra.Command{
 		Use:   "serve --data DIR",
@@ -128,6 +129,11 @@ a cleared or dead TPM loses every key the service holds).`,
 			}
 			if cfg.Alerts, err = alerts.config(c); err != nil {
 				return err
+			}
+			if clientCA != "" {
+				if cfg.AdminClientCAs, err = loadPool("--admin-client-ca", clientCA); err != nil {
+					return err
+				}
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -196,5 +202,6 @@ a cleared or dead TPM loses every key the service holds).`,
 	f.Float64Var(&auditRate, "audit-refusals-per-source", keysvc.DefaultRefusalAuditRate, "VM API refusals per second from one address that get an audit record of their own; past it they are summarised (burst twice that; 0: record every one)")
 	f.DurationVar(&retention, "event-retention", keysvc.DefaultEventRetention, "keep events VMs report for this long (warning and critical ones stay in the audit chain)")
 	alerts.register(f)
+	f.StringVar(&clientCA, "admin-client-ca", "", "PEM file of CAs: an admin client certificate chaining to them (client-auth usage) works like the admin token, for the admin API and the dashboard's login")
 	return c
 }
