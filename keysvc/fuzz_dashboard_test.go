@@ -5,13 +5,11 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/keysvc/dashboard"
-	"github.com/keygate/keygate/keysvc/masterkey"
 )
 
 // FuzzDashboard sends outside bytes (a form, a cookie, the fetch headers,
@@ -19,17 +17,7 @@ import (
 // stream, with no valid session. No input may panic, change state, or get
 // a dashboard answer without the security headers.
 func FuzzDashboard(f *testing.F) {
-	mk, _, err := masterkey.LoadOrCreate(filepath.Join(f.TempDir(), "master.key"))
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(mk.Destroy)
-	const token = "0123456789abcdef0123456789abcdef"
-	srv, err := keysvc.New(keysvc.WithStore(newMemStore()), keysvc.WithAudit(&memAudit{}), keysvc.WithMasterKey(mk),
-		keysvc.WithAdminToken(token), keysvc.WithLogger(discardLogger()), keysvc.WithRateLimits(0, 0))
-	if err != nil {
-		f.Fatal(err)
-	}
+	srv := newFuzzServer(f)
 	h := srv.AdminHandler()
 	do := func(method, path string, body []byte, hdr map[string]string) *httptest.ResponseRecorder {
 		r := httptest.NewRequest(method, "https://127.0.0.1:8444"+path, bytes.NewReader(body))
@@ -41,7 +29,7 @@ func FuzzDashboard(f *testing.F) {
 		h.ServeHTTP(w, r)
 		return w
 	}
-	auth := map[string]string{"Authorization": "Bearer " + token, "Content-Type": "application/json"}
+	auth := map[string]string{"Authorization": "Bearer " + fuzzToken, "Content-Type": "application/json"}
 	b, _ := json.Marshal(keysvc.EnrollRequest{Name: "vm", EKPub: randomPEM(f), AKPub: randomPEM(f)})
 	if w := do("POST", "/v1/admin/vms", b, auth); w.Code != http.StatusCreated {
 		f.Fatalf("enroll: %d %s", w.Code, w.Body)
