@@ -203,9 +203,25 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Fatalf("the process name did not stay text: %d svg/onload elements, CSP violations %q, timeline:\n%s", svgs, violations, html)
 	}
 	shot(t, ctx, filepath.Join(art, "vm.png"))
+	do(t, ctx, "fleet after the attack", chromedp.Navigate(base+"/ui/"), chromedp.WaitVisible(chromedp.CSS("#fleet")))
+	if n := get(t, ctx, chromedp.Evaluate[string](fmt.Sprintf(`Array.from(document.querySelectorAll("#fleet tbody tr")).find(tr => tr.dataset.vm === %q).querySelector("td.critical").textContent`, vm))); n != "1" {
+		t.Fatalf("the fleet shows %q open critical alerts for %s, want 1", n, vm)
+	}
+	shot(t, ctx, filepath.Join(art, "fleet-after-attack.png"))
+	do(t, ctx, "back to the vm page", chromedp.Navigate(base+"/ui/vm/"+vm), chromedp.WaitVisible(chromedp.CSS("#timeline")))
+
+	// A second unlock in this boot is refused (PCR 15 was extended): the
+	// denial and its PCR diff join the timeline.
+	if _, err := boot.Run(context.Background(), boot.Config{KeysvcURL: "https://" + svc.VMAddr(), CA: ca, VM: vm, Image: img,
+		TPM: tp, Log: quiet()}); err == nil {
+		t.Fatal("a second unlock in the same boot was not refused")
+	}
 
 	// The server-rendered page shows it as text too.
 	do(t, ctx, "vm page again", chromedp.Reload(), chromedp.WaitVisible(chromedp.CSS("#timeline")))
+	if diff := get(t, ctx, chromedp.Text(chromedp.CSS("#timeline table.pcrdiff"))); !strings.Contains(diff, "15") {
+		t.Fatalf("the denial's PCR diff does not name PCR 15: %q", diff)
+	}
 	html = get(t, ctx, chromedp.Evaluate[string](`document.querySelector("#timeline tbody").innerHTML`))
 	if svgs := get(t, ctx, chromedp.Evaluate[int](injected)); svgs != 0 || !strings.Contains(html, "&lt;svg/onload=1&gt;") {
 		t.Fatalf("server-rendered timeline does not show the process name as text (%d svg/onload elements):\n%s", svgs, html)
