@@ -373,6 +373,24 @@ func TestEventStream(t *testing.T) {
 			t.Fatalf("streamed %+v, want the ptrace_attach", r)
 		}
 	}
+	// Logging out ends the session's stream; the token's runs on.
+	if resp := u.form("/ui/logout", url.Values{"csrf": {u.csrf()}}, u.origin(), "same-origin"); resp.StatusCode != http.StatusSeeOther {
+		t.Fatalf("logout: %d", resp.StatusCode)
+	}
+	ended := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, b.r)
+		ended <- err
+	}()
+	select {
+	case <-ended:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the session's stream runs on after logout")
+	}
+	post(keysvc.Event{Kind: "proc_maps", Severity: "info"})
+	if _, r := a.next(t); r.Kind != "proc_maps" {
+		t.Fatalf("the token's stream: %+v", r)
+	}
 	if resp := open(e.token, nil, "x"); resp.StatusCode != http.StatusBadRequest {
 		t.Fatalf("Last-Event-ID x: %d", resp.StatusCode)
 	}

@@ -91,6 +91,9 @@ func (s *Server) adminStreamEvents(w http.ResponseWriter, r *http.Request) {
 		}
 		after = id
 	}
+	// A stream opened with a dashboard session ends with the session
+	// (logout, expiry); one opened with the token or a certificate runs on.
+	bySession := !s.checkAdmin(r) && s.adminCert(r) == ""
 	rc := http.NewResponseController(w)
 	// The admin listener's write timeout is for requests, not streams.
 	if err := rc.SetWriteDeadline(time.Time{}); err != nil {
@@ -111,6 +114,11 @@ func (s *Server) adminStreamEvents(w http.ResponseWriter, r *http.Request) {
 	defer poll.Stop()
 	lastWrite := time.Now()
 	for {
+		if bySession && !s.ui.SessionLive(r) {
+			fmt.Fprint(w, "event: logout\ndata: {\"error\":\"the dashboard session ended; log in again\"}\n\n")
+			rc.Flush()
+			return
+		}
 		wake := s.bell.wait()
 		evs, err := s.feed.EventsAfter(ctx, after, streamBatch)
 		if err != nil {

@@ -124,6 +124,11 @@ func (d *Dashboard) Authenticated(r *http.Request) (string, bool) {
 	return "", false
 }
 
+// SessionLive reports whether r's session is still live, without counting
+// this as activity: an open event stream must not keep an idle session
+// alive, and must end with it (keysvc's stream checks it as it goes).
+func (d *Dashboard) SessionLive(r *http.Request) bool { return d.ss.live(r) }
+
 func remote(r *http.Request) string {
 	h, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {

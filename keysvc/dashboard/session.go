@@ -110,6 +110,19 @@ func (ss *sessions) get(r *http.Request) *session {
 	return s
 }
 
+// live reports whether r's session is live, without marking it seen.
+func (ss *sessions) live(r *http.Request) bool {
+	c, err := r.Cookie(CookieName)
+	if err != nil {
+		return false
+	}
+	h := sha256.Sum256([]byte(c.Value))
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	s := ss.m[h]
+	return s != nil && !ss.expired(s, ss.now())
+}
+
 // end ends r's session, if any.
 func (ss *sessions) end(r *http.Request) *session {
 	c, err := r.Cookie(CookieName)
