@@ -154,7 +154,8 @@ a cleared or dead TPM loses every key the service holds).`,
 				mkFile = keysvc.MasterKeyFile + masterkey.SealedSuffix
 				backup = "back up ca.key and keep the TPM: the master key exists only sealed to it"
 			}
-			fmt.Fprintf(out, "keysvc serving\n  VM API:      https://%s\n  admin API:   https://%s (and /metrics)\n", svc.VMAddr(), svc.AdminAddr())
+			fmt.Fprintf(out, "keysvc serving\n  VM API:      https://%s\n  admin API:   https://%s (and /metrics)\n  dashboard:   https://%s/ui/ (log in with the admin token)\n",
+				svc.VMAddr(), svc.AdminAddr(), svc.AdminAddr())
 			fmt.Fprintf(out, "  CA:          %s (sha256 %s)\n  admin token: %s\n  master key:  %s",
 				d.Path(keysvc.CAFile), d.CAFingerprint, d.Path(keysvc.AdminTokenFile), d.Path(mkFile))
 			if mkTPM != "" {
@@ -191,7 +192,7 @@ a cleared or dead TPM loses every key the service holds).`,
 	f := c.Flags()
 	f.StringVar(&cfg.DataDir, "data", "", "data directory (created 0700 if missing)")
 	f.StringVar(&cfg.Listen, "listen", keysvc.DefaultListen, "VM API address")
-	f.StringVar(&cfg.AdminListen, "admin-listen", keysvc.DefaultAdminListen, "admin API and /metrics address")
+	f.StringVar(&cfg.AdminListen, "admin-listen", keysvc.DefaultAdminListen, "admin API, dashboard (/ui/) and /metrics address")
 	f.StringVar(&cfg.DB, "db", "sqlite", "database: sqlite (DIR/keysvc.db); postgres is not supported yet")
 	f.StringSliceVar(&cfg.Hostnames, "hostname", nil, "extra DNS name or IP for the server certificate (repeatable)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: json or text")
