@@ -66,6 +66,8 @@ func attack(spec string) int {
 		fmt.Println("prctl:", err)
 		return 2
 	}
+	// When the attempt began, for the latency to the page.
+	fmt.Printf("at=%d ", time.Now().UnixNano())
 	fd, err := unix.Open(fmt.Sprintf("/proc/%d/mem", pid), unix.O_RDONLY, 0)
 	if err == nil {
 		buf := make([]byte, n)
@@ -184,13 +186,12 @@ func TestDashboardInBrowser(t *testing.T) {
 	get(t, ctx, chromedp.Evaluate[bool](`window.kgMarker = 42; window.kgViolations = [];
 		document.addEventListener("securitypolicyviolation", e => kgViolations.push(e.violatedDirective + " " + e.sample)); true`))
 
-	t0 := time.Now()
-	pid := runAttack(t, key)
+	pid, t0 := runAttack(t, key)
 	get(t, ctx, chromedp.Poll[bool](fmt.Sprintf(`Array.from(document.querySelectorAll("#timeline tr.alert")).some(tr =>
 			tr.querySelector("td.comm").textContent === %q && tr.textContent.includes("proc_mem"))`, attackComm),
 		chromedp.WithPollingTimeout(60*time.Second), chromedp.WithPollingInterval(10*time.Millisecond)))
 	latency := time.Since(t0)
-	t.Logf("attack (pid %d) to the alert on the VM page: %v", pid, latency.Round(time.Millisecond))
+	t.Logf("latency from the attack (pid %d opening /proc/%d/mem) to the alert on the VM page: %v", pid, os.Getpid(), latency.Round(time.Millisecond))
 
 	const injected = `document.querySelectorAll("main svg, [onload]").length`
 	if get(t, ctx, chromedp.Evaluate[int](`window.kgMarker || 0`)) != 42 {
@@ -242,6 +243,11 @@ func TestDashboardInBrowser(t *testing.T) {
 	}
 	t.Logf("revoke on the page to the boot locked: %v", time.Since(t1).Round(time.Millisecond))
 	shot(t, ctx, filepath.Join(art, "vm-revoked.png"))
+	do(t, ctx, "volumes", chromedp.Navigate(base+"/ui/volumes"), chromedp.WaitVisible(chromedp.CSS("#audit")))
+	if a := get(t, ctx, chromedp.Text(chromedp.CSS("#audit"))); !strings.HasPrefix(a, "Verified") {
+		t.Fatalf("the audit chain's state reads %q", a)
+	}
+	shot(t, ctx, filepath.Join(art, "volumes.png"))
 
 	// The revoke is audited with the session as its actor.
 	var recs []audit.Record
@@ -265,8 +271,8 @@ func contains(rs []keymem.Range, r keymem.Range) bool {
 }
 
 // runAttack reads 64 bytes at addr of this process from a child named
-// attackComm, and returns its pid.
-func runAttack(t *testing.T, addr uint64) int {
+// attackComm, and returns its pid and when it made the attempt.
+func runAttack(t *testing.T, addr uint64) (int, time.Time) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d %#x 64", attackEnv, os.Getpid(), addr))
@@ -275,7 +281,11 @@ func runAttack(t *testing.T, addr uint64) int {
 		t.Fatalf("attacker: %v: %s", err, out)
 	}
 	t.Logf("attacker %d: %s", cmd.Process.Pid, strings.TrimSpace(string(out)))
-	return cmd.Process.Pid
+	var at int64
+	if _, err := fmt.Sscanf(string(out), "at=%d ", &at); err != nil {
+		t.Fatalf("attacker output %q: %v", out, err)
+	}
+	return cmd.Process.Pid, time.Unix(0, at)
 }
 
 // browser starts headless Chromium with the flags this machine needs, a
