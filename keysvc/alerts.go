@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/keysvc/alert"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/store"
 )
 
@@ -65,9 +66,9 @@ func WithAlerts(a Alerter) Option { return func(s *Server) { s.alerts = a } }
 
 // AlertBody is the JSON document each alert sink receives.
 type AlertBody struct {
-	Type           string      `json:"type"` // "keygate.alert"
-	IdempotencyKey string      `json:"idempotency_key"`
-	Event          EventRecord `json:"event"`
+	Type           string          `json:"type"` // "keygate.alert"
+	IdempotencyKey string          `json:"idempotency_key"`
+	Event          api.EventRecord `json:"event"`
 }
 
 // alertKey is an alert's idempotency key: a MAC of its event ID, so that

@@ -19,6 +19,7 @@ import (
 
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/keysvc/alert"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // metric reads one sample of the admin listener's /metrics (0 if absent).
@@ -87,8 +88,8 @@ func TestWebhookAcrossRestart(t *testing.T) {
 	e := startEnvWith(t, dir, func(c *keysvc.Config) { c.Alerts = cfg })
 	v := openVM(t)
 	sess := e.session(t, v, "hook-vm")
-	alertEv := keysvc.Event{Kind: "proc_mem", Severity: "critical", PID: 4242, Comm: "<svg/onload=1>", Overlap: true, Mode: "detect"}
-	code, body := e.vm(t, "POST", "/v1/events", keysvc.EventsRequest{Session: sess, Events: []keysvc.Event{{Kind: "heartbeat", Severity: "info"}, alertEv}})
+	alertEv := api.Event{Kind: "proc_mem", Severity: "critical", PID: 4242, Comm: "<svg/onload=1>", Overlap: true, Mode: "detect"}
+	code, body := e.vm(t, "POST", "/v1/events", api.EventsRequest{Session: sess, Events: []api.Event{{Kind: "heartbeat", Severity: "info"}, alertEv}})
 	if code != http.StatusOK {
 		t.Fatalf("post events: %d %s", code, body)
 	}
@@ -213,8 +214,8 @@ func TestSyslog(t *testing.T) {
 			})
 			v := openVM(t)
 			sess := e.session(t, v, "log-vm")
-			ev := keysvc.Event{Kind: "ptrace_attach", Severity: "warning", PID: 77, Comm: `a"b]c\d`, Mode: "deny", Denied: true}
-			if code, body := e.vm(t, "POST", "/v1/events", keysvc.EventsRequest{Session: sess, Events: []keysvc.Event{{Kind: "heartbeat", Severity: "info"}, ev}}); code != http.StatusOK {
+			ev := api.Event{Kind: "ptrace_attach", Severity: "warning", PID: 77, Comm: `a"b]c\d`, Mode: "deny", Denied: true}
+			if code, body := e.vm(t, "POST", "/v1/events", api.EventsRequest{Session: sess, Events: []api.Event{{Kind: "heartbeat", Severity: "info"}, ev}}); code != http.StatusOK {
 				t.Fatalf("post: %d %s", code, body)
 			}
 			var m string

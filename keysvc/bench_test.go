@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // The load generator: two benchmarks drive the real HTTPS VM API (TLS 1.3,
@@ -31,7 +32,7 @@ import (
 // bottleneck, so the quotes are precomputed: before the timer starts, b.N
 // challenges are issued and quoted (the challenge TTL is raised to cover
 // that). What is timed is the service's work per unlock: challenge redeem
-// (a store write), quote verification, unsealing the UK, CreateImportBlob,
+// (a store write), quote verification, unsealing the UK, building the import blob,
 // the audit append and the re-check after it, plus the load generator's own
 // HTTPS client, which runs in the same process on the same two cores (the
 // request bodies are encoded beforehand, so that the client costs what a
@@ -92,7 +93,7 @@ func newUnlockLoad(b *testing.B, vms int) *unlockLoad {
 	for i := range l.bodies {
 		vm := i % benchClients % vms
 		ch := e.challenge(b, v, names[vm], vols[vm])
-		body, err := json.Marshal(keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(b, ch.Nonce)})
+		body, err := json.Marshal(api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(b, ch.Nonce)})
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/dashboard"
 )
@@ -204,7 +204,7 @@ func TestDashboardActions(t *testing.T) {
 	u.login()
 	csrf := u.csrf()
 	revoked := func() bool {
-		var info keysvc.VMInfo
+		var info api.VMInfo
 		json.Unmarshal(e.admin(t, "GET", "/v1/admin/vms/act-vm", nil, http.StatusOK), &info)
 		return info.Revoked
 	}
@@ -249,7 +249,7 @@ func TestDashboardActions(t *testing.T) {
 	if resp := u.form("/ui/volume/act-vm-vol/erase", url.Values{"csrf": {csrf}, "confirm": {"act-vm-vol"}}, u.origin(), ""); resp.StatusCode != http.StatusSeeOther {
 		t.Fatalf("erase: %d", resp.StatusCode)
 	}
-	var vol keysvc.VolumeInfo
+	var vol api.VolumeInfo
 	json.Unmarshal(e.admin(t, "GET", "/v1/admin/volumes/act-vm-vol", nil, http.StatusOK), &vol)
 	if !vol.Erased {
 		t.Fatal("the volume is not erased")
@@ -274,7 +274,7 @@ type sse struct {
 	r *bufio.Reader
 }
 
-func (s *sse) next(t *testing.T) (string, keysvc.EventRecord) {
+func (s *sse) next(t *testing.T) (string, api.EventRecord) {
 	t.Helper()
 	var id string
 	var data []string
@@ -289,7 +289,7 @@ func (s *sse) next(t *testing.T) (string, keysvc.EventRecord) {
 			if len(data) != 1 {
 				t.Fatalf("event %s has %d data lines, want one", id, len(data))
 			}
-			var rec keysvc.EventRecord
+			var rec api.EventRecord
 			if err := json.Unmarshal([]byte(data[0]), &rec); err != nil {
 				t.Fatalf("data %q: %v", data[0], err)
 			}
@@ -344,14 +344,14 @@ func TestEventStream(t *testing.T) {
 			t.Fatalf("stream: %d %s", r.StatusCode, r.Header.Get("Content-Type"))
 		}
 	}
-	post := func(evs ...keysvc.Event) {
-		code, body := e.vm(t, "POST", "/v1/events", keysvc.EventsRequest{Session: sess, Events: evs})
+	post := func(evs ...api.Event) {
+		code, body := e.vm(t, "POST", "/v1/events", api.EventsRequest{Session: sess, Events: evs})
 		if code != http.StatusOK {
 			t.Fatalf("post events: %d %s", code, body)
 		}
 	}
-	alert := keysvc.Event{Kind: "proc_mem", Severity: "critical", PID: 7, Comm: "<svg/onload=1>\nx", Mode: "detect"}
-	post(alert, keysvc.Event{Kind: "heartbeat", Severity: "info"})
+	alert := api.Event{Kind: "proc_mem", Severity: "critical", PID: 7, Comm: "<svg/onload=1>\nx", Mode: "detect"}
+	post(alert, api.Event{Kind: "heartbeat", Severity: "info"})
 	a, b := &sse{bufio.NewReader(byToken.Body)}, &sse{bufio.NewReader(bySession.Body)}
 	var firstID string
 	for _, s := range []*sse{a, b} {
@@ -367,7 +367,7 @@ func TestEventStream(t *testing.T) {
 	if _, r := c.next(t); r.Kind != "heartbeat" {
 		t.Fatalf("resumed after %s with %+v, want the heartbeat", firstID, r)
 	}
-	post(keysvc.Event{Kind: "ptrace_attach", Severity: "warning"})
+	post(api.Event{Kind: "ptrace_attach", Severity: "warning"})
 	for _, s := range []*sse{a, b, c} {
 		if _, r := s.next(t); r.Kind != "ptrace_attach" {
 			t.Fatalf("streamed %+v, want the ptrace_attach", r)
@@ -387,7 +387,7 @@ func TestEventStream(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the session's stream runs on after logout")
 	}
-	post(keysvc.Event{Kind: "proc_maps", Severity: "info"})
+	post(api.Event{Kind: "proc_maps", Severity: "info"})
 	if _, r := a.next(t); r.Kind != "proc_maps" {
 		t.Fatalf("the token's stream: %+v", r)
 	}

@@ -13,7 +13,7 @@
 //     nonce (package attest).
 //  2. POST /v1/unlock: the service checks the token, verifies the quote with attest.Verify against the
 //     VM's enrolled AK and policy, and answers with the volume's unwrap key
-//     sealed by server.CreateImportBlob to the VM's EK and to the PCR values
+//     sealed by package tpm/importblob to the VM's EK and to the PCR values
 //     the quote proved; only that TPM, in that state, can import it. The
 //     token's use is recorded with the audit record of the outcome, in one
 //     transaction, so even a failed attempt uses it up and an unlock waits

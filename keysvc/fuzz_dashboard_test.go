@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/dashboard"
 )
 
@@ -30,7 +30,7 @@ func FuzzDashboard(f *testing.F) {
 		return w
 	}
 	auth := map[string]string{"Authorization": "Bearer " + fuzzToken, "Content-Type": "application/json"}
-	b, _ := json.Marshal(keysvc.EnrollRequest{Name: "vm", EKPub: randomPEM(f), AKPub: randomPEM(f)})
+	b, _ := json.Marshal(api.EnrollRequest{Name: "vm", EKPub: randomPEM(f), AKPub: randomPEM(f)})
 	if w := do("POST", "/v1/admin/vms", b, auth); w.Code != http.StatusCreated {
 		f.Fatalf("enroll: %d %s", w.Code, w.Body)
 	}
@@ -60,7 +60,7 @@ func FuzzDashboard(f *testing.F) {
 		if rt.path == "/v1/admin/events/stream" && w.Code != http.StatusUnauthorized {
 			t.Fatalf("stream without credentials: %d", w.Code)
 		}
-		var vm keysvc.VMInfo
+		var vm api.VMInfo
 		if w := do("GET", "/v1/admin/vms/vm", nil, auth); json.Unmarshal(w.Body.Bytes(), &vm) != nil || vm.Revoked || vm.LearnArmed {
 			t.Fatalf("the VM changed: %s", w.Body)
 		}

@@ -11,12 +11,13 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/store"
 )
 
 // The live event stream, GET /v1/admin/events/stream (Server-Sent Events):
 // every event stored from the moment it connects, as one JSON `data:` line
-// (an EventRecord) with its ID as the SSE `id:`, so that a client that
+// (an api.EventRecord) with its ID as the SSE `id:`, so that a client that
 // reconnects with Last-Event-ID (or ?after=ID) misses none.
 //
 // It reads the store, not this process's memory, so that an event another
@@ -60,11 +61,11 @@ func (b *bell) ring() {
 func (s *Server) StopStreams() { s.stopStreams() }
 
 // eventRecord is how the admin API shows a stored event.
-func eventRecord(ev store.VMEvent) EventRecord {
-	rec := EventRecord{ID: ev.ID, Received: ev.Received, VM: ev.VM, Volume: ev.Volume, SessionID: ev.Session}
+func eventRecord(ev store.VMEvent) api.EventRecord {
+	rec := api.EventRecord{ID: ev.ID, Received: ev.Received, VM: ev.VM, Volume: ev.Volume, SessionID: ev.Session}
 	if err := json.Unmarshal(ev.Data, &rec.Event); err != nil {
 		// Stored by this service after checkEvent; keep what the row says.
-		rec.Event = Event{Kind: ev.Kind, Severity: ev.Severity, Message: "(stored event does not decode: " + err.Error() + ")"}
+		rec.Event = api.Event{Kind: ev.Kind, Severity: ev.Severity, Message: "(stored event does not decode: " + err.Error() + ")"}
 	}
 	return rec
 }

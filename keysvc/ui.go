@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/dashboard"
 	"github.com/keygate/keygate/keysvc/store"
@@ -193,7 +194,7 @@ func (b uiBackend) row(ctx context.Context, v store.VM, h *vmHistory) (dashboard
 	if h != nil {
 		row.LastAttested, row.Warning, row.Critical = h.lastUnlock, h.warning, h.critical
 	}
-	hb, err := s.st.ListEvents(ctx, store.EventFilter{VM: v.Name, Kind: KindHeartbeat, Limit: 1})
+	hb, err := s.st.ListEvents(ctx, store.EventFilter{VM: v.Name, Kind: api.KindHeartbeat, Limit: 1})
 	if err != nil {
 		return row, err
 	}
@@ -205,7 +206,7 @@ func (b uiBackend) row(ctx context.Context, v store.VM, h *vmHistory) (dashboard
 		return row, err
 	}
 	if len(al) > 0 {
-		var e Event
+		var e api.Event
 		if json.Unmarshal(al[0].Data, &e) == nil {
 			row.Mode = e.Mode
 		}
@@ -312,7 +313,7 @@ func (b uiBackend) VM(ctx context.Context, name string) (dashboard.VMDetail, err
 	if err != nil {
 		return d, err
 	}
-	hbs, err := s.st.ListEvents(ctx, store.EventFilter{VM: name, Kind: KindHeartbeat, Limit: 3})
+	hbs, err := s.st.ListEvents(ctx, store.EventFilter{VM: name, Kind: api.KindHeartbeat, Limit: 3})
 	if err != nil {
 		return d, err
 	}
@@ -328,7 +329,7 @@ func timelineEvent(ev store.VMEvent) dashboard.Entry {
 	e := dashboard.Entry{Time: ev.Received, Kind: dashboard.EntryAlert, Volume: ev.Volume, Severity: r.Severity, EventID: ev.ID,
 		Technique: r.Kind, PID: r.PID, Comm: r.Comm, Exe: r.Exe, Path: r.Path, Overlap: r.Overlap, OverlapBytes: r.OverlapBytes,
 		Denied: r.Denied, Mode: r.Mode, Reason: r.Message}
-	if r.Kind == KindHeartbeat {
+	if r.Kind == api.KindHeartbeat {
 		e.Kind, e.Technique = dashboard.EntryHeartbeat, ""
 	}
 	if r.UID != nil {

@@ -11,9 +11,10 @@
 //   - the firmware's TCG event log;
 //   - quotes, as a go-tpm-tools attest.Attestation signed by the AK
 //     ([TPM.Attest]);
-//   - [TPM.Import], which turns a go-tpm-tools ImportBlob made by
-//     server.CreateImportBlob for this TPM's EK (optionally bound to PCR
-//     values) back into the secret, straight into a memguard LockedBuffer.
+//   - [TPM.Import], which turns a go-tpm-tools ImportBlob made by package
+//     tpm/importblob (or go-tpm-tools' server.CreateImportBlob) for this
+//     TPM's EK (optionally bound to PCR values) back into the secret,
+//     straight into key memory.
 //
 // It does not verify anything: checking an attestation against enrolled keys
 // and a PCR policy is package attest's job, and that code never touches a

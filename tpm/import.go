@@ -26,7 +26,7 @@ var ErrWrongTPM = errors.New("import blob was not made for this TPM's EK")
 var ErrPCRMismatch = errors.New("PCR values differ from those the import blob is bound to")
 
 // Import recovers the secret sealed in blob, a go-tpm-tools ImportBlob that
-// server.CreateImportBlob made for this TPM's EK of algorithm alg and,
+// package tpm/importblob (or server.CreateImportBlob) made for this TPM's EK of algorithm alg and,
 // optionally, for PCR values. The TPM decrypts it only if it holds that EK
 // and, for a PCR-bound blob, if its SHA-256 (or whichever bank the blob
 // names) PCRs have those values now.
@@ -40,7 +40,7 @@ var ErrPCRMismatch = errors.New("PCR values differ from those the import blob is
 // [ErrPCRMismatch] when the PCR state differs.
 func (t *TPM) Import(blob *tpmpb.ImportBlob, alg Alg) (*Secret, error) {
 	if blob == nil || len(blob.GetDuplicate()) == 0 || len(blob.GetEncryptedSeed()) == 0 || len(blob.GetPublicArea()) == 0 {
-		return nil, errors.New("import: blob is empty or incomplete (want the output of server.CreateImportBlob)")
+		return nil, errors.New("import: blob is empty or incomplete (want an import blob from the key service)")
 	}
 	if err := t.lock(); err != nil {
 		return nil, err

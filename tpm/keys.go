@@ -243,7 +243,7 @@ func publicOf(alg Alg, k *client.Key) *PublicKey {
 // EK returns the public endorsement key made from the TCG default template
 // for alg, with its certificate when the TPM holds one. The EK is the same on
 // every call for a given TPM (except the simulator, which is fresh in every
-// process). keysvc seals unwrap keys to it with server.CreateImportBlob.
+// process). keysvc seals unwrap keys to it with package tpm/importblob.
 func (t *TPM) EK(alg Alg) (*PublicKey, error) {
 	if err := t.lock(); err != nil {
 		return nil, err

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -77,7 +77,7 @@ func (a *adminClient) enroll(tp *tpm.TPM, name string) {
 	}
 	ekPEM, _ := ek.PEM()
 	akPEM, _ := ak.PEM()
-	a.do("POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: name, EKPub: string(ekPEM), AKPub: string(akPEM)}, http.StatusCreated)
+	a.do("POST", "/v1/admin/vms", api.EnrollRequest{Name: name, EKPub: string(ekPEM), AKPub: string(akPEM)}, http.StatusCreated)
 	got, err := tp.PCRs(policyPCRs...)
 	if err != nil {
 		a.t.Fatal(err)

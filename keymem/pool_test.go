@@ -1,4 +1,4 @@
-package keysvc
+package keymem
 
 import (
 	"sync"
@@ -8,17 +8,17 @@ import (
 	"github.com/awnumar/memguard"
 )
 
-func TestLockedPool(t *testing.T) {
-	p := newLockedPool(2, 32)
+func TestPool(t *testing.T) {
+	p := NewPool(2, 32)
 	t.Cleanup(func() { drain(p) })
 
 	t.Run("returned buffers are wiped", func(t *testing.T) {
-		a := p.get()
+		a := p.Get()
 		fill(a.Bytes())
-		p.put(a)
+		p.Put(a)
 		// Both pooled buffers come back; whichever is the one just
 		// filled must read as zero.
-		b, c := p.get(), p.get()
+		b, c := p.Get(), p.Get()
 		for _, x := range []*memguard.LockedBuffer{b, c} {
 			if x.Size() != 32 || !zero(x.Bytes()) {
 				t.Errorf("got a %d-byte buffer %x, want 32 zero bytes", x.Size(), x.Bytes())
@@ -27,14 +27,14 @@ func TestLockedPool(t *testing.T) {
 		if b != a && c != a {
 			t.Error("the returned buffer was not reused")
 		}
-		p.put(b)
-		p.put(c)
+		p.Put(b)
+		p.Put(c)
 	})
 
 	t.Run("empty pool falls back to a fresh buffer", func(t *testing.T) {
-		misses := p.misses.Load()
-		held := []*memguard.LockedBuffer{p.get(), p.get(), p.get()}
-		if got := p.misses.Load() - misses; got != 1 {
+		misses := p.Misses()
+		held := []*memguard.LockedBuffer{p.Get(), p.Get(), p.Get()}
+		if got := p.Misses() - misses; got != 1 {
 			t.Errorf("%d misses, want 1", got)
 		}
 		for _, b := range held {
@@ -44,7 +44,7 @@ func TestLockedPool(t *testing.T) {
 			fill(b.Bytes())
 		}
 		for _, b := range held {
-			p.put(b)
+			p.Put(b)
 		}
 		// Bounded: the third buffer did not fit and was destroyed.
 		if len(p.free) != 2 {
@@ -54,30 +54,30 @@ func TestLockedPool(t *testing.T) {
 			t.Error("no buffer was destroyed when the pool overflowed")
 		}
 		for range 2 {
-			b := p.get()
+			b := p.Get()
 			if !zero(b.Bytes()) {
 				t.Errorf("pooled buffer not wiped: %x", b.Bytes())
 			}
-			defer p.put(b)
+			defer p.Put(b)
 		}
 	})
 
 	t.Run("destroyed buffers are replaced", func(t *testing.T) {
-		b := p.get()
+		b := p.Get()
 		b.Destroy()
-		p.put(b) // dropped
-		c := p.get()
+		p.Put(b) // dropped
+		c := p.Get()
 		if !c.IsAlive() || c.Size() != 32 {
 			t.Fatal("got a dead buffer")
 		}
-		p.put(c)
+		p.Put(c)
 	})
 }
 
 // TestLockedPoolConcurrent hands buffers between goroutines (run with
 // -race): no buffer is ever held by two at once, and each comes out zeroed.
-func TestLockedPoolConcurrent(t *testing.T) {
-	p := newLockedPool(4, 32)
+func TestPoolConcurrent(t *testing.T) {
+	p := NewPool(4, 32)
 	t.Cleanup(func() { drain(p) })
 	var (
 		mu    sync.Mutex
@@ -87,7 +87,7 @@ func TestLockedPoolConcurrent(t *testing.T) {
 	for range 32 {
 		wg.Go(func() {
 			for range 200 {
-				b := p.get()
+				b := p.Get()
 				key := unsafe.Pointer(&b.Bytes()[0])
 				mu.Lock()
 				if inUse[key] {
@@ -102,7 +102,7 @@ func TestLockedPoolConcurrent(t *testing.T) {
 				mu.Lock()
 				delete(inUse, key)
 				mu.Unlock()
-				p.put(b)
+				p.Put(b)
 			}
 		})
 	}
@@ -127,7 +127,7 @@ func zero(b []byte) bool {
 	return true
 }
 
-func drain(p *lockedPool) {
+func drain(p *Pool) {
 	for {
 		select {
 		case b := <-p.free:
