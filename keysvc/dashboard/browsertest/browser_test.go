@@ -118,7 +118,7 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	token := strings.TrimSpace(string(tokb))
-	adm := &adminClient{t: t, base: "https://" + svc.AdminAddr(), token: token, ca: ca}
+	adm := newAdminClient(t, "https://"+svc.AdminAddr(), token, ca)
 
 	tp := tpmtest.Open(t, "sim")
 	const vm, other = "web-1", "db-1"
@@ -251,7 +251,7 @@ func TestDashboardInBrowser(t *testing.T) {
 
 	// The revoke is audited with the session as its actor.
 	var recs []audit.Record
-	if err := json.Unmarshal([]byte(adm.audit()), &recs); err != nil {
+	if err := json.Unmarshal(adm.audit(), &recs); err != nil {
 		t.Fatal(err)
 	}
 	if !slices.ContainsFunc(recs, func(r audit.Record) bool {

@@ -1,62 +1,33 @@
 package browsertest
 
 import (
-	"bytes"
-	"crypto/tls"
-	"crypto/x509"
+	"context"
 	"encoding/hex"
-	"encoding/json"
-	"io"
 	"log/slog"
-	"net/http"
 	"strconv"
 	"testing"
-	"time"
 
 	"github.com/keygate/keygate/keysvc/api"
+	"github.com/keygate/keygate/keysvc/client"
 	"github.com/keygate/keygate/tpm"
 )
 
 func quiet() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
-// adminClient calls the admin API with the token.
+// adminClient calls the admin API with the token, through keysvc/client.
 type adminClient struct {
-	t     *testing.T
-	base  string
-	token string
-	ca    []byte
-	hc    *http.Client
+	t    *testing.T
+	base string
+	cl   *client.Client
 }
 
-func (a *adminClient) do(method, path string, body any, want int) []byte {
-	a.t.Helper()
-	if a.hc == nil {
-		pool := x509.NewCertPool()
-		pool.AppendCertsFromPEM(a.ca)
-		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}}
-		a.t.Cleanup(tr.CloseIdleConnections)
-		a.hc = &http.Client{Transport: tr, Timeout: 30 * time.Second}
-	}
-	var rd io.Reader
-	if body != nil {
-		b, _ := json.Marshal(body)
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, a.base+path, rd)
+func newAdminClient(t *testing.T, base, token string, ca []byte) *adminClient {
+	cl, err := client.New(client.Config{URLs: []string{base}, CA: ca, Token: token})
 	if err != nil {
-		a.t.Fatal(err)
+		t.Fatal(err)
 	}
-	req.Header.Set("Authorization", "Bearer "+a.token)
-	resp, err := a.hc.Do(req)
-	if err != nil {
-		a.t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != want {
-		a.t.Fatalf("%s %s: %d %s, want %d", method, path, resp.StatusCode, b, want)
-	}
-	return b
+	t.Cleanup(cl.Close)
+	return &adminClient{t: t, base: base, cl: cl}
 }
 
 // policyPCRs: two boot PCRs and the window PCR, which makes a second
@@ -77,7 +48,10 @@ func (a *adminClient) enroll(tp *tpm.TPM, name string) {
 	}
 	ekPEM, _ := ek.PEM()
 	akPEM, _ := ak.PEM()
-	a.do("POST", "/v1/admin/vms", api.EnrollRequest{Name: name, EKPub: string(ekPEM), AKPub: string(akPEM)}, http.StatusCreated)
+	ctx := context.Background()
+	if _, err := a.cl.EnrollVM(ctx, api.EnrollRequest{Name: name, EKPub: string(ekPEM), AKPub: string(akPEM)}); err != nil {
+		a.t.Fatal(err)
+	}
 	got, err := tp.PCRs(policyPCRs...)
 	if err != nil {
 		a.t.Fatal(err)
@@ -86,11 +60,17 @@ func (a *adminClient) enroll(tp *tpm.TPM, name string) {
 	for i, v := range got.GetPcrs() {
 		m[strconv.Itoa(int(i))] = []string{hex.EncodeToString(v)}
 	}
-	a.do("PUT", "/v1/admin/vms/"+name+"/policy", map[string]any{"pcrs": m}, http.StatusOK)
+	if err := a.cl.SetPolicy(ctx, name, map[string]any{"pcrs": m}); err != nil {
+		a.t.Fatal(err)
+	}
 }
 
 // audit returns the audit chain's records as JSON.
-func (a *adminClient) audit() string {
+func (a *adminClient) audit() []byte {
 	a.t.Helper()
-	return string(a.do("GET", "/v1/admin/audit", nil, http.StatusOK))
+	b, err := a.cl.Audit(context.Background(), 1)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	return b
 }
