@@ -9,7 +9,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"log/slog"
 	"time"
 
 	"github.com/keygate/keygate/keysvc/alert"
@@ -33,8 +32,9 @@ type AlertConfig struct {
 
 func (c AlertConfig) empty() bool { return len(c.Webhooks) == 0 && len(c.Syslog) == 0 }
 
-// newDispatcher makes the sinks and the dispatcher over ob.
-func newDispatcher(ob store.Outbox, c AlertConfig, log *slog.Logger) (*alert.Dispatcher, error) {
+// alertSinks makes the sinks c names; Start calls it before it touches the
+// data directory, so that a mistyped target changes nothing.
+func alertSinks(c AlertConfig) ([]alert.Sink, error) {
 	var sinks []alert.Sink
 	for i, u := range c.Webhooks {
 		w, err := alert.NewWebhook(i+1, u, c.WebhookSecret, c.CAs)
@@ -50,7 +50,7 @@ func newDispatcher(ob store.Outbox, c AlertConfig, log *slog.Logger) (*alert.Dis
 		}
 		sinks = append(sinks, s)
 	}
-	return alert.NewDispatcher(ob, alert.Config{Sinks: sinks, MinSeverity: c.MinSeverity, DeadLetterAge: c.DeadLetterAge, Log: log})
+	return sinks, nil
 }
 
 // Alerter queues alerts durably; *alert.Dispatcher implements it.

@@ -139,6 +139,10 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 			svc.release()
 		}
 	}()
+	sinks, err := alertSinks(cfg.Alerts)
+	if err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
 	svc.Data, err = Bootstrap(cfg.DataDir, cfg.Hostnames, time.Now())
 	if err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
@@ -168,7 +172,8 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 		opts = append(opts, WithAdminClientCAs(cfg.AdminClientCAs))
 	}
 	if !cfg.Alerts.empty() {
-		if svc.alerts, err = newDispatcher(svc.st, cfg.Alerts, log); err != nil {
+		if svc.alerts, err = alert.NewDispatcher(svc.st, alert.Config{Sinks: sinks, MinSeverity: cfg.Alerts.MinSeverity,
+			DeadLetterAge: cfg.Alerts.DeadLetterAge, Log: log}); err != nil {
 			return nil, fmt.Errorf("start key service: %w", err)
 		}
 		opts = append(opts, WithAlerts(svc.alerts))
