@@ -2,8 +2,6 @@ package keysvc
 
 import (
 	"context"
-	"crypto/hmac"
-	"crypto/sha256"
 	"crypto/x509"
 	"encoding/binary"
 	"encoding/hex"
@@ -71,14 +69,13 @@ type AlertBody struct {
 	Event          api.EventRecord `json:"event"`
 }
 
-// alertKey is an alert's idempotency key: a MAC of its event ID, so that
-// it is the same on every replica and retry, and differs between key
-// services whose event IDs might collide.
+// alertKey is an alert's idempotency key: a MAC of its event ID under the
+// session key, so that it differs between key services whose event IDs
+// might collide. It is made once, when the alert is queued, and stored with
+// it: every retry, by any replica, sends the same key.
 func (s *Server) alertKey(eventID int64) string {
-	m := hmac.New(sha256.New, s.sessKey)
-	m.Write([]byte("keygate alert idempotency v1"))
-	binary.Write(m, binary.BigEndian, eventID)
-	return "kg-" + hex.EncodeToString(m.Sum(nil)[:16])
+	b := binary.BigEndian.AppendUint64([]byte("keygate alert idempotency v1"), uint64(eventID))
+	return "kg-" + hex.EncodeToString(s.mac(b)[:16])
 }
 
 // queueAlerts queues the stored events that are alerts.

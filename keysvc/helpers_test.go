@@ -55,22 +55,16 @@ type env struct {
 
 func startEnv(t testing.TB, dir string, opts ...keysvc.Option) *env {
 	t.Helper()
-	return startEnvWith(t, dir, nil, opts...)
+	return startEnvConfig(t, keysvc.Config{DataDir: dir}, opts...)
 }
 
-// startEnvWith is startEnv with more configuration (alert delivery, admin
-// client CAs) set by with.
-func startEnvWith(t testing.TB, dir string, with func(*keysvc.Config), opts ...keysvc.Option) *env {
+// startEnvConfig is startEnv with more of the Config set (a PKCS#11 token).
+func startEnvConfig(t testing.TB, cfg keysvc.Config, opts ...keysvc.Option) *env {
 	t.Helper()
 	c := &clock{}
-	cfg := keysvc.Config{
-		DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0",
-		Logger:  discardLogger(),
-		Options: append([]keysvc.Option{keysvc.WithClock(c.Now), keysvc.WithChallengeTTL(time.Minute)}, opts...),
-	}
-	if with != nil {
-		with(&cfg)
-	}
+	dir := cfg.DataDir
+	cfg.Listen, cfg.AdminListen, cfg.Logger = "127.0.0.1:0", "127.0.0.1:0", discardLogger()
+	cfg.Options = append([]keysvc.Option{keysvc.WithClock(c.Now), keysvc.WithChallengeTTL(time.Minute)}, opts...)
 	svc, err := keysvc.Start(context.Background(), cfg)
 	if err != nil {
 		t.Fatalf("start: %v", err)
@@ -304,4 +298,15 @@ func wantRefusal(t testing.TB, code int, body []byte, reason string) map[string]
 		t.Fatalf("reason %q, want %q (body %s)", r, reason, body)
 	}
 	return m
+}
+
+// startEnvWith is startEnv with more configuration (alert delivery, admin
+// client CAs) set by with.
+func startEnvWith(t testing.TB, dir string, with func(*keysvc.Config), opts ...keysvc.Option) *env {
+	t.Helper()
+	cfg := keysvc.Config{DataDir: dir}
+	if with != nil {
+		with(&cfg)
+	}
+	return startEnvConfig(t, cfg, opts...)
 }

@@ -20,7 +20,10 @@ type metrics struct {
 	unlocks  prometheus.Counter
 	denials  *prometheus.CounterVec
 	events   *prometheus.CounterVec
-	streams  prometheus.Gauge
+	// rotationRows counts the rows the running master-key rotation has
+	// re-keyed (masterkey_rotate.go).
+	rotationRows prometheus.Gauge
+	streams      prometheus.Gauge
 }
 
 func newMetrics() *metrics {
@@ -42,11 +45,14 @@ func newMetrics() *metrics {
 		events: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "keysvc_vm_events_total", Help: "Events reported by VMs by severity and kind (kinds other than heartbeat and the monitor's techniques count as \"other\").",
 		}, []string{"severity", "kind"}),
+		rotationRows: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "keysvc_master_key_rotation_rows", Help: "Rows (VMs and volumes) the master-key rotation under way has re-sealed and re-MAC'd so far.",
+		}),
 		streams: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "keysvc_event_streams", Help: "Open live event streams (GET /v1/admin/events/stream).",
 		}),
 	}
-	m.register(m.requests, m.latency, m.unlocks, m.denials, m.events, m.streams,
+	m.register(m.requests, m.latency, m.unlocks, m.denials, m.events, m.rotationRows, m.streams,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
