@@ -152,18 +152,6 @@ func TestReplicas(t *testing.T) {
 	})
 }
 
-// waitFor polls cond until it holds; the limit only keeps a broken build
-// from hanging (the figures that matter are measured in make bench).
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for end := time.Now().Add(60 * time.Second); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
-		if cond() {
-			return
-		}
-	}
-	t.Fatalf("still waiting for %s after a minute", what)
-}
-
 // TestDatabaseOutage: with its PostgreSQL server stopped under it, a
 // replica answers VM requests with 503 and Retry-After (within the VM's
 // timeout, never a hang), reports not ready, logs the outage once, and

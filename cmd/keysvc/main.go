@@ -87,6 +87,8 @@ func newServeCmd() *cobra.Command {
 		p11Module string
 		p11PIN    string
 		retention time.Duration
+		alerts    alertFlags
+		clientCA  string
 	)
 	c := &cobra.Command{
 		Use:   "serve --data DIR",
@@ -120,7 +122,7 @@ replica with another master key refuses to start. GET /healthz (alive) and
 GET /readyz (database reachable, schema current) on both listeners are for
 load balancers. To move an existing SQLite store, use 'keysvc migrate'.`,
 		Args: noArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
+		RunE: func(c *cobra.Command, _ []string) (err error) {
 			if cfg.DataDir == "" {
 				return cli.Usage(c, errors.New("--data DIR is required"))
 			}
@@ -145,6 +147,14 @@ load balancers. To move an existing SQLite store, use 'keysvc migrate'.`,
 					return err
 				}
 				cfg.Options = append(cfg.Options, keysvc.WithEKRoots(pool))
+			}
+			if cfg.Alerts, err = alerts.config(c); err != nil {
+				return err
+			}
+			if clientCA != "" {
+				if cfg.AdminClientCAs, err = loadPool("--admin-client-ca", clientCA); err != nil {
+					return err
+				}
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -179,7 +189,8 @@ load balancers. To move an existing SQLite store, use 'keysvc migrate'.`,
 			if mkPKCS11 != "" {
 				backup = "back up ca.key and the token (its own backup or HA): the master key never leaves it"
 			}
-			fmt.Fprintf(out, "keysvc serving\n  VM API:      https://%s\n  admin API:   https://%s (and /metrics)\n", svc.VMAddr(), svc.AdminAddr())
+			fmt.Fprintf(out, "keysvc serving\n  VM API:      https://%s\n  admin API:   https://%s (and /metrics)\n  dashboard:   https://%s/ui/ (log in with the admin token)\n",
+				svc.VMAddr(), svc.AdminAddr(), svc.AdminAddr())
 			mkWhere := d.Path(mkFile)
 			if mkPKCS11 != "" {
 				mkWhere = mkPKCS11 + " (in the HSM, non-extractable)"
@@ -220,7 +231,7 @@ load balancers. To move an existing SQLite store, use 'keysvc migrate'.`,
 	f := c.Flags()
 	f.StringVar(&cfg.DataDir, "data", "", "data directory (created 0700 if missing)")
 	f.StringVar(&cfg.Listen, "listen", keysvc.DefaultListen, "VM API address")
-	f.StringVar(&cfg.AdminListen, "admin-listen", keysvc.DefaultAdminListen, "admin API and /metrics address")
+	f.StringVar(&cfg.AdminListen, "admin-listen", keysvc.DefaultAdminListen, "admin API, dashboard (/ui/) and /metrics address")
 	f.StringVar(&cfg.DB, "db", "sqlite", "database: sqlite (DIR/keysvc.db), or a PostgreSQL URL as libpq takes it (postgres://user@host1,host2/db?target_session_attrs=read-write) shared by several replicas")
 	f.StringSliceVar(&cfg.Hostnames, "hostname", nil, "extra DNS name or IP for the server certificate (repeatable)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: json or text")
@@ -233,5 +244,7 @@ load balancers. To move an existing SQLite store, use 'keysvc migrate'.`,
 	f.Float64Var(&perVM, "rate-per-vm", keysvc.DefaultVMRate, "challenges per second for one VM from one source address, counted once its EK/AK match (burst twice that; 0: no limit)")
 	f.Float64Var(&auditRate, "audit-refusals-per-source", keysvc.DefaultRefusalAuditRate, "VM API refusals per second from one address that get an audit record of their own; past it they are summarised (burst twice that; 0: record every one)")
 	f.DurationVar(&retention, "event-retention", keysvc.DefaultEventRetention, "keep events VMs report for this long (warning and critical ones stay in the audit chain)")
+	alerts.register(f)
+	f.StringVar(&clientCA, "admin-client-ca", "", "PEM file of CAs: an admin client certificate chaining to them (client-auth usage) works like the admin token, for the admin API and the dashboard's login")
 	return c
 }

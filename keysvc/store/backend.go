@@ -26,6 +26,8 @@ var ErrMasterKeyMismatch = errors.New("the database was first used with a differ
 type Backend interface {
 	Store
 	MasterKeyRotations
+	Outbox
+	EventFeed
 	Anchor(ctx context.Context) (*Anchor, error)
 	Adopt(ctx context.Context, vm func(*VM) error, vol func(*Volume) error, next AuditNext, anchor func(AuditRecord) Anchor) error
 	GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume, error)

@@ -17,6 +17,11 @@ func (p *Postgres) AddEvents(ctx context.Context, evs []VMEvent) ([]VMEvent, err
 		return nil, err
 	}
 	err = p.tx(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		// Held to the commit, so that IDs commit in the order they are
+		// drawn (EventsAfter relies on it).
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(eventsLock)); err != nil {
+			return err
+		}
 		for i := range out {
 			e := &out[i]
 			if err := tx.QueryRow(ctx, `INSERT INTO vm_events (received_ns, vm, volume, session_id, kind, severity, severity_rank, event_json)
@@ -47,16 +52,7 @@ func (p *Postgres) ListEvents(ctx context.Context, f EventFilter) ([]VMEvent, er
 		q += ` WHERE ` + strings.Join(where, " AND ")
 	}
 	q += ` ORDER BY id DESC LIMIT $` + strconv.Itoa(len(args))
-	out, err := pgList(ctx, p, func(r pgx.Row) (VMEvent, error) {
-		var (
-			e    VMEvent
-			rcv  int64
-			data string
-		)
-		err := r.Scan(&e.ID, &rcv, &e.VM, &e.Volume, &e.Session, &e.Kind, &e.Severity, &data)
-		e.Received, e.Data = fromNS(rcv), []byte(data)
-		return e, err
-	}, q, args...)
+	out, err := pgList(ctx, p, pgEvent, q, args...)
 	if err != nil {
 		return nil, fmt.Errorf("list events: %w", err)
 	}
