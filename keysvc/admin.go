@@ -68,6 +68,10 @@ type VolumeInfo struct {
 	Created  time.Time  `json:"created"`
 	// Tampered: as VMInfo's.
 	Tampered string `json:"tampered,omitempty"`
+	// Rotation is RotationPending while a second UK waits for the VM to
+	// take it (`keysvc volume rotate`), since RotationStarted.
+	Rotation        string     `json:"rotation,omitempty"`
+	RotationStarted *time.Time `json:"rotation_started,omitempty"`
 }
 
 // AuditVerifyResponse is the answer to GET /v1/admin/audit/verify.
@@ -101,6 +105,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/admin/volumes", s.adminListVolumes)
 	mux.HandleFunc("GET /v1/admin/volumes/{id}", s.adminShowVolume)
 	mux.HandleFunc("POST /v1/admin/volumes/{id}/erase", s.adminErase)
+	mux.HandleFunc("POST /v1/admin/volumes/{id}/rotate", s.adminRotate)
 	mux.HandleFunc("GET /v1/admin/audit", s.adminAuditList)
 	mux.HandleFunc("GET /v1/admin/audit/verify", s.adminAuditVerify)
 	mux.HandleFunc("GET /v1/admin/events", s.adminListEvents)
@@ -477,6 +482,7 @@ func (s *Server) adminListVolumes(w http.ResponseWriter, r *http.Request) {
 		}
 		out = append(out, info)
 	}
+	s.withRotations(r.Context(), out)
 	writeJSON(w, http.StatusOK, out)
 }
 
@@ -486,7 +492,9 @@ func (s *Server) adminShowVolume(w http.ResponseWriter, r *http.Request) {
 		s.storeError(w, "volume "+strconv.Quote(r.PathValue("id")), err)
 		return
 	}
-	writeJSON(w, http.StatusOK, volumeInfo(vol))
+	info := []VolumeInfo{volumeInfo(vol)}
+	s.withRotations(r.Context(), info)
+	writeJSON(w, http.StatusOK, info[0])
 }
 
 func (s *Server) adminErase(w http.ResponseWriter, r *http.Request) {

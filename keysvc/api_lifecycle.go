@@ -1,0 +1,94 @@
+package keysvc
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+
+	"github.com/keygate/keygate/attest"
+)
+
+// Wire types and constants of unwrap-key rotation and continuous
+// attestation (issue 15; docs/protocol.md, "Rotation" and
+// "Re-attestation"). They sit in a file of their own so that they can move
+// with the rest of the wire types.
+
+// ReasonRotateProof: POST /v1/rotate with a proof that is not under the
+// volume's pending unwrap key and the session.
+const ReasonRotateProof = "rotate-proof"
+
+// RotationPending is VolumeInfo.Rotation while a volume has a second,
+// pending unwrap key.
+const RotationPending = "pending"
+
+// RotateConfirmRequest is the body of POST /v1/rotate (Authorization:
+// Bearer SESSION): the VM's proof that it holds the pending UK, sent once
+// its image opens with that UK alone.
+type RotateConfirmRequest struct {
+	Proof []byte `json:"proof"` // base64 of RotateProof(pending UK, session)
+}
+
+// RotateConfirmResponse is the 200 answer to POST /v1/rotate.
+type RotateConfirmResponse struct {
+	// Rotation is RotationDone: the old UK is destroyed and the proven one
+	// is the volume's UK (also the answer to a confirmation repeated after
+	// the rotation completed, when the proof is under the volume's UK).
+	Rotation string `json:"rotation"`
+}
+
+// RotationDone is RotateConfirmResponse.Rotation once the rotation is
+// complete.
+const RotationDone = "done"
+
+// rotateProofLabel is the domain of the rotation proof's HMAC.
+const rotateProofLabel = "keygate rotate confirm v1\x00"
+
+// RotateProof is the proof that a VM holds the unwrap key uk:
+// HMAC-SHA256(uk, "keygate rotate confirm v1\x00" || session), with session
+// the session token the unlock returned. Bound to the session, it cannot be
+// replayed for another unlock; under the key, it cannot be made without it.
+func RotateProof(uk []byte, session string) []byte {
+	m := hmac.New(sha256.New, uk)
+	m.Write([]byte(rotateProofLabel))
+	m.Write([]byte(session))
+	return m.Sum(nil)
+}
+
+// ReattestChallengeResponse is the answer to POST /v1/reattest/challenge
+// (Authorization: Bearer SESSION, no body): a nonce for the quote and a
+// challenge token bound to the session.
+type ReattestChallengeResponse struct {
+	Nonce     []byte `json:"nonce"`
+	Challenge string `json:"challenge"`
+}
+
+// ReattestRequest is the body of POST /v1/reattest (Authorization: Bearer
+// SESSION).
+type ReattestRequest struct {
+	Challenge   string `json:"challenge"`
+	Attestation []byte `json:"attestation"` // base64 of a go-tpm-tools attest.Attestation proto
+	// IntervalSeconds is how often the VM re-attests: the service flags
+	// the session stale when no re-attestation arrives for twice that
+	// (plus a grace of StaleGrace).
+	IntervalSeconds int64 `json:"interval_seconds"`
+}
+
+// ReattestResponse is the 200 answer to POST /v1/reattest.
+type ReattestResponse struct {
+	// State is StateActive (keep serving), StateLock (the quote does not
+	// match the policy: wipe the keys and stop serving) or StateRevoked.
+	State string `json:"state"`
+	// Denial, with StateLock, says which PCRs or rules failed.
+	Denial *attest.Denial `json:"denial,omitempty"`
+	Reason string         `json:"reason,omitempty"`
+}
+
+// StateLock is the answer to a re-attestation that fails the policy: the VM
+// must wipe its keys and stop serving, as for a revoke.
+const StateLock = "lock"
+
+// UnlockDoneEvent is what a VM extends into WindowPCR right after it imports
+// its key for volume (tpm.Extend hashes it first). The key service derives
+// the value WindowPCR must hold while the VM serves from it.
+func UnlockDoneEvent(volume string) []byte {
+	return []byte("keygate: unlock done: " + volume)
+}
