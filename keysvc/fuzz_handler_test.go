@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
@@ -44,8 +45,8 @@ func FuzzVMAPI(f *testing.F) {
 		path string
 		body any
 	}{
-		{"/v1/admin/vms", keysvc.EnrollRequest{Name: "vm", EKPub: ek, AKPub: ak}},
-		{"/v1/admin/volumes", keysvc.VolumeRequest{ID: "vol", VM: "vm"}},
+		{"/v1/admin/vms", api.EnrollRequest{Name: "vm", EKPub: ek, AKPub: ak}},
+		{"/v1/admin/volumes", api.VolumeRequest{ID: "vol", VM: "vm"}},
 	} {
 		b, _ := json.Marshal(req.body)
 		r := httptest.NewRequest("POST", req.path, bytes.NewReader(b))
@@ -63,13 +64,13 @@ func FuzzVMAPI(f *testing.F) {
 		vmAPI.ServeHTTP(w, r)
 		return w
 	}
-	chReq, _ := json.Marshal(keysvc.ChallengeRequest{VM: "vm", Volume: "vol", EKPub: ek, AKPub: ak})
-	var ch keysvc.ChallengeResponse
+	chReq, _ := json.Marshal(api.ChallengeRequest{VM: "vm", Volume: "vol", EKPub: ek, AKPub: ak})
+	var ch api.ChallengeResponse
 	if w := post("/v1/challenge", chReq); w.Code != http.StatusOK || json.Unmarshal(w.Body.Bytes(), &ch) != nil {
 		f.Fatalf("challenge: %d %s", w.Code, w.Body)
 	}
 	for _, att := range [][]byte{nil, {0x0a, 0x02, 0x08, 0x01}, []byte("\x12\x00\x1a\x04quot"), bytes.Repeat([]byte{0xff}, 64)} {
-		b, _ := json.Marshal(keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: att})
+		b, _ := json.Marshal(api.UnlockRequest{Challenge: ch.Challenge, Attestation: att})
 		f.Add(uint8(1), b)
 	}
 	f.Add(uint8(0), chReq)

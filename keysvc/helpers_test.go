@@ -10,7 +10,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"github.com/keygate/keygate/internal/tpmtest"
 	"io"
 	"log/slog"
 	"net/http"
@@ -21,6 +20,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/keygate/keygate/internal/tpmtest"
+	"github.com/keygate/keygate/keysvc/api"
 
 	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
 	"google.golang.org/protobuf/proto"
@@ -224,13 +226,13 @@ func (v *vmTPM) pcrPolicy(t testing.TB, pcrs ...int) map[string]any {
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // challenge asks for a challenge and fails unless it is issued.
-func (e *env) challenge(t testing.TB, v *vmTPM, name, volume string) keysvc.ChallengeResponse {
+func (e *env) challenge(t testing.TB, v *vmTPM, name, volume string) api.ChallengeResponse {
 	t.Helper()
-	code, b := e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: name, Volume: volume, EKPub: v.ekPEM, AKPub: v.akPEM})
+	code, b := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: name, Volume: volume, EKPub: v.ekPEM, AKPub: v.akPEM})
 	if code != http.StatusOK {
 		t.Fatalf("challenge: %d %s", code, b)
 	}
-	var ch keysvc.ChallengeResponse
+	var ch api.ChallengeResponse
 	if err := json.Unmarshal(b, &ch); err != nil {
 		t.Fatal(err)
 	}
@@ -255,13 +257,13 @@ func (v *vmTPM) quote(t testing.TB, nonce []byte) []byte {
 func (e *env) unlock(t testing.TB, v *vmTPM, name, volume string) (int, []byte) {
 	t.Helper()
 	ch := e.challenge(t, v, name, volume)
-	return e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
+	return e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
 }
 
 // importBlob imports an unlock answer's blob into the VM's TPM.
 func (v *vmTPM) importBlob(t testing.TB, body []byte, alg tpm.Alg) ([]byte, error) {
 	t.Helper()
-	var ur keysvc.UnlockResponse
+	var ur api.UnlockResponse
 	if err := json.Unmarshal(body, &ur); err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/store"
 )
@@ -28,7 +29,7 @@ import (
 // against the VM's policy with WindowPCR at the value the unlock's own
 // extend gives it (servingPolicy): the boot chain must be unchanged, and
 // WindowPCR must show exactly one unlock of this volume and nothing after
-// it. A mismatch is answered StateLock (the VM wipes its keys and stops
+// it. A mismatch is answered api.StateLock (the VM wipes its keys and stops
 // serving), audited and stored as a critical event. Sessions whose
 // re-attestations stop arriving are flagged stale by CheckStale.
 
@@ -36,16 +37,16 @@ import (
 // CheckStale flags it.
 const StaleGrace = 30 * time.Second
 
-// Bounds of ReattestRequest.IntervalSeconds.
+// Bounds of api.ReattestRequest.IntervalSeconds.
 const (
 	MinReattestInterval = time.Second
 	MaxReattestInterval = 24 * time.Hour
 )
 
 // servedWindow is WindowPCR's value once a VM extended it once, for
-// volume, right after its unlock (boot: UnlockDoneEvent).
+// volume, right after its unlock (boot: api.UnlockDoneEvent).
 func servedWindow(volume string) []byte {
-	ev := sha256.Sum256(UnlockDoneEvent(volume))
+	ev := sha256.Sum256(api.UnlockDoneEvent(volume))
 	h := sha256.New()
 	h.Write(windowReset)
 	h.Write(ev[:])
@@ -92,11 +93,11 @@ func (s *Server) handleReattestChallenge(w http.ResponseWriter, r *http.Request)
 		s.internal(w, "issue challenge", err)
 		return
 	}
-	writeJSON(w, http.StatusOK, ReattestChallengeResponse{Nonce: nonce, Challenge: token})
+	writeJSON(w, http.StatusOK, api.ReattestChallengeResponse{Nonce: nonce, Challenge: token})
 }
 
 // reattestKeys reads the session's VM and its enrolled keys; done means an
-// answer was written. A revoked session is answered StateRevoked by POST
+// answer was written. A revoked session is answered api.StateRevoked by POST
 // /v1/reattest (final), and refused (403 revoked) by the challenge.
 func (s *Server) reattestKeys(w http.ResponseWriter, r *http.Request, c sessionClaims, final bool) (vm store.VM, ek, ak crypto.PublicKey, done bool) {
 	state, err := s.sessionState(r, c)
@@ -104,12 +105,12 @@ func (s *Server) reattestKeys(w http.ResponseWriter, r *http.Request, c sessionC
 		s.internal(w, "read session state", err)
 		return vm, nil, nil, true
 	}
-	if state != StateActive {
+	if state != api.StateActive {
 		s.serving.end(c.ID)
 		if final {
-			writeJSON(w, http.StatusOK, ReattestResponse{State: StateRevoked})
+			writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateRevoked})
 		} else {
-			s.refuse(w, r, c.VM, c.Volume, &refusal{reason: ReasonRevoked, hint: "the session was revoked (VM revoked or volume erased): wipe the keys"})
+			s.refuse(w, r, c.VM, c.Volume, &refusal{reason: api.ReasonRevoked, hint: "the session was revoked (VM revoked or volume erased): wipe the keys"})
 		}
 		return vm, nil, nil, true
 	}
@@ -132,8 +133,8 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	var req ReattestRequest
-	if e := readJSON(w, r, MaxUnlockBody, &req); e != nil {
+	var req api.ReattestRequest
+	if e := readJSON(w, r, api.MaxUnlockBody, &req); e != nil {
 		writeError(w, e)
 		return
 	}
@@ -151,14 +152,14 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 	claims, err := s.ch.Check(req.Challenge, c.VM, reattestBinding(c.ID), ek, ak, s.now())
 	if err != nil {
 		if isChallengeErr(err) {
-			s.refuse(w, r, c.VM, c.Volume, &refusal{reason: ReasonChallenge, hint: err.Error() + "; request a new one from POST /v1/reattest/challenge"})
+			s.refuse(w, r, c.VM, c.Volume, &refusal{reason: api.ReasonChallenge, hint: err.Error() + "; request a new one from POST /v1/reattest/challenge"})
 		} else {
 			s.internal(w, "check challenge", err)
 		}
 		return
 	}
 	if err := s.st.UseChallenge(ctx, hex.EncodeToString(claims.ID()), claims.Expiry); errors.Is(err, store.ErrChallengeUsed) {
-		s.refuse(w, r, c.VM, c.Volume, &refusal{reason: ReasonChallenge, hint: attest.ErrChallengeReplayed.Error() + "; request a new challenge for every re-attestation"})
+		s.refuse(w, r, c.VM, c.Volume, &refusal{reason: api.ReasonChallenge, hint: attest.ErrChallengeReplayed.Error() + "; request a new challenge for every re-attestation"})
 		return
 	} else if err != nil {
 		s.internal(w, "record challenge use", err)
@@ -166,7 +167,7 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 	}
 	att := &pb.Attestation{}
 	if err := proto.Unmarshal(req.Attestation, att); err != nil {
-		s.refuse(w, r, c.VM, c.Volume, &refusal{reason: ReasonEvidence, hint: "attestation is not a go-tpm-tools Attestation proto: " + err.Error()})
+		s.refuse(w, r, c.VM, c.Volume, &refusal{reason: api.ReasonEvidence, hint: "attestation is not a go-tpm-tools Attestation proto: " + err.Error()})
 		return
 	}
 	pol, err := servingPolicy(vm.Policy, c.Volume)
@@ -179,7 +180,7 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case errors.As(err, &d):
 		s.reattestFailed(r, c, d)
-		writeJSON(w, http.StatusOK, ReattestResponse{State: StateLock, Denial: d, Reason: ReasonPolicy})
+		writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateLock, Denial: d, Reason: api.ReasonPolicy})
 		return
 	case err != nil:
 		// Not a quote of the enrolled AK over this nonce: nothing was
@@ -193,14 +194,14 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 		s.log.Info("re-attestations resumed", slog.String("vm", c.VM), slog.String("volume", c.Volume), slog.String("session_id", c.ID))
 		s.addEvent(ctx, store.VMEvent{VM: c.VM, Volume: c.Volume, Session: c.ID, Kind: "reattest-resumed", Severity: "info"})
 	}
-	writeJSON(w, http.StatusOK, ReattestResponse{State: StateActive})
+	writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateActive})
 }
 
 // reattestFailed audits and stores a failed re-attestation as critical.
 func (s *Server) reattestFailed(r *http.Request, c sessionClaims, d *attest.Denial) {
 	s.lm.reattests.WithLabelValues("lock").Inc()
 	s.serving.end(c.ID)
-	det := audit.Reattest{Volume: c.Volume, SessionID: c.ID, Result: StateLock, Reason: d.Reason, Remote: remoteHost(r)}
+	det := audit.Reattest{Volume: c.Volume, SessionID: c.ID, Result: api.StateLock, Reason: d.Reason, Remote: remoteHost(r)}
 	for _, m := range d.Mismatches {
 		det.Mismatches = append(det.Mismatches, audit.PCRMismatch{PCR: m.PCR, Allowed: m.Allowed, Got: m.Got})
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 )
 
@@ -16,7 +17,7 @@ import (
 func (e *env) servingVM(t *testing.T, v *vmTPM, name, vol string) string {
 	t.Helper()
 	r := e.unlockBoth(t, v, name, vol)
-	if err := v.tpm.Extend(keysvc.WindowPCR, keysvc.UnlockDoneEvent(vol)); err != nil {
+	if err := v.tpm.Extend(keysvc.WindowPCR, api.UnlockDoneEvent(vol)); err != nil {
 		t.Fatal(err)
 	}
 	return r.session
@@ -24,19 +25,19 @@ func (e *env) servingVM(t *testing.T, v *vmTPM, name, vol string) string {
 
 // reattest runs one re-attestation of the session with the VM's current
 // PCRs.
-func (e *env) reattest(t *testing.T, v *vmTPM, session string, interval int64) (int, keysvc.ReattestResponse, []byte) {
+func (e *env) reattest(t *testing.T, v *vmTPM, session string, interval int64) (int, api.ReattestResponse, []byte) {
 	t.Helper()
 	base := "https://" + e.svc.VMAddr()
 	code, b := e.do(t, "POST", base+"/v1/reattest/challenge", session, nil)
 	if code != http.StatusOK {
-		return code, keysvc.ReattestResponse{}, b
+		return code, api.ReattestResponse{}, b
 	}
-	var ch keysvc.ReattestChallengeResponse
+	var ch api.ReattestChallengeResponse
 	if err := json.Unmarshal(b, &ch); err != nil {
 		t.Fatal(err)
 	}
-	code, b = e.do(t, "POST", base+"/v1/reattest", session, keysvc.ReattestRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce), IntervalSeconds: interval})
-	var rr keysvc.ReattestResponse
+	code, b = e.do(t, "POST", base+"/v1/reattest", session, api.ReattestRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce), IntervalSeconds: interval})
+	var rr api.ReattestResponse
 	json.Unmarshal(b, &rr)
 	return code, rr, b
 }
@@ -53,10 +54,10 @@ func TestReattest(t *testing.T) {
 		want      string
 		wantPCR   int
 	}{
-		{name: "unchanged", want: keysvc.StateActive},
-		{name: "boot-pcr-extended", after: func(t *testing.T, v *vmTPM) { v.tpm.Extend(7, []byte("a runtime measurement")) }, want: keysvc.StateLock, wantPCR: 7},
-		{name: "window-extended-again", after: func(t *testing.T, v *vmTPM) { v.tpm.Extend(keysvc.WindowPCR, []byte("something later")) }, want: keysvc.StateLock, wantPCR: keysvc.WindowPCR},
-		{name: "window-never-closed", skipClose: true, want: keysvc.StateLock, wantPCR: keysvc.WindowPCR},
+		{name: "unchanged", want: api.StateActive},
+		{name: "boot-pcr-extended", after: func(t *testing.T, v *vmTPM) { v.tpm.Extend(7, []byte("a runtime measurement")) }, want: api.StateLock, wantPCR: 7},
+		{name: "window-extended-again", after: func(t *testing.T, v *vmTPM) { v.tpm.Extend(keysvc.WindowPCR, []byte("something later")) }, want: api.StateLock, wantPCR: keysvc.WindowPCR},
+		{name: "window-never-closed", skipClose: true, want: api.StateLock, wantPCR: keysvc.WindowPCR},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -81,7 +82,7 @@ func TestReattest(t *testing.T) {
 			}
 			recs := e.auditOf(t, audit.ActionReattest)
 			failed := e.listEvents(t, "kind=reattest-failed")
-			if tt.want == keysvc.StateActive {
+			if tt.want == api.StateActive {
 				if len(recs) != 0 || len(failed) != 0 {
 					t.Fatalf("a good re-attestation left %d audit records and %d events", len(recs), len(failed))
 				}
@@ -91,7 +92,7 @@ func TestReattest(t *testing.T) {
 				t.Fatalf("denial %+v, want PCR %d named", rr.Denial, tt.wantPCR)
 			}
 			var d audit.Reattest
-			if len(recs) != 1 || json.Unmarshal(recs[0].Details, &d) != nil || d.Result != keysvc.StateLock || d.SessionID == "" || len(d.Mismatches) != 1 || d.Mismatches[0].PCR != tt.wantPCR {
+			if len(recs) != 1 || json.Unmarshal(recs[0].Details, &d) != nil || d.Result != api.StateLock || d.SessionID == "" || len(d.Mismatches) != 1 || d.Mismatches[0].PCR != tt.wantPCR {
 				t.Fatalf("audit records %+v, want one lock naming PCR %d", recs, tt.wantPCR)
 			}
 			if len(failed) != 1 || failed[0].Severity != "critical" || failed[0].VM != "ra" {
@@ -112,53 +113,53 @@ func TestReattestRefusals(t *testing.T) {
 	vol := setup(t, e, v, "rf")
 	session := e.servingVM(t, v, "rf", vol)
 	base := "https://" + e.svc.VMAddr()
-	challenge := func() keysvc.ReattestChallengeResponse {
+	challenge := func() api.ReattestChallengeResponse {
 		code, b := e.do(t, "POST", base+"/v1/reattest/challenge", session, nil)
 		if code != http.StatusOK {
 			t.Fatalf("challenge: %d %s", code, b)
 		}
-		var ch keysvc.ReattestChallengeResponse
+		var ch api.ReattestChallengeResponse
 		json.Unmarshal(b, &ch)
 		return ch
 	}
 	used := challenge()
-	if code, b := e.do(t, "POST", base+"/v1/reattest", session, keysvc.ReattestRequest{Challenge: used.Challenge, Attestation: v.quote(t, used.Nonce), IntervalSeconds: 60}); code != http.StatusOK {
+	if code, b := e.do(t, "POST", base+"/v1/reattest", session, api.ReattestRequest{Challenge: used.Challenge, Attestation: v.quote(t, used.Nonce), IntervalSeconds: 60}); code != http.StatusOK {
 		t.Fatalf("first use: %d %s", code, b)
 	}
 	unlockCh := e.challenge(t, v, "rf", vol)
 	for _, tc := range []struct {
 		name    string
 		session string
-		req     func() keysvc.ReattestRequest
+		req     func() api.ReattestRequest
 		want    int
 		reason  string
 	}{
-		{"no-session", "", func() keysvc.ReattestRequest {
+		{"no-session", "", func() api.ReattestRequest {
 			ch := challenge()
-			return keysvc.ReattestRequest{ch.Challenge, v.quote(t, ch.Nonce), 60}
+			return api.ReattestRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce), IntervalSeconds: 60}
 		}, http.StatusUnauthorized, ""},
-		{"forged-session", session[:len(session)-2] + "AA", func() keysvc.ReattestRequest {
+		{"forged-session", session[:len(session)-2] + "AA", func() api.ReattestRequest {
 			ch := challenge()
-			return keysvc.ReattestRequest{ch.Challenge, v.quote(t, ch.Nonce), 60}
+			return api.ReattestRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce), IntervalSeconds: 60}
 		}, http.StatusUnauthorized, ""},
-		{"replayed-challenge", session, func() keysvc.ReattestRequest {
-			return keysvc.ReattestRequest{used.Challenge, v.quote(t, used.Nonce), 60}
-		}, http.StatusForbidden, keysvc.ReasonChallenge},
-		{"unlock-challenge", session, func() keysvc.ReattestRequest {
-			return keysvc.ReattestRequest{unlockCh.Challenge, v.quote(t, unlockCh.Nonce), 60}
-		}, http.StatusForbidden, keysvc.ReasonChallenge},
-		{"quote-over-other-nonce", session, func() keysvc.ReattestRequest {
+		{"replayed-challenge", session, func() api.ReattestRequest {
+			return api.ReattestRequest{Challenge: used.Challenge, Attestation: v.quote(t, used.Nonce), IntervalSeconds: 60}
+		}, http.StatusForbidden, api.ReasonChallenge},
+		{"unlock-challenge", session, func() api.ReattestRequest {
+			return api.ReattestRequest{Challenge: unlockCh.Challenge, Attestation: v.quote(t, unlockCh.Nonce), IntervalSeconds: 60}
+		}, http.StatusForbidden, api.ReasonChallenge},
+		{"quote-over-other-nonce", session, func() api.ReattestRequest {
 			ch := challenge()
-			return keysvc.ReattestRequest{ch.Challenge, v.quote(t, unlockCh.Nonce), 60}
-		}, http.StatusForbidden, keysvc.ReasonEvidence},
-		{"zero-interval", session, func() keysvc.ReattestRequest {
+			return api.ReattestRequest{Challenge: ch.Challenge, Attestation: v.quote(t, unlockCh.Nonce), IntervalSeconds: 60}
+		}, http.StatusForbidden, api.ReasonEvidence},
+		{"zero-interval", session, func() api.ReattestRequest {
 			ch := challenge()
-			return keysvc.ReattestRequest{ch.Challenge, v.quote(t, ch.Nonce), 0}
+			return api.ReattestRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce), IntervalSeconds: 0}
 		}, http.StatusBadRequest, ""},
-		{"not-a-quote", session, func() keysvc.ReattestRequest {
+		{"not-a-quote", session, func() api.ReattestRequest {
 			ch := challenge()
-			return keysvc.ReattestRequest{ch.Challenge, []byte("junk"), 60}
-		}, http.StatusForbidden, keysvc.ReasonEvidence},
+			return api.ReattestRequest{Challenge: ch.Challenge, Attestation: []byte("junk"), IntervalSeconds: 60}
+		}, http.StatusForbidden, api.ReasonEvidence},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, b := e.do(t, "POST", base+"/v1/reattest", tc.session, tc.req())
@@ -173,13 +174,13 @@ func TestReattestRefusals(t *testing.T) {
 	t.Run("revoked", func(t *testing.T) {
 		ch := challenge()
 		e.admin(t, "POST", "/v1/admin/vms/rf/revoke", nil, http.StatusOK)
-		code, b := e.do(t, "POST", base+"/v1/reattest", session, keysvc.ReattestRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce), IntervalSeconds: 60})
-		var rr keysvc.ReattestResponse
-		if json.Unmarshal(b, &rr); code != http.StatusOK || rr.State != keysvc.StateRevoked {
+		code, b := e.do(t, "POST", base+"/v1/reattest", session, api.ReattestRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce), IntervalSeconds: 60})
+		var rr api.ReattestResponse
+		if json.Unmarshal(b, &rr); code != http.StatusOK || rr.State != api.StateRevoked {
 			t.Fatalf("reattest: %d %s, want state revoked", code, b)
 		}
 		code, b = e.do(t, "POST", base+"/v1/reattest/challenge", session, nil)
-		wantRefusal(t, code, b, keysvc.ReasonRevoked)
+		wantRefusal(t, code, b, api.ReasonRevoked)
 	})
 }
 
@@ -194,7 +195,7 @@ func TestReattestStale(t *testing.T) {
 	}
 	vol := setup(t, e, v, "st")
 	session := e.servingVM(t, v, "st", vol)
-	if code, rr, b := e.reattest(t, v, session, 10); code != http.StatusOK || rr.State != keysvc.StateActive {
+	if code, rr, b := e.reattest(t, v, session, 10); code != http.StatusOK || rr.State != api.StateActive {
 		t.Fatalf("reattest: %d %s", code, b)
 	}
 	srv := e.svc.Server
@@ -220,7 +221,7 @@ func TestReattestStale(t *testing.T) {
 	}
 	// The challenge TTL runs on the same clock: challenges issued now are
 	// fresh.
-	if code, rr, b := e.reattest(t, v, session, 10); code != http.StatusOK || rr.State != keysvc.StateActive {
+	if code, rr, b := e.reattest(t, v, session, 10); code != http.StatusOK || rr.State != api.StateActive {
 		t.Fatalf("reattest after stale: %d %s", code, b)
 	}
 	if g := e.gauge(t, "keysvc_reattest_stale_sessions"); g != "0" {
@@ -231,7 +232,7 @@ func TestReattestStale(t *testing.T) {
 	}
 	// A VM told to lock is not waited for.
 	v.tpm.Extend(7, []byte("late"))
-	if _, rr, _ := e.reattest(t, v, session, 10); rr.State != keysvc.StateLock {
+	if _, rr, _ := e.reattest(t, v, session, 10); rr.State != api.StateLock {
 		t.Fatalf("state %q, want lock", rr.State)
 	}
 	e.clock.Add(time.Hour)

@@ -17,6 +17,7 @@ import (
 	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
@@ -28,7 +29,7 @@ import (
 // unlock then releases both, each sealed to the VM's TPM as usual. keygate
 // opens the image with the current UK, adds a keyslot under the pending
 // one, removes the old keyslot, and then proves to the service that it
-// holds the pending UK (POST /v1/rotate, RotateProof). Only then does the
+// holds the pending UK (POST /v1/rotate, api.RotateProof). Only then does the
 // service make the pending UK the volume's and destroy the old one, in one
 // transaction with its audit record. So at every moment the image opens
 // with a UK the service still holds: before the proof the service holds
@@ -124,7 +125,7 @@ func (s *Server) adminRotate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusConflict, "enroll the VM again", "vm %q: its enrolled EK does not parse", vol.VM))
 		return
 	}
-	uk := make([]byte, UKSize)
+	uk := make([]byte, api.UKSize)
 	if _, err := rand.Read(uk); err != nil {
 		s.internal(w, "make unwrap key", err)
 		return
@@ -153,12 +154,12 @@ func (s *Server) adminRotate(w http.ResponseWriter, r *http.Request) {
 	s.lm.rotations.WithLabelValues("started").Inc()
 	s.log.Info("rotation started", slog.String("volume", id), slog.String("vm", vol.VM))
 	info := volumeInfo(vol)
-	info.Rotation, info.RotationStarted = RotationPending, &started.Started
+	info.Rotation, info.RotationStarted = api.RotationPending, &started.Started
 	writeJSON(w, http.StatusAccepted, info)
 }
 
 // withRotations fills in Rotation on volume listings.
-func (s *Server) withRotations(ctx context.Context, infos []VolumeInfo) {
+func (s *Server) withRotations(ctx context.Context, infos []api.VolumeInfo) {
 	rs, _, ok := s.rotations()
 	if !ok {
 		return
@@ -170,7 +171,7 @@ func (s *Server) withRotations(ctx context.Context, infos []VolumeInfo) {
 	}
 	for i := range infos {
 		if t, ok := pend[infos[i].ID]; ok {
-			infos[i].Rotation, infos[i].RotationStarted = RotationPending, &t
+			infos[i].Rotation, infos[i].RotationStarted = api.RotationPending, &t
 		}
 	}
 }
@@ -209,8 +210,8 @@ func (s *Server) handleRotateConfirm(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	var req RotateConfirmRequest
-	if e := readJSON(w, r, MaxChallengeBody, &req); e != nil {
+	var req api.RotateConfirmRequest
+	if e := readJSON(w, r, api.MaxChallengeBody, &req); e != nil {
 		writeError(w, e)
 		return
 	}
@@ -225,8 +226,8 @@ func (s *Server) handleRotateConfirm(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "read session state", err)
 		return
 	}
-	if state != StateActive {
-		s.refuse(w, r, c.VM, c.Volume, &refusal{reason: ReasonRevoked, hint: "the session was revoked (VM revoked or volume erased)"})
+	if state != api.StateActive {
+		s.refuse(w, r, c.VM, c.Volume, &refusal{reason: api.ReasonRevoked, hint: "the session was revoked (VM revoked or volume erased)"})
 		return
 	}
 	vm, vol, err := s.vmAndVolume(ctx, c.VM, c.Volume)
@@ -248,14 +249,14 @@ func (s *Server) handleRotateConfirm(w http.ResponseWriter, r *http.Request) {
 	}
 	if perr != nil {
 		if s.proves(vol.SealedUK, ukRecordID(vol.ID, vol.VM, ekFP), c, r, req.Proof) {
-			writeJSON(w, http.StatusOK, RotateConfirmResponse{Rotation: RotationDone})
+			writeJSON(w, http.StatusOK, api.RotateConfirmResponse{Rotation: api.RotationDone})
 			return
 		}
 		writeError(w, errorf(http.StatusConflict, "nothing to confirm: rotate the volume first with `keysvc volume rotate`", "volume %q has no rotation pending", c.Volume))
 		return
 	}
 	if !s.proves(pending.SealedUK, ukNextRecordID(vol.ID, vol.VM, ekFP), c, r, req.Proof) {
-		s.refuse(w, r, c.VM, c.Volume, &refusal{reason: ReasonRotateProof, hint: "the proof is not under the volume's pending unwrap key and this session; unlock again and confirm with the pending key"})
+		s.refuse(w, r, c.VM, c.Volume, &refusal{reason: api.ReasonRotateProof, hint: "the proof is not under the volume's pending unwrap key and this session; unlock again and confirm with the pending key"})
 		return
 	}
 	// Re-seal the pending UK as the volume's, outside the transaction.
@@ -304,12 +305,12 @@ func (s *Server) handleRotateConfirm(w http.ResponseWriter, r *http.Request) {
 	}
 	s.lm.rotations.WithLabelValues("completed").Inc()
 	s.log.Info("rotation completed; old unwrap key destroyed", slog.String("volume", c.Volume), slog.String("vm", c.VM), slog.String("session_id", c.ID))
-	writeJSON(w, http.StatusOK, RotateConfirmResponse{Rotation: RotationDone})
+	writeJSON(w, http.StatusOK, api.RotateConfirmResponse{Rotation: api.RotationDone})
 }
 
 var errRotationRaced = errors.New("the pending key changed")
 
-// proves checks, in constant time, that proof is RotateProof under the UK
+// proves checks, in constant time, that proof is api.RotateProof under the UK
 // sealed as sealed (record id) for session c.
 func (s *Server) proves(sealed []byte, id string, c sessionClaims, r *http.Request, proof []byte) bool {
 	if len(sealed) == 0 {
@@ -322,7 +323,7 @@ func (s *Server) proves(sealed []byte, id string, c sessionClaims, r *http.Reque
 		}
 		return false
 	}
-	want := RotateProof(uk, sessionToken(r))
+	want := api.RotateProof(uk, sessionToken(r))
 	wipe()
 	return hmac.Equal(want, proof)
 }

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/tpm"
 )
@@ -25,13 +26,13 @@ type released struct {
 }
 
 // unlocked unlocks and fails the test unless the key is released.
-func (e *env) unlocked(t *testing.T, v *vmTPM, name, vol string) keysvc.UnlockResponse {
+func (e *env) unlocked(t *testing.T, v *vmTPM, name, vol string) api.UnlockResponse {
 	t.Helper()
 	code, body := e.unlock(t, v, name, vol)
 	if code != http.StatusOK {
 		t.Fatalf("unlock: %d %s", code, body)
 	}
-	var ur keysvc.UnlockResponse
+	var ur api.UnlockResponse
 	if err := json.Unmarshal(body, &ur); err != nil {
 		t.Fatal(err)
 	}
@@ -67,12 +68,12 @@ func importRaw(t *testing.T, v *vmTPM, raw []byte) []byte {
 // confirm posts a rotation proof under uk for the session.
 func (e *env) confirm(t *testing.T, session string, uk []byte) (int, []byte) {
 	t.Helper()
-	return e.do(t, "POST", "https://"+e.svc.VMAddr()+"/v1/rotate", session, keysvc.RotateConfirmRequest{Proof: keysvc.RotateProof(uk, session)})
+	return e.do(t, "POST", "https://"+e.svc.VMAddr()+"/v1/rotate", session, api.RotateConfirmRequest{Proof: api.RotateProof(uk, session)})
 }
 
-func (e *env) volumeInfo(t *testing.T, id string) keysvc.VolumeInfo {
+func (e *env) volumeInfo(t *testing.T, id string) api.VolumeInfo {
 	t.Helper()
-	var vi keysvc.VolumeInfo
+	var vi api.VolumeInfo
 	if err := json.Unmarshal(e.admin(t, "GET", "/v1/admin/volumes/"+id, nil, http.StatusOK), &vi); err != nil {
 		t.Fatal(err)
 	}
@@ -114,20 +115,20 @@ func TestRotate(t *testing.T) {
 		t.Fatalf("confirm with nothing pending: %d %s, want 409", code, body)
 	}
 
-	var vi keysvc.VolumeInfo
+	var vi api.VolumeInfo
 	json.Unmarshal(e.admin(t, "POST", "/v1/admin/volumes/"+vol+"/rotate", nil, http.StatusAccepted), &vi)
-	if vi.Rotation != keysvc.RotationPending || vi.RotationStarted == nil {
+	if vi.Rotation != api.RotationPending || vi.RotationStarted == nil {
 		t.Fatalf("rotate answered %+v, want rotation pending", vi)
 	}
 	e.admin(t, "POST", "/v1/admin/volumes/"+vol+"/rotate", nil, http.StatusConflict)
-	var list []keysvc.VolumeInfo
+	var list []api.VolumeInfo
 	json.Unmarshal(e.admin(t, "GET", "/v1/admin/volumes?vm=rot", nil, http.StatusOK), &list)
-	if len(list) != 1 || list[0].Rotation != keysvc.RotationPending {
+	if len(list) != 1 || list[0].Rotation != api.RotationPending {
 		t.Fatalf("volume list: %+v, want the rotation pending", list)
 	}
 
 	during := e.unlockBoth(t, v, "rot", vol)
-	if !bytes.Equal(during.uk, ukBytes) || len(during.next) != keysvc.UKSize || bytes.Equal(during.next, ukBytes) {
+	if !bytes.Equal(during.uk, ukBytes) || len(during.next) != api.UKSize || bytes.Equal(during.next, ukBytes) {
 		t.Fatalf("during rotation: current is the old key %v, pending is a new %d-byte key", bytes.Equal(during.uk, ukBytes), len(during.next))
 	}
 	for _, tc := range []struct {
@@ -141,21 +142,21 @@ func TestRotate(t *testing.T) {
 		{"no-session", "", during.next, http.StatusUnauthorized},
 	} {
 		t.Run("refuses-"+tc.name, func(t *testing.T) {
-			code, body := e.do(t, "POST", "https://"+e.svc.VMAddr()+"/v1/rotate", tc.session, keysvc.RotateConfirmRequest{Proof: keysvc.RotateProof(tc.uk, during.session)})
+			code, body := e.do(t, "POST", "https://"+e.svc.VMAddr()+"/v1/rotate", tc.session, api.RotateConfirmRequest{Proof: api.RotateProof(tc.uk, during.session)})
 			if code != tc.want {
 				t.Fatalf("%d %s, want %d", code, body, tc.want)
 			}
 			if code == http.StatusForbidden {
-				wantRefusal(t, code, body, keysvc.ReasonRotateProof)
+				wantRefusal(t, code, body, api.ReasonRotateProof)
 			}
 		})
 	}
 	// A proof made for another session does not carry over.
-	code, _ := e.do(t, "POST", "https://"+e.svc.VMAddr()+"/v1/rotate", during.session, keysvc.RotateConfirmRequest{Proof: keysvc.RotateProof(during.next, before.session)})
+	code, _ := e.do(t, "POST", "https://"+e.svc.VMAddr()+"/v1/rotate", during.session, api.RotateConfirmRequest{Proof: api.RotateProof(during.next, before.session)})
 	if code != http.StatusForbidden {
 		t.Fatalf("proof bound to another session: %d, want 403", code)
 	}
-	if e.volumeInfo(t, vol).Rotation != keysvc.RotationPending {
+	if e.volumeInfo(t, vol).Rotation != api.RotationPending {
 		t.Fatal("a refused proof ended the rotation")
 	}
 
@@ -216,9 +217,9 @@ func TestRotateRefusals(t *testing.T) {
 	}
 	e.admin(t, "POST", "/v1/admin/volumes/"+vol+"/rotate", nil, http.StatusConflict)
 	code, body := e.confirm(t, during.session, during.next)
-	wantRefusal(t, code, body, keysvc.ReasonRevoked)
-	code, body = e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "rr", Volume: vol, EKPub: v.ekPEM, AKPub: v.akPEM})
-	wantRefusal(t, code, body, keysvc.ReasonErased)
+	wantRefusal(t, code, body, api.ReasonRevoked)
+	code, body = e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "rr", Volume: vol, EKPub: v.ekPEM, AKPub: v.akPEM})
+	wantRefusal(t, code, body, api.ReasonErased)
 }
 
 // TestRotateServiceCrash: a crash of the key service at each step of a
@@ -263,7 +264,7 @@ func TestRotateServiceCrash(t *testing.T) {
 				if code == http.StatusInternalServerError {
 					crashed = true
 				} else {
-					var ur keysvc.UnlockResponse
+					var ur api.UnlockResponse
 					json.Unmarshal(body, &ur)
 					during = released{session: ur.Session, uk: importRaw(t, v, ur.ImportBlob), next: importRaw(t, v, ur.NextImportBlob)}
 				}
@@ -278,7 +279,7 @@ func TestRotateServiceCrash(t *testing.T) {
 			e = startEnv(t, dir, faults)
 
 			vi := e.volumeInfo(t, vol)
-			if (vi.Rotation == keysvc.RotationPending) != tc.pending {
+			if (vi.Rotation == api.RotationPending) != tc.pending {
 				t.Fatalf("after the crash the rotation is %q, want pending %v", vi.Rotation, tc.pending)
 			}
 			r := e.unlockBoth(t, v, "crash", vol)

@@ -62,9 +62,6 @@ const challengeGrace = 10 * time.Minute
 // MAC key uses masterkey.LabelChallengeMAC, so that every replica agrees).
 const labelSessionMAC = "keygate session mac v1"
 
-// UKSize is the size of a volume's unwrap key made by volume create.
-const UKSize = 32
-
 // Server serves the VM API and the admin API. Build it with New; it is safe
 // for concurrent use.
 type Server struct {

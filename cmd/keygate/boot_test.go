@@ -3,12 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
-	"encoding/json"
+	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -24,6 +21,8 @@ import (
 
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
+	"github.com/keygate/keygate/keysvc/client"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -32,7 +31,7 @@ import (
 type ksEnv struct {
 	svc               *keysvc.Service
 	caFile, tokenFile string
-	hc                *http.Client
+	adm               *client.Client // the admin API
 	token             string
 }
 
@@ -48,28 +47,19 @@ func startKeysvc(t *testing.T) *ksEnv {
 	ca, _ := os.ReadFile(e.caFile)
 	tok, _ := os.ReadFile(e.tokenFile)
 	e.token = strings.TrimSpace(string(tok))
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(ca)
-	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}}
-	t.Cleanup(tr.CloseIdleConnections)
-	e.hc = &http.Client{Transport: tr, Timeout: 30 * time.Second}
+	if e.adm, err = client.New(client.Config{URLs: []string{"https://" + svc.AdminAddr()}, CA: ca, Token: e.token}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.adm.Close)
 	return e
 }
 
 func (e *ksEnv) admin(t *testing.T, method, path string, body any, want int) {
 	t.Helper()
-	b, _ := json.Marshal(body)
-	req, _ := http.NewRequest(method, "https://"+e.svc.AdminAddr()+path, bytes.NewReader(b))
-	req.Header.Set("Authorization", "Bearer "+e.token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := e.hc.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != want {
-		rb, _ := io.ReadAll(resp.Body)
-		t.Fatalf("%s %s: %d %s", method, path, resp.StatusCode, rb)
+	err := e.adm.Do(context.Background(), method, path, "", body, nil)
+	var se *client.Error
+	if !(err == nil && want/100 == 2) && !(errors.As(err, &se) && se.StatusCode == want) {
+		t.Fatalf("%s %s: %v, want %d", method, path, err, want)
 	}
 }
 
@@ -86,7 +76,7 @@ func (e *ksEnv) enrollSwtpm(t *testing.T, sock, vm string) {
 	ak, _ := tp.AK(tpm.ECC)
 	ekPEM, _ := ek.PEM()
 	akPEM, _ := ak.PEM()
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: vm, EKPub: string(ekPEM), AKPub: string(akPEM)}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: vm, EKPub: string(ekPEM), AKPub: string(akPEM)}, http.StatusCreated)
 	pcrs, err := tp.PCRs(0, 7, tpm.WindowPCR)
 	if err != nil {
 		t.Fatal(err)

@@ -17,6 +17,7 @@ import (
 	"testing"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 func writePubPEM(t *testing.T, path string) {
@@ -98,7 +99,7 @@ func TestAdminCommands(t *testing.T) {
 	if run([]string{"vm", "list", "--json", tok}, nil, &out, &errb) != 0 {
 		t.Fatal(errb.String())
 	}
-	var vms []keysvc.VMInfo
+	var vms []api.VMInfo
 	if err := json.Unmarshal(out.Bytes(), &vms); err != nil || len(vms) != 1 || !vms[0].Revoked {
 		t.Fatalf("vm list --json: %v %s", err, out.String())
 	}

@@ -7,7 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // volumeRotateCmd is `keysvc volume rotate --id V`.
@@ -45,7 +45,7 @@ re-encrypted, and a recovery keyslot is left alone.`,
 }
 
 // rotationNote is what a volume line says about a pending rotation.
-func rotationNote(v keysvc.VolumeInfo) string {
+func rotationNote(v api.VolumeInfo) string {
 	if v.Rotation == "" {
 		return ""
 	}

@@ -1,4 +1,4 @@
-package keysvc
+package api
 
 import (
 	"crypto/hmac"
@@ -9,8 +9,7 @@ import (
 
 // Wire types and constants of unwrap-key rotation and continuous
 // attestation (issue 15; docs/protocol.md, "Rotation" and
-// "Re-attestation"). They sit in a file of their own so that they can move
-// with the rest of the wire types.
+// "Re-attestation").
 
 // ReasonRotateProof: POST /v1/rotate with a proof that is not under the
 // volume's pending unwrap key and the session.
@@ -88,7 +87,7 @@ const StateLock = "lock"
 
 // UnlockDoneEvent is what a VM extends into WindowPCR right after it imports
 // its key for volume (tpm.Extend hashes it first). The key service derives
-// the value WindowPCR must hold while the VM serves from it.
+// the value the window PCR (15) must hold while the VM serves from it.
 func UnlockDoneEvent(volume string) []byte {
 	return []byte("keygate: unlock done: " + volume)
 }
