@@ -1,7 +1,6 @@
 package api
 
 import (
-	"crypto/hmac"
 	"crypto/sha256"
 
 	"github.com/keygate/keygate/attest"
@@ -45,11 +44,39 @@ const rotateProofLabel = "keygate rotate confirm v1\x00"
 // HMAC-SHA256(uk, "keygate rotate confirm v1\x00" || session), with session
 // the session token the unlock returned. Bound to the session, it cannot be
 // replayed for another unlock; under the key, it cannot be made without it.
+//
+// It is HMAC spelled out rather than crypto/hmac, whose state keeps the
+// key's padded copies on the Go heap until the collector reuses them: here
+// the pads are wiped and both hash states reset before it returns.
 func RotateProof(uk []byte, session string) []byte {
-	m := hmac.New(sha256.New, uk)
-	m.Write([]byte(rotateProofLabel))
-	m.Write([]byte(session))
-	return m.Sum(nil)
+	var pad [sha256.BlockSize]byte
+	var short [sha256.Size]byte
+	defer clear(pad[:])
+	defer clear(short[:])
+	key := uk
+	if len(key) > sha256.BlockSize {
+		short = sha256.Sum256(key)
+		key = short[:]
+	}
+	pads := func(b byte) []byte {
+		for i := range pad {
+			pad[i] = b
+		}
+		for i, k := range key {
+			pad[i] ^= k
+		}
+		return pad[:]
+	}
+	inner, outer := sha256.New(), sha256.New()
+	defer inner.Reset()
+	defer outer.Reset()
+	inner.Write(pads(0x36))
+	inner.Write([]byte(rotateProofLabel))
+	inner.Write([]byte(session))
+	sum := inner.Sum(nil)
+	outer.Write(pads(0x5c))
+	outer.Write(sum)
+	return outer.Sum(nil)
 }
 
 // ReattestChallengeResponse is the answer to POST /v1/reattest/challenge
