@@ -175,10 +175,9 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "read policy", fmt.Errorf("vm %q: stored policy: %w", vm.Name, err))
 		return
 	}
-	_, err = attest.Verify(att, attest.VerifyOpts{Nonce: claims.Nonce, TrustedAKs: []crypto.PublicKey{ak}, Policy: pol})
-	var d *attest.Denial
+	d, err := verifyServing(att, attest.VerifyOpts{Nonce: claims.Nonce, TrustedAKs: []crypto.PublicKey{ak}, Policy: pol})
 	switch {
-	case errors.As(err, &d):
+	case d != nil:
 		s.reattestFailed(r, c, d)
 		writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateLock, Denial: d, Reason: api.ReasonPolicy})
 		return
@@ -195,6 +194,42 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 		s.addEvent(ctx, store.VMEvent{VM: c.VM, Volume: c.Volume, Session: c.ID, Kind: "reattest-resumed", Severity: "info"})
 	}
 	writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateActive})
+}
+
+// verifyServing verifies a serving VM's attestation: a *Denial means lock,
+// an error means the evidence proves nothing (refuse).
+//
+// A measurement made after boot into a PCR that the firmware's event log
+// covers (a runtime measurement into PCR 9, say) makes the log no longer
+// replay to the quoted PCRs, which attest.Verify reports as bad evidence,
+// not as a denial. So when the full check fails for any reason but the AK,
+// the quote is checked again without its event log: if it is the enrolled
+// AK's quote over this nonce, the VM's state is what it signed, and that
+// state is judged: off the policy, the denial names the PCRs; on it, the
+// log alone disagrees with the PCRs, and that too is a state the unlock
+// was not made in.
+func verifyServing(att *pb.Attestation, opts attest.VerifyOpts) (*attest.Denial, error) {
+	_, err := attest.Verify(att, opts)
+	var d *attest.Denial
+	switch {
+	case err == nil:
+		return nil, nil
+	case errors.As(err, &d):
+		return d, nil
+	case errors.Is(err, attest.ErrUntrustedAK) || len(att.GetEventLog()) == 0:
+		return nil, err
+	}
+	bare := proto.Clone(att).(*pb.Attestation)
+	bare.EventLog = nil
+	_, berr := attest.Verify(bare, opts)
+	switch {
+	case errors.As(berr, &d):
+		d.Reason = "the event log no longer replays to the quoted PCRs (a measurement after boot), and " + d.Reason
+		return d, nil
+	case berr == nil:
+		return &attest.Denial{Reason: "the event log no longer replays to the quoted PCRs (a measurement after boot)", Mismatches: []attest.PCRMismatch{}}, nil
+	}
+	return nil, err
 }
 
 // reattestFailed audits and stores a failed re-attestation as critical.
