@@ -39,6 +39,8 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/admin/audit", s.adminAuditList)
 	mux.HandleFunc("GET /v1/admin/audit/verify", s.adminAuditVerify)
 	mux.HandleFunc("GET /v1/admin/events", s.adminListEvents)
+	mux.HandleFunc("GET /v1/admin/master-key", s.adminMasterKey)
+	mux.HandleFunc("POST /v1/admin/master-key/rotate", s.adminRotateMasterKey)
 }
 
 func fingerprint(pemText string) string {
@@ -366,7 +368,7 @@ func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Bound to the volume, its owner and the owner's EK (rowauth.go).
-	sealed, err := s.mk.Seal(ukRecordID(req.ID, req.VM, ekFP), key)
+	sealed, err := s.rows.seal(ukRecordID(req.ID, req.VM, ekFP), key)
 	clear(key)
 	clear(req.Key)
 	if err != nil {
@@ -472,7 +474,7 @@ func (s *Server) adminAuditVerify(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "verify audit log", err)
 		return
 	}
-	out := api.AuditVerifyResponse{OK: rep.OK(), Records: rep.Records, LastSeq: rep.LastSeq, Head: rep.Head, Problems: []string{}, Omitted: rep.Omitted}
+	out := api.AuditVerifyResponse{OK: rep.OK(), Records: rep.Records, LastSeq: rep.LastSeq, Head: rep.Head, Problems: []string{}, Omitted: rep.Omitted, Retired: rep.Retired}
 	for _, p := range rep.Problems {
 		out.Problems = append(out.Problems, p.String())
 	}

@@ -55,12 +55,17 @@ type env struct {
 
 func startEnv(t testing.TB, dir string, opts ...keysvc.Option) *env {
 	t.Helper()
+	return startEnvConfig(t, keysvc.Config{DataDir: dir}, opts...)
+}
+
+// startEnvConfig is startEnv with more of the Config set (a PKCS#11 token).
+func startEnvConfig(t testing.TB, cfg keysvc.Config, opts ...keysvc.Option) *env {
+	t.Helper()
 	c := &clock{}
-	svc, err := keysvc.Start(context.Background(), keysvc.Config{
-		DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0",
-		Logger:  discardLogger(),
-		Options: append([]keysvc.Option{keysvc.WithClock(c.Now), keysvc.WithChallengeTTL(time.Minute)}, opts...),
-	})
+	dir := cfg.DataDir
+	cfg.Listen, cfg.AdminListen, cfg.Logger = "127.0.0.1:0", "127.0.0.1:0", discardLogger()
+	cfg.Options = append([]keysvc.Option{keysvc.WithClock(c.Now), keysvc.WithChallengeTTL(time.Minute)}, opts...)
+	svc, err := keysvc.Start(context.Background(), cfg)
 	if err != nil {
 		t.Fatalf("start: %v", err)
 	}

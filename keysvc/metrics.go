@@ -19,6 +19,9 @@ type metrics struct {
 	unlocks  prometheus.Counter
 	denials  *prometheus.CounterVec
 	events   *prometheus.CounterVec
+	// rotationRows counts the rows the running master-key rotation has
+	// re-keyed (masterkey_rotate.go).
+	rotationRows prometheus.Gauge
 }
 
 func newMetrics() *metrics {
@@ -40,8 +43,11 @@ func newMetrics() *metrics {
 		events: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "keysvc_vm_events_total", Help: "Events reported by VMs by severity and kind (kinds other than heartbeat and the monitor's techniques count as \"other\").",
 		}, []string{"severity", "kind"}),
+		rotationRows: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "keysvc_master_key_rotation_rows", Help: "Rows (VMs and volumes) the master-key rotation under way has re-sealed and re-MAC'd so far.",
+		}),
 	}
-	m.reg.MustRegister(m.requests, m.latency, m.unlocks, m.denials, m.events,
+	m.reg.MustRegister(m.requests, m.latency, m.unlocks, m.denials, m.events, m.rotationRows,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

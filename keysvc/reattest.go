@@ -88,7 +88,7 @@ func (s *Server) handleReattestChallenge(w http.ResponseWriter, r *http.Request)
 		tooMany(w, "VM")
 		return
 	}
-	nonce, token, err := s.ch.Issue(c.VM, reattestBinding(c.ID), ek, ak)
+	nonce, token, err := s.chs.Load().cur.Issue(c.VM, reattestBinding(c.ID), ek, ak)
 	if err != nil {
 		s.internal(w, "issue challenge", err)
 		return
@@ -149,7 +149,7 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
-	claims, err := s.ch.Check(req.Challenge, c.VM, reattestBinding(c.ID), ek, ak, s.now())
+	claims, err := s.checkChallenge(req.Challenge, c.VM, reattestBinding(c.ID), ek, ak)
 	if err != nil {
 		if isChallengeErr(err) {
 			s.refuse(w, r, c.VM, c.Volume, &refusal{reason: api.ReasonChallenge, hint: err.Error() + "; request a new one from POST /v1/reattest/challenge"})

@@ -130,7 +130,7 @@ func (s *Server) adminRotate(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "make unwrap key", err)
 		return
 	}
-	sealed, err := s.mk.Seal(ukNextRecordID(id, vol.VM, ekFP), uk)
+	sealed, err := s.rows.seal(ukNextRecordID(id, vol.VM, ekFP), uk)
 	clear(uk)
 	if err != nil {
 		s.internal(w, "seal unwrap key", err)
@@ -265,7 +265,7 @@ func (s *Server) handleRotateConfirm(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "open pending unwrap key", err)
 		return
 	}
-	resealed, err := s.mk.Seal(ukRecordID(vol.ID, vol.VM, ekFP), uk)
+	resealed, err := s.rows.seal(ukRecordID(vol.ID, vol.VM, ekFP), uk)
 	wipe()
 	if err != nil {
 		s.internal(w, "seal unwrap key", err)
@@ -309,6 +309,63 @@ func (s *Server) handleRotateConfirm(w http.ResponseWriter, r *http.Request) {
 }
 
 var errRotationRaced = errors.New("the pending key changed")
+
+// rekeyPendingUKs re-seals every pending unwrap key under ks.cur, for a
+// master-key rotation (masterkey_rotate.go), after the volumes: a key
+// sealed under the old master key would not open once that key is wiped.
+// ekFP gives a VM's EK fingerprint. The keys are re-sealed first and
+// stored in one transaction, each only if it did not change meanwhile (a
+// rotation finished or started since was written under ks.cur already).
+func (s *Server) rekeyPendingUKs(ctx context.Context, ks *ringKeys, ekFP func(vm string) (string, error)) error {
+	rs, _, ok := s.rotations()
+	if !ok {
+		return nil
+	}
+	pend, err := rs.PendingRotations(ctx)
+	if err != nil {
+		return err
+	}
+	type resealed struct{ old, new []byte }
+	next := map[string]resealed{}
+	for id := range pend {
+		p, err := rs.GetRotation(ctx, id)
+		if errors.Is(err, store.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		vol, err := s.st.GetVolume(ctx, id)
+		if err != nil {
+			return fmt.Errorf("rekey pending key of volume %q: %w", id, err)
+		}
+		fp, err := ekFP(vol.VM)
+		if err != nil {
+			return fmt.Errorf("rekey pending key of volume %q: %w", id, err)
+		}
+		rid := ukNextRecordID(vol.ID, vol.VM, fp)
+		uk, done, err := s.openUK(rid, p.SealedUK)
+		if err != nil {
+			return fmt.Errorf("rekey pending key of volume %q: %w", id, err)
+		}
+		sealed, err := ks.cur.Seal(rid, uk)
+		done()
+		if err != nil {
+			return fmt.Errorf("rekey pending key of volume %q: %w", id, err)
+		}
+		next[id] = resealed{p.SealedUK, sealed}
+	}
+	n, err := rs.RekeyRotations(ctx, func(p *store.Rotation) error {
+		if r, ok := next[p.Volume]; ok && bytes.Equal(p.SealedUK, r.old) {
+			p.SealedUK = r.new
+		}
+		return nil
+	})
+	if n > 0 {
+		s.log.Info("master-key rotation: pending unwrap keys re-sealed", slog.Int("count", len(next)))
+	}
+	return err
+}
 
 // proves checks, in constant time, that proof is api.RotateProof under the UK
 // sealed as sealed (record id) for session c.

@@ -311,3 +311,32 @@ func TestRotateServiceCrash(t *testing.T) {
 		})
 	}
 }
+
+// TestRotateAcrossMasterKeyRotation: a master-key rotation re-seals a
+// volume's pending unwrap key with its current one, so that once the old
+// master key is wiped both still open, and the UK rotation completes.
+func TestRotateAcrossMasterKeyRotation(t *testing.T) {
+	e := startEnv(t, t.TempDir())
+	v := openVM(t)
+	vol := setup(t, e, v, "mk")
+	e.admin(t, "POST", "/v1/admin/volumes/"+vol+"/rotate", nil, http.StatusAccepted)
+	before := e.unlockBoth(t, v, "mk", vol)
+	e.admin(t, "POST", "/v1/admin/master-key/rotate", nil, http.StatusAccepted)
+	if msg := e.waitRotation(t); msg != "" {
+		t.Fatalf("master-key rotation stopped: %s", msg)
+	}
+	after := e.unlockBoth(t, v, "mk", vol)
+	if !after.nextBlob || !bytes.Equal(after.uk, ukBytes) || !bytes.Equal(after.next, before.next) {
+		t.Fatalf("after the master-key rotation: pending key released %v, current unchanged %v, pending unchanged %v",
+			after.nextBlob, bytes.Equal(after.uk, ukBytes), bytes.Equal(after.next, before.next))
+	}
+	if code, body := e.confirm(t, after.session, after.next); code != http.StatusOK {
+		t.Fatalf("confirm: %d %s", code, body)
+	}
+	if final := e.unlockBoth(t, v, "mk", vol); final.nextBlob || !bytes.Equal(final.uk, before.next) {
+		t.Fatal("after the UK rotation the volume's key is not the proven one")
+	}
+	if rep := e.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK); !bytes.Contains(rep, []byte(`"ok":true`)) {
+		t.Fatalf("audit verify: %s", rep)
+	}
+}

@@ -65,12 +65,19 @@ const labelSessionMAC = "keygate session mac v1"
 // Server serves the VM API and the admin API. Build it with New; it is safe
 // for concurrent use.
 type Server struct {
-	st         Store // an *authStore over the store given (rowauth.go)
-	rows       rowKey
-	audit      Auditor
-	mk         MasterKey
-	ch         *attest.Challenger
-	sessKey    []byte
+	st    Store    // an *authStore over the store given (rowauth.go)
+	rows  *keyring // the master key(s) and their row MAC keys (keyring.go)
+	audit Auditor
+	// initMK and initCh are the master key and challenger New starts
+	// from. After New, use rows (seal, open, MACs) and chs: a master-key
+	// rotation replaces both, and wipes initMK.
+	initMK     MasterKey
+	initCh     *attest.Challenger
+	chs        atomic.Pointer[challengers]
+	sess       atomic.Pointer[sessionKeys]
+	rot        *rotator // nil: master-key rotation unavailable (masterkey_rotate.go)
+	rotBatch   int
+	rotHook    func(batch int) error
 	adminToken [sha256.Size]byte
 	hasToken   bool
 	now        func() time.Time
@@ -109,7 +116,7 @@ func WithAudit(a Auditor) Option { return func(s *Server) { s.audit = a } }
 
 // WithMasterKey sets the master key (required): it seals unwrap keys and
 // derives the challenge and session MAC keys.
-func WithMasterKey(mk MasterKey) Option { return func(s *Server) { s.mk = mk } }
+func WithMasterKey(mk MasterKey) Option { return func(s *Server) { s.initMK = mk } }
 
 // MinAdminTokenLen is the shortest admin token New accepts.
 const MinAdminTokenLen = 32
@@ -139,7 +146,7 @@ func WithChallengeTTL(d time.Duration) Option { return func(s *Server) { s.ttl =
 // clock. The Server records used challenges in its store itself (with the
 // record of each attempt, see unlock), so the Challenger's replay cache, if
 // it has one, is not consulted.
-func WithChallenger(ch *attest.Challenger) Option { return func(s *Server) { s.ch = ch } }
+func WithChallenger(ch *attest.Challenger) Option { return func(s *Server) { s.initCh = ch } }
 
 // DefaultEventRetention is how long stored VM events are kept.
 const DefaultEventRetention = 90 * 24 * time.Hour
@@ -175,35 +182,37 @@ func New(opts ...Option) (*Server, error) {
 		return nil, errors.New("new key service: no store (use WithStore)")
 	case s.audit == nil:
 		return nil, errors.New("new key service: no audit log (use WithAudit)")
-	case s.mk == nil:
+	case s.initMK == nil:
 		return nil, errors.New("new key service: no master key (use WithMasterKey)")
 	case s.eventsKept <= 0:
 		return nil, fmt.Errorf("new key service: event retention %v is not positive", s.eventsKept)
 	case !s.hasToken:
 		return nil, fmt.Errorf("new key service: no admin token of at least %d characters (use WithAdminToken)", MinAdminTokenLen)
 	}
-	if s.ch == nil {
-		chKey, err := s.mk.Derive(masterkey.LabelChallengeMAC)
+	if s.initCh == nil {
+		chKey, err := s.initMK.Derive(masterkey.LabelChallengeMAC)
 		if err != nil {
 			return nil, fmt.Errorf("new key service: challenge key: %w", err)
 		}
-		s.ch, err = attest.NewChallenger(chKey.Bytes(), attest.WithTTL(s.ttl), attest.WithClock(s.now))
+		s.initCh, err = attest.NewChallenger(chKey.Bytes(), attest.WithTTL(s.ttl), attest.WithClock(s.now))
 		chKey.Destroy()
 		if err != nil {
 			return nil, fmt.Errorf("new key service: %w", err)
 		}
 	}
-	sk, err := s.mk.Derive(labelSessionMAC)
+	sk, err := s.initMK.Derive(labelSessionMAC)
 	if err != nil {
 		return nil, fmt.Errorf("new key service: session key: %w", err)
 	}
-	s.sessKey = append([]byte(nil), sk.Bytes()...)
+	s.sess.Store(&sessionKeys{cur: append([]byte(nil), sk.Bytes()...)})
 	sk.Destroy()
-	rk, err := s.mk.Derive(masterkey.LabelRowMAC)
+	s.chs.Store(&challengers{cur: s.initCh})
+	ks, err := newRingKeys(s.initMK)
 	if err != nil {
-		return nil, fmt.Errorf("new key service: row MAC key: %w", err)
+		return nil, fmt.Errorf("new key service: %w", err)
 	}
-	s.rows = newRowKey(rk)
+	s.rows = &keyring{}
+	s.rows.p.Store(ks)
 	s.metrics = newMetrics()
 	s.lm, s.serving = newLifecycleMetrics(s.metrics.reg), newServingSessions()
 	s.lm.registerStale(s.metrics.reg, s.serving)
@@ -406,7 +415,7 @@ func remoteHost(r *http.Request) string {
 
 // mac is HMAC-SHA256 under the session key.
 func (s *Server) mac(b []byte) []byte {
-	m := hmac.New(sha256.New, s.sessKey)
+	m := hmac.New(sha256.New, s.sess.Load().cur)
 	m.Write(b)
 	return m.Sum(nil)
 }

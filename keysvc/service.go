@@ -7,13 +7,13 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
+	"github.com/keygate/keygate/keysvc/masterkey/hsm"
 	"github.com/keygate/keygate/keysvc/store"
 )
 
@@ -24,7 +24,10 @@ type Config struct {
 	AdminListen string   // admin API and /metrics; DefaultAdminListen if empty
 	Hostnames   []string // extra names for the server certificate
 	DB          string   // "" or "sqlite": DataDir/keysvc.db
-	Logger      *slog.Logger
+	// PKCS11, if set, keeps the master key in that token instead of
+	// DataDir/master.key (package keysvc/masterkey/hsm).
+	PKCS11 *hsm.Config
+	Logger *slog.Logger
 	// Options are appended to the Server's (for tests: a clock, a TTL).
 	Options []Option
 }
@@ -45,7 +48,9 @@ type Service struct {
 	servers   []*http.Server
 	st        *store.SQLite
 	auditLog  *audit.Log
-	mk        *masterkey.Key
+	mk        masterkey.Master
+	src       keySource
+	keys      []MasterKey // every master key loaded, wiped on release
 	errs      chan error
 	closeOnce sync.Once
 	log       *slog.Logger
@@ -130,29 +135,40 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
-	var created bool
-	svc.mk, created, err = masterkey.LoadOrCreate(filepath.Join(cfg.DataDir, MasterKeyFile))
-	if err != nil {
+	if svc.src, err = openKeySource(cfg); err != nil {
 		return nil, fmt.Errorf("start key service: master key: %w", err)
-	}
-	if created {
-		svc.Data.Created = append(svc.Data.Created, MasterKeyFile)
 	}
 	if svc.st, err = store.OpenSQLite(ctx, cfg.DataDir); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	lk, created, err := loadKeys(ctx, svc.src, svc.st)
+	svc.keys = append(svc.keys, lk.cur, lk.next)
+	if err != nil {
+		return nil, fmt.Errorf("start key service: master key: %w", err)
+	}
+	svc.mk = lk.cur
+	if created {
+		if cfg.PKCS11 != nil {
+			svc.Data.Created = append(svc.Data.Created, "pkcs11:"+cfg.PKCS11.URI.Object)
+		} else {
+			svc.Data.Created = append(svc.Data.Created, MasterKeyFile)
+		}
 	}
 	if svc.auditLog, err = audit.New(svc.st, svc.mk); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
 	// With the master key in hand (trusted at this point), authenticate a
 	// store that is not yet, or check its anchor (adopt.go).
-	if err := adopt(ctx, svc.st, svc.auditLog, svc.mk, time.Now(), log); err != nil {
+	if err := adopt(ctx, svc.st, svc.auditLog, lk.anchorKey(), time.Now(), log); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
 	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
 		WithAdminToken(svc.Data.adminToken), WithLogger(log)}, cfg.Options...)
 	if svc.Server, err = New(opts...); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	if err := svc.resumeRotation(ctx, lk); err != nil {
+		return nil, fmt.Errorf("start key service: master-key rotation: %w", err)
 	}
 	listen, adminListen := cfg.Listen, cfg.AdminListen
 	if listen == "" {
@@ -239,10 +255,14 @@ func (s *Service) release() {
 				ln.Close()
 			}
 		}
+		if s.Server != nil && s.Server.rot != nil {
+			s.Server.rot.cancel()
+			s.Server.waitRotation()
+		}
 		if s.Server != nil {
 			s.Server.FlushAudit(context.Background())
-			clear(s.Server.sessKey)
-			s.Server.rows.key.Destroy()
+			s.Server.wipeSessionKeys()
+			s.Server.rows.destroy()
 		}
 		if s.auditLog != nil {
 			s.auditLog.Destroy()
@@ -250,8 +270,17 @@ func (s *Service) release() {
 		if s.st != nil {
 			s.st.Close()
 		}
-		if s.mk != nil {
-			s.mk.Destroy()
+		if s.Server != nil {
+			ks := s.Server.rows.load()
+			s.keys = append(s.keys, ks.cur, ks.prev)
+		}
+		for _, k := range s.keys {
+			if d, ok := k.(interface{ Destroy() }); ok && k != nil {
+				d.Destroy()
+			}
+		}
+		if s.src != nil {
+			s.src.close()
 		}
 	})
 }

@@ -1,7 +1,6 @@
 package keysvc
 
 import (
-	"crypto/hmac"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
@@ -49,7 +48,7 @@ func (s *Server) parseSession(token string) (sessionClaims, error) {
 	enc := base64.RawURLEncoding.Strict()
 	payload, err1 := enc.DecodeString(p)
 	mac, err2 := enc.DecodeString(m)
-	if !ok || err1 != nil || err2 != nil || !hmac.Equal(mac, s.mac(payload)) {
+	if !ok || err1 != nil || err2 != nil || !s.sessionMACOK(payload, mac) {
 		return c, errBadSession
 	}
 	if err := json.Unmarshal(payload, &c); err != nil {

@@ -231,7 +231,7 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, req.VM, req.Volume, f)
 		return
 	}
-	nonce, token, err := s.ch.Issue(req.VM, req.Volume, ek, ak)
+	nonce, token, err := s.chs.Load().cur.Issue(req.VM, req.Volume, ek, ak)
 	if err != nil {
 		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
 		return
@@ -312,7 +312,7 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		s.refuse(w, r, vmName, volID, f)
 		return
 	}
-	claims, err := s.ch.Check(req.Challenge, vmName, volID, ekPub, akPub, s.now())
+	claims, err := s.checkChallenge(req.Challenge, vmName, volID, ekPub, akPub)
 	if err != nil {
 		if isChallengeErr(err) {
 			s.refuse(w, r, vmName, volID, &refusal{reason: api.ReasonChallenge, hint: err.Error()})
@@ -415,7 +415,7 @@ func (s *Server) provisionVolume(ctx context.Context, vm, id string, ek crypto.P
 	if _, err := rand.Read(uk); err != nil {
 		return store.Volume{}, err
 	}
-	sealed, err := s.mk.Seal(ukRecordID(id, vm, hex.EncodeToString(fp[:])), uk)
+	sealed, err := s.rows.seal(ukRecordID(id, vm, hex.EncodeToString(fp[:])), uk)
 	clear(uk)
 	if err != nil {
 		return store.Volume{}, err

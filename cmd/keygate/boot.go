@@ -167,7 +167,7 @@ func keysvcCreateFlags(c *cobra.Command, ks *keysvcCreate) {
 	f := c.Flags()
 	f.StringVar(&ks.vm, "vm", "", "with --keysvc: the VM the volume belongs to")
 	f.StringVar(&ks.ca, "ca", "", "with --keysvc: the key service CA, DATA/ca.pem (env KEYSVC_CA)")
-	f.StringVar(&ks.admin, "admin", "", "with --keysvc: admin API URL (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")
+	f.StringVar(&ks.admin, "admin", "", "with --keysvc: admin API URL, or several replicas' separated by commas (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")
 	f.StringVar(&ks.tokenFile, "token-file", "", "with --keysvc: admin token file, DATA/admin.token (env KEYSVC_TOKEN_FILE)")
 }
 

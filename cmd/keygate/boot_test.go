@@ -108,8 +108,12 @@ func TestBootCLI(t *testing.T) {
 		// monitor adds --monitor --on-alert lock (root only); the test then
 		// opens the serving process's /proc/PID/mem instead of revoking.
 		monitor bool
+		// deadFirst lists a dead replica before the key service in
+		// disk create's --keysvc, and boot takes the list from the token.
+		deadFirst bool
 	}{
 		{name: "serves-until-revoked", serving: true, wantCode: 1, wantErr: []string{"unlocked (ext4); PCR 15 extended", "serving 9P2000.L", "session revoked"}},
+		{name: "dead-replica-first", serving: true, deadFirst: true, wantCode: 1, wantErr: []string{"unlocked (ext4); PCR 15 extended", "session revoked"}},
 		{name: "monitor-locks-on-alert", serving: true, monitor: true, wantCode: 1, wantErr: []string{"key-page monitor running in", "the first critical alert locks the volume",
 			"monitor alert: critical proc_mem", "locked on a critical monitor alert"}},
 		{name: "denied", wantCode: 1, wantErr: []string{"key service refused (policy)", "PCR 7: got "},
@@ -134,6 +138,9 @@ func TestBootCLI(t *testing.T) {
 			e.enrollSwtpm(t, sock, "web1")
 			img := filepath.Join(t.TempDir(), "v.img")
 			url := "https://" + e.svc.VMAddr()
+			if tc.deadFirst {
+				url = testutil.ClosedPort(t) + "," + url
+			}
 			code, out, errOut := runKeygate("disk", "create", img, "--size", "64M", "--fs", "ext4", "--keysvc", url, "--volume", "web1-data",
 				"--vm", "web1", "--ca", e.caFile, "--admin", "https://"+e.svc.AdminAddr(), "--token-file", e.tokenFile)
 			if code != 0 || !strings.Contains(out, "created "+img) {
@@ -156,6 +163,9 @@ func TestBootCLI(t *testing.T) {
 			args := []string{"boot", "--vm", "web1", "--image", img, "--tpm", "swtpm:" + sock, "--ca", e.caFile, "--serve-9p", p9sock, "--poll", "100ms", "--max-wait", "10s"}
 			if tc.monitor {
 				args = append(args, "--monitor", "--on-alert", "lock")
+			}
+			if tc.deadFirst {
+				args = append(args, "--connect-timeout", "200ms")
 			}
 			go func() {
 				c, o, e := runKeygate(args...)

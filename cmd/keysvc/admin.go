@@ -107,13 +107,18 @@ func (cl *client) print(c *cobra.Command, body []byte, human func(io.Writer) err
 func adminCommands(cl *client) []*cobra.Command {
 	cmds := []*cobra.Command{vmCmd(cl), volumeCmd(cl), policyCmd(cl), revokeCmd(cl), eraseCmd(cl), auditCmd(cl), eventsCmd(cl)}
 	for _, c := range cmds {
-		f := c.PersistentFlags()
-		f.StringVar(&cl.server, "server", "", "admin API URL, or several replicas' separated by commas (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")
-		f.StringVar(&cl.tokenFile, "token-file", "", "admin token file, DATA/admin.token (env KEYSVC_TOKEN_FILE)")
-		f.StringVar(&cl.ca, "ca", "", "CA certificate to trust, DATA/ca.pem (env KEYSVC_CA)")
-		f.BoolVar(&cl.json, "json", false, "print the service's JSON answer")
+		adminFlags(c, cl)
 	}
 	return cmds
+}
+
+// adminFlags gives c (and its subcommands) the flags that reach the admin API.
+func adminFlags(c *cobra.Command, cl *client) {
+	f := c.PersistentFlags()
+	f.StringVar(&cl.server, "server", "", "admin API URL, or several replicas' separated by commas (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")
+	f.StringVar(&cl.tokenFile, "token-file", "", "admin token file, DATA/admin.token (env KEYSVC_TOKEN_FILE)")
+	f.StringVar(&cl.ca, "ca", "", "CA certificate to trust, DATA/ca.pem (env KEYSVC_CA)")
+	f.BoolVar(&cl.json, "json", false, "print the service's JSON answer")
 }
 
 func required(c *cobra.Command, flags ...string) error {

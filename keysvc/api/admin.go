@@ -69,6 +69,9 @@ type AuditVerifyResponse struct {
 	Head     uint64   `json:"head"`
 	Problems []string `json:"problems"`
 	Omitted  int      `json:"omitted,omitempty"`
+	// Retired counts records written under a master key since rotated
+	// away, checked by hash and link only (audit.Report.Retired).
+	Retired uint64 `json:"retired,omitempty"`
 }
 
 // MaxKeyFile bounds an imported key file (cryptsetup's own limit is 8 MiB;

@@ -51,9 +51,10 @@ type Config struct {
 	Token string
 	// ConnectTimeout bounds the TCP connect plus TLS handshake to one
 	// replica: DefaultConnectTimeout with several URLs,
-	// SingleConnectTimeout with one. When a whole pass over the replicas
-	// got no connection, the next pass allows twice as long (up to
-	// SingleConnectTimeout), so that a slow link still gets through.
+	// SingleConnectTimeout with one. When every replica of a pass timed
+	// out connecting, the next pass allows twice as long (up to
+	// SingleConnectTimeout), so that a slow link still gets through; an
+	// answer resets it.
 	ConnectTimeout time.Duration
 	// ResponseTimeout bounds the wait for an answer once a request is
 	// sent (DefaultResponseTimeout).
@@ -207,14 +208,11 @@ func (c *Client) Do(ctx context.Context, method, path, bearer string, in, out an
 	n := len(c.reps)
 	start := int(c.cur.Load())
 	var errs []error
-	connected, trust := false, 0
+	timeouts, trust := 0, 0
 	for i := range n {
 		idx := (start + i) % n
 		r := c.reps[idx]
 		answered, err := r.do(ctx, method, path, bearer, body, out)
-		if answered {
-			connected = true
-		}
 		if err == nil {
 			c.settle(idx)
 			return nil
@@ -233,17 +231,25 @@ func (c *Client) Do(ctx context.Context, method, path, bearer string, in, out an
 		case errors.Is(err, ErrRefused):
 			c.settle(idx)
 			return err
+		case answered && se == nil:
+			// A 2xx whose body does not decode: the replica answered,
+			// and may have acted on the request.
+			c.settle(idx)
+			return err
 		case errors.Is(err, ErrTLS):
 			trust++
+		case isTimeout(err):
+			timeouts++
 		}
 		if n > 1 {
 			err = fmt.Errorf("%s: %w", r.base, err)
 		}
 		errs = append(errs, err)
 	}
-	if !connected {
-		// Nobody connected within the bound: allow the next pass more,
-		// in case every replica is merely far away.
+	if timeouts == n {
+		// Every replica timed out connecting (none refused, none was
+		// reached): allow the next pass more, in case they are merely
+		// far away. A replica that refuses is down, not far.
 		c.dialTO.Store(min(2*c.dialTO.Load(), int64(max(c.connect, SingleConnectTimeout))))
 	}
 	joined := errors.Join(errs...)
@@ -260,8 +266,8 @@ func (c *Client) settle(idx int) {
 	c.dialTO.Store(int64(c.connect))
 }
 
-// do sends one request to this replica. answered says whether a TLS
-// connection came up (whatever happened after).
+// do sends one request to this replica. answered says whether its answer
+// (status and body) arrived.
 func (r *replica) do(ctx context.Context, method, path, bearer string, body []byte, out any) (bool, error) {
 	var rd io.Reader
 	if body != nil {
@@ -286,14 +292,21 @@ func (r *replica) do(ctx context.Context, method, path, bearer string, body []by
 			return false, ctx.Err()
 		}
 		if isTrustFailure(err) {
-			return true, fmt.Errorf("%w: %v (is the CA the key service's DATA/ca.pem? a certificate from another CA may be a machine in the middle)", ErrTLS, err)
+			return false, fmt.Errorf("%w: %v (is the CA the key service's DATA/ca.pem? a certificate from another CA may be a machine in the middle)", ErrTLS, err)
 		}
 		return false, err
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
-		return true, fmt.Errorf("read answer to %s: %w", path, err)
+		return false, fmt.Errorf("read answer to %s: %w", path, err)
 	}
 	return true, Decode(path, resp.StatusCode, resp.Status, resp.Header, b, out)
+}
+
+// isTimeout reports whether err is a connect or handshake that ran out of
+// time.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
 }

@@ -9,20 +9,16 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
-	"fmt"
-	"io"
-	"log"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/keysvc/api"
 )
@@ -35,10 +31,11 @@ type service struct {
 	token string
 }
 
-func startService(t testing.TB) *service {
+func startService(t testing.TB, opts ...keysvc.Option) *service {
 	t.Helper()
 	dir := t.TempDir()
-	svc, err := keysvc.Start(context.Background(), keysvc.Config{DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)})
+	svc, err := keysvc.Start(context.Background(), keysvc.Config{DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0",
+		Logger: slog.New(slog.DiscardHandler), Options: opts})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,78 +54,6 @@ func startService(t testing.TB) *service {
 
 func (s *service) vmURL() string    { return "https://" + s.svc.VMAddr() }
 func (s *service) adminURL() string { return "https://" + s.svc.AdminAddr() }
-
-// closedPort is an address nothing listens on: connection refused.
-func closedPort(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return "https://" + addr
-}
-
-// blackHole accepts connections and never says a word: a hung replica, or
-// a firewall that lets the SYN through.
-func blackHole(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var conns []net.Conn
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-	})
-	return "https://" + ln.Addr().String()
-}
-
-// fixed is a TLS server with the service's own certificate (or cert) that
-// answers every request with status and an ErrorBody, and counts them.
-type fixed struct {
-	url string
-	n   atomic.Int32
-}
-
-func fixedServer(t testing.TB, cert tls.Certificate, status int, retryAfter string) *fixed {
-	t.Helper()
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := &fixed{url: "https://" + ln.Addr().String()}
-	srv := &http.Server{ErrorLog: log.New(io.Discard, "", 0), Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		f.n.Add(1)
-		if retryAfter != "" {
-			w.Header().Set("Retry-After", retryAfter)
-		}
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(status)
-		fmt.Fprintf(w, `{"error":"fixed answer %d","hint":"from a test server"}`, status)
-	})}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	return f
-}
 
 // pubPEM is a fresh public key, PEM, as an enrollment takes one.
 func pubPEM(t testing.TB) string {
@@ -162,27 +87,27 @@ func TestFailover(t *testing.T) {
 		name  string
 		first func(t *testing.T) (url string, asked func() int32)
 	}{
-		{"connection-refused", func(t *testing.T) (string, func() int32) { return closedPort(t), nil }},
-		{"no-tls-handshake", func(t *testing.T) (string, func() int32) { return blackHole(t), nil }},
+		{"connection-refused", func(t *testing.T) (string, func() int32) { return testutil.ClosedPort(t), nil }},
+		{"no-tls-handshake", func(t *testing.T) (string, func() int32) { return testutil.BlackHole(t), nil }},
 		{"503", func(t *testing.T) (string, func() int32) {
-			f := fixedServer(t, s.cert(t), http.StatusServiceUnavailable, "")
-			return f.url, f.n.Load
+			f := testutil.FixedServer(t, s.cert(t), http.StatusServiceUnavailable, "")
+			return f.URL, f.Requests
 		}},
 		{"503-retry-after", func(t *testing.T) (string, func() int32) {
-			f := fixedServer(t, s.cert(t), http.StatusServiceUnavailable, "2")
-			return f.url, f.n.Load
+			f := testutil.FixedServer(t, s.cert(t), http.StatusServiceUnavailable, "2")
+			return f.URL, f.Requests
 		}},
 		{"502", func(t *testing.T) (string, func() int32) {
-			f := fixedServer(t, s.cert(t), http.StatusBadGateway, "")
-			return f.url, f.n.Load
+			f := testutil.FixedServer(t, s.cert(t), http.StatusBadGateway, "")
+			return f.URL, f.Requests
 		}},
 		{"504", func(t *testing.T) (string, func() int32) {
-			f := fixedServer(t, s.cert(t), http.StatusGatewayTimeout, "")
-			return f.url, f.n.Load
+			f := testutil.FixedServer(t, s.cert(t), http.StatusGatewayTimeout, "")
+			return f.URL, f.Requests
 		}},
 		{"certificate-of-another-ca", func(t *testing.T) (string, func() int32) {
-			f := fixedServer(t, otherLeaf, http.StatusOK, "")
-			return f.url, f.n.Load
+			f := testutil.FixedServer(t, otherLeaf, http.StatusOK, "")
+			return f.URL, f.Requests
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -263,17 +188,17 @@ func TestAnswerIsFinal(t *testing.T) {
 			}
 			var urls []string
 			for range tc.before {
-				urls = append(urls, closedPort(t))
+				urls = append(urls, testutil.ClosedPort(t))
 			}
-			next := fixedServer(t, s.cert(t), http.StatusOK, "")
-			urls = append(urls, real, next.url)
+			next := testutil.FixedServer(t, s.cert(t), http.StatusOK, "")
+			urls = append(urls, real, next.URL)
 			c, err := New(Config{URLs: urls, CA: s.ca, Token: s.token})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer c.Close()
 			tc.check(t, tc.call(c))
-			if n := next.n.Load(); n != 0 {
+			if n := next.Requests(); n != 0 {
 				t.Fatalf("the replica after the one that answered was asked %d times", n)
 			}
 			if c.Current() != real {
@@ -289,9 +214,9 @@ func TestNoneAnswers(t *testing.T) {
 	s := startService(t)
 	_, otherLeaf := issue(t)
 	t.Run("unreachable", func(t *testing.T) {
-		busy := fixedServer(t, s.cert(t), http.StatusServiceUnavailable, "7")
-		dead := closedPort(t)
-		c, err := New(Config{URLs: []string{dead, blackHole(t), busy.url}, CA: s.ca})
+		busy := testutil.FixedServer(t, s.cert(t), http.StatusServiceUnavailable, "7")
+		dead := testutil.ClosedPort(t)
+		c, err := New(Config{URLs: []string{dead, testutil.BlackHole(t), busy.URL}, CA: s.ca})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -304,7 +229,7 @@ func TestNoneAnswers(t *testing.T) {
 		if ue.RetryAfter() != 7*time.Second {
 			t.Fatalf("RetryAfter = %s, want the 7s the busy replica asked for", ue.RetryAfter())
 		}
-		for _, u := range []string{dead, busy.url} {
+		for _, u := range []string{dead, busy.URL} {
 			if !strings.Contains(err.Error(), u) {
 				t.Errorf("error does not name replica %s: %v", u, err)
 			}
@@ -314,9 +239,9 @@ func TestNoneAnswers(t *testing.T) {
 		}
 	})
 	t.Run("429-is-not-shopped", func(t *testing.T) {
-		slow := fixedServer(t, s.cert(t), http.StatusTooManyRequests, "1")
-		next := fixedServer(t, s.cert(t), http.StatusOK, "")
-		c, err := New(Config{URLs: []string{slow.url, next.url}, CA: s.ca})
+		slow := testutil.FixedServer(t, s.cert(t), http.StatusTooManyRequests, "1")
+		next := testutil.FixedServer(t, s.cert(t), http.StatusOK, "")
+		c, err := New(Config{URLs: []string{slow.URL, next.URL}, CA: s.ca})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -326,14 +251,14 @@ func TestNoneAnswers(t *testing.T) {
 		if !errors.As(err, &ue) || ue.RetryAfter() != time.Second {
 			t.Fatalf("err = %v, want *UnreachableError with Retry-After 1s", err)
 		}
-		if next.n.Load() != 0 {
+		if next.Requests() != 0 {
 			t.Fatal("a throttled request was sent on to the next replica")
 		}
 	})
 	t.Run("all-untrusted", func(t *testing.T) {
-		a := fixedServer(t, otherLeaf, http.StatusOK, "")
-		b := fixedServer(t, otherLeaf, http.StatusOK, "")
-		c, err := New(Config{URLs: []string{a.url, b.url}, CA: s.ca})
+		a := testutil.FixedServer(t, otherLeaf, http.StatusOK, "")
+		b := testutil.FixedServer(t, otherLeaf, http.StatusOK, "")
+		c, err := New(Config{URLs: []string{a.URL, b.URL}, CA: s.ca})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -343,12 +268,12 @@ func TestNoneAnswers(t *testing.T) {
 		if !errors.Is(err, ErrTLS) || errors.As(err, &ue) {
 			t.Fatalf("err = %v, want ErrTLS and not retryable", err)
 		}
-		if a.n.Load()+b.n.Load() != 0 {
+		if a.Requests()+b.Requests() != 0 {
 			t.Fatal("a request reached an untrusted server")
 		}
 	})
 	t.Run("context", func(t *testing.T) {
-		c, err := New(Config{URLs: []string{blackHole(t), s.vmURL()}, CA: s.ca, ConnectTimeout: time.Hour})
+		c, err := New(Config{URLs: []string{testutil.BlackHole(t), s.vmURL()}, CA: s.ca, ConnectTimeout: time.Hour})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -359,4 +284,52 @@ func TestNoneAnswers(t *testing.T) {
 			t.Fatalf("err = %v, want context.Canceled", err)
 		}
 	})
+}
+
+// TestConnectTimeoutGrows: when every replica times out connecting, each
+// further pass allows twice as long, so that a service that is merely far
+// away is reached; once one answers, the bound is back to the configured
+// one. (A bound of a microsecond cannot cover a TLS handshake; only the
+// doubling gets the calls through.) A replica that refuses is down, not
+// far: it does not make the bound grow.
+func TestConnectTimeoutGrows(t *testing.T) {
+	s := startService(t)
+	_, port, _ := net.SplitHostPort(s.svc.VMAddr())
+	far := []string{s.vmURL(), "https://localhost:" + port} // one service, two names
+	t.Run("refused-does-not-grow", func(t *testing.T) {
+		c, err := New(Config{URLs: []string{testutil.ClosedPort(t), testutil.ClosedPort(t)}, CA: s.ca, ConnectTimeout: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		for range 3 {
+			c.Do(context.Background(), "GET", "/v1/session", "x", nil, nil)
+		}
+		if got := time.Duration(c.dialTO.Load()); got != time.Second {
+			t.Fatalf("connect bound %s after refusals, want the configured 1s", got)
+		}
+	})
+	c, err := New(Config{URLs: far, CA: s.ca, ConnectTimeout: time.Microsecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var tries int
+	for tries = 1; tries <= 40; tries++ {
+		err = c.Do(context.Background(), "GET", "/v1/session", "not-a-session", nil, nil)
+		var se *Error
+		if errors.As(err, &se) && se.StatusCode == http.StatusUnauthorized {
+			break
+		}
+		var ue *UnreachableError
+		if !errors.As(err, &ue) {
+			t.Fatalf("try %d: %v, want unreachable until the bound is long enough", tries, err)
+		}
+	}
+	if tries > 40 {
+		t.Fatalf("never connected: %v", err)
+	}
+	if got := time.Duration(c.dialTO.Load()); got != time.Microsecond {
+		t.Fatalf("connect bound %s after an answer, want the configured 1µs", got)
+	}
 }

@@ -38,4 +38,9 @@ type Rotations interface {
 	// PendingRotations returns when each pending rotation started, by
 	// volume ID.
 	PendingRotations(ctx context.Context) (map[string]time.Time, error)
+	// RekeyRotations runs fn on every pending rotation in one write
+	// transaction and stores the SealedUK it sets (a master-key rotation
+	// re-seals the pending UKs with the rest); if fn fails nothing is
+	// written. It returns how many it re-sealed.
+	RekeyRotations(ctx context.Context, fn func(*Rotation) error) (int, error)
 }

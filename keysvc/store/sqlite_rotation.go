@@ -112,6 +112,36 @@ func (s *SQLite) FinishRotation(ctx context.Context, volume string, fn func(*Vol
 	return out, nil
 }
 
+// RekeyRotations implements Rotations.
+func (s *SQLite) RekeyRotations(ctx context.Context, fn func(*Rotation) error) (int, error) {
+	n := 0
+	err := s.write(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		n = 0
+		rots, err := scanAll(ctx, tx, `SELECT volume, sealed_uk, started_ns FROM volume_rotations ORDER BY volume`, scanRotation)
+		if err != nil {
+			return err
+		}
+		for _, r := range rots {
+			vol := r.Volume
+			if err := fn(&r); err != nil {
+				return err
+			}
+			if r.Volume != vol || len(r.SealedUK) == 0 {
+				return fmt.Errorf("rekey rotation of volume %q: only its sealed key may change: %w", vol, ErrImmutable)
+			}
+			if _, err := tx.ExecContext(ctx, `UPDATE volume_rotations SET sealed_uk = ? WHERE volume = ?`, r.SealedUK, vol); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("rekey rotations: %w", err)
+	}
+	return n, nil
+}
+
 // PendingRotations implements Rotations.
 func (s *SQLite) PendingRotations(ctx context.Context) (map[string]time.Time, error) {
 	rows, err := s.db.QueryContext(ctx, `SELECT volume, started_ns FROM volume_rotations`)
