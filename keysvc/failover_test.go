@@ -17,8 +17,8 @@ import (
 	"github.com/keygate/keygate/keysvc/api"
 )
 
-// released is one unlock a VM got a blob for.
-type released struct {
+// releasedBlob is one unlock a VM got a blob for.
+type releasedBlob struct {
 	challenge api.UnlockRequest
 	session   string    // the session's ID, which the unlock's audit record names
 	asked, at time.Time // when its challenge was asked for, and the blob received
@@ -72,7 +72,7 @@ func postAny(reps []replica, first int, path string, body any) (int, []byte, err
 // at the next) until stop closes, calling got for every unlock that
 // released a blob. An answer other than success, 503 or an unreachable
 // replica fails the test.
-func unlockLoop(t *testing.T, reps []replica, v *vmTPM, vm, vol string, stop <-chan struct{}, got func(released)) {
+func unlockLoop(t *testing.T, reps []replica, v *vmTPM, vm, vol string, stop <-chan struct{}, got func(releasedBlob)) {
 	for i := 0; ; i++ {
 		select {
 		case <-stop:
@@ -100,7 +100,7 @@ func unlockLoop(t *testing.T, reps []replica, v *vmTPM, vm, vol string, stop <-c
 		case err != nil || code == http.StatusServiceUnavailable:
 			time.Sleep(50 * time.Millisecond)
 		case code == http.StatusOK:
-			got(released{challenge: req, session: sessionID(t, body), asked: asked, at: time.Now()})
+			got(releasedBlob{challenge: req, session: sessionID(t, body), asked: asked, at: time.Now()})
 		default:
 			t.Errorf("unlock: %d %s", code, body)
 			return
@@ -111,7 +111,7 @@ func unlockLoop(t *testing.T, reps []replica, v *vmTPM, vm, vol string, stop <-c
 // unlockLoad runs unlockLoop in the background and collects its releases.
 type loadRun struct {
 	mu   sync.Mutex
-	rels []released
+	rels []releasedBlob
 	stop chan struct{}
 	done chan struct{}
 }
@@ -120,7 +120,7 @@ func startLoad(t *testing.T, reps []replica, v *vmTPM, vm, vol string) *loadRun 
 	l := &loadRun{stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(l.done)
-		unlockLoop(t, reps, v, vm, vol, l.stop, func(r released) { l.mu.Lock(); l.rels = append(l.rels, r); l.mu.Unlock() })
+		unlockLoop(t, reps, v, vm, vol, l.stop, func(r releasedBlob) { l.mu.Lock(); l.rels = append(l.rels, r); l.mu.Unlock() })
 	}()
 	t.Cleanup(l.finish)
 	return l
@@ -141,7 +141,7 @@ func (l *loadRun) finish() {
 // checkReleases checks, on the database url names, that every release has
 // its audit record, that none of their challenges is redeemable again at
 // any of reps, and that the chain verifies at e.
-func checkReleases(t *testing.T, url string, rels []released, reps []replica, e *env) {
+func checkReleases(t *testing.T, url string, rels []releasedBlob, reps []replica, e *env) {
 	t.Helper()
 	ctx := context.Background()
 	conn, err := pgx.Connect(ctx, url)

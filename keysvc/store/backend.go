@@ -28,6 +28,7 @@ type Backend interface {
 	MasterKeyRotations
 	Outbox
 	EventFeed
+	Rotations
 	Anchor(ctx context.Context) (*Anchor, error)
 	Adopt(ctx context.Context, vm func(*VM) error, vol func(*Volume) error, next AuditNext, anchor func(AuditRecord) Anchor) error
 	GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume, error)

@@ -19,6 +19,8 @@ type CopyCounts struct {
 	Challenges int  `json:"used_challenges"`
 	Audit      int  `json:"audit_records"`
 	Events     int  `json:"vm_events"`
+	Alerts     int  `json:"alert_outbox"`
+	Rotations  int  `json:"volume_rotations"`
 	Anchor     bool `json:"anchor"`
 	MasterKey  bool `json:"master_key_check"`
 }
@@ -34,6 +36,8 @@ var copyTables = []struct {
 	{"used_challenges", "id, expires_ns", func(c *CopyCounts) *int { return &c.Challenges }},
 	{"audit_log", auditColumns, func(c *CopyCounts) *int { return &c.Audit }},
 	{"vm_events", "id, received_ns, vm, volume, session_id, kind, severity, severity_rank, event_json", func(c *CopyCounts) *int { return &c.Events }},
+	{"alert_outbox", "id, sink, idem_key, event_id, body, created_ns, attempts, next_ns, last_error, dead", func(c *CopyCounts) *int { return &c.Alerts }},
+	{"volume_rotations", "volume, sealed_uk, started_ns", func(c *CopyCounts) *int { return &c.Rotations }},
 	{"store_anchor", "id, created_ns, genesis_seq, genesis_hash, mac", nil},
 	{"master_key_check", "id, fingerprint, created_ns", nil},
 }
@@ -48,13 +52,14 @@ func CopyToPostgres(ctx context.Context, src *SQLite, dst *Postgres) (CopyCounts
 	var counts CopyCounts
 	err := src.read(ctx, func(stx *sql.Tx) error {
 		return dst.tx(ctx, func(ctx context.Context, tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, `LOCK TABLE audit_head, vms, volumes, used_challenges, audit_log, vm_events, store_anchor, master_key_check IN EXCLUSIVE MODE`); err != nil {
+			if _, err := tx.Exec(ctx, `LOCK TABLE audit_head, vms, volumes, used_challenges, audit_log, vm_events, alert_outbox, volume_rotations, store_anchor, master_key_check IN EXCLUSIVE MODE`); err != nil {
 				return err
 			}
 			var n int64
 			if err := tx.QueryRow(ctx, `SELECT (SELECT count(*) FROM vms) + (SELECT count(*) FROM volumes) + (SELECT count(*) FROM used_challenges)
 				+ (SELECT count(*) FROM audit_log) + (SELECT count(*) FROM vm_events) + (SELECT count(*) FROM store_anchor)
-				+ (SELECT count(*) FROM master_key_check) + (SELECT seq FROM audit_head WHERE id = 1)`).Scan(&n); err != nil {
+				+ (SELECT count(*) FROM master_key_check) + (SELECT count(*) FROM alert_outbox) + (SELECT count(*) FROM volume_rotations)
+				+ (SELECT seq FROM audit_head WHERE id = 1)`).Scan(&n); err != nil {
 				return err
 			}
 			if n != 0 {
@@ -87,8 +92,12 @@ func CopyToPostgres(ctx context.Context, src *SQLite, dst *Postgres) (CopyCounts
 				return fmt.Errorf("read audit head: %w", err)
 			}
 			// New events continue after the copied ones: IDs are never reused.
-			_, err = tx.Exec(ctx, `SELECT setval(pg_get_serial_sequence('vm_events', 'id'), COALESCE((SELECT max(id) FROM vm_events), 0) + 1, false)`)
-			return err
+			for _, t := range []string{"vm_events", "alert_outbox"} {
+				if _, err := tx.Exec(ctx, `SELECT setval(pg_get_serial_sequence('`+t+`', 'id'), COALESCE((SELECT max(id) FROM `+t+`), 0) + 1, false)`); err != nil {
+					return err
+				}
+			}
+			return nil
 		})
 	})
 	if err != nil {
@@ -138,7 +147,7 @@ func copyTable(ctx context.Context, stx *sql.Tx, tx pgx.Tx, table, cols string) 
 // INTEGER 0/1 flags become booleans, TEXT stays a string, BLOB bytes.
 func toPG(table, col string, _ *sql.ColumnType, v any) any {
 	switch col {
-	case "provisioning_allowed", "revoked", "learn_armed":
+	case "provisioning_allowed", "revoked", "learn_armed", "dead":
 		if n, ok := v.(int64); ok {
 			return n != 0
 		}
@@ -148,7 +157,7 @@ func toPG(table, col string, _ *sql.ColumnType, v any) any {
 				return int32(n)
 			}
 		}
-	case "severity_rank":
+	case "severity_rank", "attempts":
 		if n, ok := v.(int64); ok {
 			return int32(n)
 		}
