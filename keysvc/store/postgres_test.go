@@ -18,10 +18,13 @@ import (
 // service replicas would: each has its own pool and its own audit writer.
 func replicas(t *testing.T) (a, b store.Backend, url string) {
 	t.Helper()
-	url = pgtest.Shared(t).NewDB(t)
+	url = replicasURL(t)
 	be := backend{name: "postgres", url: url}
 	return be.open(t), be.open(t), url
 }
+
+// replicasURL is a fresh PostgreSQL database for stores that play replicas.
+func replicasURL(t *testing.T) string { return pgtest.Shared(t).NewDB(t) }
 
 // chained appends a record whose PrevHash is the last record's Hash, as
 // package audit does: a fork shows as two records with one PrevHash.

@@ -10,7 +10,7 @@ import (
 )
 
 // auditCount is how many audit records the store holds.
-func auditCount(t *testing.T, s *store.SQLite) int {
+func auditCount(t *testing.T, s store.Backend) int {
 	t.Helper()
 	n := 0
 	if _, err := s.ScanAudit(context.Background(), 0, func(store.AuditRecord) error { n++; return nil }); err != nil {
@@ -19,12 +19,12 @@ func auditCount(t *testing.T, s *store.SQLite) int {
 	return n
 }
 
-// rotationFixture is a store with VM vm1 and volumes v1 (with key "old")
-// and gone (erased).
-func rotationFixture(t *testing.T) *store.SQLite {
+// rotationFixture is a store on b's database with VM vm1 and volumes v1
+// (with key "old") and gone (erased).
+func rotationFixture(t *testing.T, b backend) store.Backend {
 	t.Helper()
 	ctx := context.Background()
-	s := openStore(t, t.TempDir())
+	s := b.open(t)
 	if _, err := s.CreateVM(ctx, store.VM{Name: "vm1", EKPubPEM: "ek"}); err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +47,9 @@ func failNext(*store.AuditRecord, *store.AuditHead) (store.AuditRecord, store.Au
 
 // TestStartRotation: a pending UK is stored with its audit record, or
 // neither; one at a time; never for a missing or erased volume.
-func TestStartRotation(t *testing.T) {
+func TestStartRotation(t *testing.T) { forEachBackend(t, testStartRotation) }
+
+func testStartRotation(t *testing.T, b backend) {
 	tests := []struct {
 		name    string
 		volume  string
@@ -66,7 +68,7 @@ func TestStartRotation(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
-			s := rotationFixture(t)
+			s := rotationFixture(t, forEachCase(t, b))
 			next := tt.next
 			if next == nil {
 				next = nextRecord("rotate")
@@ -119,7 +121,9 @@ func TestStartRotation(t *testing.T) {
 // TestFinishRotation: the pending UK becomes the volume's and the rotation
 // row goes, with the audit record, atomically; a failure anywhere leaves
 // the old key and the pending one as they were.
-func TestFinishRotation(t *testing.T) {
+func TestFinishRotation(t *testing.T) { forEachBackend(t, testFinishRotation) }
+
+func testFinishRotation(t *testing.T, b backend) {
 	swap := func(v *store.Volume, r store.Rotation) error {
 		v.SealedUK, v.MAC = append([]byte("resealed:"), r.SealedUK...), []byte("mac2")
 		return nil
@@ -142,7 +146,7 @@ func TestFinishRotation(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
-			s := rotationFixture(t)
+			s := rotationFixture(t, forEachCase(t, b))
 			if tt.start {
 				if _, err := s.StartRotation(ctx, store.Rotation{Volume: "v1", SealedUK: []byte("new")}, nextRecord("rotate")); err != nil {
 					t.Fatal(err)
@@ -188,10 +192,10 @@ func TestFinishRotation(t *testing.T) {
 }
 
 // TestEraseDestroysPendingKey: crypto-erase takes the pending UK with it.
-func TestEraseDestroysPendingKey(t *testing.T) {
+func TestEraseDestroysPendingKey(t *testing.T) { each(t, testEraseDestroysPendingKey) }
+
+func testEraseDestroysPendingKey(t *testing.T, s store.Backend) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	s := openStore(t, dir)
 	if _, err := s.CreateVM(ctx, store.VM{Name: "vm1", EKPubPEM: "ek"}); err != nil {
 		t.Fatal(err)
 	}
@@ -207,9 +211,8 @@ func TestEraseDestroysPendingKey(t *testing.T) {
 	if _, err := s.GetRotation(ctx, "v1"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("pending key after erase: %v, want ErrNotFound", err)
 	}
-	var n int
-	if err := rawDB(t, dir).QueryRow(`SELECT count(*) FROM volume_rotations`).Scan(&n); err != nil || n != 0 {
-		t.Fatalf("volume_rotations rows after erase: %d, %v", n, err)
+	if pend, err := s.PendingRotations(ctx); err != nil || len(pend) != 0 {
+		t.Fatalf("pending rotations after erase: %v, %v", pend, err)
 	}
 	if _, err := s.FinishRotation(ctx, "v1", func(*store.Volume, store.Rotation) error { return nil }, nextRecord("rotate")); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("finish after erase: %v, want ErrNotFound", err)
