@@ -40,6 +40,10 @@ const (
 	retryAfter = 2
 )
 
+// ErrMasterKeyMismatch is wrapped by Start's error when the database
+// records another master key than the one the service was started with.
+var ErrMasterKeyMismatch = store.ErrMasterKeyMismatch
+
 // checkMasterKey records mk's fingerprint (masterkey.Fingerprint, which
 // tells nothing of the key) in a database that has none and refuses one
 // that records another: replicas of one service must share the master key,
@@ -67,8 +71,8 @@ func checkMasterKey(ctx context.Context, st store.Backend, mk masterkey.Deriver)
 		(string(stored) == rot.OldKey || string(stored) == rot.NewKey) {
 		return nil
 	}
-	return fmt.Errorf("%w (the database records master key %s…, this data directory's is %s): start every replica from a copy of the first replica's data directory (master.key or master.key.tpm, ca.pem, ca.key, admin.token), or point --db at this key service's own database",
-		store.ErrMasterKeyMismatch, string(stored[:min(len(stored), 16)]), fp)
+	return fmt.Errorf("%w (the database records master key %q, this data directory's is %s): start every replica from a copy of the first replica's data directory (master.key or master.key.tpm, ca.pem, ca.key, admin.token), or point --db at this key service's own database",
+		store.ErrMasterKeyMismatch, stored, fp)
 }
 
 // unavailable answers 503 with Retry-After if err means the database is

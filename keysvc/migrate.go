@@ -80,7 +80,7 @@ func MigrateToPostgres(ctx context.Context, dir, url string) (MigrateReport, err
 }
 
 // verifyChain verifies st's audit chain under mk.
-func verifyChain(ctx context.Context, st store.AuditLog, mk *masterkey.Key) (audit.Report, error) {
+func verifyChain(ctx context.Context, st store.AuditLog, mk masterkey.Master) (audit.Report, error) {
 	lg, err := audit.New(st, mk)
 	if err != nil {
 		return audit.Report{}, err
