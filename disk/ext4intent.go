@@ -64,6 +64,12 @@ func (f *FS) recoverExt4() error {
 	if err != nil {
 		return err
 	}
+	switch binary.LittleEndian.Uint32(m.sb[intentOff:]) {
+	case renameMagic:
+		return f.recoverRename(m)
+	case unindexMagic:
+		return f.recoverUnindex(m)
+	}
 	ino, runs, ok := m.intent()
 	if !ok {
 		return nil

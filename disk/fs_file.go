@@ -373,27 +373,8 @@ func (of *openFile) flushInPlace() error {
 	return of.fs.flushExt4(of)
 }
 
-// store writes the file's content to disk. On ext4 a file that is empty
-// on disk (just created) is written in place: Put's replace would copy
-// the data twice, as go-diskfs cannot rename, and an empty file has no
-// content to keep safe. Anything else goes through Put's replace.
+// store writes the file's content to disk with Put's replace.
 func (f *FS) store(of *openFile) error {
-	if fi, err := f.stat(of.path); f.typ == Ext4 && err == nil && !fi.IsDir && fi.Size == 0 && of.size > 0 {
-		if err := f.checkSpace(of.path, of.size, 0); err != nil {
-			return err
-		}
-		if _, err := f.write(of.path, &seqReader{of: of}, of.size); err != nil {
-			// leave the empty file as it was, not a partial one
-			if rerr := f.remove(of.path, false); rerr != nil {
-				return fmt.Errorf("write %s: %w (and removing the partial file failed: %v)", display(of.path), err, rerr)
-			}
-			if perr := f.put(of.path, strings.NewReader(""), 0); perr != nil {
-				return fmt.Errorf("write %s: %w (and recreating it empty failed: %v)", display(of.path), err, perr)
-			}
-			return fmt.Errorf("write %s: %w", display(of.path), err)
-		}
-		return nil
-	}
 	return f.put(of.path, &seqReader{of: of}, of.size)
 }
 
