@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/keygate/keygate/disk"
+	"github.com/keygate/keygate/disk/xts"
 	"github.com/keygate/keygate/internal/testutil"
 )
 
@@ -34,43 +35,47 @@ const (
 	fullName = "full-%07d"
 )
 
-func bigName(i int) string { return fmt.Sprintf("file-with-a-longish-name-%04d", i) }
+func bigName(i int) string { return fmt.Sprintf("file-with-a-name-long-enough-that-few-fit-in-one-block-%04d", i) }
 
 // renameVolume makes a volume holding renameTree, empty directories b and
-// e, a directory big of bigFiles files, and a directory full whose only
-// block is full (of empty directories). With bs 0 keygate's Mkfs makes it and FS writes the
+// e, and if asked a directory big of bigFiles files and a directory full
+// whose only block is full (of empty files). With bs 0 keygate's Mkfs makes it and FS writes the
 // files (directories linear, as go-diskfs writes them); otherwise
 // mkfs.ext4 -d does (metadata_csum, that block size) and e2fsck -D then
 // indexes big (htree).
-func renameVolume(t *testing.T, bs, ss int) (*disk.FS, *disk.Device, *os.File) {
+func renameVolume(t *testing.T, bs, ss int, big, full bool) (*disk.FS, *disk.Device, *os.File, *xts.Cipher) {
 	t.Helper()
-	const size = 32 << 20
+	const size = 16 << 20
 	img := newImage(t, size)
 	_, c := newKey(t)
 	d := newDevice(t, img, size, ss, c)
-	full := 203
-	if bs == 1024 {
-		full = 49
-	}
 	files := map[string][]byte{}
 	for k, v := range renameTree {
 		files[k] = v
 	}
-	for i := range bigFiles {
-		files["big/"+bigName(i)] = []byte(bigName(i))
+	dirs := strings.Fields(emptyDirs)
+	if big {
+		dirs = append(dirs, "big")
+		for i := range bigFiles {
+			files["big/"+bigName(i)] = []byte(bigName(i))
+		}
 	}
-	// directories, which go-diskfs adds packed (a file goes through a
-	// longer temporary name first)
-	var dirs []string
-	for i := range full {
-		dirs = append(dirs, "full/"+fmt.Sprintf(fullName, i))
+	if full {
+		n := 203
+		if bs == 1024 {
+			n = 49
+		}
+		dirs = append(dirs, "full")
+		for i := range n {
+			files["full/"+fmt.Sprintf(fullName, i)] = nil // empty: FS adds it packed, with no temporary name
+		}
 	}
 	if bs == 0 {
 		fsys, err := disk.Mkfs(d, disk.Ext4, "RENAME")
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, dir := range append(append(strings.Fields(emptyDirs), "a", "big", "full", "d/sub/inner"), dirs...) {
+		for _, dir := range append(dirs, "a", "d/sub/inner") {
 			if err := fsys.Mkdir(dir); err != nil {
 				t.Fatal(err)
 			}
@@ -78,10 +83,10 @@ func renameVolume(t *testing.T, bs, ss int) (*disk.FS, *disk.Device, *os.File) {
 		for _, k := range slices.Sorted(mapKeys(files)) {
 			put(t, fsys, k, files[k])
 		}
-		return fsys, d, img
+		return fsys, d, img, c
 	}
 	src := t.TempDir()
-	for _, dir := range append(strings.Fields(emptyDirs), dirs...) {
+	for _, dir := range dirs {
 		if err := os.MkdirAll(filepath.Join(src, dir), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -103,7 +108,7 @@ func renameVolume(t *testing.T, bs, ss int) (*disk.FS, *disk.Device, *os.File) {
 			t.Fatalf("e2fsck -fyD: %v\n%s", err, out)
 		}
 	}
-	if !strings.Contains(run(t, "debugfs", "-R", "stat /big", plain), "Flags: 0x81000") {
+	if big && !strings.Contains(run(t, "debugfs", "-R", "stat /big", plain), "Flags: 0x81000") {
 		t.Fatal("e2fsck -D did not index /big: the htree cases would test linear directories")
 	}
 	b, err := os.ReadFile(plain)
@@ -113,7 +118,7 @@ func renameVolume(t *testing.T, bs, ss int) (*disk.FS, *disk.Device, *os.File) {
 	if _, err := d.WriteAt(b, 0); err != nil {
 		t.Fatal(err)
 	}
-	return openFS(t, d), d, img
+	return openFS(t, d), d, img, c
 }
 
 func mapKeys[V any](m map[string]V) func(func(string) bool) {
@@ -213,7 +218,7 @@ func TestExt4Rename(t *testing.T) {
 				continue // go-diskfs writes no htree
 			}
 			t.Run(tc.name+"/"+v.name, func(t *testing.T) {
-				fsys, d, _ := renameVolume(t, v.bs, 4096)
+				fsys, d, _, _ := renameVolume(t, v.bs, 4096, tc.htree, tc.grows != "")
 				before := map[string][]byte{}
 				walk(t, fsys, ".", before)
 				var sizeBefore string
@@ -288,7 +293,8 @@ func TestExt4Rename(t *testing.T) {
 	}
 }
 
-// walk reads every file under dir into files (directories as nil).
+// walk reads every file under dir into files (directories as nil, empty
+// files as empty).
 func walk(t *testing.T, fsys *disk.FS, dir string, files map[string][]byte) {
 	t.Helper()
 	entries, err := fsys.ReadDir(dir)
@@ -302,6 +308,143 @@ func walk(t *testing.T, fsys *disk.FS, dir string, files map[string][]byte) {
 			walk(t, fsys, p, files)
 			continue
 		}
+		if e.Size == 0 {
+			files[p] = []byte{}
+			continue
+		}
 		files[p] = get(t, fsys, p)
 	}
+}
+
+// TestCrashDuringRename cuts the device's writes off at every sector a
+// rename (or Put's replace of an existing file) writes, with 4096- and
+// 512-byte sectors, on a volume keygate made and on one mkfs.ext4 made
+// (1 KiB blocks, metadata_csum, htree), then opens what is left as the
+// next boot would: the tree must be as before the rename or as after it,
+// every file complete, and e2fsck -fn must find nothing wrong.
+func TestCrashDuringRename(t *testing.T) {
+	newX := bytes.Repeat([]byte("new x "), 30000)
+	for _, tc := range []struct {
+		name, from, to string
+		put            []byte // a Put of this to "to" instead of a rename
+		htree, full    bool
+	}{
+		{name: "same directory", from: "a/f", to: "a/g"},
+		{name: "over a file", from: "a/f", to: "d/sub/g"},
+		{name: "directory across", from: "d/sub", to: "b/sub"},
+		{name: "directory over an empty one", from: "d/sub", to: "e"},
+		{name: "into a full directory block", from: "a/f", to: "full/moved-here", full: true},
+		{name: "into an htree directory", from: "a/f", to: "big/moved-here", htree: true},
+		{name: "put over a file", to: "a/x", put: newX},
+		{name: "put a new file", to: "a/new", put: newX},
+	} {
+		for _, v := range []struct {
+			name   string
+			bs, ss int
+		}{{"keygate-mkfs/4096", 0, 4096}, {"keygate-mkfs/512", 0, 512}, {"mkfs.ext4-1k/4096", 1024, 4096}, {"mkfs.ext4-1k/512", 1024, 512}} {
+			if tc.htree && v.bs == 0 {
+				continue
+			}
+			t.Run(tc.name+"/"+v.name, func(t *testing.T) {
+				fsys, d, img, c := renameVolume(t, v.bs, v.ss, tc.htree, tc.full)
+				before := map[string][]byte{}
+				walk(t, fsys, ".", before)
+				if err := fsys.Close(); err != nil {
+					t.Fatal(err)
+				}
+				if err := d.Close(); err != nil {
+					t.Fatal(err)
+				}
+				base, err := os.ReadFile(img.Name())
+				if err != nil {
+					t.Fatal(err)
+				}
+				after := map[string][]byte{}
+				for k, v := range before {
+					switch {
+					case tc.put != nil:
+						after[k] = v
+					case k == tc.to || strings.HasPrefix(k, tc.to+"/"):
+					case k == tc.from || strings.HasPrefix(k, tc.from+"/"):
+						after[tc.to+k[len(tc.from):]] = v
+					default:
+						after[k] = v
+					}
+				}
+				if tc.put != nil {
+					after[tc.to] = tc.put
+				}
+				op := func(fsys *disk.FS) error {
+					if tc.put != nil {
+						return fsys.Put(tc.to, bytes.NewReader(tc.put), int64(len(tc.put)))
+					}
+					return fsys.Rename(tc.from, tc.to)
+				}
+				d = crashDevice(t, img, base, v.ss, c, 1<<62)
+				if err := op(openFS(t, d)); err != nil {
+					t.Fatal(err)
+				}
+				total := disk.SectorsWritten(d)
+				t.Logf("%d sectors written", total)
+				for n := int64(0); n < total; n++ {
+					what := fmt.Sprintf("cut after %d of %d sectors", n, total)
+					d := crashDevice(t, img, base, v.ss, c, n)
+					if err := op(openFS(t, d)); err == nil {
+						t.Fatalf("%s: the operation succeeded", what)
+					}
+					d2 := newDevice(t, img, int64(len(base))-segOff, v.ss, c)
+					fsys2, err := disk.OpenFS(d2)
+					if err != nil {
+						t.Fatalf("%s: open: %v", what, err)
+					}
+					got := map[string][]byte{}
+					walk(t, fsys2, ".", got)
+					for k := range got {
+						if strings.HasSuffix(k, ".keygate-put") {
+							delete(got, k) // Put's temporary file, hidden (docs/disk.md)
+						}
+					}
+					if !sameTree(got, before) && !sameTree(got, after) {
+						t.Fatalf("%s: the tree is neither as before nor as after: %s", what, treeDiff(got, before, after))
+					}
+					fsckAt(t, fsys2, d2, what)
+					d2.Close()
+				}
+			})
+		}
+	}
+}
+
+func sameTree(a, b map[string][]byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || !bytes.Equal(v, w) {
+			return false
+		}
+	}
+	return true
+}
+
+// treeDiff names what got has that neither before nor after has, and
+// what both have that got lacks.
+func treeDiff(got, before, after map[string][]byte) string {
+	var out []string
+	for k, v := range got {
+		b, okb := before[k]
+		a, oka := after[k]
+		if !(okb && bytes.Equal(v, b)) && !(oka && bytes.Equal(v, a)) {
+			out = append(out, fmt.Sprintf("%s (%d bytes) is in neither", k, len(v)))
+		}
+	}
+	for k := range before {
+		if _, ok := got[k]; !ok {
+			if _, ok := after[k]; ok {
+				out = append(out, k+" is missing")
+			}
+		}
+	}
+	slices.Sort(out)
+	return strings.Join(out, "; ")
 }

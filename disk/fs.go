@@ -488,9 +488,10 @@ func (f *FS) put(p string, r io.Reader, size int64) error {
 		}
 	}
 	target := p
-	if exists || f.typ == Ext4 {
+	if exists || f.typ == Ext4 && size != 0 {
 		// write beside the old file, so that a failure leaves it intact;
-		// on ext4 a new file too, so that a crash never shows it partial
+		// on ext4 a new file with content too, so that a crash never
+		// shows it partial
 		target = path.Join(path.Dir(p), "."+path.Base(p)+".keygate-put")
 		if _, err := f.stat(target); err == nil {
 			if err := f.remove(target, false); err != nil {

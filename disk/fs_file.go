@@ -13,15 +13,15 @@ package disk
 // since the last flush, and a crash at any point leaves the file as of its
 // last completed flush or newer (each sector or block old or new), never
 // with bytes no one wrote; the next writable OpenFS repairs the block
-// bitmaps from the flush's intent record. Layouts beyond ext4write.go (deep extent trees,
-// unwritten extents) and FAT take the whole-file path instead: Put's
-// replace (new content beside the old in .NAME.keygate-put, then swapped
-// in), which rewrites the file (on ext4, which go-diskfs cannot rename,
-// twice) and needs room for a second copy. A crash during it can leave, on
-// FAT, the old name gone with the complete new content in the temporary
-// file, and on ext4 the name holding a partial copy, again with the
-// complete content in the temporary file. docs/disk.md ("9P export") says
-// this for operators.
+// bitmaps from the flush's intent record. Layouts beyond ext4write.go
+// (deep extent trees, unwritten extents) and FAT take the whole-file path
+// instead: Put's replace (new content beside the old in .NAME.keygate-put,
+// then swapped in), which rewrites the file and needs room for a second
+// copy. On ext4 the swap is an atomic rename (ext4rename.go): a crash
+// leaves the old file or the new one. On FAT it is remove-then-rename: a
+// crash between them leaves the old name gone with the complete new
+// content in the temporary file. docs/disk.md ("9P export") says this for
+// operators.
 
 import (
 	"errors"
@@ -45,9 +45,9 @@ var (
 	// ErrTooLarge means a file would grow past what the filesystem (or the
 	// volume) can hold.
 	ErrTooLarge = errors.New("file too large")
-	// ErrCannotMove means Rename cannot move a non-empty directory on this
-	// filesystem: go-diskfs has no ext4 rename, and none across FAT
-	// directories. Callers do what mv does on EXDEV: copy, then remove.
+	// ErrCannotMove means Rename cannot move a non-empty FAT directory to
+	// another directory: go-diskfs has no rename across FAT directories.
+	// Callers do what mv does on EXDEV: copy, then remove.
 	ErrCannotMove = errors.New("cannot move a non-empty directory here (copy it, then remove the original)")
 	// ErrInvalid means an argument makes no sense, such as renaming a
 	// directory into itself or the root.
