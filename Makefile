@@ -52,7 +52,8 @@ FUZZTIME ?= 30s
 FUZZ_TARGETS := ./disk/luks2:FuzzParseHeader ./disk/xts:FuzzXTS \
 	./attest:FuzzCheckToken ./attest:FuzzParsePolicy ./attest:FuzzVerifyAttestation \
 	./tpm:FuzzParsePublicKeyPEM ./tpm:FuzzSockConn ./keysvc/masterkey:FuzzOpenSealed \
-	./keysvc:FuzzDecodeRequest ./keysvc:FuzzVMAPI ./disk/nbd:FuzzParseRequest ./disk/nbd:FuzzServer
+	./keysvc:FuzzDecodeRequest ./keysvc:FuzzVMAPI ./disk/nbd:FuzzParseRequest ./disk/nbd:FuzzServer \
+	./disk:FuzzDirRecords
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  pkg=$${t%%:*}; name=$${t##*:}; [ -d "$$pkg" ] || continue; \

@@ -333,6 +333,9 @@ func (d *dir) dxBlocks() ([]uint64, error) {
 		}
 		for _, n := range level {
 			count := int(le.Uint16(n.b[n.off+2:]))
+			if n.off+8*count > len(n.b) {
+				return nil, fmt.Errorf("directory inode %d: corrupt htree node", d.ino)
+			}
 			for k := 0; k < count; k++ {
 				lb := uint64(le.Uint32(n.b[n.off+8*k+4:]))
 				blk := d.block(lb)

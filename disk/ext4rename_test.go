@@ -35,7 +35,9 @@ const (
 	fullName = "full-%07d"
 )
 
-func bigName(i int) string { return fmt.Sprintf("file-with-a-name-long-enough-that-few-fit-in-one-block-%04d", i) }
+func bigName(i int) string {
+	return fmt.Sprintf("file-with-a-name-long-enough-that-few-fit-in-one-block-%04d", i)
+}
 
 // renameVolume makes a volume holding renameTree, empty directories b and
 // e, and if asked a directory big of bigFiles files and a directory full
