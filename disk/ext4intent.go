@@ -72,7 +72,7 @@ func (f *FS) recoverExt4() error {
 	}
 	ino, runs, ok := m.intent()
 	if !ok {
-		return nil
+		return f.recountStale(m)
 	}
 	var refs []extent
 	if in, err := m.readInode(ino); err == nil && binary.LittleEndian.Uint16(in[0x1a:]) > 0 {
@@ -105,6 +105,25 @@ func (f *FS) recoverExt4() error {
 	}
 	m.setIntent(0, nil)
 	if err := m.recount(); err != nil {
+		return err
+	}
+	if err := f.dev.Sync(); err != nil {
+		return err
+	}
+	return f.reload()
+}
+
+// recountStale puts the free counts and bitmap checksums in the group
+// descriptors and superblock right where a crash left them out of step
+// with the bitmaps: go-diskfs writes a new file's bitmaps, descriptors
+// and superblock with no order between them (creating Put's temporary
+// file, a directory, an empty file), and a cut between the descriptor and
+// the bitmap leaves counts e2fsck reports. What the bitmaps say is kept:
+// such a cut is before the file has a name, so nothing references the
+// blocks either way.
+func (f *FS) recountStale(m *ext4Meta) error {
+	changed, err := m.recountIfStale()
+	if err != nil || !changed {
 		return err
 	}
 	if err := f.dev.Sync(); err != nil {
