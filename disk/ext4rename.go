@@ -158,36 +158,9 @@ func (f *FS) renameSteps(m *ext4Meta, o, n string, from, to uint32, isDir bool) 
 		r.targetDir = le.Uint16(tin[0:])&0xf000 == 0x4000
 		r.usedDirs = uint32(m.field(int((r.target-1)/m.ipg), 0x10, 0x30, 2))
 	} else {
-		if dst.indexed() {
-			if err := f.unindex(m, dst); err != nil {
-				return err
-			}
-			if dst, err = m.readDir(to); err != nil {
-				return err
-			}
-		}
-		need := recSize(len(nname))
-		s, ok, err := dst.room(need)
-		if err != nil {
+		if m, dst, at, err = f.placeName(m, to, nname); err != nil {
 			return err
 		}
-		if !ok {
-			if err := f.growDir(m, to); err != nil {
-				return err
-			}
-			if m, err = readExt4Meta(f.dev); err != nil {
-				return err
-			}
-			if dst, err = m.readDir(to); err != nil {
-				return err
-			}
-			if s, ok, err = dst.room(need); err != nil {
-				return err
-			} else if !ok {
-				return fmt.Errorf("directory inode %d has no room after growing", to)
-			}
-		}
-		at = s
 	}
 	// the source is read again: growing or unindexing may have changed it
 	// (when it is the same directory, or the one moved)
@@ -224,36 +197,7 @@ func (f *FS) renameSteps(m *ext4Meta, o, n string, from, to uint32, isDir bool) 
 	if isDir {
 		typ = 2
 	}
-	b := dst.blocks[at.i].b
-	switch {
-	case replace:
-		// C: the replaced name's record points at the renamed inode
-		le.PutUint32(b[at.off:], r.ino)
-	case at.reuse:
-		// B: the name into the empty record, still inode 0; C: its inode
-		putRecord(b, at.off, 0, int(le.Uint16(b[at.off+4:])), nname, typ)
-		if err := dst.write(at.i); err != nil {
-			return fail(err)
-		}
-		if err := m.dev.Sync(); err != nil {
-			return fail(err)
-		}
-		le.PutUint32(b[at.off:], r.ino)
-	default:
-		// B: the record into the slack; C: the record before it shortened
-		putRecord(b, at.off, r.ino, at.split.off+at.split.recLen-at.off, nname, typ)
-		if err := dst.write(at.i); err != nil {
-			return fail(err)
-		}
-		if err := m.dev.Sync(); err != nil {
-			return fail(err)
-		}
-		le.PutUint16(b[at.split.off+4:], uint16(at.off-at.split.off))
-	}
-	if err := dst.write(at.i); err != nil {
-		return fail(err)
-	}
-	if err := m.dev.Sync(); err != nil {
+	if err := writeEntry(dst, at, r.ino, nname, typ, replace); err != nil {
 		return fail(err)
 	}
 	// D
@@ -447,4 +391,79 @@ func (f *FS) recoverUnindex(m *ext4Meta) error {
 		return err
 	}
 	return f.reload()
+}
+
+// placeName finds room for a record of name in directory ino: an htree
+// directory is made linear first, and a full one grows by a block. It
+// returns the metadata and the directory as they are afterwards.
+func (f *FS) placeName(m *ext4Meta, ino uint32, name string) (*ext4Meta, *dir, slot, error) {
+	d, err := m.readDir(ino)
+	if err != nil {
+		return nil, nil, slot{}, err
+	}
+	if d.indexed() {
+		if err := f.unindex(m, d); err != nil {
+			return nil, nil, slot{}, err
+		}
+		if d, err = m.readDir(ino); err != nil {
+			return nil, nil, slot{}, err
+		}
+	}
+	need := recSize(len(name))
+	s, ok, err := d.room(need)
+	if err != nil || ok {
+		return m, d, s, err
+	}
+	if err := f.growDir(m, ino); err != nil {
+		return nil, nil, slot{}, err
+	}
+	if m, err = readExt4Meta(f.dev); err != nil {
+		return nil, nil, slot{}, err
+	}
+	if d, err = m.readDir(ino); err != nil {
+		return nil, nil, slot{}, err
+	}
+	if s, ok, err = d.room(need); err != nil {
+		return nil, nil, slot{}, err
+	} else if !ok {
+		return nil, nil, slot{}, fmt.Errorf("directory inode %d has no room after growing", ino)
+	}
+	return m, d, s, nil
+}
+
+// writeEntry runs epochs B and C: the record of name for inode ino at
+// slot at of d, each step made durable. With replace, at is an existing
+// record, which only changes its inode.
+func writeEntry(d *dir, at slot, ino uint32, name string, typ byte, replace bool) error {
+	le, dev := binary.LittleEndian, d.m.dev
+	b := d.blocks[at.i].b
+	switch {
+	case replace:
+		// C: the replaced name's record points at the new inode
+		le.PutUint32(b[at.off:], ino)
+	case at.reuse:
+		// B: the name into the empty record, still inode 0; C: its inode
+		putRecord(b, at.off, 0, int(le.Uint16(b[at.off+4:])), name, typ)
+		if err := d.write(at.i); err != nil {
+			return err
+		}
+		if err := dev.Sync(); err != nil {
+			return err
+		}
+		le.PutUint32(b[at.off:], ino)
+	default:
+		// B: the record into the slack; C: the record before it shortened
+		putRecord(b, at.off, ino, at.split.off+at.split.recLen-at.off, name, typ)
+		if err := d.write(at.i); err != nil {
+			return err
+		}
+		if err := dev.Sync(); err != nil {
+			return err
+		}
+		le.PutUint16(b[at.split.off+4:], uint16(at.off-at.split.off))
+	}
+	if err := d.write(at.i); err != nil {
+		return err
+	}
+	return dev.Sync()
 }

@@ -499,6 +499,13 @@ func (f *FS) put(p string, r io.Reader, size int64) error {
 			}
 		}
 	}
+	if f.typ == Ext4 {
+		// the name in ordered steps, not in go-diskfs's unordered batch
+		// (ext4create.go); go-diskfs then only writes the content
+		if _, err := f.createExt4(target); err != nil {
+			return fmt.Errorf("put %s: %w", display(p), err)
+		}
+	}
 	n, err := f.write(target, r, size)
 	if err != nil {
 		if _, serr := f.stat(target); serr != nil {
