@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,7 +19,8 @@ import (
 	"github.com/keygate/keygate/disk/nbd"
 	"github.com/keygate/keygate/disk/ninep"
 	"github.com/keygate/keygate/ebpfmon"
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
+	"github.com/keygate/keygate/keysvc/client"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -35,9 +37,15 @@ var ErrRevoked = errors.New("session revoked by the key service; keys wiped and 
 
 // Config says what to unlock and how.
 type Config struct {
-	// KeysvcURL is the VM API's base URL (https://HOST:PORT). Empty takes
-	// the URL from the volume's keygate token.
+	// KeysvcURL is the VM API's base URL (https://HOST:PORT), or the base
+	// URLs of several replicas separated by commas, tried in that order
+	// (see keysvc/client for the failover rules). Empty takes the URLs
+	// from the volume's keygate token.
 	KeysvcURL string
+	// ConnectTimeout bounds the connect and TLS handshake to one replica
+	// before the next is tried (client.DefaultConnectTimeout with several
+	// URLs, client.SingleConnectTimeout with one).
+	ConnectTimeout time.Duration
 	// CA is the key service's CA certificate (PEM, DATA/ca.pem). Nil pins
 	// the CA fingerprint of the volume's keygate token instead; when both
 	// are there they must agree.
@@ -130,7 +138,7 @@ type Event struct {
 type Boot struct {
 	cfg     Config
 	log     *slog.Logger
-	cl      *client
+	cl      *client.Client
 	tpm     *tpm.TPM
 	ownTPM  bool
 	session string
@@ -211,11 +219,11 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 	case !st.luks:
 		blank = true
 	}
-	url, pin, volume := cfg.KeysvcURL, "", cfg.Volume
+	urls, pin, volume := client.ParseURLs(cfg.KeysvcURL), "", cfg.Volume
 	if st.token != nil {
 		pin = st.token.CASHA256
-		if url == "" {
-			url = st.token.URL
+		if len(urls) == 0 {
+			urls = st.token.URLs()
 		}
 		if volume == "" {
 			volume = st.token.VolumeID
@@ -223,10 +231,10 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 			return nil, fmt.Errorf("boot: --volume %q is not the volume %q named in %s's keygate token", volume, st.token.VolumeID, cfg.Image)
 		}
 	}
-	if url == "" || volume == "" {
+	if len(urls) == 0 || volume == "" {
 		return nil, fmt.Errorf("boot: %s has no keygate token, so --keysvc and --volume are required (or create the volume with `keygate disk create --keysvc URL --volume ID`)", cfg.Image)
 	}
-	if b.cl, err = newClient(url, cfg.CA, pin); err != nil {
+	if b.cl, err = newClient(urls, cfg.CA, pin, cfg.ConnectTimeout); err != nil {
 		return nil, fmt.Errorf("boot: %w", err)
 	}
 	if cfg.TPM != nil {
@@ -251,14 +259,14 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 	// The handshake overlaps the TPM's EK and AK creation, which the
 	// challenge needs first; it starts after the hardening and the
 	// monitor, where the challenge's connection used to.
-	b.cl.warm()
-	uk, err := b.unlock(ctx, url, volume, blank)
+	b.cl.Warm()
+	uk, err := b.unlock(ctx, volume, blank)
 	if err != nil {
 		return nil, err
 	}
 	defer uk.Destroy()
 	if blank {
-		if err := formatBlank(cfg.Image, uk.Bytes(), luks2.KeygateToken{URL: url, VolumeID: volume, CASHA256: pinFor(cfg.CA, pin)}, cfg.InitFS); err != nil {
+		if err := formatBlank(cfg.Image, uk.Bytes(), luks2.KeygateToken{URL: urls[0], MoreURLs: urls[1:], VolumeID: volume, CASHA256: pinFor(cfg.CA, pin)}, cfg.InitFS); err != nil {
 			return nil, fmt.Errorf("boot: provision %s: %w (the key service made the volume's key but the device is still blank: erase the volume with `keysvc erase --volume %s` and provision the device under a new --volume ID)", cfg.Image, err, volume)
 		}
 		b.log.Info("provisioned blank volume", slog.String("image", cfg.Image), slog.String("volume", volume), slog.String("fs", string(cfg.InitFS)))
@@ -309,7 +317,7 @@ func pinFor(caPEM []byte, pin string) string {
 // unlock runs challenge, attest and unlock (or provision) until the key
 // service answers, then imports the blob and closes the window. The UK it
 // returns is the caller's to destroy.
-func (b *Boot) unlock(ctx context.Context, url, volume string, provision bool) (*tpm.Secret, error) {
+func (b *Boot) unlock(ctx context.Context, volume string, provision bool) (*tpm.Secret, error) {
 	ek, err := b.tpm.EK(b.cfg.Alg)
 	if err != nil {
 		return nil, fmt.Errorf("boot: %w", err)
@@ -326,31 +334,30 @@ func (b *Boot) unlock(ctx context.Context, url, volume string, provision bool) (
 	if err != nil {
 		return nil, err
 	}
-	path := "/v1/unlock"
-	if provision {
-		path = "/v1/provision"
-	}
-	var ur keysvc.UnlockResponse
+	var ur *api.UnlockResponse
 	start, delay := time.Now(), b.cfg.RetryMin
 	for {
-		err = b.attempt(ctx, keysvc.ChallengeRequest{VM: b.cfg.VM, Volume: volume, EKPub: string(ekPEM), AKPub: string(akPEM)}, path, &ur)
+		ur, err = b.attempt(ctx, api.ChallengeRequest{VM: b.cfg.VM, Volume: volume, EKPub: string(ekPEM), AKPub: string(akPEM)}, provision)
 		var ue *UnreachableError
 		if !errors.As(err, &ue) {
 			break
 		}
-		if b.cfg.MaxWait > 0 && time.Since(start)+delay > b.cfg.MaxWait {
+		// The service may ask for a longer wait (503 with Retry-After
+		// while its database is away); never wait less than it asks.
+		wait := max(delay, min(ue.RetryAfter(), b.cfg.RetryMax))
+		if b.cfg.MaxWait > 0 && time.Since(start)+wait > b.cfg.MaxWait {
 			return nil, fmt.Errorf("boot: gave up after %s: %w", time.Since(start).Round(time.Millisecond), err)
 		}
-		b.emit(Event{Kind: EventWaiting, Err: err, Message: fmt.Sprintf("key service %s unreachable (%v); retrying in %s", url, ue.Err, delay)})
+		b.emit(Event{Kind: EventWaiting, Err: err, Message: fmt.Sprintf("key service %s unreachable (%v); retrying in %s", strings.Join(b.cl.URLs(), ","), ue.Err, wait)})
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("boot: stopped while waiting for the key service: %w", ctx.Err())
-		case <-time.After(delay):
+		case <-time.After(wait):
 		}
 		delay = min(delay*2, b.cfg.RetryMax)
 	}
 	var r *Refusal
-	if provision && errors.As(err, &r) && (r.Reason == keysvc.ReasonUnknownVolume || r.Reason == keysvc.ReasonNoProvisioning) {
+	if provision && errors.As(err, &r) && (r.Reason == api.ReasonUnknownVolume || r.Reason == api.ReasonNoProvisioning) {
 		return nil, fmt.Errorf("boot: provision volume %s: %w (this VM may not provision volumes: enroll it with provisioning allowed, or create the volume with `keygate disk create --keysvc`)", volume, err)
 	}
 	if err != nil {
@@ -376,21 +383,41 @@ func (b *Boot) unlock(ctx context.Context, url, volume string, provision bool) (
 	return uk, nil
 }
 
-// attempt is one challenge-quote-unlock round trip.
-func (b *Boot) attempt(ctx context.Context, req keysvc.ChallengeRequest, path string, ur *keysvc.UnlockResponse) error {
-	var ch keysvc.ChallengeResponse
-	if err := b.cl.do(ctx, "POST", "/v1/challenge", "", req, &ch); err != nil {
-		return err
+// attempt is one challenge-quote-unlock (or provision) round trip. The
+// challenge may come from one replica and be redeemed at another.
+//
+// When the unlock failed over after the first replica took the request
+// and broke off, that replica may have used the challenge up, and the next
+// one refuses it as replayed: that refusal is about the token, not about
+// the VM, so the round trip runs once more with a fresh challenge.
+func (b *Boot) attempt(ctx context.Context, req api.ChallengeRequest, provision bool) (*api.UnlockResponse, error) {
+	for try := 0; ; try++ {
+		ch, err := b.cl.Challenge(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		att, err := b.tpm.Attest(ch.Nonce, b.cfg.Alg)
+		if err != nil {
+			return nil, fmt.Errorf("quote PCRs: %w", err)
+		}
+		raw, err := proto.Marshal(att)
+		if err != nil {
+			return nil, err
+		}
+		first := b.cl.Current()
+		ureq := api.UnlockRequest{Challenge: ch.Challenge, Attestation: raw}
+		var ur *api.UnlockResponse
+		if provision {
+			ur, err = b.cl.Provision(ctx, ureq)
+		} else {
+			ur, err = b.cl.Unlock(ctx, ureq)
+		}
+		var r *Refusal
+		if try == 0 && b.cl.Current() != first && errors.As(err, &r) && r.Reason == api.ReasonChallenge {
+			continue
+		}
+		return ur, err
 	}
-	att, err := b.tpm.Attest(ch.Nonce, b.cfg.Alg)
-	if err != nil {
-		return fmt.Errorf("quote PCRs: %w", err)
-	}
-	raw, err := proto.Marshal(att)
-	if err != nil {
-		return err
-	}
-	return b.cl.do(ctx, "POST", path, "", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: raw}, ur)
 }
 
 func (b *Boot) emit(ev Event) {
@@ -463,7 +490,7 @@ func (b *Boot) release() error {
 	// service.
 	errs = append(errs, b.stopMonitor())
 	if b.cl != nil {
-		b.cl.close()
+		b.cl.Close()
 	}
 	if b.ownTPM && b.tpm != nil {
 		errs = append(errs, b.tpm.Close())

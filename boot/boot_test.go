@@ -12,7 +12,6 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
-	"github.com/keygate/keygate/disk/ninep"
 	"math/big"
 	"net"
 	"net/http"
@@ -23,10 +22,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keygate/keygate/disk/ninep"
+	"github.com/keygate/keygate/keysvc/api"
+
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/luks2"
 	"github.com/keygate/keygate/internal/testutil"
-	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -74,7 +75,7 @@ func TestBoot(t *testing.T) {
 				e.admin(t, "POST", "/v1/admin/volumes/"+volID(img)+"/erase", nil, http.StatusOK)
 			},
 			wantErr: ErrRefused,
-			check:   wantReason(keysvc.ReasonErased),
+			check:   wantReason(api.ReasonErased),
 		},
 		{
 			name: "revoked-vm",
@@ -82,7 +83,7 @@ func TestBoot(t *testing.T) {
 				e.admin(t, "POST", "/v1/admin/vms/"+vmOf(img)+"/revoke", nil, http.StatusOK)
 			},
 			wantErr: ErrRefused,
-			check:   wantReason(keysvc.ReasonRevoked),
+			check:   wantReason(api.ReasonRevoked),
 		},
 		{
 			name:    "wrong-ca",
@@ -339,7 +340,7 @@ func TestOfflineProvisioned(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "offline-vol", VM: "offline", Key: uk}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "offline-vol", VM: "offline", Key: uk}, http.StatusCreated)
 	c := e.cfg(tp, "offline", img, nil)
 	if _, err := Run(context.Background(), c); err == nil || !strings.Contains(err.Error(), "no keygate token, so --keysvc and --volume are required") {
 		t.Fatalf("run without --volume: %v", err)
@@ -596,7 +597,7 @@ func TestFormatOpensInCryptsetup(t *testing.T) {
 	cs := testutil.LookPath(t, "cryptsetup")
 	dir := t.TempDir()
 	img, keyFile := filepath.Join(dir, "v.img"), filepath.Join(dir, "uk")
-	uk := bytes.Repeat([]byte{0x42}, keysvc.UKSize) // a test key, not a secret
+	uk := bytes.Repeat([]byte{0x42}, api.UKSize) // a test key, not a secret
 	if err := os.WriteFile(keyFile, uk, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -617,7 +618,7 @@ func TestFormatOpensInCryptsetup(t *testing.T) {
 		}
 	}
 	wrong := filepath.Join(dir, "wrong")
-	os.WriteFile(wrong, bytes.Repeat([]byte{0x43}, keysvc.UKSize), 0o600)
+	os.WriteFile(wrong, bytes.Repeat([]byte{0x43}, api.UKSize), 0o600)
 	out, err := exec.Command(cs, "open", "--test-passphrase", "--key-file", wrong, img).CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "No key available") {
 		t.Fatalf("cryptsetup with a wrong key: %v %s", err, out)

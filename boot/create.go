@@ -1,16 +1,10 @@
 package boot
 
 import (
-	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,14 +13,15 @@ import (
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/luks2"
 	"github.com/keygate/keygate/keymem"
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
+	"github.com/keygate/keygate/keysvc/client"
 )
 
 // CreateConfig describes a new volume registered at the key service.
 type CreateConfig struct {
 	Image     string // must not exist
-	KeysvcURL string // VM API URL, written into the token
-	AdminURL  string // admin API URL (https://HOST:PORT) the UK is registered through
+	KeysvcURL string // VM API URL, or several (replicas) separated by commas, written into the token
+	AdminURL  string // admin API URL (https://HOST:PORT), or several, the UK is registered through
 	CA        []byte // the key service's CA (PEM); its fingerprint goes into the token
 	Token     string // admin bearer token
 	VM        string
@@ -47,25 +42,32 @@ func CreateVolume(ctx context.Context, cc CreateConfig) (*disk.Created, error) {
 	if cc.Image == "" || cc.VM == "" || cc.Volume == "" || cc.KeysvcURL == "" || cc.AdminURL == "" || cc.Token == "" {
 		return nil, errors.New("create volume: image, --keysvc, --vm, --volume, the admin URL and the admin token are required")
 	}
-	if !strings.HasPrefix(cc.KeysvcURL, "https://") {
-		return nil, fmt.Errorf("create volume: --keysvc %q must be an https URL", cc.KeysvcURL)
+	urls := client.ParseURLs(cc.KeysvcURL)
+	for _, u := range urls {
+		if !strings.HasPrefix(u, "https://") {
+			return nil, fmt.Errorf("create volume: --keysvc %q must be an https URL", u)
+		}
 	}
-	ca, err := parseCA(cc.CA)
+	fp, err := CAFingerprint(cc.CA)
 	if err != nil {
 		return nil, fmt.Errorf("create volume: %w", err)
 	}
-	fp, _ := CAFingerprint(cc.CA)
+	admin, err := client.New(client.Config{URLs: client.ParseURLs(cc.AdminURL), CA: cc.CA, Token: cc.Token})
+	if err != nil {
+		return nil, fmt.Errorf("create volume: %w", err)
+	}
+	defer admin.Close()
 	if _, err := os.Lstat(cc.Image); err == nil {
 		return nil, fmt.Errorf("create volume: %s exists; choose another name, or remove it first if its data is no longer needed", cc.Image)
 	}
-	uk, err := keymem.Random(keysvc.UKSize)
+	uk, err := keymem.Random(api.UKSize)
 	if err != nil {
 		return nil, fmt.Errorf("create volume: %w", err)
 	}
 	defer uk.Destroy()
 
 	tmp := filepath.Join(filepath.Dir(cc.Image), fmt.Sprintf(".%s.keygate-create-%d", filepath.Base(cc.Image), time.Now().UnixNano()))
-	tok := luks2.KeygateToken{URL: cc.KeysvcURL, VolumeID: cc.Volume, CASHA256: fp}
+	tok := luks2.KeygateToken{URL: urls[0], MoreURLs: urls[1:], VolumeID: cc.Volume, CASHA256: fp}
 	res, err := createImage(tmp, uk.Bytes(), tok, cc.Options)
 	if err != nil {
 		os.Remove(tmp)
@@ -78,15 +80,11 @@ func CreateVolume(ctx context.Context, cc CreateConfig) (*disk.Created, error) {
 			os.Remove(tmp)
 		}
 	}()
-	pool := x509.NewCertPool()
-	pool.AddCert(ca)
-	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool}}}
-	defer hc.CloseIdleConnections()
-	if err := adminCall(ctx, hc, cc, "/v1/admin/volumes", keysvc.VolumeRequest{ID: cc.Volume, VM: cc.VM, Key: uk.Bytes()}); err != nil {
-		return nil, fmt.Errorf("create volume: register at the key service: %w (nothing was created)", err)
+	if _, err := admin.AddVolume(ctx, api.VolumeRequest{ID: cc.Volume, VM: cc.VM, Key: uk.Bytes()}); err != nil {
+		return nil, fmt.Errorf("create volume: register at the key service: %w (nothing was created)", adminHint(err, cc.AdminURL))
 	}
 	if err := linkNoClobber(tmp, cc.Image); err != nil {
-		eraseErr := adminCall(ctx, hc, cc, "/v1/admin/volumes/"+cc.Volume+"/erase", nil)
+		_, eraseErr := admin.Erase(ctx, cc.Volume)
 		return nil, fmt.Errorf("create volume: put the image in place: %w; the volume's key was registered and has been erased again (%v), so choose a new --volume ID", err, eraseErr)
 	}
 	os.Remove(tmp)
@@ -179,35 +177,14 @@ func linkNoClobber(tmp, path string) error {
 	return os.Rename(tmp, path)
 }
 
-// adminCall POSTs body to the admin API and wants a 2xx. The request body,
-// which carries the UK for a volume import, is wiped once sent.
-func adminCall(ctx context.Context, hc *http.Client, cc CreateConfig, path string, body any) error {
-	var b []byte
-	if body != nil {
-		var err error
-		if b, err = json.Marshal(body); err != nil {
-			return err
-		}
-		defer clear(b)
+// adminHint adds what to check to an admin API failure.
+func adminHint(err error, adminURL string) error {
+	var ue *UnreachableError
+	switch {
+	case errors.Is(err, ErrTLS):
+		return fmt.Errorf("%w (pass --ca DATA/ca.pem)", err)
+	case errors.As(err, &ue):
+		return fmt.Errorf("reach the admin API at %s: %w (is `keysvc serve` running?)", adminURL, err)
 	}
-	req, err := http.NewRequestWithContext(ctx, "POST", strings.TrimRight(cc.AdminURL, "/")+path, bytes.NewReader(b))
-	if err != nil {
-		return fmt.Errorf("bad admin URL %q: %v", cc.AdminURL, err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer "+cc.Token)
-	resp, err := hc.Do(req)
-	if err != nil {
-		var ua x509.UnknownAuthorityError
-		if errors.As(err, &ua) {
-			return fmt.Errorf("%w: %v (pass --ca DATA/ca.pem)", ErrTLS, err)
-		}
-		return fmt.Errorf("reach the admin API at %s: %w (is `keysvc serve` running?)", cc.AdminURL, err)
-	}
-	defer resp.Body.Close()
-	rb, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("admin API answered %s%s", resp.Status, bodyMessage(rb))
-	}
-	return nil
+	return err
 }

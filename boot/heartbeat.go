@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // heartbeat posts a heartbeat event every Poll and locks the volume when
@@ -31,10 +31,9 @@ func (b *Boot) heartbeat(ctx context.Context) {
 			continue
 		case <-t.C:
 		}
-		var resp keysvc.EventsResponse
-		req := keysvc.EventsRequest{Session: b.session, Events: []keysvc.Event{{Kind: "heartbeat", Severity: "info"}}}
+		req := api.EventsRequest{Session: b.session, Events: []api.Event{{Kind: api.KindHeartbeat, Severity: "info"}}}
 		rctx, cancel := context.WithTimeout(ctx, max(b.cfg.Poll, 5*time.Second))
-		err := b.cl.do(rctx, "POST", "/v1/events", "", req, &resp)
+		resp, err := b.cl.Events(rctx, req)
 		cancel()
 		if ctx.Err() != nil {
 			return
@@ -55,7 +54,7 @@ func (b *Boot) heartbeat(ctx context.Context) {
 			b.emit(Event{Kind: EventReconnected, Message: fmt.Sprintf("key service answers again after %s", time.Since(outageSince).Round(time.Millisecond))})
 			outageSince = time.Time{}
 		}
-		if resp.State == keysvc.StateRevoked {
+		if resp.State == api.StateRevoked {
 			go b.lock(ErrRevoked) // lock waits for nothing of ours, but stop() cancels ctx
 			return
 		}

@@ -1,13 +1,9 @@
 package boot
 
 import (
-	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
-	"encoding/json"
-	"io"
+	"errors"
 	"log/slog"
 	"net/http"
 	"os"
@@ -21,6 +17,8 @@ import (
 	"github.com/keygate/keygate/disk/ninep"
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/internal/tpmtest"
+	"github.com/keygate/keygate/keysvc/api"
+	"github.com/keygate/keygate/keysvc/client"
 
 	"github.com/hugelgupf/p9/p9"
 
@@ -36,7 +34,7 @@ type env struct {
 	svc                    *keysvc.Service
 	ca                     []byte
 	token                  string
-	hc                     *http.Client
+	adm                    *client.Client // the admin API
 }
 
 func quietLog() *slog.Logger { return slog.New(slog.DiscardHandler) }
@@ -55,11 +53,10 @@ func startEnv(t testing.TB) *env {
 		t.Fatal(err)
 	}
 	e.token = strings.TrimSpace(string(tok))
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(e.ca)
-	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}}
-	t.Cleanup(tr.CloseIdleConnections)
-	e.hc = &http.Client{Transport: tr, Timeout: 30 * time.Second}
+	if e.adm, err = client.New(client.Config{URLs: []string{"https://" + e.adminAddr}, CA: e.ca, Token: e.token}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.adm.Close)
 	return e
 }
 
@@ -84,25 +81,18 @@ func (e *env) stop(t testing.TB) {
 
 func (e *env) url() string { return "https://" + e.vmAddr }
 
-// admin calls the admin API and fails the test unless it answers want.
+// admin calls the admin API and fails the test unless it answers want (a
+// 2xx want takes any success).
 func (e *env) admin(t testing.TB, method, path string, body any, want int) []byte {
 	t.Helper()
-	var rd io.Reader
-	if body != nil {
-		b, _ := json.Marshal(body)
-		rd = bytes.NewReader(b)
-	}
-	req, _ := http.NewRequest(method, "https://"+e.adminAddr+path, rd)
-	req.Header.Set("Authorization", "Bearer "+e.token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := e.hc.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != want {
-		t.Fatalf("%s %s: %d %s, want %d", method, path, resp.StatusCode, b, want)
+	var b []byte
+	err := e.adm.Do(context.Background(), method, path, "", body, &b)
+	var se *client.Error
+	switch {
+	case err == nil && want/100 == 2:
+	case errors.As(err, &se) && se.StatusCode == want:
+	default:
+		t.Fatalf("%s %s: %v, want %d", method, path, err, want)
 	}
 	return b
 }
@@ -132,7 +122,7 @@ func (e *env) enroll(t testing.TB, tp *tpm.TPM, name string, provisioning bool) 
 	}
 	ekPEM, _ := ek.PEM()
 	akPEM, _ := ak.PEM()
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: name, EKPub: string(ekPEM), AKPub: string(akPEM), ProvisioningAllowed: provisioning}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: name, EKPub: string(ekPEM), AKPub: string(akPEM), ProvisioningAllowed: provisioning}, http.StatusCreated)
 	got, err := tp.PCRs(policyPCRs...)
 	if err != nil {
 		t.Fatal(err)

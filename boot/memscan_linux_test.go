@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/keygate/keygate/disk/ninep"
 	"io"
 	"net/http"
 	"os"
@@ -19,13 +18,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keygate/keygate/disk/ninep"
+	"github.com/keygate/keygate/keysvc/api"
+
 	"github.com/awnumar/memguard"
 
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/disk/luks2"
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keymem"
-	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -162,12 +163,12 @@ func TestServingProcessMemory(t *testing.T) {
 func knownVolume(t *testing.T, e *env, vm string) (string, *memguard.LockedBuffer) {
 	t.Helper()
 	img := filepath.Join(t.TempDir(), "v.img")
-	uk := memguard.NewBufferRandom(keysvc.UKSize)
+	uk := memguard.NewBufferRandom(api.UKSize)
 	fp, _ := CAFingerprint(e.ca)
 	if _, err := createImage(img, uk.Bytes(), luks2.KeygateToken{URL: e.url(), VolumeID: vm + "-vol", CASHA256: fp}, disk.CreateOptions{Size: 64 << 20, FS: disk.Ext4}); err != nil {
 		t.Fatal(err)
 	}
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: vm + "-vol", VM: vm, Key: uk.Bytes()}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: vm + "-vol", VM: vm, Key: uk.Bytes()}, http.StatusCreated)
 	return img, uk
 }
 

@@ -11,7 +11,7 @@ import (
 	"github.com/keygate/keygate/ebpfmon"
 	"github.com/keygate/keygate/ebpfmon/keysvcsink"
 	"github.com/keygate/keygate/keymem"
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // AlertAction is what a monitor alert does (Config.OnAlert).
@@ -184,7 +184,7 @@ func (b *Boot) stopMonitor() error {
 // seen here locks at once.
 type eventPoster struct{ b *Boot }
 
-func (p eventPoster) PostEvents(ctx context.Context, evs []keysvc.Event) error {
+func (p eventPoster) PostEvents(ctx context.Context, evs []api.Event) error {
 	select {
 	case <-p.b.mon.session: // first, so that a stopping monitor still flushes
 	default:
@@ -196,12 +196,12 @@ func (p eventPoster) PostEvents(ctx context.Context, evs []keysvc.Event) error {
 			return ctx.Err()
 		}
 	}
-	var resp keysvc.EventsResponse
-	if err := p.b.cl.do(ctx, "POST", "/v1/events", "", keysvc.EventsRequest{Session: p.b.session, Events: evs}, &resp); err != nil {
+	resp, err := p.b.cl.Events(ctx, api.EventsRequest{Session: p.b.session, Events: evs})
+	if err != nil {
 		p.b.log.Warn("monitor: posting alerts to the key service failed: "+err.Error(), slog.String("event", string(EventAlert)))
 		return err
 	}
-	if resp.State == keysvc.StateRevoked {
+	if resp.State == api.StateRevoked {
 		// While Run is still setting up, the heartbeat it starts will
 		// see the revoke; only a serving boot can be locked from here.
 		mon := p.b.mon

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/keygate/keygate/disk/ninep"
 	"net"
 	"net/http"
 	"os"
@@ -21,12 +20,14 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/keygate/keygate/disk/ninep"
+	"github.com/keygate/keygate/keysvc/api"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/keygate/keygate/ebpfmon"
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keymem"
-	"github.com/keygate/keygate/keysvc"
 )
 
 // attackEnv turns the test binary into an attacker: "readv|mem PID ADDR LEN"
@@ -269,10 +270,10 @@ func waitAlert(t *testing.T, ev *events, pid int, tech ebpfmon.Technique) *ebpfm
 
 // waitStoredEvent polls GET /v1/admin/events until the key service holds
 // pid's event of kind tech.
-func (e *env) waitStoredEvent(t *testing.T, vm string, pid int, tech ebpfmon.Technique) keysvc.EventRecord {
+func (e *env) waitStoredEvent(t *testing.T, vm string, pid int, tech ebpfmon.Technique) api.EventRecord {
 	t.Helper()
 	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		var recs []keysvc.EventRecord
+		var recs []api.EventRecord
 		if err := json.Unmarshal(e.admin(t, "GET", "/v1/admin/events?vm="+vm+"&kind="+string(tech), nil, http.StatusOK), &recs); err != nil {
 			t.Fatal(err)
 		}
@@ -283,7 +284,7 @@ func (e *env) waitStoredEvent(t *testing.T, vm string, pid int, tech ebpfmon.Tec
 		}
 	}
 	t.Fatalf("the key service has no %s event of pid %d within 60s", tech, pid)
-	return keysvc.EventRecord{}
+	return api.EventRecord{}
 }
 
 // TestKeyPagesRegistered checks that every key buffer of an unlock is in

@@ -47,7 +47,7 @@ func (m *Monitor) tryEnforce() (Mode, string) {
 	}
 	var objs enforceObjects
 	err = loadEnforceObjects(&objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
-		"prot": m.objs.Prot, "targets": m.objs.Targets, "allow": m.objs.Allow, "denials": m.objs.Denials,
+		"prot": m.objs.Prot, "targets": m.objs.Targets, "allow": m.objs.Allow,
 		"events": m.objs.Events, "drops": m.objs.Drops,
 	}})
 	if err != nil {
@@ -60,20 +60,31 @@ func (m *Monitor) tryEnforce() (Mode, string) {
 		return ModeDetect, "the kernel refused to load the BPF LSM programs: " + why + "; running in detect-only mode"
 	}
 	var attached []link.Link
-	for _, p := range []*ebpf.Program{objs.DenyPtrace, objs.DenyOpen} {
-		l, err := link.AttachLSM(link.LSMOptions{Program: p})
+	for _, p := range []struct {
+		hook string
+		prog *ebpf.Program
+	}{
+		{"ptrace_access_check", objs.DenyPtrace},
+		{"file_open", objs.DenyOpen},
+		{"perf_event_open", objs.ReportPerf},
+	} {
+		l, err := link.AttachLSM(link.LSMOptions{Program: p.prog})
 		if err != nil {
 			for _, l := range attached {
 				l.Close()
 			}
 			objs.Close()
-			return ModeDetect, "attach BPF LSM program " + p.String() + ": " + err.Error() + "; running in detect-only mode"
+			return ModeDetect, "attach BPF LSM program " + p.hook + ": " + err.Error() + "; running in detect-only mode"
 		}
 		attached = append(attached, l)
 	}
 	m.links = append(m.links, attached...)
+	m.progs["lsm/ptrace_access_check"], m.progs["lsm/file_open"], m.progs["lsm/perf_event_open"] = objs.DenyPtrace, objs.DenyOpen, objs.ReportPerf
 	m.enforce = &objs
-	return ModeDeny, "BPF LSM programs attached: ptrace_access_check denies ATTACH-mode access to protected processes, file_open reports every open of a protected process's mem, environ and maps and of /proc/kcore and /dev/mem (the open tracepoints are detached) and denies mem, kcore and /dev/mem"
+	return ModeDeny, "BPF LSM programs attached, no syscall tracepoints: ptrace_access_check reports and denies ptrace attach/seize, " +
+		"process_vm_readv/writev and pidfd_getfd on protected processes; file_open reports every open of a protected process's " +
+		"mem, environ and maps and of /proc/kcore and /dev/mem, and denies mem, kcore and /dev/mem; perf_event_open reports " +
+		"perf events on protected processes, CPUs and cgroups"
 }
 
 // lockdownHint names kernel lockdown when it is on, the usual reason root

@@ -13,12 +13,6 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type enforceDenial struct {
-	_   structs.HostLayout
-	Nr  int32
-	Pad uint32
-}
-
 type enforceProtectedProc struct {
 	_     structs.HostLayout
 	N     uint32
@@ -69,7 +63,6 @@ type enforceScratch struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	enforceMapAllow       = "allow"
-	enforceMapDenials     = "denials"
 	enforceMapDrops       = "drops"
 	enforceMapEvents      = "events"
 	enforceMapProt        = "prot"
@@ -77,6 +70,7 @@ const (
 	enforceMapTargets     = "targets"
 	enforceProgDenyOpen   = "deny_open"
 	enforceProgDenyPtrace = "deny_ptrace"
+	enforceProgReportPerf = "report_perf"
 	enforceVarUnusedEvent = "unused_event"
 )
 
@@ -124,6 +118,7 @@ type enforceSpecs struct {
 type enforceProgramSpecs struct {
 	DenyOpen   *ebpf.ProgramSpec `ebpf:"deny_open"`
 	DenyPtrace *ebpf.ProgramSpec `ebpf:"deny_ptrace"`
+	ReportPerf *ebpf.ProgramSpec `ebpf:"report_perf"`
 }
 
 // enforceMapSpecs contains maps before they are loaded into the kernel.
@@ -131,7 +126,6 @@ type enforceProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type enforceMapSpecs struct {
 	Allow   *ebpf.MapSpec `ebpf:"allow"`
-	Denials *ebpf.MapSpec `ebpf:"denials"`
 	Drops   *ebpf.MapSpec `ebpf:"drops"`
 	Events  *ebpf.MapSpec `ebpf:"events"`
 	Prot    *ebpf.MapSpec `ebpf:"prot"`
@@ -167,7 +161,6 @@ func (o *enforceObjects) Close() error {
 // It can be passed to loadEnforceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type enforceMaps struct {
 	Allow   *ebpf.Map `ebpf:"allow"`
-	Denials *ebpf.Map `ebpf:"denials"`
 	Drops   *ebpf.Map `ebpf:"drops"`
 	Events  *ebpf.Map `ebpf:"events"`
 	Prot    *ebpf.Map `ebpf:"prot"`
@@ -178,7 +171,6 @@ type enforceMaps struct {
 func (m *enforceMaps) Close() error {
 	return _EnforceClose(
 		m.Allow,
-		m.Denials,
 		m.Drops,
 		m.Events,
 		m.Prot,
@@ -200,12 +192,14 @@ type enforceVariables struct {
 type enforcePrograms struct {
 	DenyOpen   *ebpf.Program `ebpf:"deny_open"`
 	DenyPtrace *ebpf.Program `ebpf:"deny_ptrace"`
+	ReportPerf *ebpf.Program `ebpf:"report_perf"`
 }
 
 func (p *enforcePrograms) Close() error {
 	return _EnforceClose(
 		p.DenyOpen,
 		p.DenyPtrace,
+		p.ReportPerf,
 	)
 }
 

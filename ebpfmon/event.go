@@ -126,11 +126,11 @@ type Event struct {
 	Arg    uint64 `json:"arg,omitempty"`  // ptrace request, open flags, perf type, or pidfd_getfd's fd
 	Result int64  `json:"result"`         // the syscall's return value; negative is -errno
 	// Denied says the kernel refused this attempt because of our BPF LSM
-	// program: the program recorded its refusal, and the monitor matched the
-	// record to this syscall. The errno alone cannot say it (the kernel turns
-	// the LSM's EPERM into EACCES for /proc/<pid>/mem, and its own checks
-	// return EPERM too), so it is never inferred from Result. Never set in
-	// detect mode, where no LSM program runs.
+	// program: the program that refused sent this event itself (deny mode
+	// reports every attempt from its LSM programs). The errno alone cannot
+	// say it (the kernel's own checks return EPERM too), so it is never
+	// inferred from Result. Never set in detect mode, where no LSM program
+	// runs.
 	Denied bool `json:"denied,omitempty"`
 }
 

@@ -7,7 +7,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -72,18 +71,16 @@ type Config struct {
 // Monitor watches the protected processes. Its methods may be called from
 // any goroutine.
 type Monitor struct {
-	objs    monitorObjects
-	enforce *enforceObjects
-	links   []link.Link
-	progs   map[string]*ebpf.Program
-	// openLinks are the open tracepoints' links, by tracepoint name.
-	openLinks map[string]link.Link
-	rd        *ringbuf.Reader
-	events    chan Event
-	mode      Mode
-	reason    string
-	bootTime  time.Time
-	minSev    Severity
+	objs     monitorObjects
+	enforce  *enforceObjects
+	links    []link.Link
+	progs    map[string]*ebpf.Program
+	rd       *ringbuf.Reader
+	events   chan Event
+	mode     Mode
+	reason   string
+	bootTime time.Time
+	minSev   Severity
 
 	// counts holds, per technique and severity, every event decoded,
 	// delivered or not; readErrs and decodeErrs what the reader lost.
@@ -182,25 +179,20 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 		m.Close()
 		return nil, fmt.Errorf("protect this process: %v", err)
 	}
-	if err := m.attach(); err != nil {
-		m.Close()
-		return nil, err
-	}
 	for _, pid := range cfg.Allow {
 		if err := m.objs.Allow.Put(uint32(pid), uint8(1)); err != nil {
 			m.Close()
 			return nil, fmt.Errorf("allow pid %d: %v", pid, err)
 		}
 	}
+	m.progs = map[string]*ebpf.Program{}
 	m.mode, m.reason = ModeDetect, "detect-only mode was asked for (Config.DetectOnly)"
 	if !cfg.DetectOnly {
 		m.mode, m.reason = m.tryEnforce()
 	}
-	if m.mode == ModeDeny {
-		if err := m.dropOpenTracepoints(); err != nil {
-			m.Close()
-			return nil, err
-		}
+	if err := m.attach(m.mode == ModeDeny); err != nil {
+		m.Close()
+		return nil, err
 	}
 	if err := m.protectSelf(cfg.Self); err != nil {
 		m.Close()
@@ -230,40 +222,47 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 	return m, nil
 }
 
-func (m *Monitor) attach() error {
+// attach attaches the tracepoint programs. In deny mode (lsm) the BPF LSM
+// programs report every attempt themselves, and only the two tracepoints
+// that keep the protected set in step with thread creation and exit are
+// attached: a syscall tracepoint, any one, puts every syscall of every
+// task on the kernel's slow path (docs/monitor.md, Costs).
+func (m *Monitor) attach(lsm bool) error {
 	tps := []struct {
 		group, name string
 		prog        *ebpf.Program
 		optional    bool // absent where the kernel has no such route (no open(2) on arm64, no io_uring)
-		open        bool // an open route, which lsm/file_open covers in deny mode
+		detect      bool // detect mode only: the BPF LSM covers the route in deny mode
 	}{
-		{"syscalls", "sys_enter_process_vm_readv", m.objs.VmReadvEnter, false, false},
-		{"syscalls", "sys_exit_process_vm_readv", m.objs.VmReadvExit, false, false},
-		{"syscalls", "sys_enter_process_vm_writev", m.objs.VmWritevEnter, false, false},
-		{"syscalls", "sys_exit_process_vm_writev", m.objs.VmWritevExit, false, false},
-		{"syscalls", "sys_enter_ptrace", m.objs.PtraceEnter, false, false},
-		{"syscalls", "sys_exit_ptrace", m.objs.PtraceExit, false, false},
+		{"syscalls", "sys_enter_process_vm_readv", m.objs.VmReadvEnter, false, true},
+		{"syscalls", "sys_exit_process_vm_readv", m.objs.VmReadvExit, false, true},
+		{"syscalls", "sys_enter_process_vm_writev", m.objs.VmWritevEnter, false, true},
+		{"syscalls", "sys_exit_process_vm_writev", m.objs.VmWritevExit, false, true},
+		{"syscalls", "sys_enter_ptrace", m.objs.PtraceEnter, false, true},
+		{"syscalls", "sys_exit_ptrace", m.objs.PtraceExit, false, true},
 		{"syscalls", "sys_exit_openat", m.objs.OpenatExit, false, true},
 		{"syscalls", "sys_exit_openat2", m.objs.Openat2Exit, false, true},
 		{"syscalls", "sys_exit_open", m.objs.OpenLegacyExit, true, true},
 		{"syscalls", "sys_exit_creat", m.objs.CreatExit, true, true},
 		{"io_uring", "io_uring_complete", m.objs.RingComplete, true, true},
 		{"raw_syscalls", "sys_exit", m.objs.CompatExit, false, true},
-		{"syscalls", "sys_enter_pidfd_getfd", m.objs.PidfdGetfdEnter, false, false},
-		{"syscalls", "sys_exit_pidfd_getfd", m.objs.PidfdGetfdExit, false, false},
-		{"syscalls", "sys_enter_perf_event_open", m.objs.PerfEnter, false, false},
-		{"syscalls", "sys_exit_perf_event_open", m.objs.PerfExit, false, false},
+		{"syscalls", "sys_enter_pidfd_getfd", m.objs.PidfdGetfdEnter, false, true},
+		{"syscalls", "sys_exit_pidfd_getfd", m.objs.PidfdGetfdExit, false, true},
+		{"syscalls", "sys_enter_perf_event_open", m.objs.PerfEnter, false, true},
+		{"syscalls", "sys_exit_perf_event_open", m.objs.PerfExit, false, true},
 		{"task", "task_newtask", m.objs.Newtask, false, false},
 		{"sched", "sched_process_exit", m.objs.TaskExit, false, false},
 	}
-	m.progs = map[string]*ebpf.Program{}
-	m.openLinks = map[string]link.Link{}
 	// Exits first: an entry seen without its exit would sit in pending.
 	for i := len(tps) - 1; i >= 0; i-- {
 		tp := tps[i]
+		if lsm && tp.detect {
+			continue
+		}
 		m.progs[tp.name] = tp.prog
 		l, err := link.Tracepoint(tp.group, tp.name, tp.prog, nil)
 		if err != nil && tp.optional && errors.Is(err, os.ErrNotExist) {
+			delete(m.progs, tp.name)
 			continue
 		}
 		if err != nil {
@@ -271,26 +270,6 @@ func (m *Monitor) attach() error {
 				Feature: "syscall tracepoints", Reason: err.Error() + " (the kernel needs CONFIG_FTRACE_SYSCALLS and tracefs)"})
 		}
 		m.links = append(m.links, l)
-		if tp.open {
-			m.openLinks[tp.name] = l
-		}
-	}
-	return nil
-}
-
-// dropOpenTracepoints detaches the open programs once the BPF LSM's
-// file_open reports every open itself (deny mode): every route to a file
-// passes that hook, and the syscall tracepoints were the open path's cost.
-func (m *Monitor) dropOpenTracepoints() error {
-	var errs []error
-	for name, l := range m.openLinks {
-		errs = append(errs, l.Close())
-		m.links = slices.DeleteFunc(m.links, func(x link.Link) bool { return x == l })
-		delete(m.progs, name)
-	}
-	m.openLinks = nil
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("detach the open tracepoints (the BPF LSM reports opens): %v", err)
 	}
 	return nil
 }
@@ -437,8 +416,9 @@ type ProgramStat struct {
 	Runtime time.Duration `json:"runtime_ns"`
 }
 
-// ProgramStats reports, per tracepoint, how often its program ran and for
-// how long in all. The kernel counts only while statistics are enabled
+// ProgramStats reports, per tracepoint (and in deny mode per LSM hook, as
+// "lsm/file_open" and so on), how often its program ran and for how long
+// in all. The kernel counts only while statistics are enabled
 // (EnableStats, or sysctl kernel.bpf_stats_enabled=1), so that the cost of
 // the monitor itself can be measured.
 func (m *Monitor) ProgramStats() (map[string]ProgramStat, error) {

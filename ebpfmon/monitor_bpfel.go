@@ -13,12 +13,6 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type monitorDenial struct {
-	_   structs.HostLayout
-	Nr  int32
-	Pad uint32
-}
-
 type monitorEvent struct {
 	_          structs.HostLayout
 	Ktime      uint64
@@ -71,7 +65,6 @@ type monitorScratch struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	monitorMapAllow            = "allow"
-	monitorMapDenials          = "denials"
 	monitorMapDrops            = "drops"
 	monitorMapEvents           = "events"
 	monitorMapPending          = "pending"
@@ -168,7 +161,6 @@ type monitorProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type monitorMapSpecs struct {
 	Allow   *ebpf.MapSpec `ebpf:"allow"`
-	Denials *ebpf.MapSpec `ebpf:"denials"`
 	Drops   *ebpf.MapSpec `ebpf:"drops"`
 	Events  *ebpf.MapSpec `ebpf:"events"`
 	Pending *ebpf.MapSpec `ebpf:"pending"`
@@ -207,7 +199,6 @@ func (o *monitorObjects) Close() error {
 // It can be passed to loadMonitorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type monitorMaps struct {
 	Allow   *ebpf.Map `ebpf:"allow"`
-	Denials *ebpf.Map `ebpf:"denials"`
 	Drops   *ebpf.Map `ebpf:"drops"`
 	Events  *ebpf.Map `ebpf:"events"`
 	Pending *ebpf.Map `ebpf:"pending"`
@@ -219,7 +210,6 @@ type monitorMaps struct {
 func (m *monitorMaps) Close() error {
 	return _MonitorClose(
 		m.Allow,
-		m.Denials,
 		m.Drops,
 		m.Events,
 		m.Pending,

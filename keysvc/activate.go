@@ -16,6 +16,7 @@ import (
 	"github.com/google/go-tpm/legacy/tpm2/credactivation"
 
 	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/store"
 )
@@ -32,38 +33,6 @@ import (
 //     the EK's private key and an object with exactly that AK name.
 //  3. POST /v1/activate/finish {activation, secret}: the service checks the
 //     token and the secret and enrolls the AK.
-
-// ActivateRequest is the body of POST /v1/activate.
-type ActivateRequest struct {
-	VM    string `json:"vm"`
-	EKPub string `json:"ek_pub"` // PEM
-	// AKPublic is the AK's TPMT_PUBLIC area (go-tpm tpm2.Public.Encode,
-	// Attestation.AkPub).
-	AKPublic []byte `json:"ak_public"`
-}
-
-// ActivateResponse is the answer to POST /v1/activate: the arguments of
-// TPM2_ActivateCredential (TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET, with
-// their size prefixes) and the token for the second step.
-type ActivateResponse struct {
-	CredentialBlob  []byte `json:"credential_blob"`
-	EncryptedSecret []byte `json:"encrypted_secret"`
-	Activation      string `json:"activation"`
-}
-
-// ActivateFinishRequest is the body of POST /v1/activate/finish.
-type ActivateFinishRequest struct {
-	Activation string `json:"activation"`
-	Secret     []byte `json:"secret"`
-}
-
-// ActivateFinishResponse is the answer to POST /v1/activate/finish.
-type ActivateFinishResponse struct {
-	AKFingerprint string `json:"ak_fingerprint"`
-}
-
-// ReasonAKEnrolled: POST /v1/activate for a VM that has an AK already.
-const ReasonAKEnrolled = "ak-enrolled"
 
 type activationClaims struct {
 	VM     string `json:"vm"`
@@ -82,8 +51,8 @@ func (s *Server) activationMAC(payload []byte) []byte {
 }
 
 func (s *Server) handleActivate(w http.ResponseWriter, r *http.Request) {
-	var req ActivateRequest
-	if e := readJSON(w, r, MaxChallengeBody, &req); e != nil {
+	var req api.ActivateRequest
+	if e := readJSON(w, r, api.MaxChallengeBody, &req); e != nil {
 		writeError(w, e)
 		return
 	}
@@ -109,14 +78,14 @@ func (s *Server) handleActivate(w http.ResponseWriter, r *http.Request) {
 	}
 	vm, err := s.st.GetVM(r.Context(), req.VM)
 	if errors.Is(err, store.ErrNotFound) {
-		s.refuse(w, r, req.VM, "", &refusal{reason: ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
+		s.refuse(w, r, req.VM, "", &refusal{reason: api.ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
 		return
 	}
 	if err != nil {
 		s.readFailed(w, r, req.VM, "", err)
 		return
 	}
-	if _, _, f := enrolledKeys(vm, ek, nil); f != nil && f.reason != ReasonNoAK {
+	if _, _, f := enrolledKeys(vm, ek, nil); f != nil && f.reason != api.ReasonNoAK {
 		s.refuse(w, r, req.VM, "", f)
 		return
 	}
@@ -125,7 +94,7 @@ func (s *Server) handleActivate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if vm.AKPubPEM != "" {
-		s.refuse(w, r, req.VM, "", &refusal{reason: ReasonAKEnrolled, hint: "the VM has an AK; an administrator replaces it with `keysvc vm set-ak`"})
+		s.refuse(w, r, req.VM, "", &refusal{reason: api.ReasonAKEnrolled, hint: "the VM has an AK; an administrator replaces it with `keysvc vm set-ak`"})
 		return
 	}
 	akPEM, err := marshalPublicKeyPEM(akPub)
@@ -145,13 +114,13 @@ func (s *Server) handleActivate(w http.ResponseWriter, r *http.Request) {
 	clear(secret)
 	payload, _ := json.Marshal(activationClaims{VM: vm.Name, EK: fmt.Sprintf("%x", fp), AK: akPEM, Secret: h[:], Exp: s.now().Add(s.ttl).Unix()})
 	enc := base64.RawURLEncoding
-	writeJSON(w, http.StatusOK, ActivateResponse{CredentialBlob: cred, EncryptedSecret: encSecret,
+	writeJSON(w, http.StatusOK, api.ActivateResponse{CredentialBlob: cred, EncryptedSecret: encSecret,
 		Activation: "a1." + enc.EncodeToString(payload) + "." + enc.EncodeToString(s.activationMAC(payload))})
 }
 
 func (s *Server) handleActivateFinish(w http.ResponseWriter, r *http.Request) {
-	var req ActivateFinishRequest
-	if e := readJSON(w, r, MaxChallengeBody, &req); e != nil {
+	var req api.ActivateFinishRequest
+	if e := readJSON(w, r, api.MaxChallengeBody, &req); e != nil {
 		writeError(w, e)
 		return
 	}
@@ -162,16 +131,16 @@ func (s *Server) handleActivateFinish(w http.ResponseWriter, r *http.Request) {
 	payload, err1 := enc.DecodeString(p)
 	mac, err2 := enc.DecodeString(m)
 	if !ok || !ok2 || err1 != nil || err2 != nil || !hmac.Equal(mac, s.activationMAC(payload)) || json.Unmarshal(payload, &c) != nil {
-		s.refuse(w, r, "", "", &refusal{reason: ReasonChallenge, hint: "the activation token is not one POST /v1/activate returned"})
+		s.refuse(w, r, "", "", &refusal{reason: api.ReasonChallenge, hint: "the activation token is not one POST /v1/activate returned"})
 		return
 	}
 	if s.now().Unix() >= c.Exp {
-		s.refuse(w, r, c.VM, "", &refusal{reason: ReasonChallenge, hint: "the activation token expired; start again with POST /v1/activate"})
+		s.refuse(w, r, c.VM, "", &refusal{reason: api.ReasonChallenge, hint: "the activation token expired; start again with POST /v1/activate"})
 		return
 	}
 	h := sha256.Sum256(req.Secret)
 	if subtle.ConstantTimeCompare(h[:], c.Secret) != 1 {
-		s.refuse(w, r, c.VM, "", &refusal{reason: ReasonUnknownAK, hint: "the secret is wrong: the AK is not in the TPM of the enrolled EK"})
+		s.refuse(w, r, c.VM, "", &refusal{reason: api.ReasonUnknownAK, hint: "the secret is wrong: the AK is not in the TPM of the enrolled EK"})
 		return
 	}
 	vm, err := s.st.UpdateVM(r.Context(), c.VM, func(v *store.VM) error {
@@ -186,10 +155,10 @@ func (s *Server) handleActivateFinish(w http.ResponseWriter, r *http.Request) {
 	})
 	switch {
 	case errors.Is(err, errEKChanged):
-		s.refuse(w, r, c.VM, "", &refusal{reason: ReasonUnknownEK, hint: "the VM's enrolled EK changed during activation"})
+		s.refuse(w, r, c.VM, "", &refusal{reason: api.ReasonUnknownEK, hint: "the VM's enrolled EK changed during activation"})
 		return
 	case errors.Is(err, errAKEnrolled):
-		s.refuse(w, r, c.VM, "", &refusal{reason: ReasonAKEnrolled, hint: "another AK was enrolled during activation"})
+		s.refuse(w, r, c.VM, "", &refusal{reason: api.ReasonAKEnrolled, hint: "another AK was enrolled during activation"})
 		return
 	case err != nil:
 		s.readFailed(w, r, c.VM, "", err)
@@ -198,7 +167,7 @@ func (s *Server) handleActivateFinish(w http.ResponseWriter, r *http.Request) {
 	akFP := fingerprint(c.AK)
 	s.record(r.Context(), audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionEnroll, Subject: vm.Name, Details: audit.Enroll{
 		EKFingerprint: c.EK, AKFingerprint: akFP, AKProof: "credential-activation", Provisioning: vm.ProvisioningAllowed}})
-	writeJSON(w, http.StatusOK, ActivateFinishResponse{AKFingerprint: akFP})
+	writeJSON(w, http.StatusOK, api.ActivateFinishResponse{AKFingerprint: akFP})
 }
 
 var (

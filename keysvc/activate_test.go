@@ -15,7 +15,7 @@ import (
 	"github.com/google/go-tpm/legacy/tpm2"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -50,24 +50,24 @@ func TestCredentialActivation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "act", EKPub: string(ekPEM)}, http.StatusCreated)
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "act-vol", VM: "act", Key: ukBytes}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "act", EKPub: string(ekPEM)}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "act-vol", VM: "act", Key: ukBytes}, http.StatusCreated)
 	e.admin(t, "PUT", "/v1/admin/vms/act/policy", map[string]any{"pcrs": map[string][]string{"7": {hex.EncodeToString(pcr7)}}}, http.StatusOK)
 
-	start := func() keysvc.ActivateResponse {
-		code, body := e.vm(t, "POST", "/v1/activate", keysvc.ActivateRequest{VM: "act", EKPub: string(ekPEM), AKPublic: akArea})
+	start := func() api.ActivateResponse {
+		code, body := e.vm(t, "POST", "/v1/activate", api.ActivateRequest{VM: "act", EKPub: string(ekPEM), AKPublic: akArea})
 		if code != http.StatusOK {
 			t.Fatalf("activate: %d %s", code, body)
 		}
-		var ar keysvc.ActivateResponse
+		var ar api.ActivateResponse
 		json.Unmarshal(body, &ar)
 		return ar
 	}
 
 	// A secret the TPM did not release is refused.
 	ar := start()
-	code, body := e.vm(t, "POST", "/v1/activate/finish", keysvc.ActivateFinishRequest{Activation: ar.Activation, Secret: make([]byte, 32)})
-	wantRefusal(t, code, body, keysvc.ReasonUnknownAK)
+	code, body := e.vm(t, "POST", "/v1/activate/finish", api.ActivateFinishRequest{Activation: ar.Activation, Secret: make([]byte, 32)})
+	wantRefusal(t, code, body, api.ReasonUnknownAK)
 
 	ar = start()
 	sess, _, err := tpm2.StartAuthSession(sim, tpm2.HandleNull, tpm2.HandleNull, make([]byte, 16), nil, tpm2.SessionPolicy, tpm2.AlgNull, tpm2.AlgSHA256)
@@ -85,30 +85,30 @@ func TestCredentialActivation(t *testing.T) {
 	if err != nil {
 		t.Fatalf("TPM2_ActivateCredential: %v", err)
 	}
-	code, body = e.vm(t, "POST", "/v1/activate/finish", keysvc.ActivateFinishRequest{Activation: ar.Activation, Secret: secret})
+	code, body = e.vm(t, "POST", "/v1/activate/finish", api.ActivateFinishRequest{Activation: ar.Activation, Secret: secret})
 	if code != http.StatusOK {
 		t.Fatalf("activate finish: %d %s", code, body)
 	}
-	code, body = e.vm(t, "POST", "/v1/activate", keysvc.ActivateRequest{VM: "act", EKPub: string(ekPEM), AKPublic: akArea})
-	wantRefusal(t, code, body, keysvc.ReasonAKEnrolled)
+	code, body = e.vm(t, "POST", "/v1/activate", api.ActivateRequest{VM: "act", EKPub: string(ekPEM), AKPublic: akArea})
+	wantRefusal(t, code, body, api.ReasonAKEnrolled)
 
 	// The proven AK now unlocks.
-	code, body = e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "act", Volume: "act-vol", EKPub: string(ekPEM), AKPub: string(akPEM)})
+	code, body = e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "act", Volume: "act-vol", EKPub: string(ekPEM), AKPub: string(akPEM)})
 	if code != http.StatusOK {
 		t.Fatalf("challenge: %d %s", code, body)
 	}
-	var ch keysvc.ChallengeResponse
+	var ch api.ChallengeResponse
 	json.Unmarshal(body, &ch)
 	att, err := ak.Attest(client.AttestOpts{Nonce: ch.Nonce, TCGEventLog: []byte{}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	raw, _ := proto.Marshal(att)
-	code, body = e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: raw})
+	code, body = e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: raw})
 	if code != http.StatusOK {
 		t.Fatalf("unlock: %d %s", code, body)
 	}
-	var ur keysvc.UnlockResponse
+	var ur api.UnlockResponse
 	json.Unmarshal(body, &ur)
 	blob := &tpmpb.ImportBlob{}
 	if err := proto.Unmarshal(ur.ImportBlob, blob); err != nil {

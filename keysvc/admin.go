@@ -11,78 +11,12 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
-	"time"
 
 	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/store"
 )
-
-// EnrollRequest is the body of POST /v1/admin/vms.
-type EnrollRequest struct {
-	Name  string `json:"name"`
-	EKPub string `json:"ek_pub,omitempty"` // PEM; or:
-	// EKCert is the TPM's EK certificate, PEM, with any intermediates after
-	// it; it must chain to the service's EK roots (WithEKRoots). Its key is
-	// enrolled as the EK.
-	EKCert              string `json:"ek_cert,omitempty"`
-	AKPub               string `json:"ak_pub,omitempty"` // PEM; without it unlocks are refused
-	ProvisioningAllowed bool   `json:"provisioning_allowed,omitempty"`
-}
-
-// VMInfo is how the admin API shows a VM.
-type VMInfo struct {
-	Name                string          `json:"name"`
-	EKFingerprint       string          `json:"ek_fingerprint"`
-	AKFingerprint       string          `json:"ak_fingerprint,omitempty"`
-	EKPub               string          `json:"ek_pub"`
-	AKPub               string          `json:"ak_pub,omitempty"`
-	ProvisioningAllowed bool            `json:"provisioning_allowed"`
-	Revoked             bool            `json:"revoked"`
-	LearnArmed          bool            `json:"learn_armed"`
-	Policy              json.RawMessage `json:"policy"`
-	Created             time.Time       `json:"created"`
-	Updated             time.Time       `json:"updated"`
-	// Next says what the operator still has to do, if anything.
-	Next string `json:"next,omitempty"`
-	// Tampered, in a list, says why the row fails its integrity check (it
-	// was changed outside the service, and refuses every unlock).
-	Tampered string `json:"tampered,omitempty"`
-}
-
-// VolumeRequest is the body of POST /v1/admin/volumes. Without Key the
-// service makes a random UKSize-byte unwrap key (volume create); with it,
-// Key is the key file's bytes (volume import).
-type VolumeRequest struct {
-	ID  string `json:"id"`
-	VM  string `json:"vm"`
-	Key []byte `json:"key,omitempty"` // base64
-}
-
-// VolumeInfo is how the admin API shows a volume (never its key).
-type VolumeInfo struct {
-	ID       string     `json:"id"`
-	VM       string     `json:"vm"`
-	Erased   bool       `json:"erased"`
-	ErasedAt *time.Time `json:"erased_at,omitempty"`
-	Created  time.Time  `json:"created"`
-	// Tampered: as VMInfo's.
-	Tampered string `json:"tampered,omitempty"`
-}
-
-// AuditVerifyResponse is the answer to GET /v1/admin/audit/verify.
-type AuditVerifyResponse struct {
-	OK       bool     `json:"ok"`
-	Records  uint64   `json:"records"`
-	LastSeq  uint64   `json:"last_seq"`
-	Head     uint64   `json:"head"`
-	Problems []string `json:"problems"`
-	Omitted  int      `json:"omitted,omitempty"`
-}
-
-// MaxKeyFile bounds an imported key file (cryptsetup's own limit is 8 MiB;
-// a keygate key file is 32-64 bytes).
-const MaxKeyFile = 8 << 10
 
 // adminRoutes registers the admin endpoints. Every handler that changes
 // state appends its action record with intend before it changes anything,
@@ -104,6 +38,9 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/admin/audit", s.adminAuditList)
 	mux.HandleFunc("GET /v1/admin/audit/verify", s.adminAuditVerify)
 	mux.HandleFunc("GET /v1/admin/events", s.adminListEvents)
+	mux.HandleFunc("GET /v1/admin/master-key", s.adminMasterKey)
+	mux.HandleFunc("POST /v1/admin/master-key/rotate", s.adminRotateMasterKey)
+	mux.HandleFunc("GET /v1/admin/events/stream", s.adminStreamEvents)
 }
 
 func fingerprint(pemText string) string {
@@ -118,12 +55,12 @@ func fingerprint(pemText string) string {
 	return fmt.Sprintf("%x", fp)
 }
 
-func vmInfo(v store.VM) VMInfo {
+func vmInfo(v store.VM) api.VMInfo {
 	pol := v.Policy
 	if len(pol) == 0 {
 		pol = json.RawMessage("{}")
 	}
-	info := VMInfo{Name: v.Name, EKPub: v.EKPubPEM, AKPub: v.AKPubPEM, EKFingerprint: fingerprint(v.EKPubPEM),
+	info := api.VMInfo{Name: v.Name, EKPub: v.EKPubPEM, AKPub: v.AKPubPEM, EKFingerprint: fingerprint(v.EKPubPEM),
 		AKFingerprint: fingerprint(v.AKPubPEM), ProvisioningAllowed: v.ProvisioningAllowed, Revoked: v.Revoked,
 		LearnArmed: v.LearnArmed, Policy: pol, Created: v.Created, Updated: v.Updated}
 	if v.AKPubPEM == "" {
@@ -134,8 +71,8 @@ func vmInfo(v store.VM) VMInfo {
 	return info
 }
 
-func volumeInfo(v store.Volume) VolumeInfo {
-	info := VolumeInfo{ID: v.ID, VM: v.VM, Erased: v.Erased(), Created: v.Created}
+func volumeInfo(v store.Volume) api.VolumeInfo {
+	info := api.VolumeInfo{ID: v.ID, VM: v.VM, Erased: v.Erased(), Created: v.Created}
 	if v.Erased() && !v.ErasedAt.IsZero() {
 		t := v.ErasedAt
 		info.ErasedAt = &t
@@ -161,8 +98,8 @@ func (s *Server) storeError(w http.ResponseWriter, what string, err error) {
 }
 
 func (s *Server) adminEnroll(w http.ResponseWriter, r *http.Request) {
-	var req EnrollRequest
-	if e := readJSON(w, r, MaxAdminBody, &req); e != nil {
+	var req api.EnrollRequest
+	if e := readJSON(w, r, api.MaxAdminBody, &req); e != nil {
 		writeError(w, e)
 		return
 	}
@@ -201,7 +138,7 @@ func (s *Server) adminEnroll(w http.ResponseWriter, r *http.Request) {
 
 // enrollEK returns the EK an enrollment names, from ek_pub or from an
 // ek_cert that chains to the EK roots (both: they must agree).
-func (s *Server) enrollEK(req EnrollRequest) (crypto.PublicKey, string, *httpError) {
+func (s *Server) enrollEK(req api.EnrollRequest) (crypto.PublicKey, string, *httpError) {
 	if req.EKPub == "" && req.EKCert == "" {
 		return nil, "", errorf(http.StatusBadRequest, "print them with `keygate tpm ek`", "ek_pub or ek_cert is required")
 	}
@@ -229,16 +166,11 @@ func (s *Server) enrollEK(req EnrollRequest) (crypto.PublicKey, string, *httpErr
 	return cert.PublicKey, string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), nil
 }
 
-// SetAKRequest is the body of PUT /v1/admin/vms/{name}/ak.
-type SetAKRequest struct {
-	AKPub string `json:"ak_pub"` // PEM
-}
-
 // adminSetAK enrolls (or replaces) a VM's AK. The operator vouches for it,
 // as for an AK given at enrollment.
 func (s *Server) adminSetAK(w http.ResponseWriter, r *http.Request) {
-	var req SetAKRequest
-	if e := readJSON(w, r, MaxAdminBody, &req); e != nil {
+	var req api.SetAKRequest
+	if e := readJSON(w, r, api.MaxAdminBody, &req); e != nil {
 		writeError(w, e)
 		return
 	}
@@ -271,7 +203,7 @@ func (s *Server) adminListVMs(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "list vms", err)
 		return
 	}
-	out := make([]VMInfo, 0, len(vms))
+	out := make([]api.VMInfo, 0, len(vms))
 	for _, v := range vms {
 		info := vmInfo(v)
 		// Lists read the rows unchecked (they decide nothing), so that a
@@ -306,22 +238,6 @@ func (s *Server) existingVM(w http.ResponseWriter, r *http.Request, what, name s
 	return vm, true
 }
 
-func (s *Server) adminRevoke(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	if _, ok := s.existingVM(w, r, "revoke vm", name); !ok {
-		return
-	}
-	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionRevoke, Subject: name, Details: audit.Revoke{}}) {
-		return
-	}
-	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.Revoked = true; return nil })
-	if err != nil {
-		s.storeError(w, "revoke vm "+strconv.Quote(name), err)
-		return
-	}
-	writeJSON(w, http.StatusOK, vmInfo(vm))
-}
-
 func (s *Server) adminShowPolicy(w http.ResponseWriter, r *http.Request) {
 	vm, err := s.st.GetVM(r.Context(), r.PathValue("name"))
 	if err != nil {
@@ -333,7 +249,7 @@ func (s *Server) adminShowPolicy(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) adminSetPolicy(w http.ResponseWriter, r *http.Request) {
 	var raw json.RawMessage
-	if e := readJSON(w, r, MaxAdminBody, &raw); e != nil {
+	if e := readJSON(w, r, api.MaxAdminBody, &raw); e != nil {
 		writeError(w, e)
 		return
 	}
@@ -377,25 +293,9 @@ func (s *Server) adminSetPolicy(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, vmInfo(vm).Policy)
 }
 
-func (s *Server) adminLearn(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	if _, ok := s.existingVM(w, r, "arm learn mode of vm", name); !ok {
-		return
-	}
-	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionLearn, Subject: name, Details: audit.Learn{Armed: true}}) {
-		return
-	}
-	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.LearnArmed = true; return nil })
-	if err != nil {
-		s.storeError(w, "arm learn mode of vm "+strconv.Quote(name), err)
-		return
-	}
-	writeJSON(w, http.StatusOK, vmInfo(vm))
-}
-
 func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
-	var req VolumeRequest
-	if e := readSecretJSON(w, r, MaxAdminBody, &req); e != nil {
+	var req api.VolumeRequest
+	if e := readSecretJSON(w, r, api.MaxAdminBody, &req); e != nil {
 		clear(req.Key)
 		writeError(w, e)
 		return
@@ -417,12 +317,12 @@ func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 	}
 	key := req.Key
 	imported := key != nil
-	if imported && (len(key) == 0 || len(key) > MaxKeyFile) {
-		writeError(w, errorf(http.StatusBadRequest, "", "key file must be 1-%d bytes", MaxKeyFile))
+	if imported && (len(key) == 0 || len(key) > api.MaxKeyFile) {
+		writeError(w, errorf(http.StatusBadRequest, "", "key file must be 1-%d bytes", api.MaxKeyFile))
 		return
 	}
 	if !imported {
-		key = make([]byte, UKSize)
+		key = make([]byte, api.UKSize)
 		if _, err := rand.Read(key); err != nil {
 			s.internal(w, "make unwrap key", err)
 			return
@@ -436,7 +336,7 @@ func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Bound to the volume, its owner and the owner's EK (rowauth.go).
-	sealed, err := s.mk.Seal(ukRecordID(req.ID, req.VM, ekFP), key)
+	sealed, err := s.rows.seal(ukRecordID(req.ID, req.VM, ekFP), key)
 	clear(key)
 	clear(req.Key)
 	if err != nil {
@@ -469,7 +369,7 @@ func (s *Server) adminListVolumes(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "list volumes", err)
 		return
 	}
-	out := make([]VolumeInfo, 0, len(vols))
+	out := make([]api.VolumeInfo, 0, len(vols))
 	for _, v := range vols {
 		info := volumeInfo(v)
 		if err := s.rows.checkVolume(v); err != nil {
@@ -484,23 +384,6 @@ func (s *Server) adminShowVolume(w http.ResponseWriter, r *http.Request) {
 	vol, err := s.st.GetVolume(r.Context(), r.PathValue("id"))
 	if err != nil {
 		s.storeError(w, "volume "+strconv.Quote(r.PathValue("id")), err)
-		return
-	}
-	writeJSON(w, http.StatusOK, volumeInfo(vol))
-}
-
-func (s *Server) adminErase(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("id")
-	if _, err := s.st.GetVolume(r.Context(), id); err != nil {
-		s.storeError(w, "erase volume "+strconv.Quote(id), err)
-		return
-	}
-	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionErase, Subject: id, Details: audit.Erase{Volume: id}}) {
-		return
-	}
-	vol, err := s.st.UpdateVolume(r.Context(), id, func(v *store.Volume) error { v.SealedUK = nil; return nil })
-	if err != nil {
-		s.storeError(w, "erase volume "+strconv.Quote(id), err)
 		return
 	}
 	writeJSON(w, http.StatusOK, volumeInfo(vol))
@@ -539,7 +422,7 @@ func (s *Server) adminAuditVerify(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "verify audit log", err)
 		return
 	}
-	out := AuditVerifyResponse{OK: rep.OK(), Records: rep.Records, LastSeq: rep.LastSeq, Head: rep.Head, Problems: []string{}, Omitted: rep.Omitted}
+	out := api.AuditVerifyResponse{OK: rep.OK(), Records: rep.Records, LastSeq: rep.LastSeq, Head: rep.Head, Problems: []string{}, Omitted: rep.Omitted, Retired: rep.Retired}
 	for _, p := range rep.Problems {
 		out.Problems = append(out.Problems, p.String())
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/store"
 )
@@ -45,8 +46,8 @@ func TestAdminChangesFailClosed(t *testing.T) {
 	dir := t.TempDir()
 	e := startEnv(t, dir)
 	ak := randomPEM(t)
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "a", EKPub: randomPEM(t), AKPub: ak}, http.StatusCreated)
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "a-vol", VM: "a"}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "a", EKPub: randomPEM(t), AKPub: ak}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "a-vol", VM: "a"}, http.StatusCreated)
 	e.stop(t)
 	breakAuditTail(t, dir)
 	e = startEnv(t, dir)
@@ -56,30 +57,30 @@ func TestAdminChangesFailClosed(t *testing.T) {
 		name, method, path string
 		body               any
 	}{
-		{"enroll", "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "b", EKPub: randomPEM(t)}},
-		{"set-ak", "PUT", "/v1/admin/vms/a/ak", keysvc.SetAKRequest{AKPub: randomPEM(t)}},
+		{"enroll", "POST", "/v1/admin/vms", api.EnrollRequest{Name: "b", EKPub: randomPEM(t)}},
+		{"set-ak", "PUT", "/v1/admin/vms/a/ak", api.SetAKRequest{AKPub: randomPEM(t)}},
 		{"revoke", "POST", "/v1/admin/vms/a/revoke", nil},
 		{"policy-set", "PUT", "/v1/admin/vms/a/policy", pol},
 		{"policy-learn", "POST", "/v1/admin/vms/a/policy/learn", nil},
-		{"volume-create", "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "new-vol", VM: "a"}},
-		{"volume-import", "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "imp-vol", VM: "a", Key: ukBytes}},
+		{"volume-create", "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "new-vol", VM: "a"}},
+		{"volume-import", "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "imp-vol", VM: "a", Key: ukBytes}},
 		{"erase", "POST", "/v1/admin/volumes/a-vol/erase", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := e.admin(t, tc.method, tc.path, tc.body, http.StatusInternalServerError)
-			var eb keysvc.ErrorBody
+			var eb api.ErrorBody
 			if err := json.Unmarshal(b, &eb); err != nil || !strings.Contains(eb.Hint, "keysvc audit verify") {
 				t.Fatalf("answer %s: want a hint to run `keysvc audit verify`", b)
 			}
 		})
 	}
 
-	var vm keysvc.VMInfo
+	var vm api.VMInfo
 	json.Unmarshal(e.admin(t, "GET", "/v1/admin/vms/a", nil, http.StatusOK), &vm)
 	if vm.Revoked || vm.LearnArmed || vm.AKPub != ak || string(vm.Policy) != "{}" {
 		t.Fatalf("vm changed without an audit record: %+v", vm)
 	}
-	var vol keysvc.VolumeInfo
+	var vol api.VolumeInfo
 	json.Unmarshal(e.admin(t, "GET", "/v1/admin/volumes/a-vol", nil, http.StatusOK), &vol)
 	if vol.Erased {
 		t.Fatal("volume erased without an audit record")
@@ -94,7 +95,7 @@ func TestAdminChangesFailClosed(t *testing.T) {
 // writes no action record.
 func TestAdminChangeRecordedBeforeOutcome(t *testing.T) {
 	e := startEnv(t, t.TempDir())
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "a", EKPub: randomPEM(t)}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "a", EKPub: randomPEM(t)}, http.StatusCreated)
 	e.admin(t, "POST", "/v1/admin/vms/a/revoke", nil, http.StatusOK)
 	e.admin(t, "POST", "/v1/admin/vms/ghost/revoke", nil, http.StatusNotFound)
 	e.admin(t, "POST", "/v1/admin/volumes/ghost/erase", nil, http.StatusNotFound)
@@ -209,7 +210,7 @@ func TestSourceRateLimitOverHTTP(t *testing.T) {
 	}{
 		{"vm-api", func(i int) int {
 			// Different VM names: only the per-source limit can refuse.
-			code, _ := e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "vm" + string(rune('a'+i)), Volume: "v", EKPub: randomPEM(t), AKPub: randomPEM(t)})
+			code, _ := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "vm" + string(rune('a'+i)), Volume: "v", EKPub: randomPEM(t), AKPub: randomPEM(t)})
 			return code
 		}, []int{http.StatusForbidden, http.StatusForbidden, http.StatusTooManyRequests}},
 		{"admin-api", func(int) int {
@@ -240,8 +241,8 @@ func TestChallengeBeforeRevoke(t *testing.T) {
 	ch := e.challenge(t, v, "late", vol)
 	att := v.quote(t, ch.Nonce)
 	e.admin(t, "POST", "/v1/admin/vms/late/revoke", nil, http.StatusOK)
-	code, body := e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: att})
-	wantRefusal(t, code, body, keysvc.ReasonRevoked)
+	code, body := e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: att})
+	wantRefusal(t, code, body, api.ReasonRevoked)
 }
 
 // gateAuditor is an in-memory audit log whose enroll appends wait for gate:
@@ -267,7 +268,7 @@ func TestShutdownWaitsForHandlers(t *testing.T) {
 	dir := t.TempDir()
 	ga := &gateAuditor{entered: make(chan struct{}), gate: make(chan struct{})}
 	e := startEnv(t, dir, keysvc.WithAudit(ga))
-	body, _ := json.Marshal(keysvc.EnrollRequest{Name: "slow", EKPub: randomPEM(t)})
+	body, _ := json.Marshal(api.EnrollRequest{Name: "slow", EKPub: randomPEM(t)})
 	answer := make(chan int, 1)
 	go func() {
 		req, _ := http.NewRequest("POST", "https://"+e.svc.AdminAddr()+"/v1/admin/vms", bytes.NewReader(body))

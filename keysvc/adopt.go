@@ -47,7 +47,7 @@ type anchorStore interface {
 var ErrAnchor = errors.New("store anchor missing or invalid")
 
 // adopt checks the store's anchor, or adopts a store that has none.
-func adopt(ctx context.Context, st anchorStore, lg *audit.Log, mk *masterkey.Key, now time.Time, log *slog.Logger) error {
+func adopt(ctx context.Context, st anchorStore, lg *audit.Log, mk MasterKey, now time.Time, log *slog.Logger) error {
 	rk, err := mk.Derive(masterkey.LabelRowMAC)
 	if err != nil {
 		return fmt.Errorf("adopt store: %w", err)

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
@@ -79,7 +80,7 @@ func TestAdoptLegacyStore(t *testing.T) {
 	if uk, err := v.importBlob(t, body, tpm.ECC); err != nil || !bytes.Equal(uk, ukBytes) {
 		t.Fatalf("import after adoption: %v", err)
 	}
-	var rep keysvc.AuditVerifyResponse
+	var rep api.AuditVerifyResponse
 	json.Unmarshal(e.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK), &rep)
 	if !rep.OK {
 		t.Fatalf("audit verify after adoption: %+v", rep)
@@ -142,7 +143,7 @@ func TestWipedChainDetected(t *testing.T) {
 				return
 			}
 			e := startEnv(t, d)
-			var rep keysvc.AuditVerifyResponse
+			var rep api.AuditVerifyResponse
 			json.Unmarshal(e.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK), &rep)
 			if rep.OK || !strings.Contains(strings.Join(rep.Problems, "\n"), tc.want) {
 				t.Fatalf("wiped chain not reported: %+v", rep)

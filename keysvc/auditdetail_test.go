@@ -10,7 +10,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 )
 
@@ -22,13 +22,13 @@ import (
 func TestAuditRecordsWhatChanged(t *testing.T) {
 	e := startEnv(t, t.TempDir())
 	v := openVM(t)
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "p", EKPub: v.ekPEM, AKPub: v.akPEM}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "p", EKPub: v.ekPEM, AKPub: v.akPEM}, http.StatusCreated)
 	a, b := strings.Repeat("aa", 32), strings.Repeat("bb", 32)
 	e.admin(t, "PUT", "/v1/admin/vms/p/policy", map[string]any{"pcrs": map[string][]string{"7": {a}}}, http.StatusOK)
 	stored := bytes.TrimSpace(e.admin(t, "PUT", "/v1/admin/vms/p/policy", map[string]any{"pcrs": map[string][]string{"7": {b}, "4": {a}},
 		"secure_boot": true, "kernel_cmdline": map[string]any{"contains": []string{"lockdown=integrity"}}}, http.StatusOK))
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "made", VM: "p"}, http.StatusCreated)
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "brought", VM: "p", Key: ukBytes}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "made", VM: "p"}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "brought", VM: "p", Key: ukBytes}, http.StatusCreated)
 
 	var recs []audit.Record
 	json.Unmarshal(e.admin(t, "GET", "/v1/admin/audit", nil, http.StatusOK), &recs)

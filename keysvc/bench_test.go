@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // The load generator: two benchmarks drive the real HTTPS VM API (TLS 1.3,
@@ -92,7 +93,7 @@ func newUnlockLoad(b *testing.B, vms int) *unlockLoad {
 	for i := range l.bodies {
 		vm := i % benchClients % vms
 		ch := e.challenge(b, v, names[vm], vols[vm])
-		body, err := json.Marshal(keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(b, ch.Nonce)})
+		body, err := json.Marshal(api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(b, ch.Nonce)})
 		if err != nil {
 			b.Fatal(err)
 		}

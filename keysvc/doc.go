@@ -19,9 +19,11 @@
 //     transaction, so even a failed attempt uses it up and an unlock waits
 //     for one durable write.
 //
-// What it owns: HTTP handlers, request decoding and limits, the order of
-// checks, learn mode's switch, session tokens, the monitor event wire type
-// and its limits, metrics and the data directory's TLS material. What it does not own: challenge tokens, quote
+// What it owns: HTTP handlers, request decoding and the enforcement of the
+// limits, the order of checks, learn mode's switch, session tokens, metrics
+// and the data directory's TLS material. What it does not own: the wire
+// types and their limits (keysvc/api, shared with keysvc/client, the one
+// client of both APIs), challenge tokens, quote
 // verification and policies (package attest), persistence (the Store seam,
 // implemented by keysvc/store), the audit chain's cryptography (keysvc/audit)
 // and the master key (keysvc/masterkey).

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -72,8 +73,8 @@ func TestEnrollByEKCert(t *testing.T) {
 	}
 	good := ca.issue(t, ek.Key)
 
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "certified", EKCert: good, AKPub: v.akPEM}, http.StatusCreated)
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "certified-vol", VM: "certified", Key: ukBytes}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "certified", EKCert: good, AKPub: v.akPEM}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "certified-vol", VM: "certified", Key: ukBytes}, http.StatusCreated)
 	e.admin(t, "PUT", "/v1/admin/vms/certified/policy", v.pcrPolicy(t, 7), http.StatusOK)
 	if code, body := e.unlock(t, v, "certified", "certified-vol"); code != http.StatusOK {
 		t.Fatalf("unlock of a VM enrolled by EK certificate: %d %s", code, body)
@@ -81,13 +82,13 @@ func TestEnrollByEKCert(t *testing.T) {
 
 	for _, tc := range []struct {
 		name string
-		req  keysvc.EnrollRequest
+		req  api.EnrollRequest
 		want string
 	}{
-		{"other-ca", keysvc.EnrollRequest{Name: "x1", EKCert: other.issue(t, ek.Key)}, "does not chain"},
-		{"pub-mismatch", keysvc.EnrollRequest{Name: "x2", EKCert: good, EKPub: randomPEM(t)}, "not the key of ek_cert"},
-		{"not-pem", keysvc.EnrollRequest{Name: "x3", EKCert: "hello"}, "not PEM certificates"},
-		{"neither", keysvc.EnrollRequest{Name: "x4"}, "ek_pub or ek_cert is required"},
+		{"other-ca", api.EnrollRequest{Name: "x1", EKCert: other.issue(t, ek.Key)}, "does not chain"},
+		{"pub-mismatch", api.EnrollRequest{Name: "x2", EKCert: good, EKPub: randomPEM(t)}, "not the key of ek_cert"},
+		{"not-pem", api.EnrollRequest{Name: "x3", EKCert: "hello"}, "not PEM certificates"},
+		{"neither", api.EnrollRequest{Name: "x4"}, "ek_pub or ek_cert is required"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if b := e.admin(t, "POST", "/v1/admin/vms", tc.req, http.StatusBadRequest); !strings.Contains(string(b), tc.want) {
@@ -98,7 +99,7 @@ func TestEnrollByEKCert(t *testing.T) {
 
 	// A service without EK roots refuses certificates and says what to do.
 	plain := startEnv(t, t.TempDir())
-	if b := plain.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "c", EKCert: good}, http.StatusBadRequest); !strings.Contains(string(b), "--ek-roots") {
+	if b := plain.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "c", EKCert: good}, http.StatusBadRequest); !strings.Contains(string(b), "--ek-roots") {
 		t.Fatalf("answer %s does not name --ek-roots", b)
 	}
 }

@@ -10,62 +10,16 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/store"
 )
-
-// Event is one monitor alert or heartbeat a VM reports in POST /v1/events:
-// a flat JSON object. Kind and Severity are required. The other fields are
-// optional; a monitor alert (keygate's eBPF monitor) fills the ones that
-// describe who reached for the protected process's memory, how, and what
-// the kernel answered. docs/protocol.md lists the fields and their limits;
-// checkEvent enforces them.
-type Event struct {
-	// Kind is "heartbeat", or for a monitor alert the technique
-	// ("ptrace_attach", "process_vm_readv", "proc_mem", …): 1 to 64 bytes
-	// of a-z, 0-9, '_', '.' and '-'.
-	Kind     string     `json:"kind"`
-	Severity string     `json:"severity"`       // "info", "warning" or "critical"
-	Time     *time.Time `json:"time,omitempty"` // when the VM saw it (RFC 3339)
-
-	// The accessor: the process that made the attempt.
-	PID  int     `json:"pid,omitempty"`  // process ID
-	Comm string  `json:"comm,omitempty"` // command name, at most 64 bytes
-	Exe  string  `json:"exe,omitempty"`  // executable path, at most 1024 bytes
-	UID  *uint32 `json:"uid,omitempty"`  // user ID (0 is root, hence a pointer)
-
-	// What it reached for.
-	TargetPID    int    `json:"target_pid,omitempty"`    // the protected process; absent for /proc/kcore, /dev/mem
-	Addr         uint64 `json:"addr,omitempty"`          // first remote address the request named
-	Len          uint64 `json:"len,omitempty"`           // length of that range
-	Overlap      bool   `json:"overlap,omitempty"`       // the access could reach key pages
-	OverlapBytes uint64 `json:"overlap_bytes,omitempty"` // bytes of key pages it covered
-	Path         string `json:"path,omitempty"`          // the path opened, at most 1024 bytes
-
-	// What happened.
-	Result *int64 `json:"result,omitempty"` // the syscall's return value; negative is -errno
-	Denied bool   `json:"denied,omitempty"` // refused by the monitor's BPF LSM programs
-	Mode   string `json:"mode,omitempty"`   // the monitor's mode in force: "detect" or "deny"
-
-	Message string `json:"message,omitempty"` // free text, at most 1024 bytes
-}
-
-// Limits of an Event's strings.
-const (
-	MaxEventKind = 64
-	MaxEventComm = 64
-	MaxEventText = 1024 // exe, path, message
-	MaxEventMode = 16
-)
-
-// KindHeartbeat is the kind of the VM's periodic heartbeat.
-const KindHeartbeat = "heartbeat"
 
 // metricKinds are the kinds counted under their own name in
 // keysvc_vm_events_total: the heartbeat and the monitor's techniques. Any
 // other kind is counted as "other", so that a VM cannot grow the metric's
 // label set without bound.
-var metricKinds = map[string]bool{KindHeartbeat: true,
+var metricKinds = map[string]bool{api.KindHeartbeat: true,
 	"process_vm_readv": true, "process_vm_writev": true, "ptrace_attach": true, "ptrace_seize": true,
 	"ptrace_peek": true, "ptrace_poke": true, "proc_mem": true, "proc_environ": true, "proc_maps": true,
 	"pidfd_getfd": true, "perf_event_open": true, "kcore": true, "dev_mem": true}
@@ -80,13 +34,13 @@ func metricKind(k string) string {
 // checkEvent bounds what a VM may report: the event is stored, warning and
 // critical ones go into the audit chain, and its kind and severity become
 // metric labels.
-func checkEvent(i int, e Event) *httpError {
+func checkEvent(i int, e api.Event) *httpError {
 	bad := func(format string, args ...any) *httpError {
 		return errorf(http.StatusBadRequest, "see docs/protocol.md, POST /v1/events", "event %d: %s", i, fmt.Sprintf(format, args...))
 	}
 	switch {
-	case !isToken(e.Kind, MaxEventKind):
-		return bad("kind %q must be 1-%d bytes of a-z, 0-9, '_', '.', '-'", truncate(e.Kind, 16), MaxEventKind)
+	case !isToken(e.Kind, api.MaxEventKind):
+		return bad("kind %q must be 1-%d bytes of a-z, 0-9, '_', '.', '-'", truncate(e.Kind, 16), api.MaxEventKind)
 	case store.SeverityRank(e.Severity) < 0:
 		return bad("severity %q is not info, warning or critical", truncate(e.Severity, 16))
 	case e.Time != nil && (e.Time.Year() < 2000 || e.Time.Year() > 9999):
@@ -95,16 +49,16 @@ func checkEvent(i int, e Event) *httpError {
 		return bad("pid %d is out of range", e.PID)
 	case e.TargetPID < 0 || e.TargetPID > math.MaxInt32:
 		return bad("target_pid %d is out of range", e.TargetPID)
-	case len(e.Comm) > MaxEventComm || !utf8.ValidString(e.Comm):
-		return bad("comm must be at most %d bytes of UTF-8", MaxEventComm)
-	case len(e.Exe) > MaxEventText || !utf8.ValidString(e.Exe):
-		return bad("exe must be at most %d bytes of UTF-8", MaxEventText)
-	case len(e.Path) > MaxEventText || !utf8.ValidString(e.Path):
-		return bad("path must be at most %d bytes of UTF-8", MaxEventText)
-	case len(e.Message) > MaxEventText || !utf8.ValidString(e.Message):
-		return bad("message must be at most %d bytes of UTF-8", MaxEventText)
-	case e.Mode != "" && !isToken(e.Mode, MaxEventMode):
-		return bad("mode %q must be at most %d bytes of a-z, 0-9, '_', '.', '-'", truncate(e.Mode, 16), MaxEventMode)
+	case len(e.Comm) > api.MaxEventComm || !utf8.ValidString(e.Comm):
+		return bad("comm must be at most %d bytes of UTF-8", api.MaxEventComm)
+	case len(e.Exe) > api.MaxEventText || !utf8.ValidString(e.Exe):
+		return bad("exe must be at most %d bytes of UTF-8", api.MaxEventText)
+	case len(e.Path) > api.MaxEventText || !utf8.ValidString(e.Path):
+		return bad("path must be at most %d bytes of UTF-8", api.MaxEventText)
+	case len(e.Message) > api.MaxEventText || !utf8.ValidString(e.Message):
+		return bad("message must be at most %d bytes of UTF-8", api.MaxEventText)
+	case e.Mode != "" && !isToken(e.Mode, api.MaxEventMode):
+		return bad("mode %q must be at most %d bytes of a-z, 0-9, '_', '.', '-'", truncate(e.Mode, 16), api.MaxEventMode)
 	case e.OverlapBytes > 0 && !e.Overlap:
 		return bad("overlap_bytes without overlap")
 	}
@@ -142,8 +96,8 @@ func truncate(s string, n int) string {
 // attack after a revoke is worth knowing about); the answer tells the VM its
 // state.
 func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
-	var req EventsRequest
-	if e := readJSON(w, r, MaxEventsBody, &req); e != nil {
+	var req api.EventsRequest
+	if e := readJSON(w, r, api.MaxEventsBody, &req); e != nil {
 		writeError(w, e)
 		return
 	}
@@ -152,8 +106,8 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 		badSession(w)
 		return
 	}
-	if len(req.Events) > MaxEvents {
-		writeError(w, errorf(http.StatusRequestEntityTooLarge, "send events in batches", "%d events, more than %d", len(req.Events), MaxEvents))
+	if len(req.Events) > api.MaxEvents {
+		writeError(w, errorf(http.StatusRequestEntityTooLarge, "send events in batches", "%d events, more than %d", len(req.Events), api.MaxEvents))
 		return
 	}
 	now := s.now()
@@ -176,6 +130,13 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 			s.internal(w, "store events", err)
 			return
 		}
+		s.bell.ring()
+		// Queued before the answer: a VM that is not answered 200 sends
+		// the batch again, so no alert is lost between the two writes.
+		if err := s.queueAlerts(r.Context(), stored); err != nil {
+			s.internal(w, "queue alerts", err)
+			return
+		}
 	}
 	for i, e := range req.Events {
 		s.metrics.events.WithLabelValues(e.Severity, metricKind(e.Kind)).Inc()
@@ -195,30 +156,15 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "read session state", err)
 		return
 	}
-	writeJSON(w, http.StatusOK, EventsResponse{Accepted: len(req.Events), State: state})
+	writeJSON(w, http.StatusOK, api.EventsResponse{Accepted: len(req.Events), State: state})
 }
-
-// EventRecord is how the admin API shows a stored event: the event's own
-// fields, flattened, after the service's.
-type EventRecord struct {
-	ID        int64     `json:"id"`
-	Received  time.Time `json:"received"`
-	VM        string    `json:"vm"`
-	Volume    string    `json:"volume"`
-	SessionID string    `json:"session_id"`
-	Event
-}
-
-// DefaultEventList is how many events GET /v1/admin/events returns when no
-// limit is given.
-const DefaultEventList = 100
 
 // adminListEvents is GET /v1/admin/events?vm=&since=&severity=&kind=&limit=:
 // stored events, newest first. since is an RFC 3339 time or a duration
 // back from now ("1h"); severity selects that severity and those above it.
 func (s *Server) adminListEvents(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	f := store.EventFilter{VM: q.Get("vm"), Kind: q.Get("kind"), MinSeverity: q.Get("severity"), Limit: DefaultEventList}
+	f := store.EventFilter{VM: q.Get("vm"), Kind: q.Get("kind"), MinSeverity: q.Get("severity"), Limit: api.DefaultEventList}
 	if f.MinSeverity != "" && store.SeverityRank(f.MinSeverity) < 0 {
 		writeError(w, errorf(http.StatusBadRequest, "", "severity %q is not info, warning or critical", truncate(f.MinSeverity, 16)))
 		return
@@ -244,14 +190,9 @@ func (s *Server) adminListEvents(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "list events", err)
 		return
 	}
-	out := make([]EventRecord, 0, len(evs))
+	out := make([]api.EventRecord, 0, len(evs))
 	for _, ev := range evs {
-		rec := EventRecord{ID: ev.ID, Received: ev.Received, VM: ev.VM, Volume: ev.Volume, SessionID: ev.Session}
-		if err := json.Unmarshal(ev.Data, &rec.Event); err != nil {
-			// Stored by this service after checkEvent; keep what the row says.
-			rec.Event = Event{Kind: ev.Kind, Severity: ev.Severity, Message: "(stored event does not decode: " + err.Error() + ")"}
-		}
-		out = append(out, rec)
+		out = append(out, eventRecord(ev))
 	}
 	writeJSON(w, http.StatusOK, out)
 }

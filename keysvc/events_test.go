@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // session unlocks a fresh VM name and returns its session token.
@@ -20,7 +20,7 @@ func (e *env) session(t *testing.T, v *vmTPM, name string) string {
 	if code != http.StatusOK {
 		t.Fatalf("unlock: %d %s", code, body)
 	}
-	var ur keysvc.UnlockResponse
+	var ur api.UnlockResponse
 	if err := json.Unmarshal(body, &ur); err != nil {
 		t.Fatal(err)
 	}
@@ -28,9 +28,9 @@ func (e *env) session(t *testing.T, v *vmTPM, name string) string {
 }
 
 // listEvents calls GET /v1/admin/events with query q.
-func (e *env) listEvents(t *testing.T, q string) []keysvc.EventRecord {
+func (e *env) listEvents(t *testing.T, q string) []api.EventRecord {
 	t.Helper()
-	var out []keysvc.EventRecord
+	var out []api.EventRecord
 	if err := json.Unmarshal(e.admin(t, "GET", "/v1/admin/events?"+q, nil, http.StatusOK), &out); err != nil {
 		t.Fatal(err)
 	}
@@ -48,18 +48,18 @@ func TestEvents(t *testing.T) {
 	v := openVM(t)
 	sessA, sessB := e.session(t, v, "ev-a"), e.session(t, v, "ev-b")
 	seen := time.Date(2026, 11, 27, 22, 0, 0, 0, time.UTC)
-	alert := keysvc.Event{Kind: "ptrace_attach", Severity: "critical", Time: &seen, PID: 4242, Comm: "gdb", Exe: "/usr/bin/gdb",
+	alert := api.Event{Kind: "ptrace_attach", Severity: "critical", Time: &seen, PID: 4242, Comm: "gdb", Exe: "/usr/bin/gdb",
 		UID: ptr(uint32(0)), TargetPID: 17, Addr: 0x7f0000001000, Len: 4096, Overlap: true, OverlapBytes: 4096,
 		Result: ptr(int64(-1)), Denied: true, Mode: "deny", Message: "attach refused"}
-	post := func(sess string, evs ...keysvc.Event) (int, []byte) {
-		return e.vm(t, "POST", "/v1/events", keysvc.EventsRequest{Session: sess, Events: evs})
+	post := func(sess string, evs ...api.Event) (int, []byte) {
+		return e.vm(t, "POST", "/v1/events", api.EventsRequest{Session: sess, Events: evs})
 	}
 	for _, b := range []struct {
 		sess string
-		evs  []keysvc.Event
+		evs  []api.Event
 	}{
-		{sessA, []keysvc.Event{{Kind: "heartbeat", Severity: "info"}, alert}},
-		{sessB, []keysvc.Event{{Kind: "proc_maps", Severity: "info", PID: 9, TargetPID: 17, Path: "/proc/17/maps", Result: ptr(int64(3))},
+		{sessA, []api.Event{{Kind: "heartbeat", Severity: "info"}, alert}},
+		{sessB, []api.Event{{Kind: "proc_maps", Severity: "info", PID: 9, TargetPID: 17, Path: "/proc/17/maps", Result: ptr(int64(3))},
 			{Kind: "proc_mem", Severity: "warning", PID: 10, Comm: "cat", UID: ptr(uint32(1000)), Mode: "detect"},
 			{Kind: "custom.check-1", Severity: "warning", Message: "from a site-local monitor"}}},
 	} {
@@ -135,27 +135,27 @@ func TestEvents(t *testing.T) {
 		body any
 		code int
 	}{
-		{"no kind", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Severity: "info"}}}, 400},
-		{"kind with spaces", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "ptrace attach", Severity: "info"}}}, 400},
-		{"kind upper case", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "Ptrace", Severity: "info"}}}, 400},
-		{"kind too long", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: strings.Repeat("k", 65), Severity: "info"}}}, 400},
-		{"bad severity", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "fatal"}}}, 400},
-		{"negative pid", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "info", PID: -1}}}, 400},
-		{"negative target", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "info", TargetPID: -5}}}, 400},
-		{"comm too long", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "info", Comm: long[:65]}}}, 400},
-		{"exe too long", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "info", Exe: long}}}, 400},
-		{"path too long", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "info", Path: long}}}, 400},
-		{"message too long", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "info", Message: long}}}, 400},
-		{"bad mode", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "info", Mode: "Deny!"}}}, 400},
-		{"overlap bytes without overlap", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "info", OverlapBytes: 1}}}, 400},
-		{"time out of range", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "info", Time: &time.Time{}}}}, 400},
-		{"good then bad", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "critical"}, {Kind: "k", Severity: "nope"}}}, 400},
+		{"no kind", api.EventsRequest{Session: sessA, Events: []api.Event{{Severity: "info"}}}, 400},
+		{"kind with spaces", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "ptrace attach", Severity: "info"}}}, 400},
+		{"kind upper case", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "Ptrace", Severity: "info"}}}, 400},
+		{"kind too long", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: strings.Repeat("k", 65), Severity: "info"}}}, 400},
+		{"bad severity", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "fatal"}}}, 400},
+		{"negative pid", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "info", PID: -1}}}, 400},
+		{"negative target", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "info", TargetPID: -5}}}, 400},
+		{"comm too long", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "info", Comm: long[:65]}}}, 400},
+		{"exe too long", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "info", Exe: long}}}, 400},
+		{"path too long", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "info", Path: long}}}, 400},
+		{"message too long", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "info", Message: long}}}, 400},
+		{"bad mode", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "info", Mode: "Deny!"}}}, 400},
+		{"overlap bytes without overlap", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "info", OverlapBytes: 1}}}, 400},
+		{"time out of range", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "info", Time: &time.Time{}}}}, 400},
+		{"good then bad", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "critical"}, {Kind: "k", Severity: "nope"}}}, 400},
 		{"unknown field", map[string]any{"session": sessA, "events": []any{map[string]any{"kind": "k", "severity": "info", "pidfd": 3}}}, 400},
 		{"uid negative", map[string]any{"session": sessA, "events": []any{map[string]any{"kind": "k", "severity": "info", "uid": -1}}}, 400},
-		{"too many", keysvc.EventsRequest{Session: sessA, Events: make([]keysvc.Event, keysvc.MaxEvents+1)}, 413},
-		{"too large", keysvc.EventsRequest{Session: sessA, Events: []keysvc.Event{{Kind: "k", Severity: "info", Message: strings.Repeat("y", keysvc.MaxEventsBody)}}}, 413},
-		{"forged session", keysvc.EventsRequest{Session: sessA + "x", Events: []keysvc.Event{{Kind: "k", Severity: "critical"}}}, 401},
-		{"no session", keysvc.EventsRequest{Events: []keysvc.Event{{Kind: "k", Severity: "critical"}}}, 401},
+		{"too many", api.EventsRequest{Session: sessA, Events: make([]api.Event, api.MaxEvents+1)}, 413},
+		{"too large", api.EventsRequest{Session: sessA, Events: []api.Event{{Kind: "k", Severity: "info", Message: strings.Repeat("y", api.MaxEventsBody)}}}, 413},
+		{"forged session", api.EventsRequest{Session: sessA + "x", Events: []api.Event{{Kind: "k", Severity: "critical"}}}, 401},
+		{"no session", api.EventsRequest{Events: []api.Event{{Kind: "k", Severity: "critical"}}}, 401},
 	} {
 		t.Run("refused/"+tc.name, func(t *testing.T) {
 			code, body := e.vm(t, "POST", "/v1/events", tc.body)

@@ -3,6 +3,8 @@ package keysvc
 import (
 	"encoding/base64"
 	"unicode/utf8"
+
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // decodeUnlockFast decodes the plain shape of an unlock or provision
@@ -17,7 +19,7 @@ import (
 // It exists because encoding/json scans the attestation's kilobytes of
 // base64 byte by byte twice (once to find the value's end, once to decode
 // it), a visible share of an unlock's CPU.
-func decodeUnlockFast(data []byte, u *UnlockRequest) bool {
+func decodeUnlockFast(data []byte, u *api.UnlockRequest) bool {
 	p := data
 	skipSpace := func() {
 		for len(p) > 0 && (p[0] == ' ' || p[0] == '\t' || p[0] == '\n' || p[0] == '\r') {

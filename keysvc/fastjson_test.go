@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"testing"
+
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // FuzzUnlockFastPath checks decodeUnlockFast against encoding/json: what
@@ -26,14 +28,14 @@ func FuzzUnlockFastPath(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		var fast UnlockRequest
+		var fast api.UnlockRequest
 		if !decodeUnlockFast(data, &fast) {
 			if fast.Challenge != "" || fast.Attestation != nil {
 				t.Fatalf("refused %q but changed the request: %+v", data, fast)
 			}
 			return
 		}
-		var slow UnlockRequest
+		var slow api.UnlockRequest
 		dec := json.NewDecoder(bytes.NewReader(data))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&slow); err != nil {
@@ -52,11 +54,11 @@ func FuzzUnlockFastPath(f *testing.F) {
 // path, and that the shapes it leaves to encoding/json are still decoded
 // (or refused) the general way.
 func TestUnlockFastPathTaken(t *testing.T) {
-	plain, err := json.Marshal(UnlockRequest{Challenge: "v1.a.b", Attestation: []byte{0, 1, 2, 250}})
+	plain, err := json.Marshal(api.UnlockRequest{Challenge: "v1.a.b", Attestation: []byte{0, 1, 2, 250}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	var u UnlockRequest
+	var u api.UnlockRequest
 	if !decodeUnlockFast(plain, &u) || u.Challenge != "v1.a.b" || !bytes.Equal(u.Attestation, []byte{0, 1, 2, 250}) {
 		t.Fatalf("encoding/json's own output %s did not take the fast path: %+v", plain, u)
 	}
@@ -70,7 +72,7 @@ func TestUnlockFastPathTaken(t *testing.T) {
 		{`{"challenge":"v1.a.b","attestation":"!!"}`, false},
 		{`{"challenge":"v1.a.b","attestation":"AA==","extra":1}`, false},
 	} {
-		var u UnlockRequest
+		var u api.UnlockRequest
 		if err := DecodeJSON([]byte(tc.body), &u); (err == nil) != tc.ok {
 			t.Errorf("DecodeJSON(%s): %v, want ok=%v", tc.body, err, tc.ok)
 		}

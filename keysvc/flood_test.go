@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 )
 
@@ -77,7 +78,7 @@ func TestRefusalFloodBounded(t *testing.T) {
 				if i%10 == 0 {
 					name = long + name
 				}
-				code, _, err := e.post("/v1/challenge", keysvc.ChallengeRequest{VM: name, Volume: name, EKPub: ek, AKPub: ek})
+				code, _, err := e.post("/v1/challenge", api.ChallengeRequest{VM: name, Volume: name, EKPub: ek, AKPub: ek})
 				if err == nil && code == http.StatusForbidden {
 					refused.Add(1)
 				} else {

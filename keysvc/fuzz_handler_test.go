@@ -13,10 +13,31 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
 )
+
+// fuzzToken is the admin token of newFuzzServer's service.
+const fuzzToken = "0123456789abcdef0123456789abcdef"
+
+// newFuzzServer is a key service over an in-memory store and audit log:
+// under -fuzz every package is coverage-instrumented, and the transpiled
+// SQLite becomes too slow to fuzz through.
+func newFuzzServer(f *testing.F) *keysvc.Server {
+	mk, _, err := masterkey.LoadOrCreate(filepath.Join(f.TempDir(), "master.key"))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(mk.Destroy)
+	srv, err := keysvc.New(keysvc.WithStore(newMemStore()), keysvc.WithAudit(&memAudit{}), keysvc.WithMasterKey(mk),
+		keysvc.WithAdminToken(fuzzToken), keysvc.WithLogger(discardLogger()), keysvc.WithRateLimits(0, 0))
+	if err != nil {
+		f.Fatal(err)
+	}
+	return srv
+}
 
 // FuzzVMAPI posts outside bytes to every VM API endpoint of a service with
 // an enrolled VM and a volume. Seeds include a genuine challenge with a
@@ -24,32 +45,19 @@ import (
 // and verification behind the token check. No input may panic, answer 200,
 // or answer a status outside the protocol's list.
 func FuzzVMAPI(f *testing.F) {
-	// In-memory store and audit log: under -fuzz every package is
-	// coverage-instrumented, and the transpiled SQLite becomes too slow to
-	// fuzz through.
-	mk, _, err := masterkey.LoadOrCreate(filepath.Join(f.TempDir(), "master.key"))
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(mk.Destroy)
-	const token = "0123456789abcdef0123456789abcdef"
-	srv, err := keysvc.New(keysvc.WithStore(newMemStore()), keysvc.WithAudit(&memAudit{}), keysvc.WithMasterKey(mk),
-		keysvc.WithAdminToken(token), keysvc.WithLogger(discardLogger()), keysvc.WithRateLimits(0, 0))
-	if err != nil {
-		f.Fatal(err)
-	}
+	srv := newFuzzServer(f)
 	ek, ak := randomPEM(f), randomPEM(f)
 	admin := srv.AdminHandler()
 	for _, req := range []struct {
 		path string
 		body any
 	}{
-		{"/v1/admin/vms", keysvc.EnrollRequest{Name: "vm", EKPub: ek, AKPub: ak}},
-		{"/v1/admin/volumes", keysvc.VolumeRequest{ID: "vol", VM: "vm"}},
+		{"/v1/admin/vms", api.EnrollRequest{Name: "vm", EKPub: ek, AKPub: ak}},
+		{"/v1/admin/volumes", api.VolumeRequest{ID: "vol", VM: "vm"}},
 	} {
 		b, _ := json.Marshal(req.body)
 		r := httptest.NewRequest("POST", req.path, bytes.NewReader(b))
-		r.Header.Set("Authorization", "Bearer "+token)
+		r.Header.Set("Authorization", "Bearer "+fuzzToken)
 		w := httptest.NewRecorder()
 		admin.ServeHTTP(w, r)
 		if w.Code != http.StatusCreated {
@@ -63,13 +71,13 @@ func FuzzVMAPI(f *testing.F) {
 		vmAPI.ServeHTTP(w, r)
 		return w
 	}
-	chReq, _ := json.Marshal(keysvc.ChallengeRequest{VM: "vm", Volume: "vol", EKPub: ek, AKPub: ak})
-	var ch keysvc.ChallengeResponse
+	chReq, _ := json.Marshal(api.ChallengeRequest{VM: "vm", Volume: "vol", EKPub: ek, AKPub: ak})
+	var ch api.ChallengeResponse
 	if w := post("/v1/challenge", chReq); w.Code != http.StatusOK || json.Unmarshal(w.Body.Bytes(), &ch) != nil {
 		f.Fatalf("challenge: %d %s", w.Code, w.Body)
 	}
 	for _, att := range [][]byte{nil, {0x0a, 0x02, 0x08, 0x01}, []byte("\x12\x00\x1a\x04quot"), bytes.Repeat([]byte{0xff}, 64)} {
-		b, _ := json.Marshal(keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: att})
+		b, _ := json.Marshal(api.UnlockRequest{Challenge: ch.Challenge, Attestation: att})
 		f.Add(uint8(1), b)
 	}
 	f.Add(uint8(0), chReq)

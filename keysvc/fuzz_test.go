@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"testing"
 	"time"
+
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // FuzzDecodeRequest feeds outside bytes to the strict decoder of every
@@ -24,11 +26,11 @@ func FuzzDecodeRequest(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		targets := []func() any{
-			func() any { return new(ChallengeRequest) },
-			func() any { return new(UnlockRequest) },
-			func() any { return new(EventsRequest) },
-			func() any { return new(EnrollRequest) },
-			func() any { return new(VolumeRequest) },
+			func() any { return new(api.ChallengeRequest) },
+			func() any { return new(api.UnlockRequest) },
+			func() any { return new(api.EventsRequest) },
+			func() any { return new(api.EnrollRequest) },
+			func() any { return new(api.VolumeRequest) },
 		}
 		for _, mk := range targets {
 			v := mk()

@@ -10,7 +10,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"github.com/keygate/keygate/internal/tpmtest"
 	"io"
 	"log/slog"
 	"net/http"
@@ -21,6 +20,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/keygate/keygate/internal/tpmtest"
+	"github.com/keygate/keygate/keysvc/api"
 
 	tpmpb "github.com/google/go-tpm-tools/proto/tpm"
 	"google.golang.org/protobuf/proto"
@@ -53,12 +55,17 @@ type env struct {
 
 func startEnv(t testing.TB, dir string, opts ...keysvc.Option) *env {
 	t.Helper()
+	return startEnvConfig(t, keysvc.Config{DataDir: dir}, opts...)
+}
+
+// startEnvConfig is startEnv with more of the Config set (a PKCS#11 token).
+func startEnvConfig(t testing.TB, cfg keysvc.Config, opts ...keysvc.Option) *env {
+	t.Helper()
 	c := &clock{}
-	svc, err := keysvc.Start(context.Background(), keysvc.Config{
-		DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0",
-		Logger:  discardLogger(),
-		Options: append([]keysvc.Option{keysvc.WithClock(c.Now), keysvc.WithChallengeTTL(time.Minute)}, opts...),
-	})
+	dir := cfg.DataDir
+	cfg.Listen, cfg.AdminListen, cfg.Logger = "127.0.0.1:0", "127.0.0.1:0", discardLogger()
+	cfg.Options = append([]keysvc.Option{keysvc.WithClock(c.Now), keysvc.WithChallengeTTL(time.Minute)}, opts...)
+	svc, err := keysvc.Start(context.Background(), cfg)
 	if err != nil {
 		t.Fatalf("start: %v", err)
 	}
@@ -224,13 +231,13 @@ func (v *vmTPM) pcrPolicy(t testing.TB, pcrs ...int) map[string]any {
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // challenge asks for a challenge and fails unless it is issued.
-func (e *env) challenge(t testing.TB, v *vmTPM, name, volume string) keysvc.ChallengeResponse {
+func (e *env) challenge(t testing.TB, v *vmTPM, name, volume string) api.ChallengeResponse {
 	t.Helper()
-	code, b := e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: name, Volume: volume, EKPub: v.ekPEM, AKPub: v.akPEM})
+	code, b := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: name, Volume: volume, EKPub: v.ekPEM, AKPub: v.akPEM})
 	if code != http.StatusOK {
 		t.Fatalf("challenge: %d %s", code, b)
 	}
-	var ch keysvc.ChallengeResponse
+	var ch api.ChallengeResponse
 	if err := json.Unmarshal(b, &ch); err != nil {
 		t.Fatal(err)
 	}
@@ -255,13 +262,13 @@ func (v *vmTPM) quote(t testing.TB, nonce []byte) []byte {
 func (e *env) unlock(t testing.TB, v *vmTPM, name, volume string) (int, []byte) {
 	t.Helper()
 	ch := e.challenge(t, v, name, volume)
-	return e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
+	return e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
 }
 
 // importBlob imports an unlock answer's blob into the VM's TPM.
 func (v *vmTPM) importBlob(t testing.TB, body []byte, alg tpm.Alg) ([]byte, error) {
 	t.Helper()
-	var ur keysvc.UnlockResponse
+	var ur api.UnlockResponse
 	if err := json.Unmarshal(body, &ur); err != nil {
 		t.Fatal(err)
 	}
@@ -291,4 +298,15 @@ func wantRefusal(t testing.TB, code int, body []byte, reason string) map[string]
 		t.Fatalf("reason %q, want %q (body %s)", r, reason, body)
 	}
 	return m
+}
+
+// startEnvWith is startEnv with more configuration (alert delivery, admin
+// client CAs) set by with.
+func startEnvWith(t testing.TB, dir string, with func(*keysvc.Config), opts ...keysvc.Option) *env {
+	t.Helper()
+	cfg := keysvc.Config{DataDir: dir}
+	if with != nil {
+		with(&cfg)
+	}
+	return startEnvConfig(t, cfg, opts...)
 }

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/store"
 	"github.com/keygate/keygate/tpm"
 )
@@ -33,8 +34,8 @@ var ukBytes = bytes.Repeat([]byte{0x5a}, 32)
 // with ukBytes, and sets a policy on PCRs 0 and 7.
 func setup(t testing.TB, e *env, v *vmTPM, name string) string {
 	t.Helper()
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: name, EKPub: v.ekPEM, AKPub: v.akPEM}, http.StatusCreated)
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: name + "-vol", VM: name, Key: ukBytes}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: name, EKPub: v.ekPEM, AKPub: v.akPEM}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: name + "-vol", VM: name, Key: ukBytes}, http.StatusCreated)
 	e.admin(t, "PUT", "/v1/admin/vms/"+name+"/policy", v.pcrPolicy(t, 0, 7), http.StatusOK)
 	return name + "-vol"
 }
@@ -56,7 +57,7 @@ func TestUnlockOverHTTPS(t *testing.T) {
 		if !bytes.Equal(uk, ukBytes) {
 			t.Fatal("imported UK differs from the imported key file")
 		}
-		var ur keysvc.UnlockResponse
+		var ur api.UnlockResponse
 		json.Unmarshal(body, &ur)
 		code, body = e.do(t, "GET", "https://"+e.svc.VMAddr()+"/v1/session", ur.Session, nil)
 		if code != http.StatusOK || !strings.Contains(string(body), `"active"`) {
@@ -71,13 +72,13 @@ func TestUnlockOverHTTPS(t *testing.T) {
 
 	t.Run("created-volume", func(t *testing.T) {
 		setup(t, e, v, "created")
-		e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "made", VM: "created"}, http.StatusCreated)
+		e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "made", VM: "created"}, http.StatusCreated)
 		code, body := e.unlock(t, v, "created", "made")
 		if code != http.StatusOK {
 			t.Fatalf("unlock: %d %s", code, body)
 		}
 		uk, err := v.importBlob(t, body, tpm.ECC)
-		if err != nil || len(uk) != keysvc.UKSize {
+		if err != nil || len(uk) != api.UKSize {
 			t.Fatalf("import: %d bytes, %v", len(uk), err)
 		}
 	})
@@ -85,14 +86,14 @@ func TestUnlockOverHTTPS(t *testing.T) {
 	t.Run("wrong-nonce", func(t *testing.T) {
 		vol := setup(t, e, v, "nonce")
 		ch := e.challenge(t, v, "nonce", vol)
-		code, body := e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, bytes.Repeat([]byte{1}, 32))})
-		wantRefusal(t, code, body, keysvc.ReasonEvidence)
+		code, body := e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, bytes.Repeat([]byte{1}, 32))})
+		wantRefusal(t, code, body, api.ReasonEvidence)
 	})
 
 	t.Run("replayed-challenge", func(t *testing.T) {
 		vol := setup(t, e, v, "replay")
 		ch := e.challenge(t, v, "replay", vol)
-		req := keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)}
+		req := api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)}
 		if code, body := e.vm(t, "POST", "/v1/unlock", req); code != http.StatusOK {
 			t.Fatalf("first unlock: %d %s", code, body)
 		}
@@ -105,9 +106,9 @@ func TestUnlockOverHTTPS(t *testing.T) {
 		// challenge of a refused attempt cannot be tried again.
 		vol := setup(t, e, v, "burnt")
 		ch := e.challenge(t, v, "burnt", vol)
-		code, body := e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, bytes.Repeat([]byte{2}, 32))})
-		wantRefusal(t, code, body, keysvc.ReasonEvidence)
-		code, body = e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
+		code, body := e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, bytes.Repeat([]byte{2}, 32))})
+		wantRefusal(t, code, body, api.ReasonEvidence)
+		code, body = e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
 		wantReplay(t, code, body)
 	})
 
@@ -117,8 +118,8 @@ func TestUnlockOverHTTPS(t *testing.T) {
 		att := v.quote(t, ch.Nonce)
 		e.clock.Add(2 * time.Minute)
 		defer e.clock.Add(-2 * time.Minute)
-		code, body := e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: att})
-		m := wantRefusal(t, code, body, keysvc.ReasonChallenge)
+		code, body := e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: att})
+		m := wantRefusal(t, code, body, api.ReasonChallenge)
 		if !strings.Contains(m["hint"].(string), "expired") {
 			t.Fatalf("hint %q does not say expired", m["hint"])
 		}
@@ -185,7 +186,7 @@ func TestUnlockOverHTTPS(t *testing.T) {
 		// Nor can learn mode capture the state after an unlock.
 		e.admin(t, "POST", "/v1/admin/vms/learner/policy/learn", nil, http.StatusOK)
 		code, body = e.unlock(t, v, "learner", vol)
-		if m := wantRefusal(t, code, body, keysvc.ReasonPolicy); !strings.Contains(fmt.Sprint(m["hint"]), "already extended") {
+		if m := wantRefusal(t, code, body, api.ReasonPolicy); !strings.Contains(fmt.Sprint(m["hint"]), "already extended") {
 			t.Fatalf("learning after an unlock: %s, want a refusal saying PCR %d is extended", body, keysvc.WindowPCR)
 		}
 		var vmInfo struct {
@@ -206,26 +207,26 @@ func TestUnlockOverHTTPS(t *testing.T) {
 
 	t.Run("unknown-ek", func(t *testing.T) {
 		vol := setup(t, e, v, "ek")
-		code, body := e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "ek", Volume: vol, EKPub: randomPEM(t), AKPub: v.akPEM})
-		wantRefusal(t, code, body, keysvc.ReasonUnknownEK)
+		code, body := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "ek", Volume: vol, EKPub: randomPEM(t), AKPub: v.akPEM})
+		wantRefusal(t, code, body, api.ReasonUnknownEK)
 	})
 
 	t.Run("unknown-vm", func(t *testing.T) {
-		code, body := e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "nobody", Volume: "x", EKPub: v.ekPEM, AKPub: v.akPEM})
-		wantRefusal(t, code, body, keysvc.ReasonUnknownVM)
+		code, body := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "nobody", Volume: "x", EKPub: v.ekPEM, AKPub: v.akPEM})
+		wantRefusal(t, code, body, api.ReasonUnknownVM)
 	})
 
 	t.Run("ak-not-enrolled", func(t *testing.T) {
-		e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "noak", EKPub: v.ekPEM}, http.StatusCreated)
+		e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "noak", EKPub: v.ekPEM}, http.StatusCreated)
 		info := e.admin(t, "GET", "/v1/admin/vms/noak", nil, http.StatusOK)
 		if !strings.Contains(string(info), "credential activation") {
 			t.Fatalf("vm show does not say what to do next: %s", info)
 		}
-		e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "noak-vol", VM: "noak"}, http.StatusCreated)
-		code, body := e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "noak", Volume: "noak-vol", EKPub: v.ekPEM, AKPub: v.akPEM})
-		wantRefusal(t, code, body, keysvc.ReasonNoAK)
+		e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "noak-vol", VM: "noak"}, http.StatusCreated)
+		code, body := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "noak", Volume: "noak-vol", EKPub: v.ekPEM, AKPub: v.akPEM})
+		wantRefusal(t, code, body, api.ReasonNoAK)
 		// Once the operator enrolls the AK, the VM can unlock.
-		e.admin(t, "PUT", "/v1/admin/vms/noak/ak", keysvc.SetAKRequest{AKPub: v.akPEM}, http.StatusOK)
+		e.admin(t, "PUT", "/v1/admin/vms/noak/ak", api.SetAKRequest{AKPub: v.akPEM}, http.StatusOK)
 		e.admin(t, "PUT", "/v1/admin/vms/noak/policy", v.pcrPolicy(t, 7), http.StatusOK)
 		if code, body := e.unlock(t, v, "noak", "noak-vol"); code != http.StatusOK {
 			t.Fatalf("unlock after set-ak: %d %s", code, body)
@@ -234,20 +235,20 @@ func TestUnlockOverHTTPS(t *testing.T) {
 
 	t.Run("ak-not-bound", func(t *testing.T) {
 		// The VM enrolled another AK: this TPM's AK is not trusted.
-		e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "otherak", EKPub: v.ekPEM, AKPub: randomPEM(t)}, http.StatusCreated)
-		e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "otherak-vol", VM: "otherak"}, http.StatusCreated)
-		code, body := e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "otherak", Volume: "otherak-vol", EKPub: v.ekPEM, AKPub: v.akPEM})
-		wantRefusal(t, code, body, keysvc.ReasonUnknownAK)
+		e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "otherak", EKPub: v.ekPEM, AKPub: randomPEM(t)}, http.StatusCreated)
+		e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "otherak-vol", VM: "otherak"}, http.StatusCreated)
+		code, body := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "otherak", Volume: "otherak-vol", EKPub: v.ekPEM, AKPub: v.akPEM})
+		wantRefusal(t, code, body, api.ReasonUnknownAK)
 	})
 
 	t.Run("revoked", func(t *testing.T) {
 		vol := setup(t, e, v, "revoked")
 		_, body := e.unlock(t, v, "revoked", vol)
-		var ur keysvc.UnlockResponse
+		var ur api.UnlockResponse
 		json.Unmarshal(body, &ur)
 		e.admin(t, "POST", "/v1/admin/vms/revoked/revoke", nil, http.StatusOK)
-		code, body := e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "revoked", Volume: vol, EKPub: v.ekPEM, AKPub: v.akPEM})
-		wantRefusal(t, code, body, keysvc.ReasonRevoked)
+		code, body := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "revoked", Volume: vol, EKPub: v.ekPEM, AKPub: v.akPEM})
+		wantRefusal(t, code, body, api.ReasonRevoked)
 		code, body = e.do(t, "GET", "https://"+e.svc.VMAddr()+"/v1/session", ur.Session, nil)
 		if code != http.StatusOK || !strings.Contains(string(body), `"revoked"`) {
 			t.Fatalf("session after revoke: %d %s", code, body)
@@ -258,8 +259,8 @@ func TestUnlockOverHTTPS(t *testing.T) {
 		vol := setup(t, e, v, "erased")
 		ch := e.challenge(t, v, "erased", vol)
 		e.admin(t, "POST", "/v1/admin/volumes/"+vol+"/erase", nil, http.StatusOK)
-		code, body := e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
-		wantRefusal(t, code, body, keysvc.ReasonErased)
+		code, body := e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
+		wantRefusal(t, code, body, api.ReasonErased)
 		if bytes.Contains(body, []byte("import_blob")) {
 			t.Fatal("an erased volume's answer carries a blob")
 		}
@@ -298,8 +299,8 @@ func TestUnlockOverHTTPS(t *testing.T) {
 					tc.tamper(att, other)
 					raw, _ = proto.Marshal(att)
 				}
-				code, body := e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: raw})
-				wantRefusal(t, code, body, keysvc.ReasonEvidence)
+				code, body := e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: raw})
+				wantRefusal(t, code, body, api.ReasonEvidence)
 			})
 		}
 	})
@@ -307,14 +308,14 @@ func TestUnlockOverHTTPS(t *testing.T) {
 	t.Run("events", func(t *testing.T) {
 		vol := setup(t, e, v, "events")
 		_, body := e.unlock(t, v, "events", vol)
-		var ur keysvc.UnlockResponse
+		var ur api.UnlockResponse
 		json.Unmarshal(body, &ur)
-		code, body := e.vm(t, "POST", "/v1/events", keysvc.EventsRequest{Session: ur.Session, Events: []keysvc.Event{
+		code, body := e.vm(t, "POST", "/v1/events", api.EventsRequest{Session: ur.Session, Events: []api.Event{
 			{Kind: "heartbeat", Severity: "info"}, {Kind: "ptrace", Severity: "critical", PID: 42, Comm: "gdb"}}})
 		if code != http.StatusOK || !strings.Contains(string(body), `"accepted":2`) {
 			t.Fatalf("events: %d %s", code, body)
 		}
-		code, _ = e.vm(t, "POST", "/v1/events", keysvc.EventsRequest{Session: ur.Session + "x", Events: []keysvc.Event{{Kind: "k", Severity: "info"}}})
+		code, _ = e.vm(t, "POST", "/v1/events", api.EventsRequest{Session: ur.Session + "x", Events: []api.Event{{Kind: "k", Severity: "info"}}})
 		if code != http.StatusUnauthorized {
 			t.Fatalf("events with a forged session: %d", code)
 		}
@@ -351,7 +352,7 @@ func TestUnlockOverHTTPS(t *testing.T) {
 	})
 
 	t.Run("audit-and-metrics", func(t *testing.T) {
-		var rep keysvc.AuditVerifyResponse
+		var rep api.AuditVerifyResponse
 		json.Unmarshal(e.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK), &rep)
 		if !rep.OK || rep.Records < 10 {
 			t.Fatalf("audit verify: %+v", rep)
@@ -439,7 +440,7 @@ func TestRestartKeepsEverything(t *testing.T) {
 	if err != nil || !bytes.Equal(uk, ukBytes) {
 		t.Fatalf("import after restart: %v", err)
 	}
-	var rep keysvc.AuditVerifyResponse
+	var rep api.AuditVerifyResponse
 	json.Unmarshal(e2.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK), &rep)
 	if !rep.OK {
 		t.Fatalf("audit chain after restart: %+v", rep)
@@ -455,7 +456,7 @@ func TestAuditTamperDetected(t *testing.T) {
 	v := openVM(t)
 	vol := setup(t, e, v, "t")
 	for _, n := range []string{"a", "b", "c"} {
-		e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: n, EKPub: randomPEM(t)}, http.StatusCreated)
+		e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: n, EKPub: randomPEM(t)}, http.StatusCreated)
 	}
 	e.stop(t)
 	db, err := sql.Open("sqlite", filepath.Join(dir, store.DBFile))
@@ -475,7 +476,7 @@ func TestAuditTamperDetected(t *testing.T) {
 	}
 	db.Close()
 	e2 := startEnv(t, dir)
-	var rep keysvc.AuditVerifyResponse
+	var rep api.AuditVerifyResponse
 	json.Unmarshal(e2.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK), &rep)
 	all := strings.Join(rep.Problems, "\n")
 	if rep.OK || !strings.Contains(all, "seq 2: edited") || !strings.Contains(all, "missing") {
@@ -513,9 +514,9 @@ func TestNoSecretsInLogsOrAudit(t *testing.T) {
 	if code != http.StatusOK {
 		t.Fatalf("unlock: %d %s", code, body)
 	}
-	var ur keysvc.UnlockResponse
+	var ur api.UnlockResponse
 	json.Unmarshal(body, &ur)
-	e.vm(t, "POST", "/v1/events", keysvc.EventsRequest{Session: ur.Session, Events: []keysvc.Event{{Kind: "ptrace", Severity: "warning"}}})
+	e.vm(t, "POST", "/v1/events", api.EventsRequest{Session: ur.Session, Events: []api.Event{{Kind: "ptrace", Severity: "warning"}}})
 	e.do(t, "GET", "https://"+e.svc.AdminAddr()+"/v1/admin/vms", "wrong-token", nil)
 	records := string(e.admin(t, "GET", "/v1/admin/audit", nil, http.StatusOK))
 	secrets := map[string]string{
@@ -554,18 +555,18 @@ func TestTLS13Only(t *testing.T) {
 func TestProvision(t *testing.T) {
 	e := startEnv(t, t.TempDir())
 	v := openVM(t)
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "fresh", EKPub: v.ekPEM, AKPub: v.akPEM, ProvisioningAllowed: true}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "fresh", EKPub: v.ekPEM, AKPub: v.akPEM, ProvisioningAllowed: true}, http.StatusCreated)
 	e.admin(t, "PUT", "/v1/admin/vms/fresh/policy", v.pcrPolicy(t, 7), http.StatusOK)
 	provision := func(volume string) (int, []byte) {
 		ch := e.challenge(t, v, "fresh", volume)
-		return e.vm(t, "POST", "/v1/provision", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
+		return e.vm(t, "POST", "/v1/provision", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
 	}
 	code, body := provision("blank")
 	if code != http.StatusOK {
 		t.Fatalf("provision: %d %s", code, body)
 	}
 	uk, err := v.importBlob(t, body, tpm.ECC)
-	if err != nil || len(uk) != keysvc.UKSize {
+	if err != nil || len(uk) != api.UKSize {
 		t.Fatalf("import provisioned UK: %d bytes, %v", len(uk), err)
 	}
 	code, body = e.unlock(t, v, "fresh", "blank")
@@ -576,24 +577,24 @@ func TestProvision(t *testing.T) {
 		t.Fatalf("unlock gives another UK than provisioning: %v", err)
 	}
 	code, body = provision("blank")
-	wantRefusal(t, code, body, keysvc.ReasonVolumeExists)
+	wantRefusal(t, code, body, api.ReasonVolumeExists)
 
 	// A VM without provisioning gets no challenge for a volume that does not exist.
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "strict", EKPub: v.ekPEM, AKPub: v.akPEM}, http.StatusCreated)
-	code, body = e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "strict", Volume: "blank2", EKPub: v.ekPEM, AKPub: v.akPEM})
-	wantRefusal(t, code, body, keysvc.ReasonUnknownVolume)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "strict", EKPub: v.ekPEM, AKPub: v.akPEM}, http.StatusCreated)
+	code, body = e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "strict", Volume: "blank2", EKPub: v.ekPEM, AKPub: v.akPEM})
+	wantRefusal(t, code, body, api.ReasonUnknownVolume)
 	// … and cannot provision one that does.
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "strict-vol", VM: "strict"}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "strict-vol", VM: "strict"}, http.StatusCreated)
 	ch := e.challenge(t, v, "strict", "strict-vol")
-	code, body = e.vm(t, "POST", "/v1/provision", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
-	wantRefusal(t, code, body, keysvc.ReasonNoProvisioning)
+	code, body = e.vm(t, "POST", "/v1/provision", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)})
+	wantRefusal(t, code, body, api.ReasonNoProvisioning)
 }
 
 // wantReplay checks that an unlock was refused because its challenge was
 // used already.
 func wantReplay(t *testing.T, code int, body []byte) {
 	t.Helper()
-	m := wantRefusal(t, code, body, keysvc.ReasonChallenge)
+	m := wantRefusal(t, code, body, api.ReasonChallenge)
 	if !strings.Contains(m["hint"].(string), "already used") {
 		t.Fatalf("hint %q does not say the challenge was used", m["hint"])
 	}

@@ -1,6 +1,7 @@
 package keysvc
 
 import (
+	"errors"
 	"sync"
 
 	"github.com/keygate/keygate/keymem"
@@ -40,8 +41,20 @@ type openerTo interface {
 // returns it with the function that wipes it and gives the memory back.
 // With a MasterKey that has OpenTo and a key that fits a slot, the memory
 // comes from ukPool; otherwise it is Open's own buffer.
+//
+// During a master-key rotation a row not yet re-sealed opens under the
+// previous key (keyring.go).
 func (s *Server) openUK(id string, sealed []byte) (uk []byte, done func(), err error) {
-	if o, ok := s.mk.(openerTo); ok && len(sealed) <= ukSlotSize+masterkey.SealOverhead {
+	ks := s.rows.load()
+	uk, done, err = openUKWith(ks.cur, id, sealed)
+	if err != nil && ks.prev != nil && errors.Is(err, masterkey.ErrOpen) {
+		uk, done, err = openUKWith(ks.prev, id, sealed)
+	}
+	return uk, done, err
+}
+
+func openUKWith(mk MasterKey, id string, sealed []byte) (uk []byte, done func(), err error) {
+	if o, ok := mk.(openerTo); ok && len(sealed) <= ukSlotSize+masterkey.SealOverhead {
 		p := ukPool()
 		buf := p.Get()
 		n, err := o.OpenTo(buf.Bytes(), id, sealed)
@@ -51,7 +64,7 @@ func (s *Server) openUK(id string, sealed []byte) (uk []byte, done func(), err e
 		}
 		return buf.Bytes()[:n], func() { p.Put(buf) }, nil
 	}
-	buf, err := s.mk.Open(id, sealed)
+	buf, err := mk.Open(id, sealed)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -10,6 +10,7 @@ import (
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // TestReleaseLeavesNoUKInMemory imports a volume's UK through the admin API
@@ -23,14 +24,14 @@ func TestReleaseLeavesNoUKInMemory(t *testing.T) {
 	e := startEnv(t, t.TempDir(), keysvc.WithRateLimits(0, 0))
 	v := openVM(t)
 	const name = "scanned"
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: name, EKPub: v.ekPEM, AKPub: v.akPEM}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: name, EKPub: v.ekPEM, AKPub: v.akPEM}, http.StatusCreated)
 	uk, err := keymem.Random(32) // only this test's: no other copy exists
 	if err != nil {
 		t.Fatal(err)
 	}
 	// encoding/json writes the key as base64 straight from the locked
 	// buffer, so the test itself makes no plain copy.
-	e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: name + "-vol", VM: name, Key: uk.Bytes()}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: name + "-vol", VM: name, Key: uk.Bytes()}, http.StatusCreated)
 	e.admin(t, "PUT", "/v1/admin/vms/"+name+"/policy", v.pcrPolicy(t, 0, 7), http.StatusOK)
 	needle := memscan.NewNeedle("UK", uk.Bytes())
 	uk.Destroy()

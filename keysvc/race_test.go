@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
@@ -46,8 +47,8 @@ func TestReleaseRechecksAfterRace(t *testing.T) {
 	for _, tc := range []struct {
 		name, path, reason string
 	}{
-		{"erase", "/v1/admin/volumes/racer-vol/erase", keysvc.ReasonErased},
-		{"revoke", "/v1/admin/vms/racer/revoke", keysvc.ReasonRevoked},
+		{"erase", "/v1/admin/volumes/racer-vol/erase", api.ReasonErased},
+		{"revoke", "/v1/admin/vms/racer/revoke", api.ReasonRevoked},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -118,10 +119,10 @@ func TestReleaseRefusedPastChallengeGrace(t *testing.T) {
 	v := openVM(t)
 	vol := setup(t, e, v, "slow")
 	ch := e.challenge(t, v, "slow", vol)
-	req := keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)}
+	req := api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)}
 	c.arm(time.Hour)
 	code, body := e.vm(t, "POST", "/v1/unlock", req)
-	m := wantRefusal(t, code, body, keysvc.ReasonChallenge)
+	m := wantRefusal(t, code, body, api.ReasonChallenge)
 	if !strings.Contains(m["hint"].(string), "expired while") {
 		t.Fatalf("hint %q does not say the challenge expired during the unlock", m["hint"])
 	}
@@ -197,7 +198,7 @@ func TestConcurrentCopiesReleaseOnce(t *testing.T) {
 	v := openVM(t)
 	vol := setup(t, e, v, "copies")
 	ch := e.challenge(t, v, "copies", vol)
-	req := keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)}
+	req := api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)}
 	codes := make([]int, n)
 	bodies := make([][]byte, n)
 	var wg sync.WaitGroup
@@ -234,8 +235,8 @@ func TestReleaseRechecksChangedEnrollment(t *testing.T) {
 	for _, tc := range []struct {
 		name, path, body, reason string
 	}{
-		{"set-ak", "/v1/admin/vms/racer/ak", fmt.Sprintf(`{"ak_pub": %q}`, randomPEM(t)), keysvc.ReasonUnknownAK},
-		{"set-policy", "/v1/admin/vms/racer/policy", `{"pcrs": {"7": ["` + other + `"]}}`, keysvc.ReasonPolicy},
+		{"set-ak", "/v1/admin/vms/racer/ak", fmt.Sprintf(`{"ak_pub": %q}`, randomPEM(t)), api.ReasonUnknownAK},
+		{"set-policy", "/v1/admin/vms/racer/policy", `{"pcrs": {"7": ["` + other + `"]}}`, api.ReasonPolicy},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()

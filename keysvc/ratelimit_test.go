@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -30,11 +31,11 @@ func TestVMRateLimit(t *testing.T) {
 	v := openVM(t)
 	vol := setup(t, e, v, "web-1")
 	attacker := e.from(t, "127.0.0.2")
-	if code, body := attacker.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "ghost", Volume: "v", EKPub: v.ekPEM, AKPub: v.akPEM}); code != http.StatusForbidden {
+	if code, body := attacker.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "ghost", Volume: "v", EKPub: v.ekPEM, AKPub: v.akPEM}); code != http.StatusForbidden {
 		t.Fatalf("the attacker's address does not reach the service: %d %s", code, body)
 	}
 
-	challenge := func(c *env, req keysvc.ChallengeRequest) int {
+	challenge := func(c *env, req api.ChallengeRequest) int {
 		code, _ := c.vm(t, "POST", "/v1/challenge", req)
 		return code
 	}
@@ -44,9 +45,9 @@ func TestVMRateLimit(t *testing.T) {
 		body   any
 		reason string
 	}{
-		{"wrong EK", "/v1/challenge", keysvc.ChallengeRequest{VM: "web-1", Volume: vol, EKPub: randomPEM(t), AKPub: v.akPEM}, keysvc.ReasonUnknownEK},
-		{"wrong AK", "/v1/challenge", keysvc.ChallengeRequest{VM: "web-1", Volume: vol, EKPub: v.ekPEM, AKPub: randomPEM(t)}, keysvc.ReasonUnknownAK},
-		{"activate with wrong EK", "/v1/activate", keysvc.ActivateRequest{VM: "web-1", EKPub: randomPEM(t), AKPublic: akPublic(t, v)}, keysvc.ReasonUnknownEK},
+		{"wrong EK", "/v1/challenge", api.ChallengeRequest{VM: "web-1", Volume: vol, EKPub: randomPEM(t), AKPub: v.akPEM}, api.ReasonUnknownEK},
+		{"wrong AK", "/v1/challenge", api.ChallengeRequest{VM: "web-1", Volume: vol, EKPub: v.ekPEM, AKPub: randomPEM(t)}, api.ReasonUnknownAK},
+		{"activate with wrong EK", "/v1/activate", api.ActivateRequest{VM: "web-1", EKPub: randomPEM(t), AKPublic: akPublic(t, v)}, api.ReasonUnknownEK},
 	}
 	for _, tt := range wrong {
 		t.Run("attacker "+tt.name, func(t *testing.T) {
@@ -60,7 +61,7 @@ func TestVMRateLimit(t *testing.T) {
 		})
 	}
 
-	real := keysvc.ChallengeRequest{VM: "web-1", Volume: vol, EKPub: v.ekPEM, AKPub: v.akPEM}
+	real := api.ChallengeRequest{VM: "web-1", Volume: vol, EKPub: v.ekPEM, AKPub: v.akPEM}
 	t.Run("attacker with the public keys from elsewhere", func(t *testing.T) {
 		got := []int{challenge(attacker, real), challenge(attacker, real), challenge(attacker, real)}
 		if got[2] != http.StatusTooManyRequests {
@@ -77,7 +78,7 @@ func TestVMRateLimit(t *testing.T) {
 
 	t.Run("another VM has its own budget", func(t *testing.T) {
 		setup(t, e, v, "web-2")
-		if code := challenge(e, keysvc.ChallengeRequest{VM: "web-2", Volume: "web-2-vol", EKPub: v.ekPEM, AKPub: v.akPEM}); code != http.StatusOK {
+		if code := challenge(e, api.ChallengeRequest{VM: "web-2", Volume: "web-2-vol", EKPub: v.ekPEM, AKPub: v.akPEM}); code != http.StatusOK {
 			t.Fatalf("web-2: %d, want 200", code)
 		}
 	})

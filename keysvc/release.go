@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
@@ -75,7 +76,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		// Used challenges are purged challengeGrace after they expire: one
 		// checked long ago could otherwise be recorded again, after its
 		// first use was purged.
-		s.refuse(w, r, vm.Name, vol.ID, &refusal{reason: ReasonChallenge, hint: "the challenge expired while the unlock was being verified; request a new one"})
+		s.refuse(w, r, vm.Name, vol.ID, &refusal{reason: api.ReasonChallenge, hint: "the challenge expired while the unlock was being verified; request a new one"})
 		return
 	}
 	if use != nil {
@@ -108,7 +109,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 	}
 	s.metrics.unlocks.Inc()
 	s.log.Info("unlock", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.String("session_id", id), slog.Any("pcrs", idx))
-	writeJSON(w, http.StatusOK, UnlockResponse{ImportBlob: blobBytes, Session: sess, PCRs: idx})
+	writeJSON(w, http.StatusOK, api.UnlockResponse{ImportBlob: blobBytes, Session: sess, PCRs: idx})
 }
 
 // stillReleasable re-reads the VM and the volume after a release was
@@ -129,11 +130,11 @@ func (s *Server) stillReleasable(ctx context.Context, verified store.VM, volID s
 	}
 	switch {
 	case vm.EKPubPEM != verified.EKPubPEM:
-		return &refusal{reason: ReasonUnknownEK, hint: "the VM's enrolled EK changed while this unlock was verified; retry"}, nil
+		return &refusal{reason: api.ReasonUnknownEK, hint: "the VM's enrolled EK changed while this unlock was verified; retry"}, nil
 	case vm.AKPubPEM != verified.AKPubPEM:
-		return &refusal{reason: ReasonUnknownAK, hint: "the VM's enrolled AK changed while this unlock was verified; retry"}, nil
+		return &refusal{reason: api.ReasonUnknownAK, hint: "the VM's enrolled AK changed while this unlock was verified; retry"}, nil
 	case !bytes.Equal(vm.Policy, verified.Policy):
-		return &refusal{reason: ReasonPolicy, hint: "the VM's policy changed while this unlock was verified; retry against the new policy"}, nil
+		return &refusal{reason: api.ReasonPolicy, hint: "the VM's policy changed while this unlock was verified; retry against the new policy"}, nil
 	}
 	return checkVolume(verified.Name, vol), nil
 }
@@ -147,6 +148,6 @@ func (s *Server) readFailed(w http.ResponseWriter, r *http.Request, vm, volume s
 		return
 	}
 	s.tampered(r, vm, volume, err)
-	s.refuse(w, r, vm, volume, &refusal{reason: ReasonIntegrity,
+	s.refuse(w, r, vm, volume, &refusal{reason: api.ReasonIntegrity,
 		hint: "the key service's records for this VM or volume fail their integrity check; an operator must run `keysvc audit verify`"})
 }

@@ -155,7 +155,7 @@ func ukRecordID(volume, vm, ekFingerprint string) string {
 // that an administrator's change cannot re-MAC a tampered row.
 type authStore struct {
 	Store
-	k rowKey
+	k *keyring
 }
 
 func (a *authStore) CreateVM(ctx context.Context, vm store.VM) (store.VM, error) {

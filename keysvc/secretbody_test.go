@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"testing"
+
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // recordingBody is a request body that remembers every buffer the server
@@ -44,8 +46,8 @@ func TestSecretBodyWiped(t *testing.T) {
 			rb := &recordingBody{r: bytes.NewReader([]byte(tc.body))}
 			r := httptest.NewRequest("POST", "/v1/admin/volumes", nil)
 			r.Body, r.ContentLength = rb, int64(len(tc.body))
-			var req VolumeRequest
-			tc.read(httptest.NewRecorder(), r, MaxAdminBody, &req)
+			var req api.VolumeRequest
+			tc.read(httptest.NewRecorder(), r, api.MaxAdminBody, &req)
 			clear(req.Key)
 			seen := 0
 			for _, b := range rb.bufs {

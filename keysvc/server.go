@@ -18,9 +18,11 @@ import (
 	"unicode/utf8"
 
 	"github.com/awnumar/memguard"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keygate/keygate/attest"
 	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/dashboard"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
 )
@@ -62,18 +64,22 @@ const challengeGrace = 10 * time.Minute
 // MAC key uses masterkey.LabelChallengeMAC, so that every replica agrees).
 const labelSessionMAC = "keygate session mac v1"
 
-// UKSize is the size of a volume's unwrap key made by volume create.
-const UKSize = 32
-
 // Server serves the VM API and the admin API. Build it with New; it is safe
 // for concurrent use.
 type Server struct {
-	st         Store // an *authStore over the store given (rowauth.go)
-	rows       rowKey
-	audit      Auditor
-	mk         MasterKey
-	ch         *attest.Challenger
-	sessKey    []byte
+	st    Store    // an *authStore over the store given (rowauth.go)
+	rows  *keyring // the master key(s) and their row MAC keys (keyring.go)
+	audit Auditor
+	// initMK and initCh are the master key and challenger New starts
+	// from. After New, use rows (seal, open, MACs) and chs: a master-key
+	// rotation replaces both, and wipes initMK.
+	initMK     MasterKey
+	initCh     *attest.Challenger
+	chs        atomic.Pointer[challengers]
+	sess       atomic.Pointer[sessionKeys]
+	rot        *rotator // nil: master-key rotation unavailable (masterkey_rotate.go)
+	rotBatch   int
+	rotHook    func(batch int) error
 	adminToken [sha256.Size]byte
 	hasToken   bool
 	now        func() time.Time
@@ -94,6 +100,16 @@ type Server struct {
 	byVM       *limiter
 	ekRoots    *x509.CertPool
 	eventsKept time.Duration
+
+	// The dashboard (ui.go) and the live event stream (stream.go).
+	ui          *dashboard.Dashboard
+	uiIndex     auditIndex
+	feed        store.EventFeed // nil if the store cannot stream
+	bell        bell            // rung when this replica stores events
+	streams     context.Context // ended by StopStreams
+	stopStreams context.CancelFunc
+	adminCAs    *x509.CertPool // admin client certificates (WithAdminClientCAs)
+	alerts      Alerter        // nil: no alert delivery (alerts.go)
 }
 
 // Option configures a Server.
@@ -107,7 +123,7 @@ func WithAudit(a Auditor) Option { return func(s *Server) { s.audit = a } }
 
 // WithMasterKey sets the master key (required): it seals unwrap keys and
 // derives the challenge and session MAC keys.
-func WithMasterKey(mk MasterKey) Option { return func(s *Server) { s.mk = mk } }
+func WithMasterKey(mk MasterKey) Option { return func(s *Server) { s.initMK = mk } }
 
 // MinAdminTokenLen is the shortest admin token New accepts.
 const MinAdminTokenLen = 32
@@ -119,6 +135,11 @@ func WithAdminToken(token string) Option {
 		s.adminToken, s.hasToken = sha256.Sum256([]byte(token)), len(token) >= MinAdminTokenLen
 	}
 }
+
+// WithAdminClientCAs has admin client certificates that chain to cas
+// authenticate the admin API and the dashboard's login like the token
+// (Config.AdminClientCAs also makes the listener ask for them).
+func WithAdminClientCAs(cas *x509.CertPool) Option { return func(s *Server) { s.adminCAs = cas } }
 
 // WithClock sets the clock for challenges and records (time.Now otherwise).
 func WithClock(now func() time.Time) Option { return func(s *Server) { s.now = now } }
@@ -137,7 +158,7 @@ func WithChallengeTTL(d time.Duration) Option { return func(s *Server) { s.ttl =
 // clock. The Server records used challenges in its store itself (with the
 // record of each attempt, see unlock), so the Challenger's replay cache, if
 // it has one, is not consulted.
-func WithChallenger(ch *attest.Challenger) Option { return func(s *Server) { s.ch = ch } }
+func WithChallenger(ch *attest.Challenger) Option { return func(s *Server) { s.initCh = ch } }
 
 // DefaultEventRetention is how long stored VM events are kept.
 const DefaultEventRetention = 90 * 24 * time.Hour
@@ -173,36 +194,41 @@ func New(opts ...Option) (*Server, error) {
 		return nil, errors.New("new key service: no store (use WithStore)")
 	case s.audit == nil:
 		return nil, errors.New("new key service: no audit log (use WithAudit)")
-	case s.mk == nil:
+	case s.initMK == nil:
 		return nil, errors.New("new key service: no master key (use WithMasterKey)")
 	case s.eventsKept <= 0:
 		return nil, fmt.Errorf("new key service: event retention %v is not positive", s.eventsKept)
 	case !s.hasToken:
 		return nil, fmt.Errorf("new key service: no admin token of at least %d characters (use WithAdminToken)", MinAdminTokenLen)
 	}
-	if s.ch == nil {
-		chKey, err := s.mk.Derive(masterkey.LabelChallengeMAC)
+	if s.initCh == nil {
+		chKey, err := s.initMK.Derive(masterkey.LabelChallengeMAC)
 		if err != nil {
 			return nil, fmt.Errorf("new key service: challenge key: %w", err)
 		}
-		s.ch, err = attest.NewChallenger(chKey.Bytes(), attest.WithTTL(s.ttl), attest.WithClock(s.now))
+		s.initCh, err = attest.NewChallenger(chKey.Bytes(), attest.WithTTL(s.ttl), attest.WithClock(s.now))
 		chKey.Destroy()
 		if err != nil {
 			return nil, fmt.Errorf("new key service: %w", err)
 		}
 	}
-	sk, err := s.mk.Derive(labelSessionMAC)
+	sk, err := s.initMK.Derive(labelSessionMAC)
 	if err != nil {
 		return nil, fmt.Errorf("new key service: session key: %w", err)
 	}
-	s.sessKey = append([]byte(nil), sk.Bytes()...)
+	s.sess.Store(&sessionKeys{cur: append([]byte(nil), sk.Bytes()...)})
 	sk.Destroy()
-	rk, err := s.mk.Derive(masterkey.LabelRowMAC)
+	s.chs.Store(&challengers{cur: s.initCh})
+	ks, err := newRingKeys(s.initMK)
 	if err != nil {
-		return nil, fmt.Errorf("new key service: row MAC key: %w", err)
+		return nil, fmt.Errorf("new key service: %w", err)
 	}
-	s.rows = newRowKey(rk)
+	s.rows = &keyring{}
+	s.rows.p.Store(ks)
 	s.metrics = newMetrics()
+	if c, ok := s.alerts.(interface{ Collectors() []prometheus.Collector }); ok {
+		s.metrics.register(c.Collectors()...)
+	}
 	// Each unlock makes one durable write, after verifying its quote: while
 	// others are under way, the store holds a commit briefly for theirs, so
 	// that under load they share one fsync (store.SetCommitDelay).
@@ -211,9 +237,16 @@ func New(opts ...Option) (*Server, error) {
 	}); ok {
 		cd.SetCommitDelay(store.DefaultCommitDelay, func() int { return int(s.unlocking.Load()) })
 	}
+	if f, ok := s.st.(store.EventFeed); ok {
+		s.feed = f
+	}
 	// From here on every VM and volume row is MAC'd on write and checked on
 	// read (rowauth.go).
 	s.st = &authStore{Store: s.st, k: s.rows}
+	s.streams, s.stopStreams = context.WithCancel(context.Background())
+	if s.ui, err = dashboard.New(uiBackend{s}, dashboard.Options{Now: s.now, Log: s.log, ClientCAs: s.adminCAs}); err != nil {
+		return nil, fmt.Errorf("new key service: dashboard: %w", err)
+	}
 	s.bySource, s.byVM = newLimiter(s.sourceRate, time.Now), newLimiter(s.vmRate, time.Now)
 	s.byAdmin = newLimiter(s.sourceRate, time.Now)
 	s.anonAudit = s.newAuditBudget(s.sourceRate, anonSummary)
@@ -236,10 +269,11 @@ func (s *Server) VMHandler() http.Handler {
 	return s.instrument("vm", limitSource(s.bySource, mux))
 }
 
-// AdminHandler returns the handler of the admin API (/v1/admin/…) and
-// /metrics. Every /v1/admin/ request is authenticated before routing and
-// before the rate limit, and audited with its outcome (see requireAdmin);
-// /metrics needs no token.
+// AdminHandler returns the handler of the admin API (/v1/admin/…), the
+// dashboard (/ui/, package keysvc/dashboard) and /metrics. Every /v1/admin/
+// request is authenticated before routing and before the rate limit, and
+// audited with its outcome (see requireAdmin); /metrics needs no token; the
+// dashboard has its own login.
 func (s *Server) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	s.adminRoutes(mux)
@@ -247,6 +281,8 @@ func (s *Server) AdminHandler() http.Handler {
 	top := http.NewServeMux()
 	top.Handle("/v1/admin/", s.requireAdmin(mux))
 	top.Handle("GET /metrics", s.metrics.handler())
+	top.Handle("/ui/", s.ui)
+	top.Handle("GET /{$}", http.RedirectHandler("/ui/", http.StatusSeeOther))
 	top.HandleFunc("/", notFound)
 	return s.instrument("admin", top)
 }
@@ -274,6 +310,10 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 	}
 	return w.ResponseWriter.Write(b)
 }
+
+// Unwrap lets http.ResponseController reach the connection (the event
+// stream flushes and lifts the write deadline).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func (w *statusWriter) code() int {
 	if w.status == 0 {
@@ -317,7 +357,17 @@ func (s *Server) requireAdmin(next http.Handler) http.Handler {
 		sw := &statusWriter{ResponseWriter: w}
 		remote := remoteHost(r)
 		path := auditPath(r.URL.Path)
-		if !s.checkAdmin(r) {
+		client := "admin-token"
+		ok := s.checkAdmin(r)
+		if subj := s.adminCert(r); !ok && subj != "" {
+			client, ok = "cert:"+subj, true
+		}
+		if !ok && r.Method == http.MethodGet && r.URL.Path == dashboard.StreamPath {
+			// The dashboard's pages read the stream with their session
+			// cookie (SameSite=Strict; the stream only reads).
+			client, ok = s.ui.Authenticated(r)
+		}
+		if !ok {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="keysvc admin"`)
 			writeError(sw, errorf(http.StatusUnauthorized, "send Authorization: Bearer <contents of DATA/admin.token>", "admin API needs a valid bearer token"))
 			if !s.anonAudit.take(r.Context(), remote, r.Method, path, "", s.now()) {
@@ -333,7 +383,7 @@ func (s *Server) requireAdmin(next http.Handler) http.Handler {
 			next.ServeHTTP(sw, r)
 		}
 		s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionAdmin, Subject: path,
-			Details: audit.Admin{Method: r.Method, Path: path, Status: sw.code(), Remote: remote, Client: "admin-token"}})
+			Details: audit.Admin{Method: r.Method, Path: path, Status: sw.code(), Remote: remote, Client: client}})
 	})
 }
 
@@ -351,6 +401,15 @@ func auditPath(p string) string {
 		p = p[:len(p)-1]
 	}
 	return p + "…"
+}
+
+// adminCert is the subject of r's admin client certificate, verified in
+// the handshake against the admin client CAs, or "".
+func (s *Server) adminCert(r *http.Request) string {
+	if s.adminCAs == nil || r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+		return ""
+	}
+	return r.TLS.VerifiedChains[0][0].Subject.String()
 }
 
 func (s *Server) checkAdmin(r *http.Request) bool {
@@ -398,7 +457,7 @@ func remoteHost(r *http.Request) string {
 
 // mac is HMAC-SHA256 under the session key.
 func (s *Server) mac(b []byte) []byte {
-	m := hmac.New(sha256.New, s.sessKey)
+	m := hmac.New(sha256.New, s.sess.Load().cur)
 	m.Write(b)
 	return m.Sum(nil)
 }

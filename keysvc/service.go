@@ -2,18 +2,21 @@ package keysvc
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/keygate/keygate/keysvc/alert"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
+	"github.com/keygate/keygate/keysvc/masterkey/hsm"
 	"github.com/keygate/keygate/keysvc/store"
 )
 
@@ -24,7 +27,17 @@ type Config struct {
 	AdminListen string   // admin API and /metrics; DefaultAdminListen if empty
 	Hostnames   []string // extra names for the server certificate
 	DB          string   // "" or "sqlite": DataDir/keysvc.db
-	Logger      *slog.Logger
+	// PKCS11, if set, keeps the master key in that token instead of
+	// DataDir/master.key (package keysvc/masterkey/hsm).
+	PKCS11 *hsm.Config
+	Logger *slog.Logger
+	// Alerts says where alerts are delivered (none if empty).
+	Alerts AlertConfig
+	// AdminClientCAs, if set, makes the admin listener ask for a client
+	// certificate: one that chains to these CAs (with the client-auth
+	// usage) authenticates like the admin token, on the API and for the
+	// dashboard's login.
+	AdminClientCAs *x509.CertPool
 	// Options are appended to the Server's (for tests: a clock, a TTL).
 	Options []Option
 }
@@ -45,7 +58,9 @@ type Service struct {
 	servers   []*http.Server
 	st        *store.SQLite
 	auditLog  *audit.Log
-	mk        *masterkey.Key
+	mk        masterkey.Master
+	src       keySource
+	keys      []MasterKey // every master key loaded, wiped on release
 	errs      chan error
 	closeOnce sync.Once
 	log       *slog.Logger
@@ -56,6 +71,10 @@ type Service struct {
 	// running handler; released makes later requests answer 503.
 	live     sync.RWMutex
 	released bool
+	// alert delivery (alerts.go), stopped before the store closes
+	alerts     *alert.Dispatcher
+	stopAlerts context.CancelFunc
+	alerted    sync.WaitGroup
 }
 
 // track runs h under s.live, refusing requests once the service released
@@ -125,33 +144,58 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 			svc.release()
 		}
 	}()
+	sinks, err := alertSinks(cfg.Alerts)
+	if err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
 	svc.Data, err = Bootstrap(cfg.DataDir, cfg.Hostnames, time.Now())
 	if err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
-	var created bool
-	svc.mk, created, err = masterkey.LoadOrCreate(filepath.Join(cfg.DataDir, MasterKeyFile))
-	if err != nil {
+	if svc.src, err = openKeySource(cfg); err != nil {
 		return nil, fmt.Errorf("start key service: master key: %w", err)
-	}
-	if created {
-		svc.Data.Created = append(svc.Data.Created, MasterKeyFile)
 	}
 	if svc.st, err = store.OpenSQLite(ctx, cfg.DataDir); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	lk, created, err := loadKeys(ctx, svc.src, svc.st)
+	svc.keys = append(svc.keys, lk.cur, lk.next)
+	if err != nil {
+		return nil, fmt.Errorf("start key service: master key: %w", err)
+	}
+	svc.mk = lk.cur
+	if created {
+		if cfg.PKCS11 != nil {
+			svc.Data.Created = append(svc.Data.Created, "pkcs11:"+cfg.PKCS11.URI.Object)
+		} else {
+			svc.Data.Created = append(svc.Data.Created, MasterKeyFile)
+		}
 	}
 	if svc.auditLog, err = audit.New(svc.st, svc.mk); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
 	// With the master key in hand (trusted at this point), authenticate a
 	// store that is not yet, or check its anchor (adopt.go).
-	if err := adopt(ctx, svc.st, svc.auditLog, svc.mk, time.Now(), log); err != nil {
+	if err := adopt(ctx, svc.st, svc.auditLog, lk.anchorKey(), time.Now(), log); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
 	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
 		WithAdminToken(svc.Data.adminToken), WithLogger(log)}, cfg.Options...)
+	if cfg.AdminClientCAs != nil {
+		opts = append(opts, WithAdminClientCAs(cfg.AdminClientCAs))
+	}
+	if !cfg.Alerts.empty() {
+		if svc.alerts, err = alert.NewDispatcher(svc.st, alert.Config{Sinks: sinks, MinSeverity: cfg.Alerts.MinSeverity,
+			DeadLetterAge: cfg.Alerts.DeadLetterAge, Log: log}); err != nil {
+			return nil, fmt.Errorf("start key service: %w", err)
+		}
+		opts = append(opts, WithAlerts(svc.alerts))
+	}
 	if svc.Server, err = New(opts...); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	if err := svc.resumeRotation(ctx, lk); err != nil {
+		return nil, fmt.Errorf("start key service: master-key rotation: %w", err)
 	}
 	listen, adminListen := cfg.Listen, cfg.AdminListen
 	if listen == "" {
@@ -170,8 +214,9 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	for _, x := range []struct {
 		ln net.Listener
 		h  http.Handler
-	}{{svc.vmLn, svc.track(svc.Server.VMHandler())}, {svc.adminLn, svc.track(svc.Server.AdminHandler())}} {
-		hs := &http.Server{Handler: x.h, TLSConfig: svc.Data.TLSConfig(), ErrorLog: errLog,
+		tc *tls.Config
+	}{{svc.vmLn, svc.track(svc.Server.VMHandler()), svc.Data.TLSConfig()}, {svc.adminLn, svc.track(svc.Server.AdminHandler()), adminTLS(svc.Data, cfg.AdminClientCAs)}} {
+		hs := &http.Server{Handler: x.h, TLSConfig: x.tc, ErrorLog: errLog,
 			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 			IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10}
 		svc.servers = append(svc.servers, hs)
@@ -180,6 +225,12 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 				svc.errs <- err
 			}
 		}(x.ln)
+	}
+	if svc.alerts != nil {
+		actx, stop := context.WithCancel(context.Background())
+		svc.stopAlerts = stop
+		svc.alerted.Add(1)
+		go func() { defer svc.alerted.Done(); svc.alerts.Run(actx) }()
 	}
 	purgeCtx, stopPurge := context.WithCancel(context.Background())
 	svc.stopPurge = stopPurge
@@ -190,6 +241,18 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 		slog.String("ca", svc.Data.Path(CAFile)), slog.String("ca_sha256", svc.Data.CAFingerprint),
 		slog.String("admin_token_file", svc.Data.Path(AdminTokenFile)))
 	return svc, nil
+}
+
+// adminTLS is the admin listener's TLS: the VM API's, asking for a client
+// certificate when admin client CAs are set (a certificate is optional:
+// the token works without one; one that does not chain is refused in the
+// handshake).
+func adminTLS(d *DataDir, cas *x509.CertPool) *tls.Config {
+	c := d.TLSConfig()
+	if cas != nil {
+		c.ClientCAs, c.ClientAuth = cas, tls.VerifyClientCertIfGiven
+	}
+	return c
 }
 
 // VMAddr is the VM API's listening address.
@@ -209,6 +272,9 @@ func (s *Service) Err() <-chan error { return s.errs }
 // of them has returned, in the background, never under it.
 func (s *Service) Shutdown(ctx context.Context) error {
 	var errs []error
+	if s.Server != nil {
+		s.Server.StopStreams()
+	}
 	for _, hs := range s.servers {
 		if err := hs.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
@@ -233,15 +299,26 @@ func (s *Service) release() {
 			s.stopPurge()
 			s.purged.Wait()
 		}
+		if s.stopAlerts != nil {
+			s.stopAlerts()
+			s.alerted.Wait()
+		}
+		if s.alerts != nil {
+			s.alerts.Close()
+		}
 		for _, ln := range []net.Listener{s.vmLn, s.adminLn} {
 			if ln != nil {
 				ln.Close()
 			}
 		}
+		if s.Server != nil && s.Server.rot != nil {
+			s.Server.rot.cancel()
+			s.Server.waitRotation()
+		}
 		if s.Server != nil {
 			s.Server.FlushAudit(context.Background())
-			clear(s.Server.sessKey)
-			s.Server.rows.key.Destroy()
+			s.Server.wipeSessionKeys()
+			s.Server.rows.destroy()
 		}
 		if s.auditLog != nil {
 			s.auditLog.Destroy()
@@ -249,8 +326,17 @@ func (s *Service) release() {
 		if s.st != nil {
 			s.st.Close()
 		}
-		if s.mk != nil {
-			s.mk.Destroy()
+		if s.Server != nil {
+			ks := s.Server.rows.load()
+			s.keys = append(s.keys, ks.cur, ks.prev)
+		}
+		for _, k := range s.keys {
+			if d, ok := k.(interface{ Destroy() }); ok && k != nil {
+				d.Destroy()
+			}
+		}
+		if s.src != nil {
+			s.src.close()
 		}
 	})
 }

@@ -1,7 +1,6 @@
 package keysvc
 
 import (
-	"crypto/hmac"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
@@ -10,6 +9,7 @@ import (
 	"net/http"
 	"strings"
 
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/store"
 )
 
@@ -48,7 +48,7 @@ func (s *Server) parseSession(token string) (sessionClaims, error) {
 	enc := base64.RawURLEncoding.Strict()
 	payload, err1 := enc.DecodeString(p)
 	mac, err2 := enc.DecodeString(m)
-	if !ok || err1 != nil || err2 != nil || !hmac.Equal(mac, s.mac(payload)) {
+	if !ok || err1 != nil || err2 != nil || !s.sessionMACOK(payload, mac) {
 		return c, errBadSession
 	}
 	if err := json.Unmarshal(payload, &c); err != nil {
@@ -61,31 +61,31 @@ func (s *Server) parseSession(token string) (sessionClaims, error) {
 func (s *Server) sessionState(r *http.Request, c sessionClaims) (string, error) {
 	vm, err := s.st.GetVM(r.Context(), c.VM)
 	if errors.Is(err, store.ErrNotFound) {
-		return StateRevoked, nil
+		return api.StateRevoked, nil
 	}
 	if errors.Is(err, ErrTampered) {
 		// Fail closed: the VM wipes its keys, as for a deleted row.
 		s.tampered(r, c.VM, c.Volume, err)
-		return StateRevoked, nil
+		return api.StateRevoked, nil
 	}
 	if err != nil {
 		return "", err
 	}
 	vol, err := s.st.GetVolume(r.Context(), c.Volume)
 	if errors.Is(err, store.ErrNotFound) {
-		return StateRevoked, nil
+		return api.StateRevoked, nil
 	}
 	if errors.Is(err, ErrTampered) {
 		s.tampered(r, c.VM, c.Volume, err)
-		return StateRevoked, nil
+		return api.StateRevoked, nil
 	}
 	if err != nil {
 		return "", err
 	}
 	if vm.Revoked || vol.Erased() {
-		return StateRevoked, nil
+		return api.StateRevoked, nil
 	}
-	return StateActive, nil
+	return api.StateActive, nil
 }
 
 func badSession(w http.ResponseWriter) {
@@ -109,5 +109,5 @@ func (s *Server) handleSession(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "read session state", err)
 		return
 	}
-	writeJSON(w, http.StatusOK, SessionResponse{State: state})
+	writeJSON(w, http.StatusOK, api.SessionResponse{State: state})
 }

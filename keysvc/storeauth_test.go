@@ -10,7 +10,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/store"
 )
 
@@ -71,8 +71,8 @@ func TestDatabaseWriteReleasesNothing(t *testing.T) {
 			dir := t.TempDir()
 			e := startEnv(t, dir)
 			setup(t, e, victim, "victim")
-			e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: "mallory", EKPub: mallory.ekPEM, AKPub: mallory.akPEM}, http.StatusCreated)
-			e.admin(t, "POST", "/v1/admin/volumes", keysvc.VolumeRequest{ID: "mallory-vol", VM: "mallory", Key: bytes.Repeat([]byte{0x11}, 32)}, http.StatusCreated)
+			e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "mallory", EKPub: mallory.ekPEM, AKPub: mallory.akPEM}, http.StatusCreated)
+			e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: "mallory-vol", VM: "mallory", Key: bytes.Repeat([]byte{0x11}, 32)}, http.StatusCreated)
 			e.admin(t, "PUT", "/v1/admin/vms/mallory/policy", mallory.pcrPolicy(t, 0, 7), http.StatusOK)
 			if tc.revoke {
 				e.admin(t, "POST", "/v1/admin/vms/victim/revoke", nil, http.StatusOK)
@@ -85,13 +85,13 @@ func TestDatabaseWriteReleasesNothing(t *testing.T) {
 			if tc.useVictimTPM {
 				tpm = victim
 			}
-			code, body := e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: tc.vm, Volume: tc.vol, EKPub: tpm.ekPEM, AKPub: tpm.akPEM})
+			code, body := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: tc.vm, Volume: tc.vol, EKPub: tpm.ekPEM, AKPub: tpm.akPEM})
 			if code == http.StatusOK {
-				var ch keysvc.ChallengeResponse
+				var ch api.ChallengeResponse
 				json.Unmarshal(body, &ch)
-				code, body = e.vm(t, "POST", "/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: tpm.quote(t, ch.Nonce)})
+				code, body = e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: tpm.quote(t, ch.Nonce)})
 			}
-			wantRefusal(t, code, body, keysvc.ReasonIntegrity)
+			wantRefusal(t, code, body, api.ReasonIntegrity)
 
 			var critical bool
 			for _, ev := range e.listEvents(t, "severity=critical") {
@@ -100,9 +100,9 @@ func TestDatabaseWriteReleasesNothing(t *testing.T) {
 			if !critical {
 				t.Error("no critical store-tampered event was raised")
 			}
-			var vms []keysvc.VMInfo
+			var vms []api.VMInfo
 			json.Unmarshal(e.admin(t, "GET", "/v1/admin/vms", nil, http.StatusOK), &vms)
-			var vols []keysvc.VolumeInfo
+			var vols []api.VolumeInfo
 			json.Unmarshal(e.admin(t, "GET", "/v1/admin/volumes", nil, http.StatusOK), &vols)
 			var flagged []string
 			for _, v := range vms {
@@ -118,7 +118,7 @@ func TestDatabaseWriteReleasesNothing(t *testing.T) {
 			if tc.names != "" && !slices.Contains(flagged, tc.names) {
 				t.Errorf("the admin lists flag %v, want %s among them", flagged, tc.names)
 			}
-			var rep keysvc.AuditVerifyResponse
+			var rep api.AuditVerifyResponse
 			json.Unmarshal(e.admin(t, "GET", "/v1/admin/audit/verify", nil, http.StatusOK), &rep)
 			all := strings.Join(rep.Problems, "\n")
 			if tc.names != "" && (rep.OK || !strings.Contains(all, tc.names)) {

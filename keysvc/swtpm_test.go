@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/keygate/keygate/internal/testutil"
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -43,6 +43,6 @@ func TestStolenBlob(t *testing.T) {
 		t.Fatal(err)
 	}
 	ekPEM, _ := ek.PEM()
-	code, body = e.vm(t, "POST", "/v1/challenge", keysvc.ChallengeRequest{VM: "victim", Volume: vol, EKPub: string(ekPEM), AKPub: v.akPEM})
-	wantRefusal(t, code, body, keysvc.ReasonUnknownEK)
+	code, body = e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "victim", Volume: vol, EKPub: string(ekPEM), AKPub: v.akPEM})
+	wantRefusal(t, code, body, api.ReasonUnknownEK)
 }

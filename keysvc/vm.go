@@ -22,6 +22,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/store"
 )
@@ -93,7 +94,7 @@ func (s *Server) refuseUsing(w http.ResponseWriter, r *http.Request, vm, volume 
 		writeJSON(w, http.StatusForbidden, f.denial)
 		return
 	}
-	writeJSON(w, http.StatusForbidden, Refusal{Reason: f.reason, Hint: f.hint})
+	writeJSON(w, http.StatusForbidden, api.Refusal{Reason: f.reason, Hint: f.hint})
 }
 
 // parsePublicKeyPEM parses one PEM "PUBLIC KEY" (PKIX) block.
@@ -127,24 +128,24 @@ func sameKey(a, b crypto.PublicKey) bool {
 // to use the enrolled one) and returns the enrolled keys.
 func enrolledKeys(vm store.VM, ek, ak crypto.PublicKey) (ekPub, akPub crypto.PublicKey, f *refusal) {
 	if vm.Revoked {
-		return nil, nil, &refusal{reason: ReasonRevoked, hint: "the VM was revoked by an administrator"}
+		return nil, nil, &refusal{reason: api.ReasonRevoked, hint: "the VM was revoked by an administrator"}
 	}
 	ekPub, err := enrolledKey("enrolled EK", vm.EKPubPEM)
 	if err != nil {
-		return nil, nil, &refusal{reason: ReasonUnknownEK, hint: "the enrolled EK does not parse; re-enroll the VM"}
+		return nil, nil, &refusal{reason: api.ReasonUnknownEK, hint: "the enrolled EK does not parse; re-enroll the VM"}
 	}
 	if ek != nil && !sameKey(ek, ekPub) {
-		return nil, nil, &refusal{reason: ReasonUnknownEK, hint: "this EK is not the one enrolled for the VM; check the VM name, or enroll this TPM's EK"}
+		return nil, nil, &refusal{reason: api.ReasonUnknownEK, hint: "this EK is not the one enrolled for the VM; check the VM name, or enroll this TPM's EK"}
 	}
 	if vm.AKPubPEM == "" {
-		return nil, nil, &refusal{reason: ReasonNoAK, hint: "no AK is enrolled for this VM: prove one by credential activation (POST /v1/activate), or have an administrator enroll it with `keysvc vm set-ak`"}
+		return nil, nil, &refusal{reason: api.ReasonNoAK, hint: "no AK is enrolled for this VM: prove one by credential activation (POST /v1/activate), or have an administrator enroll it with `keysvc vm set-ak`"}
 	}
 	akPub, err = enrolledKey("enrolled AK", vm.AKPubPEM)
 	if err != nil {
-		return nil, nil, &refusal{reason: ReasonUnknownAK, hint: "the enrolled AK does not parse; re-enroll the VM"}
+		return nil, nil, &refusal{reason: api.ReasonUnknownAK, hint: "the enrolled AK does not parse; re-enroll the VM"}
 	}
 	if ak != nil && !sameKey(ak, akPub) {
-		return nil, nil, &refusal{reason: ReasonUnknownAK, hint: "this AK is not the one enrolled for the VM's TPM"}
+		return nil, nil, &refusal{reason: api.ReasonUnknownAK, hint: "this AK is not the one enrolled for the VM's TPM"}
 	}
 	return ekPub, akPub, nil
 }
@@ -181,17 +182,17 @@ func (s *Server) vmAndVolume(ctx context.Context, vmName, id string) (store.VM, 
 // and still has a key.
 func checkVolume(vm string, vol *store.Volume) *refusal {
 	if vol == nil || vol.VM != vm {
-		return &refusal{reason: ReasonUnknownVolume, hint: "no such volume for this VM; create or import it with `keysvc volume`"}
+		return &refusal{reason: api.ReasonUnknownVolume, hint: "no such volume for this VM; create or import it with `keysvc volume`"}
 	}
 	if vol.Erased() {
-		return &refusal{reason: ReasonErased, hint: "the volume's key was destroyed (crypto-erase); only a recovery keyslot can open it"}
+		return &refusal{reason: api.ReasonErased, hint: "the volume's key was destroyed (crypto-erase); only a recovery keyslot can open it"}
 	}
 	return nil
 }
 
 func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
-	var req ChallengeRequest
-	if e := readJSON(w, r, MaxChallengeBody, &req); e != nil {
+	var req api.ChallengeRequest
+	if e := readJSON(w, r, api.MaxChallengeBody, &req); e != nil {
 		writeError(w, e)
 		return
 	}
@@ -211,7 +212,7 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 	}
 	vm, vol, err := s.vmAndVolume(r.Context(), req.VM, req.Volume)
 	if errors.Is(err, store.ErrNotFound) {
-		s.refuse(w, r, req.VM, req.Volume, &refusal{reason: ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
+		s.refuse(w, r, req.VM, req.Volume, &refusal{reason: api.ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
 		return
 	}
 	if err != nil {
@@ -226,16 +227,16 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		tooMany(w, "VM")
 		return
 	}
-	if f := checkVolume(vm.Name, vol); f != nil && !(f.reason == ReasonUnknownVolume && vm.ProvisioningAllowed) {
+	if f := checkVolume(vm.Name, vol); f != nil && !(f.reason == api.ReasonUnknownVolume && vm.ProvisioningAllowed) {
 		s.refuse(w, r, req.VM, req.Volume, f)
 		return
 	}
-	nonce, token, err := s.ch.Issue(req.VM, req.Volume, ek, ak)
+	nonce, token, err := s.chs.Load().cur.Issue(req.VM, req.Volume, ek, ak)
 	if err != nil {
 		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
 		return
 	}
-	writeJSON(w, http.StatusOK, ChallengeResponse{Nonce: nonce, Challenge: token})
+	writeJSON(w, http.StatusOK, api.ChallengeResponse{Nonce: nonce, Challenge: token})
 }
 
 // peekNames reads the vm and volume names from a v1 challenge token without
@@ -283,15 +284,15 @@ func (s *Server) handleUnlock(w http.ResponseWriter, r *http.Request) { s.unlock
 func (s *Server) handleProvision(w http.ResponseWriter, r *http.Request) { s.unlock(w, r, true) }
 
 func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) {
-	var req UnlockRequest
-	if e := readJSON(w, r, MaxUnlockBody, &req); e != nil {
+	var req api.UnlockRequest
+	if e := readJSON(w, r, api.MaxUnlockBody, &req); e != nil {
 		writeError(w, e)
 		return
 	}
 	ctx := r.Context()
 	vmName, volID, ok := peekNames(req.Challenge)
 	if !ok {
-		s.refuse(w, r, "", "", &refusal{reason: ReasonChallenge, hint: "the challenge is not a keysvc challenge token; send the one POST /v1/challenge returned"})
+		s.refuse(w, r, "", "", &refusal{reason: api.ReasonChallenge, hint: "the challenge is not a keysvc challenge token; send the one POST /v1/challenge returned"})
 		return
 	}
 	// The volume is read here too, in the same query, but checked only
@@ -299,7 +300,7 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 	// stillReleasable reads both again after the release is on record.
 	vm, stored, err := s.vmAndVolume(ctx, vmName, volID)
 	if errors.Is(err, store.ErrNotFound) {
-		s.refuse(w, r, vmName, volID, &refusal{reason: ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
+		s.refuse(w, r, vmName, volID, &refusal{reason: api.ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
 		return
 	}
 	if err != nil {
@@ -311,10 +312,10 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		s.refuse(w, r, vmName, volID, f)
 		return
 	}
-	claims, err := s.ch.Check(req.Challenge, vmName, volID, ekPub, akPub, s.now())
+	claims, err := s.checkChallenge(req.Challenge, vmName, volID, ekPub, akPub)
 	if err != nil {
 		if isChallengeErr(err) {
-			s.refuse(w, r, vmName, volID, &refusal{reason: ReasonChallenge, hint: err.Error()})
+			s.refuse(w, r, vmName, volID, &refusal{reason: api.ReasonChallenge, hint: err.Error()})
 		} else {
 			s.internal(w, "check challenge", err)
 		}
@@ -330,7 +331,7 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 	// verified, if its first use is on record; a replay racing its first
 	// use is refused by that transaction.
 	use := &store.ChallengeUse{ID: hex.EncodeToString(claims.ID()), Expires: claims.Expiry}
-	replay := &refusal{reason: ReasonChallenge, hint: attest.ErrChallengeReplayed.Error() + "; request a new challenge for every unlock"}
+	replay := &refusal{reason: api.ReasonChallenge, hint: attest.ErrChallengeReplayed.Error() + "; request a new challenge for every unlock"}
 	if provision {
 		// Provisioning writes the new volume before the release, so the
 		// challenge must be used up before that.
@@ -362,7 +363,7 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 	}
 	att := &pb.Attestation{}
 	if err := proto.Unmarshal(req.Attestation, att); err != nil {
-		deny(&refusal{reason: ReasonEvidence, hint: "attestation is not a go-tpm-tools Attestation proto: " + err.Error()})
+		deny(&refusal{reason: api.ReasonEvidence, hint: "attestation is not a go-tpm-tools Attestation proto: " + err.Error()})
 		return
 	}
 	pol, res, f, err := s.verify(ctx, &vm, att, claims.Nonce, akPub)
@@ -378,7 +379,7 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 	}
 	if provision {
 		if vol, err = s.provisionVolume(ctx, vm.Name, volID, ekPub); errors.Is(err, store.ErrExists) {
-			s.refuse(w, r, vmName, volID, &refusal{reason: ReasonVolumeExists, hint: "the volume was provisioned meanwhile; unlock it"})
+			s.refuse(w, r, vmName, volID, &refusal{reason: api.ReasonVolumeExists, hint: "the volume was provisioned meanwhile; unlock it"})
 			return
 		} else if err != nil {
 			s.internal(w, "provision volume", err)
@@ -395,10 +396,10 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 // (existing is nil).
 func canProvision(vm store.VM, existing *store.Volume) *refusal {
 	if !vm.ProvisioningAllowed {
-		return &refusal{reason: ReasonNoProvisioning, hint: "this VM may not provision volumes; create the volume with `keysvc volume create`, or re-enroll the VM with provisioning allowed"}
+		return &refusal{reason: api.ReasonNoProvisioning, hint: "this VM may not provision volumes; create the volume with `keysvc volume create`, or re-enroll the VM with provisioning allowed"}
 	}
 	if existing != nil {
-		return &refusal{reason: ReasonVolumeExists, hint: "the volume exists; unlock it with POST /v1/unlock"}
+		return &refusal{reason: api.ReasonVolumeExists, hint: "the volume exists; unlock it with POST /v1/unlock"}
 	}
 	return nil
 }
@@ -410,11 +411,11 @@ func (s *Server) provisionVolume(ctx context.Context, vm, id string, ek crypto.P
 	if err != nil {
 		return store.Volume{}, err
 	}
-	uk := make([]byte, UKSize)
+	uk := make([]byte, api.UKSize)
 	if _, err := rand.Read(uk); err != nil {
 		return store.Volume{}, err
 	}
-	sealed, err := s.mk.Seal(ukRecordID(id, vm, hex.EncodeToString(fp[:])), uk)
+	sealed, err := s.rows.seal(ukRecordID(id, vm, hex.EncodeToString(fp[:])), uk)
 	clear(uk)
 	if err != nil {
 		return store.Volume{}, err
@@ -448,7 +449,7 @@ func (s *Server) verify(ctx context.Context, vm *store.VM, att *pb.Attestation, 
 		learned, res, err := attest.Learn(att, opts, s.learnPCRs)
 		if err == nil && !bytes.Equal(res.PCRs[WindowPCR], windowReset) {
 			// Learning now would allow only the state after an unlock.
-			return nil, nil, &refusal{reason: ReasonPolicy, hint: fmt.Sprintf("learn mode stays armed: PCR %d is already extended in this boot (an unlock happened); learn from a freshly booted VM", WindowPCR)}, nil
+			return nil, nil, &refusal{reason: api.ReasonPolicy, hint: fmt.Sprintf("learn mode stays armed: PCR %d is already extended in this boot (an unlock happened); learn from a freshly booted VM", WindowPCR)}, nil
 		}
 		if err == nil {
 			raw, merr := json.Marshal(learned)
@@ -481,7 +482,7 @@ func (s *Server) verify(ctx context.Context, vm *store.VM, att *pb.Attestation, 
 					return nil, nil, nil, err
 				}
 				if fresh.EKPubPEM != vm.EKPubPEM || fresh.AKPubPEM != vm.AKPubPEM || fresh.Revoked {
-					return nil, nil, &refusal{reason: ReasonPolicy, hint: "the VM's enrollment changed during this unlock; retry"}, nil
+					return nil, nil, &refusal{reason: api.ReasonPolicy, hint: "the VM's enrollment changed during this unlock; retry"}, nil
 				}
 				vm.LearnArmed, vm.Policy = false, fresh.Policy
 				return s.verify(ctx, vm, att, nonce, ak)
@@ -501,12 +502,12 @@ func (s *Server) verify(ctx context.Context, vm *store.VM, att *pb.Attestation, 
 func verifyRefusal(err error) *refusal {
 	var d *attest.Denial
 	if errors.As(err, &d) {
-		return &refusal{reason: ReasonPolicy, denial: d}
+		return &refusal{reason: api.ReasonPolicy, denial: d}
 	}
 	if errors.Is(err, attest.ErrUntrustedAK) {
-		return &refusal{reason: ReasonUnknownAK, hint: err.Error()}
+		return &refusal{reason: api.ReasonUnknownAK, hint: err.Error()}
 	}
-	return &refusal{reason: ReasonEvidence, hint: err.Error()}
+	return &refusal{reason: api.ReasonEvidence, hint: err.Error()}
 }
 
 // internal answers 500 and logs the cause (never a secret: causes are

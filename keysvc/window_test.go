@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -31,7 +32,7 @@ func TestWindowClosedUnderHandSetPolicy(t *testing.T) {
 	if code != http.StatusOK {
 		t.Fatalf("unlock: %d %s", code, body)
 	}
-	var ur keysvc.UnlockResponse
+	var ur api.UnlockResponse
 	if err := json.Unmarshal(body, &ur); err != nil {
 		t.Fatal(err)
 	}

@@ -126,6 +126,25 @@ awk -v b50="$b50" -v b95="$b95" -v t50="$t50" -v t95="$t95" -v c50="$c50" -v c95
 echo "(target: at least 3.5x faster than both; clevis figures include its process start-up, as at boot)"
 
 echo
+echo "== keysvc replicas: time a VM loses to a dead replica first in --keysvc URL1,URL2 (connect timeout 300 ms) =="
+# The client's first request (a fresh client, as at boot), against the same
+# request with the live replica alone; then whole boots (swtpm), with a
+# replica that never finishes the TLS handshake first, against BenchmarkBoot.
+$GO test -run '^$' -bench '^BenchmarkFirstChallenge$' -benchtime 20x -timeout 10m ./keysvc/client >"$out/failover.txt" 2>/dev/null
+$GO test -run '^$' -bench '^BenchmarkBootDeadReplica$' -benchtime 15x -timeout 10m ./boot >"$out/boot-dead.txt"
+live=$(metric "$out/failover.txt" BenchmarkFirstChallenge/live ms/first-call)
+printf '%-44s %12s %12s   %s\n' "first request, replica listed first" ms lost-ms "(target lost < 1000 ms)"
+awk -v l="$live" 'BEGIN { printf "%-44s %12.1f %12s\n", "live replica alone (reference)", l, "-" }'
+for k in refused no-handshake 503; do
+	f=$(metric "$out/failover.txt" "BenchmarkFirstChallenge/$k-first" ms/first-call)
+	awk -v k="$k" -v f="$f" -v l="$live" 'BEGIN { printf "%-44s %12.1f %12.1f\n", k, f, f - l }'
+done
+d50=$(metric "$out/boot-dead.txt" BenchmarkBootDeadReplica p50-ms)
+d95=$(metric "$out/boot-dead.txt" BenchmarkBootDeadReplica p95-ms)
+awk -v d50="$d50" -v d95="$d95" -v b50="$b50" 'BEGIN {
+	printf "%-44s %12.1f %12.1f   (p95 %.1f ms; reference: keygate boot p50 above)\n", "keygate boot p50, no-handshake replica first", d50, d50 - b50, d95 }'
+
+echo
 if [ "$(id -u)" = 0 ]; then
 	scripts/bench_monitor.sh
 else

@@ -27,7 +27,7 @@ func newBootCmd() *cobra.Command {
 		allowUIDs             []uint32
 	)
 	c := &cobra.Command{
-		Use:   "boot --keysvc URL --ca FILE --vm NAME --volume ID --image PATH|DEVICE --tpm /dev/tpmrm0|swtpm:SOCKET|sim",
+		Use:   "boot --keysvc URL[,URL...] --ca FILE --vm NAME --volume ID --image PATH|DEVICE --tpm /dev/tpmrm0|swtpm:SOCKET|sim",
 		Short: "Attest to the key service, unlock the volume and serve it over NBD or 9P",
 		Long: `Unlock a keygate volume through remote attestation: the TPM quotes its PCRs
 to the key service, which releases the volume's unwrap key sealed to this TPM
@@ -60,6 +60,12 @@ service. The first log line says whether attempts are only reported (detect
 mode) or also denied (deny mode, with the BPF LSM active), and why.
 --on-alert lock locks the volume, as a revoke does, on the first critical
 alert.
+
+--keysvc may list several replicas of one key service, separated by commas:
+they are tried in order, starting with the one that answered last. A replica
+that does not answer (refused, no TLS handshake within --connect-timeout,
+5xx) costs that timeout and the next is tried; a denial from any replica is
+final and is not asked of the others. The heartbeat fails over the same way.
 
 --keysvc, --ca and --volume default to what the volume's keygate token says.
 See docs/boot.md.`,
@@ -117,7 +123,8 @@ See docs/boot.md.`,
 		},
 	}
 	f := c.Flags()
-	f.StringVar(&cfg.KeysvcURL, "keysvc", "", "key service VM API URL, https://HOST:PORT (default: the volume's token)")
+	f.StringVar(&cfg.KeysvcURL, "keysvc", "", "key service VM API URL, https://HOST:PORT, or several replicas' separated by commas (default: the volume's token)")
+	f.DurationVar(&cfg.ConnectTimeout, "connect-timeout", 0, "connect and TLS handshake bound per replica before the next is tried (default 300ms with several URLs, 10s with one)")
 	f.StringVar(&caFile, "ca", "", "key service CA certificate, its DATA/ca.pem (default: pin the token's CA fingerprint)")
 	f.StringVar(&cfg.VM, "vm", "", "the name this VM is enrolled under")
 	f.StringVar(&cfg.Volume, "volume", "", "volume ID at the key service (default: the volume's token)")
@@ -146,7 +153,7 @@ func keysvcCreateFlags(c *cobra.Command, ks *keysvcCreate) {
 	f := c.Flags()
 	f.StringVar(&ks.vm, "vm", "", "with --keysvc: the VM the volume belongs to")
 	f.StringVar(&ks.ca, "ca", "", "with --keysvc: the key service CA, DATA/ca.pem (env KEYSVC_CA)")
-	f.StringVar(&ks.admin, "admin", "", "with --keysvc: admin API URL (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")
+	f.StringVar(&ks.admin, "admin", "", "with --keysvc: admin API URL, or several replicas' separated by commas (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")
 	f.StringVar(&ks.tokenFile, "token-file", "", "with --keysvc: admin token file, DATA/admin.token (env KEYSVC_TOKEN_FILE)")
 }
 

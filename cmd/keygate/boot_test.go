@@ -3,12 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
-	"encoding/json"
+	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -24,6 +21,8 @@ import (
 
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
+	"github.com/keygate/keygate/keysvc/client"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -32,7 +31,7 @@ import (
 type ksEnv struct {
 	svc               *keysvc.Service
 	caFile, tokenFile string
-	hc                *http.Client
+	adm               *client.Client // the admin API
 	token             string
 }
 
@@ -48,28 +47,19 @@ func startKeysvc(t *testing.T) *ksEnv {
 	ca, _ := os.ReadFile(e.caFile)
 	tok, _ := os.ReadFile(e.tokenFile)
 	e.token = strings.TrimSpace(string(tok))
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(ca)
-	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}}
-	t.Cleanup(tr.CloseIdleConnections)
-	e.hc = &http.Client{Transport: tr, Timeout: 30 * time.Second}
+	if e.adm, err = client.New(client.Config{URLs: []string{"https://" + svc.AdminAddr()}, CA: ca, Token: e.token}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.adm.Close)
 	return e
 }
 
 func (e *ksEnv) admin(t *testing.T, method, path string, body any, want int) {
 	t.Helper()
-	b, _ := json.Marshal(body)
-	req, _ := http.NewRequest(method, "https://"+e.svc.AdminAddr()+path, bytes.NewReader(b))
-	req.Header.Set("Authorization", "Bearer "+e.token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := e.hc.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != want {
-		rb, _ := io.ReadAll(resp.Body)
-		t.Fatalf("%s %s: %d %s", method, path, resp.StatusCode, rb)
+	err := e.adm.Do(context.Background(), method, path, "", body, nil)
+	var se *client.Error
+	if !(err == nil && want/100 == 2) && !(errors.As(err, &se) && se.StatusCode == want) {
+		t.Fatalf("%s %s: %v, want %d", method, path, err, want)
 	}
 }
 
@@ -86,7 +76,7 @@ func (e *ksEnv) enrollSwtpm(t *testing.T, sock, vm string) {
 	ak, _ := tp.AK(tpm.ECC)
 	ekPEM, _ := ek.PEM()
 	akPEM, _ := ak.PEM()
-	e.admin(t, "POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: vm, EKPub: string(ekPEM), AKPub: string(akPEM)}, http.StatusCreated)
+	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: vm, EKPub: string(ekPEM), AKPub: string(akPEM)}, http.StatusCreated)
 	pcrs, err := tp.PCRs(0, 7, tpm.WindowPCR)
 	if err != nil {
 		t.Fatal(err)
@@ -118,8 +108,12 @@ func TestBootCLI(t *testing.T) {
 		// monitor adds --monitor --on-alert lock (root only); the test then
 		// opens the serving process's /proc/PID/mem instead of revoking.
 		monitor bool
+		// deadFirst lists a dead replica before the key service in
+		// disk create's --keysvc, and boot takes the list from the token.
+		deadFirst bool
 	}{
 		{name: "serves-until-revoked", serving: true, wantCode: 1, wantErr: []string{"unlocked (ext4); PCR 15 extended", "serving 9P2000.L", "session revoked"}},
+		{name: "dead-replica-first", serving: true, deadFirst: true, wantCode: 1, wantErr: []string{"unlocked (ext4); PCR 15 extended", "session revoked"}},
 		{name: "monitor-locks-on-alert", serving: true, monitor: true, wantCode: 1, wantErr: []string{"key-page monitor running in", "the first critical alert locks the volume",
 			"monitor alert: critical proc_mem", "locked on a critical monitor alert"}},
 		{name: "denied", wantCode: 1, wantErr: []string{"key service refused (policy)", "PCR 7: got "},
@@ -144,6 +138,9 @@ func TestBootCLI(t *testing.T) {
 			e.enrollSwtpm(t, sock, "web1")
 			img := filepath.Join(t.TempDir(), "v.img")
 			url := "https://" + e.svc.VMAddr()
+			if tc.deadFirst {
+				url = testutil.ClosedPort(t) + "," + url
+			}
 			code, out, errOut := runKeygate("disk", "create", img, "--size", "64M", "--fs", "ext4", "--keysvc", url, "--volume", "web1-data",
 				"--vm", "web1", "--ca", e.caFile, "--admin", "https://"+e.svc.AdminAddr(), "--token-file", e.tokenFile)
 			if code != 0 || !strings.Contains(out, "created "+img) {
@@ -166,6 +163,9 @@ func TestBootCLI(t *testing.T) {
 			args := []string{"boot", "--vm", "web1", "--image", img, "--tpm", "swtpm:" + sock, "--ca", e.caFile, "--serve-9p", p9sock, "--poll", "100ms", "--max-wait", "10s"}
 			if tc.monitor {
 				args = append(args, "--monitor", "--on-alert", "lock")
+			}
+			if tc.deadFirst {
+				args = append(args, "--connect-timeout", "200ms")
 			}
 			go func() {
 				c, o, e := runKeygate(args...)

@@ -3,16 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"maps"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -32,11 +28,16 @@ import (
 	"github.com/keygate/keygate/disk/ninep"
 	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
+	"github.com/keygate/keygate/keysvc/client"
 	"github.com/keygate/keygate/tpm"
 )
 
 func newDemoCmd() *cobra.Command {
-	var dir string
+	var (
+		dir  string
+		keep bool
+	)
 	c := &cobra.Command{
 		Use:   "demo",
 		Short: "Run the whole story on embedded defaults, in seconds",
@@ -49,7 +50,10 @@ boot (naming the PCR), revoke the VM and watch the volume lock, then
 crypto-erase the volume.
 
 Everything happens in a temporary directory that is removed afterwards,
-also on Ctrl-C (unless --dir names one, which is kept).`,
+also on Ctrl-C (unless --dir names one, which is kept).
+
+With --keep the key service stays up after the story, with its dashboard's
+address and a login token printed, until Ctrl-C.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
@@ -72,14 +76,15 @@ also on Ctrl-C (unless --dir names one, which is kept).`,
 				defer os.RemoveAll(d)
 				dir = d
 			}
-			err := runDemo(ctx, c.OutOrStdout(), dir)
-			if ctx.Err() != nil {
+			err := runDemo(ctx, c.OutOrStdout(), dir, keep)
+			if ctx.Err() != nil && (err != nil || !keep) {
 				return fmt.Errorf("demo interrupted; everything it started was stopped and its directory removed")
 			}
 			return err
 		},
 	}
 	c.Flags().StringVar(&dir, "dir", "", "work in this directory instead of a temporary one (kept afterwards)")
+	c.Flags().BoolVar(&keep, "keep", false, "leave the key service running afterwards, with its dashboard's URL and a login token printed, until Ctrl-C")
 	return c
 }
 
@@ -101,7 +106,7 @@ type demo struct {
 	svc    *keysvc.Service
 	ca     []byte
 	token  string
-	hc     *http.Client
+	admin  *client.Client // the admin API
 	tp     *tpm.TPM
 	image  string
 	sock   string
@@ -111,7 +116,7 @@ type demo struct {
 	monErr error // why the monitor is off although this is root
 }
 
-func runDemo(ctx context.Context, out io.Writer, dir string) error {
+func runDemo(ctx context.Context, out io.Writer, dir string, keep bool) error {
 	d := &demo{ctx: ctx, out: out, dir: dir, start: time.Now(), events: make(chan boot.Event, 64),
 		quiet: slog.New(slog.DiscardHandler)}
 	defer d.close()
@@ -128,7 +133,20 @@ func runDemo(ctx context.Context, out io.Writer, dir string) error {
 	if h, err := d.tp.TransientHandles(); err != nil || len(h) > 0 {
 		return fmt.Errorf("demo: TPM objects left loaded after the story: %v %v", h, err)
 	}
+	if keep {
+		return d.keep()
+	}
 	fmt.Fprintf(out, "\ndemo complete in %.1f s; removing what it made.\n", time.Since(d.start).Seconds())
+	return nil
+}
+
+// keep leaves the key service running until Ctrl-C, for its dashboard.
+func (d *demo) keep() error {
+	fmt.Fprintf(d.out, "\ndemo complete in %.1f s; the key service keeps running (Ctrl-C stops it and removes what the demo made).\n", time.Since(d.start).Seconds())
+	fmt.Fprintf(d.out, "  dashboard:   https://%s/ui/\n", d.svc.AdminAddr())
+	fmt.Fprintf(d.out, "  CA:          %s (the demo's own: trust it in the browser, or accept its warning)\n", d.svc.Data.Path(keysvc.CAFile))
+	fmt.Fprintf(d.out, "  admin token: %s\n", d.token)
+	<-d.ctx.Done()
 	return nil
 }
 
@@ -139,8 +157,8 @@ func (d *demo) close() {
 	if d.tp != nil {
 		d.tp.Close()
 	}
-	if d.hc != nil {
-		d.hc.CloseIdleConnections()
+	if d.admin != nil {
+		d.admin.Close()
 	}
 	if d.svc != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -179,9 +197,9 @@ func (d *demo) service() error {
 		return err
 	}
 	d.token = strings.TrimSpace(string(tok))
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(d.ca)
-	d.hc = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}}}
+	if d.admin, err = client.New(client.Config{URLs: []string{"https://" + d.svc.AdminAddr()}, CA: d.ca, Token: d.token}); err != nil {
+		return err
+	}
 
 	d.tp, err = tpm.Open("sim")
 	if err != nil {
@@ -210,10 +228,10 @@ func (d *demo) enroll() error {
 	if err != nil {
 		return err
 	}
-	if err := d.admin("POST", "/v1/admin/vms", keysvc.EnrollRequest{Name: demoVM, EKPub: string(ekPEM), AKPub: string(akPEM)}, nil); err != nil {
+	if _, err := d.admin.EnrollVM(d.ctx, api.EnrollRequest{Name: demoVM, EKPub: string(ekPEM), AKPub: string(akPEM)}); err != nil {
 		return fmt.Errorf("enroll %s: %w", demoVM, err)
 	}
-	if err := d.admin("POST", "/v1/admin/vms/"+demoVM+"/policy/learn", nil, nil); err != nil {
+	if err := d.admin.LearnPolicy(d.ctx, demoVM); err != nil {
 		return fmt.Errorf("arm learn mode: %w", err)
 	}
 	fp, _ := attest.KeyFingerprint(ek.Key)
@@ -277,7 +295,7 @@ func (d *demo) unlock() error {
 	if _, ok := pol.PCRs[tpm.WindowPCR]; !ok {
 		// docs/boot.md: every policy must pin the window PCR at zero.
 		pol.PCRs[tpm.WindowPCR] = [][]byte{make([]byte, 32)}
-		if err := d.admin("PUT", "/v1/admin/vms/"+demoVM+"/policy", pol, nil); err != nil {
+		if err := d.admin.SetPolicy(d.ctx, demoVM, pol); err != nil {
 			return fmt.Errorf("add PCR %d to the policy: %w", tpm.WindowPCR, err)
 		}
 		lines = append(lines, fmt.Sprintf("learn mode left out PCR %d; the demo adds it at zero, as docs/boot.md asks of every policy", tpm.WindowPCR))
@@ -411,7 +429,7 @@ func short(h string) string {
 
 func (d *demo) revoke() error {
 	t0 := time.Now()
-	if err := d.admin("POST", "/v1/admin/vms/"+demoVM+"/revoke", nil, nil); err != nil {
+	if _, err := d.admin.Revoke(d.ctx, demoVM); err != nil {
 		return fmt.Errorf("revoke: %w", err)
 	}
 	select {
@@ -436,11 +454,11 @@ func (d *demo) revoke() error {
 }
 
 func (d *demo) erase() error {
-	if err := d.admin("POST", "/v1/admin/volumes/"+demoVolume+"/erase", nil, nil); err != nil {
+	if _, err := d.admin.Erase(d.ctx, demoVolume); err != nil {
 		return fmt.Errorf("erase: %w", err)
 	}
-	var vi keysvc.VolumeInfo
-	if err := d.admin("GET", "/v1/admin/volumes/"+demoVolume, nil, &vi); err != nil {
+	vi, err := d.admin.Volume(d.ctx, demoVolume)
+	if err != nil {
 		return err
 	}
 	if !vi.Erased {
@@ -454,8 +472,8 @@ func (d *demo) erase() error {
 	if err != nil {
 		return err
 	}
-	var av keysvc.AuditVerifyResponse
-	if err := d.admin("GET", "/v1/admin/audit/verify", nil, &av); err != nil {
+	av, err := d.admin.AuditVerify(d.ctx)
+	if err != nil {
 		return err
 	}
 	if !av.OK {
@@ -516,45 +534,13 @@ func (d *demo) monitor() error {
 // policy reads the VM's policy from the admin API.
 func (d *demo) policy() (*attest.Policy, error) {
 	var p attest.Policy
-	if err := d.admin("GET", "/v1/admin/vms/"+demoVM+"/policy", nil, &p); err != nil {
+	if err := d.admin.Policy(d.ctx, demoVM, &p); err != nil {
 		return nil, fmt.Errorf("read the learned policy: %w", err)
 	}
 	if p.PCRs == nil {
 		return nil, errors.New("demo: learn mode captured no PCRs")
 	}
 	return &p, nil
-}
-
-// admin calls the key service's admin API and decodes a 2xx answer into
-// out (if not nil).
-func (d *demo) admin(method, path string, body, out any) error {
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(d.ctx, method, "https://"+d.svc.AdminAddr()+path, rd)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Authorization", "Bearer "+d.token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := d.hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, bytes.TrimSpace(b))
-	}
-	if out != nil {
-		return json.Unmarshal(b, out)
-	}
-	return nil
 }
 
 func slotsLine(n int) string {

@@ -176,7 +176,7 @@ IMAGE must not exist; on any failure nothing is left behind.`,
 	f.StringVar(&label, "label", "", "LUKS2 label (and filesystem label)")
 	f.StringVar(&pbkdf, "pbkdf", "argon2id", "key derivation for the --key-file keyslot: argon2id or pbkdf2")
 	keyFlag(c, &keyFile)
-	f.StringVar(&keysvc, "keysvc", "", "key service VM API URL written into the keygate token (instead of --key-file)")
+	f.StringVar(&keysvc, "keysvc", "", "key service VM API URL, or several replicas' separated by commas, written into the keygate token (instead of --key-file)")
 	f.StringVar(&volume, "volume", "", "volume ID at the key service (with --keysvc)")
 	keysvcCreateFlags(c, &ks)
 	f.BoolVar(&recovery, "recovery", false, "add an argon2id recovery keyslot and print its passphrase once")

@@ -2,23 +2,24 @@ package main
 
 import (
 	"bytes"
-	"crypto/tls"
-	"crypto/x509"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
 	"net/url"
 	"os"
 	"strings"
 	"time"
+
+	kc "github.com/keygate/keygate/keysvc/client"
 
 	"github.com/spf13/cobra"
 
 	"github.com/keygate/keygate/attest"
 	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // client is the admin API client the admin subcommands share.
@@ -28,7 +29,8 @@ type client struct {
 }
 
 // call sends one admin request and returns the answer's body; a non-2xx
-// answer becomes an error carrying the service's message and hint.
+// answer becomes an error carrying the service's message and hint. --server
+// may list several replicas, separated by commas.
 func (cl *client) call(method, path string, body any) ([]byte, error) {
 	server := firstNonEmpty(cl.server, os.Getenv("KEYSVC_SERVER"), "https://"+keysvc.DefaultAdminListen)
 	tokenFile := firstNonEmpty(cl.tokenFile, os.Getenv("KEYSVC_TOKEN_FILE"))
@@ -40,59 +42,41 @@ func (cl *client) call(method, path string, body any) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read admin token: %w", err)
 	}
-	tlsConf := &tls.Config{MinVersion: tls.VersionTLS13}
+	cfg := kc.Config{URLs: kc.ParseURLs(server), Token: strings.TrimSpace(string(tok)), SystemRoots: caFile == ""}
 	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
-		if err != nil {
+		if cfg.CA, err = os.ReadFile(caFile); err != nil {
 			return nil, fmt.Errorf("read CA: %w", err)
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
+		if _, err := kc.ParseCA(cfg.CA); err != nil {
 			return nil, fmt.Errorf("CA file %s holds no PEM certificate (use DATA/ca.pem)", caFile)
 		}
-		tlsConf.RootCAs = pool
 	}
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return nil, err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, strings.TrimRight(server, "/")+path, rd)
+	c, err := kc.New(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("bad --server %q: %v", server, err)
 	}
-	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConf}}
-	resp, err := hc.Do(req)
-	if err != nil {
-		var ue x509.UnknownAuthorityError
-		if errors.As(err, &ue) {
-			return nil, fmt.Errorf("%v (pass --ca DATA/ca.pem or set KEYSVC_CA)", err)
-		}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var b []byte
+	err = c.Do(ctx, method, path, "", body, &b)
+	var se *kc.Error
+	var ue *kc.UnreachableError
+	switch {
+	case err == nil:
+		return b, nil
+	case errors.Is(err, kc.ErrTLS):
+		return nil, fmt.Errorf("%v (pass --ca DATA/ca.pem or set KEYSVC_CA)", err)
+	case errors.As(err, &se) && se.Message != "" && se.Hint != "":
+		return nil, fmt.Errorf("%s (%s): %s", se.Message, se.Status, se.Hint)
+	case errors.As(err, &se) && se.Message != "":
+		return nil, fmt.Errorf("%s (%s)", se.Message, se.Status)
+	case errors.As(err, &se):
+		return nil, fmt.Errorf("key service answered %s", se.Status)
+	case errors.As(err, &ue):
 		return nil, fmt.Errorf("reach key service: %w (is `keysvc serve` running? check --server)", err)
 	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
-	if err != nil {
-		return nil, fmt.Errorf("read answer: %w", err)
-	}
-	if resp.StatusCode/100 != 2 {
-		var eb keysvc.ErrorBody
-		if json.Unmarshal(b, &eb) == nil && eb.Error != "" {
-			if eb.Hint != "" {
-				return nil, fmt.Errorf("%s (%s): %s", eb.Error, resp.Status, eb.Hint)
-			}
-			return nil, fmt.Errorf("%s (%s)", eb.Error, resp.Status)
-		}
-		return nil, fmt.Errorf("key service answered %s", resp.Status)
-	}
-	return b, nil
+	return nil, err
 }
 
 func firstNonEmpty(s ...string) string {
@@ -123,13 +107,18 @@ func (cl *client) print(c *cobra.Command, body []byte, human func(io.Writer) err
 func adminCommands(cl *client) []*cobra.Command {
 	cmds := []*cobra.Command{vmCmd(cl), volumeCmd(cl), policyCmd(cl), revokeCmd(cl), eraseCmd(cl), auditCmd(cl), eventsCmd(cl)}
 	for _, c := range cmds {
-		f := c.PersistentFlags()
-		f.StringVar(&cl.server, "server", "", "admin API URL (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")
-		f.StringVar(&cl.tokenFile, "token-file", "", "admin token file, DATA/admin.token (env KEYSVC_TOKEN_FILE)")
-		f.StringVar(&cl.ca, "ca", "", "CA certificate to trust, DATA/ca.pem (env KEYSVC_CA)")
-		f.BoolVar(&cl.json, "json", false, "print the service's JSON answer")
+		adminFlags(c, cl)
 	}
 	return cmds
+}
+
+// adminFlags gives c (and its subcommands) the flags that reach the admin API.
+func adminFlags(c *cobra.Command, cl *client) {
+	f := c.PersistentFlags()
+	f.StringVar(&cl.server, "server", "", "admin API URL, or several replicas' separated by commas (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")
+	f.StringVar(&cl.tokenFile, "token-file", "", "admin token file, DATA/admin.token (env KEYSVC_TOKEN_FILE)")
+	f.StringVar(&cl.ca, "ca", "", "CA certificate to trust, DATA/ca.pem (env KEYSVC_CA)")
+	f.BoolVar(&cl.json, "json", false, "print the service's JSON answer")
 }
 
 func required(c *cobra.Command, flags ...string) error {
@@ -143,7 +132,7 @@ func required(c *cobra.Command, flags ...string) error {
 
 func printVM(body []byte) func(io.Writer) error {
 	return func(w io.Writer) error {
-		var v keysvc.VMInfo
+		var v api.VMInfo
 		if err := json.Unmarshal(body, &v); err != nil {
 			return err
 		}
@@ -174,7 +163,7 @@ func vmCmd(cl *client) *cobra.Command {
 			if ekFile == "" && ekCertFile == "" {
 				return cli.Usage(c, errors.New("--ek-pub or --ek-cert is required"))
 			}
-			req := keysvc.EnrollRequest{Name: name, ProvisioningAllowed: prov}
+			req := api.EnrollRequest{Name: name, ProvisioningAllowed: prov}
 			if ekFile != "" {
 				ek, err := os.ReadFile(ekFile)
 				if err != nil {
@@ -231,7 +220,7 @@ func vmCmd(cl *client) *cobra.Command {
 				return fmt.Errorf("list vms: %w", err)
 			}
 			return cl.print(c, b, func(w io.Writer) error {
-				var vs []keysvc.VMInfo
+				var vs []api.VMInfo
 				if err := json.Unmarshal(b, &vs); err != nil {
 					return err
 				}
@@ -259,7 +248,7 @@ func vmCmd(cl *client) *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("read AK: %w", err)
 			}
-			b, err := cl.call("PUT", "/v1/admin/vms/"+url.PathEscape(akName)+"/ak", keysvc.SetAKRequest{AKPub: string(ak)})
+			b, err := cl.call("PUT", "/v1/admin/vms/"+url.PathEscape(akName)+"/ak", api.SetAKRequest{AKPub: string(ak)})
 			if err != nil {
 				return fmt.Errorf("set AK of vm %s: %w", akName, err)
 			}
@@ -274,7 +263,7 @@ func vmCmd(cl *client) *cobra.Command {
 
 func printVolume(body []byte) func(io.Writer) error {
 	return func(w io.Writer) error {
-		var v keysvc.VolumeInfo
+		var v api.VolumeInfo
 		if err := json.Unmarshal(body, &v); err != nil {
 			return err
 		}
@@ -303,7 +292,7 @@ func volumeCmd(cl *client) *cobra.Command {
 			if err := required(c, need...); err != nil {
 				return err
 			}
-			req := keysvc.VolumeRequest{ID: id, VM: vm}
+			req := api.VolumeRequest{ID: id, VM: vm}
 			if imp {
 				k, err := os.ReadFile(keyFile)
 				if err != nil {
@@ -337,7 +326,7 @@ func volumeCmd(cl *client) *cobra.Command {
 				return fmt.Errorf("list volumes: %w", err)
 			}
 			return cl.print(c, b, func(w io.Writer) error {
-				var vs []keysvc.VolumeInfo
+				var vs []api.VolumeInfo
 				if err := json.Unmarshal(b, &vs); err != nil {
 					return err
 				}
@@ -472,7 +461,7 @@ func auditCmd(cl *client) *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("audit verify: %w", err)
 			}
-			var rep keysvc.AuditVerifyResponse
+			var rep api.AuditVerifyResponse
 			if err := json.Unmarshal(b, &rep); err != nil {
 				return fmt.Errorf("audit verify: %v", err)
 			}

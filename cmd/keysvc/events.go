@@ -10,9 +10,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/spf13/cobra"
-
-	"github.com/keygate/keygate/keysvc"
 )
 
 func eventsCmd(cl *client) *cobra.Command {
@@ -50,7 +49,7 @@ records naming the event's id.`,
 	f.StringVar(&since, "since", "", "only events received since this RFC 3339 time or duration ago")
 	f.StringVar(&severity, "severity", "", "only events of this severity or above: info, warning or critical")
 	f.StringVar(&kind, "kind", "", "only events of this kind (heartbeat, ptrace_attach, proc_mem, …)")
-	f.IntVar(&limit, "limit", keysvc.DefaultEventList, "at most this many events (1-1000)")
+	f.IntVar(&limit, "limit", api.DefaultEventList, "at most this many events (1-1000)")
 	return c
 }
 
@@ -58,7 +57,7 @@ records naming the event's id.`,
 // what the monitor saw.
 func printEvents(body []byte) func(io.Writer) error {
 	return func(w io.Writer) error {
-		var evs []keysvc.EventRecord
+		var evs []api.EventRecord
 		if err := json.Unmarshal(body, &evs); err != nil {
 			return err
 		}
@@ -75,7 +74,7 @@ func printEvents(body []byte) func(io.Writer) error {
 	}
 }
 
-func eventDetails(e keysvc.Event) string {
+func eventDetails(e api.Event) string {
 	var parts []string
 	if e.PID != 0 || e.Comm != "" {
 		who := fmt.Sprintf("by pid %d", e.PID)

@@ -3,23 +3,23 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	kc "github.com/keygate/keygate/keysvc/client"
+
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/tpm"
 )
 
@@ -87,42 +87,34 @@ func TestEventsCommand(t *testing.T) {
 
 	// The VM's side, over the VM API.
 	caPEM, _ := os.ReadFile(filepath.Join(data, keysvc.CAFile))
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(caPEM)
-	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}}}
+	vmc, err := kc.New(kc.Config{URLs: []string{"https://" + svc.VMAddr()}, CA: caPEM})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vmc.Close()
 	vmCall := func(path string, req, resp any) {
 		t.Helper()
-		b, _ := json.Marshal(req)
-		r, err := hc.Post("https://"+svc.VMAddr()+path, "application/json", bytes.NewReader(b))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer r.Body.Close()
-		body, _ := io.ReadAll(r.Body)
-		if r.StatusCode != http.StatusOK {
-			t.Fatalf("%s: %d %s", path, r.StatusCode, body)
-		}
-		if err := json.Unmarshal(body, resp); err != nil {
-			t.Fatal(err)
+		if err := vmc.Do(context.Background(), "POST", path, "", req, resp); err != nil {
+			t.Fatalf("%s: %v", path, err)
 		}
 	}
-	var ch keysvc.ChallengeResponse
-	vmCall("/v1/challenge", keysvc.ChallengeRequest{VM: "web-1", Volume: "web-1-data", EKPub: string(ekPEM), AKPub: string(akPEM)}, &ch)
+	var ch api.ChallengeResponse
+	vmCall("/v1/challenge", api.ChallengeRequest{VM: "web-1", Volume: "web-1-data", EKPub: string(ekPEM), AKPub: string(akPEM)}, &ch)
 	att, err := tp.Attest(ch.Nonce, tpm.ECC)
 	if err != nil {
 		t.Fatal(err)
 	}
 	raw, _ := proto.Marshal(att)
-	var ur keysvc.UnlockResponse
-	vmCall("/v1/unlock", keysvc.UnlockRequest{Challenge: ch.Challenge, Attestation: raw}, &ur)
+	var ur api.UnlockResponse
+	vmCall("/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: raw}, &ur)
 	uid, res := uint32(0), int64(-1)
-	var er keysvc.EventsResponse
-	vmCall("/v1/events", keysvc.EventsRequest{Session: ur.Session, Events: []keysvc.Event{
+	var er api.EventsResponse
+	vmCall("/v1/events", api.EventsRequest{Session: ur.Session, Events: []api.Event{
 		{Kind: "heartbeat", Severity: "info"},
 		{Kind: "process_vm_readv", Severity: "critical", PID: 4242, Comm: "evil", Exe: "/tmp/evil", UID: &uid,
 			TargetPID: 17, Addr: 0x7f00dead0000, Len: 64, Overlap: true, OverlapBytes: 64, Result: &res, Denied: true, Mode: "deny"},
 	}}, &er)
-	if er.Accepted != 2 || er.State != keysvc.StateActive {
+	if er.Accepted != 2 || er.State != api.StateActive {
 		t.Fatalf("events answer %+v", er)
 	}
 
@@ -162,7 +154,7 @@ func TestEventsCommand(t *testing.T) {
 			}
 		})
 	}
-	var recs []keysvc.EventRecord
+	var recs []api.EventRecord
 	_, out, _ := keysvcCmd("events", "--json")
 	if err := json.Unmarshal([]byte(out), &recs); err != nil || len(recs) != 2 || recs[0].ID <= recs[1].ID {
 		t.Fatalf("events --json: %v %s", err, out)

@@ -35,7 +35,7 @@ func useMasterKeyTPM(dataDir, spec string) (release func(), err error) {
 }
 
 func masterKeyCmd() *cobra.Command {
-	mk := &cobra.Command{Use: "master-key", Short: "Manage the master key in a data directory"}
+	mk := &cobra.Command{Use: "master-key", Short: "Manage the master key: seal it to a TPM (on the data directory); show and rotate it (through the admin API)"}
 	var (
 		data, spec string
 		asJSON     bool

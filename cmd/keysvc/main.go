@@ -55,7 +55,9 @@ The operator guide is docs/operator.md.`,
 	cl := &client{}
 	root.AddCommand(newServeCmd())
 	root.AddCommand(adminCommands(cl)...)
-	root.AddCommand(masterKeyCmd(), adminTokenCmd())
+	mk := masterKeyCmd()
+	mk.AddCommand(masterKeyAdminCmds(cl)...)
+	root.AddCommand(mk, adminTokenCmd())
 	root.AddCommand(&cobra.Command{
 		Use:   "version",
 		Short: "Print keysvc's version",
@@ -81,7 +83,12 @@ func newServeCmd() *cobra.Command {
 		auditRate float64
 		ekRoots   string
 		mkTPM     string
+		mkPKCS11  string
+		p11Module string
+		p11PIN    string
 		retention time.Duration
+		alerts    alertFlags
+		clientCA  string
 	)
 	c := &cobra.Command{
 		Use:   "serve --data DIR",
@@ -97,9 +104,15 @@ With --master-key-tpm the master key is kept sealed to that TPM, in
 master.key.tpm (0600), instead of in the plain master.key: a copy of DIR alone
 then yields no secret. Give the same flag on every start. To move an existing
 plain key into the TPM, use 'keysvc master-key seal' (escrow master.key first:
-a cleared or dead TPM loses every key the service holds).`,
+a cleared or dead TPM loses every key the service holds).
+
+With --master-key-pkcs11 'pkcs11:token=LABEL;object=NAME' (and
+--pkcs11-module, --pkcs11-pin-file) the master key is a non-extractable
+AES-256 key in that HSM token, created there on first start if absent; it
+never leaves the token and no master.key is written. docs/operator.md
+describes the set-up, and 'keysvc master-key rotate' the rotation.`,
 		Args: noArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
+		RunE: func(c *cobra.Command, _ []string) (err error) {
 			if cfg.DataDir == "" {
 				return cli.Usage(c, errors.New("--data DIR is required"))
 			}
@@ -125,8 +138,24 @@ a cleared or dead TPM loses every key the service holds).`,
 				}
 				cfg.Options = append(cfg.Options, keysvc.WithEKRoots(pool))
 			}
+			if cfg.Alerts, err = alerts.config(c); err != nil {
+				return err
+			}
+			if clientCA != "" {
+				if cfg.AdminClientCAs, err = loadPool("--admin-client-ca", clientCA); err != nil {
+					return err
+				}
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			if mkTPM != "" && mkPKCS11 != "" {
+				return cli.Usage(c, errors.New("give --master-key-tpm or --master-key-pkcs11, not both"))
+			}
+			p11, err := pkcs11Config(mkPKCS11, p11Module, p11PIN)
+			if err != nil {
+				return cli.Usage(c, err)
+			}
+			cfg.PKCS11 = p11
 			// The TPM is needed only while Start loads the master key.
 			release, err := useMasterKeyTPM(cfg.DataDir, mkTPM)
 			if err != nil {
@@ -134,6 +163,9 @@ a cleared or dead TPM loses every key the service holds).`,
 			}
 			svc, err := keysvc.Start(ctx, cfg)
 			release()
+			if cfg.PKCS11 != nil {
+				clear(cfg.PKCS11.PIN) // logged in: the PIN is no longer needed
+			}
 			if err != nil {
 				return err
 			}
@@ -144,9 +176,17 @@ a cleared or dead TPM loses every key the service holds).`,
 				mkFile = keysvc.MasterKeyFile + masterkey.SealedSuffix
 				backup = "back up ca.key and keep the TPM: the master key exists only sealed to it"
 			}
-			fmt.Fprintf(out, "keysvc serving\n  VM API:      https://%s\n  admin API:   https://%s (and /metrics)\n", svc.VMAddr(), svc.AdminAddr())
+			if mkPKCS11 != "" {
+				backup = "back up ca.key and the token (its own backup or HA): the master key never leaves it"
+			}
+			fmt.Fprintf(out, "keysvc serving\n  VM API:      https://%s\n  admin API:   https://%s (and /metrics)\n  dashboard:   https://%s/ui/ (log in with the admin token)\n",
+				svc.VMAddr(), svc.AdminAddr(), svc.AdminAddr())
+			mkWhere := d.Path(mkFile)
+			if mkPKCS11 != "" {
+				mkWhere = mkPKCS11 + " (in the HSM, non-extractable)"
+			}
 			fmt.Fprintf(out, "  CA:          %s (sha256 %s)\n  admin token: %s\n  master key:  %s",
-				d.Path(keysvc.CAFile), d.CAFingerprint, d.Path(keysvc.AdminTokenFile), d.Path(mkFile))
+				d.Path(keysvc.CAFile), d.CAFingerprint, d.Path(keysvc.AdminTokenFile), mkWhere)
 			if mkTPM != "" {
 				fmt.Fprintf(out, " (sealed to TPM %s)", mkTPM)
 			}
@@ -181,15 +221,20 @@ a cleared or dead TPM loses every key the service holds).`,
 	f := c.Flags()
 	f.StringVar(&cfg.DataDir, "data", "", "data directory (created 0700 if missing)")
 	f.StringVar(&cfg.Listen, "listen", keysvc.DefaultListen, "VM API address")
-	f.StringVar(&cfg.AdminListen, "admin-listen", keysvc.DefaultAdminListen, "admin API and /metrics address")
+	f.StringVar(&cfg.AdminListen, "admin-listen", keysvc.DefaultAdminListen, "admin API, dashboard (/ui/) and /metrics address")
 	f.StringVar(&cfg.DB, "db", "sqlite", "database: sqlite (DIR/keysvc.db); postgres is not supported yet")
 	f.StringSliceVar(&cfg.Hostnames, "hostname", nil, "extra DNS name or IP for the server certificate (repeatable)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: json or text")
+	f.StringVar(&mkPKCS11, "master-key-pkcs11", "", "keep the master key in an HSM: RFC 7512 URI 'pkcs11:token=LABEL;object=NAME' of a non-extractable AES-256 key (created if absent)")
+	f.StringVar(&p11Module, "pkcs11-module", "", "PKCS#11 library of the HSM (e.g. /usr/lib/softhsm/libsofthsm2.so)")
+	f.StringVar(&p11PIN, "pkcs11-pin-file", "", "0600 file holding the token's user PIN")
 	f.StringVar(&mkTPM, "master-key-tpm", "", "keep the master key sealed to this TPM (/dev/tpmrm0, swtpm:SOCKET or sim) in DIR/master.key.tpm")
 	f.StringVar(&ekRoots, "ek-roots", "", "PEM file of CAs that EK certificates given at enrollment must chain to")
 	f.Float64Var(&perSource, "rate-per-source", keysvc.DefaultSourceRate, "VM API requests per second from one address, and separately admin API requests and individually audited unauthenticated ones (burst twice that; 0: no limit)")
 	f.Float64Var(&perVM, "rate-per-vm", keysvc.DefaultVMRate, "challenges per second for one VM from one source address, counted once its EK/AK match (burst twice that; 0: no limit)")
 	f.Float64Var(&auditRate, "audit-refusals-per-source", keysvc.DefaultRefusalAuditRate, "VM API refusals per second from one address that get an audit record of their own; past it they are summarised (burst twice that; 0: record every one)")
 	f.DurationVar(&retention, "event-retention", keysvc.DefaultEventRetention, "keep events VMs report for this long (warning and critical ones stay in the audit chain)")
+	alerts.register(f)
+	f.StringVar(&clientCA, "admin-client-ca", "", "PEM file of CAs: an admin client certificate chaining to them (client-auth usage) works like the admin token, for the admin API and the dashboard's login")
 	return c
 }

@@ -16,7 +16,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/keygate/keygate/internal/testutil"
 	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 func writePubPEM(t *testing.T, path string) {
@@ -71,10 +73,17 @@ func TestAdminCommands(t *testing.T) {
 		{[]string{"policy", "learn", "--vm", "web-1", tok}, 0, "learn mode armed"},
 		{[]string{"revoke", "--vm", "web-1", tok, "--json"}, 0, `"revoked": true`},
 		{[]string{"erase", "--volume", "scratch", tok}, 0, "erased=true"},
+		{[]string{"master-key", "show", tok}, 0, "(file)"},
+		{[]string{"master-key", "rotate", tok, "--json"}, 0, `"kind": "file"`},
+		{[]string{"master-key", "show", tok, "--json"}, 0, `"fingerprint"`},
 		{[]string{"audit", "verify", tok}, 0, "records"},
 		{[]string{"audit", "verify", "--token-file", key}, 1, "401"},
 		{[]string{"audit", "list", tok}, 0, `"Action": "erase"`},
 		{[]string{"serve"}, 1, "--data DIR is required"},
+		// --server may list replicas: a dead one first is passed over.
+		{[]string{"vm", "list", tok, "--server", testutil.ClosedPort(t) + ",https://" + svc.AdminAddr()}, 0, "web-1"},
+		{[]string{"vm", "list", tok, "--server", testutil.ClosedPort(t) + "," + testutil.ClosedPort(t)}, 1, "is `keysvc serve` running?"},
+		{[]string{"vm", "list", tok, "--server", "http://" + svc.AdminAddr()}, 1, "https://HOST[:PORT]"},
 	} {
 		t.Run(strings.Join(tc.args[:min(2, len(tc.args))], "-"), func(t *testing.T) {
 			var out, errb bytes.Buffer
@@ -92,7 +101,7 @@ func TestAdminCommands(t *testing.T) {
 	if run([]string{"vm", "list", "--json", tok}, nil, &out, &errb) != 0 {
 		t.Fatal(errb.String())
 	}
-	var vms []keysvc.VMInfo
+	var vms []api.VMInfo
 	if err := json.Unmarshal(out.Bytes(), &vms); err != nil || len(vms) != 1 || !vms[0].Revoked {
 		t.Fatalf("vm list --json: %v %s", err, out.String())
 	}

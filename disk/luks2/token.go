@@ -111,18 +111,33 @@ const KeygateTokenType = "keygate"
 // KeygateToken names the keyslot whose passphrase is the volume's unwrap
 // key (UK) held by the key service, and says how to reach that service.
 // On disk: {"type":"keygate","keyslots":["N"],"keygate_url":URL,
-// "keygate_volume":ID,"keygate_ca_sha256":HEX}.
+// "keygate_volume":ID,"keygate_ca_sha256":HEX}, plus
+// "keygate_urls":[URL,MORE…] when the service has several replicas (a
+// reader that knows only keygate_url still finds the first).
 type KeygateToken struct {
-	Keyslot  int    // the keyslot the UK opens
-	URL      string // key service base URL, https
+	Keyslot int    // the keyslot the UK opens
+	URL     string // key service base URL, https (the first replica)
+	// MoreURLs are further replicas of the same service, tried after URL
+	// in this order; empty for a single service.
+	MoreURLs []string
 	VolumeID string // the volume's id at the key service
 	CASHA256 string // lowercase hex SHA-256 of the service CA certificate (DER)
 }
 
+// URLs are the service's base URLs in the order a VM tries them.
+func (k KeygateToken) URLs() []string { return append([]string{k.URL}, k.MoreURLs...) }
+
 func (k KeygateToken) check() error {
-	u, err := url.Parse(k.URL)
-	if err != nil || u.Scheme != "https" || u.Host == "" {
-		return fmt.Errorf("keygate token: url %q must be an https URL", k.URL)
+	seen := map[string]bool{}
+	for _, s := range k.URLs() {
+		u, err := url.Parse(s)
+		if err != nil || u.Scheme != "https" || u.Host == "" || strings.Contains(s, ",") {
+			return fmt.Errorf("keygate token: url %q must be an https URL", s)
+		}
+		if seen[s] {
+			return fmt.Errorf("keygate token: url %q is listed twice", s)
+		}
+		seen[s] = true
 	}
 	if k.VolumeID == "" {
 		return fmt.Errorf("keygate token: empty volume id")
@@ -143,6 +158,9 @@ func (k KeygateToken) Token() (Token, error) {
 		b, _ := json.Marshal(s)
 		f[name] = b
 	}
+	if len(k.MoreURLs) > 0 {
+		f["keygate_urls"], _ = json.Marshal(k.URLs())
+	}
 	return Token{Type: KeygateTokenType, Keyslots: []int{k.Keyslot}, Fields: f}, nil
 }
 
@@ -159,6 +177,16 @@ func ParseKeygateToken(t Token) (KeygateToken, error) {
 		if err := json.Unmarshal(t.Fields[name], dst); err != nil {
 			return KeygateToken{}, fmt.Errorf("keygate token: field %s missing or not a string", name)
 		}
+	}
+	if raw, ok := t.Fields["keygate_urls"]; ok {
+		var urls []string
+		if err := json.Unmarshal(raw, &urls); err != nil || len(urls) == 0 {
+			return KeygateToken{}, fmt.Errorf("keygate token: keygate_urls must be a non-empty list of URLs")
+		}
+		if urls[0] != k.URL {
+			return KeygateToken{}, fmt.Errorf("keygate token: keygate_urls starts with %q, not keygate_url %q", urls[0], k.URL)
+		}
+		k.MoreURLs = urls[1:]
 	}
 	return k, k.check()
 }

@@ -2,9 +2,11 @@ package luks2_test
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -310,6 +312,10 @@ func TestKeygateToken(t *testing.T) {
 		{"empty volume", func(k *luks2.KeygateToken) { k.VolumeID = "" }, false},
 		{"short fingerprint", func(k *luks2.KeygateToken) { k.CASHA256 = "abcd" }, false},
 		{"uppercase fingerprint", func(k *luks2.KeygateToken) { k.CASHA256 = strings.Repeat("A1", 32) }, false},
+		{"replicas", func(k *luks2.KeygateToken) { k.MoreURLs = []string{"https://ks2.example:8443", "https://ks3.example"} }, true},
+		{"http replica", func(k *luks2.KeygateToken) { k.MoreURLs = []string{"http://ks2.example"} }, false},
+		{"replica listed twice", func(k *luks2.KeygateToken) { k.MoreURLs = []string{"https://ks.example"} }, false},
+		{"comma in url", func(k *luks2.KeygateToken) { k.URL = "https://a.example,https://b.example" }, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			k := good
@@ -320,12 +326,49 @@ func TestKeygateToken(t *testing.T) {
 			}
 			if c.ok {
 				back, err := luks2.ParseKeygateToken(tok)
-				if err != nil || back != k {
+				if err != nil || !reflect.DeepEqual(back, k) {
 					t.Fatalf("round trip = %+v, %v", back, err)
+				}
+				// One URL is written as before keygate_urls existed, so
+				// that older readers and older images agree.
+				if _, has := tok.Fields["keygate_urls"]; has != (len(k.MoreURLs) > 0) {
+					t.Fatalf("keygate_urls present = %v with %d more URLs", has, len(k.MoreURLs))
 				}
 			}
 		})
 	}
+	t.Run("parse", func(t *testing.T) {
+		base := `"keygate_url":"https://a.example","keygate_volume":"v","keygate_ca_sha256":"` + strings.Repeat("a1", 32) + `"`
+		for _, c := range []struct {
+			name, extra string
+			want        []string // nil: refused
+		}{
+			{"single url, as older images", ``, []string{"https://a.example"}},
+			{"list", `,"keygate_urls":["https://a.example","https://b.example"]`, []string{"https://a.example", "https://b.example"}},
+			{"list of one", `,"keygate_urls":["https://a.example"]`, []string{"https://a.example"}},
+			{"list not starting with keygate_url", `,"keygate_urls":["https://b.example","https://a.example"]`, nil},
+			{"empty list", `,"keygate_urls":[]`, nil},
+			{"not a list", `,"keygate_urls":"https://a.example"`, nil},
+			{"http in list", `,"keygate_urls":["https://a.example","http://b.example"]`, nil},
+		} {
+			t.Run(c.name, func(t *testing.T) {
+				tok := luks2.Token{Type: "keygate", Keyslots: []int{0}}
+				if err := json.Unmarshal([]byte(`{`+base+c.extra+`}`), &tok.Fields); err != nil {
+					t.Fatal(err)
+				}
+				k, err := luks2.ParseKeygateToken(tok)
+				if c.want == nil {
+					if err == nil {
+						t.Fatalf("accepted: %+v", k)
+					}
+					return
+				}
+				if err != nil || !reflect.DeepEqual(k.URLs(), c.want) {
+					t.Fatalf("URLs() = %v, %v; want %v", k.URLs(), err, c.want)
+				}
+			})
+		}
+	})
 	t.Run("keyslot must exist", func(t *testing.T) {
 		img, _ := format(t, []byte("pw"), luks2.FormatOptions{})
 		k := good

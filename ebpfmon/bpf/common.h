@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
-// Maps and types shared by monitor.c (syscall tracepoints, detection) and
-// enforce.c (BPF LSM, denial). The loader creates the maps once, from the
+// Maps and types shared by monitor.c (syscall tracepoints, detect mode) and
+// enforce.c (BPF LSM, deny mode). The loader creates the maps once, from the
 // monitor object, and hands them to the enforce object, so both programs see
-// the same protected set, and the monitor sees the enforcer's refusals.
+// the same protected set and send their events into the same ring buffer.
 #ifndef KEYGATE_COMMON_H
 #define KEYGATE_COMMON_H
 
@@ -61,24 +61,6 @@ struct {
 	__type(value, __u8);
 } allow SEC(".maps");
 
-// denials: an accessor thread (pid_tgid) -> the syscall it was in when an
-// enforce.c program refused it. monitor.c's exit programs consume the record
-// when they send an event, so that `denied` says the LSM refused, not merely
-// that the syscall failed with some errno (mm_access turns our EPERM into
-// EACCES for /proc/<pid>/mem). The syscall number keeps a record left by a
-// syscall the monitor does not report from marking another one's event; LRU,
-// so that such records cannot pile up.
-struct denial {
-	__s32 nr; // the syscall number, as the exit tracepoint's nr gives it
-	__u32 _pad;
-};
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u64);
-	__type(value, struct denial);
-} denials SEC(".maps");
-
 // arm64's pt_regs, for CO-RE: the first argument register is overwritten
 // by the return value, and its value at entry kept in orig_x0; the syscall
 // number is syscallno (x86-64's is orig_ax).
@@ -105,6 +87,55 @@ static __always_inline __s32 syscall_nr(void)
 	if (bpf_core_field_exists(regs->orig_ax))
 		return (__s32)regs->orig_ax;
 	return ((struct pt_regs___arm64 *)(void *)regs)->syscallno;
+}
+
+// in_compat_syscall reports whether the current task is in a 32-bit
+// syscall (x86's TS_COMPAT: int 0x80 from any process); never elsewhere.
+#define TS_COMPAT 0x0002
+static __always_inline int in_compat_syscall(void)
+{
+	struct task_struct *t = bpf_get_current_task_btf();
+
+	if (!bpf_core_field_exists(t->thread_info.status))
+		return 0;
+	return (t->thread_info.status & TS_COMPAT) != 0;
+}
+
+// syscall_args reads the six argument registers of the syscall the
+// current task is in, from the registers it entered the kernel with, which
+// the kernel leaves alone until the syscall returns: x86-64's di, si, dx,
+// r10, r8, r9; with compat, ia32's ebx, ecx, edx, esi, edi, ebp
+// (zero-extended); arm64's orig_x0, x1…x5 (untested). The architecture is
+// chosen at load time (CO-RE).
+static __always_inline void syscall_args(__u64 a[6], int compat)
+{
+	struct pt_regs *regs = current_regs();
+
+	if (bpf_core_field_exists(regs->di)) {
+		if (compat) {
+			a[0] = (__u32)regs->bx;
+			a[1] = (__u32)regs->cx;
+			a[2] = (__u32)regs->dx;
+			a[3] = (__u32)regs->si;
+			a[4] = (__u32)regs->di;
+			a[5] = (__u32)regs->bp;
+		} else {
+			a[0] = regs->di;
+			a[1] = regs->si;
+			a[2] = regs->dx;
+			a[3] = regs->r10;
+			a[4] = regs->r8;
+			a[5] = regs->r9;
+		}
+		return;
+	}
+	struct pt_regs___arm64 *r = (void *)regs;
+	a[0] = r->orig_x0;
+	a[1] = r->regs[1];
+	a[2] = r->regs[2];
+	a[3] = r->regs[3];
+	a[4] = r->regs[4];
+	a[5] = r->regs[5];
 }
 
 static __always_inline struct protected_proc *lookup_target(__u32 pid, __u32 *tgid)
@@ -162,6 +193,18 @@ static __always_inline int classify_name(const char n[8])
 	if (name_is(n, "kcore", 6))
 		return FK_KCORE;
 	return FK_NONE;
+}
+
+// inode_is_candidate reports whether an inode, reached through BTF
+// pointers (plain loads, no bpf_probe_read_kernel calls), is a character
+// device or on procfs: the only files the monitor looks at further. Every
+// open in the system passes this filter, in file_open (deny mode) or in the
+// open tracepoints (detect mode, Linux 6.2+).
+static __always_inline int inode_is_candidate(struct inode *ino)
+{
+	if (!ino)
+		return 0;
+	return (ino->i_mode & S_IFMT) == S_IFCHR || ino->i_sb->s_magic == PROC_SUPER_MAGIC;
 }
 
 // classify_file reads what an open file really is: a /proc/<pid> file

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
-// The event record and its way to user space, shared by monitor.c (syscall
-// and io_uring tracepoints) and enforce.c (the BPF LSM, which reports opens
-// itself where it runs). The loader hands monitor.c's events and drops maps
+// The event record, its way to user space and the judging of remote
+// ranges against the key pages, shared by monitor.c (syscall and io_uring
+// tracepoints, detect mode) and enforce.c (the BPF LSM, which reports
+// every attempt itself in deny mode). The loader hands monitor.c's events and drops maps
 // to enforce.c, so that one ring buffer carries both.
 #ifndef KEYGATE_EVENT_H
 #define KEYGATE_EVENT_H
@@ -31,7 +32,7 @@ enum flags {
 	F_WHOLE = 4,     // the whole address space is protected
 	F_RESOLVED = 8,  // an open's target was read from the opened inode
 	F_OPENAT2 = 16,
-	F_DENIED = 32,   // an enforce.c program refused this syscall (denials)
+	F_DENIED = 32,   // an enforce.c program refused this attempt
 	F_OPEN = 64,     // open(2): no directory fd, flags second
 	F_CREAT = 128,   // creat(2): no directory fd, no flags (O_CREAT|O_WRONLY|O_TRUNC)
 	F_IO_URING = 256, // an io_uring IORING_OP_OPENAT/OPENAT2, seen at completion
@@ -131,6 +132,108 @@ static __always_inline void send(struct event *e)
 		if (d)
 			*d += 1;
 	}
+}
+
+// add_range adds the key-page bytes of [base, base+len) to e.
+static __always_inline void add_range(struct event *e, struct protected_proc *p, __u64 base, __u64 len, int first)
+{
+	__u64 end = base + len;
+	__u64 hit = 0;
+
+	if (end < base)
+		end = ~0ULL;
+	if (p->whole) {
+		hit = end - base;
+	} else {
+		for (int j = 0; j < MAX_RANGES; j++) {
+			if (j >= p->n)
+				break;
+			__u64 s = p->r[j].start > base ? p->r[j].start : base;
+			__u64 t = p->r[j].end < end ? p->r[j].end : end;
+			if (t > s)
+				hit += t - s;
+		}
+	}
+	e->total += end - base;
+	if (hit && !(e->flags & F_OVERLAP)) {
+		e->flags |= F_OVERLAP;
+		e->addr = base;
+		e->len = len;
+	} else if (first) {
+		e->addr = base;
+		e->len = len;
+	}
+	e->overlap += hit;
+}
+
+struct range_ctx {
+	struct event *e;
+	struct protected_proc *p;
+	struct iovec_u *iov;
+};
+
+static long range_cb(__u32 i, void *data)
+{
+	struct range_ctx *c = data;
+	if (i >= MAX_IOV)
+		return 1;
+	add_range(c->e, c->p, c->iov[i].base, c->iov[i].len, i == 0);
+	return 0;
+}
+
+// event_on starts an event of technique against pid when pid is a thread of
+// a protected process other than the caller's own; *pp is that process's
+// entry, for the callers that check addresses against its key ranges.
+static __always_inline struct scratch *event_on(__u32 pid, __u32 technique, __s32 nr, struct protected_proc **pp)
+{
+	__u32 tgid;
+	struct protected_proc *p = lookup_target(pid, &tgid);
+	if (!p)
+		return 0;
+	if ((bpf_get_current_pid_tgid() >> 32) == tgid)
+		return 0;
+	struct scratch *s = new_event(technique, nr);
+	if (!s)
+		return 0;
+	s->e.target = pid;
+	s->e.target_tgid = tgid;
+	if (p->whole)
+		s->e.flags |= F_WHOLE;
+	*pp = p;
+	return s;
+}
+
+// judge_iov reads n remote iovecs from rvec into s->iov and adds their key
+// overlap to e; it returns 0 when they could not be read (or n is 0).
+// compat: they are a 32-bit caller's struct compat_iovec (two u32s each),
+// widened in place.
+static __always_inline int judge_iov(struct scratch *s, struct event *e, struct protected_proc *p, const void *rvec, __u64 n,
+				     int compat)
+{
+	if (!n || n > MAX_IOV)
+		return 0;
+	if (compat) {
+		__u32 *w = (__u32 *)s->iov;
+
+		if (bpf_probe_read_user(s->iov, n * 2 * sizeof(__u32), rvec))
+			return 0;
+		// From the last: iovec i's 16 bytes never cover a compat_iovec
+		// below i not yet widened.
+		for (int i = MAX_IOV - 1; i >= 0; i--) {
+			if (i >= n)
+				continue;
+			__u64 base = w[2 * i], len = w[2 * i + 1];
+			s->iov[i].base = base;
+			s->iov[i].len = len;
+		}
+	} else if (bpf_probe_read_user(s->iov, n * sizeof(struct iovec_u), rvec)) {
+		return 0;
+	}
+	// bpf_loop, so that the verifier checks one iovec against the ranges
+	// once rather than every iovec against every range.
+	struct range_ctx rc = {.e = e, .p = p, .iov = s->iov};
+	bpf_loop(n, range_cb, &rc, 0);
+	return 1;
 }
 
 #endif

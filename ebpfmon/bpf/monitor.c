@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
-// Detection: syscall tracepoints that see every way another process can read
-// (or write) a protected process's memory. Each program looks the named pid up
+// Detect mode: syscall tracepoints that see every way another process can
+// read (or write) a protected process's memory. In deny mode the loader
+// attaches none of them but newtask and task_exit: enforce.c's BPF LSM
+// programs report everything there. Each program looks the named pid up
 // in `targets` first, so other processes' syscalls cost one hash lookup; opens
 // are the exception (the pid is inside the path): they are seen at exit only,
 // and filtered on the opened file's filesystem, or for failed opens on the
@@ -60,53 +62,6 @@ static __always_inline void unstash(__u64 id)
 		__sync_fetch_and_sub(&inflight, 1);
 }
 
-// add_range adds the key-page bytes of [base, base+len) to e.
-static __always_inline void add_range(struct event *e, struct protected_proc *p, __u64 base, __u64 len, int first)
-{
-	__u64 end = base + len;
-	__u64 hit = 0;
-
-	if (end < base)
-		end = ~0ULL;
-	if (p->whole) {
-		hit = end - base;
-	} else {
-		for (int j = 0; j < MAX_RANGES; j++) {
-			if (j >= p->n)
-				break;
-			__u64 s = p->r[j].start > base ? p->r[j].start : base;
-			__u64 t = p->r[j].end < end ? p->r[j].end : end;
-			if (t > s)
-				hit += t - s;
-		}
-	}
-	e->total += end - base;
-	if (hit && !(e->flags & F_OVERLAP)) {
-		e->flags |= F_OVERLAP;
-		e->addr = base;
-		e->len = len;
-	} else if (first) {
-		e->addr = base;
-		e->len = len;
-	}
-	e->overlap += hit;
-}
-
-// take_denial consumes this thread's refusal record, if any, and marks e
-// denied when the refusal was of the syscall now exiting, which then failed.
-// Only programs about to send an event call it: the lookup stays off the
-// path every open in the system takes.
-static __always_inline void take_denial(struct event *e, __s32 nr, long ret)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct denial *d = bpf_map_lookup_elem(&denials, &id);
-	if (!d)
-		return;
-	if (d->nr == nr && ret < 0)
-		e->flags |= F_DENIED;
-	bpf_map_delete_elem(&denials, &id);
-}
-
 // exit_send completes the event this thread stashed at entry.
 static __always_inline int exit_send(struct exit_ctx *ctx)
 {
@@ -118,63 +73,10 @@ static __always_inline int exit_send(struct exit_ctx *ctx)
 		return 0;
 	if (e->nr == ctx->nr) {
 		e->result = ctx->ret;
-		take_denial(e, ctx->nr, ctx->ret);
 		send(e);
 	}
 	unstash(id);
 	return 0;
-}
-
-struct range_ctx {
-	struct event *e;
-	struct protected_proc *p;
-	struct iovec_u *iov;
-};
-
-static long range_cb(__u32 i, void *data)
-{
-	struct range_ctx *c = data;
-	if (i >= MAX_IOV)
-		return 1;
-	add_range(c->e, c->p, c->iov[i].base, c->iov[i].len, i == 0);
-	return 0;
-}
-
-// event_on starts an event of technique against pid when pid is a thread of
-// a protected process other than the caller's own; *pp is that process's
-// entry, for the callers that check addresses against its key ranges.
-static __always_inline struct scratch *event_on(__u32 pid, __u32 technique, __s32 nr, struct protected_proc **pp)
-{
-	__u32 tgid;
-	struct protected_proc *p = lookup_target(pid, &tgid);
-	if (!p)
-		return 0;
-	if ((bpf_get_current_pid_tgid() >> 32) == tgid)
-		return 0;
-	struct scratch *s = new_event(technique, nr);
-	if (!s)
-		return 0;
-	s->e.target = pid;
-	s->e.target_tgid = tgid;
-	if (p->whole)
-		s->e.flags |= F_WHOLE;
-	*pp = p;
-	return s;
-}
-
-// judge_iov reads n remote iovecs from rvec into s->iov and adds their key
-// overlap to e; it returns 0 when they could not be read (or n is 0).
-static __always_inline int judge_iov(struct scratch *s, struct event *e, struct protected_proc *p, const void *rvec, __u64 n)
-{
-	if (!n || n > MAX_IOV)
-		return 0;
-	if (bpf_probe_read_user(s->iov, n * sizeof(struct iovec_u), rvec))
-		return 0;
-	// bpf_loop, so that the verifier checks one iovec against the ranges
-	// once rather than every iovec against every range.
-	struct range_ctx rc = {.e = e, .p = p, .iov = s->iov};
-	bpf_loop(n, range_cb, &rc, 0);
-	return 1;
 }
 
 static __always_inline int vm_enter(struct enter_ctx *ctx, __u32 technique)
@@ -191,7 +93,7 @@ static __always_inline int vm_enter(struct enter_ctx *ctx, __u32 technique)
 		n = MAX_IOV;
 		e->flags |= F_TRUNCATED;
 	}
-	if (n && !judge_iov(s, e, p, (void *)ctx->args[3], n))
+	if (n && !judge_iov(s, e, p, (void *)ctx->args[3], n, 0))
 		e->flags |= F_IOV_UNREAD;
 	stash(e);
 	return 0;
@@ -222,17 +124,13 @@ static __always_inline int vm_exit(struct exit_ctx *ctx)
 	struct scratch *s = bpf_map_lookup_elem(&scratch, &zero);
 	struct protected_proc *p = bpf_map_lookup_elem(&prot, &e->target_tgid);
 	if (s && p) {
-		struct pt_regs *regs = current_regs();
-		const void *rvec;
+		__u64 a[6];
 		__u64 n = e->niov > MAX_IOV ? MAX_IOV : e->niov;
 
-		if (bpf_core_field_exists(regs->r10))
-			rvec = (const void *)regs->r10; // x86-64's fourth syscall argument
-		else
-			rvec = (const void *)((struct pt_regs___arm64 *)(void *)regs)->regs[3];
+		syscall_args(a, 0);
 		// s->e is free at exit (new_event is an entry's); judge into it.
 		__builtin_memset(&s->e, 0, sizeof(s->e));
-		if (judge_iov(s, &s->e, p, rvec, n)) {
+		if (judge_iov(s, &s->e, p, (const void *)a[3], n, 0)) {
 			if (!(e->flags & F_IOV_UNREAD) &&
 			    (s->e.total != e->total || s->e.overlap != e->overlap || s->e.addr != e->addr || s->e.len != e->len))
 				e->flags |= F_IOV_CHANGED;
@@ -247,7 +145,6 @@ static __always_inline int vm_exit(struct exit_ctx *ctx)
 		}
 	}
 	e->result = ctx->ret;
-	take_denial(e, ctx->nr, ctx->ret);
 	send(e);
 out:
 	unstash(id);
@@ -365,7 +262,6 @@ int ring_complete(struct io_uring_complete_ctx *ctx)
 // sys_exit, which every syscall of every task passes. The program leaves at
 // once unless the task is in a compat syscall (x86's TS_COMPAT); ia32
 // numbers: open 5, creat 8, openat 295, openat2 437.
-#define TS_COMPAT 0x0002
 struct raw_exit_ctx {
 	__u64 common;
 	long id;
@@ -375,11 +271,7 @@ struct raw_exit_ctx {
 SEC("tracepoint/raw_syscalls/sys_exit")
 int compat_exit(struct raw_exit_ctx *ctx)
 {
-	struct task_struct *t = bpf_get_current_task_btf();
-
-	if (!bpf_core_field_exists(t->thread_info.status))
-		return 0;
-	if (!(t->thread_info.status & TS_COMPAT))
+	if (!in_compat_syscall())
 		return 0;
 	switch (ctx->id) {
 	case 5:

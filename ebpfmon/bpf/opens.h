@@ -146,30 +146,16 @@ static __always_inline void guess_open(struct event *e, int len, struct dentry *
 // from user memory, were most of the monitor's cost. flag says which
 // syscall: openat(dfd, path, flags), openat2(dfd, path, how), open(path,
 // flags) or creat(path, mode); F_COMPAT, that it came through int 0x80,
-// whose arguments are in ebx, ecx, edx. The architecture is chosen at load
-// time (CO-RE); only x86-64 is tested.
+// whose arguments are in ebx, ecx, edx (see syscall_args).
 static __always_inline void open_args(__u32 flag, int *dfd, const char **fn, __u64 *flags)
 {
-	struct pt_regs *regs = current_regs();
+	__u64 a[6];
 	__u64 a0, a1, a2;
 
-	if (bpf_core_field_exists(regs->di)) {
-		if (flag & F_COMPAT) {
-			// 32-bit registers: the values are zero-extended.
-			a0 = (__u32)regs->bx;
-			a1 = (__u32)regs->cx;
-			a2 = (__u32)regs->dx;
-		} else {
-			a0 = regs->di;
-			a1 = regs->si;
-			a2 = regs->dx;
-		}
-	} else {
-		struct pt_regs___arm64 *r = (void *)regs;
-		a0 = r->orig_x0;
-		a1 = r->regs[1];
-		a2 = r->regs[2];
-	}
+	syscall_args(a, flag & F_COMPAT);
+	a0 = a[0];
+	a1 = a[1];
+	a2 = a[2];
 	if (flag & (F_OPEN | F_CREAT)) {
 		// No directory fd: the path is the first argument.
 		*dfd = AT_FDCWD;
@@ -201,10 +187,7 @@ static __always_inline int file_is_candidate(struct file *f)
 		return (BPF_CORE_READ(ino, i_mode) & S_IFMT) == S_IFCHR ||
 		       BPF_CORE_READ(ino, i_sb, s_magic) == PROC_SUPER_MAGIC;
 	}
-	ino = f->f_inode;
-	if (!ino)
-		return 0;
-	return (ino->i_mode & S_IFMT) == S_IFCHR || ino->i_sb->s_magic == PROC_SUPER_MAGIC;
+	return inode_is_candidate(f->f_inode);
 }
 
 // may_matter is the filter every open in the system passes through, so it
@@ -327,13 +310,11 @@ static __always_inline int report_open(struct file *f, __u32 flag, long ret, __s
 			e->flags |= F_WHOLE;
 		if (e->technique == T_PROC_MEM)
 			e->flags |= F_OVERLAP;
-		take_denial(e, nr, ret);
 		send(e);
 		break;
 	case T_KCORE:
 	case T_DEVMEM:
 		e->flags |= F_OVERLAP;
-		take_denial(e, nr, ret);
 		send(e);
 		break;
 	}

@@ -1,7 +1,7 @@
 // Package keysvcsink carries monitor events to the key service's
-// POST /v1/events: Convert maps an ebpfmon.Event onto keysvc's wire type, and
-// Sink batches them to a Poster (the boot flow's authenticated client). It
-// owns the mapping only; keysvc owns the wire type and its limits.
+// POST /v1/events: Convert maps an ebpfmon.Event onto the wire type
+// (keysvc/api), and Sink batches them to a Poster (the boot flow's authenticated client). It
+// owns the mapping only; keysvc/api owns the wire type and its limits.
 package keysvcsink
 
 import (
@@ -14,33 +14,33 @@ import (
 	"unicode/utf8"
 
 	"github.com/keygate/keygate/ebpfmon"
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
-// Convert maps a monitor event onto keysvc's wire type, field for field.
+// Convert maps a monitor event onto the key service's wire type (keysvc/api), field for field.
 // The kind is the technique and the severity is kept as is (both
 // vocabularies are info, warning, critical); texts are cut to keysvc's
 // bounds, and the message repeats the event in one line for people.
-func Convert(e ebpfmon.Event) keysvc.Event {
+func Convert(e ebpfmon.Event) api.Event {
 	uid := uint32(e.UID)
 	result := e.Result
-	ev := keysvc.Event{
+	ev := api.Event{
 		Kind:         string(e.Technique),
 		Severity:     string(e.Severity),
 		PID:          e.TGID,
-		Comm:         cut(e.Comm, keysvc.MaxEventComm),
-		Exe:          cut(e.Exe, keysvc.MaxEventText),
+		Comm:         cut(e.Comm, api.MaxEventComm),
+		Exe:          cut(e.Exe, api.MaxEventText),
 		UID:          &uid,
 		TargetPID:    e.TargetPID,
 		Addr:         e.Addr,
 		Len:          e.Len,
 		Overlap:      e.Overlap,
 		OverlapBytes: e.OverlapBytes,
-		Path:         cut(e.Path, keysvc.MaxEventText),
+		Path:         cut(e.Path, api.MaxEventText),
 		Result:       &result,
 		Denied:       e.Denied,
 		Mode:         string(e.Mode),
-		Message:      cut(e.String(), keysvc.MaxEventText),
+		Message:      cut(e.String(), api.MaxEventText),
 	}
 	if !e.Time.IsZero() {
 		t := e.Time
@@ -67,7 +67,7 @@ func cut(s string, n int) string {
 
 // Poster sends a batch to POST /v1/events under the VM's session.
 type Poster interface {
-	PostEvents(ctx context.Context, events []keysvc.Event) error
+	PostEvents(ctx context.Context, events []api.Event) error
 }
 
 // Sink queues events and posts them in batches of at most keysvc.MaxEvents.
@@ -75,7 +75,7 @@ type Poster interface {
 // Dropped, so a slow key service cannot stall the monitor.
 type Sink struct {
 	p       Poster
-	q       chan keysvc.Event
+	q       chan api.Event
 	dropped atomic.Uint64
 	failed  atomic.Uint64
 	done    chan struct{}
@@ -88,7 +88,7 @@ func New(p Poster, queue int) *Sink {
 	if queue <= 0 {
 		queue = 1024
 	}
-	s := &Sink{p: p, q: make(chan keysvc.Event, queue), done: make(chan struct{}), timeout: 10 * time.Second}
+	s := &Sink{p: p, q: make(chan api.Event, queue), done: make(chan struct{}), timeout: 10 * time.Second}
 	s.wg.Add(1)
 	go s.run()
 	return s
@@ -112,7 +112,7 @@ func (s *Sink) Failed() uint64  { return s.failed.Load() }
 func (s *Sink) run() {
 	defer s.wg.Done()
 	for {
-		var batch []keysvc.Event
+		var batch []api.Event
 		select {
 		case e := <-s.q:
 			batch = append(batch, e)
@@ -122,7 +122,7 @@ func (s *Sink) run() {
 				select {
 				case e := <-s.q:
 					batch = append(batch, e)
-					if len(batch) == keysvc.MaxEvents {
+					if len(batch) == api.MaxEvents {
 						s.post(batch)
 						batch = nil
 					}
@@ -135,7 +135,7 @@ func (s *Sink) run() {
 			}
 		}
 	fill:
-		for len(batch) < keysvc.MaxEvents {
+		for len(batch) < api.MaxEvents {
 			select {
 			case e := <-s.q:
 				batch = append(batch, e)
@@ -147,7 +147,7 @@ func (s *Sink) run() {
 	}
 }
 
-func (s *Sink) post(batch []keysvc.Event) {
+func (s *Sink) post(batch []api.Event) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
 	defer cancel()
 	if err := s.p.PostEvents(ctx, batch); err != nil {

@@ -11,7 +11,7 @@ import (
 
 	"github.com/keygate/keygate/ebpfmon"
 	"github.com/keygate/keygate/ebpfmon/keysvcsink"
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 func TestConvert(t *testing.T) {
@@ -19,16 +19,16 @@ func TestConvert(t *testing.T) {
 	tests := []struct {
 		name string
 		in   ebpfmon.Event
-		want keysvc.Event
+		want api.Event
 	}{
 		{"proc mem", ebpfmon.Event{Technique: ebpfmon.ProcMem, Severity: ebpfmon.Critical, TGID: 7, Comm: "gdb", Exe: "/usr/bin/gdb", UID: 1000,
 			TargetPID: 9, Path: "/proc/9/mem", Overlap: true, Result: 3, Mode: ebpfmon.ModeDetect, Time: when},
-			keysvc.Event{Kind: "proc_mem", Severity: "critical", PID: 7, Comm: "gdb", Exe: "/usr/bin/gdb", TargetPID: 9, Path: "/proc/9/mem", Overlap: true, Mode: "detect"}},
+			api.Event{Kind: "proc_mem", Severity: "critical", PID: 7, Comm: "gdb", Exe: "/usr/bin/gdb", TargetPID: 9, Path: "/proc/9/mem", Overlap: true, Mode: "detect"}},
 		{"readv over the key", ebpfmon.Event{Technique: ebpfmon.ProcessVMReadv, Severity: ebpfmon.Critical, TGID: 8, TargetPID: 9,
 			Addr: 0x7f0000001000, Len: 4096, Overlap: true, OverlapBytes: 4096, Result: -1, Denied: true, Mode: ebpfmon.ModeDeny},
-			keysvc.Event{Kind: "process_vm_readv", Severity: "critical", PID: 8, TargetPID: 9, Addr: 0x7f0000001000, Len: 4096, Overlap: true, OverlapBytes: 4096, Denied: true, Mode: "deny"}},
+			api.Event{Kind: "process_vm_readv", Severity: "critical", PID: 8, TargetPID: 9, Addr: 0x7f0000001000, Len: 4096, Overlap: true, OverlapBytes: 4096, Denied: true, Mode: "deny"}},
 		{"long fields are cut to keysvc's bounds", ebpfmon.Event{Technique: ebpfmon.ProcessVMReadv, Severity: ebpfmon.Warning, Comm: strings.Repeat("c", 80), Exe: strings.Repeat("/é", 800)},
-			keysvc.Event{Kind: "process_vm_readv", Severity: "warning", Comm: strings.Repeat("c", 64)}},
+			api.Event{Kind: "process_vm_readv", Severity: "warning", Comm: strings.Repeat("c", 64)}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -45,7 +45,7 @@ func TestConvert(t *testing.T) {
 			if tc.in.Time.IsZero() != (got.Time == nil) || (got.Time != nil && !got.Time.Equal(tc.in.Time)) {
 				t.Errorf("time %v, want %v", got.Time, tc.in.Time)
 			}
-			if len(got.Exe) > keysvc.MaxEventText || !utf8.ValidString(got.Exe) || len(got.Message) > keysvc.MaxEventText || !strings.Contains(got.Message, string(tc.in.Technique)) {
+			if len(got.Exe) > api.MaxEventText || !utf8.ValidString(got.Exe) || len(got.Message) > api.MaxEventText || !strings.Contains(got.Message, string(tc.in.Technique)) {
 				t.Errorf("exe %d bytes, message %q", len(got.Exe), got.Message)
 			}
 		})
@@ -60,14 +60,14 @@ func TestConvert(t *testing.T) {
 // poster records batches, the way keysvc would receive them.
 type poster struct {
 	mu      sync.Mutex
-	batches [][]keysvc.Event
+	batches [][]api.Event
 	err     error
 }
 
-func (p *poster) PostEvents(_ context.Context, evs []keysvc.Event) error {
+func (p *poster) PostEvents(_ context.Context, evs []api.Event) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.batches = append(p.batches, append([]keysvc.Event(nil), evs...))
+	p.batches = append(p.batches, append([]api.Event(nil), evs...))
 	return p.err
 }
 
@@ -79,7 +79,7 @@ func TestSink(t *testing.T) {
 		wantFailed uint64
 	}{
 		{"one", 1, nil, 0},
-		{"more than a batch", keysvc.MaxEvents + 5, nil, 0},
+		{"more than a batch", api.MaxEvents + 5, nil, 0},
 		{"service refuses", 3, errors.New("403"), 3},
 	}
 	for _, tc := range tests {
@@ -94,8 +94,8 @@ func TestSink(t *testing.T) {
 			s.Close()
 			total := 0
 			for _, b := range p.batches {
-				if len(b) > keysvc.MaxEvents {
-					t.Errorf("batch of %d, above keysvc's %d", len(b), keysvc.MaxEvents)
+				if len(b) > api.MaxEvents {
+					t.Errorf("batch of %d, above keysvc's %d", len(b), api.MaxEvents)
 				}
 				total += len(b)
 			}
@@ -112,7 +112,7 @@ type blockingPoster struct {
 	posted  chan int
 }
 
-func (p *blockingPoster) PostEvents(_ context.Context, evs []keysvc.Event) error {
+func (p *blockingPoster) PostEvents(_ context.Context, evs []api.Event) error {
 	p.posted <- len(evs)
 	<-p.release
 	return nil

@@ -55,6 +55,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/awnumar/memguard"
@@ -124,9 +125,9 @@ type Record struct {
 // Log appends to and verifies the audit chain. It is safe for concurrent use;
 // appends are serialised by the store's write transaction.
 type Log struct {
-	st  store.AuditLog
-	key *memguard.LockedBuffer // K
-	now func() time.Time
+	st   store.AuditLog
+	keys atomic.Pointer[keys] // K, and during a master-key rotation the previous K (keyswitch.go)
+	now  func() time.Time
 }
 
 // Option configures a Log.
@@ -137,12 +138,13 @@ func WithClock(now func() time.Time) Option { return func(l *Log) { l.now = now 
 
 // New returns a Log over st whose MAC key is derived from mk with
 // masterkey.LabelAuditMAC. Destroy the Log to wipe that key.
-func New(st store.AuditLog, mk *masterkey.Key, opts ...Option) (*Log, error) {
+func New(st store.AuditLog, mk masterkey.Deriver, opts ...Option) (*Log, error) {
 	k, err := mk.Derive(masterkey.LabelAuditMAC)
 	if err != nil {
 		return nil, fmt.Errorf("audit key: %w", err)
 	}
-	l := &Log{st: st, key: k, now: time.Now}
+	l := &Log{st: st, now: time.Now}
+	l.keys.Store(&keys{cur: k})
 	for _, o := range opts {
 		o(l)
 	}
@@ -150,7 +152,7 @@ func New(st store.AuditLog, mk *masterkey.Key, opts ...Option) (*Log, error) {
 }
 
 // Destroy wipes the Log's MAC key.
-func (l *Log) Destroy() { l.key.Destroy() }
+func (l *Log) Destroy() { l.keys.Load().destroy() }
 
 // Append adds ev to the chain and returns the stored record. The store runs
 // it in one write transaction that reads the chain's end, so concurrent
@@ -174,11 +176,11 @@ func (l *Log) AppendUsing(ctx context.Context, use store.ChallengeUse, ev Event)
 // as store.AuditLog.AppendAudit would (store.SQLite.Adopt does, together
 // with its own writes).
 func (l *Log) AppendVia(ctx context.Context, ev Event, via func(next store.AuditNext) error) (Record, error) {
-	return l.appendWith(ctx, ev, via)
+	return l.appendWith(ctx, ev, nil, via)
 }
 
 func (l *Log) append(ctx context.Context, use *store.ChallengeUse, ev Event) (Record, error) {
-	return l.appendWith(ctx, ev, func(next store.AuditNext) error {
+	return l.appendWith(ctx, ev, nil, func(next store.AuditNext) error {
 		if use != nil {
 			return l.st.AppendAuditUsing(ctx, *use, next)
 		}
@@ -186,7 +188,11 @@ func (l *Log) append(ctx context.Context, use *store.ChallengeUse, ev Event) (Re
 	})
 }
 
-func (l *Log) appendWith(ctx context.Context, ev Event, via func(next store.AuditNext) error) (Record, error) {
+// appendWith appends ev through via. If sw is set, the record is the one
+// that switches the chain to a new key (keyswitch.go): sw runs once the end it
+// extends has been checked, inside the store's transaction, and returns
+// the keys the record is MAC'd under.
+func (l *Log) appendWith(ctx context.Context, ev Event, sw func() *keys, via func(next store.AuditNext) error) (Record, error) {
 	if ev.Actor == "" || ev.Action == "" {
 		return Record{}, errors.New("audit append: event needs an actor and an action")
 	}
@@ -199,9 +205,13 @@ func (l *Log) appendWith(ctx context.Context, ev Event, via func(next store.Audi
 	}
 	var out store.AuditRecord
 	next := func(last *store.AuditRecord, head *store.AuditHead) (store.AuditRecord, store.AuditHead, error) {
-		seq, prev, err := l.tip(last, head)
+		ks := l.keys.Load()
+		seq, prev, err := ks.tip(last, head)
 		if err != nil {
 			return store.AuditRecord{}, store.AuditHead{}, err
+		}
+		if sw != nil {
+			ks = sw()
 		}
 		r := store.AuditRecord{
 			Seq:      seq,
@@ -213,9 +223,9 @@ func (l *Log) appendWith(ctx context.Context, ev Event, via func(next store.Audi
 			PrevHash: prev,
 		}
 		r.Hash = hashRecord(r)
-		r.MAC = l.mac(r.Hash)
+		r.MAC = mac(ks.cur, r.Hash)
 		out = r
-		return r, store.AuditHead{Seq: seq, Hash: r.Hash, MAC: l.headMAC(seq, r.Hash)}, nil
+		return r, store.AuditHead{Seq: seq, Hash: r.Hash, MAC: headMAC(ks.cur, seq, r.Hash)}, nil
 	}
 	if err := via(next); err != nil {
 		return Record{}, fmt.Errorf("audit append %s: %w", ev.Action, err)
@@ -225,7 +235,9 @@ func (l *Log) appendWith(ctx context.Context, ev Event, via func(next store.Audi
 
 // tip checks the chain end that the next record extends and returns that
 // record's seq and prev_hash.
-func (l *Log) tip(last *store.AuditRecord, head *store.AuditHead) (uint64, []byte, error) {
+// A record or head under the previous key passes too: that is the end a
+// rotation's switch record extends.
+func (ks *keys) tip(last *store.AuditRecord, head *store.AuditHead) (uint64, []byte, error) {
 	switch {
 	case last == nil && head == nil:
 		return 1, make([]byte, sha256.Size), nil
@@ -235,9 +247,9 @@ func (l *Log) tip(last *store.AuditRecord, head *store.AuditHead) (uint64, []byt
 		return 0, nil, fmt.Errorf("%w: record %d exists but the head is missing", ErrChainBroken, last.Seq)
 	case !hmac.Equal(hashRecord(*last), last.Hash):
 		return 0, nil, fmt.Errorf("%w: record %d was edited", ErrChainBroken, last.Seq)
-	case !hmac.Equal(l.mac(last.Hash), last.MAC):
+	case !ks.macOK(last.Hash, last.MAC):
 		return 0, nil, fmt.Errorf("%w: record %d has a bad MAC", ErrChainBroken, last.Seq)
-	case !hmac.Equal(l.headMAC(head.Seq, head.Hash), head.MAC):
+	case !ks.headOK(head):
 		return 0, nil, fmt.Errorf("%w: the head has a bad MAC", ErrChainBroken)
 	case head.Seq != last.Seq || !hmac.Equal(head.Hash, last.Hash):
 		return 0, nil, fmt.Errorf("%w: the head names record %d but the last record is %d", ErrChainBroken, head.Seq, last.Seq)
@@ -275,14 +287,14 @@ func hashRecord(r store.AuditRecord) []byte {
 // mac and headMAC build an HMAC per call: crypto/hmac copies the key into
 // padded blocks on the Go heap, accepted on the key service host for the
 // length of one call.
-func (l *Log) mac(hash []byte) []byte {
-	m := hmac.New(sha256.New, l.key.Bytes())
+func mac(key *memguard.LockedBuffer, hash []byte) []byte {
+	m := hmac.New(sha256.New, key.Bytes())
 	m.Write(hash)
 	return m.Sum(nil)
 }
 
-func (l *Log) headMAC(seq uint64, hash []byte) []byte {
-	m := hmac.New(sha256.New, l.key.Bytes())
+func headMAC(key *memguard.LockedBuffer, seq uint64, hash []byte) []byte {
+	m := hmac.New(sha256.New, key.Bytes())
 	m.Write([]byte(headDomain))
 	m.Write(binary.BigEndian.AppendUint64(nil, seq))
 	m.Write(hash)

@@ -43,6 +43,11 @@ type Report struct {
 	Head     uint64    // seq named by the head (0 if none)
 	Problems []Problem // at most maxProblems, in seq order
 	Omitted  int       // problems found beyond maxProblems
+	// Retired counts the records written under a master key since
+	// rotated away: their MACs can no longer be checked, and their
+	// hashes and links tie them to the later switch record, whose MAC
+	// was checked (keyswitch.go).
+	Retired uint64
 }
 
 // OK reports whether the chain passed every check.
@@ -71,6 +76,12 @@ func (l *Log) Verify(ctx context.Context) (Report, error) {
 		rep      Report
 		expect   uint64 = 1
 		prevHash        = make([]byte, sha256.Size)
+		ks              = l.keys.Load()
+		// unkeyed are the records whose MAC no key held checks; a later
+		// switch record MAC'd under the current key retires them, and
+		// the ones left at the end are forged. Capped like Problems.
+		unkeyed  []uint64
+		nUnkeyed uint64
 	)
 	head, err := l.st.ScanAudit(ctx, 1, func(r store.AuditRecord) error {
 		rep.Records++
@@ -86,8 +97,17 @@ func (l *Log) Verify(ctx context.Context) (Report, error) {
 		switch {
 		case !hmac.Equal(hashRecord(r), r.Hash):
 			rep.add(r.Seq, KindEdited, "stored hash does not match the record's contents (the record was edited)")
-		case !hmac.Equal(l.mac(r.Hash), r.MAC):
-			rep.add(r.Seq, KindForged, "MAC does not match (the record was forged or re-hashed without the key, or this is the wrong master key)")
+		case hmac.Equal(mac(ks.cur, r.Hash), r.MAC):
+			if isSwitch(r) {
+				rep.Retired += nUnkeyed
+				unkeyed, nUnkeyed = unkeyed[:0], 0
+			}
+		case ks.prev != nil && hmac.Equal(mac(ks.prev, r.Hash), r.MAC):
+		default:
+			if len(unkeyed) < maxProblems {
+				unkeyed = append(unkeyed, r.Seq)
+			}
+			nUnkeyed++
 		}
 		if linked && !bytes.Equal(r.PrevHash, prevHash) {
 			rep.add(r.Seq, KindBrokenLink, "prev_hash is not the hash of record %d (records were altered, replaced or reordered)", r.Seq-1)
@@ -100,6 +120,10 @@ func (l *Log) Verify(ctx context.Context) (Report, error) {
 	if err != nil {
 		return Report{}, fmt.Errorf("verify audit chain: %w", err)
 	}
+	for _, seq := range unkeyed {
+		rep.add(seq, KindForged, "MAC does not match (the record was forged or re-hashed without the key, or this is the wrong master key)")
+	}
+	rep.Omitted += int(nUnkeyed) - len(unkeyed)
 	switch {
 	case head == nil && rep.Records == 0:
 		// An empty log.
@@ -107,7 +131,7 @@ func (l *Log) Verify(ctx context.Context) (Report, error) {
 		rep.add(rep.LastSeq, KindHead, "the chain head is missing (deleted)")
 	default:
 		rep.Head = head.Seq
-		if !hmac.Equal(l.headMAC(head.Seq, head.Hash), head.MAC) {
+		if !ks.headOK(head) {
 			rep.add(head.Seq, KindHead, "the head's MAC does not match (forged head, or the wrong master key)")
 		}
 		switch {

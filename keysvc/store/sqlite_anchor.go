@@ -102,18 +102,5 @@ func (s *SQLite) Adopt(ctx context.Context, vm func(*VM) error, vol func(*Volume
 
 // scanAll reads every row of query with scan.
 func scanAll[T any](ctx context.Context, tx *sql.Tx, query string, scan func(rowScanner) (T, error)) ([]T, error) {
-	rows, err := tx.QueryContext(ctx, query)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []T
-	for rows.Next() {
-		v, err := scan(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, v)
-	}
-	return out, rows.Err()
+	return scanAllArgs(ctx, tx, query, scan)
 }

@@ -1,25 +1,32 @@
-// Command attack is the test guest's attacker (issue 6, scenario 4): run as
-// root inside the guest, it tries to read a key holder's memory the three
-// ways the monitor must deny — process_vm_readv, /proc/PID/mem and ptrace
-// attach — and prints what the kernel answered, one "technique=RESULT" per
-// word, for the host to check. The testvm tests build it statically and put
-// it in the initramfs; busybox has no such tool. It also opens
-// /proc/PID/mem through int 0x80, the 32-bit route that skips the kernel's
-// per-syscall tracepoints (it dies with SIGSEGV in the CI sandbox, so only
-// the guest runs it).
+// Command attack is the test guest's attacker (issue 6, scenario 4; issue
+// 12): run as root inside the guest, it tries to reach a key holder's
+// memory by every route the monitor watches outside opens of /proc/PID/mem
+// — process_vm_readv/writev, ptrace attach and seize, pidfd_getfd,
+// perf_event_open on the process and on a CPU — and opens /proc/PID/mem,
+// then prints what the kernel answered, one "technique=RESULT" per word, for
+// the host to check. The testvm tests build it statically and put it in the
+// initramfs; busybox has no such tool. It also opens /proc/PID/mem and calls
+// process_vm_readv through int 0x80, the 32-bit route that skips the
+// kernel's per-syscall tracepoints (it dies with SIGSEGV in the CI sandbox,
+// so only the guest runs it). `attack hold` is a stand-in key holder: it
+// waits until killed.
 //
 // Root holds CAP_SYS_PTRACE, which overrides the key holder's
 // PR_SET_DUMPABLE=0, so without the BPF LSM every attempt would succeed:
-// an EPERM here is the monitor's denial.
+// an EPERM here is the monitor's denial. The perf_event_open words are
+// READ-mode access, which deny mode reports and lets through ("ok").
 package main
 
 import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -29,8 +36,15 @@ import (
 const textAddr = 0x401000
 
 func main() {
+	if len(os.Args) == 2 && os.Args[1] == "hold" {
+		for {
+			time.Sleep(time.Hour)
+		}
+	}
+	// ptrace requests must come from the tracing thread.
+	runtime.LockOSThread()
 	if len(os.Args) != 2 {
-		fmt.Fprintln(os.Stderr, "usage: attack PID")
+		fmt.Fprintln(os.Stderr, "usage: attack PID | attack hold")
 		os.Exit(2)
 	}
 	pid, err := strconv.Atoi(os.Args[1])
@@ -45,6 +59,14 @@ func main() {
 		// The same open as a 32-bit syscall, which the monitor must see
 		// on raw_syscalls:sys_exit.
 		"proc_mem_int80=" + describe(procMemInt80(pid)),
+		// Routes issue 12 moved onto the BPF LSM in deny mode.
+		"process_vm_writev=" + describe(processVMWritev(pid)),
+		"pidfd_getfd=" + describe(pidfdGetfd(pid)),
+		"process_vm_readv_int80=" + describe(processVMReadvInt80(pid)),
+		"perf_event_open=" + describe(perfEventOpen(pid, 0)),
+		"perf_cpu=" + describe(perfEventOpen(-1, unix.PERF_SAMPLE_REGS_USER|unix.PERF_SAMPLE_STACK_USER)),
+		// Last: a seize that succeeds lasts until this process exits.
+		"ptrace_seize=" + describe(unix.PtraceSeize(pid)),
 	}
 	fmt.Println(strings.Join(out, " "))
 }
@@ -55,6 +77,47 @@ func processVMReadv(pid int) error {
 	remote := []unix.RemoteIovec{{Base: textAddr, Len: len(buf)}}
 	_, err := unix.ProcessVMReadv(pid, local, remote, 0)
 	return err
+}
+
+// processVMWritev writes 8 bytes at 0x1000, which no process maps: it
+// harms nothing should the monitor fail to deny it.
+func processVMWritev(pid int) error {
+	buf := make([]byte, 8)
+	local := []unix.Iovec{{Base: &buf[0], Len: uint64(len(buf))}}
+	remote := []unix.RemoteIovec{{Base: 0x1000, Len: len(buf)}}
+	_, err := unix.ProcessVMWritev(pid, local, remote, 0)
+	return err
+}
+
+// pidfdGetfd takes a copy of the key holder's descriptor 0.
+func pidfdGetfd(pid int) error {
+	pfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return fmt.Errorf("pidfd_open: %w", err)
+	}
+	defer unix.Close(pfd)
+	fd, err := unix.PidfdGetfd(pfd, 0, 0)
+	if err != nil {
+		return err
+	}
+	return unix.Close(fd)
+}
+
+// perfEventOpen opens a software CPU-clock event on pid (on CPU 0 for
+// pid -1) sampling what sample names.
+func perfEventOpen(pid int, sample uint64) error {
+	attr := unix.PerfEventAttr{Type: unix.PERF_TYPE_SOFTWARE, Config: unix.PERF_COUNT_SW_CPU_CLOCK,
+		Size: uint32(unsafe.Sizeof(unix.PerfEventAttr{})), Bits: unix.PerfBitDisabled, Sample: 1000,
+		Sample_type: sample, Sample_regs_user: 0xff, Sample_stack_user: 4096}
+	cpu := -1
+	if pid == -1 {
+		cpu = 0
+	}
+	fd, err := unix.PerfEventOpen(&attr, pid, cpu, -1, unix.PERF_FLAG_FD_CLOEXEC)
+	if err != nil {
+		return err
+	}
+	return unix.Close(fd)
 }
 
 func procMem(pid int) error {

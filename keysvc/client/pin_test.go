@@ -1,4 +1,4 @@
-package boot
+package client
 
 import (
 	"context"
@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"math/big"
 	"net"
@@ -17,7 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keygate/keygate/keysvc"
+	"github.com/keygate/keygate/keysvc/api"
 )
 
 // issue makes a CA and a server certificate for 127.0.0.1 signed by it.
@@ -92,20 +93,20 @@ func TestPinnedCA(t *testing.T) {
 				}}
 				go srv.Serve(ln)
 				defer srv.Close()
-				cl, err := newClient("https://"+ln.Addr().String(), nil, tc.pin)
+				cl, err := New(Config{URLs: []string{"https://" + ln.Addr().String()}, CAPin: tc.pin})
 				if err != nil {
 					t.Fatal(err)
 				}
-				defer cl.close()
+				defer cl.Close()
 				if warm {
-					cl.warm()
+					cl.Warm()
 					<-conns // the warm dial reached the server before any request
 				}
 				for i := range 2 {
-					var sr keysvc.SessionResponse
-					err = cl.do(context.Background(), "GET", "/v1/session", "tok", nil, &sr)
+					var sr api.SessionResponse
+					err = cl.Do(context.Background(), "GET", "/v1/session", "tok", nil, &sr)
 					if tc.wantErr == nil {
-						if err != nil || sr.State != keysvc.StateActive {
+						if err != nil || sr.State != api.StateActive {
 							t.Fatalf("do %d: %v %+v", i, err, sr)
 						}
 						continue
@@ -134,39 +135,27 @@ func TestPinnedCA(t *testing.T) {
 func TestNewClientRefuses(t *testing.T) {
 	ca, _ := issue(t)
 	caPEM := []byte("-----BEGIN CERTIFICATE-----\n" + "\n-----END CERTIFICATE-----\n")
+	other, _ := issue(t)
+	otherPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: other.Raw})
 	for _, tc := range []struct {
-		name, url, pin string
-		ca             []byte
+		name string
+		urls []string
+		pin  string
+		ca   []byte
 	}{
-		{"http", "http://127.0.0.1:1", fingerprint(ca), nil},
-		{"no-trust-anchor", "https://127.0.0.1:1", "", nil},
-		{"bad-ca-file", "https://127.0.0.1:1", "", caPEM},
-		{"ca-not-the-pinned-one", "https://127.0.0.1:1", fingerprint(ca), otherCA(t)},
+		{"http", []string{"http://127.0.0.1:1"}, fingerprint(ca), nil},
+		{"no-url", nil, fingerprint(ca), nil},
+		{"http-replica", []string{"https://127.0.0.1:1", "http://127.0.0.1:2"}, fingerprint(ca), nil},
+		{"listed-twice", []string{"https://127.0.0.1:1", "https://127.0.0.1:1/"}, fingerprint(ca), nil},
+		{"query", []string{"https://127.0.0.1:1?x=1"}, fingerprint(ca), nil},
+		{"no-trust-anchor", []string{"https://127.0.0.1:1"}, "", nil},
+		{"bad-ca-file", []string{"https://127.0.0.1:1"}, "", caPEM},
+		{"ca-not-the-pinned-one", []string{"https://127.0.0.1:1"}, fingerprint(ca), otherPEM},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if _, err := newClient(tc.url, tc.ca, tc.pin); err == nil {
+			if _, err := New(Config{URLs: tc.urls, CA: tc.ca, CAPin: tc.pin}); err == nil {
 				t.Fatal("accepted")
 			}
 		})
 	}
-}
-
-// FuzzParseRefusal: a 403 body from the network never panics the parser or
-// the message built from it, and a policy denial keeps its mismatches.
-func FuzzParseRefusal(f *testing.F) {
-	f.Add([]byte(`{"reason":"revoked","hint":"the VM was revoked"}`))
-	f.Add([]byte(`{"reason":"PCR 7 not allowed","mismatches":[{"pcr":7,"allowed":["00"],"got":"11"}],"rules":[{"rule":"secure_boot","want":"enabled","got":"disabled"}]}`))
-	f.Add([]byte(`{"mismatches":null}`))
-	f.Add([]byte(`not json`))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		err := parseRefusal(b)
-		var r *Refusal
-		if !errors.As(err, &r) || !errors.Is(err, ErrRefused) {
-			t.Fatalf("parseRefusal returned %T", err)
-		}
-		_ = err.Error()
-		if r.Denial != nil && r.Reason != keysvc.ReasonPolicy {
-			t.Fatalf("denial with reason %q", r.Reason)
-		}
-	})
 }

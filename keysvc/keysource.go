@@ -1,0 +1,178 @@
+package keysvc
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/keygate/keygate/keysvc/masterkey"
+	"github.com/keygate/keygate/keysvc/masterkey/hsm"
+)
+
+// keySource is where the service's master key lives, and where a
+// master-key rotation keeps the key it moves to until it is installed:
+// a file in the data directory (fileSource) or a PKCS#11 token
+// (hsmSource).
+type keySource interface {
+	// load returns the current master key, creating it if there is none.
+	load() (mk masterkey.Master, created bool, err error)
+	// next returns the rotation's new key, creating it if create is set;
+	// errNoNext if there is none and create is not set.
+	next(create bool) (masterkey.Master, error)
+	// install makes the new key the current one and wipes the old one.
+	// Repeating it after a crash finishes what is left; with no new key
+	// it does nothing.
+	install() error
+	kind() string // "file" or "pkcs11"
+	close()
+}
+
+var errNoNext = errors.New("no new master key")
+
+// NextKeySuffix is appended to master.key for the key a rotation moves to.
+const NextKeySuffix = ".next"
+
+// oldKeySuffix names the old key file's last link while install wipes it.
+const oldKeySuffix = ".old"
+
+// fileSource is DIR/master.key (or, with a Sealer installed by the command
+// line, DIR/master.key.tpm).
+type fileSource struct{ path string }
+
+func (f fileSource) kind() string { return "file" }
+func (f fileSource) close()       {}
+
+func (f fileSource) load() (masterkey.Master, bool, error) {
+	if err := wipeFile(f.path + oldKeySuffix); err != nil {
+		return nil, false, err
+	}
+	mk, created, err := masterkey.LoadOrCreate(f.path)
+	if err != nil {
+		return nil, false, err // not a nil *Key in a non-nil interface
+	}
+	return mk, created, nil
+}
+
+func (f fileSource) sealed() bool {
+	_, err := os.Stat(f.path + masterkey.SealedSuffix)
+	return err == nil
+}
+
+func (f fileSource) next(create bool) (masterkey.Master, error) {
+	if f.sealed() {
+		return nil, errors.New("rotating a master key sealed to a TPM is not supported yet: escrow it, move it back to a plain master.key, rotate, and seal the new key with `keysvc master-key seal`")
+	}
+	p := f.path + NextKeySuffix
+	if !create {
+		if _, err := os.Stat(p); errors.Is(err, fs.ErrNotExist) {
+			return nil, errNoNext
+		}
+	}
+	mk, _, err := masterkey.LoadOrCreate(p)
+	if err != nil {
+		return nil, err
+	}
+	return mk, nil
+}
+
+// install links the old key to master.key.old, renames master.key.next
+// over master.key (atomic: the name always holds one whole key), syncs
+// the directory, then overwrites the old key's file with random bytes and
+// removes it. A crash leaves at worst master.key.old, which the next load
+// wipes. Overwriting in place is best effort: a copy-on-write or
+// wear-levelled disk may keep the old blocks.
+func (f fileSource) install() error {
+	next := f.path + NextKeySuffix
+	if _, err := os.Stat(next); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	old := f.path + oldKeySuffix
+	if err := os.Remove(old); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("install new master key: %w", err)
+	}
+	if err := os.Link(f.path, old); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("install new master key: keep the old one aside: %w", err)
+	}
+	if err := os.Rename(next, f.path); err != nil {
+		return fmt.Errorf("install new master key: %w", err)
+	}
+	if d, err := os.Open(filepath.Dir(f.path)); err == nil {
+		err = d.Sync()
+		d.Close()
+		if err != nil {
+			return fmt.Errorf("install new master key: sync %s: %w", filepath.Dir(f.path), err)
+		}
+	}
+	return wipeFile(old)
+}
+
+// wipeFile overwrites path with random bytes, syncs it and removes it; a
+// missing file is not an error.
+func wipeFile(path string) error {
+	fh, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("wipe old master key %s: %w", path, err)
+	}
+	st, err := fh.Stat()
+	if err == nil {
+		junk := make([]byte, st.Size())
+		rand.Read(junk)
+		_, err = fh.WriteAt(junk, 0)
+	}
+	if err == nil {
+		err = fh.Sync()
+	}
+	fh.Close()
+	if err != nil {
+		return fmt.Errorf("wipe old master key %s: %w", path, err)
+	}
+	return os.Remove(path)
+}
+
+// hsmSource is a key object in a PKCS#11 token.
+type hsmSource struct{ tok *hsm.Token }
+
+func (h hsmSource) kind() string { return "pkcs11" }
+func (h hsmSource) close()       { h.tok.Close() }
+
+// load finds or creates the key object. If only the rotation's new key is
+// there, a rotation was cut short while installing it (the old object
+// destroyed, the new one not yet relabelled): that step is finished first.
+func (h hsmSource) load() (masterkey.Master, bool, error) {
+	if _, err := h.tok.Find(h.tok.Label()); errors.Is(err, hsm.ErrNotFound) {
+		if _, err := h.tok.FindNext(); err == nil {
+			if err := h.tok.Install(); err != nil {
+				return nil, false, err
+			}
+		}
+	}
+	k, created, err := h.tok.LoadOrCreate(h.tok.Label())
+	if err != nil {
+		return nil, false, err
+	}
+	return k, created, nil
+}
+
+func (h hsmSource) next(create bool) (masterkey.Master, error) {
+	var (
+		k   *hsm.Key
+		err error
+	)
+	if create {
+		k, err = h.tok.CreateNext()
+	} else if k, err = h.tok.FindNext(); errors.Is(err, hsm.ErrNotFound) {
+		err = errNoNext
+	}
+	if err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+func (h hsmSource) install() error { return h.tok.Install() }
