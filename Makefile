@@ -13,12 +13,13 @@ BIN       := bin
 # installed, and cached in .cache/testvm); qemu-utils (qemu-img, qemu-io),
 # libnbd-bin (nbdcopy, nbdinfo) and fio as real clients of the NBD export,
 # nbdkit as the server to measure it against; softhsm2 as a real PKCS#11 token
-# for the master key in an HSM (keysvc/masterkey/hsm).
+# for the master key in an HSM (keysvc/masterkey/hsm); chromium for the
+# dashboard's test in a real browser (keysvc/dashboard/browsertest).
 TEST_DEBS := qemu-utils libnbd-bin nbdkit fio cryptsetup-bin openssl python3-cryptography e2fsprogs dosfstools swtpm swtpm-tools tpm2-tools libssl-dev gcc libc6-dev \
 	clang llvm libbpf-dev procps clevis clevis-tpm2 tang socat \
-	qemu-system-x86 ovmf busybox-static softhsm2
+	qemu-system-x86 ovmf busybox-static softhsm2 chromium
 # Tools the tests must find: a missing one fails the run instead of skipping.
-export KEYGATE_REQUIRE ?= cgo,go,sleep,mount,losetup,qemu-system-x86_64,cryptsetup,qemu-img,qemu-io,nbdcopy,nbdinfo,nbdkit,fio,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep,qemu,guest-bpf,softhsm,softhsm2-util
+export KEYGATE_REQUIRE ?= cgo,go,sleep,mount,losetup,qemu-system-x86_64,cryptsetup,qemu-img,qemu-io,nbdcopy,nbdinfo,nbdkit,fio,python-cryptography,e2fsck,mkfs.ext4,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep,qemu,guest-bpf,softhsm,softhsm2-util,chromium
 
 .PHONY: all build test testvm bench demo generate deps test-deps fuzz clean
 
@@ -53,7 +54,7 @@ FUZZTIME ?= 30s
 FUZZ_TARGETS := ./disk/luks2:FuzzParseHeader ./disk/xts:FuzzXTS \
 	./attest:FuzzCheckToken ./attest:FuzzParsePolicy ./attest:FuzzVerifyAttestation \
 	./tpm:FuzzParsePublicKeyPEM ./tpm:FuzzSockConn ./keysvc/masterkey:FuzzOpenSealed \
-	./keysvc:FuzzDecodeRequest ./keysvc:FuzzVMAPI ./keysvc/client:FuzzDecode ./disk/nbd:FuzzParseRequest ./disk/nbd:FuzzServer \
+	./keysvc:FuzzDecodeRequest ./keysvc:FuzzVMAPI ./keysvc:FuzzDashboard ./keysvc/client:FuzzDecode ./disk/nbd:FuzzParseRequest ./disk/nbd:FuzzServer \
 	./keysvc/masterkey/hsm:FuzzParseURI
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -41,6 +41,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/admin/events", s.adminListEvents)
 	mux.HandleFunc("GET /v1/admin/master-key", s.adminMasterKey)
 	mux.HandleFunc("POST /v1/admin/master-key/rotate", s.adminRotateMasterKey)
+	mux.HandleFunc("GET /v1/admin/events/stream", s.adminStreamEvents)
 }
 
 func fingerprint(pemText string) string {
@@ -238,22 +239,6 @@ func (s *Server) existingVM(w http.ResponseWriter, r *http.Request, what, name s
 	return vm, true
 }
 
-func (s *Server) adminRevoke(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	if _, ok := s.existingVM(w, r, "revoke vm", name); !ok {
-		return
-	}
-	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionRevoke, Subject: name, Details: audit.Revoke{}}) {
-		return
-	}
-	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.Revoked = true; return nil })
-	if err != nil {
-		s.storeError(w, "revoke vm "+strconv.Quote(name), err)
-		return
-	}
-	writeJSON(w, http.StatusOK, vmInfo(vm))
-}
-
 func (s *Server) adminShowPolicy(w http.ResponseWriter, r *http.Request) {
 	vm, err := s.st.GetVM(r.Context(), r.PathValue("name"))
 	if err != nil {
@@ -307,22 +292,6 @@ func (s *Server) adminSetPolicy(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, vmInfo(vm).Policy)
-}
-
-func (s *Server) adminLearn(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	if _, ok := s.existingVM(w, r, "arm learn mode of vm", name); !ok {
-		return
-	}
-	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionLearn, Subject: name, Details: audit.Learn{Armed: true}}) {
-		return
-	}
-	vm, err := s.st.UpdateVM(r.Context(), name, func(v *store.VM) error { v.LearnArmed = true; return nil })
-	if err != nil {
-		s.storeError(w, "arm learn mode of vm "+strconv.Quote(name), err)
-		return
-	}
-	writeJSON(w, http.StatusOK, vmInfo(vm))
 }
 
 func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
@@ -422,23 +391,6 @@ func (s *Server) adminShowVolume(w http.ResponseWriter, r *http.Request) {
 	info := []api.VolumeInfo{volumeInfo(vol)}
 	s.withRotations(r.Context(), info)
 	writeJSON(w, http.StatusOK, info[0])
-}
-
-func (s *Server) adminErase(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("id")
-	if _, err := s.st.GetVolume(r.Context(), id); err != nil {
-		s.storeError(w, "erase volume "+strconv.Quote(id), err)
-		return
-	}
-	if !s.intend(w, r, audit.Event{Actor: "admin", Action: audit.ActionErase, Subject: id, Details: audit.Erase{Volume: id}}) {
-		return
-	}
-	vol, err := s.st.UpdateVolume(r.Context(), id, func(v *store.Volume) error { v.SealedUK = nil; return nil })
-	if err != nil {
-		s.storeError(w, "erase volume "+strconv.Quote(id), err)
-		return
-	}
-	writeJSON(w, http.StatusOK, volumeInfo(vol))
 }
 
 func (s *Server) adminAuditList(w http.ResponseWriter, r *http.Request) {

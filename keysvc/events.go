@@ -130,6 +130,13 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 			s.internal(w, "store events", err)
 			return
 		}
+		s.bell.ring()
+		// Queued before the answer: a VM that is not answered 200 sends
+		// the batch again, so no alert is lost between the two writes.
+		if err := s.queueAlerts(r.Context(), stored); err != nil {
+			s.internal(w, "queue alerts", err)
+			return
+		}
 	}
 	for i, e := range req.Events {
 		s.metrics.events.WithLabelValues(e.Severity, metricKind(e.Kind)).Inc()
@@ -185,12 +192,7 @@ func (s *Server) adminListEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	out := make([]api.EventRecord, 0, len(evs))
 	for _, ev := range evs {
-		rec := api.EventRecord{ID: ev.ID, Received: ev.Received, VM: ev.VM, Volume: ev.Volume, SessionID: ev.Session}
-		if err := json.Unmarshal(ev.Data, &rec.Event); err != nil {
-			// Stored by this service after checkEvent; keep what the row says.
-			rec.Event = api.Event{Kind: ev.Kind, Severity: ev.Severity, Message: "(stored event does not decode: " + err.Error() + ")"}
-		}
-		out = append(out, rec)
+		out = append(out, eventRecord(ev))
 	}
 	writeJSON(w, http.StatusOK, out)
 }

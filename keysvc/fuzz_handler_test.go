@@ -19,26 +19,33 @@ import (
 	"github.com/keygate/keygate/keysvc/store"
 )
 
+// fuzzToken is the admin token of newFuzzServer's service.
+const fuzzToken = "0123456789abcdef0123456789abcdef"
+
+// newFuzzServer is a key service over an in-memory store and audit log:
+// under -fuzz every package is coverage-instrumented, and the transpiled
+// SQLite becomes too slow to fuzz through.
+func newFuzzServer(f *testing.F) *keysvc.Server {
+	mk, _, err := masterkey.LoadOrCreate(filepath.Join(f.TempDir(), "master.key"))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(mk.Destroy)
+	srv, err := keysvc.New(keysvc.WithStore(newMemStore()), keysvc.WithAudit(&memAudit{}), keysvc.WithMasterKey(mk),
+		keysvc.WithAdminToken(fuzzToken), keysvc.WithLogger(discardLogger()), keysvc.WithRateLimits(0, 0))
+	if err != nil {
+		f.Fatal(err)
+	}
+	return srv
+}
+
 // FuzzVMAPI posts outside bytes to every VM API endpoint of a service with
 // an enrolled VM and a volume. Seeds include a genuine challenge with a
 // garbage attestation, so that the fuzzer reaches the attestation decoding
 // and verification behind the token check. No input may panic, answer 200,
 // or answer a status outside the protocol's list.
 func FuzzVMAPI(f *testing.F) {
-	// In-memory store and audit log: under -fuzz every package is
-	// coverage-instrumented, and the transpiled SQLite becomes too slow to
-	// fuzz through.
-	mk, _, err := masterkey.LoadOrCreate(filepath.Join(f.TempDir(), "master.key"))
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(mk.Destroy)
-	const token = "0123456789abcdef0123456789abcdef"
-	srv, err := keysvc.New(keysvc.WithStore(newMemStore()), keysvc.WithAudit(&memAudit{}), keysvc.WithMasterKey(mk),
-		keysvc.WithAdminToken(token), keysvc.WithLogger(discardLogger()), keysvc.WithRateLimits(0, 0))
-	if err != nil {
-		f.Fatal(err)
-	}
+	srv := newFuzzServer(f)
 	ek, ak := randomPEM(f), randomPEM(f)
 	admin := srv.AdminHandler()
 	for _, req := range []struct {
@@ -50,7 +57,7 @@ func FuzzVMAPI(f *testing.F) {
 	} {
 		b, _ := json.Marshal(req.body)
 		r := httptest.NewRequest("POST", req.path, bytes.NewReader(b))
-		r.Header.Set("Authorization", "Bearer "+token)
+		r.Header.Set("Authorization", "Bearer "+fuzzToken)
 		w := httptest.NewRecorder()
 		admin.ServeHTTP(w, r)
 		if w.Code != http.StatusCreated {

@@ -299,3 +299,14 @@ func wantRefusal(t testing.TB, code int, body []byte, reason string) map[string]
 	}
 	return m
 }
+
+// startEnvWith is startEnv with more configuration (alert delivery, admin
+// client CAs) set by with.
+func startEnvWith(t testing.TB, dir string, with func(*keysvc.Config), opts ...keysvc.Option) *env {
+	t.Helper()
+	cfg := keysvc.Config{DataDir: dir}
+	if with != nil {
+		with(&cfg)
+	}
+	return startEnvConfig(t, cfg, opts...)
+}

@@ -14,6 +14,7 @@ import (
 // (so that several Servers in one process, as in tests, do not collide).
 type metrics struct {
 	reg      *prometheus.Registry
+	all      []prometheus.Collector // every collector registered (register)
 	requests *prometheus.CounterVec
 	latency  *prometheus.HistogramVec
 	unlocks  prometheus.Counter
@@ -22,6 +23,7 @@ type metrics struct {
 	// rotationRows counts the rows the running master-key rotation has
 	// re-keyed (masterkey_rotate.go).
 	rotationRows prometheus.Gauge
+	streams      prometheus.Gauge
 }
 
 func newMetrics() *metrics {
@@ -46,10 +48,21 @@ func newMetrics() *metrics {
 		rotationRows: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "keysvc_master_key_rotation_rows", Help: "Rows (VMs and volumes) the master-key rotation under way has re-sealed and re-MAC'd so far.",
 		}),
+		streams: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "keysvc_event_streams", Help: "Open live event streams (GET /v1/admin/events/stream).",
+		}),
 	}
-	m.reg.MustRegister(m.requests, m.latency, m.unlocks, m.denials, m.events, m.rotationRows,
+	m.register(m.requests, m.latency, m.unlocks, m.denials, m.events, m.rotationRows, m.streams,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// register adds collectors to the registry, and keeps them so that a test
+// can list every metric name (docs/grafana-dashboard.json must name only
+// those).
+func (m *metrics) register(cs ...prometheus.Collector) {
+	m.reg.MustRegister(cs...)
+	m.all = append(m.all, cs...)
 }
 
 func (m *metrics) observe(api, route string, code int, d time.Duration) {

@@ -18,9 +18,11 @@ import (
 	"unicode/utf8"
 
 	"github.com/awnumar/memguard"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keygate/keygate/attest"
 	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/dashboard"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/store"
 )
@@ -103,6 +105,16 @@ type Server struct {
 	// lm and serving: rotation and re-attestation (rotate.go, reattest.go).
 	lm      *lifecycleMetrics
 	serving *servingSessions
+
+	// The dashboard (ui.go) and the live event stream (stream.go).
+	ui          *dashboard.Dashboard
+	uiIndex     auditIndex
+	feed        store.EventFeed // nil if the store cannot stream
+	bell        bell            // rung when this replica stores events
+	streams     context.Context // ended by StopStreams
+	stopStreams context.CancelFunc
+	adminCAs    *x509.CertPool // admin client certificates (WithAdminClientCAs)
+	alerts      Alerter        // nil: no alert delivery (alerts.go)
 }
 
 // Option configures a Server.
@@ -128,6 +140,11 @@ func WithAdminToken(token string) Option {
 		s.adminToken, s.hasToken = sha256.Sum256([]byte(token)), len(token) >= MinAdminTokenLen
 	}
 }
+
+// WithAdminClientCAs has admin client certificates that chain to cas
+// authenticate the admin API and the dashboard's login like the token
+// (Config.AdminClientCAs also makes the listener ask for them).
+func WithAdminClientCAs(cas *x509.CertPool) Option { return func(s *Server) { s.adminCAs = cas } }
 
 // WithClock sets the clock for challenges and records (time.Now otherwise).
 func WithClock(now func() time.Time) Option { return func(s *Server) { s.now = now } }
@@ -216,6 +233,9 @@ func New(opts ...Option) (*Server, error) {
 	s.metrics = newMetrics()
 	s.lm, s.serving = newLifecycleMetrics(s.metrics.reg), newServingSessions()
 	s.lm.registerStale(s.metrics.reg, s.serving)
+	if c, ok := s.alerts.(interface{ Collectors() []prometheus.Collector }); ok {
+		s.metrics.register(c.Collectors()...)
+	}
 	// Each unlock makes one durable write, after verifying its quote: while
 	// others are under way, the store holds a commit briefly for theirs, so
 	// that under load they share one fsync (store.SetCommitDelay).
@@ -224,9 +244,16 @@ func New(opts ...Option) (*Server, error) {
 	}); ok {
 		cd.SetCommitDelay(store.DefaultCommitDelay, func() int { return int(s.unlocking.Load()) })
 	}
+	if f, ok := s.st.(store.EventFeed); ok {
+		s.feed = f
+	}
 	// From here on every VM and volume row is MAC'd on write and checked on
 	// read (rowauth.go).
 	s.st = &authStore{Store: s.st, k: s.rows}
+	s.streams, s.stopStreams = context.WithCancel(context.Background())
+	if s.ui, err = dashboard.New(uiBackend{s}, dashboard.Options{Now: s.now, Log: s.log, ClientCAs: s.adminCAs}); err != nil {
+		return nil, fmt.Errorf("new key service: dashboard: %w", err)
+	}
 	s.bySource, s.byVM = newLimiter(s.sourceRate, time.Now), newLimiter(s.vmRate, time.Now)
 	s.byAdmin = newLimiter(s.sourceRate, time.Now)
 	s.anonAudit = s.newAuditBudget(s.sourceRate, anonSummary)
@@ -253,10 +280,11 @@ func (s *Server) VMHandler() http.Handler {
 	return s.instrument("vm", limitSource(s.bySource, mux))
 }
 
-// AdminHandler returns the handler of the admin API (/v1/admin/…) and
-// /metrics. Every /v1/admin/ request is authenticated before routing and
-// before the rate limit, and audited with its outcome (see requireAdmin);
-// /metrics needs no token.
+// AdminHandler returns the handler of the admin API (/v1/admin/…), the
+// dashboard (/ui/, package keysvc/dashboard) and /metrics. Every /v1/admin/
+// request is authenticated before routing and before the rate limit, and
+// audited with its outcome (see requireAdmin); /metrics needs no token; the
+// dashboard has its own login.
 func (s *Server) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	s.adminRoutes(mux)
@@ -264,6 +292,8 @@ func (s *Server) AdminHandler() http.Handler {
 	top := http.NewServeMux()
 	top.Handle("/v1/admin/", s.requireAdmin(mux))
 	top.Handle("GET /metrics", s.metrics.handler())
+	top.Handle("/ui/", s.ui)
+	top.Handle("GET /{$}", http.RedirectHandler("/ui/", http.StatusSeeOther))
 	top.HandleFunc("/", notFound)
 	return s.instrument("admin", top)
 }
@@ -291,6 +321,10 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 	}
 	return w.ResponseWriter.Write(b)
 }
+
+// Unwrap lets http.ResponseController reach the connection (the event
+// stream flushes and lifts the write deadline).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func (w *statusWriter) code() int {
 	if w.status == 0 {
@@ -334,7 +368,17 @@ func (s *Server) requireAdmin(next http.Handler) http.Handler {
 		sw := &statusWriter{ResponseWriter: w}
 		remote := remoteHost(r)
 		path := auditPath(r.URL.Path)
-		if !s.checkAdmin(r) {
+		client := "admin-token"
+		ok := s.checkAdmin(r)
+		if subj := s.adminCert(r); !ok && subj != "" {
+			client, ok = "cert:"+subj, true
+		}
+		if !ok && r.Method == http.MethodGet && r.URL.Path == dashboard.StreamPath {
+			// The dashboard's pages read the stream with their session
+			// cookie (SameSite=Strict; the stream only reads).
+			client, ok = s.ui.Authenticated(r)
+		}
+		if !ok {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="keysvc admin"`)
 			writeError(sw, errorf(http.StatusUnauthorized, "send Authorization: Bearer <contents of DATA/admin.token>", "admin API needs a valid bearer token"))
 			if !s.anonAudit.take(r.Context(), remote, r.Method, path, "", s.now()) {
@@ -350,7 +394,7 @@ func (s *Server) requireAdmin(next http.Handler) http.Handler {
 			next.ServeHTTP(sw, r)
 		}
 		s.record(r.Context(), audit.Event{Actor: "admin", Action: audit.ActionAdmin, Subject: path,
-			Details: audit.Admin{Method: r.Method, Path: path, Status: sw.code(), Remote: remote, Client: "admin-token"}})
+			Details: audit.Admin{Method: r.Method, Path: path, Status: sw.code(), Remote: remote, Client: client}})
 	})
 }
 
@@ -368,6 +412,15 @@ func auditPath(p string) string {
 		p = p[:len(p)-1]
 	}
 	return p + "…"
+}
+
+// adminCert is the subject of r's admin client certificate, verified in
+// the handshake against the admin client CAs, or "".
+func (s *Server) adminCert(r *http.Request) string {
+	if s.adminCAs == nil || r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+		return ""
+	}
+	return r.TLS.VerifiedChains[0][0].Subject.String()
 }
 
 func (s *Server) checkAdmin(r *http.Request) bool {

@@ -2,6 +2,8 @@ package keysvc
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/keygate/keygate/keysvc/alert"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/masterkey"
 	"github.com/keygate/keygate/keysvc/masterkey/hsm"
@@ -28,6 +31,13 @@ type Config struct {
 	// DataDir/master.key (package keysvc/masterkey/hsm).
 	PKCS11 *hsm.Config
 	Logger *slog.Logger
+	// Alerts says where alerts are delivered (none if empty).
+	Alerts AlertConfig
+	// AdminClientCAs, if set, makes the admin listener ask for a client
+	// certificate: one that chains to these CAs (with the client-auth
+	// usage) authenticates like the admin token, on the API and for the
+	// dashboard's login.
+	AdminClientCAs *x509.CertPool
 	// Options are appended to the Server's (for tests: a clock, a TTL).
 	Options []Option
 }
@@ -61,6 +71,10 @@ type Service struct {
 	// running handler; released makes later requests answer 503.
 	live     sync.RWMutex
 	released bool
+	// alert delivery (alerts.go), stopped before the store closes
+	alerts     *alert.Dispatcher
+	stopAlerts context.CancelFunc
+	alerted    sync.WaitGroup
 }
 
 // track runs h under s.live, refusing requests once the service released
@@ -131,6 +145,10 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 			svc.release()
 		}
 	}()
+	sinks, err := alertSinks(cfg.Alerts)
+	if err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
 	svc.Data, err = Bootstrap(cfg.DataDir, cfg.Hostnames, time.Now())
 	if err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
@@ -164,6 +182,16 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	}
 	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
 		WithAdminToken(svc.Data.adminToken), WithLogger(log)}, cfg.Options...)
+	if cfg.AdminClientCAs != nil {
+		opts = append(opts, WithAdminClientCAs(cfg.AdminClientCAs))
+	}
+	if !cfg.Alerts.empty() {
+		if svc.alerts, err = alert.NewDispatcher(svc.st, alert.Config{Sinks: sinks, MinSeverity: cfg.Alerts.MinSeverity,
+			DeadLetterAge: cfg.Alerts.DeadLetterAge, Log: log}); err != nil {
+			return nil, fmt.Errorf("start key service: %w", err)
+		}
+		opts = append(opts, WithAlerts(svc.alerts))
+	}
 	if svc.Server, err = New(opts...); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
@@ -187,8 +215,9 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	for _, x := range []struct {
 		ln net.Listener
 		h  http.Handler
-	}{{svc.vmLn, svc.track(svc.Server.VMHandler())}, {svc.adminLn, svc.track(svc.Server.AdminHandler())}} {
-		hs := &http.Server{Handler: x.h, TLSConfig: svc.Data.TLSConfig(), ErrorLog: errLog,
+		tc *tls.Config
+	}{{svc.vmLn, svc.track(svc.Server.VMHandler()), svc.Data.TLSConfig()}, {svc.adminLn, svc.track(svc.Server.AdminHandler()), adminTLS(svc.Data, cfg.AdminClientCAs)}} {
+		hs := &http.Server{Handler: x.h, TLSConfig: x.tc, ErrorLog: errLog,
 			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 			IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10}
 		svc.servers = append(svc.servers, hs)
@@ -197,6 +226,12 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 				svc.errs <- err
 			}
 		}(x.ln)
+	}
+	if svc.alerts != nil {
+		actx, stop := context.WithCancel(context.Background())
+		svc.stopAlerts = stop
+		svc.alerted.Add(1)
+		go func() { defer svc.alerted.Done(); svc.alerts.Run(actx) }()
 	}
 	purgeCtx, stopPurge := context.WithCancel(context.Background())
 	svc.stopPurge = stopPurge
@@ -207,6 +242,18 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 		slog.String("ca", svc.Data.Path(CAFile)), slog.String("ca_sha256", svc.Data.CAFingerprint),
 		slog.String("admin_token_file", svc.Data.Path(AdminTokenFile)))
 	return svc, nil
+}
+
+// adminTLS is the admin listener's TLS: the VM API's, asking for a client
+// certificate when admin client CAs are set (a certificate is optional:
+// the token works without one; one that does not chain is refused in the
+// handshake).
+func adminTLS(d *DataDir, cas *x509.CertPool) *tls.Config {
+	c := d.TLSConfig()
+	if cas != nil {
+		c.ClientCAs, c.ClientAuth = cas, tls.VerifyClientCertIfGiven
+	}
+	return c
 }
 
 // VMAddr is the VM API's listening address.
@@ -226,6 +273,9 @@ func (s *Service) Err() <-chan error { return s.errs }
 // of them has returned, in the background, never under it.
 func (s *Service) Shutdown(ctx context.Context) error {
 	var errs []error
+	if s.Server != nil {
+		s.Server.StopStreams()
+	}
 	for _, hs := range s.servers {
 		if err := hs.Shutdown(ctx); err != nil {
 			errs = append(errs, err)
@@ -249,6 +299,13 @@ func (s *Service) release() {
 		if s.stopPurge != nil {
 			s.stopPurge()
 			s.purged.Wait()
+		}
+		if s.stopAlerts != nil {
+			s.stopAlerts()
+			s.alerted.Wait()
+		}
+		if s.alerts != nil {
+			s.alerts.Close()
 		}
 		for _, ln := range []net.Listener{s.vmLn, s.adminLn} {
 			if ln != nil {

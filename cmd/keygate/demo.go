@@ -34,7 +34,10 @@ import (
 )
 
 func newDemoCmd() *cobra.Command {
-	var dir string
+	var (
+		dir  string
+		keep bool
+	)
 	c := &cobra.Command{
 		Use:   "demo",
 		Short: "Run the whole story on embedded defaults, in seconds",
@@ -47,7 +50,10 @@ boot (naming the PCR), revoke the VM and watch the volume lock, then
 crypto-erase the volume.
 
 Everything happens in a temporary directory that is removed afterwards,
-also on Ctrl-C (unless --dir names one, which is kept).`,
+also on Ctrl-C (unless --dir names one, which is kept).
+
+With --keep the key service stays up after the story, with its dashboard's
+address and a login token printed, until Ctrl-C.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
@@ -70,14 +76,15 @@ also on Ctrl-C (unless --dir names one, which is kept).`,
 				defer os.RemoveAll(d)
 				dir = d
 			}
-			err := runDemo(ctx, c.OutOrStdout(), dir)
-			if ctx.Err() != nil {
+			err := runDemo(ctx, c.OutOrStdout(), dir, keep)
+			if ctx.Err() != nil && (err != nil || !keep) {
 				return fmt.Errorf("demo interrupted; everything it started was stopped and its directory removed")
 			}
 			return err
 		},
 	}
 	c.Flags().StringVar(&dir, "dir", "", "work in this directory instead of a temporary one (kept afterwards)")
+	c.Flags().BoolVar(&keep, "keep", false, "leave the key service running afterwards, with its dashboard's URL and a login token printed, until Ctrl-C")
 	return c
 }
 
@@ -109,7 +116,7 @@ type demo struct {
 	monErr error // why the monitor is off although this is root
 }
 
-func runDemo(ctx context.Context, out io.Writer, dir string) error {
+func runDemo(ctx context.Context, out io.Writer, dir string, keep bool) error {
 	d := &demo{ctx: ctx, out: out, dir: dir, start: time.Now(), events: make(chan boot.Event, 64),
 		quiet: slog.New(slog.DiscardHandler)}
 	defer d.close()
@@ -126,7 +133,20 @@ func runDemo(ctx context.Context, out io.Writer, dir string) error {
 	if h, err := d.tp.TransientHandles(); err != nil || len(h) > 0 {
 		return fmt.Errorf("demo: TPM objects left loaded after the story: %v %v", h, err)
 	}
+	if keep {
+		return d.keep()
+	}
 	fmt.Fprintf(out, "\ndemo complete in %.1f s; removing what it made.\n", time.Since(d.start).Seconds())
+	return nil
+}
+
+// keep leaves the key service running until Ctrl-C, for its dashboard.
+func (d *demo) keep() error {
+	fmt.Fprintf(d.out, "\ndemo complete in %.1f s; the key service keeps running (Ctrl-C stops it and removes what the demo made).\n", time.Since(d.start).Seconds())
+	fmt.Fprintf(d.out, "  dashboard:   https://%s/ui/\n", d.svc.AdminAddr())
+	fmt.Fprintf(d.out, "  CA:          %s (the demo's own: trust it in the browser, or accept its warning)\n", d.svc.Data.Path(keysvc.CAFile))
+	fmt.Fprintf(d.out, "  admin token: %s\n", d.token)
+	<-d.ctx.Done()
 	return nil
 }
 

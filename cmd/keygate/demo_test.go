@@ -3,7 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
+	"io"
+	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -71,6 +76,8 @@ func TestDemo(t *testing.T) {
 			"crypto-erase the volume", "erased: true", "a boot is refused (revoked",
 			"audit:", "verify", "demo complete in",
 		}},
+		{name: "keep", args: []string{"--keep"}, cancel: "admin token: ", want: []string{"==> 1. start the key service",
+			"crypto-erase the volume", "the key service keeps running", "dashboard:   https://127.0.0.1:", "admin token: "}},
 		{name: "interrupted-while-serving", cancel: "==> 3.", wantErr: "demo interrupted", notWant: "==> 4."},
 		{name: "interrupted-at-start", cancel: "keygate demo:", wantErr: "demo interrupted", notWant: "==> 1."},
 		{name: "dir-not-empty", args: []string{"--dir", "full"}, wantErr: "is not empty", notWant: "keygate demo:"},
@@ -102,6 +109,15 @@ func TestDemo(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			out := &cancelOn{marker: tc.cancel, cancel: cancel}
+			if slices.Contains(tc.args, "--keep") {
+				// Log in to the kept service's dashboard before the Ctrl-C.
+				var once sync.Once
+				out.cancel = func() {
+					once.Do(func() {
+						go func() { out.mu.Lock(); s := out.buf.String(); out.mu.Unlock(); checkKeptDashboard(t, s); cancel() }()
+					})
+				}
+			}
 			var stderr bytes.Buffer
 			root := newRoot()
 			root.SetArgs(args)
@@ -137,7 +153,7 @@ func TestDemo(t *testing.T) {
 					t.Errorf("the monitor step says none of %q; output:\n%s", monitor, got)
 				}
 			}
-			if tc.args != nil {
+			if slices.Contains(tc.args, "--dir") {
 				return // the deferred check looks at --dir
 			}
 			left, err := os.ReadDir(tmp)
@@ -150,5 +166,53 @@ func TestDemo(t *testing.T) {
 			// The simulator must be free again: the demo closed it.
 			needSim(t)
 		})
+	}
+}
+
+// checkKeptDashboard logs in to the dashboard `demo --keep` printed, with
+// the token it printed, and reads the fleet.
+func checkKeptDashboard(t *testing.T, out string) {
+	field := func(name string) string {
+		_, v, ok := strings.Cut(out, "  "+name+":")
+		if !ok {
+			t.Errorf("demo --keep printed no %s", name)
+			return ""
+		}
+		v, _, _ = strings.Cut(strings.TrimSpace(v), " ")
+		v, _, _ = strings.Cut(v, "\n")
+		return v
+	}
+	dash, caFile, token := field("dashboard"), field("CA"), field("admin token")
+	ca, err := os.ReadFile(caFile)
+	if err != nil {
+		t.Errorf("CA %q: %v", caFile, err)
+		return
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(ca)
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	defer hc.CloseIdleConnections()
+	u, _ := url.Parse(dash)
+	req, _ := http.NewRequest("POST", dash+"login", strings.NewReader(url.Values{"token": {token}}.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Origin", "https://"+u.Host)
+	resp, err := hc.Do(req)
+	if err != nil || resp.StatusCode != http.StatusSeeOther || len(resp.Cookies()) == 0 {
+		t.Errorf("log in to the kept dashboard %s: %v %v", dash, err, resp)
+		return
+	}
+	resp.Body.Close()
+	req, _ = http.NewRequest("GET", dash, nil)
+	req.AddCookie(resp.Cookies()[0])
+	resp, err = hc.Do(req)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(b), "demo-vm") || !strings.Contains(string(b), "revoked") {
+		t.Errorf("the kept dashboard's fleet: %d, want demo-vm revoked:\n%s", resp.StatusCode, b)
 	}
 }

@@ -87,6 +87,8 @@ func newServeCmd() *cobra.Command {
 		p11Module string
 		p11PIN    string
 		retention time.Duration
+		alerts    alertFlags
+		clientCA  string
 	)
 	c := &cobra.Command{
 		Use:   "serve --data DIR",
@@ -110,7 +112,7 @@ AES-256 key in that HSM token, created there on first start if absent; it
 never leaves the token and no master.key is written. docs/operator.md
 describes the set-up, and 'keysvc master-key rotate' the rotation.`,
 		Args: noArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
+		RunE: func(c *cobra.Command, _ []string) (err error) {
 			if cfg.DataDir == "" {
 				return cli.Usage(c, errors.New("--data DIR is required"))
 			}
@@ -135,6 +137,14 @@ describes the set-up, and 'keysvc master-key rotate' the rotation.`,
 					return err
 				}
 				cfg.Options = append(cfg.Options, keysvc.WithEKRoots(pool))
+			}
+			if cfg.Alerts, err = alerts.config(c); err != nil {
+				return err
+			}
+			if clientCA != "" {
+				if cfg.AdminClientCAs, err = loadPool("--admin-client-ca", clientCA); err != nil {
+					return err
+				}
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -169,7 +179,8 @@ describes the set-up, and 'keysvc master-key rotate' the rotation.`,
 			if mkPKCS11 != "" {
 				backup = "back up ca.key and the token (its own backup or HA): the master key never leaves it"
 			}
-			fmt.Fprintf(out, "keysvc serving\n  VM API:      https://%s\n  admin API:   https://%s (and /metrics)\n", svc.VMAddr(), svc.AdminAddr())
+			fmt.Fprintf(out, "keysvc serving\n  VM API:      https://%s\n  admin API:   https://%s (and /metrics)\n  dashboard:   https://%s/ui/ (log in with the admin token)\n",
+				svc.VMAddr(), svc.AdminAddr(), svc.AdminAddr())
 			mkWhere := d.Path(mkFile)
 			if mkPKCS11 != "" {
 				mkWhere = mkPKCS11 + " (in the HSM, non-extractable)"
@@ -210,7 +221,7 @@ describes the set-up, and 'keysvc master-key rotate' the rotation.`,
 	f := c.Flags()
 	f.StringVar(&cfg.DataDir, "data", "", "data directory (created 0700 if missing)")
 	f.StringVar(&cfg.Listen, "listen", keysvc.DefaultListen, "VM API address")
-	f.StringVar(&cfg.AdminListen, "admin-listen", keysvc.DefaultAdminListen, "admin API and /metrics address")
+	f.StringVar(&cfg.AdminListen, "admin-listen", keysvc.DefaultAdminListen, "admin API, dashboard (/ui/) and /metrics address")
 	f.StringVar(&cfg.DB, "db", "sqlite", "database: sqlite (DIR/keysvc.db); postgres is not supported yet")
 	f.StringSliceVar(&cfg.Hostnames, "hostname", nil, "extra DNS name or IP for the server certificate (repeatable)")
 	f.StringVar(&logFormat, "log-format", "text", "log format: json or text")
@@ -223,5 +234,7 @@ describes the set-up, and 'keysvc master-key rotate' the rotation.`,
 	f.Float64Var(&perVM, "rate-per-vm", keysvc.DefaultVMRate, "challenges per second for one VM from one source address, counted once its EK/AK match (burst twice that; 0: no limit)")
 	f.Float64Var(&auditRate, "audit-refusals-per-source", keysvc.DefaultRefusalAuditRate, "VM API refusals per second from one address that get an audit record of their own; past it they are summarised (burst twice that; 0: record every one)")
 	f.DurationVar(&retention, "event-retention", keysvc.DefaultEventRetention, "keep events VMs report for this long (warning and critical ones stay in the audit chain)")
+	alerts.register(f)
+	f.StringVar(&clientCA, "admin-client-ca", "", "PEM file of CAs: an admin client certificate chaining to them (client-auth usage) works like the admin token, for the admin API and the dashboard's login")
 	return c
 }
