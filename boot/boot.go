@@ -102,6 +102,11 @@ type Config struct {
 	Monitor bool
 	// OnAlert is what an alert does: AlertLog (the default) or AlertLock.
 	OnAlert AlertAction
+	// Reattest is how often the serving VM quotes its PCRs again over its
+	// session (POST /v1/reattest); a quote the key service finds off
+	// policy locks the volume as a revoke does (ErrReattest). Zero turns
+	// it off (keygate boot's --reattest defaults to DefaultReattest).
+	Reattest time.Duration
 	// MonitorMinSeverity is the lowest severity of the monitor's events
 	// that reach Log, OnEvent and the key service (default warning); those
 	// below are only counted. ebpfmon.Info passes them all.
@@ -122,6 +127,10 @@ const (
 	EventLocked      EventKind = "locked"      // keys wiped, volume closed, serving stopped
 	EventMonitoring  EventKind = "monitoring"  // the key-page monitor runs; the message says its mode and why
 	EventAlert       EventKind = "alert"       // the monitor saw an attempt at this process's memory (Event.Alert)
+	EventRotated     EventKind = "rotated"     // the image now opens with the key service's new UK alone, and the service destroyed the old one
+	EventRotation    EventKind = "rotation"    // a pending rotation was not completed in this boot (Err says why); the next boot resumes it
+	EventReattested  EventKind = "reattested"  // a re-attestation while serving passed
+
 )
 
 // Event is one step; Err is set for EventWaiting, EventOutage and, when the
@@ -153,6 +162,7 @@ type Boot struct {
 
 	stop     context.CancelFunc
 	hbDone   chan struct{}
+	raDone   chan struct{} // closed when the re-attestation loop ends
 	lockOnce sync.Once
 	closing  atomic.Bool // set when the lock starts
 	done     chan struct{}
@@ -260,23 +270,36 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 	// challenge needs first; it starts after the hardening and the
 	// monitor, where the challenge's connection used to.
 	b.cl.Warm()
-	uk, err := b.unlock(ctx, volume, blank)
+	uk, next, err := b.unlock(ctx, volume, blank)
 	if err != nil {
 		return nil, err
 	}
 	defer uk.Destroy()
+	if next != nil {
+		defer next.Destroy()
+	}
 	if blank {
 		if err := formatBlank(cfg.Image, uk.Bytes(), luks2.KeygateToken{URL: urls[0], MoreURLs: urls[1:], VolumeID: volume, CASHA256: pinFor(cfg.CA, pin)}, cfg.InitFS); err != nil {
 			return nil, fmt.Errorf("boot: provision %s: %w (the key service made the volume's key but the device is still blank: erase the volume with `keysvc erase --volume %s` and provision the device under a new --volume ID)", cfg.Image, err, volume)
 		}
 		b.log.Info("provisioned blank volume", slog.String("image", cfg.Image), slog.String("volume", volume), slog.String("fs", string(cfg.InitFS)))
 	}
-	key, err := disk.NewKey(uk.Bytes())
+	open := uk
+	if next != nil && !blank {
+		// A rotation is pending at the key service (rotate.go).
+		if open, err = b.rotate(ctx, volume, uk, next); err != nil {
+			return nil, err
+		}
+	}
+	key, err := disk.NewKey(open.Bytes())
 	if err == nil {
 		b.im, err = disk.OpenImage(cfg.Image, key, true)
 		key.Destroy()
 	}
 	uk.Destroy()
+	if next != nil {
+		next.Destroy()
+	}
 	if err != nil {
 		return nil, fmt.Errorf("boot: %w", err)
 	}
@@ -302,6 +325,10 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 	hctx, stop := context.WithCancel(context.Background())
 	b.stop, b.hbDone = stop, make(chan struct{})
 	go b.heartbeat(hctx)
+	if cfg.Reattest > 0 {
+		b.raDone = make(chan struct{})
+		go b.reattest(hctx, volume)
+	}
 	b.monitorServing()
 	return b, nil
 }
@@ -315,24 +342,25 @@ func pinFor(caPEM []byte, pin string) string {
 }
 
 // unlock runs challenge, attest and unlock (or provision) until the key
-// service answers, then imports the blob and closes the window. The UK it
-// returns is the caller's to destroy.
-func (b *Boot) unlock(ctx context.Context, volume string, provision bool) (*tpm.Secret, error) {
+// service answers, then imports the blob (and, while a rotation is pending,
+// the next UK's) and closes the window. The UKs it returns are the caller's
+// to destroy; next is nil unless a rotation is pending.
+func (b *Boot) unlock(ctx context.Context, volume string, provision bool) (uk, next *tpm.Secret, err error) {
 	ek, err := b.tpm.EK(b.cfg.Alg)
 	if err != nil {
-		return nil, fmt.Errorf("boot: %w", err)
+		return nil, nil, fmt.Errorf("boot: %w", err)
 	}
 	ak, err := b.tpm.AK(b.cfg.Alg)
 	if err != nil {
-		return nil, fmt.Errorf("boot: %w", err)
+		return nil, nil, fmt.Errorf("boot: %w", err)
 	}
 	ekPEM, err := ek.PEM()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	akPEM, err := ak.PEM()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var ur *api.UnlockResponse
 	start, delay := time.Now(), b.cfg.RetryMin
@@ -346,41 +374,48 @@ func (b *Boot) unlock(ctx context.Context, volume string, provision bool) (*tpm.
 		// while its database is away); never wait less than it asks.
 		wait := max(delay, min(ue.RetryAfter(), b.cfg.RetryMax))
 		if b.cfg.MaxWait > 0 && time.Since(start)+wait > b.cfg.MaxWait {
-			return nil, fmt.Errorf("boot: gave up after %s: %w", time.Since(start).Round(time.Millisecond), err)
+			return nil, nil, fmt.Errorf("boot: gave up after %s: %w", time.Since(start).Round(time.Millisecond), err)
 		}
 		b.emit(Event{Kind: EventWaiting, Err: err, Message: fmt.Sprintf("key service %s unreachable (%v); retrying in %s", strings.Join(b.cl.URLs(), ","), ue.Err, wait)})
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("boot: stopped while waiting for the key service: %w", ctx.Err())
+			return nil, nil, fmt.Errorf("boot: stopped while waiting for the key service: %w", ctx.Err())
 		case <-time.After(wait):
 		}
 		delay = min(delay*2, b.cfg.RetryMax)
 	}
 	var r *Refusal
 	if provision && errors.As(err, &r) && (r.Reason == api.ReasonUnknownVolume || r.Reason == api.ReasonNoProvisioning) {
-		return nil, fmt.Errorf("boot: provision volume %s: %w (this VM may not provision volumes: enroll it with provisioning allowed, or create the volume with `keygate disk create --keysvc`)", volume, err)
+		return nil, nil, fmt.Errorf("boot: provision volume %s: %w (this VM may not provision volumes: enroll it with provisioning allowed, or create the volume with `keygate disk create --keysvc`)", volume, err)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("boot: volume %s: %w", volume, err)
+		return nil, nil, fmt.Errorf("boot: volume %s: %w", volume, err)
 	}
 	blob := &tpmpb.ImportBlob{}
 	if err := proto.Unmarshal(ur.ImportBlob, blob); err != nil {
-		return nil, fmt.Errorf("boot: the key service's import blob does not parse: %v", err)
+		return nil, nil, fmt.Errorf("boot: the key service's import blob does not parse: %v", err)
 	}
 	uk, ierr := b.tpm.Import(blob, b.cfg.Alg)
+	if ierr == nil && ur.NextImportBlob != nil {
+		// Before the window closes: the pending UK is bound to it too.
+		next = b.importNext(ur.NextImportBlob)
+	}
 	// Close the window whatever Import did: from here on nothing in this
 	// boot can have the same blob, or a new one, imported or released.
-	xerr := b.tpm.Extend(tpm.WindowPCR, []byte("keygate: unlock done: "+volume))
+	xerr := b.tpm.Extend(tpm.WindowPCR, api.UnlockDoneEvent(volume))
 	if ierr != nil {
-		return nil, fmt.Errorf("boot: TPM import of the key service's blob: %w", ierr)
+		return nil, nil, fmt.Errorf("boot: TPM import of the key service's blob: %w", ierr)
 	}
 	if xerr != nil {
 		uk.Destroy()
-		return nil, fmt.Errorf("boot: extend PCR %d after unlock: %w", tpm.WindowPCR, xerr)
+		if next != nil {
+			next.Destroy()
+		}
+		return nil, nil, fmt.Errorf("boot: extend PCR %d after unlock: %w", tpm.WindowPCR, xerr)
 	}
 	b.session = ur.Session
 	b.monitorSession()
-	return uk, nil
+	return uk, next, nil
 }
 
 // attempt is one challenge-quote-unlock (or provision) round trip. The
@@ -396,11 +431,7 @@ func (b *Boot) attempt(ctx context.Context, req api.ChallengeRequest, provision 
 		if err != nil {
 			return nil, err
 		}
-		att, err := b.tpm.Attest(ch.Nonce, b.cfg.Alg)
-		if err != nil {
-			return nil, fmt.Errorf("quote PCRs: %w", err)
-		}
-		raw, err := proto.Marshal(att)
+		raw, err := b.quote(ch.Nonce)
 		if err != nil {
 			return nil, err
 		}
@@ -454,6 +485,9 @@ func (b *Boot) Close() error {
 	b.lock(nil)
 	if b.hbDone != nil {
 		<-b.hbDone
+	}
+	if b.raDone != nil {
+		<-b.raDone
 	}
 	return b.closeErr
 }

@@ -35,13 +35,14 @@ type env struct {
 	ca                     []byte
 	token                  string
 	adm                    *client.Client // the admin API
+	opts                   []keysvc.Option
 }
 
 func quietLog() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
-func startEnv(t testing.TB) *env {
+func startEnv(t testing.TB, opts ...keysvc.Option) *env {
 	t.Helper()
-	e := &env{dir: t.TempDir(), vmAddr: "127.0.0.1:0", adminAddr: "127.0.0.1:0"}
+	e := &env{dir: t.TempDir(), vmAddr: "127.0.0.1:0", adminAddr: "127.0.0.1:0", opts: opts}
 	e.start(t)
 	t.Cleanup(func() { e.stop(t) })
 	var err error
@@ -63,7 +64,7 @@ func startEnv(t testing.TB) *env {
 func (e *env) start(t testing.TB) {
 	t.Helper()
 	var err error
-	e.svc, err = keysvc.Start(context.Background(), keysvc.Config{DataDir: e.dir, Listen: e.vmAddr, AdminListen: e.adminAddr, Logger: quietLog()})
+	e.svc, err = keysvc.Start(context.Background(), keysvc.Config{DataDir: e.dir, Listen: e.vmAddr, AdminListen: e.adminAddr, Logger: quietLog(), Options: e.opts})
 	if err != nil {
 		t.Fatalf("start keysvc: %v", err)
 	}

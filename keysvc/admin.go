@@ -35,6 +35,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/admin/volumes", s.adminListVolumes)
 	mux.HandleFunc("GET /v1/admin/volumes/{id}", s.adminShowVolume)
 	mux.HandleFunc("POST /v1/admin/volumes/{id}/erase", s.adminErase)
+	mux.HandleFunc("POST /v1/admin/volumes/{id}/rotate", s.adminRotate)
 	mux.HandleFunc("GET /v1/admin/audit", s.adminAuditList)
 	mux.HandleFunc("GET /v1/admin/audit/verify", s.adminAuditVerify)
 	mux.HandleFunc("GET /v1/admin/events", s.adminListEvents)
@@ -377,6 +378,7 @@ func (s *Server) adminListVolumes(w http.ResponseWriter, r *http.Request) {
 		}
 		out = append(out, info)
 	}
+	s.withRotations(r.Context(), out)
 	writeJSON(w, http.StatusOK, out)
 }
 
@@ -386,7 +388,9 @@ func (s *Server) adminShowVolume(w http.ResponseWriter, r *http.Request) {
 		s.storeError(w, "volume "+strconv.Quote(r.PathValue("id")), err)
 		return
 	}
-	writeJSON(w, http.StatusOK, volumeInfo(vol))
+	info := []api.VolumeInfo{volumeInfo(vol)}
+	s.withRotations(r.Context(), info)
+	writeJSON(w, http.StatusOK, info[0])
 }
 
 func (s *Server) adminAuditList(w http.ResponseWriter, r *http.Request) {

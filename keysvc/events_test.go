@@ -15,16 +15,7 @@ import (
 // session unlocks a fresh VM name and returns its session token.
 func (e *env) session(t *testing.T, v *vmTPM, name string) string {
 	t.Helper()
-	vol := setup(t, e, v, name)
-	code, body := e.unlock(t, v, name, vol)
-	if code != http.StatusOK {
-		t.Fatalf("unlock: %d %s", code, body)
-	}
-	var ur api.UnlockResponse
-	if err := json.Unmarshal(body, &ur); err != nil {
-		t.Fatal(err)
-	}
-	return ur.Session
+	return e.unlocked(t, v, name, setup(t, e, v, name)).Session
 }
 
 // listEvents calls GET /v1/admin/events with query q.

@@ -85,11 +85,14 @@ func FuzzVMAPI(f *testing.F) {
 	f.Add(uint8(1), []byte(`{"challenge":"v1.AAAA.AAAA","attestation":""}`))
 	f.Add(uint8(4), []byte(`{"vm":"vm","ek_pub":"","ak_public":"AAEAAQ=="}`))
 	f.Add(uint8(5), []byte(`{"activation":"a1.e30.AA","secret":"AAAA"}`))
-	paths := []string{"/v1/challenge", "/v1/unlock", "/v1/events", "/v1/provision", "/v1/activate", "/v1/activate/finish"}
+	f.Add(uint8(6), []byte(`{"proof":"AAAA"}`))
+	f.Add(uint8(8), []byte(`{"challenge":"v1.AAAA.AAAA","attestation":"","interval_seconds":300}`))
+	paths := []string{"/v1/challenge", "/v1/unlock", "/v1/events", "/v1/provision", "/v1/activate", "/v1/activate/finish",
+		"/v1/rotate", "/v1/reattest/challenge", "/v1/reattest"}
 	allowed := map[int]bool{400: true, 401: true, 403: true, 413: true}
 	f.Fuzz(func(t *testing.T, which uint8, body []byte) {
 		w := post(paths[int(which)%len(paths)], body)
-		ok := allowed[w.Code] || (w.Code == http.StatusOK && which%6 == 0) // a challenge may be issued
+		ok := allowed[w.Code] || (w.Code == http.StatusOK && int(which)%len(paths) == 0) // a challenge may be issued
 		if !ok {
 			t.Fatalf("%s answered %d %s", paths[int(which)%len(paths)], w.Code, w.Body)
 		}

@@ -383,6 +383,10 @@ func (s *Server) runRotation(ctx context.Context) error {
 				break
 			}
 		}
+		// The pending unwrap keys of volume rotations (rotate.go).
+		if err := s.rekeyPendingUKs(ctx, ks, ekFP); err != nil {
+			return err
+		}
 	}
 	r, err := s.rot.st.MasterKeyRotation(ctx)
 	if err != nil {

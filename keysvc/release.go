@@ -68,10 +68,26 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		return
 	}
 	ctx := context.WithoutCancel(r.Context())
+	// A rotation's pending UK travels with the current one (rotate.go).
+	if s.fault(w, FaultReleasePending) {
+		return
+	}
+	nextBlob, err := s.pendingBlob(ctx, vol, hex.EncodeToString(fp[:]), ek, pcrs)
+	if errors.Is(err, masterkey.ErrOpen) {
+		// The pending key does not open for this volume (its row was
+		// changed outside the service): release the current one alone,
+		// which still opens the image, and raise it.
+		s.tampered(r, vm.Name, vol.ID, &TamperError{Kind: "rotation", Name: vol.ID, Detail: "the pending unwrap key does not open for this volume, owner VM and EK"})
+		nextBlob, err = nil, nil
+	}
+	if err != nil {
+		s.internal(w, "seal pending unwrap key", err)
+		return
+	}
 	sess, id := s.newSession(vm.Name, vol.ID)
 	// Fail closed: a key is released only once its release is on record.
 	ev := audit.Event{Actor: "vm:" + vm.Name, Action: audit.ActionUnlock, Subject: vol.ID,
-		Details: audit.Unlock{Volume: vol.ID, SessionID: id, Remote: remoteHost(r)}}
+		Details: audit.Unlock{Volume: vol.ID, SessionID: id, Remote: remoteHost(r), NextKey: nextBlob != nil}}
 	if use != nil && !s.now().Before(use.Expires.Add(challengeGrace/2)) {
 		// Used challenges are purged challengeGrace after they expire: one
 		// checked long ago could otherwise be recorded again, after its
@@ -109,7 +125,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 	}
 	s.metrics.unlocks.Inc()
 	s.log.Info("unlock", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.String("session_id", id), slog.Any("pcrs", idx))
-	writeJSON(w, http.StatusOK, api.UnlockResponse{ImportBlob: blobBytes, Session: sess, PCRs: idx})
+	writeJSON(w, http.StatusOK, api.UnlockResponse{ImportBlob: blobBytes, Session: sess, PCRs: idx, NextImportBlob: nextBlob})
 }
 
 // stillReleasable re-reads the VM and the volume after a release was

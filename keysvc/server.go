@@ -100,6 +100,11 @@ type Server struct {
 	byVM       *limiter
 	ekRoots    *x509.CertPool
 	eventsKept time.Duration
+	// faults is WithFaults' injector (rotate.go); nil outside crash tests.
+	faults func(step string) error
+	// lm and serving: rotation and re-attestation (rotate.go, reattest.go).
+	lm      *lifecycleMetrics
+	serving *servingSessions
 
 	// The dashboard (ui.go) and the live event stream (stream.go).
 	ui          *dashboard.Dashboard
@@ -226,6 +231,8 @@ func New(opts ...Option) (*Server, error) {
 	s.rows = &keyring{}
 	s.rows.p.Store(ks)
 	s.metrics = newMetrics()
+	s.lm, s.serving = newLifecycleMetrics(s.metrics.reg), newServingSessions()
+	s.lm.registerStale(s.metrics.reg, s.serving)
 	if c, ok := s.alerts.(interface{ Collectors() []prometheus.Collector }); ok {
 		s.metrics.register(c.Collectors()...)
 	}
@@ -255,7 +262,8 @@ func New(opts ...Option) (*Server, error) {
 }
 
 // VMHandler returns the handler of the VM API (/v1/challenge, /v1/unlock,
-// /v1/provision, /v1/session, /v1/events, /v1/activate[/finish]).
+// /v1/provision, /v1/session, /v1/events, /v1/activate[/finish],
+// /v1/rotate, /v1/reattest[/challenge]).
 func (s *Server) VMHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/challenge", s.handleChallenge)
@@ -265,6 +273,9 @@ func (s *Server) VMHandler() http.Handler {
 	mux.HandleFunc("POST /v1/activate/finish", s.handleActivateFinish)
 	mux.HandleFunc("GET /v1/session", s.handleSession)
 	mux.HandleFunc("POST /v1/events", s.handleEvents)
+	mux.HandleFunc("POST /v1/rotate", s.handleRotateConfirm)
+	mux.HandleFunc("POST /v1/reattest/challenge", s.handleReattestChallenge)
+	mux.HandleFunc("POST /v1/reattest", s.handleReattest)
 	mux.HandleFunc("/", notFound)
 	return s.instrument("vm", limitSource(s.bySource, mux))
 }

@@ -107,6 +107,7 @@ func (s *Service) purge(ctx context.Context) {
 			return
 		case <-t.C: // with the clock challenges are checked with
 			s.Server.FlushAudit(ctx)
+			s.Server.CheckStale(ctx)
 			if n, err := s.st.PurgeChallenges(ctx, s.Server.now().Add(-challengeGrace)); err != nil && ctx.Err() == nil {
 				s.log.Warn("purge used challenges", slog.Any("err", err))
 			} else if n > 0 {

@@ -49,7 +49,7 @@ if [ "$(fwcfg eventlog)" = hide ]; then
 	mount --bind /tmp/no-eventlog /sys/kernel/security/tpm0/binary_bios_measurements || exit 9
 fi
 result pcrs "$(keygate tpm pcrs --tpm /dev/tpmrm0 --json --pcrs 0-23 | tr -d ' \n')"
-bootflags=
+bootflags=$(fwcfg bootflags)
 if [ -n "$(fwcfg monitor)" ]; then
 	# Probe the monitor on a stand-in first: keygate boot refuses to start
 	# without it, and the scenario should say why rather than just fail.
@@ -59,7 +59,7 @@ if [ -n "$(fwcfg monitor)" ]; then
 	kill $sp
 	until [ -e /tmp/mon.rc ]; do usleep 50000; done
 	if grep -q "protecting pid" /tmp/mon.out; then
-		bootflags="--monitor --on-alert log"
+		bootflags="$bootflags --monitor --on-alert log"
 		result monitor "$(grep -m1 'protecting pid' /tmp/mon.out)"
 	else
 		result monitor_error "$(tr '\n' ' ' </tmp/mon.out | head -c 600)"
@@ -115,6 +115,20 @@ serve)
 		umount /mnt2
 		cs close kgx || exit 22
 	fi
+	;;
+reattest)
+	# keygate re-attests every 2 s (--reattest 2s): let a few pass, then
+	# measure into a policy PCR as a runtime measurement would. The next
+	# re-attestation must lock the volume.
+	sleep 5
+	result extended "$(keygate tpm extend --tpm /dev/tpmrm0 --pcr 9 --data 'keygate test guest: a runtime measurement' | tail -n 1)"
+	result extended_at "$(cut -d' ' -f1 /proc/uptime)"
+	waitkg
+	result locked_at "$(cut -d' ' -f1 /proc/uptime)"
+	out=$(timeout 10 ls /mnt 2>&1)
+	rc=$?
+	result mount_after "$(echo $out) rc=$rc"
+	umount -l /mnt
 	;;
 esac
 `
@@ -530,6 +544,37 @@ func TestScenarios(t *testing.T) {
 			if _, ok := pol[tpm.WindowPCR]; !ok {
 				t.Logf("note: the learned policy lacks PCR %d (docs/boot.md, known gaps)", tpm.WindowPCR)
 			}
+		}},
+		{"8-reattest-locks", func(t *testing.T) {
+			r := l.boot(t, a, imgA, "vol-a", "", map[string][]byte{"mode": []byte("reattest"), "bootflags": []byte("--reattest 2s")}, nil)
+			logTimes(t, r)
+			if got := r.get(t, "kg_exit"); got != "1" {
+				t.Errorf("keygate boot exited %s after the failed re-attestation, want 1\n%s", got, tail(r.console, 40))
+			}
+			extendedAt := strings.Index(r.console, "KEYGATE-RESULT extended=")
+			passed := strings.Index(r.console, "re-attestation passed")
+			if passed < 0 || extendedAt < 0 || passed > extendedAt {
+				t.Errorf("no re-attestation passed before the extend\n%s", tail(r.console, 40))
+			}
+			if !strings.Contains(r.console[max(extendedAt, 0):], "re-attestation failed the key service's policy") || !strings.Contains(r.console[max(extendedAt, 0):], "PCR 9") {
+				t.Errorf("the console does not say the re-attestation failed on PCR 9\n%s", tail(r.console, 40))
+			}
+			if strings.Contains(r.console[max(extendedAt, 0):], "re-attestation passed") {
+				t.Errorf("a re-attestation passed after PCR 9 was extended\n%s", tail(r.console, 40))
+			}
+			if got := r.get(t, "mount_after"); strings.HasSuffix(got, "rc=0") {
+				t.Errorf("the 9P mount still answers after the lock: %q", got)
+			}
+			var evs []api.EventRecord
+			if err := json.Unmarshal(l.admin(t, "GET", "/v1/admin/events?vm=vm-a&kind=reattest-failed", nil, http.StatusOK), &evs); err != nil {
+				t.Fatal(err)
+			}
+			if len(evs) != 1 || evs[0].Severity != "critical" {
+				t.Errorf("keysvc events of kind reattest-failed: %+v, want one critical", evs)
+			}
+			ext, _ := strconv.ParseFloat(r.get(t, "extended_at"), 64)
+			locked, _ := strconv.ParseFloat(r.get(t, "locked_at"), 64)
+			t.Logf("PCR 9 extended to keygate's exit (guest clock): %.2fs with --reattest 2s", locked-ext)
 		}},
 		{"3-tampered-boot", func(t *testing.T) {
 			// An attacker turning the BPF LSM off: one kernel argument.

@@ -67,6 +67,16 @@ that does not answer (refused, no TLS handshake within --connect-timeout,
 5xx) costs that timeout and the next is tried; a denial from any replica is
 final and is not asked of the others. The heartbeat fails over the same way.
 
+While serving, the VM quotes its PCRs to the key service every --reattest
+(default 5m) over its session; a quote off the VM's policy (a PCR extended
+since the unlock, as a runtime measurement would) makes the service answer
+"lock", and the volume is locked as for a revoke.
+
+While the key service rotates the volume's unwrap key (keysvc volume rotate),
+the unlock receives both keys: the image gets a keyslot under the new one and
+loses the old one, without re-encrypting data, and the service then destroys
+the old key. An interrupted rotation is resumed at the next boot.
+
 --keysvc, --ca and --volume default to what the volume's keygate token says.
 See docs/boot.md.`,
 		Args: cobra.NoArgs,
@@ -75,6 +85,9 @@ See docs/boot.md.`,
 				return cli.Usagef(c, "--vm, --image and --tpm are required")
 			}
 			var err error
+			if cfg.Reattest < 0 {
+				return cli.Usagef(c, "--reattest %s: use a positive duration, or 0 to turn re-attestation off", cfg.Reattest)
+			}
 			if alert != string(boot.AlertLog) && alert != string(boot.AlertLock) {
 				return cli.Usagef(c, "--on-alert %q: use log or lock", alert)
 			}
@@ -138,6 +151,7 @@ See docs/boot.md.`,
 	f.StringVar(&cfg.Attach, "attach", "", "connect this kernel NBD device (/dev/nbdN) to the NBD export, then mount it (root, modprobe nbd)")
 	allowUIDFlag(f, &allowUIDs)
 	f.DurationVar(&cfg.Poll, "poll", boot.DefaultPoll, "session check period: a revoke locks the volume within this bound")
+	f.DurationVar(&cfg.Reattest, "reattest", boot.DefaultReattest, "while serving, quote the PCRs to the key service this often; a PCR changed since the unlock locks the volume within this bound (0: off)")
 	f.DurationVar(&cfg.MaxWait, "max-wait", 0, "give up when the key service is unreachable this long at boot (default: wait forever)")
 	f.BoolVar(&monitor, "monitor", false, "watch, with eBPF, for other processes reading this one's memory (needs root); see docs/monitor.md")
 	f.StringVar(&minSev, "min-severity", string(ebpfmon.Warning), "with --monitor: lowest severity of the alerts logged and sent to the key service: info, warning or critical (lower ones are counted only)")

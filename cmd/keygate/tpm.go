@@ -48,7 +48,7 @@ the TPM: keys are created as transient objects and flushed.`,
 	pf.StringVar(&f.spec, "tpm", tpm.DefaultDevice, "TPM to use: /dev/tpmrm0, swtpm:SOCKET or sim (sim's keys change on every run)")
 	pf.BoolVar(&f.rsa, "rsa", false, "use the RSA-2048 EK/AK instead of ECC P-256")
 	pf.BoolVar(&f.asJSON, "json", false, "print as JSON, for scripts")
-	c.AddCommand(tpmInfoCmd(&f), tpmKeyCmd(&f, "ek"), tpmKeyCmd(&f, "ak"), tpmPCRsCmd(&f))
+	c.AddCommand(tpmInfoCmd(&f), tpmKeyCmd(&f, "ek"), tpmKeyCmd(&f, "ak"), tpmPCRsCmd(&f), tpmExtendCmd(&f))
 	return c
 }
 

@@ -267,13 +267,13 @@ func printVolume(body []byte) func(io.Writer) error {
 		if err := json.Unmarshal(body, &v); err != nil {
 			return err
 		}
-		fmt.Fprintf(w, "volume %s (vm %s) erased=%v\n", v.ID, v.VM, v.Erased)
+		fmt.Fprintf(w, "volume %s (vm %s) erased=%v%s\n", v.ID, v.VM, v.Erased, rotationNote(v))
 		return nil
 	}
 }
 
 func volumeCmd(cl *client) *cobra.Command {
-	vol := &cobra.Command{Use: "volume", Short: "Create, import and list volumes"}
+	vol := &cobra.Command{Use: "volume", Short: "Create, import, list and rotate volumes"}
 	for _, imp := range []bool{false, true} {
 		var id, vm, keyFile string
 		c := &cobra.Command{
@@ -331,7 +331,7 @@ func volumeCmd(cl *client) *cobra.Command {
 					return err
 				}
 				for _, v := range vs {
-					fmt.Fprintf(w, "%s\tvm=%s\terased=%v", v.ID, v.VM, v.Erased)
+					fmt.Fprintf(w, "%s\tvm=%s\terased=%v%s", v.ID, v.VM, v.Erased, rotationNote(v))
 					if v.Tampered != "" {
 						fmt.Fprintf(w, "\tTAMPERED: %s", v.Tampered)
 					}
@@ -342,7 +342,7 @@ func volumeCmd(cl *client) *cobra.Command {
 		},
 	}
 	list.Flags().StringVar(&listVM, "vm", "", "only this VM's volumes")
-	vol.AddCommand(list)
+	vol.AddCommand(list, volumeRotateCmd(cl))
 	return vol
 }
 

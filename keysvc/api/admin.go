@@ -55,6 +55,10 @@ type VolumeInfo struct {
 	Created  time.Time  `json:"created"`
 	// Tampered: as VMInfo's.
 	Tampered string `json:"tampered,omitempty"`
+	// Rotation is RotationPending while a second UK waits for the VM to
+	// take it (`keysvc volume rotate`), since RotationStarted.
+	Rotation        string     `json:"rotation,omitempty"`
+	RotationStarted *time.Time `json:"rotation_started,omitempty"`
 }
 
 // AuditVerifyResponse is the answer to GET /v1/admin/audit/verify.

@@ -51,6 +51,10 @@ type UnlockResponse struct {
 	Session    string `json:"session"`
 	// PCRs lists the PCRs (SHA-256 bank) the blob is bound to.
 	PCRs []int `json:"pcrs"`
+	// NextImportBlob, while the volume's UK is being rotated, is the
+	// pending UK sealed the same way (docs/protocol.md, "Rotation"). A VM
+	// that ignores it keeps working with ImportBlob.
+	NextImportBlob []byte `json:"next_import_blob,omitempty"`
 }
 
 // SessionResponse is the answer to GET /v1/session.

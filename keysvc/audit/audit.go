@@ -88,6 +88,9 @@ const (
 	ActionGenesis Action = "genesis"
 	// ActionTamper records that a stored row failed its integrity check.
 	ActionTamper Action = "tamper"
+	// ActionReattest records a re-attestation of a serving VM that failed
+	// (the VM was told to lock) or a session whose re-attestations stopped.
+	ActionReattest Action = "reattest"
 )
 
 // ErrChainBroken is returned by Append when the stored chain's end does not

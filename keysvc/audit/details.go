@@ -29,6 +29,8 @@ type Unlock struct {
 	// credential.
 	SessionID string `json:"session_id,omitempty"`
 	Remote    string `json:"remote,omitempty"`
+	// NextKey: a rotation's pending UK was released too.
+	NextKey bool `json:"next_key,omitempty"`
 }
 
 // PCRMismatch is one failed PCR comparison.
@@ -152,16 +154,40 @@ type Summary struct {
 	Path   string `json:"path,omitempty"`
 }
 
-func (Policy) auditDetails()  {}
-func (Volume) auditDetails()  {}
-func (Genesis) auditDetails() {}
-func (Tamper) auditDetails()  {}
-func (Summary) auditDetails() {}
-func (Enroll) auditDetails()  {}
-func (Unlock) auditDetails()  {}
-func (Deny) auditDetails()    {}
-func (Revoke) auditDetails()  {}
-func (Erase) auditDetails()   {}
-func (Learn) auditDetails()   {}
-func (Admin) auditDetails()   {}
-func (Alert) auditDetails()   {}
+// Rotate records a step of an unwrap-key rotation: "started" (an
+// administrator made the pending UK) or "completed" (the VM proved it holds
+// it, and the old UK was destroyed).
+type Rotate struct {
+	Volume    string `json:"volume"`
+	Step      string `json:"step"`
+	SessionID string `json:"session_id,omitempty"` // the session that proved the new UK
+	Remote    string `json:"remote,omitempty"`
+}
+
+// Reattest records a failed re-attestation ("lock") or a session whose
+// re-attestations stopped arriving ("stale").
+type Reattest struct {
+	Volume     string        `json:"volume"`
+	SessionID  string        `json:"session_id"`
+	Result     string        `json:"result"` // "lock" or "stale"
+	Reason     string        `json:"reason,omitempty"`
+	Mismatches []PCRMismatch `json:"mismatches,omitempty"`
+	Rules      []string      `json:"rules,omitempty"`
+	Remote     string        `json:"remote,omitempty"`
+}
+
+func (Rotate) auditDetails()   {}
+func (Reattest) auditDetails() {}
+func (Policy) auditDetails()   {}
+func (Volume) auditDetails()   {}
+func (Genesis) auditDetails()  {}
+func (Tamper) auditDetails()   {}
+func (Summary) auditDetails()  {}
+func (Enroll) auditDetails()   {}
+func (Unlock) auditDetails()   {}
+func (Deny) auditDetails()     {}
+func (Revoke) auditDetails()   {}
+func (Erase) auditDetails()    {}
+func (Learn) auditDetails()    {}
+func (Admin) auditDetails()    {}
+func (Alert) auditDetails()    {}
