@@ -24,11 +24,13 @@ package disk
 //     (extentReader), and writes only at block-aligned offsets.
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/bits"
 	"path"
+	"slices"
 
 	"github.com/diskfs/go-diskfs/filesystem/ext4"
 	"github.com/diskfs/go-diskfs/filesystem/ext4/crc"
@@ -413,6 +415,37 @@ func (m *ext4Meta) freeBlocks(es []extent) error {
 // recount derives every group's free counts and bitmap checksums from its
 // bitmaps, and the superblock's totals from the groups, then writes them.
 func (m *ext4Meta) recount() error {
+	if err := m.count(); err != nil {
+		return err
+	}
+	return m.writeCounts()
+}
+
+// recountIfStale writes what recount derives only where it differs from
+// what is on disk, and reports whether it did.
+func (m *ext4Meta) recountIfStale() (bool, error) {
+	gdt, sb := slices.Clone(m.gdt), slices.Clone(m.sb)
+	if err := m.count(); err != nil {
+		return false, err
+	}
+	if bytes.Equal(gdt, m.gdt) && bytes.Equal(sb, m.sb) {
+		return false, nil
+	}
+	return true, m.writeCounts()
+}
+
+func (m *ext4Meta) writeCounts() error {
+	if _, err := m.dev.WriteAt(m.gdt, m.gdtOff); err != nil {
+		return fmt.Errorf("write group descriptors: %w", err)
+	}
+	if _, err := m.dev.WriteAt(m.sb, 1024); err != nil {
+		return fmt.Errorf("write superblock: %w", err)
+	}
+	return nil
+}
+
+// count is recount in memory.
+func (m *ext4Meta) count() error {
 	le := binary.LittleEndian
 	var freeB, freeI uint64
 	bm := make([]byte, m.bs)
@@ -446,17 +479,11 @@ func (m *ext4Meta) recount() error {
 		freeI += m.field(g, 0x0e, 0x2e, 2)
 		m.sealDesc(g)
 	}
-	if _, err := m.dev.WriteAt(m.gdt, m.gdtOff); err != nil {
-		return fmt.Errorf("write group descriptors: %w", err)
-	}
 	le.PutUint32(m.sb[0x0c:], uint32(freeB))
 	le.PutUint32(m.sb[0x158:], uint32(freeB>>32))
 	le.PutUint32(m.sb[0x10:], uint32(freeI))
 	if m.metaCsum {
 		le.PutUint32(m.sb[0x3fc:], crc.CRC32c(0xffffffff, m.sb[:0x3fc]))
-	}
-	if _, err := m.dev.WriteAt(m.sb, 1024); err != nil {
-		return fmt.Errorf("write superblock: %w", err)
 	}
 	return nil
 }

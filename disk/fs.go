@@ -320,6 +320,11 @@ func (f *FS) ReadDir(p string) ([]FileInfo, error) {
 	return out, nil
 }
 
+func (f *FS) isDir(p string) bool {
+	fi, err := f.stat(p)
+	return err == nil && fi.IsDir
+}
+
 func (f *FS) mustBeDir(p string) error {
 	fi, err := f.stat(p)
 	if errors.Is(err, iofs.ErrNotExist) {
@@ -352,6 +357,18 @@ func (f *FS) mkdir(p string) error {
 	top := strings.Split(p, "/")[0]
 	_, err := f.stat(top)
 	newTop := err != nil
+	// go-diskfs adds the first missing name to a directory that exists
+	for q := p; f.typ == Ext4; q = path.Dir(q) {
+		if _, err := f.stat(q); err == nil {
+			break
+		}
+		if d := path.Dir(q); d == "." || f.isDir(d) {
+			if err := f.unindexParent(q); err != nil {
+				return fmt.Errorf("mkdir %s: %w", display(p), err)
+			}
+			break
+		}
+	}
 	if err := f.fs.Mkdir(p); err != nil {
 		return fmt.Errorf("mkdir %s: %w", display(p), err)
 	}
@@ -471,13 +488,22 @@ func (f *FS) put(p string, r io.Reader, size int64) error {
 		}
 	}
 	target := p
-	if exists {
-		// write beside the old file, so that a failure leaves it intact
+	if exists || f.typ == Ext4 && size != 0 {
+		// write beside the old file, so that a failure leaves it intact;
+		// on ext4 a new file with content too, so that a crash never
+		// shows it partial
 		target = path.Join(path.Dir(p), "."+path.Base(p)+".keygate-put")
 		if _, err := f.stat(target); err == nil {
 			if err := f.remove(target, false); err != nil {
 				return fmt.Errorf("put %s: clear stale temporary file: %w", display(p), err)
 			}
+		}
+	}
+	if f.typ == Ext4 {
+		// the name in ordered steps, not in go-diskfs's unordered batch
+		// (ext4create.go); go-diskfs then only writes the content
+		if _, err := f.createExt4(target); err != nil {
+			return fmt.Errorf("put %s: %w", display(p), err)
 		}
 	}
 	n, err := f.write(target, r, size)
@@ -495,46 +521,37 @@ func (f *FS) put(p string, r io.Reader, size int64) error {
 			return fmt.Errorf("put %s: %w", display(p), err)
 		}
 	}
-	if !exists {
+	if target == p {
 		return nil
 	}
-	return f.replace(p, target, old.Size, n)
+	return f.replace(p, target)
 }
 
-// replace moves the finished temporary file tmp over p.
-func (f *FS) replace(p, tmp string, oldSize, n int64) error {
-	if f.typ == FAT32 {
-		if err := f.remove(p, false); err != nil {
+// replace moves the finished temporary file tmp over p. On ext4 that is
+// a rename (ext4rename.go): p shows the old file or the new one, whole,
+// whenever a crash comes. On FAT it is remove-then-rename: a crash between
+// the two leaves no p and the complete new content in tmp.
+func (f *FS) replace(p, tmp string) error {
+	if f.typ == Ext4 {
+		if err := f.renameExt4(tmp, p, false); err != nil {
 			return fmt.Errorf("put %s: %w", display(p), err)
 		}
-		if err := f.fs.Rename(tmp, p); err != nil {
-			return fmt.Errorf("put %s: rename %s: %w", display(p), display(tmp), err)
-		}
 		return nil
-	}
-	// go-diskfs v1.9.4 has no ext4 Rename (nor Link), so the new content is
-	// copied over; first make sure the copy fits once the old file is gone.
-	if err := f.checkSpace(p, n, oldSize); err != nil {
-		if rerr := f.remove(tmp, false); rerr != nil {
-			return fmt.Errorf("%w (and removing %s failed: %v)", err, display(tmp), rerr)
-		}
-		return err
 	}
 	if err := f.remove(p, false); err != nil {
 		return fmt.Errorf("put %s: %w", display(p), err)
 	}
-	r, err := f.open(tmp)
-	if err != nil {
-		return fmt.Errorf("put %s: %w", display(p), err)
+	if err := f.fs.Rename(tmp, p); err != nil {
+		return fmt.Errorf("put %s: rename %s: %w", display(p), display(tmp), err)
 	}
-	if _, err := f.write(p, io.NewSectionReader(r, 0, r.Size()), n); err != nil {
-		return fmt.Errorf("put %s: copy from %s (which holds the new content): %w", display(p), display(tmp), err)
-	}
-	return f.remove(tmp, false)
+	return nil
 }
 
 // write creates file p and streams r into it in block-aligned chunks.
 func (f *FS) write(p string, r io.Reader, size int64) (int64, error) {
+	if err := f.unindexParent(p); err != nil {
+		return 0, err
+	}
 	fl, err := f.fs.OpenFile(p, os.O_CREATE|os.O_RDWR)
 	if err != nil {
 		return 0, fmt.Errorf("create: %w", err)

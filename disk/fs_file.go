@@ -13,15 +13,15 @@ package disk
 // since the last flush, and a crash at any point leaves the file as of its
 // last completed flush or newer (each sector or block old or new), never
 // with bytes no one wrote; the next writable OpenFS repairs the block
-// bitmaps from the flush's intent record. Layouts beyond ext4write.go (deep extent trees,
-// unwritten extents) and FAT take the whole-file path instead: Put's
-// replace (new content beside the old in .NAME.keygate-put, then swapped
-// in), which rewrites the file (on ext4, which go-diskfs cannot rename,
-// twice) and needs room for a second copy. A crash during it can leave, on
-// FAT, the old name gone with the complete new content in the temporary
-// file, and on ext4 the name holding a partial copy, again with the
-// complete content in the temporary file. docs/disk.md ("9P export") says
-// this for operators.
+// bitmaps from the flush's intent record. Layouts beyond ext4write.go
+// (deep extent trees, unwritten extents) and FAT take the whole-file path
+// instead: Put's replace (new content beside the old in .NAME.keygate-put,
+// then swapped in), which rewrites the file and needs room for a second
+// copy. On ext4 the swap is an atomic rename (ext4rename.go): a crash
+// leaves the old file or the new one. On FAT it is remove-then-rename: a
+// crash between them leaves the old name gone with the complete new
+// content in the temporary file. docs/disk.md ("9P export") says this for
+// operators.
 
 import (
 	"errors"
@@ -45,9 +45,9 @@ var (
 	// ErrTooLarge means a file would grow past what the filesystem (or the
 	// volume) can hold.
 	ErrTooLarge = errors.New("file too large")
-	// ErrCannotMove means Rename cannot move a non-empty directory on this
-	// filesystem: go-diskfs has no ext4 rename, and none across FAT
-	// directories. Callers do what mv does on EXDEV: copy, then remove.
+	// ErrCannotMove means Rename cannot move a non-empty FAT directory to
+	// another directory: go-diskfs has no rename across FAT directories.
+	// Callers do what mv does on EXDEV: copy, then remove.
 	ErrCannotMove = errors.New("cannot move a non-empty directory here (copy it, then remove the original)")
 	// ErrInvalid means an argument makes no sense, such as renaming a
 	// directory into itself or the root.
@@ -373,27 +373,8 @@ func (of *openFile) flushInPlace() error {
 	return of.fs.flushExt4(of)
 }
 
-// store writes the file's content to disk. On ext4 a file that is empty
-// on disk (just created) is written in place: Put's replace would copy
-// the data twice, as go-diskfs cannot rename, and an empty file has no
-// content to keep safe. Anything else goes through Put's replace.
+// store writes the file's content to disk with Put's replace.
 func (f *FS) store(of *openFile) error {
-	if fi, err := f.stat(of.path); f.typ == Ext4 && err == nil && !fi.IsDir && fi.Size == 0 && of.size > 0 {
-		if err := f.checkSpace(of.path, of.size, 0); err != nil {
-			return err
-		}
-		if _, err := f.write(of.path, &seqReader{of: of}, of.size); err != nil {
-			// leave the empty file as it was, not a partial one
-			if rerr := f.remove(of.path, false); rerr != nil {
-				return fmt.Errorf("write %s: %w (and removing the partial file failed: %v)", display(of.path), err, rerr)
-			}
-			if perr := f.put(of.path, strings.NewReader(""), 0); perr != nil {
-				return fmt.Errorf("write %s: %w (and recreating it empty failed: %v)", display(of.path), err, perr)
-			}
-			return fmt.Errorf("write %s: %w", display(of.path), err)
-		}
-		return nil
-	}
 	return f.put(of.path, &seqReader{of: of}, of.size)
 }
 

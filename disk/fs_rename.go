@@ -1,7 +1,7 @@
 package disk
 
-// This file holds Rename, which go-diskfs can do only within one FAT
-// directory: elsewhere it copies, and moves the open files it carries.
+// This file holds Rename: on ext4 keygate's own (ext4rename.go), on FAT
+// go-diskfs's within one directory, and a copy across FAT directories.
 
 import (
 	"fmt"
@@ -14,13 +14,15 @@ import (
 // an empty directory, when moving a directory) already there, as
 // rename(2) does.
 //
-// go-diskfs renames only within one FAT directory, and not at all on
-// ext4. Elsewhere a file is copied to newp (with Put's replace when newp
-// exists) and then oldp is removed; a crash in between leaves both names,
-// with the complete content, never neither. An empty directory is made
-// anew and the old one removed. A non-empty directory cannot be moved that
-// way and fails with ErrCannotMove, which a 9P server reports as EXDEV so
-// that mv falls back to copying.
+// On ext4 the directory entry moves (ext4rename.go): a crash at any point
+// leaves newp as it was before or naming the moved file, complete.
+// go-diskfs renames only within one FAT directory. Across FAT directories
+// a file is copied to newp (with Put's replace when newp exists) and then
+// oldp is removed; a crash in between leaves both names, with the
+// complete content, never neither. An empty FAT directory is made anew and
+// the old one removed. A non-empty one cannot be moved that way and fails
+// with ErrCannotMove, which a 9P server reports as EXDEV so that mv falls
+// back to copying.
 func (f *FS) Rename(oldp, newp string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -73,7 +75,12 @@ func (f *FS) Rename(oldp, newp string) error {
 		}
 	}
 	switch {
-	case f.typ == FAT32 && path.Dir(o) == path.Dir(n):
+	case f.typ == Ext4:
+		f.detach(n)
+		if err := f.renameExt4(o, n, oi.IsDir); err != nil {
+			return err
+		}
+	case path.Dir(o) == path.Dir(n):
 		if exists {
 			f.detach(n)
 			if err := f.remove(n, ni.IsDir); err != nil {

@@ -272,16 +272,24 @@ func (s *Server) CheckStale(ctx context.Context) int {
 	return len(stale)
 }
 
-// addEvent stores one event the service itself raises about a VM.
+// addEvent stores one event the service itself raises about a VM, wakes
+// the live streams and queues it as an alert, as POST /v1/events does.
 func (s *Server) addEvent(ctx context.Context, ev store.VMEvent) {
+	ctx = context.WithoutCancel(ctx)
 	ev.Received = s.now()
 	if ev.Data == nil {
 		ev.Data = mustJSON(map[string]string{"kind": ev.Kind, "severity": ev.Severity})
 	}
-	if _, err := s.st.AddEvents(context.WithoutCancel(ctx), []store.VMEvent{ev}); err != nil {
-		s.log.Error("store event failed", slog.String("kind", ev.Kind), slog.Any("err", err))
-	}
 	s.metrics.events.WithLabelValues(ev.Severity, "other").Inc()
+	stored, err := s.st.AddEvents(ctx, []store.VMEvent{ev})
+	if err != nil {
+		s.log.Error("store event failed", slog.String("kind", ev.Kind), slog.Any("err", err))
+		return
+	}
+	s.bell.ring()
+	if err := s.queueAlerts(ctx, stored); err != nil {
+		s.log.Error("queue alert failed", slog.String("kind", ev.Kind), slog.Any("err", err))
+	}
 }
 
 func mustJSON(v any) []byte {

@@ -1,8 +1,11 @@
 package keysvc_test
 
 import (
+	"crypto/x509"
 	"encoding/json"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -255,4 +258,38 @@ func (e *env) gauge(t *testing.T, name string) string {
 	}
 	t.Fatalf("no %s in /metrics", name)
 	return ""
+}
+
+// TestReattestLockAlert: a failed re-attestation reaches the operator's
+// webhook as a critical alert, as a VM's own critical events do.
+func TestReattestLockAlert(t *testing.T) {
+	bodies := make(chan []byte, 8)
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		bodies <- b
+	}))
+	defer srv.Close()
+	pool := x509.NewCertPool()
+	pool.AddCert(srv.Certificate())
+	cfg := keysvc.AlertConfig{Webhooks: []string{srv.URL + "/hook"}, WebhookSecret: []byte("0123456789abcdef0123456789abcdef"), CAs: pool}
+	e := startEnvFunc(t, t.TempDir(), func(c *keysvc.Config) { c.Alerts = cfg })
+	v := openVM(t)
+	if err := v.tpm.Reboot(); err != nil {
+		t.Fatal(err)
+	}
+	vol := setup(t, e, v, "al")
+	session := e.servingVM(t, v, "al", vol)
+	v.tpm.Extend(7, []byte("a runtime measurement"))
+	if _, rr, b := e.reattest(t, v, session, 60); rr.State != api.StateLock {
+		t.Fatalf("reattest: %s, want lock", b)
+	}
+	select {
+	case b := <-bodies:
+		var ab keysvc.AlertBody
+		if err := json.Unmarshal(b, &ab); err != nil || ab.Event.Kind != "reattest-failed" || ab.Event.Severity != "critical" || ab.Event.VM != "al" {
+			t.Fatalf("alert %s (%v), want a critical reattest-failed of vm al", b, err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("no alert within 60s")
+	}
 }

@@ -100,6 +100,11 @@ type Server struct {
 	byVM       *limiter
 	ekRoots    *x509.CertPool
 	eventsKept time.Duration
+	// faults is WithFaults' injector (rotate.go); nil outside crash tests.
+	faults func(step string) error
+	// lm and serving: rotation and re-attestation (rotate.go, reattest.go).
+	lm      *lifecycleMetrics
+	serving *servingSessions
 
 	// The dashboard (ui.go) and the live event stream (stream.go).
 	ui          *dashboard.Dashboard
@@ -110,11 +115,6 @@ type Server struct {
 	stopStreams context.CancelFunc
 	adminCAs    *x509.CertPool // admin client certificates (WithAdminClientCAs)
 	alerts      Alerter        // nil: no alert delivery (alerts.go)
-	// faults is WithFaults' injector (rotate.go); nil outside crash tests.
-	faults func(step string) error
-	// lm and serving: rotation and re-attestation (rotate.go, reattest.go).
-	lm      *lifecycleMetrics
-	serving *servingSessions
 }
 
 // Option configures a Server.
@@ -231,11 +231,11 @@ func New(opts ...Option) (*Server, error) {
 	s.rows = &keyring{}
 	s.rows.p.Store(ks)
 	s.metrics = newMetrics()
+	s.lm, s.serving = newLifecycleMetrics(s.metrics.reg), newServingSessions()
+	s.lm.registerStale(s.metrics.reg, s.serving)
 	if c, ok := s.alerts.(interface{ Collectors() []prometheus.Collector }); ok {
 		s.metrics.register(c.Collectors()...)
 	}
-	s.lm, s.serving = newLifecycleMetrics(s.metrics.reg), newServingSessions()
-	s.lm.registerStale(s.metrics.reg, s.serving)
 	// Each unlock makes one durable write, after verifying its quote: while
 	// others are under way, the store holds a commit briefly for theirs, so
 	// that under load they share one fsync (store.SetCommitDelay).

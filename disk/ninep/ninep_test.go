@@ -458,8 +458,11 @@ func TestErrno(t *testing.T) {
 				{"move non-empty dir", func() error {
 					e := mustWalk(t, root, "e")
 					defer e.Close()
-					return root.RenameAt("d", e, "d")
-				}, linux.EXDEV},
+					if err := root.RenameAt("d", e, "d"); err != nil || typ == disk.FAT32 {
+						return err
+					}
+					return e.RenameAt("d", root, "d") // and back, for the checks below
+				}, map[disk.FSType]linux.Errno{disk.FAT32: linux.EXDEV}[typ]}, // ext4 moves it
 				{"write to read-only fid", func() error {
 					f := mustWalk(t, root, "g")
 					defer f.Close()
@@ -502,7 +505,7 @@ func TestErrno(t *testing.T) {
 			} {
 				t.Run(tc.name, func(t *testing.T) {
 					err := tc.op()
-					if !errors.Is(err, tc.want) {
+					if tc.want == 0 && err != nil || tc.want != 0 && !errors.Is(err, tc.want) {
 						t.Fatalf("got %v, want %v", err, tc.want)
 					}
 				})

@@ -1,5 +1,5 @@
 -- 0001: the key service's schema on PostgreSQL, the same records as the
--- SQLite migrations 0001 to 0003 (and the master key check of SQLite's 0006).
+-- SQLite migrations 0001 to 0003 (and the master key check of SQLite's 0007).
 -- Times are Unix nanoseconds (UTC) in bigint columns, so that they round-trip
 -- exactly (the audit hash covers them) and copy from SQLite unchanged. JSON
 -- is kept as text, never jsonb: the bytes are MAC'd and hashed as stored.

@@ -1,4 +1,4 @@
--- 0004: unwrap-key rotation, as SQLite's 0007: a volume with a row here
+-- 0004: unwrap-key rotation, as SQLite's 0006: a volume with a row here
 -- has a second, pending UK, sealed under the master key with its own
 -- additional data, until the VM proves it holds it.
 

@@ -1,4 +1,4 @@
--- 0006: the master key every keysvc using this database must hold, as a
+-- 0007: the master key every keysvc using this database must hold, as a
 -- fingerprint (a hash of a key derived from it, never the key), recorded on
 -- first use. A keysvc started with another master key refuses to run.
 

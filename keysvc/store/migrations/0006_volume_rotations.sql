@@ -1,4 +1,4 @@
--- 0007: unwrap-key rotation (issue 15). A volume with a row here has a
+-- 0006: unwrap-key rotation (issue 15). A volume with a row here has a
 -- second, pending UK: the key service releases both until the VM proves it
 -- holds the pending one (its image then opens with it alone), and then, in
 -- one transaction, makes the pending UK the volume's and deletes this row.
