@@ -32,12 +32,11 @@ type OutboxStats struct {
 // service replicas on one database may deliver from it at once (Claim
 // leases what it returns).
 //
-// SQLite implements it over the alert_outbox table (migration 0004). A
-// PostgreSQL implementation needs the same table (id BIGSERIAL, UNIQUE
-// (sink, idem_key), an index on (dead, next_ns)), EnqueueAlerts as INSERT
-// … ON CONFLICT (sink, idem_key) DO NOTHING, and ClaimAlerts as one
-// UPDATE … SET next_ns = $lease WHERE id IN (SELECT id … FOR UPDATE SKIP
-// LOCKED LIMIT n) RETURNING …, so that replicas claim disjoint items.
+// SQLite implements it over the alert_outbox table (migration 0004),
+// PostgreSQL over its own (postgres/0003): EnqueueAlerts as INSERT … ON
+// CONFLICT (sink, idem_key) DO NOTHING, and ClaimAlerts as one UPDATE of
+// rows picked FOR UPDATE SKIP LOCKED, so that replicas claim disjoint
+// items.
 type Outbox interface {
 	// EnqueueAlerts stores items in one transaction (all or none). An item
 	// whose (Sink, Key) is already stored is skipped, so that enqueueing
@@ -58,10 +57,10 @@ type Outbox interface {
 }
 
 // EventFeed reads stored VM events in the order they were stored, for the
-// live event stream and its Last-Event-ID resume. (On PostgreSQL, IDs from
-// a sequence can commit out of order: a feed there must hold back IDs
-// above one still in flight, or read by commit order, so that a stream
-// resuming after N never skips a lower ID committed later.)
+// live event stream and its Last-Event-ID resume. IDs commit in increasing
+// order on both engines (on PostgreSQL, AddEvents holds an advisory lock to
+// its commit), so a stream resuming after N never skips a lower ID
+// committed later.
 type EventFeed interface {
 	// EventsAfter returns up to limit (1 to MaxEventList) events with
 	// ID > after, lowest ID first.
