@@ -46,7 +46,7 @@ func (f fileSource) kind() string { return "file" }
 func (f fileSource) close()       {}
 
 func (f fileSource) load() (masterkey.Master, bool, error) {
-	if err := wipeFile(f.path + oldKeySuffix); err != nil {
+	if err := f.dropOld(); err != nil {
 		return nil, false, err
 	}
 	mk, created, err := masterkey.LoadOrCreate(f.path)
@@ -105,6 +105,28 @@ func (f fileSource) install() error {
 		if err != nil {
 			return fmt.Errorf("install new master key: sync %s: %w", filepath.Dir(f.path), err)
 		}
+	}
+	return wipeFile(old)
+}
+
+// dropOld deals with a master.key.old left by a crash inside install.
+// Before the rename it is a second link to the current master.key, the same
+// inode: wiping it would overwrite the key in use, so only the link goes.
+// After the rename it is the retired key's last name, and is wiped.
+func (f fileSource) dropOld() error {
+	old := f.path + oldKeySuffix
+	oi, err := os.Stat(old)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("check %s: %w", old, err)
+	}
+	if ci, err := os.Stat(f.path); err == nil && os.SameFile(oi, ci) {
+		if err := os.Remove(old); err != nil {
+			return fmt.Errorf("remove %s: %w", old, err)
+		}
+		return nil
 	}
 	return wipeFile(old)
 }
