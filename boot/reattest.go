@@ -14,6 +14,10 @@ import (
 // DefaultReattest is keygate boot's --reattest default.
 const DefaultReattest = 5 * time.Minute
 
+// MaxReattest is the longest period the key service accepts: a longer one
+// would let a tampered VM stay unflagged for hours.
+const MaxReattest = time.Hour
+
 // ErrReattest is what Wait returns once a re-attestation while serving
 // failed the key service's policy (a PCR changed after the unlock) and the
 // volume was locked. The error that wraps it names the PCRs.

@@ -40,7 +40,7 @@ const StaleGrace = 30 * time.Second
 // Bounds of api.ReattestRequest.IntervalSeconds.
 const (
 	MinReattestInterval = time.Second
-	MaxReattestInterval = 24 * time.Hour
+	MaxReattestInterval = time.Hour
 )
 
 // servedWindow is WindowPCR's value once a VM extended it once, for
@@ -78,6 +78,10 @@ func reattestBinding(sessionID string) string { return "reattest:" + sessionID }
 func (s *Server) handleReattestChallenge(w http.ResponseWriter, r *http.Request) {
 	c, ok := s.bearerSession(w, r)
 	if !ok {
+		return
+	}
+	if s.serving.isLocked(c.ID) {
+		writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateLock, Reason: api.ReasonPolicy})
 		return
 	}
 	vm, ek, ak, done := s.reattestKeys(w, r, c, false)
@@ -142,6 +146,10 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 	if interval < MinReattestInterval || interval > MaxReattestInterval {
 		writeError(w, errorf(http.StatusBadRequest, "send how often the VM re-attests, in seconds", "interval_seconds %d is outside %d to %d",
 			req.IntervalSeconds, int64(MinReattestInterval/time.Second), int64(MaxReattestInterval/time.Second)))
+		return
+	}
+	if s.serving.isLocked(c.ID) {
+		writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateLock, Reason: api.ReasonPolicy})
 		return
 	}
 	vm, ek, ak, done := s.reattestKeys(w, r, c, true)
@@ -235,7 +243,7 @@ func verifyServing(att *pb.Attestation, opts attest.VerifyOpts) (*attest.Denial,
 // reattestFailed audits and stores a failed re-attestation as critical.
 func (s *Server) reattestFailed(r *http.Request, c sessionClaims, d *attest.Denial) {
 	s.lm.reattests.WithLabelValues("lock").Inc()
-	s.serving.end(c.ID)
+	s.serving.lock(c.ID, s.now())
 	det := audit.Reattest{Volume: c.Volume, SessionID: c.ID, Result: api.StateLock, Reason: d.Reason, Remote: remoteHost(r)}
 	for _, m := range d.Mismatches {
 		det.Mismatches = append(det.Mismatches, audit.PCRMismatch{PCR: m.PCR, Allowed: m.Allowed, Got: m.Got})
@@ -266,8 +274,8 @@ func (s *Server) CheckStale(ctx context.Context) int {
 			slog.String("session_id", ss.id), slog.Time("last", ss.last), slog.Duration("interval", ss.interval))
 		s.record(ctx, audit.Event{Actor: "keysvc", Action: audit.ActionReattest, Subject: ss.volume,
 			Details: audit.Reattest{Volume: ss.volume, SessionID: ss.id, Result: "stale", Reason: fmt.Sprintf("no re-attestation since %s (interval %s)", ss.last.Format(time.RFC3339), ss.interval)}})
-		s.addEvent(ctx, store.VMEvent{VM: ss.vm, Volume: ss.volume, Session: ss.id, Kind: "reattest-stale", Severity: "warning",
-			Data: mustJSON(map[string]any{"kind": "reattest-stale", "severity": "warning", "last": ss.last, "interval_seconds": int64(ss.interval / time.Second)})})
+		s.addEvent(ctx, store.VMEvent{VM: ss.vm, Volume: ss.volume, Session: ss.id, Kind: "reattest-stale", Severity: "critical",
+			Data: mustJSON(map[string]any{"kind": "reattest-stale", "severity": "critical", "last": ss.last, "interval_seconds": int64(ss.interval / time.Second)})})
 	}
 	return len(stale)
 }
@@ -300,10 +308,15 @@ func mustJSON(v any) []byte {
 	return b
 }
 
-// servingSessions tracks, in memory, the sessions that re-attest.
+// servingSessions tracks, in memory, the sessions that re-attest, and the
+// sessions a failed re-attestation locked.
 type servingSessions struct {
 	mu sync.Mutex
 	m  map[string]*servingSession
+	// locked remembers, until forgetAfter, the sessions told to lock, so
+	// that a VM that ignores the answer (root in it can) is not served
+	// again: its heartbeat reads revoked, and it gets no new challenge.
+	locked map[string]time.Time
 }
 
 type servingSession struct {
@@ -320,7 +333,32 @@ const maxServing = 1 << 17
 // is forgotten: a VM that stopped for good.
 const forgetAfter = 24 * time.Hour
 
-func newServingSessions() *servingSessions { return &servingSessions{m: map[string]*servingSession{}} }
+func newServingSessions() *servingSessions {
+	return &servingSessions{m: map[string]*servingSession{}, locked: map[string]time.Time{}}
+}
+
+// lock stops tracking the session and remembers it as locked.
+func (ss *servingSessions) lock(id string, now time.Time) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	delete(ss.m, id)
+	if len(ss.locked) >= maxServing {
+		for k, t := range ss.locked {
+			if now.Sub(t) > forgetAfter || len(ss.locked) >= maxServing {
+				delete(ss.locked, k)
+			}
+		}
+	}
+	ss.locked[id] = now
+}
+
+// isLocked reports whether a failed re-attestation locked the session.
+func (ss *servingSessions) isLocked(id string) bool {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	_, ok := ss.locked[id]
+	return ok
+}
 
 // seen records a good re-attestation; true if the session was stale.
 func (ss *servingSessions) seen(id, vm, volume string, interval time.Duration, now time.Time) bool {

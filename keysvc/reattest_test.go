@@ -101,6 +101,18 @@ func TestReattest(t *testing.T) {
 			if len(failed) != 1 || failed[0].Severity != "critical" || failed[0].VM != "ra" {
 				t.Fatalf("events %+v, want one critical reattest-failed", failed)
 			}
+			// The lock holds even if the VM ignores it: its heartbeat
+			// reads revoked, and it gets no new re-attestation.
+			code, body = e.do(t, "GET", "https://"+e.svc.VMAddr()+"/v1/session", session, nil)
+			var st api.SessionResponse
+			if code != http.StatusOK || json.Unmarshal(body, &st) != nil || st.State != api.StateRevoked {
+				t.Fatalf("session after the lock: %d %s, want revoked", code, body)
+			}
+			code, body = e.do(t, "POST", "https://"+e.svc.VMAddr()+"/v1/reattest/challenge", session, struct{}{})
+			var again api.ReattestResponse
+			if code != http.StatusOK || json.Unmarshal(body, &again) != nil || again.State != api.StateLock {
+				t.Fatalf("re-attestation challenge after the lock: %d %s, want lock", code, body)
+			}
 		})
 	}
 }
@@ -216,8 +228,8 @@ func TestReattestStale(t *testing.T) {
 	if g := e.gauge(t, "keysvc_reattest_stale_sessions"); g != "1" {
 		t.Fatalf("stale gauge %q, want 1", g)
 	}
-	if evs := e.listEvents(t, "kind=reattest-stale"); len(evs) != 1 || evs[0].Severity != "warning" {
-		t.Fatalf("stale events %+v, want one warning", evs)
+	if evs := e.listEvents(t, "kind=reattest-stale"); len(evs) != 1 || evs[0].Severity != "critical" {
+		t.Fatalf("stale events %+v, want one critical", evs)
 	}
 	if recs := e.auditOf(t, audit.ActionReattest); len(recs) != 1 || !strings.Contains(string(recs[0].Details), `"stale"`) {
 		t.Fatalf("audit records %+v, want one stale", recs)

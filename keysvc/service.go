@@ -135,7 +135,8 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 		return nil, errors.New("start key service: no data directory (use --data DIR)")
 	}
 	if cfg.DB != "" && cfg.DB != "sqlite" && !store.IsPostgresURL(cfg.DB) {
-		return nil, fmt.Errorf("start key service: unknown --db %q: use sqlite (DIR/keysvc.db) or a postgres://user@host/dbname URL", cfg.DB)
+		// Not echoed: a libpq key=value string can carry a password.
+		return nil, errors.New("start key service: --db is neither sqlite nor a postgres:// or postgresql:// URL: use sqlite (DIR/keysvc.db) or postgres://user@host/dbname (the password in ~/.pgpass or PGPASSFILE, not on the command line)")
 	}
 	log := cfg.Logger
 	if log == nil {

@@ -82,7 +82,7 @@ func (s *Server) sessionState(r *http.Request, c sessionClaims) (string, error) 
 	if err != nil {
 		return "", err
 	}
-	if vm.Revoked || vol.Erased() {
+	if vm.Revoked || vol.Erased() || s.serving.isLocked(c.ID) {
 		return api.StateRevoked, nil
 	}
 	return api.StateActive, nil

@@ -85,8 +85,8 @@ See docs/boot.md.`,
 				return cli.Usagef(c, "--vm, --image and --tpm are required")
 			}
 			var err error
-			if cfg.Reattest < 0 {
-				return cli.Usagef(c, "--reattest %s: use a positive duration, or 0 to turn re-attestation off", cfg.Reattest)
+			if cfg.Reattest < 0 || cfg.Reattest > boot.MaxReattest {
+				return cli.Usagef(c, "--reattest %s: use a positive duration up to %s, or 0 to turn re-attestation off", cfg.Reattest, boot.MaxReattest)
 			}
 			if alert != string(boot.AlertLog) && alert != string(boot.AlertLock) {
 				return cli.Usagef(c, "--on-alert %q: use log or lock", alert)

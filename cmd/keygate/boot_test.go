@@ -253,7 +253,8 @@ func TestBootUsage(t *testing.T) {
 		{[]string{"boot", "--vm", "a", "--image", "x", "--serve-9p", "a", "--serve-nbd", "b"}, "exclusive"},
 		{[]string{"boot", "--vm", "a", "--image", "x", "--serve-9p", "a", "--attach", "/dev/nbd0"}, "exclusive"},
 		{[]string{"boot", "--vm", "a", "--image", "x", "--allow-uid", "-1"}, "not a numeric uid"},
-		{[]string{"boot", "--vm", "a", "--image", "x", "--reattest", "-1s"}, "--reattest -1s: use a positive duration, or 0"},
+		{[]string{"boot", "--vm", "a", "--image", "x", "--reattest", "-1s"}, "--reattest -1s: use a positive duration up to 1h0m0s, or 0"},
+		{[]string{"boot", "--vm", "a", "--image", "x", "--reattest", "2h"}, "--reattest 2h0m0s: use a positive duration up to 1h0m0s, or 0"},
 		{[]string{"disk", "create", "x.img", "--size", "64M", "--keysvc", "https://h", "--volume", "v"}, "--vm is required with --keysvc"},
 		{[]string{"disk", "create", "x.img", "--size", "64M", "--keysvc", "https://h", "--volume", "v", "--key-file", "k"}, "not both"},
 	} {
