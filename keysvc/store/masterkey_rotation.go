@@ -44,35 +44,36 @@ type MasterKeyRotations interface {
 	FinishMasterKeyRotation(ctx context.Context, next AuditNext) error
 }
 
-// rekeyVM passes v to fn, checks that only its MAC changed, and stores it
-// with save (RekeyBatch on either engine).
-func rekeyVM(v VM, fn func(*VM) error, save func(VM) error) error {
+// remacVM passes v to fn, checks that only its MAC changed, and stores it
+// with save: the step Adopt and RekeyBatch take for each VM row on either
+// engine. op names the step in errors.
+func remacVM(op string, v VM, fn func(*VM) error, save func(VM) error) error {
 	old := v
 	if err := fn(&v); err != nil {
 		return err
 	}
 	if v.Name != old.Name || v.EKPubPEM != old.EKPubPEM || v.AKPubPEM != old.AKPubPEM || v.Revoked != old.Revoked ||
 		v.LearnArmed != old.LearnArmed || v.ProvisioningAllowed != old.ProvisioningAllowed || !bytes.Equal(v.Policy, old.Policy) {
-		return fmt.Errorf("rekey vm %q: only its MAC may change: %w", old.Name, ErrImmutable)
+		return fmt.Errorf("%s vm %q: only its MAC may change: %w", op, old.Name, ErrImmutable)
 	}
 	if err := save(v); err != nil {
-		return fmt.Errorf("rekey vm %q: %w", v.Name, err)
+		return fmt.Errorf("%s vm %q: %w", op, v.Name, err)
 	}
 	return nil
 }
 
-// rekeyVolume passes v to fn, checks that only its MAC and sealed UK
-// changed, and stores it with save.
-func rekeyVolume(v Volume, fn func(*Volume) error, save func(Volume) error) error {
+// remacVolume passes v to fn, checks that only its MAC and sealed UK
+// changed, and stores it with save, as remacVM does for VMs.
+func remacVolume(op string, v Volume, fn func(*Volume) error, save func(Volume) error) error {
 	old := v
 	if err := fn(&v); err != nil {
 		return err
 	}
 	if v.ID != old.ID || v.VM != old.VM || v.Erased() != old.Erased() {
-		return fmt.Errorf("rekey volume %q: only its MAC and sealed UK may change: %w", old.ID, ErrImmutable)
+		return fmt.Errorf("%s volume %q: only its MAC and sealed UK may change: %w", op, old.ID, ErrImmutable)
 	}
 	if err := save(v); err != nil {
-		return fmt.Errorf("rekey volume %q: %w", v.ID, err)
+		return fmt.Errorf("%s volume %q: %w", op, v.ID, err)
 	}
 	return nil
 }

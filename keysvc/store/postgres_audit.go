@@ -1,7 +1,6 @@
 package store
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"strings"
@@ -405,16 +404,11 @@ func (p *Postgres) Adopt(ctx context.Context, vm func(*VM) error, vol func(*Volu
 			return fmt.Errorf("read vms: %w", err)
 		}
 		for _, v := range vms {
-			old := v
-			if err := vm(&v); err != nil {
+			if err := remacVM("adopt", v, vm, func(v VM) error {
+				_, err := tx.Exec(ctx, `UPDATE vms SET row_mac = $1 WHERE name = $2`, v.MAC, v.Name)
 				return err
-			}
-			if v.Name != old.Name || v.EKPubPEM != old.EKPubPEM || v.AKPubPEM != old.AKPubPEM || v.Revoked != old.Revoked ||
-				v.LearnArmed != old.LearnArmed || v.ProvisioningAllowed != old.ProvisioningAllowed || !bytes.Equal(v.Policy, old.Policy) {
-				return fmt.Errorf("adopt vm %q: only its MAC may change: %w", old.Name, ErrImmutable)
-			}
-			if _, err := tx.Exec(ctx, `UPDATE vms SET row_mac = $1 WHERE name = $2`, v.MAC, v.Name); err != nil {
-				return fmt.Errorf("adopt vm %q: %w", v.Name, err)
+			}); err != nil {
+				return err
 			}
 		}
 		vols, err := pgx.CollectRows(mustQuery(tx.Query(ctx, `SELECT `+volumeColumns+` FROM volumes ORDER BY id FOR UPDATE`)),
@@ -423,15 +417,11 @@ func (p *Postgres) Adopt(ctx context.Context, vm func(*VM) error, vol func(*Volu
 			return fmt.Errorf("read volumes: %w", err)
 		}
 		for _, v := range vols {
-			old := v
-			if err := vol(&v); err != nil {
+			if err := remacVolume("adopt", v, vol, func(v Volume) error {
+				_, err := tx.Exec(ctx, `UPDATE volumes SET sealed_uk = $1, row_mac = $2 WHERE id = $3`, v.SealedUK, v.MAC, v.ID)
 				return err
-			}
-			if v.ID != old.ID || v.VM != old.VM || v.Erased() != old.Erased() {
-				return fmt.Errorf("adopt volume %q: only its MAC and sealed UK may change: %w", old.ID, ErrImmutable)
-			}
-			if _, err := tx.Exec(ctx, `UPDATE volumes SET sealed_uk = $1, row_mac = $2 WHERE id = $3`, v.SealedUK, v.MAC, v.ID); err != nil {
-				return fmt.Errorf("adopt volume %q: %w", v.ID, err)
+			}); err != nil {
+				return err
 			}
 		}
 		rec, h, err := next(last, head)

@@ -112,7 +112,7 @@ func (p *Postgres) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error
 			return fmt.Errorf("read vms: %w", err)
 		}
 		for _, v := range vms {
-			if err := rekeyVM(v, vm, func(v VM) error {
+			if err := remacVM("rekey", v, vm, func(v VM) error {
 				_, err := tx.Exec(ctx, `UPDATE vms SET row_mac = $1 WHERE name = $2`, v.MAC, v.Name)
 				return err
 			}); err != nil {
@@ -129,7 +129,7 @@ func (p *Postgres) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error
 			}
 		}
 		for _, v := range vols {
-			if err := rekeyVolume(v, vol, func(v Volume) error {
+			if err := remacVolume("rekey", v, vol, func(v Volume) error {
 				_, err := tx.Exec(ctx, `UPDATE volumes SET sealed_uk = $1, row_mac = $2 WHERE id = $3`, v.SealedUK, v.MAC, v.ID)
 				return err
 			}); err != nil {

@@ -93,7 +93,7 @@ func (s *SQLite) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, 
 			return fmt.Errorf("read vms: %w", err)
 		}
 		for _, v := range vms {
-			if err := rekeyVM(v, vm, func(v VM) error {
+			if err := remacVM("rekey", v, vm, func(v VM) error {
 				_, err := tx.ExecContext(ctx, `UPDATE vms SET row_mac = ? WHERE name = ?`, v.MAC, v.Name)
 				return err
 			}); err != nil {
@@ -109,7 +109,7 @@ func (s *SQLite) RekeyBatch(ctx context.Context, limit int, vm func(*VM) error, 
 			}
 		}
 		for _, v := range vols {
-			if err := rekeyVolume(v, vol, func(v Volume) error {
+			if err := remacVolume("rekey", v, vol, func(v Volume) error {
 				_, err := tx.ExecContext(ctx, `UPDATE volumes SET sealed_uk = ?, row_mac = ? WHERE id = ?`, v.SealedUK, v.MAC, v.ID)
 				return err
 			}); err != nil {
