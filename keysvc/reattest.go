@@ -342,11 +342,10 @@ func (ss *servingSessions) lock(id string, now time.Time) {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	delete(ss.m, id)
-	if len(ss.locked) >= maxServing {
-		for k, t := range ss.locked {
-			if now.Sub(t) > forgetAfter || len(ss.locked) >= maxServing {
-				delete(ss.locked, k)
-			}
+	if len(ss.locked) >= maxServing { // flagStale forgets them after forgetAfter; this only bounds a burst
+		for k := range ss.locked {
+			delete(ss.locked, k)
+			break
 		}
 	}
 	ss.locked[id] = now
@@ -397,7 +396,7 @@ func (ss *servingSessions) end(id string) {
 }
 
 // flagStale marks and returns the sessions newly stale at now, and forgets
-// those stale for longer than forgetAfter.
+// those stale, or locked, for longer than forgetAfter.
 func (ss *servingSessions) flagStale(now time.Time) []servingSession {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
@@ -410,6 +409,11 @@ func (ss *servingSessions) flagStale(now time.Time) []servingSession {
 		case !e.stale && now.After(due):
 			e.stale = true
 			out = append(out, *e)
+		}
+	}
+	for id, t := range ss.locked {
+		if now.Sub(t) > forgetAfter {
+			delete(ss.locked, id)
 		}
 	}
 	return out

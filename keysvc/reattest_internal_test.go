@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	pb "github.com/google/go-tpm-tools/proto/attest"
 	"github.com/google/go-tpm/legacy/tpm2"
@@ -110,4 +111,26 @@ func otherKey(t *testing.T) crypto.PublicKey {
 		t.Fatal(err)
 	}
 	return k.Public()
+}
+
+// TestLockedSessionsForgotten: a locked session stays locked until
+// forgetAfter has passed, then flagStale forgets it (as docs/protocol.md
+// says: per replica, for 24 hours).
+func TestLockedSessionsForgotten(t *testing.T) {
+	ss := newServingSessions()
+	t0 := time.Unix(1_700_000_000, 0)
+	ss.seen("s1", "vm", "vol", time.Minute, t0)
+	ss.lock("s1", t0)
+	for _, tc := range []struct {
+		at     time.Duration
+		locked bool
+	}{{time.Hour, true}, {forgetAfter, true}, {forgetAfter + time.Minute, false}} {
+		ss.flagStale(t0.Add(tc.at))
+		if got := ss.isLocked("s1"); got != tc.locked {
+			t.Fatalf("%s after the lock: locked %v, want %v", tc.at, got, tc.locked)
+		}
+	}
+	if n := ss.staleCount(); n != 0 {
+		t.Fatalf("a locked session is counted stale (%d)", n)
+	}
 }
