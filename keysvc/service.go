@@ -188,6 +188,9 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	}
 	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
 		WithAdminToken(svc.Data.adminToken), WithLogger(log)}, cfg.Options...)
+	if lk.next != nil {
+		opts = append(opts, withSessionKeyAlso(lk.next))
+	}
 	if cfg.AdminClientCAs != nil {
 		opts = append(opts, WithAdminClientCAs(cfg.AdminClientCAs))
 	}

@@ -82,8 +82,11 @@ func (s *Server) sessionState(r *http.Request, c sessionClaims) (string, error) 
 	if err != nil {
 		return "", err
 	}
-	if vm.Revoked || vol.Erased() || s.serving.isLocked(c.ID) {
+	if vm.Revoked || vol.Erased() {
 		return api.StateRevoked, nil
+	}
+	if locked, err := s.isLocked(r.Context(), c); err != nil || locked {
+		return api.StateRevoked, err
 	}
 	return api.StateActive, nil
 }
