@@ -73,10 +73,10 @@ type Server struct {
 	// initMK and initCh are the master key and challenger New starts
 	// from. After New, use rows (seal, open, MACs) and chs: a master-key
 	// rotation replaces both, and wipes initMK.
-	initMK     MasterKey
-	initCh     *attest.Challenger
-	chs        atomic.Pointer[challengers]
-	sess       atomic.Pointer[sessionKeys]
+	initMK MasterKey
+	initCh *attest.Challenger
+	chs    atomic.Pointer[challengers]
+	sess   atomic.Pointer[sessionKeys]
 	// sessStored: the session key is the one sealed in the store
 	// (sessionkey.go), which master-key rotations re-seal and keep;
 	// svcKeys is that store, sessAlso the rotation's new key at start.
