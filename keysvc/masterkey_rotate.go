@@ -369,6 +369,11 @@ func (s *Server) runRotation(ctx context.Context) error {
 			v.MAC = ks.rows.volumeMAC(*v)
 			return nil
 		}
+		// First the stored session key (sessionkey.go): one row, and then
+		// any replica holding the new key alone opens it.
+		if err := s.rekeyServiceKeys(ctx, ks); err != nil {
+			return err
+		}
 		for batch := 1; ; batch++ {
 			if s.rot.hook != nil {
 				if err := s.rot.hook(batch); err != nil {
@@ -387,10 +392,6 @@ func (s *Server) runRotation(ctx context.Context) error {
 		}
 		// The pending unwrap keys of volume rotations (rotate.go).
 		if err := s.rekeyPendingUKs(ctx, ks, ekFP); err != nil {
-			return err
-		}
-		// The stored session key (sessionkey.go).
-		if err := s.rekeyServiceKeys(ctx, ks); err != nil {
 			return err
 		}
 	}

@@ -215,5 +215,3 @@ func TestSessionStateAcrossReplicas(t *testing.T) {
 		t.Fatalf("resumed events %+v, want one", evs)
 	}
 }
-
-
