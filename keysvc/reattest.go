@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"maps"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -289,6 +290,9 @@ func (s *Server) CheckStale(ctx context.Context) int {
 	if _, err := s.sessions.ForgetSessions(ctx, now.Add(-forgetAfter)); err != nil {
 		s.log.Warn("forget old sessions", slog.Any("err", err))
 	}
+	if _, err := s.checkLocks(ctx); err != nil {
+		s.log.Warn("check session locks", slog.Any("err", err))
+	}
 	stale, err := s.sessions.ClaimStaleSessions(ctx, now, staleBatch)
 	if err != nil {
 		s.log.Warn("claim stale sessions", slog.Any("err", err))
@@ -492,4 +496,71 @@ func (s *Server) countStale() float64 {
 		return -1
 	}
 	return float64(n)
+}
+
+// lockScan is how far this replica has read the audit chain for lock
+// records (checkLocks).
+type lockScan struct {
+	mu   sync.Mutex
+	next uint64
+}
+
+// lockMargin keeps checkLocks off locks about to be forgotten, so that
+// clocks a little apart between replicas raise no false alarm.
+const lockMargin = 10 * time.Minute
+
+// checkLocks compares the lock records of the audit chain (appended after
+// each lock's row is stored) with the stored locks: a lock from the last
+// forgetAfter whose row is missing, or unlocked, was deleted or replayed
+// outside the key service (or its write failed). It is restored, cached,
+// logged, and raised as a critical store-tampered event. It reads the
+// chain from where it stopped last (the whole chain on a replica's first
+// run) and returns how many locks it restored. The chain itself is not
+// verified here: removing the record too is what `keysvc audit verify`
+// finds.
+func (s *Server) checkLocks(ctx context.Context) (int, error) {
+	if s.sessions == nil {
+		return 0, nil
+	}
+	s.lockScan.mu.Lock()
+	defer s.lockScan.mu.Unlock()
+	since := s.now().Add(-forgetAfter + lockMargin)
+	restored := 0
+	err := s.audit.Scan(ctx, max(s.lockScan.next, 1), func(rec audit.Record) error {
+		s.lockScan.next = rec.Seq + 1
+		if rec.Action != audit.ActionReattest || rec.Time.Before(since) {
+			return nil
+		}
+		var d audit.Reattest
+		vm, ok := strings.CutPrefix(rec.Actor, "vm:")
+		if !ok || json.Unmarshal(rec.Details, &d) != nil || d.Result != api.StateLock || d.SessionID == "" {
+			return nil
+		}
+		c := sessionClaims{VM: vm, Volume: d.Volume, ID: d.SessionID}
+		rs, err := s.sessions.GetReattestSession(ctx, c.ID)
+		if err == nil && rs.IsLocked() {
+			return nil // a bad MAC reads as locked already (isLocked)
+		}
+		if err != nil && !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		restored++
+		s.log.Error("a session lock in the audit chain is missing from the store: restored (its row was deleted or replayed outside the key service, or its write failed; run `keysvc audit verify`)",
+			slog.String("vm", c.VM), slog.String("volume", c.Volume), slog.String("session_id", c.ID), slog.Uint64("audit_seq", rec.Seq))
+		at := time.Unix(0, rec.Time.UnixNano()).UTC()
+		s.locks.add(c.ID, at)
+		lk := store.ReattestSession{ID: c.ID, VM: c.VM, Volume: c.Volume, Locked: at}
+		lk.MAC = s.sessionRowMAC(lk)
+		if err := s.sessions.LockSession(ctx, lk); err != nil {
+			return err
+		}
+		s.addEvent(ctx, store.VMEvent{VM: c.VM, Volume: c.Volume, Session: c.ID, Kind: "store-tampered", Severity: "critical",
+			Data: mustJSON(map[string]any{"kind": "store-tampered", "severity": "critical", "record": "reattest-session", "name": c.ID,
+				"detail": "session lock missing from the store; restored from the audit chain"})})
+		return nil
+	})
+	if err != nil {
+		return restored, fmt.Errorf("check session locks against the audit chain: %w", err)
+	}
+	return restored, nil
 }

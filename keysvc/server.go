@@ -115,6 +115,7 @@ type Server struct {
 	// the locks this replica has seen.
 	sessions store.ReattestSessions
 	locks    *lockCache
+	lockScan lockScan
 
 	// The dashboard (ui.go) and the live event stream (stream.go).
 	ui          *dashboard.Dashboard

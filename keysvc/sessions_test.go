@@ -116,7 +116,8 @@ func TestSessionsSurviveRotation(t *testing.T) {
 // TestSessionStateAcrossReplicas: two replicas on one PostgreSQL database
 // share re-attestation state. A lock decided at A makes the heartbeat at B
 // read revoked and B's re-attestation answer lock, also after B restarts; a
-// lock row edited to unlocked reads as locked; a stale session is flagged
+// lock row edited to unlocked reads as locked; a deleted one is restored
+// from the audit chain's lock record; a stale session is flagged
 // once when both replicas sweep at once, and unflagged at both when it
 // re-attests at either.
 func TestSessionStateAcrossReplicas(t *testing.T) {
@@ -168,6 +169,27 @@ func TestSessionStateAcrossReplicas(t *testing.T) {
 	b = startEnvWith(t, keysvc.Config{DataDir: bDir, DB: url})
 	if code, state := b.heartbeat(t, session, "info"); code != http.StatusOK || state != api.StateRevoked {
 		t.Fatalf("heartbeat at b after the lock was edited away: %d %q, want revoked", code, state)
+	}
+
+	// A database writer deletes the lock (or replays the session's row from
+	// before it): the MAC cannot tell, but the lock record in the audit
+	// chain does. Each replica's sweep (and its start) restores the lock
+	// and raises a critical store-tampered event.
+	if tag, err := conn.Exec(ctx, `DELETE FROM reattest_sessions`); err != nil || tag.RowsAffected() != 1 {
+		t.Fatalf("delete the lock: %v %v", tag, err)
+	}
+	b.stop(t)
+	b = startEnvWith(t, keysvc.Config{DataDir: bDir, DB: url})
+	b.svc.Server.CheckStale(t.Context())
+	if code, state := b.heartbeat(t, session, "info"); code != http.StatusOK || state != api.StateRevoked {
+		t.Fatalf("heartbeat at b after the lock was deleted: %d %q, want revoked", code, state)
+	}
+	var locked int64
+	if err := conn.QueryRow(ctx, `SELECT locked_ns FROM reattest_sessions`).Scan(&locked); err != nil || locked == 0 {
+		t.Fatalf("lock row after the sweep: %d %v, want it restored", locked, err)
+	}
+	if evs := b.listEvents(t, "kind=store-tampered"); len(evs) == 0 || evs[0].SessionID != sessionID(t, mustJSON(t, api.UnlockResponse{Session: session})) {
+		t.Fatalf("store-tampered events %+v, want the session's", evs)
 	}
 
 	// Staleness, judged once for the fleet.
