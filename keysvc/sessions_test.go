@@ -41,8 +41,13 @@ func (e *env) heartbeat(t *testing.T, session, severity string) (int, string) {
 // and re-sealed by the rotation, not replaced); forged tokens, among them
 // one MAC'd under the key the new master key would derive, get 401.
 func TestSessionsSurviveRotation(t *testing.T) {
+	t.Run("sqlite", func(t *testing.T) { testSessionsSurviveRotation(t, "") })
+	t.Run("postgres", func(t *testing.T) { testSessionsSurviveRotation(t, pgtest.Shared(t).NewDB(t)) })
+}
+
+func testSessionsSurviveRotation(t *testing.T, db string) {
 	dir := t.TempDir()
-	e := startEnv(t, dir)
+	e := startEnvWith(t, keysvc.Config{DataDir: dir, DB: db})
 	v := openVM(t)
 	if err := v.tpm.Reboot(); err != nil {
 		t.Fatal(err)
@@ -54,7 +59,7 @@ func TestSessionsSurviveRotation(t *testing.T) {
 		t.Fatalf("rotation stopped: %s", msg)
 	}
 	e.stop(t)
-	e = startEnv(t, dir)
+	e = startEnvWith(t, keysvc.Config{DataDir: dir, DB: db})
 
 	if code, state := e.heartbeat(t, session, "info"); code != http.StatusOK || state != api.StateActive {
 		t.Fatalf("heartbeat after rotation and restart: %d %q, want 200 active", code, state)
