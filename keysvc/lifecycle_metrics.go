@@ -25,6 +25,6 @@ func newLifecycleMetrics(reg *prometheus.Registry) *lifecycleMetrics {
 func (m *lifecycleMetrics) registerStale(reg *prometheus.Registry, count func() float64) {
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "keysvc_reattest_stale_sessions",
-		Help: "Serving sessions whose re-attestations stopped arriving (flagged by the minutely check), fleet-wide: every replica reports the same count from the store.",
+		Help: "Serving sessions whose re-attestations stopped arriving (flagged by the minutely check), fleet-wide: every replica reports the same count from the store (-1 while the store does not answer).",
 	}, count))
 }
