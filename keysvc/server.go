@@ -73,16 +73,10 @@ type Server struct {
 	// initMK and initCh are the master key and challenger New starts
 	// from. After New, use rows (seal, open, MACs) and chs: a master-key
 	// rotation replaces both, and wipes initMK.
-	initMK MasterKey
-	initCh *attest.Challenger
-	chs    atomic.Pointer[challengers]
-	sess   atomic.Pointer[sessionKeys]
-	// sessStored: the session key is the one sealed in the store
-	// (sessionkey.go), which master-key rotations re-seal and keep;
-	// svcKeys is that store, sessAlso the rotation's new key at start.
-	sessStored bool
-	svcKeys    store.ServiceKeys
-	sessAlso   MasterKey
+	initMK     MasterKey
+	initCh     *attest.Challenger
+	chs        atomic.Pointer[challengers]
+	sess       atomic.Pointer[sessionKeys]
 	rot        *rotator // nil: master-key rotation unavailable (masterkey_rotate.go)
 	rotBatch   int
 	rotHook    func(batch int) error
@@ -108,14 +102,20 @@ type Server struct {
 	eventsKept time.Duration
 	// faults is WithFaults' injector (rotate.go); nil outside crash tests.
 	faults func(step string) error
-	// lm and serving: rotation and re-attestation (rotate.go, reattest.go).
+	// lm: rotation and re-attestation metrics (rotate.go, reattest.go).
 	lm *lifecycleMetrics
 	// sessions keeps the re-attestation state every replica shares (nil:
-	// the store has none, and re-attestation answers 501); locks caches
-	// the locks this replica has seen.
+	// the store has none, and locks are this replica's alone); locks
+	// caches the locks this replica has seen (reattest.go).
 	sessions store.ReattestSessions
 	locks    *lockCache
 	lockScan lockScan
+	// sessStored: the session key is the one sealed in the store
+	// (sessionkey.go), which master-key rotations re-seal and keep;
+	// svcKeys is that store, sessAlso the rotation's new key at start.
+	sessStored bool
+	svcKeys    store.ServiceKeys
+	sessAlso   MasterKey
 
 	// The dashboard (ui.go) and the live event stream (stream.go).
 	ui          *dashboard.Dashboard
