@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
+	"database/sql"
 	"encoding/base64"
 	"encoding/json"
 	"net/http"
@@ -19,6 +20,7 @@ import (
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/masterkey"
+	"github.com/keygate/keygate/keysvc/store"
 )
 
 // heartbeat posts one heartbeat (or, with severity warning, one monitor
@@ -240,5 +242,37 @@ func TestSessionStateAcrossReplicas(t *testing.T) {
 	}
 	if evs := b.listEvents(t, "kind=reattest-resumed"); len(evs) != 1 {
 		t.Fatalf("resumed events %+v, want one", evs)
+	}
+}
+
+// TestSessionsSurviveUpgrade: a database from before the session key was
+// stored (its service_keys empty, as migration 0008 leaves it) keeps the
+// sessions an older keysvc issued: the key stored on first use is the one
+// that keysvc derived from the master key.
+func TestSessionsSurviveUpgrade(t *testing.T) {
+	dir := t.TempDir()
+	e := startEnv(t, dir)
+	v := openVM(t)
+	vol := setup(t, e, v, "old")
+	code, b := e.unlock(t, v, "old", vol)
+	if code != http.StatusOK {
+		t.Fatalf("unlock: %d %s", code, b)
+	}
+	var ur api.UnlockResponse
+	json.Unmarshal(b, &ur)
+	e.stop(t)
+	db, err := sql.Open("sqlite", filepath.Join(dir, store.DBFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := db.Exec(`DELETE FROM service_keys`); err != nil {
+		t.Fatal(err)
+	} else if n, _ := r.RowsAffected(); n != 1 {
+		t.Fatalf("%d stored service keys, want the session key alone", n)
+	}
+	db.Close()
+	e = startEnv(t, dir)
+	if code, state := e.heartbeat(t, ur.Session, "info"); code != http.StatusOK || state != api.StateActive {
+		t.Fatalf("heartbeat of a session from before the key was stored: %d %q, want 200 active", code, state)
 	}
 }
