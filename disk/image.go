@@ -167,6 +167,10 @@ func OpenImage(path string, key *Key, writable bool) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open image: %w", err)
 	}
+	if err := lockImage(f, path, writable); err != nil {
+		f.Close()
+		return nil, err
+	}
 	im, err := unlock(f, path, key, writable)
 	if err != nil {
 		f.Close()

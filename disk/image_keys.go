@@ -215,6 +215,9 @@ func withVolume(path string, key *Key, fn func(*luks2.Volume, *memguard.LockedBu
 		return fmt.Errorf("open image: %w", err)
 	}
 	defer f.Close()
+	if err := lockImage(f, path, true); err != nil {
+		return err
+	}
 	vol, err := luks2.Open(f)
 	if err != nil {
 		return fmt.Errorf("open %s: %w", path, err)

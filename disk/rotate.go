@@ -76,6 +76,9 @@ func RotateKey(path string, cur, next *Key, opts RotateOptions) (RotateResult, e
 		return res, fmt.Errorf("rotate key: open image: %w", err)
 	}
 	defer f.Close()
+	if err := lockImage(f, path, true); err != nil {
+		return res, fmt.Errorf("rotate key: %w", err)
+	}
 	vol, err := luks2.Open(f)
 	if err != nil {
 		return res, fmt.Errorf("rotate key: open %s: %w", path, err)

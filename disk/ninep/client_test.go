@@ -13,7 +13,6 @@ import (
 
 func TestClientHelpers(t *testing.T) {
 	v := newVolume(t, disk.Ext4, 64<<20)
-	v.start()
 	root, hangup, err := ninep.Dial(v.sock)
 	if err != nil {
 		t.Fatal(err)
