@@ -41,7 +41,7 @@ const (
 	// keeps the v1 encoding, so that its MAC stays valid.
 	volumeRowDomainV2 = "keygate volume row v2\x00"
 	rotationRowDomain = "keygate rotation row v1\x00"
-	anchorDomain    = "keygate store anchor v1\x00"
+	anchorDomain      = "keygate store anchor v1\x00"
 )
 
 // ErrTampered is wrapped by the error of a read or update whose stored row

@@ -156,7 +156,10 @@ func testFinishRotation(t *testing.T, b backend) {
 		{name: "changes-owner", start: true, fn: func(v *store.Volume, _ store.Rotation) error { v.VM = "vm2"; return nil }, wantErr: store.ErrImmutable},
 		{name: "drops-key", start: true, fn: func(v *store.Volume, _ store.Rotation) error { v.SealedUK, v.RotationPending = nil, false; return nil }, wantErr: store.ErrImmutable},
 		{name: "stays-pending", start: true, fn: func(v *store.Volume, r store.Rotation) error { v.SealedUK = r.SealedUK; return nil }, wantErr: store.ErrImmutable},
-		{name: "cancels", start: true, fn: func(v *store.Volume, _ store.Rotation) error { v.RotationPending, v.MAC = false, []byte("mac2"); return nil }, key: "old"},
+		{name: "cancels", start: true, fn: func(v *store.Volume, _ store.Rotation) error {
+			v.RotationPending, v.MAC = false, []byte("mac2")
+			return nil
+		}, key: "old"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -296,7 +299,11 @@ func testRotationGenerations(t *testing.T, b backend) {
 	if _, err := s.UpdateRotation(ctx, "v1", func(store.Volume, *store.Rotation) error { return nil }, nil); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("UpdateRotation with nothing pending: %v", err)
 	}
-	bad := func(v *store.Volume, r *store.Rotation) error { v.RotationPending = true; r.Generation, r.SealedUK = v.Rotation, []byte("k"); return nil }
+	bad := func(v *store.Volume, r *store.Rotation) error {
+		v.RotationPending = true
+		r.Generation, r.SealedUK = v.Rotation, []byte("k")
+		return nil
+	}
 	if _, err := s.StartRotation(ctx, "v1", bad, nextRecord("rotate")); !errors.Is(err, store.ErrImmutable) {
 		t.Fatalf("a start that reuses the generation: %v, want ErrImmutable", err)
 	}
