@@ -177,20 +177,28 @@ func (s *Server) adminRotate(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusAccepted, info)
 }
 
-// withRotations fills in Rotation on volume listings.
+// withRotations fills in Rotation on volume listings (as stored: rows
+// that fail their check are named by `keysvc audit verify`).
 func (s *Server) withRotations(ctx context.Context, infos []api.VolumeInfo) {
 	rs, _, ok := s.rotations()
 	if !ok {
 		return
 	}
-	pend, err := rs.PendingRotations(ctx)
+	rows, err := rs.ListRotations(ctx)
 	if err != nil {
 		s.log.Warn("list pending rotations", slog.Any("err", err))
 		return
 	}
+	pend := make(map[string]store.Rotation, len(rows))
+	for _, r := range rows {
+		pend[r.Volume] = r
+	}
 	for i := range infos {
-		if t, ok := pend[infos[i].ID]; ok {
-			infos[i].Rotation, infos[i].RotationStarted = api.RotationPending, &t
+		if r, ok := pend[infos[i].ID]; ok {
+			infos[i].Rotation, infos[i].RotationStarted = api.RotationPending, &r.Started
+			if r.Cancelling {
+				infos[i].Rotation = api.RotationCancelling
+			}
 		}
 	}
 }
