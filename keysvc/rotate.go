@@ -143,7 +143,7 @@ func (s *Server) adminRotate(w http.ResponseWriter, r *http.Request) {
 	// stored together, or none of them.
 	var started store.Rotation
 	_, err = via.AppendVia(ctx, audit.Event{Actor: "admin", Action: audit.ActionRotate, Subject: id,
-		Details: audit.Rotate{Volume: id, Step: "started", Remote: remoteHost(r)}}, func(next store.AuditNext) error {
+		Details: audit.Rotate{Volume: id, Step: "started", Generation: vol.Rotation + 1, Remote: remoteHost(r)}}, func(next store.AuditNext) error {
 		var err error
 		started, err = rs.StartRotation(context.WithoutCancel(ctx), id, func(v *store.Volume, p *store.Rotation) error {
 			if err := s.rows.checkVolume(*v); err != nil {
@@ -151,6 +151,9 @@ func (s *Server) adminRotate(w http.ResponseWriter, r *http.Request) {
 			}
 			if v.RotationPending { // its row is gone: a missing row is never replaced silently
 				return s.rows.checkRotation(*v, nil)
+			}
+			if v.Rotation != vol.Rotation { // another rotation began and ended meanwhile
+				return errRotationRaced
 			}
 			v.Rotation++
 			v.RotationPending = true
@@ -164,6 +167,10 @@ func (s *Server) adminRotate(w http.ResponseWriter, r *http.Request) {
 	if errors.Is(err, ErrTampered) {
 		s.tampered(r, vol.VM, id, err)
 		writeError(w, errorf(http.StatusConflict, "run `keysvc audit verify`", "rotate volume %q: %v", id, err))
+		return
+	}
+	if errors.Is(err, errRotationRaced) {
+		writeError(w, errorf(http.StatusConflict, "run `keysvc volume rotate` again", "volume %q: another rotation began meanwhile", id))
 		return
 	}
 	if err != nil {
@@ -355,7 +362,7 @@ func (s *Server) endRotation(w http.ResponseWriter, r *http.Request, c sessionCl
 		step = "completed-despite-cancel"
 	}
 	_, err := via.AppendVia(r.Context(), audit.Event{Actor: "vm:" + c.VM, Action: audit.ActionRotate, Subject: c.Volume,
-		Details: audit.Rotate{Volume: c.Volume, Step: step, SessionID: c.ID, Remote: remoteHost(r)}}, func(next store.AuditNext) error {
+		Details: audit.Rotate{Volume: c.Volume, Step: step, SessionID: c.ID, Generation: pending.Generation, Remote: remoteHost(r)}}, func(next store.AuditNext) error {
 		_, err := rs.FinishRotation(context.WithoutCancel(r.Context()), c.Volume, func(v *store.Volume, p store.Rotation) error {
 			return s.endRotationRow(v, p, pending, resealed)
 		}, next)
