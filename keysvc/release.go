@@ -170,6 +170,12 @@ func (s *Server) readFailed(w http.ResponseWriter, r *http.Request, vm, volume s
 		s.internal(w, "read or update vm and volume", err)
 		return
 	}
+	if s.keyStale(r.Context()) {
+		// Not tampering: the rows moved to a master key this replica
+		// does not hold (masterkey_follow.go).
+		staleAnswer(w, s.staleReason())
+		return
+	}
 	s.tampered(r, vm, volume, err)
 	s.refuse(w, r, vm, volume, &refusal{reason: api.ReasonIntegrity,
 		hint: "the key service's records for this VM or volume fail their integrity check; an operator must run `keysvc audit verify`"})

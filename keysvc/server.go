@@ -1,6 +1,7 @@
 package keysvc
 
 import (
+	"sync"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -80,6 +81,12 @@ type Server struct {
 	rot        *rotator // nil: master-key rotation unavailable (masterkey_rotate.go)
 	rotBatch   int
 	rotHook    func(batch int) error
+	// follow serialises followMasterKey; stale says why this replica
+	// cannot serve under its master key (masterkey_follow.go).
+	follow      sync.Mutex
+	stale       staleKey
+	followGrace    time.Duration
+	followGraceSet bool
 	adminToken [sha256.Size]byte
 	hasToken   bool
 	now        func() time.Time
