@@ -156,10 +156,23 @@ func (s *Server) followLocked(ctx context.Context) (string, error) {
 	return "", nil
 }
 
-// keyStale reports, after following the database once more, whether this
-// replica cannot serve under its master key: a row that fails its MAC at a
-// stale replica is not tampering.
-func (s *Server) keyStale(ctx context.Context) bool { return s.followMasterKey(ctx) != "" }
+// keyStale follows the database once more and reports whether this
+// replica should answer 503 (staleAnswer) rather than take a row or chain
+// that fails its MAC for tampering: it cannot serve under its master key,
+// or it has just switched to the rotation's new key (the request read
+// under the keys it had; a retry succeeds).
+func (s *Server) keyStale(ctx context.Context) bool {
+	before := s.rows.fingerprint()
+	return s.followMasterKey(ctx) != "" || s.rows.fingerprint() != before
+}
+
+// staleMessage is staleAnswer's reason after keyStale.
+func (s *Server) staleMessage() string {
+	if r := s.stale.get(); r != "" {
+		return r
+	}
+	return "this replica has just switched to the new master key of a rotation begun at another replica"
+}
 
 // staleReason is why this replica cannot serve ("" if it can), as last
 // found.

@@ -112,6 +112,12 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		if unavailable(w, err) { // logged once, by the database monitor
 			return
 		}
+		if s.keyStale(ctx) {
+			// The chain moved to a master key this replica does not hold
+			// (masterkey_follow.go): another replica can release it.
+			staleAnswer(w, s.staleMessage())
+			return
+		}
 		s.log.Error("audit append failed; unwrap key withheld", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.Any("err", err))
 		writeError(w, errorf(http.StatusInternalServerError, "the operator must run `keysvc audit verify` and repair the audit chain", "the release could not be audited, so no key is released"))
 		return
@@ -173,7 +179,7 @@ func (s *Server) readFailed(w http.ResponseWriter, r *http.Request, vm, volume s
 	if s.keyStale(r.Context()) {
 		// Not tampering: the rows moved to a master key this replica
 		// does not hold (masterkey_follow.go).
-		staleAnswer(w, s.staleReason())
+		staleAnswer(w, s.staleMessage())
 		return
 	}
 	s.tampered(r, vm, volume, err)
