@@ -63,13 +63,18 @@ func (k *staleKey) set(reason string) bool {
 
 // followMasterKey brings this replica's keys in line with what the
 // database records, and returns why it cannot serve ("" if it can).
-func (s *Server) followMasterKey(ctx context.Context) string {
-	if s.rot == nil || s.rot.st == nil {
-		return ""
+func (s *Server) followMasterKey(ctx context.Context) string { return s.followKey(ctx, false) }
+
+// followKey is followMasterKey; full also compares the key the database
+// records when nothing suggests a change (a write, on both engines, so the
+// once-a-second probe skips it unless a rotation was seen).
+func (s *Server) followKey(ctx context.Context, full bool) string {
+	if s.rot == nil || s.rot.st == nil || !s.sharedStore() {
+		return "" // SQLite: one process owns the store; no other replica rotates
 	}
 	s.follow.Lock()
 	defer s.follow.Unlock()
-	reason, err := s.followLocked(ctx)
+	reason, err := s.followLocked(ctx, full || s.stale.get() != "")
 	if err != nil {
 		// The database is away or the key does not load: decided at the
 		// next probe; the outage monitor answers for the database.
@@ -86,7 +91,7 @@ func (s *Server) followMasterKey(ctx context.Context) string {
 	return reason
 }
 
-func (s *Server) followLocked(ctx context.Context) (string, error) {
+func (s *Server) followLocked(ctx context.Context, full bool) (string, error) {
 	rot, err := s.rot.st.MasterKeyRotation(ctx)
 	if err != nil {
 		return "", err
@@ -140,6 +145,9 @@ func (s *Server) followLocked(ctx context.Context) (string, error) {
 		s.dropPrevious()
 		s.log.Info("master-key rotation finished at another replica; the old key is wiped here", slog.String("key", ks.curFP))
 	}
+	if !full && ks.prev == nil {
+		return "", nil
+	}
 	fb, ok := s.rot.st.(interface {
 		ClaimMasterKey(ctx context.Context, fp []byte) ([]byte, error)
 	})
@@ -163,7 +171,7 @@ func (s *Server) followLocked(ctx context.Context) (string, error) {
 // under the keys it had; a retry succeeds).
 func (s *Server) keyStale(ctx context.Context) bool {
 	before := s.rows.fingerprint()
-	return s.followMasterKey(ctx) != "" || s.rows.fingerprint() != before
+	return s.followKey(ctx, true) != "" || s.rows.fingerprint() != before
 }
 
 // staleMessage is staleAnswer's reason after keyStale.
@@ -195,15 +203,22 @@ func WithFollowGrace(d time.Duration) Option {
 // batch: WithFollowGrace's, or DefaultFollowGrace on a store that several
 // replicas can share (none on SQLite, which one process owns).
 func (s *Server) rotationGrace() time.Duration {
-	if s.followGraceSet {
+	switch {
+	case s.followGraceSet:
 		return s.followGrace
+	case s.sharedStore():
+		return DefaultFollowGrace
 	}
+	return 0
+}
+
+// sharedStore reports whether other replicas may use this Server's store
+// (anything but SQLite, which one process owns).
+func (s *Server) sharedStore() bool {
 	raw := any(s.st)
 	if a, ok := s.st.(*authStore); ok {
 		raw = a.Store
 	}
-	if _, ok := raw.(*store.SQLite); ok {
-		return 0
-	}
-	return DefaultFollowGrace
+	_, sqlite := raw.(*store.SQLite)
+	return !sqlite
 }
