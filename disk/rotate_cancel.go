@@ -60,30 +60,8 @@ func DropKey(path string, keep, drop *Key, opts RotateOptions) (RotateResult, er
 	if !slotExists(vol, old) {
 		old = -1
 	}
-	if hasToken && (len(tok.Keyslots) != 1 || tok.Keyslots[0] != res.NewSlot || tok.retired != old) {
-		if err := setTokenSlots(vol, tid, tok.Token, res.NewSlot, old); err != nil {
-			return res, fmt.Errorf("drop key: point the keygate token of %s at keyslot %d: %w", path, res.NewSlot, err)
-		}
-		if err := after(RotatePointed); err != nil {
-			return res, err
-		}
-	}
-	if old >= 0 {
-		if err := vol.RemoveKeyslot(old, false); err != nil {
-			return res, fmt.Errorf("drop key: remove keyslot %d of %s: %w", old, path, err)
-		}
-		res.Removed = append(res.Removed, old)
-		if err := after(RotateRemoved); err != nil {
-			return res, err
-		}
-	}
-	if hasToken && old >= 0 {
-		if err := setTokenSlots(vol, tid, currentToken(vol, tid), res.NewSlot, -1); err != nil {
-			return res, fmt.Errorf("drop key: clear the keygate token of %s: %w", path, err)
-		}
-		if err := after(RotateCleared); err != nil {
-			return res, err
-		}
+	if err := retireSlot(vol, tid, tok, hasToken, &res, old, after); err != nil {
+		return res, fmt.Errorf("drop key: %s: %w", path, err)
 	}
 	if err := f.Sync(); err != nil {
 		return res, fmt.Errorf("drop key: sync %s: %w", path, err)
