@@ -103,7 +103,7 @@ func TestMigrate(t *testing.T) {
 	}
 	cmd("volume", "create", "--id", "a-data", "--vm", "a", tok)
 	cmd("volume", "create", "--id", "b-data", "--vm", "b", tok)
-	cmd("erase", "--volume", "b-data", tok) // an erased row: no key, an erase time
+	cmd("erase", "--volume", "b-data", tok)        // an erased row: no key, an erase time
 	cmd("volume", "rotate", "--id", "a-data", tok) // a pending rotation: its generation and MAC
 	sqliteVerify := cmd("audit", "verify", "--json", tok)
 	svc.Shutdown(context.Background())
