@@ -1,4 +1,4 @@
--- 0005: authenticated pending rotations, as SQLite's 0008: the volume's
+-- 0006: authenticated pending rotations, as SQLite's 0009: the volume's
 -- rotation generation and pending state under its row MAC, and a MAC on
 -- each pending rotation over its volume, generation, sealed key and state.
 

@@ -1,4 +1,4 @@
--- 0008: authenticated pending rotations (issue 15, found in review). A
+-- 0009: authenticated pending rotations (issue 15, found in review). A
 -- volume counts the unwrap-key rotations begun on it (rotation: the
 -- generation of the latest) and says whether one is pending; both are under
 -- the volume's row MAC (keysvc: rowauth.go). A pending rotation names its
