@@ -22,9 +22,9 @@ func newLifecycleMetrics(reg *prometheus.Registry) *lifecycleMetrics {
 }
 
 // registerStale adds the gauge of stale sessions, counted at scrape time.
-func (m *lifecycleMetrics) registerStale(reg *prometheus.Registry, ss *servingSessions) {
+func (m *lifecycleMetrics) registerStale(reg *prometheus.Registry, count func() float64) {
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "keysvc_reattest_stale_sessions",
-		Help: "Serving sessions whose re-attestations stopped arriving (flagged by the minutely check).",
-	}, func() float64 { return float64(ss.staleCount()) }))
+		Help: "Serving sessions whose re-attestations stopped arriving (flagged by the minutely check), fleet-wide: every replica reports the same count from the store (-1 while the store does not answer).",
+	}, count))
 }

@@ -49,11 +49,10 @@ import (
 // with the master key. The challenge MAC key moves too, but a challenge
 // issued under the old one still redeems for its TTL (so an unlock in
 // flight across the switch does not fail); the old challenge key is
-// wiped when that has passed after the finish. Session tokens made under
-// the old session key stay valid until this process stops; after a
-// restart, a VM whose session predates the rotation gets 401 on its
-// heartbeats (its volume stays unlocked, boot/heartbeat.go) until its
-// next unlock.
+// wiped when that has passed after the finish. The session MAC key does
+// not move: it is sealed in the store and re-sealed here like the UKs, so
+// that sessions issued before the rotation stay valid after it and after a
+// restart (sessionkey.go says why it is kept rather than replaced).
 
 // DefaultRotateBatch is how many rows one rotation batch re-keys.
 const DefaultRotateBatch = 100
@@ -254,12 +253,15 @@ func (s *Server) switchKeys(nk *ringKeys) error {
 	if err != nil {
 		return err
 	}
+	s.rows.p.Store(nk)
+	s.chs.Store(&challengers{cur: ch, prev: s.chs.Load().cur})
+	if s.sessStored {
+		return nil // the stored session key stays (sessionkey.go); rekeyServiceKeys re-seals it
+	}
 	sk, err := nk.cur.Derive(labelSessionMAC)
 	if err != nil {
 		return err
 	}
-	s.rows.p.Store(nk)
-	s.chs.Store(&challengers{cur: ch, prev: s.chs.Load().cur})
 	s.sess.Store(&sessionKeys{cur: append([]byte(nil), sk.Bytes()...), prev: s.sess.Load().cur})
 	sk.Destroy()
 	return nil
@@ -380,6 +382,11 @@ func (s *Server) runRotation(ctx context.Context) error {
 				return ctx.Err()
 			case <-time.After(wait):
 			}
+		}
+		// First the stored session key (sessionkey.go): one row, and then
+		// any replica holding the new key alone opens it.
+		if err := s.rekeyServiceKeys(ctx, ks); err != nil {
+			return err
 		}
 		for batch := 1; ; batch++ {
 			if s.rot.hook != nil {

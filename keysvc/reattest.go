@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"maps"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -80,7 +81,10 @@ func (s *Server) handleReattestChallenge(w http.ResponseWriter, r *http.Request)
 	if !ok {
 		return
 	}
-	if s.serving.isLocked(c.ID) {
+	if locked, err := s.isLocked(r.Context(), c); err != nil {
+		s.internal(w, "read session state", err)
+		return
+	} else if locked {
 		writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateLock, Reason: api.ReasonPolicy})
 		return
 	}
@@ -110,7 +114,7 @@ func (s *Server) reattestKeys(w http.ResponseWriter, r *http.Request, c sessionC
 		return vm, nil, nil, true
 	}
 	if state != api.StateActive {
-		s.serving.end(c.ID)
+		s.end(r.Context(), c.ID)
 		if final {
 			writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateRevoked})
 		} else {
@@ -148,7 +152,10 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 			req.IntervalSeconds, int64(MinReattestInterval/time.Second), int64(MaxReattestInterval/time.Second)))
 		return
 	}
-	if s.serving.isLocked(c.ID) {
+	if locked, err := s.isLocked(r.Context(), c); err != nil {
+		s.internal(w, "read session state", err)
+		return
+	} else if locked {
 		writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateLock, Reason: api.ReasonPolicy})
 		return
 	}
@@ -196,8 +203,17 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, c.VM, c.Volume, verifyRefusal(err))
 		return
 	}
+	wasStale, locked, err := s.seen(ctx, c, interval)
+	if err != nil {
+		s.internal(w, "record re-attestation", err)
+		return
+	}
+	if locked { // at another replica, while this quote was checked
+		writeJSON(w, http.StatusOK, api.ReattestResponse{State: api.StateLock, Reason: api.ReasonPolicy})
+		return
+	}
 	s.lm.reattests.WithLabelValues("ok").Inc()
-	if s.serving.seen(c.ID, c.VM, c.Volume, interval, s.now()) {
+	if wasStale {
 		s.log.Info("re-attestations resumed", slog.String("vm", c.VM), slog.String("volume", c.Volume), slog.String("session_id", c.ID))
 		s.addEvent(ctx, store.VMEvent{VM: c.VM, Volume: c.Volume, Session: c.ID, Kind: "reattest-resumed", Severity: "info"})
 	}
@@ -243,7 +259,7 @@ func verifyServing(att *pb.Attestation, opts attest.VerifyOpts) (*attest.Denial,
 // reattestFailed audits and stores a failed re-attestation as critical.
 func (s *Server) reattestFailed(r *http.Request, c sessionClaims, d *attest.Denial) {
 	s.lm.reattests.WithLabelValues("lock").Inc()
-	s.serving.lock(c.ID, s.now())
+	s.lock(r.Context(), c)
 	det := audit.Reattest{Volume: c.Volume, SessionID: c.ID, Result: api.StateLock, Reason: d.Reason, Remote: remoteHost(r)}
 	for _, m := range d.Mismatches {
 		det.Mismatches = append(det.Mismatches, audit.PCRMismatch{PCR: m.PCR, Allowed: m.Allowed, Got: m.Got})
@@ -259,23 +275,36 @@ func (s *Server) reattestFailed(r *http.Request, c sessionClaims, d *attest.Deni
 }
 
 // CheckStale flags the sessions whose re-attestations stopped arriving
-// (none for twice their interval plus StaleGrace): each once, as a warning
-// event and an audit record, and in the keysvc_reattest_stale_sessions
-// gauge until it re-attests again. It returns how many it flagged. A
-// Service calls it every minute.
-//
-// It knows the sessions that re-attested to this replica since it started:
-// with several replicas, a VM that fails over is flagged by the replica it
-// left (and its event says which replica it last reached).
+// (none for twice their interval plus StaleGrace): each once fleet-wide, as
+// a critical event and an audit record, and in the
+// keysvc_reattest_stale_sessions gauge until it re-attests again. It also
+// forgets sessions locked or stale for longer than forgetAfter. It returns
+// how many it flagged. A Service calls it every minute; with several
+// replicas, whichever claims a session in the store first flags it.
 func (s *Server) CheckStale(ctx context.Context) int {
-	stale := s.serving.flagStale(s.now())
+	if s.sessions == nil {
+		return 0
+	}
+	now := s.now()
+	s.locks.forget(now.Add(-forgetAfter))
+	if _, err := s.sessions.ForgetSessions(ctx, now.Add(-forgetAfter)); err != nil {
+		s.log.Warn("forget old sessions", slog.Any("err", err))
+	}
+	if _, err := s.checkLocks(ctx); err != nil {
+		s.log.Warn("check session locks", slog.Any("err", err))
+	}
+	stale, err := s.sessions.ClaimStaleSessions(ctx, now, staleBatch)
+	if err != nil {
+		s.log.Warn("claim stale sessions", slog.Any("err", err))
+		return 0
+	}
 	for _, ss := range stale {
-		s.log.Warn("re-attestations stopped arriving", slog.String("vm", ss.vm), slog.String("volume", ss.volume),
-			slog.String("session_id", ss.id), slog.Time("last", ss.last), slog.Duration("interval", ss.interval))
-		s.record(ctx, audit.Event{Actor: "keysvc", Action: audit.ActionReattest, Subject: ss.volume,
-			Details: audit.Reattest{Volume: ss.volume, SessionID: ss.id, Result: "stale", Reason: fmt.Sprintf("no re-attestation since %s (interval %s)", ss.last.Format(time.RFC3339), ss.interval)}})
-		s.addEvent(ctx, store.VMEvent{VM: ss.vm, Volume: ss.volume, Session: ss.id, Kind: "reattest-stale", Severity: "critical",
-			Data: mustJSON(map[string]any{"kind": "reattest-stale", "severity": "critical", "last": ss.last, "interval_seconds": int64(ss.interval / time.Second)})})
+		s.log.Warn("re-attestations stopped arriving", slog.String("vm", ss.VM), slog.String("volume", ss.Volume),
+			slog.String("session_id", ss.ID), slog.Time("last", ss.Last), slog.Duration("interval", ss.Interval))
+		s.record(ctx, audit.Event{Actor: "keysvc", Action: audit.ActionReattest, Subject: ss.Volume,
+			Details: audit.Reattest{Volume: ss.Volume, SessionID: ss.ID, Result: "stale", Reason: fmt.Sprintf("no re-attestation since %s (interval %s)", ss.Last.Format(time.RFC3339), ss.Interval)}})
+		s.addEvent(ctx, store.VMEvent{VM: ss.VM, Volume: ss.Volume, Session: ss.ID, Kind: "reattest-stale", Severity: "critical",
+			Data: mustJSON(map[string]any{"kind": "reattest-stale", "severity": "critical", "last": ss.Last, "interval_seconds": int64(ss.Interval / time.Second)})})
 	}
 	return len(stale)
 }
@@ -308,126 +337,230 @@ func mustJSON(v any) []byte {
 	return b
 }
 
-// servingSessions tracks, in memory, the sessions that re-attest, and the
-// sessions a failed re-attestation locked.
-type servingSessions struct {
-	mu sync.Mutex
-	m  map[string]*servingSession
-	// locked remembers, until forgetAfter, the sessions told to lock, so
-	// that a VM that ignores the answer (root in it can) is not served
-	// again: its heartbeat reads revoked, and it gets no new challenge.
-	locked map[string]time.Time
-}
+// Re-attestation state lives in the store (store.ReattestSessions), shared
+// by every replica: a lock decided at one holds at all of them and across
+// restarts, and a stale session is claimed, and so flagged, by one sweep
+// fleet-wide. Each row carries sessionRowMAC over its ID, VM, volume and
+// lock time: a row edited from locked to unlocked fails it and reads as
+// locked (fail closed). A deleted row, or one replayed from before the
+// lock, reads as unlocked to a replica that has not seen the lock; this
+// replica's lockCache keeps those it has seen until forgetAfter.
+// docs/threat-model.md says what that leaves.
 
-type servingSession struct {
-	id, vm, volume string
-	last           time.Time
-	interval       time.Duration
-	stale          bool
-}
-
-// maxServing bounds the sessions tracked; past it the oldest are dropped.
+// maxServing bounds the locks a replica caches; past it the oldest go (the
+// store still has them).
 const maxServing = 1 << 17
 
-// forgetAfter is how long a stale session is kept (and counted) before it
-// is forgotten: a VM that stopped for good.
+// forgetAfter is how long a locked or stale session is kept before it is
+// forgotten: a VM that stopped for good.
 const forgetAfter = 24 * time.Hour
 
-func newServingSessions() *servingSessions {
-	return &servingSessions{m: map[string]*servingSession{}, locked: map[string]time.Time{}}
+// staleBatch is how many stale sessions one sweep claims at most.
+const staleBatch = 1000
+
+// lockCache remembers the locks this replica has seen.
+type lockCache struct {
+	mu sync.Mutex
+	m  map[string]time.Time
 }
 
-// lock stops tracking the session and remembers it as locked.
-func (ss *servingSessions) lock(id string, now time.Time) {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	delete(ss.m, id)
-	if len(ss.locked) >= maxServing { // flagStale forgets them after forgetAfter; this only bounds a burst
-		for k := range ss.locked {
-			delete(ss.locked, k)
-			break
+func newLockCache() *lockCache { return &lockCache{m: map[string]time.Time{}} }
+
+func (lc *lockCache) add(id string, at time.Time) {
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	if len(lc.m) >= maxServing {
+		var oldest string
+		for k, t := range lc.m {
+			if oldest == "" || t.Before(lc.m[oldest]) {
+				oldest = k
+			}
 		}
+		delete(lc.m, oldest)
 	}
-	ss.locked[id] = now
+	lc.m[id] = at
 }
 
-// isLocked reports whether a failed re-attestation locked the session.
-func (ss *servingSessions) isLocked(id string) bool {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	_, ok := ss.locked[id]
+func (lc *lockCache) has(id string) bool {
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	_, ok := lc.m[id]
 	return ok
 }
 
-// seen records a good re-attestation; true if the session was stale.
-func (ss *servingSessions) seen(id, vm, volume string, interval time.Duration, now time.Time) bool {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	e, ok := ss.m[id]
-	if !ok {
-		if len(ss.m) >= maxServing {
-			ss.dropOldest()
+// forget drops the locks from before cutoff.
+func (lc *lockCache) forget(cutoff time.Time) {
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	for id, t := range lc.m {
+		if t.Before(cutoff) {
+			delete(lc.m, id)
 		}
-		e = &servingSession{id: id, vm: vm, volume: volume}
-		ss.m[id] = e
-	}
-	was := e.stale
-	e.last, e.interval, e.stale = now, interval, false
-	return was
-}
-
-func (ss *servingSessions) dropOldest() {
-	var oldest *servingSession
-	for _, e := range ss.m {
-		if oldest == nil || e.last.Before(oldest.last) {
-			oldest = e
-		}
-	}
-	if oldest != nil {
-		delete(ss.m, oldest.id)
 	}
 }
 
-// end forgets a session that was told to lock or was revoked.
-func (ss *servingSessions) end(id string) {
-	ss.mu.Lock()
-	delete(ss.m, id)
-	ss.mu.Unlock()
+// isLocked reports whether a failed re-attestation locked the session, at
+// any replica. A row whose MAC fails reads as locked.
+func (s *Server) isLocked(ctx context.Context, c sessionClaims) (bool, error) {
+	if s.locks.has(c.ID) {
+		return true, nil
+	}
+	if s.sessions == nil {
+		return false, nil
+	}
+	rs, err := s.sessions.GetReattestSession(ctx, c.ID)
+	if errors.Is(err, store.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if !s.sessionRowOK(rs) || rs.VM != c.VM || rs.Volume != c.Volume {
+		s.sessionTampered(c, rs)
+		return true, nil
+	}
+	if rs.IsLocked() {
+		s.locks.add(c.ID, rs.Locked)
+	}
+	return rs.IsLocked(), nil
 }
 
-// flagStale marks and returns the sessions newly stale at now, and forgets
-// those stale, or locked, for longer than forgetAfter.
-func (ss *servingSessions) flagStale(now time.Time) []servingSession {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	var out []servingSession
-	for id, e := range ss.m {
-		due := e.last.Add(2*e.interval + StaleGrace)
-		switch {
-		case e.stale && now.After(due.Add(forgetAfter)):
-			delete(ss.m, id)
-		case !e.stale && now.After(due):
-			e.stale = true
-			out = append(out, *e)
-		}
-	}
-	for id, t := range ss.locked {
-		if now.Sub(t) > forgetAfter {
-			delete(ss.locked, id)
-		}
-	}
-	return out
+// sessionTampered logs a session row that fails its MAC, once per check.
+func (s *Server) sessionTampered(c sessionClaims, rs store.ReattestSession) {
+	s.log.Error("stored re-attestation session fails its integrity check; the session is treated as locked (it was changed outside the key service: run `keysvc audit verify`)",
+		slog.String("vm", c.VM), slog.String("volume", c.Volume), slog.String("session_id", c.ID), slog.Bool("stored_locked", rs.IsLocked()))
 }
 
-// staleCount is how many tracked sessions are stale.
-func (ss *servingSessions) staleCount() int {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	n := 0
-	for _, e := range ss.m {
-		if e.stale {
-			n++
-		}
+// lock records the session as locked, in the store and in this replica's
+// cache (which holds it even if the write fails: the VM is told to lock in
+// any case).
+func (s *Server) lock(ctx context.Context, c sessionClaims) {
+	now := time.Unix(0, s.now().UnixNano()).UTC()
+	s.locks.add(c.ID, now)
+	if s.sessions == nil {
+		return
 	}
-	return n
+	rs := store.ReattestSession{ID: c.ID, VM: c.VM, Volume: c.Volume, Locked: now}
+	rs.MAC = s.sessionRowMAC(rs)
+	if err := s.sessions.LockSession(context.WithoutCancel(ctx), rs); err != nil {
+		s.log.Error("store session lock failed; only this replica knows it", slog.String("session_id", c.ID), slog.Any("err", err))
+	}
+}
+
+// seen records a good re-attestation. wasStale: the session had been
+// flagged stale; locked: it was locked meanwhile (at another replica), or
+// its row fails its MAC.
+func (s *Server) seen(ctx context.Context, c sessionClaims, interval time.Duration) (wasStale, locked bool, err error) {
+	if s.sessions == nil {
+		return false, false, nil
+	}
+	now := time.Unix(0, s.now().UnixNano()).UTC()
+	rs := store.ReattestSession{ID: c.ID, VM: c.VM, Volume: c.Volume, Interval: interval, Last: now, Due: now.Add(2*interval + StaleGrace)}
+	rs.MAC = s.sessionRowMAC(rs)
+	prev, err := s.sessions.ReattestSeen(ctx, rs)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return false, false, nil
+	case err != nil:
+		return false, false, err
+	case !s.sessionRowOK(prev) || prev.VM != c.VM || prev.Volume != c.Volume:
+		s.sessionTampered(c, prev)
+		return false, true, nil
+	case prev.IsLocked():
+		s.locks.add(c.ID, prev.Locked)
+		return false, true, nil
+	}
+	return !prev.Stale.IsZero(), false, nil
+}
+
+// end forgets a session that was revoked: it is no longer waited for.
+func (s *Server) end(ctx context.Context, id string) {
+	if s.sessions == nil {
+		return
+	}
+	if err := s.sessions.EndSession(context.WithoutCancel(ctx), id); err != nil {
+		s.log.Warn("forget revoked session", slog.String("session_id", id), slog.Any("err", err))
+	}
+}
+
+// countStale is the keysvc_reattest_stale_sessions gauge, read from the
+// store at scrape time (-1 if the store does not answer).
+func (s *Server) countStale() float64 {
+	if s.sessions == nil {
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	n, err := s.sessions.CountStaleSessions(ctx)
+	if err != nil {
+		return -1
+	}
+	return float64(n)
+}
+
+// lockScan is how far this replica has read the audit chain for lock
+// records (checkLocks).
+type lockScan struct {
+	mu   sync.Mutex
+	next uint64
+}
+
+// lockMargin keeps checkLocks off locks about to be forgotten, so that
+// clocks a little apart between replicas raise no false alarm.
+const lockMargin = 10 * time.Minute
+
+// checkLocks compares the lock records of the audit chain (appended after
+// each lock's row is stored) with the stored locks: a lock from the last
+// forgetAfter whose row is missing, or unlocked, was deleted or replayed
+// outside the key service (or its write failed). It is restored, cached,
+// logged, and raised as a critical store-tampered event. It reads the
+// chain from where it stopped last (the whole chain on a replica's first
+// run) and returns how many locks it restored. The chain itself is not
+// verified here: removing the record too is what `keysvc audit verify`
+// finds.
+func (s *Server) checkLocks(ctx context.Context) (int, error) {
+	if s.sessions == nil {
+		return 0, nil
+	}
+	s.lockScan.mu.Lock()
+	defer s.lockScan.mu.Unlock()
+	since := s.now().Add(-forgetAfter + lockMargin)
+	restored := 0
+	err := s.audit.Scan(ctx, max(s.lockScan.next, 1), func(rec audit.Record) error {
+		s.lockScan.next = rec.Seq + 1
+		if rec.Action != audit.ActionReattest || rec.Time.Before(since) {
+			return nil
+		}
+		var d audit.Reattest
+		vm, ok := strings.CutPrefix(rec.Actor, "vm:")
+		if !ok || json.Unmarshal(rec.Details, &d) != nil || d.Result != api.StateLock || d.SessionID == "" {
+			return nil
+		}
+		c := sessionClaims{VM: vm, Volume: d.Volume, ID: d.SessionID}
+		rs, err := s.sessions.GetReattestSession(ctx, c.ID)
+		if err == nil && rs.IsLocked() {
+			return nil // a bad MAC reads as locked already (isLocked)
+		}
+		if err != nil && !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		restored++
+		s.log.Error("a session lock in the audit chain is missing from the store: restored (its row was deleted or replayed outside the key service, or its write failed; run `keysvc audit verify`)",
+			slog.String("vm", c.VM), slog.String("volume", c.Volume), slog.String("session_id", c.ID), slog.Uint64("audit_seq", rec.Seq))
+		at := time.Unix(0, rec.Time.UnixNano()).UTC()
+		s.locks.add(c.ID, at)
+		lk := store.ReattestSession{ID: c.ID, VM: c.VM, Volume: c.Volume, Locked: at}
+		lk.MAC = s.sessionRowMAC(lk)
+		if err := s.sessions.LockSession(ctx, lk); err != nil {
+			return err
+		}
+		s.addEvent(ctx, store.VMEvent{VM: c.VM, Volume: c.Volume, Session: c.ID, Kind: "store-tampered", Severity: "critical",
+			Data: mustJSON(map[string]any{"kind": "store-tampered", "severity": "critical", "record": "reattest-session", "name": c.ID,
+				"detail": "session lock missing from the store; restored from the audit chain"})})
+		return nil
+	})
+	if err != nil {
+		return restored, fmt.Errorf("check session locks against the audit chain: %w", err)
+	}
+	return restored, nil
 }

@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,9 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keygate/keygate/attest"
+	"github.com/keygate/keygate/keysvc/audit"
+	"github.com/keygate/keygate/keysvc/masterkey"
+	"github.com/keygate/keygate/keysvc/store"
 )
 
 // TestVerifyServing: with a real UEFI event log (a recorded GCE
@@ -114,23 +118,53 @@ func otherKey(t *testing.T) crypto.PublicKey {
 }
 
 // TestLockedSessionsForgotten: a locked session stays locked until
-// forgetAfter has passed, then flagStale forgets it (as docs/protocol.md
-// says: per replica, for 24 hours).
+// forgetAfter has passed, then CheckStale forgets it, in the store and in
+// the replica's cache (as docs/protocol.md says: for 24 hours); and a
+// locked session is never counted stale.
 func TestLockedSessionsForgotten(t *testing.T) {
-	ss := newServingSessions()
+	dir := t.TempDir()
+	ctx := t.Context()
+	mk, _, err := masterkey.LoadOrCreate(filepath.Join(dir, "master.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.OpenSQLite(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	lg, err := audit.New(st, mk)
+	if err != nil {
+		t.Fatal(err)
+	}
 	t0 := time.Unix(1_700_000_000, 0)
-	ss.seen("s1", "vm", "vol", time.Minute, t0)
-	ss.lock("s1", t0)
+	now := t0
+	s, err := New(WithStore(st), WithAudit(lg), WithMasterKey(mk), WithAdminToken(strings.Repeat("a", MinAdminTokenLen)),
+		WithClock(func() time.Time { return now }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := sessionClaims{VM: "vm", Volume: "vol", ID: "s1"}
+	if _, _, err := s.seen(ctx, c, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	s.lock(ctx, c)
 	for _, tc := range []struct {
 		at     time.Duration
 		locked bool
 	}{{time.Hour, true}, {forgetAfter, true}, {forgetAfter + time.Minute, false}} {
-		ss.flagStale(t0.Add(tc.at))
-		if got := ss.isLocked("s1"); got != tc.locked {
-			t.Fatalf("%s after the lock: locked %v, want %v", tc.at, got, tc.locked)
+		now = t0.Add(tc.at)
+		if n := s.CheckStale(ctx); n != 0 {
+			t.Fatalf("%s after the lock: a locked session was flagged stale", tc.at)
+		}
+		if got, err := s.isLocked(ctx, c); err != nil || got != tc.locked {
+			t.Fatalf("%s after the lock: locked %v (%v), want %v", tc.at, got, err, tc.locked)
+		}
+		if got := s.countStale(); got != 0 {
+			t.Fatalf("a locked session is counted stale (%v)", got)
 		}
 	}
-	if n := ss.staleCount(); n != 0 {
-		t.Fatalf("a locked session is counted stale (%d)", n)
+	if _, err := st.GetReattestSession(ctx, c.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("forgotten session still stored: %v", err)
 	}
 }

@@ -109,9 +109,20 @@ type Server struct {
 	eventsKept time.Duration
 	// faults is WithFaults' injector (rotate.go); nil outside crash tests.
 	faults func(step string) error
-	// lm and serving: rotation and re-attestation (rotate.go, reattest.go).
-	lm      *lifecycleMetrics
-	serving *servingSessions
+	// lm: rotation and re-attestation metrics (rotate.go, reattest.go).
+	lm *lifecycleMetrics
+	// sessions keeps the re-attestation state every replica shares (nil:
+	// the store has none, and locks are this replica's alone); locks
+	// caches the locks this replica has seen (reattest.go).
+	sessions store.ReattestSessions
+	locks    *lockCache
+	lockScan lockScan
+	// sessStored: the session key is the one sealed in the store
+	// (sessionkey.go), which master-key rotations re-seal and keep;
+	// svcKeys is that store, sessAlso the rotation's new key at start.
+	sessStored bool
+	svcKeys    store.ServiceKeys
+	sessAlso   MasterKey
 
 	// The dashboard (ui.go) and the live event stream (stream.go).
 	ui          *dashboard.Dashboard
@@ -224,12 +235,10 @@ func New(opts ...Option) (*Server, error) {
 			return nil, fmt.Errorf("new key service: %w", err)
 		}
 	}
-	sk, err := s.initMK.Derive(labelSessionMAC)
-	if err != nil {
+	if err := s.initSessionKey(); err != nil {
 		return nil, fmt.Errorf("new key service: session key: %w", err)
 	}
-	s.sess.Store(&sessionKeys{cur: append([]byte(nil), sk.Bytes()...)})
-	sk.Destroy()
+	s.sessions, _ = s.st.(store.ReattestSessions)
 	s.chs.Store(&challengers{cur: s.initCh})
 	ks, err := newRingKeys(s.initMK)
 	if err != nil {
@@ -238,8 +247,8 @@ func New(opts ...Option) (*Server, error) {
 	s.rows = &keyring{}
 	s.rows.p.Store(ks)
 	s.metrics = newMetrics()
-	s.lm, s.serving = newLifecycleMetrics(s.metrics.reg), newServingSessions()
-	s.lm.registerStale(s.metrics.reg, s.serving)
+	s.lm, s.locks = newLifecycleMetrics(s.metrics.reg), newLockCache()
+	s.lm.registerStale(s.metrics.reg, s.countStale)
 	if c, ok := s.alerts.(interface{ Collectors() []prometheus.Collector }); ok {
 		s.metrics.register(c.Collectors()...)
 	}

@@ -101,6 +101,11 @@ const purgeEvery = time.Minute
 // needed), and stored VM events past their retention.
 func (s *Service) purge(ctx context.Context) {
 	defer s.purged.Done()
+	// A replica that starts checks the stored locks against the audit
+	// chain at once, not a minute later (reattest.go).
+	if _, err := s.Server.checkLocks(ctx); err != nil && ctx.Err() == nil {
+		s.log.Warn("check session locks", slog.Any("err", err))
+	}
 	t := time.NewTicker(purgeEvery)
 	defer t.Stop()
 	for {
@@ -188,6 +193,9 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	}
 	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
 		WithAdminToken(svc.Data.adminToken), WithLogger(log)}, cfg.Options...)
+	if lk.next != nil {
+		opts = append(opts, withSessionKeyAlso(lk.next))
+	}
 	if cfg.AdminClientCAs != nil {
 		opts = append(opts, WithAdminClientCAs(cfg.AdminClientCAs))
 	}

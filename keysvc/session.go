@@ -15,9 +15,11 @@ import (
 
 // A session token is "s1." || base64url(payload) || "." ||
 // base64url(HMAC-SHA256(K_session, payload)), with payload the JSON
-// {"vm","volume","id","iat"}. It is stateless, like a challenge: any replica
-// holding the master key checks it, and its state is read from the VM and
-// volume records (a revoked VM or an erased volume makes it "revoked").
+// {"vm","volume","id","iat"}, and K_session the key sealed in the store
+// (sessionkey.go), which master-key rotations keep. The token is checked
+// without state, so any replica checks it; the session's state is read from
+// the VM and volume records (a revoked VM or an erased volume makes it
+// "revoked") and from the re-attestation state (a lock makes it "revoked").
 type sessionClaims struct {
 	VM     string `json:"vm"`
 	Volume string `json:"volume"`
@@ -82,8 +84,11 @@ func (s *Server) sessionState(r *http.Request, c sessionClaims) (string, error) 
 	if err != nil {
 		return "", err
 	}
-	if vm.Revoked || vol.Erased() || s.serving.isLocked(c.ID) {
+	if vm.Revoked || vol.Erased() {
 		return api.StateRevoked, nil
+	}
+	if locked, err := s.isLocked(r.Context(), c); err != nil || locked {
+		return api.StateRevoked, err
 	}
 	return api.StateActive, nil
 }

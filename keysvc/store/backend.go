@@ -29,6 +29,8 @@ type Backend interface {
 	Outbox
 	EventFeed
 	Rotations
+	ServiceKeys
+	ReattestSessions
 	Anchor(ctx context.Context) (*Anchor, error)
 	Adopt(ctx context.Context, vm func(*VM) error, vol func(*Volume) error, next AuditNext, anchor func(AuditRecord) Anchor) error
 	GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume, error)

@@ -21,6 +21,8 @@ type CopyCounts struct {
 	Events     int  `json:"vm_events"`
 	Alerts     int  `json:"alert_outbox"`
 	Rotations  int  `json:"volume_rotations"`
+	Sessions   int  `json:"reattest_sessions"`
+	Keys       int  `json:"service_keys"`
 	Anchor     bool `json:"anchor"`
 	MasterKey  bool `json:"master_key_check"`
 }
@@ -38,6 +40,8 @@ var copyTables = []struct {
 	{"vm_events", "id, received_ns, vm, volume, session_id, kind, severity, severity_rank, event_json", func(c *CopyCounts) *int { return &c.Events }},
 	{"alert_outbox", "id, sink, idem_key, event_id, body, created_ns, attempts, next_ns, last_error, dead", func(c *CopyCounts) *int { return &c.Alerts }},
 	{"volume_rotations", rotationColumns, func(c *CopyCounts) *int { return &c.Rotations }},
+	{"reattest_sessions", reattestCols, func(c *CopyCounts) *int { return &c.Sessions }},
+	{"service_keys", "name, sealed", func(c *CopyCounts) *int { return &c.Keys }},
 	{"store_anchor", "id, created_ns, genesis_seq, genesis_hash, mac", nil},
 	{"master_key_check", "id, fingerprint, created_ns", nil},
 }
@@ -52,13 +56,14 @@ func CopyToPostgres(ctx context.Context, src *SQLite, dst *Postgres) (CopyCounts
 	var counts CopyCounts
 	err := src.read(ctx, func(stx *sql.Tx) error {
 		return dst.tx(ctx, func(ctx context.Context, tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, `LOCK TABLE audit_head, vms, volumes, used_challenges, audit_log, vm_events, alert_outbox, volume_rotations, store_anchor, master_key_check IN EXCLUSIVE MODE`); err != nil {
+			if _, err := tx.Exec(ctx, `LOCK TABLE audit_head, vms, volumes, used_challenges, audit_log, vm_events, alert_outbox, volume_rotations, reattest_sessions, service_keys, store_anchor, master_key_check IN EXCLUSIVE MODE`); err != nil {
 				return err
 			}
 			var n int64
 			if err := tx.QueryRow(ctx, `SELECT (SELECT count(*) FROM vms) + (SELECT count(*) FROM volumes) + (SELECT count(*) FROM used_challenges)
 				+ (SELECT count(*) FROM audit_log) + (SELECT count(*) FROM vm_events) + (SELECT count(*) FROM store_anchor)
 				+ (SELECT count(*) FROM master_key_check) + (SELECT count(*) FROM alert_outbox) + (SELECT count(*) FROM volume_rotations)
+				+ (SELECT count(*) FROM reattest_sessions) + (SELECT count(*) FROM service_keys)
 				+ (SELECT seq FROM audit_head WHERE id = 1)`).Scan(&n); err != nil {
 				return err
 			}
