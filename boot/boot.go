@@ -119,17 +119,18 @@ type EventKind string
 
 // The events Run and the heartbeat report.
 const (
-	EventWaiting     EventKind = "waiting"     // key service unreachable at boot; retrying
-	EventUnlocked    EventKind = "unlocked"    // volume open, window PCR extended
-	EventServing     EventKind = "serving"     // 9P socket accepting
-	EventOutage      EventKind = "outage"      // heartbeat failed; volume stays open
-	EventReconnected EventKind = "reconnected" // heartbeat answered again after an outage
-	EventLocked      EventKind = "locked"      // keys wiped, volume closed, serving stopped
-	EventMonitoring  EventKind = "monitoring"  // the key-page monitor runs; the message says its mode and why
-	EventAlert       EventKind = "alert"       // the monitor saw an attempt at this process's memory (Event.Alert)
-	EventRotated     EventKind = "rotated"     // the image now opens with the key service's new UK alone, and the service destroyed the old one
-	EventRotation    EventKind = "rotation"    // a pending rotation was not completed in this boot (Err says why); the next boot resumes it
-	EventReattested  EventKind = "reattested"  // a re-attestation while serving passed
+	EventWaiting           EventKind = "waiting"            // key service unreachable at boot; retrying
+	EventUnlocked          EventKind = "unlocked"           // volume open, window PCR extended
+	EventServing           EventKind = "serving"            // 9P socket accepting
+	EventOutage            EventKind = "outage"             // heartbeat failed; volume stays open
+	EventReconnected       EventKind = "reconnected"        // heartbeat answered again after an outage
+	EventLocked            EventKind = "locked"             // keys wiped, volume closed, serving stopped
+	EventMonitoring        EventKind = "monitoring"         // the key-page monitor runs; the message says its mode and why
+	EventAlert             EventKind = "alert"              // the monitor saw an attempt at this process's memory (Event.Alert)
+	EventRotated           EventKind = "rotated"            // the image now opens with the key service's new UK alone, and the service destroyed the old one
+	EventRotation          EventKind = "rotation"           // a pending rotation was not completed in this boot (Err says why); the next boot resumes it
+	EventRotationCancelled EventKind = "rotation-cancelled" // the operator cancelled the rotation: the image opens with the current UK alone, and the service destroyed the pending one
+	EventReattested        EventKind = "reattested"         // a re-attestation while serving passed
 
 )
 
@@ -151,14 +152,16 @@ type Boot struct {
 	tpm     *tpm.TPM
 	ownTPM  bool
 	session string
-	im      *disk.Image
-	fs      *disk.FS
-	srv     *ninep.Server
-	ln      net.Listener
-	nbd     *nbd.Server
-	nbdLn   net.Listener
-	att     *nbd.Attachment
-	mon     *monitor
+	// rotCancelling: the unlock said the pending rotation was cancelled
+	rotCancelling bool
+	im            *disk.Image
+	fs            *disk.FS
+	srv           *ninep.Server
+	ln            net.Listener
+	nbd           *nbd.Server
+	nbdLn         net.Listener
+	att           *nbd.Attachment
+	mon           *monitor
 
 	stop     context.CancelFunc
 	hbDone   chan struct{}
@@ -286,8 +289,13 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 	}
 	open := uk
 	if next != nil && !blank {
-		// A rotation is pending at the key service (rotate.go).
-		if open, err = b.rotate(ctx, volume, uk, next); err != nil {
+		// A rotation is pending at the key service (rotate.go), or
+		// cancelled after its key was released (rotate_cancel.go).
+		rot := b.rotate
+		if b.rotCancelling {
+			rot = b.cancelRotation
+		}
+		if open, err = rot(ctx, volume, uk, next); err != nil {
 			return nil, err
 		}
 	}
@@ -414,6 +422,7 @@ func (b *Boot) unlock(ctx context.Context, volume string, provision bool) (uk, n
 		return nil, nil, fmt.Errorf("boot: extend PCR %d after unlock: %w", tpm.WindowPCR, xerr)
 	}
 	b.session = ur.Session
+	b.rotCancelling = next != nil && ur.RotationCancelling
 	b.monitorSession()
 	return uk, next, nil
 }

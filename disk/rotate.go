@@ -127,35 +127,47 @@ func RotateKey(path string, cur, next *Key, opts RotateOptions) (RotateResult, e
 	if !slotExists(vol, old) {
 		old = -1
 	}
-	if hasToken && (len(tok.Keyslots) != 1 || tok.Keyslots[0] != res.NewSlot || tok.retired != old) {
-		if err := setTokenSlots(vol, tid, tok.Token, res.NewSlot, old); err != nil {
-			return res, fmt.Errorf("rotate key: point the keygate token of %s at keyslot %d: %w", path, res.NewSlot, err)
-		}
-		if err := after(RotatePointed); err != nil {
-			return res, err
-		}
-	}
-	if old >= 0 {
-		if err := vol.RemoveKeyslot(old, false); err != nil {
-			return res, fmt.Errorf("rotate key: remove the old keyslot %d of %s: %w", old, path, err)
-		}
-		res.Removed = append(res.Removed, old)
-		if err := after(RotateRemoved); err != nil {
-			return res, err
-		}
-	}
-	if hasToken && old >= 0 {
-		if err := setTokenSlots(vol, tid, currentToken(vol, tid), res.NewSlot, -1); err != nil {
-			return res, fmt.Errorf("rotate key: clear the keygate token of %s: %w", path, err)
-		}
-		if err := after(RotateCleared); err != nil {
-			return res, err
-		}
+	if err := retireSlot(vol, tid, tok, hasToken, &res, old, after); err != nil {
+		return res, fmt.Errorf("rotate key: %s: %w", path, err)
 	}
 	if err := f.Sync(); err != nil {
 		return res, fmt.Errorf("rotate key: sync %s: %w", path, err)
 	}
 	return res, nil
+}
+
+// retireSlot is the end of RotateKey and DropKey: the keygate token is
+// pointed at res.NewSlot, naming old as retired; old is removed; the
+// retired record is cleared. Each step is one header commit, run after by
+// after (RotatePointed, RotateRemoved, RotateCleared); a step already done
+// is skipped. old is -1 if there is nothing to remove.
+func retireSlot(vol *luks2.Volume, tid int, tok keygateTok, hasToken bool, res *RotateResult, old int, after func(string) error) error {
+	if hasToken && (len(tok.Keyslots) != 1 || tok.Keyslots[0] != res.NewSlot || tok.retired != old) {
+		if err := setTokenSlots(vol, tid, tok.Token, res.NewSlot, old); err != nil {
+			return fmt.Errorf("point the keygate token at keyslot %d: %w", res.NewSlot, err)
+		}
+		if err := after(RotatePointed); err != nil {
+			return err
+		}
+	}
+	if old >= 0 {
+		if err := vol.RemoveKeyslot(old, false); err != nil {
+			return fmt.Errorf("remove keyslot %d: %w", old, err)
+		}
+		res.Removed = append(res.Removed, old)
+		if err := after(RotateRemoved); err != nil {
+			return err
+		}
+	}
+	if hasToken && old >= 0 {
+		if err := setTokenSlots(vol, tid, currentToken(vol, tid), res.NewSlot, -1); err != nil {
+			return fmt.Errorf("clear the keygate token: %w", err)
+		}
+		if err := after(RotateCleared); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // keygateTok is the volume's keygate token with the retired keyslot it

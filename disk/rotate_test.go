@@ -233,14 +233,18 @@ func TestRotateKey(t *testing.T) {
 }
 
 // checkCryptsetup: cryptsetup agrees on the keys after a rotation.
-func checkCryptsetup(t *testing.T, img string) {
+func checkCryptsetup(t *testing.T, img string) { checkCryptsetupKeys(t, img, rotNew, rotOld) }
+
+// checkCryptsetupKeys: cryptsetup opens img with kept and the recovery
+// passphrase, and not with gone, and the token names no retired keyslot.
+func checkCryptsetupKeys(t *testing.T, img string, kept, gone []byte) {
 	cs := testutil.LookPath(t, "cryptsetup")
 	dir := t.TempDir()
 	for _, k := range []struct {
 		name  string
 		key   []byte
 		opens bool
-	}{{"old", rotOld, false}, {"new", rotNew, true}, {"recovery", rotRecovery, true}} {
+	}{{"gone", gone, false}, {"kept", kept, true}, {"recovery", rotRecovery, true}} {
 		f := filepath.Join(dir, k.name)
 		os.WriteFile(f, k.key, 0o600)
 		out, err := exec.Command(cs, "open", "--test-passphrase", "--key-file", f, img).CombinedOutput()

@@ -36,6 +36,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/admin/volumes/{id}", s.adminShowVolume)
 	mux.HandleFunc("POST /v1/admin/volumes/{id}/erase", s.adminErase)
 	mux.HandleFunc("POST /v1/admin/volumes/{id}/rotate", s.adminRotate)
+	mux.HandleFunc("POST /v1/admin/volumes/{id}/rotate/cancel", s.adminCancelRotation)
 	mux.HandleFunc("GET /v1/admin/audit", s.adminAuditList)
 	mux.HandleFunc("GET /v1/admin/audit/verify", s.adminAuditVerify)
 	mux.HandleFunc("GET /v1/admin/events", s.adminListEvents)

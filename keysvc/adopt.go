@@ -169,7 +169,8 @@ func (k rowKey) checkAnchor(a store.Anchor) error {
 }
 
 // verifyStore checks what the audit chain's own check cannot see: the
-// anchor, that a used store has a chain, and every VM and volume row's MAC.
+// anchor, that a used store has a chain, every VM and volume row's MAC,
+// and every pending rotation against its volume.
 // It returns one line per problem, naming the row.
 func (s *Server) verifyStore(ctx context.Context, rep audit.Report) ([]string, error) {
 	st, ok := s.st.(*authStore).Store.(anchorStore)
@@ -226,7 +227,8 @@ func (s *Server) verifyStore(ctx context.Context, rep audit.Report) ([]string, e
 			out = append(out, err.Error())
 		}
 	}
-	return out, nil
+	rot, err := s.verifyRotations(ctx, vols)
+	return append(out, rot...), err
 }
 
 // tampered raises a row that failed its integrity check: a critical event

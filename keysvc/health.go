@@ -86,9 +86,25 @@ func unavailable(w http.ResponseWriter, err error) bool {
 	return true
 }
 
-// dbMonitor probes the database and remembers whether it answered.
+// keyFollower is the Server's side of the probe: it follows the master
+// key the database records (masterkey_follow.go).
+type keyFollower interface {
+	followMasterKey(ctx context.Context) string
+	staleReason() string
+}
+
+// staleAnswer answers 503 for a replica that does not hold the master key
+// the database records: a VM asks another replica, an operator reads why.
+func staleAnswer(w http.ResponseWriter, reason string) {
+	w.Header().Set("Retry-After", strconv.Itoa(retryAfter))
+	writeError(w, errorf(http.StatusServiceUnavailable, "retry shortly, or another replica", "%s", reason))
+}
+
+// dbMonitor probes the database and remembers whether it answered; each
+// probe also has the Server follow the database's master key.
 type dbMonitor struct {
 	st    store.Backend
+	keys  keyFollower
 	log   *slog.Logger
 	down  atomic.Bool
 	mu    sync.Mutex // serialises probes' state changes
@@ -97,8 +113,8 @@ type dbMonitor struct {
 	done  chan struct{}
 }
 
-func newDBMonitor(st store.Backend, log *slog.Logger, reg *prometheus.Registry) *dbMonitor {
-	m := &dbMonitor{st: st, log: log, stop: make(chan struct{}), done: make(chan struct{})}
+func newDBMonitor(st store.Backend, keys keyFollower, log *slog.Logger, reg *prometheus.Registry) *dbMonitor {
+	m := &dbMonitor{st: st, keys: keys, log: log, stop: make(chan struct{}), done: make(chan struct{})}
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "keysvc_database_up", Help: "1 while the database answers and carries this keysvc's migrations, 0 during an outage.",
 	}, func() float64 {
@@ -130,6 +146,9 @@ func (m *dbMonitor) run() {
 func (m *dbMonitor) probe() {
 	ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
 	err := m.st.Ready(ctx)
+	if err == nil && m.keys != nil {
+		m.keys.followMasterKey(ctx)
+	}
 	cancel()
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -158,6 +177,12 @@ func healthz(w http.ResponseWriter, _ *http.Request) {
 // every migration. It needs no token, so it names no cause (the database's
 // error carries its host and role): the log has it.
 func (m *dbMonitor) readyz(w http.ResponseWriter, _ *http.Request) {
+	if m.keys != nil && m.keys.staleReason() != "" {
+		w.Header().Set("Retry-After", strconv.Itoa(retryAfter))
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready",
+			"error": "this replica does not hold the master key the database records (a rotation at another replica; the key service's log says what to copy)"})
+		return
+	}
 	if m.down.Load() {
 		w.Header().Set("Retry-After", strconv.Itoa(retryAfter))
 		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready",
@@ -178,6 +203,12 @@ func (m *dbMonitor) gate(h http.Handler, bound bool) http.Handler {
 		if m.down.Load() {
 			unavailable(w, store.ErrUnavailable)
 			return
+		}
+		if m.keys != nil {
+			if reason := m.keys.staleReason(); reason != "" {
+				staleAnswer(w, reason)
+				return
+			}
 		}
 		if bound {
 			ctx, cancel := context.WithTimeout(r.Context(), vmRequestTimeout)

@@ -11,7 +11,7 @@ type lifecycleMetrics struct {
 func newLifecycleMetrics(reg *prometheus.Registry) *lifecycleMetrics {
 	m := &lifecycleMetrics{
 		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "keysvc_uk_rotations_total", Help: "Unwrap-key rotations of volumes by step (started, completed).",
+			Name: "keysvc_uk_rotations_total", Help: "Unwrap-key rotations of volumes by step (started, completed, cancel-requested, cancelled, completed-despite-cancel).",
 		}, []string{"step"}),
 		reattests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "keysvc_reattestations_total", Help: "Re-attestations of serving VMs by result (ok, lock).",

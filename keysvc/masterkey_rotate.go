@@ -116,6 +116,9 @@ type rotator struct {
 	// begin serialises rotate calls, so that two at once make one new key.
 	begin sync.Mutex
 
+	// graceUntil: the first batch waits for it (masterkey_follow.go).
+	graceUntil time.Time
+
 	mu      sync.Mutex
 	running bool
 	lastErr error
@@ -233,6 +236,7 @@ func (s *Server) beginRotation(ctx context.Context) error {
 	if err := s.switchKeys(nk); err != nil {
 		return err
 	}
+	s.rot.graceUntil = s.now().Add(s.rotationGrace())
 	s.log.Info("master-key rotation begun", slog.String("old_key", ks.curFP), slog.String("new_key", nk.curFP), slog.String("kind", s.rot.src.kind()))
 	return nil
 }
@@ -368,6 +372,16 @@ func (s *Server) runRotation(ctx context.Context) error {
 			}
 			v.MAC = ks.rows.volumeMAC(*v)
 			return nil
+		}
+		// Let the other replicas switch to the new key, or stop, before
+		// any row moves to it (masterkey_follow.go).
+		if wait := s.rot.graceUntil.Sub(s.now()); wait > 0 {
+			s.log.Info("master-key rotation: waiting for the other replicas to follow", slog.Duration("wait", wait))
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(wait):
+			}
 		}
 		// First the stored session key (sessionkey.go): one row, and then
 		// any replica holding the new key alone opens it.

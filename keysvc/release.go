@@ -72,13 +72,17 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 	if s.fault(w, FaultReleasePending) {
 		return
 	}
-	nextBlob, err := s.pendingBlob(ctx, vol, hex.EncodeToString(fp[:]), ek, pcrs)
+	nextBlob, cancelling, err := s.pendingBlob(ctx, vol, hex.EncodeToString(fp[:]), ek, pcrs)
 	if errors.Is(err, masterkey.ErrOpen) {
-		// The pending key does not open for this volume (its row was
-		// changed outside the service): release the current one alone,
-		// which still opens the image, and raise it.
-		s.tampered(r, vm.Name, vol.ID, &TamperError{Kind: "rotation", Name: vol.ID, Detail: "the pending unwrap key does not open for this volume, owner VM and EK"})
-		nextBlob, err = nil, nil
+		err = fmt.Errorf("%w: %w", &TamperError{Kind: "rotation", Name: vol.ID, Detail: "the pending unwrap key does not open for this volume, owner VM and EK"}, err)
+	}
+	if errors.Is(err, ErrTampered) {
+		// The pending rotation's row was changed outside the service (a
+		// row put back from an earlier rotation, a forged or deleted one):
+		// release the current key alone, which opens the image unless the
+		// VM already moved it to the genuine pending key, and raise it.
+		s.tampered(r, vm.Name, vol.ID, err)
+		nextBlob, cancelling, err = nil, false, nil
 	}
 	if err != nil {
 		s.internal(w, "seal pending unwrap key", err)
@@ -108,6 +112,12 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		if unavailable(w, err) { // logged once, by the database monitor
 			return
 		}
+		if s.keyStale(ctx) {
+			// The chain moved to a master key this replica does not hold
+			// (masterkey_follow.go): another replica can release it.
+			staleAnswer(w, s.staleMessage())
+			return
+		}
 		s.log.Error("audit append failed; unwrap key withheld", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.Any("err", err))
 		writeError(w, errorf(http.StatusInternalServerError, "the operator must run `keysvc audit verify` and repair the audit chain", "the release could not be audited, so no key is released"))
 		return
@@ -128,7 +138,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 	}
 	s.metrics.unlocks.Inc()
 	s.log.Info("unlock", slog.String("vm", vm.Name), slog.String("volume", vol.ID), slog.String("session_id", id), slog.Any("pcrs", idx))
-	writeJSON(w, http.StatusOK, api.UnlockResponse{ImportBlob: blobBytes, Session: sess, PCRs: idx, NextImportBlob: nextBlob})
+	writeJSON(w, http.StatusOK, api.UnlockResponse{ImportBlob: blobBytes, Session: sess, PCRs: idx, NextImportBlob: nextBlob, RotationCancelling: cancelling})
 }
 
 // stillReleasable re-reads the VM and the volume after a release was
@@ -164,6 +174,12 @@ func (s *Server) stillReleasable(ctx context.Context, verified store.VM, volID s
 func (s *Server) readFailed(w http.ResponseWriter, r *http.Request, vm, volume string, err error) {
 	if !errors.Is(err, ErrTampered) {
 		s.internal(w, "read or update vm and volume", err)
+		return
+	}
+	if s.keyStale(r.Context()) {
+		// Not tampering: the rows moved to a master key this replica
+		// does not hold (masterkey_follow.go).
+		staleAnswer(w, s.staleMessage())
 		return
 	}
 	s.tampered(r, vm, volume, err)

@@ -111,7 +111,7 @@ func (s *Server) adminRotate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if p, err := rs.GetRotation(ctx, id); err == nil {
-		writeError(w, errorf(http.StatusConflict, "the VM completes it at its next unlock (keygate boot); `keysvc volume list --json` says when it started",
+		writeError(w, errorf(http.StatusConflict, "the VM completes it at its next unlock (keygate boot), or cancel it with `keysvc volume rotate --cancel`; `keysvc volume list --json` says when it started",
 			"volume %q has a rotation pending since %s", id, p.Started.Format(time.RFC3339)))
 		return
 	}
@@ -139,14 +139,40 @@ func (s *Server) adminRotate(w http.ResponseWriter, r *http.Request) {
 	if s.fault(w, FaultRotateStart) {
 		return
 	}
-	// The record and the pending key are stored together, or neither.
+	// The record, the volume's next generation and the pending key are
+	// stored together, or none of them.
 	var started store.Rotation
 	_, err = via.AppendVia(ctx, audit.Event{Actor: "admin", Action: audit.ActionRotate, Subject: id,
-		Details: audit.Rotate{Volume: id, Step: "started", Remote: remoteHost(r)}}, func(next store.AuditNext) error {
+		Details: audit.Rotate{Volume: id, Step: "started", Generation: vol.Rotation + 1, Remote: remoteHost(r)}}, func(next store.AuditNext) error {
 		var err error
-		started, err = rs.StartRotation(context.WithoutCancel(ctx), store.Rotation{Volume: id, SealedUK: sealed}, next)
+		started, err = rs.StartRotation(context.WithoutCancel(ctx), id, func(v *store.Volume, p *store.Rotation) error {
+			if err := s.rows.checkVolume(*v); err != nil {
+				return err
+			}
+			if v.RotationPending { // its row is gone: a missing row is never replaced silently
+				return s.rows.checkRotation(*v, nil)
+			}
+			if v.Rotation != vol.Rotation { // another rotation began and ended meanwhile
+				return errRotationRaced
+			}
+			v.Rotation++
+			v.RotationPending = true
+			p.Generation, p.SealedUK = v.Rotation, sealed
+			p.MAC = s.rows.rotationMAC(*p)
+			v.MAC = s.rows.volumeMAC(*v)
+			return nil
+		}, next)
 		return err
 	})
+	if errors.Is(err, ErrTampered) {
+		s.tampered(r, vol.VM, id, err)
+		writeError(w, errorf(http.StatusConflict, "run `keysvc audit verify`", "rotate volume %q: %v", id, err))
+		return
+	}
+	if errors.Is(err, errRotationRaced) {
+		writeError(w, errorf(http.StatusConflict, "run `keysvc volume rotate` again", "volume %q: another rotation began meanwhile", id))
+		return
+	}
 	if err != nil {
 		s.storeError(w, "rotate volume "+strconv.Quote(id), err)
 		return
@@ -158,49 +184,82 @@ func (s *Server) adminRotate(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusAccepted, info)
 }
 
-// withRotations fills in Rotation on volume listings.
+// withRotations fills in Rotation on volume listings (as stored: rows
+// that fail their check are named by `keysvc audit verify`).
 func (s *Server) withRotations(ctx context.Context, infos []api.VolumeInfo) {
 	rs, _, ok := s.rotations()
 	if !ok {
 		return
 	}
-	pend, err := rs.PendingRotations(ctx)
+	rows, err := rs.ListRotations(ctx)
 	if err != nil {
 		s.log.Warn("list pending rotations", slog.Any("err", err))
 		return
 	}
+	pend := make(map[string]store.Rotation, len(rows))
+	for _, r := range rows {
+		pend[r.Volume] = r
+	}
 	for i := range infos {
-		if t, ok := pend[infos[i].ID]; ok {
-			infos[i].Rotation, infos[i].RotationStarted = api.RotationPending, &t
+		if r, ok := pend[infos[i].ID]; ok {
+			infos[i].Rotation, infos[i].RotationStarted = api.RotationPending, &r.Started
+			if r.Cancelling {
+				infos[i].Rotation = api.RotationCancelling
+			}
 		}
 	}
 }
 
 // pendingBlob seals a volume's pending UK, if it has one, to the VM's EK
-// and pcrs, as release does the current one. nil if there is none (or the
-// store cannot hold one).
-func (s *Server) pendingBlob(ctx context.Context, vol store.Volume, ekFP string, ek crypto.PublicKey, pcrs *tpmpb.PCRs) ([]byte, error) {
+// and pcrs, as release does the current one: nil if there is none (or the
+// store cannot hold one). cancelling says an operator cancelled the
+// rotation after its key was released (the VM then keeps the key its
+// image holds, rotate.go). A row that fails its check (rotationauth.go)
+// is an error wrapping ErrTampered; a pending UK is marked released,
+// durably, before its blob is made.
+func (s *Server) pendingBlob(ctx context.Context, vol store.Volume, ekFP string, ek crypto.PublicKey, pcrs *tpmpb.PCRs) (blob []byte, cancelling bool, err error) {
 	rs, _, ok := s.rotations()
 	if !ok {
-		return nil, nil
+		return nil, false, nil
 	}
-	p, err := rs.GetRotation(ctx, vol.ID)
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, nil
+	p, err := s.pendingRotation(ctx, rs, vol)
+	if err != nil || p == nil {
+		return nil, false, err
 	}
-	if err != nil {
-		return nil, err
+	if !p.Released {
+		u, err := rs.UpdateRotation(ctx, vol.ID, func(v store.Volume, r *store.Rotation) error {
+			if err := s.rows.checkVolume(v); err != nil {
+				return err
+			}
+			if err := s.rows.checkRotation(v, r); err != nil {
+				return err
+			}
+			if r.Generation != p.Generation {
+				return errRotationRaced
+			}
+			r.Released = true
+			r.MAC = s.rows.rotationMAC(*r)
+			return nil
+		}, nil)
+		if errors.Is(err, store.ErrNotFound) || errors.Is(err, errRotationRaced) {
+			return nil, false, nil // cancelled or finished meanwhile: the current key alone
+		}
+		if err != nil {
+			return nil, false, fmt.Errorf("mark pending unwrap key released: %w", err)
+		}
+		p = &u
 	}
 	uk, wipe, err := s.openUK(ukNextRecordID(vol.ID, vol.VM, ekFP), p.SealedUK)
 	if err != nil {
-		return nil, fmt.Errorf("open pending unwrap key: %w", err)
+		return nil, false, fmt.Errorf("open pending unwrap key: %w", err)
 	}
-	blob, err := importblob.New(ek, uk, pcrs)
+	b, err := importblob.New(ek, uk, pcrs)
 	wipe()
 	if err != nil {
-		return nil, fmt.Errorf("create import blob of the pending key: %w", err)
+		return nil, false, fmt.Errorf("create import blob of the pending key: %w", err)
 	}
-	return proto.Marshal(blob)
+	blob, err = proto.Marshal(b)
+	return blob, p.Cancelling, err
 }
 
 // handleRotateConfirm is POST /v1/rotate: the VM proves it holds the
@@ -216,7 +275,7 @@ func (s *Server) handleRotateConfirm(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
-	rs, via, ok := s.rotations()
+	rs, _, ok := s.rotations()
 	if !ok {
 		writeError(w, errNoRotations)
 		return
@@ -240,19 +299,31 @@ func (s *Server) handleRotateConfirm(w http.ResponseWriter, r *http.Request) {
 	}
 	ekFP := fingerprint(vm.EKPubPEM)
 	// Which key does the proof hold? The pending one completes the
-	// rotation; the current one means it completed already (a repeated
-	// confirmation whose first answer was lost).
-	pending, perr := rs.GetRotation(ctx, c.Volume)
-	if perr != nil && !errors.Is(perr, store.ErrNotFound) {
-		s.internal(w, "read pending rotation", perr)
+	// rotation (even one an operator cancelled after its key was released:
+	// the image may hold that key alone); the current one means the
+	// rotation completed already (a repeated confirmation whose first
+	// answer was lost) or, while a cancel waits, that the VM keeps the
+	// current key, which ends the cancel.
+	pending, perr := s.pendingRotation(ctx, rs, *vol)
+	if errors.Is(perr, ErrTampered) {
+		s.readFailed(w, r, c.VM, c.Volume, perr)
 		return
 	}
 	if perr != nil {
-		if s.proves(vol.SealedUK, ukRecordID(vol.ID, vol.VM, ekFP), c, r, req.Proof) {
+		s.internal(w, "read pending rotation", perr)
+		return
+	}
+	holdsCurrent := s.proves(vol.SealedUK, ukRecordID(vol.ID, vol.VM, ekFP), c, r, req.Proof)
+	if pending == nil {
+		if holdsCurrent {
 			writeJSON(w, http.StatusOK, api.RotateConfirmResponse{Rotation: api.RotationDone})
 			return
 		}
 		writeError(w, errorf(http.StatusConflict, "nothing to confirm: rotate the volume first with `keysvc volume rotate`", "volume %q has no rotation pending", c.Volume))
+		return
+	}
+	if pending.Cancelling && holdsCurrent {
+		s.endRotation(w, r, c, *pending, nil)
 		return
 	}
 	if !s.proves(pending.SealedUK, ukNextRecordID(vol.ID, vol.VM, ekFP), c, r, req.Proof) {
@@ -274,18 +345,26 @@ func (s *Server) handleRotateConfirm(w http.ResponseWriter, r *http.Request) {
 	if s.fault(w, FaultConfirmProven) {
 		return
 	}
-	_, err = via.AppendVia(ctx, audit.Event{Actor: "vm:" + c.VM, Action: audit.ActionRotate, Subject: c.Volume,
-		Details: audit.Rotate{Volume: c.Volume, Step: "completed", SessionID: c.ID, Remote: remoteHost(r)}}, func(next store.AuditNext) error {
-		_, err := rs.FinishRotation(context.WithoutCancel(ctx), c.Volume, func(v *store.Volume, p store.Rotation) error {
-			if err := s.rows.checkVolume(*v); err != nil {
-				return err
-			}
-			if !bytes.Equal(p.SealedUK, pending.SealedUK) {
-				return errRotationRaced
-			}
-			v.SealedUK = resealed
-			v.MAC = s.rows.volumeMAC(*v)
-			return nil
+	s.endRotation(w, r, c, *pending, resealed)
+}
+
+// endRotation ends the pending rotation the VM of session c confirmed:
+// with resealed (the pending UK sealed as the volume's) it completes, and
+// the old UK is destroyed; with nil it ends a cancel, and the pending UK is
+// destroyed. Either way in one transaction with its audit record, and only
+// if the rotation is still pending as read.
+func (s *Server) endRotation(w http.ResponseWriter, r *http.Request, c sessionClaims, pending store.Rotation, resealed []byte) {
+	rs, via, _ := s.rotations()
+	step, answer := "completed", api.RotationDone
+	if resealed == nil {
+		step, answer = "cancelled", api.RotationCancelled
+	} else if pending.Cancelling {
+		step = "completed-despite-cancel"
+	}
+	_, err := via.AppendVia(r.Context(), audit.Event{Actor: "vm:" + c.VM, Action: audit.ActionRotate, Subject: c.Volume,
+		Details: audit.Rotate{Volume: c.Volume, Step: step, SessionID: c.ID, Generation: pending.Generation, Remote: remoteHost(r)}}, func(next store.AuditNext) error {
+		_, err := rs.FinishRotation(context.WithoutCancel(r.Context()), c.Volume, func(v *store.Volume, p store.Rotation) error {
+			return s.endRotationRow(v, p, pending, resealed)
 		}, next)
 		return err
 	})
@@ -303,19 +382,47 @@ func (s *Server) handleRotateConfirm(w http.ResponseWriter, r *http.Request) {
 	if s.fault(w, FaultConfirmDone) {
 		return
 	}
-	s.lm.rotations.WithLabelValues("completed").Inc()
-	s.log.Info("rotation completed; old unwrap key destroyed", slog.String("volume", c.Volume), slog.String("vm", c.VM), slog.String("session_id", c.ID))
-	writeJSON(w, http.StatusOK, api.RotateConfirmResponse{Rotation: api.RotationDone})
+	s.lm.rotations.WithLabelValues(step).Inc()
+	if resealed == nil {
+		s.log.Info("rotation cancelled; the VM keeps the current key and the pending unwrap key is destroyed", slog.String("volume", c.Volume), slog.String("vm", c.VM), slog.String("session_id", c.ID))
+	} else {
+		s.log.Info("rotation completed; old unwrap key destroyed", slog.String("volume", c.Volume), slog.String("vm", c.VM), slog.String("session_id", c.ID), slog.String("step", step))
+	}
+	writeJSON(w, http.StatusOK, api.RotateConfirmResponse{Rotation: answer})
+}
+
+// endRotationRow is FinishRotation's step: it checks the stored volume and
+// rotation (p must still be pending as read) and ends the rotation, with
+// resealed as the volume's key, or (nil) keeping the volume's key.
+func (s *Server) endRotationRow(v *store.Volume, p, pending store.Rotation, resealed []byte) error {
+	if err := s.rows.checkVolume(*v); err != nil {
+		return err
+	}
+	if err := s.rows.checkRotation(*v, &p); err != nil {
+		return err
+	}
+	if p.Generation != pending.Generation || !bytes.Equal(p.SealedUK, pending.SealedUK) {
+		return errRotationRaced
+	}
+	if resealed != nil {
+		v.SealedUK = resealed
+	}
+	v.RotationPending = false
+	v.MAC = s.rows.volumeMAC(*v)
+	return nil
 }
 
 var errRotationRaced = errors.New("the pending key changed")
 
-// rekeyPendingUKs re-seals every pending unwrap key under ks.cur, for a
-// master-key rotation (masterkey_rotate.go), after the volumes: a key
-// sealed under the old master key would not open once that key is wiped.
-// ekFP gives a VM's EK fingerprint. The keys are re-sealed first and
-// stored in one transaction, each only if it did not change meanwhile (a
-// rotation finished or started since was written under ks.cur already).
+// rekeyPendingUKs re-seals every pending unwrap key under ks.cur and
+// re-MACs its row, for a master-key rotation (masterkey_rotate.go), after
+// the volumes: a key sealed under the old master key would not open once
+// that key is wiped. ekFP gives a VM's EK fingerprint. Each row is checked
+// first (rotationauth.go): one that fails stops the master-key rotation
+// rather than being re-MAC'd under the new key. The keys are re-sealed
+// first and stored in one transaction, each only if its sealed key did not
+// change meanwhile (a rotation finished or started since was written under
+// ks.cur already).
 func (s *Server) rekeyPendingUKs(ctx context.Context, ks *ringKeys, ekFP func(vm string) (string, error)) error {
 	rs, _, ok := s.rotations()
 	if !ok {
@@ -328,16 +435,16 @@ func (s *Server) rekeyPendingUKs(ctx context.Context, ks *ringKeys, ekFP func(vm
 	type resealed struct{ old, new []byte }
 	next := map[string]resealed{}
 	for id := range pend {
-		p, err := rs.GetRotation(ctx, id)
-		if errors.Is(err, store.ErrNotFound) {
-			continue
-		}
-		if err != nil {
-			return err
-		}
 		vol, err := s.st.GetVolume(ctx, id)
 		if err != nil {
 			return fmt.Errorf("rekey pending key of volume %q: %w", id, err)
+		}
+		p, err := s.pendingRotation(ctx, rs, vol)
+		if err != nil {
+			return fmt.Errorf("rekey pending key of volume %q: %w", id, err)
+		}
+		if p == nil {
+			continue
 		}
 		fp, err := ekFP(vol.VM)
 		if err != nil {
@@ -356,9 +463,15 @@ func (s *Server) rekeyPendingUKs(ctx context.Context, ks *ringKeys, ekFP func(vm
 		next[id] = resealed{p.SealedUK, sealed}
 	}
 	n, err := rs.RekeyRotations(ctx, func(p *store.Rotation) error {
-		if r, ok := next[p.Volume]; ok && bytes.Equal(p.SealedUK, r.old) {
-			p.SealedUK = r.new
+		r, ok := next[p.Volume]
+		if !ok || !bytes.Equal(p.SealedUK, r.old) {
+			return nil
 		}
+		if err := s.rows.check(func(rk rowKey) error { return rk.checkRotationMAC(*p) }); err != nil {
+			return fmt.Errorf("rekey: %w", err)
+		}
+		p.SealedUK = r.new
+		p.MAC = ks.rows.rotationMAC(*p)
 		return nil
 	})
 	if n > 0 {

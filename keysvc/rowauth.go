@@ -36,7 +36,12 @@ import (
 const (
 	vmRowDomain     = "keygate vm row v1\x00"
 	volumeRowDomain = "keygate volume row v1\x00"
-	anchorDomain    = "keygate store anchor v1\x00"
+	// A volume that has begun a rotation also covers its rotation
+	// generation and pending flag (rotationauth.go); one that never did
+	// keeps the v1 encoding, so that its MAC stays valid.
+	volumeRowDomainV2 = "keygate volume row v2\x00"
+	rotationRowDomain = "keygate rotation row v1\x00"
+	anchorDomain      = "keygate store anchor v1\x00"
 )
 
 // ErrTampered is wrapped by the error of a read or update whose stored row
@@ -108,10 +113,15 @@ func (k rowKey) vmMAC(v store.VM) []byte {
 		flag(v.ProvisioningAllowed), flag(v.Revoked), pol, flag(v.LearnArmed))
 }
 
-// volumeMAC covers a volume's ID, owner and erased state. The sealed UK is
-// bound to the same by its own AEAD (ukRecordID).
+// volumeMAC covers a volume's ID, owner, erased state and rotation state
+// (generation and pending flag, once it has begun a rotation). The sealed
+// UK is bound to the first two by its own AEAD (ukRecordID).
 func (k rowKey) volumeMAC(v store.Volume) []byte {
-	return k.sum(volumeRowDomain, []byte(v.ID), []byte(v.VM), flag(v.Erased()))
+	if v.Rotation == 0 && !v.RotationPending {
+		return k.sum(volumeRowDomain, []byte(v.ID), []byte(v.VM), flag(v.Erased()))
+	}
+	return k.sum(volumeRowDomainV2, []byte(v.ID), []byte(v.VM), flag(v.Erased()),
+		binary.BigEndian.AppendUint64(nil, v.Rotation), flag(v.RotationPending))
 }
 
 func (k rowKey) anchorMAC(a store.Anchor) []byte {
@@ -134,7 +144,7 @@ func (k rowKey) checkVolume(v store.Volume) error {
 		return &TamperError{Kind: "volume", Name: v.ID, Detail: "the row has no MAC"}
 	}
 	if !hmac.Equal(k.volumeMAC(v), v.MAC) {
-		return &TamperError{Kind: "volume", Name: v.ID, Detail: "the MAC does not match its owner VM or erased state"}
+		return &TamperError{Kind: "volume", Name: v.ID, Detail: "the MAC does not match its owner VM, erased state or rotation state"}
 	}
 	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -73,18 +74,24 @@ type Server struct {
 	// initMK and initCh are the master key and challenger New starts
 	// from. After New, use rows (seal, open, MACs) and chs: a master-key
 	// rotation replaces both, and wipes initMK.
-	initMK     MasterKey
-	initCh     *attest.Challenger
-	chs        atomic.Pointer[challengers]
-	sess       atomic.Pointer[sessionKeys]
-	rot        *rotator // nil: master-key rotation unavailable (masterkey_rotate.go)
-	rotBatch   int
-	rotHook    func(batch int) error
-	adminToken [sha256.Size]byte
-	hasToken   bool
-	now        func() time.Time
-	log        *slog.Logger
-	metrics    *metrics
+	initMK   MasterKey
+	initCh   *attest.Challenger
+	chs      atomic.Pointer[challengers]
+	sess     atomic.Pointer[sessionKeys]
+	rot      *rotator // nil: master-key rotation unavailable (masterkey_rotate.go)
+	rotBatch int
+	rotHook  func(batch int) error
+	// follow serialises followMasterKey; stale says why this replica
+	// cannot serve under its master key (masterkey_follow.go).
+	follow         sync.Mutex
+	stale          staleKey
+	followGrace    time.Duration
+	followGraceSet bool
+	adminToken     [sha256.Size]byte
+	hasToken       bool
+	now            func() time.Time
+	log            *slog.Logger
+	metrics        *metrics
 	// unlocking counts the unlocks under way: the store's group commit
 	// waits for their writes (see New).
 	unlocking  atomic.Int64

@@ -225,7 +225,7 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if svc.adminLn, err = net.Listen("tcp", adminListen); err != nil {
 		return nil, fmt.Errorf("start key service: admin API: %w (pick another --admin-listen)", err)
 	}
-	svc.dbMon = newDBMonitor(svc.st, log, svc.Server.metrics.reg)
+	svc.dbMon = newDBMonitor(svc.st, svc.Server, log, svc.Server.metrics.reg)
 	errLog := slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 	for _, x := range []struct {
 		ln net.Listener

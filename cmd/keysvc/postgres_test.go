@@ -103,7 +103,8 @@ func TestMigrate(t *testing.T) {
 	}
 	cmd("volume", "create", "--id", "a-data", "--vm", "a", tok)
 	cmd("volume", "create", "--id", "b-data", "--vm", "b", tok)
-	cmd("erase", "--volume", "b-data", tok) // an erased row: no key, an erase time
+	cmd("erase", "--volume", "b-data", tok)        // an erased row: no key, an erase time
+	cmd("volume", "rotate", "--id", "a-data", tok) // a pending rotation: its generation and MAC
 	sqliteVerify := cmd("audit", "verify", "--json", tok)
 	svc.Shutdown(context.Background())
 
@@ -124,9 +125,19 @@ func TestMigrate(t *testing.T) {
 	if out := cmd("volume", "list", "--vm", "b", "--json", tok); !strings.Contains(out, `"erased_at"`) {
 		t.Fatalf("the erased volume on the copy: %s", out)
 	}
-	var before, after struct{ Records uint64 }
+	if out := cmd("volume", "list", "--vm", "a", "--json", tok); !strings.Contains(out, `"rotation": "pending"`) {
+		t.Fatalf("the pending rotation on the copy: %s", out)
+	}
+	var before, after struct {
+		Records  uint64
+		OK       bool
+		Problems []string
+	}
 	json.Unmarshal([]byte(sqliteVerify), &before)
 	json.Unmarshal([]byte(cmd("audit", "verify", "--json", tok)), &after)
+	if !after.OK {
+		t.Errorf("audit verify on the copy: %v", after.Problems)
+	}
 	if before.Records == 0 || after.Records <= before.Records {
 		t.Errorf("audit verify on the copy: %d records, on SQLite %d; want the copy to hold them all and what came after", after.Records, before.Records)
 	}

@@ -37,6 +37,18 @@ type RotateConfirmResponse struct {
 // complete.
 const RotationDone = "done"
 
+// RotationCancelled is the answer to a cancel (POST
+// /v1/admin/volumes/{id}/rotate/cancel) that destroyed the pending UK at
+// once (it was never released), and RotateConfirmResponse.Rotation when a
+// VM's proof under the current UK ends a cancel that waited for it.
+const RotationCancelled = "cancelled"
+
+// RotationCancelling is VolumeInfo.Rotation after a cancel of a rotation
+// whose pending UK was released already: the VM's image may hold that key
+// alone, so the service keeps both until the VM's next boot says which one
+// it holds (docs/protocol.md, "Cancelling a rotation").
+const RotationCancelling = "cancelling"
+
 // rotateProofLabel is the domain of the rotation proof's HMAC.
 const rotateProofLabel = "keygate rotate confirm v1\x00"
 

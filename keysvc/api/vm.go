@@ -55,6 +55,12 @@ type UnlockResponse struct {
 	// pending UK sealed the same way (docs/protocol.md, "Rotation"). A VM
 	// that ignores it keeps working with ImportBlob.
 	NextImportBlob []byte `json:"next_import_blob,omitempty"`
+	// RotationCancelling, with NextImportBlob, says an operator cancelled
+	// the rotation after the pending UK was released: the VM keeps the
+	// current UK if its image still opens with it (and drops any keyslot
+	// of the pending one), else completes the rotation, and confirms with
+	// the key it kept (docs/protocol.md, "Cancelling a rotation").
+	RotationCancelling bool `json:"rotation_cancelling,omitempty"`
 }
 
 // SessionResponse is the answer to GET /v1/session.

@@ -162,6 +162,12 @@ type Rotate struct {
 	Step      string `json:"step"`
 	SessionID string `json:"session_id,omitempty"` // the session that proved the new UK
 	Remote    string `json:"remote,omitempty"`
+	// Generation is the volume's rotation the step belongs to (0 in
+	// records from before rotations were numbered).
+	Generation uint64 `json:"generation,omitempty"`
+	// Detail says why a cancel removed a row at once (it failed its
+	// integrity check).
+	Detail string `json:"detail,omitempty"`
 }
 
 // Reattest records a failed re-attestation ("lock") or a session whose

@@ -17,6 +17,15 @@ func (c *Client) RotateVolume(ctx context.Context, id string) (*api.VolumeInfo, 
 	return &out, c.Do(ctx, "POST", "/v1/admin/volumes/"+url.PathEscape(id)+"/rotate", "", nil, &out)
 }
 
+// CancelRotation is POST /v1/admin/volumes/{id}/rotate/cancel: the
+// pending UK is destroyed at once if it was never released (Rotation is
+// then ""), else the cancel waits for the VM (Rotation is
+// api.RotationCancelling).
+func (c *Client) CancelRotation(ctx context.Context, id string) (*api.VolumeInfo, error) {
+	var out api.VolumeInfo
+	return &out, c.Do(ctx, "POST", "/v1/admin/volumes/"+url.PathEscape(id)+"/rotate/cancel", "", nil, &out)
+}
+
 // ConfirmRotation is POST /v1/rotate under the session: proof is
 // api.RotateProof(pending UK, session).
 func (c *Client) ConfirmRotation(ctx context.Context, session string, proof []byte) (*api.RotateConfirmResponse, error) {

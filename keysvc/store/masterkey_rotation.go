@@ -69,7 +69,7 @@ func remacVolume(op string, v Volume, fn func(*Volume) error, save func(Volume) 
 	if err := fn(&v); err != nil {
 		return err
 	}
-	if v.ID != old.ID || v.VM != old.VM || v.Erased() != old.Erased() {
+	if v.ID != old.ID || v.VM != old.VM || v.Erased() != old.Erased() || v.Rotation != old.Rotation || v.RotationPending != old.RotationPending {
 		return fmt.Errorf("%s volume %q: only its MAC and sealed UK may change: %w", op, old.ID, ErrImmutable)
 	}
 	if err := save(v); err != nil {

@@ -243,7 +243,7 @@ func testRekeyRotations(t *testing.T, b backend) {
 	ctx := context.Background()
 	s := mkFixture(t, forEachCase(t, b), 3)
 	for _, id := range []string{"vol-1", "vol-2"} {
-		if _, err := s.StartRotation(ctx, store.Rotation{Volume: id, SealedUK: []byte("pending-old")}, nextRecord("rotate")); err != nil {
+		if _, err := s.StartRotation(ctx, id, startWith([]byte("pending-old")), nextRecord("rotate")); err != nil {
 			t.Fatal(err)
 		}
 	}

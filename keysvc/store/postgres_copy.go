@@ -39,7 +39,7 @@ var copyTables = []struct {
 	{"audit_log", auditColumns, func(c *CopyCounts) *int { return &c.Audit }},
 	{"vm_events", "id, received_ns, vm, volume, session_id, kind, severity, severity_rank, event_json", func(c *CopyCounts) *int { return &c.Events }},
 	{"alert_outbox", "id, sink, idem_key, event_id, body, created_ns, attempts, next_ns, last_error, dead", func(c *CopyCounts) *int { return &c.Alerts }},
-	{"volume_rotations", "volume, sealed_uk, started_ns", func(c *CopyCounts) *int { return &c.Rotations }},
+	{"volume_rotations", rotationColumns, func(c *CopyCounts) *int { return &c.Rotations }},
 	{"reattest_sessions", reattestCols, func(c *CopyCounts) *int { return &c.Sessions }},
 	{"service_keys", "name, sealed", func(c *CopyCounts) *int { return &c.Keys }},
 	{"store_anchor", "id, created_ns, genesis_seq, genesis_hash, mac", nil},
@@ -152,7 +152,7 @@ func copyTable(ctx context.Context, stx *sql.Tx, tx pgx.Tx, table, cols string) 
 // INTEGER 0/1 flags become booleans, TEXT stays a string, BLOB bytes.
 func toPG(table, col string, _ *sql.ColumnType, v any) any {
 	switch col {
-	case "provisioning_allowed", "revoked", "learn_armed", "dead":
+	case "provisioning_allowed", "revoked", "learn_armed", "dead", "rotation_pending", "released", "cancelling":
 		if n, ok := v.(int64); ok {
 			return n != 0
 		}

@@ -36,10 +36,12 @@ func pgVolume(r pgx.Row) (Volume, error) {
 		v       Volume
 		erased  *int64
 		created int64
+		rot     int64
 	)
-	if err := r.Scan(&v.ID, &v.VM, &v.SealedUK, &erased, &created, &v.MAC); err != nil {
+	if err := r.Scan(&v.ID, &v.VM, &v.SealedUK, &erased, &created, &v.MAC, &rot, &v.RotationPending); err != nil {
 		return Volume{}, err
 	}
+	v.Rotation = uint64(rot)
 	if len(v.SealedUK) == 0 {
 		v.SealedUK = nil
 	}
@@ -163,7 +165,7 @@ func (p *Postgres) CreateVolume(ctx context.Context, v Volume) (Volume, error) {
 	v.Created = time.Now().UTC()
 	v.SealedUK = bytes.Clone(v.SealedUK)
 	err := p.tx(ctx, func(ctx context.Context, tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, `INSERT INTO volumes (`+volumeColumns+`) VALUES ($1, $2, $3, NULL, $4, $5) ON CONFLICT (id) DO NOTHING`,
+		tag, err := tx.Exec(ctx, `INSERT INTO volumes (`+volumeColumns+`) VALUES ($1, $2, $3, NULL, $4, $5, 0, false) ON CONFLICT (id) DO NOTHING`,
 			v.ID, v.VM, v.SealedUK, ns(v.Created), v.MAC)
 		var pe *pgconn.PgError
 		switch {
@@ -310,12 +312,15 @@ func (p *Postgres) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volu
 		volID, volVM       *string
 		sealed, mac        []byte
 		erased, volCreated *int64
+		rot                *int64
+		pending            *bool
 	)
 	row := p.pool.QueryRow(ctx, `SELECT vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
 		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns, vms.row_mac,
-		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac
+		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac,
+		volumes.rotation, volumes.rotation_pending
 		FROM vms LEFT JOIN volumes ON volumes.id = $1 WHERE vms.name = $2`, id, vm)
-	v, err := pgVM(scanTail{row, []any{&volID, &volVM, &sealed, &erased, &volCreated, &mac}})
+	v, err := pgVM(scanTail{row, []any{&volID, &volVM, &sealed, &erased, &volCreated, &mac, &rot, &pending}})
 	if isNoRowsPG(err) {
 		return VM{}, nil, fmt.Errorf("get vm %q: %w (enroll it with `keysvc vm enroll`)", vm, ErrNotFound)
 	}
@@ -326,6 +331,9 @@ func (p *Postgres) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volu
 		return v, nil, nil
 	}
 	vol := &Volume{ID: *volID, VM: *volVM, SealedUK: sealed, MAC: mac, Created: fromNS(*volCreated)}
+	if rot != nil && pending != nil {
+		vol.Rotation, vol.RotationPending = uint64(*rot), *pending
+	}
 	if len(vol.SealedUK) == 0 {
 		vol.SealedUK = nil
 	}

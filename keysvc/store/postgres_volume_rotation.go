@@ -1,7 +1,6 @@
 package store
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"time"
@@ -20,51 +19,59 @@ var _ Rotations = (*Postgres)(nil)
 // head's lock with the volume's row locked: an erase at the same time
 // either commits first (and this finds the volume erased) or waits for
 // this and then deletes the new pending UK with the volume's.
-func (p *Postgres) StartRotation(ctx context.Context, r Rotation, next AuditNext) (Rotation, error) {
-	if len(r.SealedUK) == 0 {
-		return Rotation{}, fmt.Errorf("start rotation of volume %q: no sealed key", r.Volume)
-	}
-	r.Started = time.Now().UTC()
-	r.SealedUK = bytes.Clone(r.SealedUK)
+func (p *Postgres) StartRotation(ctx context.Context, volume string, fn RotationStart, next AuditNext) (Rotation, error) {
+	var out Rotation
 	err := p.tx(ctx, func(ctx context.Context, tx pgx.Tx) error {
 		return appendAuditTx(ctx, tx, func(ctx context.Context, tx pgx.Tx) error {
-			var sealed []byte
-			err := tx.QueryRow(ctx, `SELECT sealed_uk FROM volumes WHERE id = $1 FOR UPDATE`, r.Volume).Scan(&sealed)
+			old, err := pgVolume(tx.QueryRow(ctx, `SELECT `+volumeColumns+` FROM volumes WHERE id = $1 FOR UPDATE`, volume))
 			if isNoRowsPG(err) {
-				return fmt.Errorf("volume %q: %w", r.Volume, ErrNotFound)
+				return fmt.Errorf("volume %q: %w", volume, ErrNotFound)
 			}
 			if err != nil {
 				return err
 			}
-			if len(sealed) == 0 {
-				return fmt.Errorf("volume %q is erased; there is no key to rotate: %w", r.Volume, ErrImmutable)
+			var one int
+			err = tx.QueryRow(ctx, `SELECT 1 FROM volume_rotations WHERE volume = $1`, volume).Scan(&one)
+			if err == nil {
+				return fmt.Errorf("volume %q has a rotation pending already: %w", volume, ErrExists)
 			}
-			tag, err := tx.Exec(ctx, `INSERT INTO volume_rotations (volume, sealed_uk, started_ns) VALUES ($1, $2, $3) ON CONFLICT (volume) DO NOTHING`,
-				r.Volume, r.SealedUK, ns(r.Started))
+			if !isNoRowsPG(err) {
+				return err
+			}
+			v, r, err := startRotation(old, fn)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `UPDATE volumes SET rotation = $1, rotation_pending = true, row_mac = $2 WHERE id = $3`, int64(v.Rotation), v.MAC, volume); err != nil {
+				return err
+			}
+			tag, err := tx.Exec(ctx, `INSERT INTO volume_rotations (`+rotationColumns+`) VALUES ($1, $2, $3, $4, false, false, $5) ON CONFLICT (volume) DO NOTHING`,
+				r.Volume, r.SealedUK, ns(r.Started), int64(r.Generation), r.MAC)
 			if err != nil {
 				return err
 			}
 			if tag.RowsAffected() == 0 {
-				return fmt.Errorf("volume %q has a rotation pending already: %w", r.Volume, ErrExists)
+				return fmt.Errorf("volume %q has a rotation pending already: %w", volume, ErrExists)
 			}
+			out = r
 			return nil
 		}, next)
 	})
 	if err != nil {
 		return Rotation{}, fmt.Errorf("start rotation: %w", err)
 	}
-	return r, nil
+	return out, nil
 }
 
 func pgRotation(r pgx.Row) (Rotation, error) {
 	var (
-		rot     Rotation
-		started int64
+		rot          Rotation
+		started, gen int64
 	)
-	if err := r.Scan(&rot.Volume, &rot.SealedUK, &started); err != nil {
+	if err := r.Scan(&rot.Volume, &rot.SealedUK, &started, &gen, &rot.Released, &rot.Cancelling, &rot.MAC); err != nil {
 		return Rotation{}, err
 	}
-	rot.Started = fromNS(started)
+	rot.Started, rot.Generation = fromNS(started), uint64(gen)
 	return rot, nil
 }
 
@@ -72,7 +79,7 @@ func pgRotation(r pgx.Row) (Rotation, error) {
 func (p *Postgres) GetRotation(ctx context.Context, volume string) (Rotation, error) {
 	ctx, cancel := bound(ctx)
 	defer cancel()
-	r, err := pgRotation(p.pool.QueryRow(ctx, `SELECT volume, sealed_uk, started_ns FROM volume_rotations WHERE volume = $1`, volume))
+	r, err := pgRotation(p.pool.QueryRow(ctx, `SELECT `+rotationColumns+` FROM volume_rotations WHERE volume = $1`, volume))
 	if isNoRowsPG(err) {
 		return Rotation{}, fmt.Errorf("rotation of volume %q: %w", volume, ErrNotFound)
 	}
@@ -80,6 +87,58 @@ func (p *Postgres) GetRotation(ctx context.Context, volume string) (Rotation, er
 		return Rotation{}, fmt.Errorf("get rotation of volume %q: %w", volume, classify(err))
 	}
 	return r, nil
+}
+
+// lockRotation reads the volume and then its rotation row in tx, both
+// locked (FOR UPDATE), in the lock order above.
+func lockRotation(ctx context.Context, tx pgx.Tx, volume string) (Volume, Rotation, error) {
+	v, err := pgVolume(tx.QueryRow(ctx, `SELECT `+volumeColumns+` FROM volumes WHERE id = $1 FOR UPDATE`, volume))
+	if isNoRowsPG(err) {
+		return Volume{}, Rotation{}, fmt.Errorf("rotation of volume %q: %w", volume, ErrNotFound)
+	}
+	if err != nil {
+		return Volume{}, Rotation{}, fmt.Errorf("read volume %q: %w", volume, err)
+	}
+	rot, err := pgRotation(tx.QueryRow(ctx, `SELECT `+rotationColumns+` FROM volume_rotations WHERE volume = $1 FOR UPDATE`, volume))
+	if isNoRowsPG(err) {
+		return Volume{}, Rotation{}, fmt.Errorf("rotation of volume %q: %w", volume, ErrNotFound)
+	}
+	if err != nil {
+		return Volume{}, Rotation{}, err
+	}
+	return v, rot, nil
+}
+
+// UpdateRotation implements Rotations, with the volume and its rotation
+// row locked, under the audit head's lock when next is not nil.
+func (p *Postgres) UpdateRotation(ctx context.Context, volume string, fn func(Volume, *Rotation) error, next AuditNext) (Rotation, error) {
+	var out Rotation
+	pre := func(ctx context.Context, tx pgx.Tx) error {
+		v, old, err := lockRotation(ctx, tx, volume)
+		if err != nil {
+			return err
+		}
+		r, err := updateRotation(v, old, fn)
+		if err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `UPDATE volume_rotations SET released = $1, cancelling = $2, row_mac = $3 WHERE volume = $4`,
+			r.Released, r.Cancelling, r.MAC, volume); err != nil {
+			return err
+		}
+		out = r
+		return nil
+	}
+	err := p.tx(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		if next == nil {
+			return pre(ctx, tx)
+		}
+		return appendAuditTx(ctx, tx, pre, next)
+	})
+	if err != nil {
+		return Rotation{}, fmt.Errorf("update rotation: %w", err)
+	}
+	return out, nil
 }
 
 // FinishRotation implements Rotations, in one transaction under the audit
@@ -90,17 +149,7 @@ func (p *Postgres) FinishRotation(ctx context.Context, volume string, fn func(*V
 	var out Volume
 	err := p.tx(ctx, func(ctx context.Context, tx pgx.Tx) error {
 		return appendAuditTx(ctx, tx, func(ctx context.Context, tx pgx.Tx) error {
-			old, err := pgVolume(tx.QueryRow(ctx, `SELECT `+volumeColumns+` FROM volumes WHERE id = $1 FOR UPDATE`, volume))
-			if isNoRowsPG(err) {
-				return fmt.Errorf("rotation of volume %q: %w", volume, ErrNotFound)
-			}
-			if err != nil {
-				return fmt.Errorf("read volume %q: %w", volume, err)
-			}
-			rot, err := pgRotation(tx.QueryRow(ctx, `SELECT volume, sealed_uk, started_ns FROM volume_rotations WHERE volume = $1 FOR UPDATE`, volume))
-			if isNoRowsPG(err) {
-				return fmt.Errorf("rotation of volume %q: %w", volume, ErrNotFound)
-			}
+			old, rot, err := lockRotation(ctx, tx, volume)
 			if err != nil {
 				return err
 			}
@@ -108,7 +157,7 @@ func (p *Postgres) FinishRotation(ctx context.Context, volume string, fn func(*V
 			if err != nil {
 				return err
 			}
-			if _, err := tx.Exec(ctx, `UPDATE volumes SET sealed_uk = $1, row_mac = $2 WHERE id = $3`, v.SealedUK, v.MAC, volume); err != nil {
+			if _, err := tx.Exec(ctx, `UPDATE volumes SET sealed_uk = $1, rotation_pending = false, row_mac = $2 WHERE id = $3`, v.SealedUK, v.MAC, volume); err != nil {
 				return err
 			}
 			if _, err := tx.Exec(ctx, `DELETE FROM volume_rotations WHERE volume = $1`, volume); err != nil {
@@ -130,14 +179,14 @@ func (p *Postgres) RekeyRotations(ctx context.Context, fn func(*Rotation) error)
 	n := 0
 	err := p.tx(ctx, func(ctx context.Context, tx pgx.Tx) error {
 		n = 0
-		rots, err := pgx.CollectRows(mustQuery(tx.Query(ctx, `SELECT volume, sealed_uk, started_ns FROM volume_rotations ORDER BY volume FOR UPDATE`)),
+		rots, err := pgx.CollectRows(mustQuery(tx.Query(ctx, `SELECT `+rotationColumns+` FROM volume_rotations ORDER BY volume FOR UPDATE`)),
 			func(r pgx.CollectableRow) (Rotation, error) { return pgRotation(r) })
 		if err != nil {
 			return err
 		}
 		for _, r := range rots {
 			if err := rekeyRotation(r, fn, func(r Rotation) error {
-				_, err := tx.Exec(ctx, `UPDATE volume_rotations SET sealed_uk = $1 WHERE volume = $2`, r.SealedUK, r.Volume)
+				_, err := tx.Exec(ctx, `UPDATE volume_rotations SET sealed_uk = $1, row_mac = $2 WHERE volume = $3`, r.SealedUK, r.MAC, r.Volume)
 				return err
 			}); err != nil {
 				return err
@@ -150,6 +199,15 @@ func (p *Postgres) RekeyRotations(ctx context.Context, fn func(*Rotation) error)
 		return 0, fmt.Errorf("rekey rotations: %w", err)
 	}
 	return n, nil
+}
+
+// ListRotations implements Rotations.
+func (p *Postgres) ListRotations(ctx context.Context) ([]Rotation, error) {
+	rots, err := pgList(ctx, p, pgRotation, `SELECT `+rotationColumns+` FROM volume_rotations ORDER BY volume`)
+	if err != nil {
+		return nil, fmt.Errorf("list rotations: %w", err)
+	}
+	return rots, nil
 }
 
 // PendingRotations implements Rotations.

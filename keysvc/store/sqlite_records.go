@@ -141,17 +141,19 @@ func (s *SQLite) ListVMs(ctx context.Context) ([]VM, error) {
 	return out, nil
 }
 
-const volumeColumns = `id, vm, sealed_uk, erased_ns, created_ns, row_mac`
+const volumeColumns = `id, vm, sealed_uk, erased_ns, created_ns, row_mac, rotation, rotation_pending`
 
 func scanVolume(r rowScanner) (Volume, error) {
 	var (
 		v       Volume
 		erased  sql.NullInt64
 		created int64
+		rot     int64
 	)
-	if err := r.Scan(&v.ID, &v.VM, &v.SealedUK, &erased, &created, &v.MAC); err != nil {
+	if err := r.Scan(&v.ID, &v.VM, &v.SealedUK, &erased, &created, &v.MAC, &rot, &v.RotationPending); err != nil {
 		return Volume{}, err
 	}
+	v.Rotation = uint64(rot)
 	if len(v.SealedUK) == 0 {
 		v.SealedUK = nil
 	}
@@ -188,7 +190,7 @@ func (s *SQLite) CreateVolume(ctx context.Context, v Volume) (Volume, error) {
 		if !isNoRows(err) {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `INSERT INTO volumes (`+volumeColumns+`) VALUES (?, ?, ?, NULL, ?, ?)`,
+		_, err = tx.ExecContext(ctx, `INSERT INTO volumes (`+volumeColumns+`) VALUES (?, ?, ?, NULL, ?, ?, 0, 0)`,
 			v.ID, v.VM, v.SealedUK, ns(v.Created), v.MAC)
 		return err
 	})
@@ -260,6 +262,8 @@ func settleErase(old Volume, v *Volume, id string) (erasedNow bool, err error) {
 	switch {
 	case v.ID != old.ID || v.VM != old.VM || !v.Created.Equal(old.Created):
 		return false, fmt.Errorf("volume %q: id, vm and creation time: %w", id, ErrImmutable)
+	case v.Rotation != old.Rotation || v.RotationPending != old.RotationPending:
+		return false, fmt.Errorf("volume %q: its rotation state changes only through a rotation: %w", id, ErrImmutable)
 	case old.Erased() && !v.Erased():
 		return false, fmt.Errorf("volume %q is erased and cannot get a key back (create a new volume): %w", id, ErrImmutable)
 	case old.Erased():
@@ -370,12 +374,15 @@ func (s *SQLite) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume
 		sealed, mac  []byte
 		erased       sql.NullInt64
 		volCreated   sql.NullInt64
+		rot          sql.NullInt64
+		pending      sql.NullBool
 	)
 	row := s.queryRow(ctx, `SELECT vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
 		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns, vms.row_mac,
-		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac
+		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac,
+		volumes.rotation, volumes.rotation_pending
 		FROM vms LEFT JOIN volumes ON volumes.id = ? WHERE vms.name = ?`, id, vm)
-	v, err := scanVM(scanTail{row, []any{&volID, &volVM, &sealed, &erased, &volCreated, &mac}})
+	v, err := scanVM(scanTail{row, []any{&volID, &volVM, &sealed, &erased, &volCreated, &mac, &rot, &pending}})
 	if isNoRows(err) {
 		return VM{}, nil, fmt.Errorf("get vm %q: %w (enroll it with `keysvc vm enroll`)", vm, ErrNotFound)
 	}
@@ -385,7 +392,8 @@ func (s *SQLite) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume
 	if !volID.Valid {
 		return v, nil, nil
 	}
-	vol := &Volume{ID: volID.String, VM: volVM.String, SealedUK: sealed, MAC: mac, Created: fromNS(volCreated.Int64)}
+	vol := &Volume{ID: volID.String, VM: volVM.String, SealedUK: sealed, MAC: mac, Created: fromNS(volCreated.Int64),
+		Rotation: uint64(rot.Int64), RotationPending: pending.Bool}
 	if len(vol.SealedUK) == 0 {
 		vol.SealedUK = nil
 	}

@@ -118,10 +118,18 @@ type Volume struct {
 	VM       string // the VM allowed to unlock it
 	SealedUK []byte // nil once erased
 	ErasedAt time.Time
-	// MAC authenticates ID, VM and the erased state; the key service
-	// computes and checks it (the store keeps the bytes as given).
+	// MAC authenticates ID, VM, the erased state and the rotation state;
+	// the key service computes and checks it (the store keeps the bytes as
+	// given).
 	MAC     []byte
 	Created time.Time // set by the store
+	// Rotation is the generation of the latest unwrap-key rotation begun
+	// on the volume (0: none yet), and RotationPending says it waits for
+	// the VM; only the Rotations methods change them (UpdateVolume refuses
+	// with ErrImmutable). A pending rotation row must name this
+	// generation, so that one kept from an earlier rotation is refused.
+	Rotation        uint64
+	RotationPending bool
 }
 
 // Erased reports whether the volume's UK has been destroyed.
