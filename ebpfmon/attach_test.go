@@ -66,3 +66,40 @@ func TestAttachByMode(t *testing.T) {
 		}
 	}
 }
+
+// TestLSMHooks checks deny mode's hook set against the BPF object: each
+// program in enforce.c is attached, each to the hook its section names,
+// and none to a hook every open passes (file_open, file_permission,
+// inode_permission…: their trampolines alone cost open+close a few per
+// cent in the test VM). It needs no kernel; the test VM's TestMonitorModes
+// shows the programs load, attach and see every route.
+func TestLSMHooks(t *testing.T) {
+	spec, err := loadEnforce()
+	if err != nil {
+		t.Fatal(err)
+	}
+	inSpec := map[string]string{} // hook -> program
+	for name, p := range spec.Programs {
+		hook, ok := strings.CutPrefix(p.SectionName, "lsm/")
+		if !ok || p.AttachTo != hook {
+			t.Errorf("program %s: section %q, attach to %q: want lsm/HOOK", name, p.SectionName, p.AttachTo)
+		}
+		inSpec[hook] = name
+	}
+	var attached []string
+	for _, h := range lsmHooks(&enforceObjects{}) {
+		attached = append(attached, h.hook)
+		if _, ok := inSpec[h.hook]; !ok {
+			t.Errorf("lsmHooks attaches %s, which no program in enforce.c names", h.hook)
+		}
+	}
+	for hook, prog := range inSpec {
+		if !slices.Contains(attached, hook) {
+			t.Errorf("program %s (lsm/%s) is never attached by lsmHooks", prog, hook)
+		}
+	}
+	slices.Sort(attached)
+	if want := []string{"locked_down", "perf_event_open", "ptrace_access_check"}; !slices.Equal(attached, want) {
+		t.Errorf("deny mode attaches %v, want %v: a hook on every open's path costs every open its trampoline", attached, want)
+	}
+}

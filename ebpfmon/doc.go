@@ -8,8 +8,12 @@
 // process_vm_readv/writev, ptrace attach/seize/peek/poke, opens of
 // /proc/<pid>/mem (and environ and maps), pidfd_getfd, perf_event_open and
 // opens of /proc/kcore and /dev/mem. Where the BPF LSM is active, LSM
-// programs also deny them; [Monitor.Mode] says which mode is in force and
-// why, and the monitor never claims enforcement the kernel did not give it.
+// programs report and deny them instead (deny mode: ptrace_access_check,
+// which procfs also asks from inside the opens of mem, environ and maps;
+// locked_down, which kcore's and /dev/mem's opens ask; perf_event_open),
+// and no syscall tracepoint nor any hook every open passes is attached;
+// [Monitor.Mode] says which mode is in force and why, and the monitor
+// never claims enforcement the kernel did not give it.
 //
 // The registry of a key holder's own key pages lives in package keymem,
 // which every key buffer uses without pulling in BPF; the adapter to

@@ -60,14 +60,7 @@ func (m *Monitor) tryEnforce() (Mode, string) {
 		return ModeDetect, "the kernel refused to load the BPF LSM programs: " + why + "; running in detect-only mode"
 	}
 	var attached []link.Link
-	for _, p := range []struct {
-		hook string
-		prog *ebpf.Program
-	}{
-		{"ptrace_access_check", objs.DenyPtrace},
-		{"file_open", objs.DenyOpen},
-		{"perf_event_open", objs.ReportPerf},
-	} {
+	for _, p := range lsmHooks(&objs) {
 		l, err := link.AttachLSM(link.LSMOptions{Program: p.prog})
 		if err != nil {
 			for _, l := range attached {
@@ -77,14 +70,35 @@ func (m *Monitor) tryEnforce() (Mode, string) {
 			return ModeDetect, "attach BPF LSM program " + p.hook + ": " + err.Error() + "; running in detect-only mode"
 		}
 		attached = append(attached, l)
+		m.progs["lsm/"+p.hook] = p.prog
 	}
 	m.links = append(m.links, attached...)
-	m.progs["lsm/ptrace_access_check"], m.progs["lsm/file_open"], m.progs["lsm/perf_event_open"] = objs.DenyPtrace, objs.DenyOpen, objs.ReportPerf
 	m.enforce = &objs
 	return ModeDeny, "BPF LSM programs attached, no syscall tracepoints: ptrace_access_check reports and denies ptrace attach/seize, " +
-		"process_vm_readv/writev and pidfd_getfd on protected processes; file_open reports every open of a protected process's " +
-		"mem, environ and maps and of /proc/kcore and /dev/mem, and denies mem, kcore and /dev/mem; perf_event_open reports " +
+		"process_vm_readv/writev, pidfd_getfd and opens of /proc/PID/mem on protected processes, and reports opens of their " +
+		"environ and maps; locked_down reports and denies opens of /proc/kcore and /dev/mem; perf_event_open reports " +
 		"perf events on protected processes, CPUs and cgroups"
+}
+
+// lsmHook is one BPF LSM program and the hook it attaches to.
+type lsmHook struct {
+	hook string
+	prog *ebpf.Program
+}
+
+// lsmHooks lists deny mode's programs. None is on a hook every open (or
+// any other frequent syscall) passes: in the test VM the trampoline of an
+// empty lsm/file_open program alone cost open+close about as much as the
+// program that judged every open there (docs/monitor.md, Costs). Opens of
+// /proc/PID/mem, environ and maps are seen in ptrace_access_check, which
+// procfs calls from the open (mm_access), and kcore and /dev/mem in
+// locked_down, which their open functions call.
+func lsmHooks(objs *enforceObjects) []lsmHook {
+	return []lsmHook{
+		{"ptrace_access_check", objs.DenyPtrace},
+		{"locked_down", objs.DenyLockdown},
+		{"perf_event_open", objs.ReportPerf},
+	}
 }
 
 // lockdownHint names kernel lockdown when it is on, the usual reason root

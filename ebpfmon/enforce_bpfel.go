@@ -62,16 +62,16 @@ type enforceScratch struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	enforceMapAllow       = "allow"
-	enforceMapDrops       = "drops"
-	enforceMapEvents      = "events"
-	enforceMapProt        = "prot"
-	enforceMapScratch     = "scratch"
-	enforceMapTargets     = "targets"
-	enforceProgDenyOpen   = "deny_open"
-	enforceProgDenyPtrace = "deny_ptrace"
-	enforceProgReportPerf = "report_perf"
-	enforceVarUnusedEvent = "unused_event"
+	enforceMapAllow         = "allow"
+	enforceMapDrops         = "drops"
+	enforceMapEvents        = "events"
+	enforceMapProt          = "prot"
+	enforceMapScratch       = "scratch"
+	enforceMapTargets       = "targets"
+	enforceProgDenyLockdown = "deny_lockdown"
+	enforceProgDenyPtrace   = "deny_ptrace"
+	enforceProgReportPerf   = "report_perf"
+	enforceVarUnusedEvent   = "unused_event"
 )
 
 // loadEnforce returns the embedded CollectionSpec for enforce.
@@ -116,9 +116,9 @@ type enforceSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type enforceProgramSpecs struct {
-	DenyOpen   *ebpf.ProgramSpec `ebpf:"deny_open"`
-	DenyPtrace *ebpf.ProgramSpec `ebpf:"deny_ptrace"`
-	ReportPerf *ebpf.ProgramSpec `ebpf:"report_perf"`
+	DenyLockdown *ebpf.ProgramSpec `ebpf:"deny_lockdown"`
+	DenyPtrace   *ebpf.ProgramSpec `ebpf:"deny_ptrace"`
+	ReportPerf   *ebpf.ProgramSpec `ebpf:"report_perf"`
 }
 
 // enforceMapSpecs contains maps before they are loaded into the kernel.
@@ -190,14 +190,14 @@ type enforceVariables struct {
 //
 // It can be passed to loadEnforceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type enforcePrograms struct {
-	DenyOpen   *ebpf.Program `ebpf:"deny_open"`
-	DenyPtrace *ebpf.Program `ebpf:"deny_ptrace"`
-	ReportPerf *ebpf.Program `ebpf:"report_perf"`
+	DenyLockdown *ebpf.Program `ebpf:"deny_lockdown"`
+	DenyPtrace   *ebpf.Program `ebpf:"deny_ptrace"`
+	ReportPerf   *ebpf.Program `ebpf:"report_perf"`
 }
 
 func (p *enforcePrograms) Close() error {
 	return _EnforceClose(
-		p.DenyOpen,
+		p.DenyLockdown,
 		p.DenyPtrace,
 		p.ReportPerf,
 	)

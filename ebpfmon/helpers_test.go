@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/keygate/keygate/ebpfmon"
+	"github.com/keygate/keygate/internal/openroute"
 	"github.com/keygate/keygate/internal/testutil"
 )
 
@@ -246,13 +247,13 @@ func attack(args []string) int {
 			unix.Close(fd)
 		}
 	case "mem_open":
-		err = openLegacy(fmt.Sprintf("/proc/%d/mem", pid), false, start)
+		err = openroute.Legacy(fmt.Sprintf("/proc/%d/mem", pid), false, start)
 	case "mem_creat":
-		err = openLegacy(fmt.Sprintf("/proc/%d/mem", pid), true, start)
+		err = openroute.Legacy(fmt.Sprintf("/proc/%d/mem", pid), true, start)
 	case "mem_io_uring":
-		err = openRing(fmt.Sprintf("/proc/%d/mem", pid), start)
+		err = openroute.Ring(fmt.Sprintf("/proc/%d/mem", pid), start)
 	case "kcore_open":
-		err = openLegacy("/proc/kcore", false, start)
+		err = openroute.Legacy("/proc/kcore", false, start)
 	case "perf_cpu":
 		err = perfWide(false, start)
 	case "perf_cgroup":

@@ -417,7 +417,7 @@ type ProgramStat struct {
 }
 
 // ProgramStats reports, per tracepoint (and in deny mode per LSM hook, as
-// "lsm/file_open" and so on), how often its program ran and for how long
+// "lsm/ptrace_access_check" and so on), how often its program ran and for how long
 // in all. The kernel counts only while statistics are enabled
 // (EnableStats, or sysctl kernel.bpf_stats_enabled=1), so that the cost of
 // the monitor itself can be measured.

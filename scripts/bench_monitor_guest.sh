@@ -1,8 +1,8 @@
 #!/bin/sh
 # bench_monitor_guest.sh: what the monitor costs in the test VM's kernel
 # (Debian 6.1 booted with lsm=...,bpf, under QEMU TCG), where deny mode
-# reports everything from its BPF LSM programs and attaches no syscall
-# tracepoint. A static C probe
+# reports everything from its BPF LSM programs, attaches no syscall
+# tracepoint and hooks nothing every open passes. A static C probe
 # (guestbench/bench.c: open+close, read+write 4 KiB, getppid; the fastest
 # 200-op block of thread CPU time) runs without the monitor, with
 # `keygate monitor --detect-only` (the open tracepoints and the int 0x80

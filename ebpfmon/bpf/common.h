@@ -21,6 +21,8 @@
 // /dev/mem is the character device 1:1; the kernel encodes dev_t as major<<20|minor.
 #define DEVMEM_RDEV ((1u << 20) | 1u)
 #define PTRACE_MODE_ATTACH 0x02
+// creat(2) is open(path, O_CREAT|O_WRONLY|O_TRUNC, mode).
+#define O_CREAT_TRUNC_WRONLY 01101
 #define EPERM 1
 
 // One protected process: its key ranges, [start, end). whole=1 means the
@@ -198,8 +200,8 @@ static __always_inline int classify_name(const char n[8])
 // inode_is_candidate reports whether an inode, reached through BTF
 // pointers (plain loads, no bpf_probe_read_kernel calls), is a character
 // device or on procfs: the only files the monitor looks at further. Every
-// open in the system passes this filter, in file_open (deny mode) or in the
-// open tracepoints (detect mode, Linux 6.2+).
+// open in the system passes this filter in detect mode, in the open
+// tracepoints (Linux 6.2+); deny mode hooks no path every open takes.
 static __always_inline int inode_is_candidate(struct inode *ino)
 {
 	if (!ino)

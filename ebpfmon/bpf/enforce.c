@@ -4,12 +4,17 @@
 // (lsm=...,bpf); the loader reports detect-only mode, with the kernel's
 // reason, everywhere else. Where they run, they are the whole monitor: the
 // loader attaches none of monitor.c's syscall tracepoints, any one of which
-// would put every syscall of every task on the kernel's slow path.
-// file_open sees every route to a file (open, openat, openat2, creat,
-// io_uring, 32-bit syscalls, kernel-internal opens on a task's behalf);
+// would put every syscall of every task on the kernel's slow path. Nor do
+// they hook a path every open takes (file_open): the trampoline alone cost
+// open+close a few per cent in the test VM. Each hook runs on rare paths:
 // ptrace_access_check sees ptrace attach, process_vm_readv/writev and
-// pidfd_getfd, told apart by the syscall the task is in; perf_event_open
-// sees perf_event_open.
+// pidfd_getfd (told apart by the syscall the task is in) and, with
+// PTRACE_MODE_FSCREDS, procfs's checks: the open of /proc/PID/mem
+// (mem_open), environ and maps (proc_mem_open), by whatever route the open
+// came (open, openat, openat2, creat, io_uring, 32-bit syscalls), since
+// they all reach mm_access; locked_down sees the opens of /proc/kcore
+// (open_kcore) and /dev/mem (open_port); perf_event_open sees
+// perf_event_open.
 #include "event.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -24,7 +29,7 @@ static __always_inline int allowed(void)
 // perf_event_open: x86-64, ia32 (compat), and the generic table of arm64
 // and others (untested).
 struct nrs {
-	__s32 ptrace, vm_readv, vm_writev, pidfd_getfd, perf_event_open;
+	__s32 ptrace, vm_readv, vm_writev, pidfd_getfd, perf_event_open, openat;
 };
 
 static __always_inline struct nrs syscall_nrs(int compat)
@@ -32,10 +37,10 @@ static __always_inline struct nrs syscall_nrs(int compat)
 	struct pt_regs *regs = current_regs();
 
 	if (!bpf_core_field_exists(regs->orig_ax))
-		return (struct nrs){117, 270, 271, 438, 241};
+		return (struct nrs){117, 270, 271, 438, 241, 56};
 	if (compat)
-		return (struct nrs){26, 347, 348, 438, 336};
-	return (struct nrs){101, 310, 311, 438, 298};
+		return (struct nrs){26, 347, 348, 438, 336, 295};
+	return (struct nrs){101, 310, 311, 438, 298, 257};
 }
 
 #define PTRACE_ATTACH 16
@@ -49,8 +54,8 @@ static __always_inline struct nrs syscall_nrs(int compat)
 // process_vm_readv/writev that includes the remote iovecs, read from the
 // caller's memory here, before any byte is copied: a refused call copies
 // nothing, so no later rewrite of the vector by another thread can matter.
-// Other ATTACH-mode checks (/proc/PID/mem by an allowlisted pid, which
-// file_open reports; /proc/PID/stack, syscall, …) send nothing.
+// Other checks without PTRACE_MODE_FSCREDS (kcmp, get_robust_list, …) send
+// nothing; procfs's (FSCREDS) go to report_proc.
 static __always_inline void report_access(__u32 tgid, struct protected_proc *p, int denied)
 {
 	int compat = in_compat_syscall();
@@ -119,28 +124,205 @@ static __always_inline void report_access(__u32 tgid, struct protected_proc *p, 
 	send(e);
 }
 
+#define PTRACE_MODE_FSCREDS 0x08
+#define PF_IO_WORKER 0x00000010
+
+// open_route sets the flags that say how the current task reached an open:
+// the syscall it is in (x86-64 and ia32 numbers; other architectures
+// report every open as openat, untested), or an io_uring worker
+// (PF_IO_WORKER), which opens on a ring's behalf outside any syscall.
+static __always_inline __u32 open_route(__s32 nr)
+{
+	struct task_struct *t = bpf_get_current_task_btf();
+	struct pt_regs *regs = current_regs();
+	__u32 f = 0;
+
+	if (t->flags & PF_IO_WORKER)
+		return F_IO_URING;
+	if (!bpf_core_field_exists(regs->orig_ax))
+		return 0;
+	if (in_compat_syscall()) {
+		f = F_COMPAT;
+		if (nr == 5)
+			return f | F_OPEN;
+		if (nr == 8)
+			return f | F_CREAT;
+		if (nr == 437)
+			return f | F_OPENAT2;
+		return f;
+	}
+	switch (nr) {
+	case 2:
+		return F_OPEN;
+	case 85:
+		return F_CREAT;
+	case 437:
+		return F_OPENAT2;
+	case 426: // io_uring_enter: the ring's open ran inline
+		return F_IO_URING;
+	}
+	return 0;
+}
+
+// open_flags returns the flags of the open the current task is in, from
+// the registers its syscall entered with (route from open_route): open's
+// second argument, openat's third, openat2's open_how.flags, creat's
+// implied O_CREAT|O_WRONLY|O_TRUNC. An io_uring open's flags sit in the
+// ring's request, in kernel memory this hook cannot name: 0.
+static __always_inline __u64 open_flags(__u32 route, __s32 nr)
+{
+	int compat = (route & F_COMPAT) != 0;
+	__u64 a[6];
+
+	if (route & F_IO_URING)
+		return 0;
+	if (route & F_CREAT)
+		return O_CREAT_TRUNC_WRONLY;
+	syscall_args(a, compat);
+	if (route & F_OPEN)
+		return a[1];
+	if (route & F_OPENAT2) {
+		__u64 f = 0;
+		bpf_probe_read_user(&f, sizeof(f), (void *)a[2]);
+		return f;
+	}
+	if (nr == syscall_nrs(compat).openat)
+		return a[2];
+	return 0;
+}
+
+// report_file sends the event for an open a hook saw inside the kernel's
+// open path: of a protected process's mem, environ or maps (target and
+// tgid its thread and process, p its entry) or of /proc/kcore or /dev/mem
+// (target 0). nd is the current task's path walk (current->nameidata, set
+// by do_filp_open for every route, io_uring's included): its name is the
+// kernel's copy of the path as the caller gave it. The route and flags
+// come from the syscall the task is in.
+static __always_inline void report_file(__u32 technique, __u32 target, __u32 tgid, struct protected_proc *p,
+					struct nameidata *nd, int denied)
+{
+	__s32 nr = syscall_nr();
+	__u32 route = open_route(nr);
+	struct scratch *s = new_event(technique, nr);
+
+	if (!s)
+		return;
+	struct event *e = &s->e;
+	e->flags = F_LSM | F_RESOLVED | route;
+	e->arg = open_flags(route, nr);
+	e->target = target;
+	e->target_tgid = tgid;
+	if (p && p->whole)
+		e->flags |= F_WHOLE;
+	if (technique == T_PROC_MEM || technique == T_KCORE || technique == T_DEVMEM)
+		e->flags |= F_OVERLAP;
+	if (nd) {
+		struct filename *fn = nd->name;
+		if (fn)
+			bpf_probe_read_kernel_str(e->path, sizeof(e->path), fn->name);
+	}
+	if (denied) {
+		e->flags |= F_DENIED;
+		e->result = -EPERM;
+	}
+	send(e);
+}
+
+// report_proc reports a procfs access check (PTRACE_MODE_FSCREDS) on a
+// protected process when it comes from an open of its mem (mem_open,
+// ATTACH mode), environ or maps (proc_mem_open, READ mode). The file is
+// the one the current path walk stands on: do_open calls vfs_open with
+// nd->path, so nd->path.dentry is the file being opened, whatever path,
+// symlink or dirfd led there. Other procfs checks (stat, status, stack,
+// syscall, readlink of exe, and any check outside an open) send nothing.
+static __always_inline void report_proc(struct task_struct *child, __u32 tgid, struct protected_proc *p, int denied)
+{
+	struct nameidata *nd = bpf_get_current_task_btf()->nameidata;
+	char name[8] = {};
+	__u32 technique;
+
+	if (!nd)
+		return;
+	struct dentry *d = nd->path.dentry;
+	if (!d || d->d_sb->s_magic != PROC_SUPER_MAGIC)
+		return;
+	bpf_probe_read_kernel_str(name, sizeof(name), d->d_name.name);
+	switch (classify_name(name)) {
+	case FK_MEM:
+		technique = T_PROC_MEM;
+		break;
+	case FK_ENVIRON:
+		technique = T_PROC_ENVIRON;
+		break;
+	case FK_MAPS:
+		technique = T_PROC_MAPS;
+		break;
+	default:
+		return;
+	}
+	report_file(technique, child->pid, tgid, p, nd, denied);
+}
+
 // ptrace_access_check gates ptrace attach and, in ATTACH mode, every other
-// way into another process's memory: /proc/<pid>/mem (mem_open),
-// process_vm_readv/writev and pidfd_getfd. It reports each attempt on a
-// protected process (report_access), allowlisted ones too, and refuses
-// those not allowlisted. It runs after the kernel's own uid and dumpable
-// checks and the LSMs before bpf (yama): an attempt they refuse never
-// reaches it, and is not reported in deny mode.
+// way into another process's memory: /proc/<pid>/mem (mem_open's
+// mm_access, with PTRACE_MODE_FSCREDS), process_vm_readv/writev and
+// pidfd_getfd. It refuses ATTACH-mode access to a protected process by
+// anyone not allowlisted, and reports each attempt by those routes
+// (report_access, report_proc), allowlisted ones too, and the READ-mode
+// opens of its environ and maps. Every other process's checks (ps reads
+// each one's stat this way) leave after one hash lookup. It runs after the
+// kernel's own uid and dumpable checks and the LSMs before bpf (yama): an
+// attempt they refuse never reaches it, and is not reported in deny mode.
+// mm_access turns this hook's EPERM into EACCES for /proc/<pid>/mem.
 SEC("lsm/ptrace_access_check")
 int BPF_PROG(deny_ptrace, struct task_struct *child, unsigned int mode, int ret)
 {
 	if (ret)
 		return ret;
-	if (!(mode & PTRACE_MODE_ATTACH))
-		return 0;
 	__u32 tgid = child->tgid;
 	struct protected_proc *p = bpf_map_lookup_elem(&prot, &tgid);
 	if (!p)
 		return 0;
 	if ((bpf_get_current_pid_tgid() >> 32) == tgid)
 		return 0;
+	int deny = (mode & PTRACE_MODE_ATTACH) && !allowed();
+	if (mode & PTRACE_MODE_FSCREDS)
+		report_proc(child, tgid, p, deny);
+	else if (mode & PTRACE_MODE_ATTACH)
+		report_access(tgid, p, deny);
+	return deny ? -EPERM : 0;
+}
+
+// locked_down reports and refuses the opens of /proc/kcore and /dev/mem,
+// which expose all of memory whatever pid holds the keys: open_kcore asks
+// security_locked_down(LOCKDOWN_KCORE) (on 6.1 before its CAP_SYS_RAWIO
+// check), open_port LOCKDOWN_DEV_MEM (after it). open_port serves
+// /dev/port too, which holds no memory: an inode that is a character
+// device other than 1:1 is let be. The reasons' values differ between
+// kernels, so they are read from the running kernel's BTF (CO-RE). Every
+// other lockdown check (bpf, perf, debugfs, …) leaves after two compares.
+SEC("lsm/locked_down")
+int BPF_PROG(deny_lockdown, enum lockdown_reason what, int ret)
+{
+	__u32 technique;
+
+	if (ret)
+		return ret;
+	if (what == bpf_core_enum_value(enum lockdown_reason, LOCKDOWN_KCORE))
+		technique = T_KCORE;
+	else if (what == bpf_core_enum_value(enum lockdown_reason, LOCKDOWN_DEV_MEM))
+		technique = T_DEVMEM;
+	else
+		return 0;
+	struct nameidata *nd = bpf_get_current_task_btf()->nameidata;
+	if (technique == T_DEVMEM && nd) {
+		struct dentry *d = nd->path.dentry;
+		struct inode *ino = d ? d->d_inode : 0;
+		if (ino && (ino->i_mode & S_IFMT) == S_IFCHR && ino->i_rdev != DEVMEM_RDEV)
+			return 0;
+	}
 	int deny = !allowed();
-	report_access(tgid, p, deny);
+	report_file(technique, 0, 0, 0, nd, deny);
 	return deny ? -EPERM : 0;
 }
 
@@ -195,125 +377,4 @@ int BPF_PROG(report_perf, struct perf_event_attr *attr, int type, int ret)
 	s->e.sample_type = attr->sample_type;
 	send(&s->e);
 	return 0;
-}
-
-// open_route sets the flags that say how the current task reached
-// file_open: the syscall it is in (x86-64 and ia32 numbers; other
-// architectures report every open as openat, untested), or an io_uring
-// worker (PF_IO_WORKER), which opens on a ring's behalf outside any
-// syscall.
-#define PF_IO_WORKER 0x00000010
-static __always_inline __u32 open_route(__s32 nr)
-{
-	struct task_struct *t = bpf_get_current_task_btf();
-	struct pt_regs *regs = current_regs();
-	__u32 f = 0;
-
-	if (t->flags & PF_IO_WORKER)
-		return F_IO_URING;
-	if (!bpf_core_field_exists(regs->orig_ax))
-		return 0;
-	if (in_compat_syscall()) {
-		f = F_COMPAT;
-		if (nr == 5)
-			return f | F_OPEN;
-		if (nr == 8)
-			return f | F_CREAT;
-		if (nr == 437)
-			return f | F_OPENAT2;
-		return f;
-	}
-	switch (nr) {
-	case 2:
-		return F_OPEN;
-	case 85:
-		return F_CREAT;
-	case 437:
-		return F_OPENAT2;
-	case 426: // io_uring_enter: the ring's open ran inline
-		return F_IO_URING;
-	}
-	return 0;
-}
-
-// report_open sends the event for an open file_open judged: kind and tgid
-// from classify_file, denied whether this program refuses it. The result
-// is the LSM's verdict (-EPERM, or 0: the open went on to the file's own
-// checks, whose outcome this hook cannot see); arg is the file's f_flags.
-static __always_inline void report_open(struct file *file, int kind, __u32 tgid, int denied)
-{
-	__s32 nr = syscall_nr();
-
-	__u32 technique;
-
-	switch (kind) {
-	case FK_MEM:
-		technique = T_PROC_MEM;
-		break;
-	case FK_ENVIRON:
-		technique = T_PROC_ENVIRON;
-		break;
-	case FK_MAPS:
-		technique = T_PROC_MAPS;
-		break;
-	case FK_KCORE:
-		technique = T_KCORE;
-		break;
-	case FK_DEVMEM:
-		technique = T_DEVMEM;
-		break;
-	default:
-		return;
-	}
-	struct scratch *s = new_event(technique, nr);
-	if (!s)
-		return;
-	struct event *e = &s->e;
-	e->flags = F_LSM | F_RESOLVED | open_route(nr);
-	e->arg = BPF_CORE_READ(file, f_flags);
-	e->target = tgid;
-	e->target_tgid = tgid;
-	if (tgid) {
-		struct protected_proc *p = bpf_map_lookup_elem(&prot, &tgid);
-		if (p && p->whole)
-			e->flags |= F_WHOLE;
-	}
-	if (kind == FK_MEM || kind == FK_KCORE || kind == FK_DEVMEM)
-		e->flags |= F_OVERLAP;
-	if (denied) {
-		e->flags |= F_DENIED;
-		e->result = -EPERM;
-	}
-	send(e);
-}
-
-// file_open judges every open in the system by the opened file (as the
-// open tracepoints do) and reports those of a protected process's mem,
-// environ and maps and of /proc/kcore and /dev/mem. It denies kcore and
-// /dev/mem, which expose all of memory whatever pid holds the keys, and a
-// protected process's mem, which ptrace_access_check would refuse a moment
-// later (mem_open's mm_access): refusing here, the program knows the
-// outcome it reports. file is a BTF pointer: the filter every open passes
-// reads it with plain loads; classify_file's bpf_probe_read_kernel calls
-// (a few hundred ns under the test VM's emulation) are left to the rare
-// file on procfs or a character device.
-SEC("lsm/file_open")
-int BPF_PROG(deny_open, struct file *file, int ret)
-{
-	__u32 tgid;
-	int kind, deny = 0;
-
-	if (ret)
-		return ret;
-	if (!inode_is_candidate(file->f_inode))
-		return 0;
-	kind = classify_file(file, &tgid);
-	if (kind == FK_NONE)
-		return 0;
-	if (tgid && (tgid == (bpf_get_current_pid_tgid() >> 32) || !bpf_map_lookup_elem(&prot, &tgid)))
-		return 0;
-	if (kind == FK_MEM || kind == FK_KCORE || kind == FK_DEVMEM)
-		deny = !allowed();
-	report_open(file, kind, tgid, deny);
-	return deny ? -EPERM : 0;
 }

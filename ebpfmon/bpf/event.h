@@ -41,7 +41,7 @@ enum flags {
 	F_PERF_CGROUP = 2048, // perf_event_open in cgroup mode
 	F_IOV_CHANGED = 4096, // the remote iovecs read at exit differ from those at entry
 	F_IOV_UNREAD = 8192,  // the remote iovecs could not be read at entry nor at exit
-	F_LSM = 16384,        // an open seen by lsm/file_open: result is the LSM's verdict
+	F_LSM = 16384,        // seen by an enforce.c (BPF LSM) program: result is the LSM's verdict
 };
 
 struct event {

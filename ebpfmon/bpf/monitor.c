@@ -15,8 +15,6 @@ char LICENSE[] SEC("license") = "GPL";
 #define AT_FDCWD -100
 #define CLONE_THREAD 0x00010000
 #define PERF_FLAG_PID_CGROUP (1U << 2)
-// creat(2) is open(path, O_CREAT|O_WRONLY|O_TRUNC, mode).
-#define O_CREAT_TRUNC_WRONLY 01101
 
 struct enter_ctx {
 	__u64 common;

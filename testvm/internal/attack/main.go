@@ -1,10 +1,11 @@
 // Command attack is the test guest's attacker (issue 6, scenario 4; issue
 // 12): run as root inside the guest, it tries to reach a key holder's
-// memory by every route the monitor watches outside opens of /proc/PID/mem
-// — process_vm_readv/writev, ptrace attach and seize, pidfd_getfd,
-// perf_event_open on the process and on a CPU — and opens /proc/PID/mem,
-// then prints what the kernel answered, one "technique=RESULT" per word, for
-// the host to check. The testvm tests build it statically and put it in the
+// memory by every route the monitor watches — process_vm_readv/writev,
+// ptrace attach and seize, pidfd_getfd, perf_event_open on the process and
+// on a CPU, opens of /proc/PID/mem by openat, open, creat, openat2,
+// io_uring and relative to a /proc/PID dirfd, of its environ and maps, of
+// /proc/kcore and /dev/mem — then prints what the kernel answered, one
+// "technique=RESULT" per word, for the host to check. The testvm tests build it statically and put it in the
 // initramfs; busybox has no such tool. It also opens /proc/PID/mem and calls
 // process_vm_readv through int 0x80, the 32-bit route that skips the
 // kernel's per-syscall tracepoints (it dies with SIGSEGV in the CI sandbox,
@@ -12,9 +13,11 @@
 // waits until killed.
 //
 // Root holds CAP_SYS_PTRACE, which overrides the key holder's
-// PR_SET_DUMPABLE=0, so without the BPF LSM every attempt would succeed:
-// an EPERM here is the monitor's denial. The perf_event_open words are
-// READ-mode access, which deny mode reports and lets through ("ok").
+// PR_SET_DUMPABLE=0, and CAP_SYS_RAWIO, so without the BPF LSM every
+// attempt would succeed: an EPERM here is the monitor's denial, and so is
+// an EACCES for /proc/PID/mem (mem_open's mm_access turns the LSM's EPERM
+// into EACCES). The perf_event_open, environ and maps words are READ-mode
+// access, which deny mode reports and lets through ("ok").
 package main
 
 import (
@@ -29,6 +32,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/keygate/keygate/internal/openroute"
 )
 
 // textAddr is mapped in every static, non-PIE Go binary (keygate is one):
@@ -65,6 +70,19 @@ func main() {
 		"process_vm_readv_int80=" + describe(processVMReadvInt80(pid)),
 		"perf_event_open=" + describe(perfEventOpen(pid, 0)),
 		"perf_cpu=" + describe(perfEventOpen(-1, unix.PERF_SAMPLE_REGS_USER|unix.PERF_SAMPLE_STACK_USER)),
+		// Every other route to /proc/PID/mem's open (deny mode sees them
+		// all in ptrace_access_check, from mem_open), the READ-mode opens
+		// of environ and maps, and the opens of all of memory (deny mode:
+		// locked_down).
+		"proc_mem_open=" + describe(openroute.Legacy(memPath(pid), false, nil)),
+		"proc_mem_creat=" + describe(openroute.Legacy(memPath(pid), true, nil)),
+		"proc_mem_openat2=" + describe(openat2(memPath(pid))),
+		"proc_mem_io_uring=" + describe(openroute.Ring(memPath(pid), nil)),
+		"proc_mem_dirfd=" + describe(openDirfd(fmt.Sprintf("/proc/%d", pid), "mem")),
+		"proc_environ=" + describe(openClose(fmt.Sprintf("/proc/%d/environ", pid))),
+		"proc_maps=" + describe(openClose(fmt.Sprintf("/proc/%d/maps", pid))),
+		"kcore=" + describe(openClose("/proc/kcore")),
+		"dev_mem=" + describe(openClose("/dev/mem")),
 		// Last: a seize that succeeds lasts until this process exits.
 		"ptrace_seize=" + describe(unix.PtraceSeize(pid)),
 	}
@@ -128,6 +146,41 @@ func procMem(pid int) error {
 	defer f.Close()
 	_, err = f.ReadAt(make([]byte, 4096), textAddr)
 	return err
+}
+
+func memPath(pid int) string { return fmt.Sprintf("/proc/%d/mem", pid) }
+
+// openClose opens path with openat(AT_FDCWD, path, O_RDONLY|O_CLOEXEC) and
+// closes it, reading nothing.
+func openClose(path string) error {
+	return openDirfd("", path)
+}
+
+// openDirfd opens name relative to the directory dir (the working
+// directory when dir is empty) with openat, and closes it.
+func openDirfd(dir, name string) error {
+	dfd := unix.AT_FDCWD
+	if dir != "" {
+		d, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("open %s: %w", dir, err)
+		}
+		defer unix.Close(d)
+		dfd = d
+	}
+	fd, err := unix.Openat(dfd, name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	return unix.Close(fd)
+}
+
+func openat2(path string) error {
+	fd, err := unix.Openat2(unix.AT_FDCWD, path, &unix.OpenHow{Flags: unix.O_RDONLY | unix.O_CLOEXEC})
+	if err != nil {
+		return err
+	}
+	return unix.Close(fd)
 }
 
 func ptraceAttach(pid int) error {
