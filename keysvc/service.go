@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/keygate/keygate/keysvc/alert"
@@ -52,7 +53,9 @@ const (
 // Service is a running key service: a Server over a data directory, served
 // on two TLS 1.3 listeners.
 type Service struct {
-	Data      *DataDir
+	Data *DataDir
+	// Server is nil until the service has reached its database: at once
+	// from Start, or later when Start found it unavailable (Connected).
 	Server    *Server
 	vmLn      net.Listener
 	adminLn   net.Listener
@@ -75,8 +78,18 @@ type Service struct {
 	released bool
 	// alert delivery (alerts.go), stopped before the store closes
 	alerts     *alert.Dispatcher
+	sinks      []alert.Sink
 	stopAlerts context.CancelFunc
 	alerted    sync.WaitGroup
+	// the listeners' handlers: notConnected until serve installs the
+	// Server's (VM API, admin API)
+	handlers [2]atomic.Pointer[http.Handler]
+	// connect's goroutine, when Start found the database unavailable:
+	// stopConnect ends it, connecting is closed when it has returned, and
+	// connected when the service serves on its store.
+	stopConnect context.CancelFunc
+	connecting  chan struct{}
+	connected   chan struct{}
 }
 
 // track runs h under s.live, refusing requests once the service released
@@ -135,6 +148,13 @@ func (s *Service) purge(ctx context.Context) {
 // Start bootstraps cfg.DataDir (master key, CA, server certificate, admin
 // token), opens the store and the audit chain, and starts serving. Stop it
 // with Shutdown.
+//
+// A PostgreSQL database that cannot be reached does not stop it: Start
+// then returns a Service that listens, answers /healthz, reports not ready
+// on /readyz and answers everything else 503 with Retry-After, and that
+// connects by itself when the database answers (see connect; Connected
+// says when). An error found then (a master key the database does not
+// record, a newer schema) is delivered on Err.
 func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if cfg.DataDir == "" {
 		return nil, errors.New("start key service: no data directory (use --data DIR)")
@@ -147,14 +167,13 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	svc := &Service{log: log, errs: make(chan error, 2)}
+	svc := &Service{log: log, errs: make(chan error, 2), connected: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			svc.release()
 		}
 	}()
-	sinks, err := alertSinks(cfg.Alerts)
-	if err != nil {
+	if svc.sinks, err = alertSinks(cfg.Alerts); err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
 	}
 	svc.Data, err = Bootstrap(cfg.DataDir, cfg.Hostnames, time.Now())
@@ -164,18 +183,13 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	if svc.src, err = openKeySource(cfg); err != nil {
 		return nil, fmt.Errorf("start key service: master key: %w", err)
 	}
-	if svc.st, err = store.Open(ctx, cfg.DB, cfg.DataDir); err != nil {
-		return nil, fmt.Errorf("start key service: %w", err)
-	}
-	lk, created, err := loadKeys(ctx, svc.src, svc.st)
-	svc.keys = append(svc.keys, lk.cur, lk.next)
+	// The master key before the store: one sealed to a TPM is unsealed
+	// only while Start runs, and the store may open only later.
+	mk, created, err := svc.src.load()
 	if err != nil {
 		return nil, fmt.Errorf("start key service: master key: %w", err)
 	}
-	svc.mk = lk.cur
-	if err := checkMasterKey(ctx, svc.st, svc.mk); err != nil {
-		return nil, fmt.Errorf("start key service: %w", err)
-	}
+	svc.keys = append(svc.keys, mk)
 	if created {
 		if cfg.PKCS11 != nil {
 			svc.Data.Created = append(svc.Data.Created, "pkcs11:"+cfg.PKCS11.URI.Object)
@@ -183,16 +197,57 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 			svc.Data.Created = append(svc.Data.Created, MasterKeyFile)
 		}
 	}
-	if svc.auditLog, err = audit.New(svc.st, svc.mk); err != nil {
+	st, err := store.Open(ctx, cfg.DB, cfg.DataDir)
+	if err != nil && store.IsPostgresURL(cfg.DB) && errors.Is(err, store.ErrUnavailable) {
+		if err := svc.listen(cfg); err != nil {
+			return nil, fmt.Errorf("start key service: %w", err)
+		}
+		log.Error("database unavailable at start: serving /healthz, answering /readyz and every request 503 until it answers", slog.Any("err", err))
+		cctx, stop := context.WithCancel(context.Background())
+		svc.stopConnect, svc.connecting = stop, make(chan struct{})
+		go svc.connect(cctx, cfg, mk, time.Now())
+		svc.logServing(cfg)
+		return svc, nil
+	}
+	if err != nil {
 		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	if err := svc.open(ctx, cfg, st, mk); err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	if err := svc.listen(cfg); err != nil {
+		return nil, fmt.Errorf("start key service: %w", err)
+	}
+	svc.serve()
+	svc.logServing(cfg)
+	return svc, nil
+}
+
+// open does the rest of Start's work once the store is open: the
+// master-key check against the database, the audit chain, the Server, and
+// a rotation under way. On an error the caller releases what it set.
+func (svc *Service) open(ctx context.Context, cfg Config, st store.Backend, mk masterkey.Master) (err error) {
+	svc.st = st
+	lk := loadedKeys{cur: mk}
+	err = lk.loadRotationKeys(ctx, svc.src, svc.st)
+	svc.keys = append(svc.keys, lk.next)
+	if err != nil {
+		return fmt.Errorf("master key: %w", err)
+	}
+	svc.mk = lk.cur
+	if err := checkMasterKey(ctx, svc.st, svc.mk); err != nil {
+		return err
+	}
+	if svc.auditLog, err = audit.New(svc.st, svc.mk); err != nil {
+		return err
 	}
 	// With the master key in hand (trusted at this point), authenticate a
 	// store that is not yet, or check its anchor (adopt.go).
-	if err := adopt(ctx, svc.st, svc.auditLog, lk.anchorKey(), time.Now(), log); err != nil {
-		return nil, fmt.Errorf("start key service: %w", err)
+	if err := adopt(ctx, svc.st, svc.auditLog, lk.anchorKey(), time.Now(), svc.log); err != nil {
+		return err
 	}
 	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
-		WithAdminToken(svc.Data.adminToken), WithLogger(log)}, cfg.Options...)
+		WithAdminToken(svc.Data.adminToken), WithLogger(svc.log)}, cfg.Options...)
 	if lk.next != nil {
 		opts = append(opts, withSessionKeyAlso(lk.next))
 	}
@@ -200,18 +255,25 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 		opts = append(opts, WithAdminClientCAs(cfg.AdminClientCAs))
 	}
 	if !cfg.Alerts.empty() {
-		if svc.alerts, err = alert.NewDispatcher(svc.st, alert.Config{Sinks: sinks, MinSeverity: cfg.Alerts.MinSeverity,
-			DeadLetterAge: cfg.Alerts.DeadLetterAge, Log: log}); err != nil {
-			return nil, fmt.Errorf("start key service: %w", err)
+		if svc.alerts, err = alert.NewDispatcher(svc.st, alert.Config{Sinks: svc.sinks, MinSeverity: cfg.Alerts.MinSeverity,
+			DeadLetterAge: cfg.Alerts.DeadLetterAge, Log: svc.log}); err != nil {
+			return err
 		}
 		opts = append(opts, WithAlerts(svc.alerts))
 	}
 	if svc.Server, err = New(opts...); err != nil {
-		return nil, fmt.Errorf("start key service: %w", err)
+		return err
 	}
 	if err := svc.resumeRotation(ctx, lk); err != nil {
-		return nil, fmt.Errorf("start key service: master-key rotation: %w", err)
+		return fmt.Errorf("master-key rotation: %w", err)
 	}
+	svc.dbMon = newDBMonitor(svc.st, svc.Server, svc.log, svc.Server.metrics.reg)
+	return nil
+}
+
+// listen opens both listeners and serves them, with the handlers serve
+// installs; until then every request but /healthz is answered 503.
+func (svc *Service) listen(cfg Config) (err error) {
 	listen, adminListen := cfg.Listen, cfg.AdminListen
 	if listen == "" {
 		listen = DefaultListen
@@ -220,20 +282,20 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 		adminListen = DefaultAdminListen
 	}
 	if svc.vmLn, err = net.Listen("tcp", listen); err != nil {
-		return nil, fmt.Errorf("start key service: VM API: %w (pick another --listen)", err)
+		return fmt.Errorf("VM API: %w (pick another --listen)", err)
 	}
 	if svc.adminLn, err = net.Listen("tcp", adminListen); err != nil {
-		return nil, fmt.Errorf("start key service: admin API: %w (pick another --admin-listen)", err)
+		return fmt.Errorf("admin API: %w (pick another --admin-listen)", err)
 	}
-	svc.dbMon = newDBMonitor(svc.st, svc.Server, log, svc.Server.metrics.reg)
-	errLog := slog.NewLogLogger(log.Handler(), slog.LevelWarn)
-	for _, x := range []struct {
+	errLog := slog.NewLogLogger(svc.log.Handler(), slog.LevelWarn)
+	for i, x := range []struct {
 		ln net.Listener
-		h  http.Handler
 		tc *tls.Config
-	}{{svc.vmLn, svc.dbMon.gate(svc.track(svc.Server.VMHandler()), true), svc.Data.TLSConfig()},
-		{svc.adminLn, svc.dbMon.gate(svc.track(svc.Server.AdminHandler()), false), adminTLS(svc.Data, cfg.AdminClientCAs)}} {
-		hs := &http.Server{Handler: x.h, TLSConfig: x.tc, ErrorLog: errLog,
+	}{{svc.vmLn, svc.Data.TLSConfig()}, {svc.adminLn, adminTLS(svc.Data, cfg.AdminClientCAs)}} {
+		h := &svc.handlers[i]
+		h.Store(&notConnected)
+		hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { (*h.Load()).ServeHTTP(w, r) }),
+			TLSConfig: x.tc, ErrorLog: errLog,
 			ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 			IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 16 << 10}
 		svc.servers = append(svc.servers, hs)
@@ -243,6 +305,16 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 			}
 		}(x.ln)
 	}
+	return nil
+}
+
+// serve installs the Server's handlers on the listeners and starts the
+// background work (alert delivery, purges): the service is connected.
+func (svc *Service) serve() {
+	vm := svc.dbMon.gate(svc.track(svc.Server.VMHandler()), true)
+	admin := svc.dbMon.gate(svc.track(svc.Server.AdminHandler()), false)
+	svc.handlers[0].Store(&vm)
+	svc.handlers[1].Store(&admin)
 	if svc.alerts != nil {
 		actx, stop := context.WithCancel(context.Background())
 		svc.stopAlerts = stop
@@ -253,11 +325,14 @@ func Start(ctx context.Context, cfg Config) (_ *Service, err error) {
 	svc.stopPurge = stopPurge
 	svc.purged.Add(1)
 	go svc.purge(purgeCtx)
-	log.Info("keysvc serving", slog.String("vm_api", "https://"+svc.vmLn.Addr().String()),
+	close(svc.connected)
+}
+
+func (svc *Service) logServing(cfg Config) {
+	svc.log.Info("keysvc serving", slog.String("vm_api", "https://"+svc.vmLn.Addr().String()),
 		slog.String("admin_api", "https://"+svc.adminLn.Addr().String()), slog.String("data", cfg.DataDir),
 		slog.String("ca", svc.Data.Path(CAFile)), slog.String("ca_sha256", svc.Data.CAFingerprint),
 		slog.String("admin_token_file", svc.Data.Path(AdminTokenFile)))
-	return svc, nil
 }
 
 // adminTLS is the admin listener's TLS: the VM API's, asking for a client
@@ -288,6 +363,7 @@ func (s *Service) Err() <-chan error { return s.errs }
 // timeouts bound them): the store is closed and the keys wiped when the last
 // of them has returned, in the background, never under it.
 func (s *Service) Shutdown(ctx context.Context) error {
+	s.stopConnecting()
 	var errs []error
 	if s.Server != nil {
 		s.Server.StopStreams()
@@ -309,6 +385,7 @@ func (s *Service) Shutdown(ctx context.Context) error {
 // after every running handler has returned.
 func (s *Service) release() {
 	s.closeOnce.Do(func() {
+		s.stopConnecting()
 		s.live.Lock()
 		defer s.live.Unlock()
 		s.released = true

@@ -42,20 +42,18 @@ type loadedKeys struct {
 	installed bool
 }
 
-// loadKeys loads the master key and, if the store records a rotation
-// under way, the key it moves to, checking both against the fingerprints
-// the rotation recorded.
-func loadKeys(ctx context.Context, src keySource, st store.MasterKeyRotations) (lk loadedKeys, created bool, err error) {
-	lk.cur, created, err = src.load()
-	if err != nil {
-		return lk, false, err
-	}
+// loadRotationKeys finishes lk, whose cur Start loaded before opening the
+// store (a key sealed to a TPM is unsealed only while Start runs, and the
+// store may open later, see connect): if the store records a master-key
+// rotation under way, it loads the key the rotation moves to, checking both
+// against the fingerprints the rotation recorded.
+func (lk *loadedKeys) loadRotationKeys(ctx context.Context, src keySource, st store.MasterKeyRotations) (err error) {
 	if lk.rot, err = st.MasterKeyRotation(ctx); err != nil || lk.rot == nil {
-		return lk, created, err
+		return err
 	}
 	fp, err := masterkey.Fingerprint(lk.cur)
 	if err != nil {
-		return lk, created, err
+		return err
 	}
 	switch fp {
 	case lk.rot.NewKey:
@@ -65,19 +63,19 @@ func loadKeys(ctx context.Context, src keySource, st store.MasterKeyRotations) (
 			if errors.Is(err, errNoNext) {
 				err = fmt.Errorf("a master-key rotation to key %s is under way but that key is gone (master.key.next, or the token's object with the .next label): restore it from backup", lk.rot.NewKey)
 			}
-			return lk, created, err
+			return err
 		}
 		nfp, err := masterkey.Fingerprint(lk.next)
 		if err != nil {
-			return lk, created, err
+			return err
 		}
 		if nfp != lk.rot.NewKey {
-			return lk, created, fmt.Errorf("a master-key rotation to key %s is under way but the new key found is %s: restore the right one from backup", lk.rot.NewKey, nfp)
+			return fmt.Errorf("a master-key rotation to key %s is under way but the new key found is %s: restore the right one from backup", lk.rot.NewKey, nfp)
 		}
 	default:
-		return lk, created, fmt.Errorf("the master key %s is neither the old key (%s) nor the new key (%s) of the rotation the store records: restore the right key", fp, lk.rot.OldKey, lk.rot.NewKey)
+		return fmt.Errorf("the master key %s is neither the old key (%s) nor the new key (%s) of the rotation the store records: restore the right key", fp, lk.rot.OldKey, lk.rot.NewKey)
 	}
-	return lk, created, nil
+	return nil
 }
 
 // anchorKey is the key the store's anchor is MAC'd under: the new one

@@ -40,7 +40,8 @@ import (
 // most that long. Errors that mean the database is not reachable, or not
 // writable now (a standby, a server shutting down), wrap ErrUnavailable.
 type Postgres struct {
-	pool *pgxpool.Pool
+	pool  *pgxpool.Pool
+	wpool *pgxpool.Pool // the audit writer's one connection
 
 	queue   chan *auditReq
 	qmu     sync.RWMutex
@@ -97,6 +98,15 @@ func OpenPostgres(ctx context.Context, url string) (*Postgres, error) {
 		pool.Close()
 		return nil, fmt.Errorf("open store on PostgreSQL %s: %w", where(cfg), err)
 	}
+	// The audit writer has a connection of its own, so that a batch, which
+	// holds the chain's head locked for every replica, never waits for a
+	// connection behind the handlers' reads.
+	wcfg := cfg.Copy()
+	wcfg.MaxConns, wcfg.MinConns = 1, 0
+	if p.wpool, err = pgxpool.NewWithConfig(ctx, wcfg); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("open store: %w", classify(err))
+	}
 	p.queue = make(chan *auditReq, maxBatch)
 	p.stop = make(chan struct{})
 	p.stopped = make(chan struct{})
@@ -128,6 +138,7 @@ func (p *Postgres) Close() error {
 	}
 	p.qmu.Unlock()
 	<-p.stopped
+	p.wpool.Close()
 	p.pool.Close()
 	return nil
 }
