@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -31,6 +32,9 @@ const (
 	DefaultMaxInFlight = 16
 	DefaultMaxConns    = 16
 	handshakeTimeout   = 10 * time.Second
+	// readBuffer is each connection's request buffer: 64 KiB holds the
+	// headers of a full queue and a few 4 KiB payloads.
+	readBuffer = 64 << 10
 )
 
 // Options configures a Server. The zero value serves a writable export
@@ -275,9 +279,17 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 			}
 		}
 	}
+	// Requests are read through a buffer: a client with several requests
+	// under way (the kernel's queue, nbdcopy, fio at depth 16) has their
+	// headers, and small writes' payloads, waiting together on the socket,
+	// and one read takes them all instead of two reads per request. Large
+	// payloads go straight into their own buffer (bufio reads directly
+	// into a destination larger than its own). The handshake reads c
+	// unbuffered, so no request sent right after it is lost.
+	rd := bufio.NewReaderSize(c, readBuffer)
 	hdr := make([]byte, requestHdrSize)
 	for {
-		if _, err := io.ReadFull(c, hdr); err != nil {
+		if _, err := io.ReadFull(rd, hdr); err != nil {
 			if errors.Is(err, io.EOF) {
 				return nil // a client that closes without NBD_CMD_DISC
 			}
@@ -300,7 +312,7 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 		cn.slots <- struct{}{}
 		if r.Type == CmdWrite {
 			payload = getBuf(int(r.Length))
-			if _, err := io.ReadFull(c, payload); err != nil {
+			if _, err := io.ReadFull(rd, payload); err != nil {
 				putBuf(payload)
 				<-cn.slots
 				// Nothing of a request cut short is written.
