@@ -173,8 +173,8 @@ func (a *Attachment) Close() error {
 // with them every thread started later (a new thread inherits its
 // creator's flag). Any goroutine may then serve the kernel's device, with
 // none of the handoffs between locked threads that per-thread marking
-// needs: in the test VM those tripled the latency of a 4 KiB request, and
-// on the host a QD1 load ran 3-10x slower on locked threads. The whole
+// needs (each request woke two locked threads: on the host, 4 KiB reads at
+// queue depth 1 ran 4-13x slower that way, with 3x the futex calls). The whole
 // process is keygate serving a block device, so no thread of it may wait
 // on that device's writeback anyway. It fails (ENOTSUP) in a binary that
 // links cgo, whose C threads Go cannot reach, and without CAP_SYS_RESOURCE.
