@@ -192,18 +192,13 @@ func ioFlusherProcess() error {
 // raising only the request size changed nothing).
 const queueKB = 1024
 
-// tuneQueue sets the device's read-ahead and request size through sysfs,
-// and its I/O scheduler to none: requests reach keygate in the order the
-// filesystem sent them, and the disk under the image has a scheduler of its
-// own, so mq-deadline's (the kernel's default for a device with one queue)
-// is only CPU time per request. It is a tuning: a kernel that refuses it
-// still serves, and says so.
+// tuneQueue sets the device's read-ahead and request size through sysfs.
+// It is a tuning: a kernel that refuses it still serves, and says so.
 func tuneQueue(path string, log *slog.Logger) {
 	q := filepath.Join("/sys/block", filepath.Base(path), "queue")
-	kb := strconv.Itoa(queueKB)
-	for _, set := range [][2]string{{"max_sectors_kb", kb}, {"read_ahead_kb", kb}, {"scheduler", "none"}} {
-		if err := os.WriteFile(filepath.Join(q, set[0]), []byte(set[1]), 0); err != nil {
-			log.Warn("nbd: could not tune the device queue; it keeps the kernel's default", "file", set[0], "err", err)
+	for _, f := range []string{"max_sectors_kb", "read_ahead_kb"} {
+		if err := os.WriteFile(filepath.Join(q, f), []byte(strconv.Itoa(queueKB)), 0); err != nil {
+			log.Warn("nbd: could not tune the device queue; it keeps the kernel's default", "file", f, "err", err)
 		}
 	}
 }

@@ -324,18 +324,7 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 			}
 		}
 		cn.wg.Add(1)
-		if len(cn.slots) == 1 && rd.Buffered() == 0 {
-			// Alone: no other request under way and none waiting
-			// behind it. A client at queue depth 1 (a guest's
-			// synchronous read, an fsync's journal write) then pays no
-			// handoff to another goroutine or thread; one that sends
-			// more while this runs has them dispatched right after.
-			cn.handle(r, payload)
-			<-cn.slots
-			cn.wg.Done()
-		} else {
-			dispatch(r, payload)
-		}
+		dispatch(r, payload)
 		if err := cn.writeErr(); err != nil {
 			return err
 		}
