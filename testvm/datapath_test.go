@@ -348,6 +348,8 @@ func TestDataPath(t *testing.T) {
 		// keygate can), so that any thread may serve the device.
 		if got := r.get(t, "io_flusher"); !ioFlusherAll(got) {
 			t.Errorf("keygate's threads after the workload: %s; want every one marked PR_SET_IO_FLUSHER", got)
+		} else {
+			t.Logf("keygate's threads after the workload: %s (PR_SET_IO_FLUSHER)", got)
 		}
 		if got := r.get(t, "kg_exit"); got != "0" {
 			t.Errorf("keygate boot exited %s after SIGTERM with the device attached, want 0", got)

@@ -174,7 +174,7 @@ func (a *Attachment) Close() error {
 // creator's flag). Any goroutine may then serve the kernel's device, with
 // none of the handoffs between locked threads that per-thread marking
 // needs (each request woke two locked threads: on the host, 4 KiB reads at
-// queue depth 1 ran 4-13x slower that way, with 3x the futex calls). The whole
+// queue depth 1 ran 4-13x slower that way, with 4-8x the futex calls). The whole
 // process is keygate serving a block device, so no thread of it may wait
 // on that device's writeback anyway. It fails (ENOTSUP) in a binary that
 // links cgo, whose C threads Go cannot reach, and without CAP_SYS_RESOURCE.
