@@ -87,6 +87,8 @@ nbd-*)
 		umount /mnt || exit 32
 		x /bin/e2fsck -fn /dev/nbd0 >/tmp/fsck.out 2>&1
 		result fsck "rc=$? $(tail -n 1 /tmp/fsck.out)"
+		# PF_MEMALLOC_NOIO (0x80000) in each thread's flags: PR_SET_IO_FLUSHER.
+		result io_flusher "$(cat /proc/$kg/task/*/stat | awk '{ n++; if (and($9, 524288)) m++ } END { printf "threads=%d marked=%d", n, m }')"
 		kill -TERM "$kg"
 		waitkg
 		# The same disk through the kernel's dm-crypt, keygate gone.
@@ -342,6 +344,13 @@ func TestDataPath(t *testing.T) {
 		if got := r.get(t, "fsck"); !strings.HasPrefix(got, "rc=0 ") {
 			t.Errorf("e2fsck -fn after the journal replay: %s", got)
 		}
+		// Attach marks the whole process PR_SET_IO_FLUSHER (a static
+		// keygate can), so that any thread may serve the device.
+		if got := r.get(t, "io_flusher"); !ioFlusherAll(got) {
+			t.Errorf("keygate's threads after the workload: %s; want every one marked PR_SET_IO_FLUSHER", got)
+		} else {
+			t.Logf("keygate's threads after the workload: %s (PR_SET_IO_FLUSHER)", got)
+		}
 		if got := r.get(t, "kg_exit"); got != "0" {
 			t.Errorf("keygate boot exited %s after SIGTERM with the device attached, want 0", got)
 		}
@@ -422,4 +431,14 @@ func requireModules(t *testing.T, results map[string]string, console string) {
 	if why, ok := results["no_nbd"]; ok {
 		t.Fatalf("the guest has no NBD device: %s", why)
 	}
+}
+
+// ioFlusherAll reports whether the guest's "threads=N marked=M" line has
+// every one of at least one thread marked.
+func ioFlusherAll(line string) bool {
+	var n, m int
+	if _, err := fmt.Sscanf(line, "threads=%d marked=%d", &n, &m); err != nil {
+		return false
+	}
+	return n > 0 && m == n
 }

@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -31,6 +32,9 @@ const (
 	DefaultMaxInFlight = 16
 	DefaultMaxConns    = 16
 	handshakeTimeout   = 10 * time.Second
+	// readBuffer is each connection's request buffer: 64 KiB holds the
+	// headers of a full queue and a few 4 KiB payloads.
+	readBuffer = 64 << 10
 )
 
 // Options configures a Server. The zero value serves a writable export
@@ -231,10 +235,14 @@ func remove[T comparable](s *Server, m map[T]struct{}, v T) {
 // requests in order and a bounded set of handlers that answer them in any
 // order, each reply written whole under wmu.
 type conn struct {
-	s     *Server
-	c     net.Conn
-	wmu   sync.Mutex
-	werr  error
+	s    *Server
+	c    net.Conn
+	wmu  sync.Mutex
+	werr error
+	// hdr, iov and out are the reply being sent, under wmu.
+	hdr   [replyHdrSize]byte
+	iov   [2][]byte
+	out   net.Buffers
 	slots chan struct{}
 	wg    sync.WaitGroup
 }
@@ -244,7 +252,7 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 	// Handlers still under way finish (their writes are in the backend)
 	// before the connection is closed and before Close returns.
 	defer cn.wg.Wait()
-	dispatch := func(r Request, payload []byte) {
+	dispatch := func(r Request, payload *[]byte) {
 		go func() {
 			defer func() { <-cn.slots; cn.wg.Done() }()
 			cn.handle(r, payload)
@@ -268,16 +276,24 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 				}
 			}()
 		}
-		dispatch = func(r Request, payload []byte) {
+		dispatch = func(r Request, payload *[]byte) {
 			work <- func() {
 				defer func() { <-cn.slots; cn.wg.Done() }()
 				cn.handle(r, payload)
 			}
 		}
 	}
+	// Requests are read through a buffer: a client with several requests
+	// under way (the kernel's queue, nbdcopy, fio at depth 16) has their
+	// headers, and small writes' payloads, waiting together on the socket,
+	// and one read takes them all instead of two reads per request. Large
+	// payloads go straight into their own buffer (bufio reads directly
+	// into a destination larger than its own). The handshake reads c
+	// unbuffered, so no request sent right after it is lost.
+	rd := bufio.NewReaderSize(c, readBuffer)
 	hdr := make([]byte, requestHdrSize)
 	for {
-		if _, err := io.ReadFull(c, hdr); err != nil {
+		if _, err := io.ReadFull(rd, hdr); err != nil {
 			if errors.Is(err, io.EOF) {
 				return nil // a client that closes without NBD_CMD_DISC
 			}
@@ -290,7 +306,7 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 		if r.Type == CmdDisc {
 			return nil
 		}
-		var payload []byte
+		var payload *[]byte
 		if r.Type == CmdWrite && r.Length > s.opts.MaxRequest {
 			// The payload cannot be skipped safely: close.
 			return fmt.Errorf("WRITE of %d bytes, more than the %d advertised", r.Length, s.opts.MaxRequest)
@@ -300,7 +316,7 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 		cn.slots <- struct{}{}
 		if r.Type == CmdWrite {
 			payload = getBuf(int(r.Length))
-			if _, err := io.ReadFull(c, payload); err != nil {
+			if _, err := io.ReadFull(rd, *payload); err != nil {
 				putBuf(payload)
 				<-cn.slots
 				// Nothing of a request cut short is written.
@@ -322,7 +338,7 @@ func (cn *conn) writeErr() error {
 }
 
 // handle runs one request and sends its reply.
-func (cn *conn) handle(r Request, payload []byte) {
+func (cn *conn) handle(r Request, payload *[]byte) {
 	if payload != nil {
 		defer putBuf(payload)
 	}
@@ -333,8 +349,9 @@ func (cn *conn) handle(r Request, payload []byte) {
 	s := cn.s
 	switch r.Type {
 	case CmdRead:
-		buf := getBuf(int(r.Length))
-		defer putBuf(buf)
+		bp := getBuf(int(r.Length))
+		defer putBuf(bp)
+		buf := *bp
 		if _, err := s.b.ReadAt(buf, int64(r.Offset)); err != nil {
 			s.log.Error("nbd READ failed", "offset", r.Offset, "length", r.Length, "err", err)
 			cn.reply(r.Cookie, errIO, nil)
@@ -342,7 +359,7 @@ func (cn *conn) handle(r Request, payload []byte) {
 		}
 		cn.reply(r.Cookie, 0, buf)
 	case CmdWrite:
-		if _, err := s.b.WriteAt(payload, int64(r.Offset)); err != nil {
+		if _, err := s.b.WriteAt(*payload, int64(r.Offset)); err != nil {
 			s.log.Error("nbd WRITE failed", "offset", r.Offset, "length", r.Length, "err", err)
 			cn.reply(r.Cookie, errIO, nil)
 			return
@@ -417,18 +434,23 @@ func (cn *conn) check(r Request) uint32 {
 
 // reply sends one simple reply, with data for a successful read.
 func (cn *conn) reply(cookie uint64, errno uint32, data []byte) {
-	var hdr [replyHdrSize]byte
-	putReply(hdr[:], errno, cookie)
 	cn.wmu.Lock()
 	defer cn.wmu.Unlock()
 	if cn.werr != nil {
 		return
 	}
-	bufs := net.Buffers{hdr[:]}
+	// The header and the data go out in one writev, from buffers of the
+	// connection's own: a reply allocates nothing.
+	putReply(cn.hdr[:], errno, cookie)
+	cn.iov[0], cn.iov[1] = cn.hdr[:], nil
+	cn.out = cn.iov[:1]
 	if errno == 0 && data != nil {
-		bufs = append(bufs, data)
+		cn.iov[1] = data
+		cn.out = cn.iov[:2]
 	}
-	if _, err := bufs.WriteTo(cn.c); err != nil {
+	_, err := cn.out.WriteTo(cn.c)
+	cn.iov[1] = nil // the data's buffer goes back to its pool
+	if err != nil {
 		cn.werr = fmt.Errorf("send reply: %w", err)
 		cn.c.Close() // wakes the reader
 	}
@@ -461,21 +483,26 @@ func sizeClass(n int) int {
 	return c
 }
 
-func getBuf(n int) []byte {
+// getBuf returns a buffer of n bytes; it is pooled by pointer, so that
+// putting it back allocates nothing either.
+func getBuf(n int) *[]byte {
 	c := sizeClass(n)
 	if c >= len(bufPools) {
-		return make([]byte, n)
+		b := make([]byte, n)
+		return &b
 	}
 	if p, ok := bufPools[c].Get().(*[]byte); ok {
-		return (*p)[:n]
+		*p = (*p)[:n]
+		return p
 	}
-	return make([]byte, n, 4096<<c)
+	b := make([]byte, n, 4096<<c)
+	return &b
 }
 
-func putBuf(b []byte) {
-	c := sizeClass(cap(b))
-	if c >= len(bufPools) || cap(b) != 4096<<c {
+func putBuf(p *[]byte) {
+	c := sizeClass(cap(*p))
+	if c >= len(bufPools) || cap(*p) != 4096<<c {
 		return
 	}
-	bufPools[c].Put(&b)
+	bufPools[c].Put(p)
 }
