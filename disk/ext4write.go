@@ -31,8 +31,10 @@ package disk
 // fs_file.go (errFallback): inodes without extents, trees deeper than one
 // level or with more than four leaves, unwritten (preallocated) extents,
 // more block runs changing hands than the intent record holds, and
-// allocations that would need a block group whose bitmap is uninitialised
-// (BLOCK_UNINIT, as mkfs.ext4 leaves them).
+// allocations that would need an uninitialised (BLOCK_UNINIT) block group
+// on a meta_bg volume. Elsewhere such a group is initialised by the flush
+// that first allocates in it: its computed bitmap written in epoch B, the
+// flag cleared with the new bitmap in C.
 
 import (
 	"encoding/binary"
@@ -85,6 +87,12 @@ type bitmaps struct {
 	m     *ext4Meta
 	maps  map[int][]byte
 	dirty map[int]bool
+	// uninit holds the groups still BLOCK_UNINIT on disk whose bitmap
+	// was computed here (as the kernel's ext4_init_block_bitmap does):
+	// run writes that computed bitmap before the sync that ends epoch B,
+	// so that when write clears the flag in epoch C the block on disk
+	// is a valid bitmap whichever of the two writes a crash keeps.
+	uninit map[int]bool
 }
 
 func (b *bitmaps) get(g int) ([]byte, error) {
@@ -92,7 +100,15 @@ func (b *bitmaps) get(g int) ([]byte, error) {
 		return bm, nil
 	}
 	if b.m.flags(g)&bgBlockUninit != 0 {
-		return nil, errFallback
+		if binary.LittleEndian.Uint32(b.m.sb[0x60:])&incompatMetaBG != 0 {
+			return nil, errFallback // meta_bg: superblock copies not computed here
+		}
+		if b.uninit == nil {
+			b.uninit = map[int]bool{}
+		}
+		b.uninit[g] = true
+		b.maps[g] = b.m.computedBlockBitmap(g)
+		return b.maps[g], nil
 	}
 	bm := make([]byte, b.m.bs)
 	if _, err := b.m.dev.ReadAt(bm, b.m.blockBitmap(g)); err != nil {
@@ -130,11 +146,10 @@ func (b *bitmaps) alloc(goal, n uint64) (extent, error) {
 	g0 := int((goal - m.firstData) / uint64(m.bpg))
 	for k := 0; k <= m.groups; k++ {
 		g := (g0 + k) % m.groups
-		if m.flags(g)&bgBlockUninit != 0 {
-			continue
-		}
 		bm, err := b.get(g)
-		if err != nil {
+		if errors.Is(err, errFallback) {
+			continue
+		} else if err != nil {
 			return extent{}, err
 		}
 		start := m.firstData + uint64(g)*uint64(m.bpg)
@@ -162,8 +177,8 @@ func (b *bitmaps) alloc(goal, n uint64) (extent, error) {
 			return e, nil
 		}
 	}
-	// the initialised groups are full; the old path (go-diskfs) may still
-	// find room in uninitialised ones, and reports ErrNoSpace if not
+	// full (or only meta_bg groups left uninitialised); the old path
+	// (go-diskfs) reports ErrNoSpace if it finds no room either
 	return extent{}, errFallback
 }
 
@@ -403,6 +418,11 @@ func (p *ext4Flush) run(of *openFile) error {
 			return fmt.Errorf("write extent leaf: %w", err)
 		}
 	}
+	for g := range p.bm.uninit {
+		if _, err := dev.WriteAt(m.computedBlockBitmap(g), m.blockBitmap(g)); err != nil {
+			return fmt.Errorf("initialise block bitmap %d: %w", g, err)
+		}
+	}
 	moving := len(p.alloc)+len(p.free) > 0
 	if moving {
 		m.setIntent(p.ino, mergeRuns(append(slices.Clone(p.alloc), p.free...)))
@@ -469,6 +489,11 @@ func (b *bitmaps) write() error {
 		bm := b.maps[g]
 		if _, err := m.dev.WriteAt(bm, m.blockBitmap(g)); err != nil {
 			return fmt.Errorf("write block bitmap %d: %w", g, err)
+		}
+		if b.uninit[g] {
+			d := m.desc(g)
+			binary.LittleEndian.PutUint16(d[0x12:], m.flags(g)&^bgBlockUninit)
+			delete(b.uninit, g)
 		}
 		inGroup := min(uint64(m.bpg), m.blocksCount-m.firstData-uint64(g)*uint64(m.bpg))
 		m.setField16(g, 0x0c, 0x2c, uint32(zeros(bm, int(inGroup))))
