@@ -18,7 +18,13 @@ package disk
 //	   write, so the file switches from its old to its new layout at once
 //	E  the bitmaps and counts that free the blocks the old layout held
 //	   and the new one dropped (truncation, replaced leaf blocks); then
-//	   the intent record cleared, made durable by the next sync
+//	   the intent record cleared, made durable by the next sync. With
+//	   nothing to free (an append that keeps the extents inline) there is
+//	   no epoch E: the record is cleared after D, with no sync of its own
+//
+// Each sync is what keeps a power loss from reordering what the Device
+// wrote before it; the data of B goes to the Device in runs as long as
+// the file is contiguous on disk (writeGather), not page by page.
 //
 // Between C and E the bitmaps and the inode disagree, which e2fsck would
 // report. The intent record (inode number and the block runs that change
@@ -392,26 +398,9 @@ func (f *FS) flushExt4(of *openFile) error {
 func (p *ext4Flush) run(of *openFile) error {
 	m, dev := p.m, p.m.dev
 	bs := m.bs
-	nblocks := uint64((p.size + bs - 1) / bs)
 	// B: the data, the new leaves, the intent
-	for _, idx := range sortedPages(of) {
-		pg := of.pages[idx]
-		first := uint64(idx * pageSize / bs)
-		for b := first; b < first+uint64(pageSize/bs) && b < nblocks; {
-			phys, _ := lookup(p.ext, b)
-			n := uint64(1)
-			for b+n < first+uint64(pageSize/bs) && b+n < nblocks {
-				if q, ok := lookup(p.ext, b+n); !ok || q != phys+n {
-					break
-				}
-				n++
-			}
-			off := int64(b-first) * bs
-			if _, err := dev.WriteAt(pg[off:off+int64(n)*bs], int64(phys)*bs); err != nil {
-				return fmt.Errorf("write data: %w", err)
-			}
-			b += n
-		}
+	if err := p.writeData(of); err != nil {
+		return err
 	}
 	for i, blk := range p.leaves {
 		if _, err := dev.WriteAt(blk, int64(p.leafAt[i])*bs); err != nil {
@@ -453,24 +442,28 @@ func (p *ext4Flush) run(of *openFile) error {
 	if err := dev.Sync(); err != nil {
 		return err
 	}
-	// E: the dropped blocks freed, the intent cleared
 	if !moving {
 		return nil
 	}
-	for _, e := range p.free {
-		for b := e.phys; b < e.phys+uint64(e.count); b++ {
-			if err := p.bm.set(b, false); err != nil {
-				return err
+	// E: the dropped blocks freed, the intent cleared. With nothing to
+	// free (an append), the bitmaps already claim exactly what the inode
+	// references, so the intent can go without another sync.
+	if len(p.free) > 0 {
+		for _, e := range p.free {
+			for b := e.phys; b < e.phys+uint64(e.count); b++ {
+				if err := p.bm.set(b, false); err != nil {
+					return err
+				}
 			}
 		}
-	}
-	if err := p.bm.write(); err != nil {
-		return err
-	}
-	// the intent goes only once the bitmaps are durable: within one
-	// epoch the Device writes in sector order, superblock first
-	if err := dev.Sync(); err != nil {
-		return err
+		if err := p.bm.write(); err != nil {
+			return err
+		}
+		// the intent goes only once the bitmaps are durable: within one
+		// epoch the Device writes in sector order, superblock first
+		if err := dev.Sync(); err != nil {
+			return err
+		}
 	}
 	// Its clearing needs no sync of its own: a record that outlives the
 	// flush names blocks the inode references exactly as the bitmaps say,
@@ -479,6 +472,60 @@ func (p *ext4Flush) run(of *openFile) error {
 	// change owner before then).
 	m.setIntent(0, nil)
 	return m.writeSuper()
+}
+
+// dataRun bounds the runs writeData hands the Device at once (the Device
+// writes them in chunks of its own).
+const dataRun = 16 << 20
+
+// writeData writes of's dirty pages to the blocks p maps them to, handing
+// the Device each run of pages that follow each other on disk at once, so
+// that the file gets few large pwrites and the cipher every core.
+func (p *ext4Flush) writeData(of *openFile) error {
+	bs := p.m.bs
+	nblocks := uint64((p.size + bs - 1) / bs)
+	var run [][]byte
+	var runAt, runLen int64
+	write := func() error {
+		if len(run) == 0 {
+			return nil
+		}
+		err := p.m.dev.writeGather(run, runAt)
+		clear(run)
+		run, runLen = run[:0], 0
+		if err != nil {
+			return fmt.Errorf("write data: %w", err)
+		}
+		return nil
+	}
+	for _, idx := range sortedPages(of) {
+		pg := of.pages[idx]
+		first := uint64(idx * pageSize / bs)
+		for b := first; b < first+uint64(pageSize/bs) && b < nblocks; {
+			phys, _ := lookup(p.ext, b)
+			n := uint64(1)
+			for b+n < first+uint64(pageSize/bs) && b+n < nblocks {
+				if q, ok := lookup(p.ext, b+n); !ok || q != phys+n {
+					break
+				}
+				n++
+			}
+			at := int64(phys) * bs
+			if len(run) > 0 && (runAt+runLen != at || runLen >= dataRun) {
+				if err := write(); err != nil {
+					return err
+				}
+			}
+			if len(run) == 0 {
+				runAt = at
+			}
+			off := int64(b-first) * bs
+			run = append(run, pg[off:off+int64(n)*bs])
+			runLen += int64(n) * bs
+			b += n
+		}
+	}
+	return write()
 }
 
 // write stores the changed bitmaps, their groups' free counts and
