@@ -305,6 +305,10 @@ func (d *Device) eachCached(sec, count int64, fn func(*entry)) {
 func (d *Device) WriteAt(p []byte, off int64) (int, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	return d.writeAt(p, off)
+}
+
+func (d *Device) writeAt(p []byte, off int64) (int, error) {
 	if d.closed {
 		return 0, ErrClosed
 	}

@@ -5,6 +5,7 @@ package disk
 // it after a crash.
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -103,6 +104,12 @@ func (f *FS) recoverExt4() error {
 	for g, b := range bm.maps {
 		if _, err := m.dev.WriteAt(b, m.blockBitmap(g)); err != nil {
 			return fmt.Errorf("write block bitmap %d: %w", g, err)
+		}
+		if bm.uninit[g] && !bytes.Equal(b, m.computedBlockBitmap(g)) {
+			// cannot happen (a flush clears the flag before the inode
+			// uses the group), but a used block must not hide behind it
+			d := m.desc(g)
+			binary.LittleEndian.PutUint16(d[0x12:], m.flags(g)&^bgBlockUninit)
 		}
 	}
 	m.setIntent(0, nil)

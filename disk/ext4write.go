@@ -18,7 +18,13 @@ package disk
 //	   write, so the file switches from its old to its new layout at once
 //	E  the bitmaps and counts that free the blocks the old layout held
 //	   and the new one dropped (truncation, replaced leaf blocks); then
-//	   the intent record cleared, made durable by the next sync
+//	   the intent record cleared, made durable by the next sync. With
+//	   nothing to free (an append that keeps the extents inline) there is
+//	   no epoch E: the record is cleared after D, with no sync of its own
+//
+// Each sync is what keeps a power loss from reordering what the Device
+// wrote before it; the data of B goes to the Device in runs as long as
+// the file is contiguous on disk (writeGather), not page by page.
 //
 // Between C and E the bitmaps and the inode disagree, which e2fsck would
 // report. The intent record (inode number and the block runs that change
@@ -31,8 +37,10 @@ package disk
 // fs_file.go (errFallback): inodes without extents, trees deeper than one
 // level or with more than four leaves, unwritten (preallocated) extents,
 // more block runs changing hands than the intent record holds, and
-// allocations that would need a block group whose bitmap is uninitialised
-// (BLOCK_UNINIT, as mkfs.ext4 leaves them).
+// allocations that would need an uninitialised (BLOCK_UNINIT) block group
+// on a meta_bg volume. Elsewhere such a group is initialised by the flush
+// that first allocates in it: its computed bitmap written in epoch B, the
+// flag cleared with the new bitmap in C.
 
 import (
 	"encoding/binary"
@@ -85,6 +93,12 @@ type bitmaps struct {
 	m     *ext4Meta
 	maps  map[int][]byte
 	dirty map[int]bool
+	// uninit holds the groups still BLOCK_UNINIT on disk whose bitmap
+	// was computed here (as the kernel's ext4_init_block_bitmap does):
+	// run writes that computed bitmap before the sync that ends epoch B,
+	// so that when write clears the flag in epoch C the block on disk
+	// is a valid bitmap whichever of the two writes a crash keeps.
+	uninit map[int]bool
 }
 
 func (b *bitmaps) get(g int) ([]byte, error) {
@@ -92,7 +106,15 @@ func (b *bitmaps) get(g int) ([]byte, error) {
 		return bm, nil
 	}
 	if b.m.flags(g)&bgBlockUninit != 0 {
-		return nil, errFallback
+		if binary.LittleEndian.Uint32(b.m.sb[0x60:])&incompatMetaBG != 0 {
+			return nil, errFallback // meta_bg: superblock copies not computed here
+		}
+		if b.uninit == nil {
+			b.uninit = map[int]bool{}
+		}
+		b.uninit[g] = true
+		b.maps[g] = b.m.computedBlockBitmap(g)
+		return b.maps[g], nil
 	}
 	bm := make([]byte, b.m.bs)
 	if _, err := b.m.dev.ReadAt(bm, b.m.blockBitmap(g)); err != nil {
@@ -130,11 +152,10 @@ func (b *bitmaps) alloc(goal, n uint64) (extent, error) {
 	g0 := int((goal - m.firstData) / uint64(m.bpg))
 	for k := 0; k <= m.groups; k++ {
 		g := (g0 + k) % m.groups
-		if m.flags(g)&bgBlockUninit != 0 {
-			continue
-		}
 		bm, err := b.get(g)
-		if err != nil {
+		if errors.Is(err, errFallback) {
+			continue
+		} else if err != nil {
 			return extent{}, err
 		}
 		start := m.firstData + uint64(g)*uint64(m.bpg)
@@ -162,8 +183,8 @@ func (b *bitmaps) alloc(goal, n uint64) (extent, error) {
 			return e, nil
 		}
 	}
-	// the initialised groups are full; the old path (go-diskfs) may still
-	// find room in uninitialised ones, and reports ErrNoSpace if not
+	// full (or only meta_bg groups left uninitialised); the old path
+	// (go-diskfs) reports ErrNoSpace if it finds no room either
 	return extent{}, errFallback
 }
 
@@ -377,30 +398,18 @@ func (f *FS) flushExt4(of *openFile) error {
 func (p *ext4Flush) run(of *openFile) error {
 	m, dev := p.m, p.m.dev
 	bs := m.bs
-	nblocks := uint64((p.size + bs - 1) / bs)
 	// B: the data, the new leaves, the intent
-	for _, idx := range sortedPages(of) {
-		pg := of.pages[idx]
-		first := uint64(idx * pageSize / bs)
-		for b := first; b < first+uint64(pageSize/bs) && b < nblocks; {
-			phys, _ := lookup(p.ext, b)
-			n := uint64(1)
-			for b+n < first+uint64(pageSize/bs) && b+n < nblocks {
-				if q, ok := lookup(p.ext, b+n); !ok || q != phys+n {
-					break
-				}
-				n++
-			}
-			off := int64(b-first) * bs
-			if _, err := dev.WriteAt(pg[off:off+int64(n)*bs], int64(phys)*bs); err != nil {
-				return fmt.Errorf("write data: %w", err)
-			}
-			b += n
-		}
+	if err := p.writeData(of); err != nil {
+		return err
 	}
 	for i, blk := range p.leaves {
 		if _, err := dev.WriteAt(blk, int64(p.leafAt[i])*bs); err != nil {
 			return fmt.Errorf("write extent leaf: %w", err)
+		}
+	}
+	for g := range p.bm.uninit {
+		if _, err := dev.WriteAt(m.computedBlockBitmap(g), m.blockBitmap(g)); err != nil {
+			return fmt.Errorf("initialise block bitmap %d: %w", g, err)
 		}
 	}
 	moving := len(p.alloc)+len(p.free) > 0
@@ -433,24 +442,28 @@ func (p *ext4Flush) run(of *openFile) error {
 	if err := dev.Sync(); err != nil {
 		return err
 	}
-	// E: the dropped blocks freed, the intent cleared
 	if !moving {
 		return nil
 	}
-	for _, e := range p.free {
-		for b := e.phys; b < e.phys+uint64(e.count); b++ {
-			if err := p.bm.set(b, false); err != nil {
-				return err
+	// E: the dropped blocks freed, the intent cleared. With nothing to
+	// free (an append), the bitmaps already claim exactly what the inode
+	// references, so the intent can go without another sync.
+	if len(p.free) > 0 {
+		for _, e := range p.free {
+			for b := e.phys; b < e.phys+uint64(e.count); b++ {
+				if err := p.bm.set(b, false); err != nil {
+					return err
+				}
 			}
 		}
-	}
-	if err := p.bm.write(); err != nil {
-		return err
-	}
-	// the intent goes only once the bitmaps are durable: within one
-	// epoch the Device writes in sector order, superblock first
-	if err := dev.Sync(); err != nil {
-		return err
+		if err := p.bm.write(); err != nil {
+			return err
+		}
+		// the intent goes only once the bitmaps are durable: within one
+		// epoch the Device writes in sector order, superblock first
+		if err := dev.Sync(); err != nil {
+			return err
+		}
 	}
 	// Its clearing needs no sync of its own: a record that outlives the
 	// flush names blocks the inode references exactly as the bitmaps say,
@@ -461,6 +474,60 @@ func (p *ext4Flush) run(of *openFile) error {
 	return m.writeSuper()
 }
 
+// dataRun bounds the runs writeData hands the Device at once (the Device
+// writes them in chunks of its own).
+const dataRun = 16 << 20
+
+// writeData writes of's dirty pages to the blocks p maps them to, handing
+// the Device each run of pages that follow each other on disk at once, so
+// that the file gets few large pwrites and the cipher every core.
+func (p *ext4Flush) writeData(of *openFile) error {
+	bs := p.m.bs
+	nblocks := uint64((p.size + bs - 1) / bs)
+	var run [][]byte
+	var runAt, runLen int64
+	write := func() error {
+		if len(run) == 0 {
+			return nil
+		}
+		err := p.m.dev.writeGather(run, runAt)
+		clear(run)
+		run, runLen = run[:0], 0
+		if err != nil {
+			return fmt.Errorf("write data: %w", err)
+		}
+		return nil
+	}
+	for _, idx := range sortedPages(of) {
+		pg := of.pages[idx]
+		first := uint64(idx * pageSize / bs)
+		for b := first; b < first+uint64(pageSize/bs) && b < nblocks; {
+			phys, _ := lookup(p.ext, b)
+			n := uint64(1)
+			for b+n < first+uint64(pageSize/bs) && b+n < nblocks {
+				if q, ok := lookup(p.ext, b+n); !ok || q != phys+n {
+					break
+				}
+				n++
+			}
+			at := int64(phys) * bs
+			if len(run) > 0 && (runAt+runLen != at || runLen >= dataRun) {
+				if err := write(); err != nil {
+					return err
+				}
+			}
+			if len(run) == 0 {
+				runAt = at
+			}
+			off := int64(b-first) * bs
+			run = append(run, pg[off:off+int64(n)*bs])
+			runLen += int64(n) * bs
+			b += n
+		}
+	}
+	return write()
+}
+
 // write stores the changed bitmaps, their groups' free counts and
 // checksums, and the superblock's free count.
 func (b *bitmaps) write() error {
@@ -469,6 +536,11 @@ func (b *bitmaps) write() error {
 		bm := b.maps[g]
 		if _, err := m.dev.WriteAt(bm, m.blockBitmap(g)); err != nil {
 			return fmt.Errorf("write block bitmap %d: %w", g, err)
+		}
+		if b.uninit[g] {
+			d := m.desc(g)
+			binary.LittleEndian.PutUint16(d[0x12:], m.flags(g)&^bgBlockUninit)
+			delete(b.uninit, g)
 		}
 		inGroup := min(uint64(m.bpg), m.blocksCount-m.firstData-uint64(g)*uint64(m.bpg))
 		m.setField16(g, 0x0c, 0x2c, uint32(zeros(bm, int(inGroup))))
