@@ -71,6 +71,8 @@ func (f *FS) recoverExt4() error {
 		return f.recoverUnindex(m)
 	case createMagic:
 		return f.recoverCreate(m)
+	case putMagic:
+		return f.recoverPut(m)
 	}
 	ino, runs, ok := m.intent()
 	if !ok {
