@@ -54,7 +54,7 @@ type renameIntent struct {
 	newBlk, oldBlk    uint64 // the blocks holding the new and the old record
 	newOff, oldOff    uint32
 	isDir, targetDir  bool
-	dropSrc           bool // Put's temporary file: removed if C did not happen
+	dropSrc           bool   // Put's temporary file: removed if C did not happen
 	fromLinks, toLink uint16 // the parents' link counts before
 	usedDirs          uint32 // the used-directory count of target's group before
 	dotdot            uint64 // a moved directory's first block, holding ".."
