@@ -83,19 +83,7 @@ func (f *FS) createSteps(m *ext4Meta, d *dir, at slot, ino uint32, name string, 
 		return err
 	}
 	// B
-	in := make([]byte, m.inodeSize)
-	le.PutUint16(in[0x00:], 0x81a4) // regular, 0644
-	now := uint32(time.Now().Unix())
-	for _, off := range []int{0x08, 0x0c, 0x10} {
-		le.PutUint32(in[off:], now)
-	}
-	le.PutUint16(in[0x1a:], 1)
-	le.PutUint32(in[0x20:], inodeFlagExtents)
-	putHeader(in[0x28:], 0, 4, 0)
-	if m.inodeSize > 128 {
-		le.PutUint16(in[0x80:], 32)
-		le.PutUint32(in[0x90:], now) // creation time
-	}
+	in := m.freshInode(0x81a4, 1) // regular, 0644
 	if err := m.writeInode(ino, in); err != nil {
 		return err
 	}
@@ -120,6 +108,26 @@ func (f *FS) createSteps(m *ext4Meta, d *dir, at slot, ino uint32, name string, 
 		return err
 	}
 	return m.dev.Sync()
+}
+
+// freshInode is a new inode of mode with links names and an empty
+// extent tree, its times now.
+func (m *ext4Meta) freshInode(mode, links uint16) []byte {
+	le := binary.LittleEndian
+	in := make([]byte, m.inodeSize)
+	le.PutUint16(in[0x00:], mode)
+	now := uint32(time.Now().Unix())
+	for _, off := range []int{0x08, 0x0c, 0x10} {
+		le.PutUint32(in[off:], now)
+	}
+	le.PutUint16(in[0x1a:], links)
+	le.PutUint32(in[0x20:], inodeFlagExtents)
+	putHeader(in[0x28:], 0, 4, 0)
+	if m.inodeSize > 128 {
+		le.PutUint16(in[0x80:], 32)
+		le.PutUint32(in[0x90:], now) // creation time
+	}
+	return in
 }
 
 // freeInode0 picks a free inode in a group whose inode table is

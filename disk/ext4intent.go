@@ -73,6 +73,8 @@ func (f *FS) recoverExt4() error {
 		return f.recoverCreate(m)
 	case putMagic:
 		return f.recoverPut(m)
+	case mkdirMagic:
+		return f.recoverMkdir(m)
 	}
 	ino, runs, ok := m.intent()
 	if !ok {

@@ -448,3 +448,68 @@ func treeDiff(got, before, after map[string][]byte) string {
 	slices.Sort(out)
 	return strings.Join(out, "; ")
 }
+
+// TestCrashDuringMkdir cuts the device's writes off at every sector a
+// Mkdir writes, as TestCrashDuringRename does: after the repair open the
+// tree must be as before or with the new empty directory, and e2fsck -fn
+// must find nothing wrong.
+func TestCrashDuringMkdir(t *testing.T) {
+	for _, v := range []struct {
+		name   string
+		bs, ss int
+	}{{"keygate-mkfs/4096", 0, 4096}, {"keygate-mkfs/512", 0, 512}, {"mkfs.ext4-1k/4096", 1024, 4096}, {"mkfs.ext4-1k/512", 1024, 512}} {
+		for _, dir := range []string{"a/newdir", "full/newdir"} {
+			t.Run(dir+"/"+v.name, func(t *testing.T) {
+				fsys, d, img, c := renameVolume(t, v.bs, v.ss, false, true)
+				before := map[string][]byte{}
+				walk(t, fsys, ".", before)
+				if err := fsys.Close(); err != nil {
+					t.Fatal(err)
+				}
+				if err := d.Close(); err != nil {
+					t.Fatal(err)
+				}
+				base, err := os.ReadFile(img.Name())
+				if err != nil {
+					t.Fatal(err)
+				}
+				after := map[string][]byte{dir: nil}
+				for k, v := range before {
+					after[k] = v
+				}
+				// go-diskfs's writes stay in the Device's cache until a Sync
+				op := func(fsys *disk.FS) error {
+					if err := fsys.Mkdir(dir); err != nil {
+						return err
+					}
+					return fsys.Sync()
+				}
+				d = crashDevice(t, img, base, v.ss, c, 1<<62)
+				if err := op(openFS(t, d)); err != nil {
+					t.Fatal(err)
+				}
+				total := disk.SectorsWritten(d)
+				t.Logf("%d sectors written", total)
+				for n := int64(0); n < total; n++ {
+					what := fmt.Sprintf("cut after %d of %d sectors", n, total)
+					d := crashDevice(t, img, base, v.ss, c, n)
+					if err := op(openFS(t, d)); err == nil {
+						t.Fatalf("%s: Mkdir succeeded", what)
+					}
+					d2 := newDevice(t, img, int64(len(base))-segOff, v.ss, c)
+					fsys2, err := disk.OpenFS(d2)
+					if err != nil {
+						t.Fatalf("%s: open: %v", what, err)
+					}
+					got := map[string][]byte{}
+					walk(t, fsys2, ".", got)
+					if !sameTree(got, before) && !sameTree(got, after) {
+						t.Fatalf("%s: the tree is neither as before nor as after: %s", what, treeDiff(got, before, after))
+					}
+					fsckAt(t, fsys2, d2, what)
+					d2.Close()
+				}
+			})
+		}
+	}
+}

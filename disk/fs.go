@@ -356,6 +356,14 @@ func (f *FS) mkdir(p string) error {
 			return fmt.Errorf("mkdir %s: %s is a file: %w", display(p), display(q), ErrNotDir)
 		}
 	}
+	if f.typ == Ext4 {
+		// in ordered steps, not go-diskfs's unordered batch (ext4mkdir.go)
+		if done, err := f.mkdirAllExt4(p); err != nil {
+			return err
+		} else if done {
+			return nil
+		}
+	}
 	top := strings.Split(p, "/")[0]
 	_, err := f.stat(top)
 	newTop := err != nil
