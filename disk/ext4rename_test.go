@@ -351,67 +351,89 @@ func TestCrashDuringRename(t *testing.T) {
 			}
 			t.Run(tc.name+"/"+v.name, func(t *testing.T) {
 				fsys, d, img, c := renameVolume(t, v.bs, v.ss, tc.htree, tc.full)
-				before := map[string][]byte{}
-				walk(t, fsys, ".", before)
-				if err := fsys.Close(); err != nil {
-					t.Fatal(err)
-				}
-				if err := d.Close(); err != nil {
-					t.Fatal(err)
-				}
-				base, err := os.ReadFile(img.Name())
-				if err != nil {
-					t.Fatal(err)
-				}
-				after := map[string][]byte{}
-				for k, v := range before {
-					switch {
-					case tc.put != nil:
-						after[k] = v
-					case k == tc.to || strings.HasPrefix(k, tc.to+"/"):
-					case k == tc.from || strings.HasPrefix(k, tc.from+"/"):
-						after[tc.to+k[len(tc.from):]] = v
-					default:
-						after[k] = v
+				crashEach(t, fsys, d, img, c, v.ss, func(before map[string][]byte) map[string][]byte {
+					after := map[string][]byte{}
+					for k, v := range before {
+						switch {
+						case tc.put != nil:
+							after[k] = v
+						case k == tc.to || strings.HasPrefix(k, tc.to+"/"):
+						case k == tc.from || strings.HasPrefix(k, tc.from+"/"):
+							after[tc.to+k[len(tc.from):]] = v
+						default:
+							after[k] = v
+						}
 					}
-				}
-				if tc.put != nil {
-					after[tc.to] = tc.put
-				}
-				op := func(fsys *disk.FS) error {
+					if tc.put != nil {
+						after[tc.to] = tc.put
+					}
+					return after
+				}, func(fsys *disk.FS) error {
 					if tc.put != nil {
 						return fsys.Put(tc.to, bytes.NewReader(tc.put), int64(len(tc.put)))
 					}
 					return fsys.Rename(tc.from, tc.to)
-				}
-				d = crashDevice(t, img, base, v.ss, c, 1<<62)
-				if err := op(openFS(t, d)); err != nil {
-					t.Fatal(err)
-				}
-				total := disk.SectorsWritten(d)
-				t.Logf("%d sectors written", total)
-				for n := int64(0); n < total; n++ {
-					what := fmt.Sprintf("cut after %d of %d sectors", n, total)
-					d := crashDevice(t, img, base, v.ss, c, n)
-					if err := op(openFS(t, d)); err == nil {
-						t.Fatalf("%s: the operation succeeded", what)
-					}
-					d2 := newDevice(t, img, int64(len(base))-segOff, v.ss, c)
-					fsys2, err := disk.OpenFS(d2)
-					if err != nil {
-						t.Fatalf("%s: open: %v", what, err)
-					}
-					// exactly: a Put's temporary file is gone too
-					got := map[string][]byte{}
-					walk(t, fsys2, ".", got)
-					if !sameTree(got, before) && !sameTree(got, after) {
-						t.Fatalf("%s: the tree is neither as before nor as after: %s", what, treeDiff(got, before, after))
-					}
-					fsckAt(t, fsys2, d2, what)
-					d2.Close()
-				}
+				}, everySector)
 			})
 		}
+	}
+}
+
+func everySector(total int64) []int64 {
+	out := make([]int64, total)
+	for n := range out {
+		out[n] = int64(n)
+	}
+	return out
+}
+
+// crashEach runs op on the volume fsys (on d, over img) once to count the
+// sectors it writes, then again from the same start for each cut point,
+// the device's writes cut off after that many sectors, and opens what is
+// left as the next boot would: the tree must be exactly as before or as
+// want(before) says it is after (no temporary file left), and e2fsck -fn
+// must find nothing wrong.
+func crashEach(t *testing.T, fsys *disk.FS, d *disk.Device, img *os.File, c *xts.Cipher, ss int,
+	want func(before map[string][]byte) map[string][]byte, op func(*disk.FS) error, points func(total int64) []int64) {
+	t.Helper()
+	before := map[string][]byte{}
+	walk(t, fsys, ".", before)
+	if err := fsys.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	base, err := os.ReadFile(img.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := want(before)
+	d = crashDevice(t, img, base, ss, c, 1<<62)
+	if err := op(openFS(t, d)); err != nil {
+		t.Fatal(err)
+	}
+	total := disk.SectorsWritten(d)
+	cuts := points(total)
+	t.Logf("%d sectors written, cut after %d points", total, len(cuts))
+	for _, n := range cuts {
+		what := fmt.Sprintf("cut after %d of %d sectors", n, total)
+		d := crashDevice(t, img, base, ss, c, n)
+		if err := op(openFS(t, d)); err == nil {
+			t.Fatalf("%s: the operation succeeded", what)
+		}
+		d2 := newDevice(t, img, int64(len(base))-segOff, ss, c)
+		fsys2, err := disk.OpenFS(d2)
+		if err != nil {
+			t.Fatalf("%s: open: %v", what, err)
+		}
+		got := map[string][]byte{}
+		walk(t, fsys2, ".", got)
+		if !sameTree(got, before) && !sameTree(got, after) {
+			t.Fatalf("%s: the tree is neither as before nor as after: %s", what, treeDiff(got, before, after))
+		}
+		fsckAt(t, fsys2, d2, what)
+		d2.Close()
 	}
 }
 
@@ -461,55 +483,59 @@ func TestCrashDuringMkdir(t *testing.T) {
 		for _, dir := range []string{"a/newdir", "full/newdir"} {
 			t.Run(dir+"/"+v.name, func(t *testing.T) {
 				fsys, d, img, c := renameVolume(t, v.bs, v.ss, false, true)
-				before := map[string][]byte{}
-				walk(t, fsys, ".", before)
-				if err := fsys.Close(); err != nil {
-					t.Fatal(err)
-				}
-				if err := d.Close(); err != nil {
-					t.Fatal(err)
-				}
-				base, err := os.ReadFile(img.Name())
-				if err != nil {
-					t.Fatal(err)
-				}
-				after := map[string][]byte{dir: nil}
-				for k, v := range before {
-					after[k] = v
-				}
-				// go-diskfs's writes stay in the Device's cache until a Sync
-				op := func(fsys *disk.FS) error {
+				crashEach(t, fsys, d, img, c, v.ss, func(before map[string][]byte) map[string][]byte {
+					after := map[string][]byte{dir: nil}
+					for k, v := range before {
+						after[k] = v
+					}
+					return after
+				}, func(fsys *disk.FS) error {
+					// go-diskfs's writes stay in the Device's cache until a Sync
 					if err := fsys.Mkdir(dir); err != nil {
 						return err
 					}
 					return fsys.Sync()
-				}
-				d = crashDevice(t, img, base, v.ss, c, 1<<62)
-				if err := op(openFS(t, d)); err != nil {
-					t.Fatal(err)
-				}
-				total := disk.SectorsWritten(d)
-				t.Logf("%d sectors written", total)
-				for n := int64(0); n < total; n++ {
-					what := fmt.Sprintf("cut after %d of %d sectors", n, total)
-					d := crashDevice(t, img, base, v.ss, c, n)
-					if err := op(openFS(t, d)); err == nil {
-						t.Fatalf("%s: Mkdir succeeded", what)
-					}
-					d2 := newDevice(t, img, int64(len(base))-segOff, v.ss, c)
-					fsys2, err := disk.OpenFS(d2)
-					if err != nil {
-						t.Fatalf("%s: open: %v", what, err)
-					}
-					got := map[string][]byte{}
-					walk(t, fsys2, ".", got)
-					if !sameTree(got, before) && !sameTree(got, after) {
-						t.Fatalf("%s: the tree is neither as before nor as after: %s", what, treeDiff(got, before, after))
-					}
-					fsckAt(t, fsys2, d2, what)
-					d2.Close()
-				}
+				}, everySector)
 			})
 		}
+	}
+}
+
+// TestCrashDuringBigPut is TestCrashDuringRename's Put over a file with
+// content that go-diskfs allocates in two goes (its 4 MiB chunks), so
+// that Put's record lists blocks from more than one bitmap write. With
+// 4096-byte sectors (TestCrashDuringRename's small Puts cut 512-byte ones)
+// it cuts at every sector of the first 40 (the temporary file's create,
+// the first allocation) and of the last 48 (the second allocation, the
+// rename: about 30 sectors), and at every 128th of the first chunk's data
+// between.
+func TestCrashDuringBigPut(t *testing.T) {
+	content := bytes.Repeat([]byte("big put "), (4<<20+8<<10)/8)
+	for _, v := range []struct {
+		name string
+		bs   int
+	}{{"keygate-mkfs", 0}, {"mkfs.ext4-1k", 1024}} {
+		t.Run(v.name, func(t *testing.T) {
+			fsys, d, img, c := renameVolume(t, v.bs, 4096, false, false)
+			crashEach(t, fsys, d, img, c, 4096, func(before map[string][]byte) map[string][]byte {
+				after := map[string][]byte{"a/x": content}
+				for k, v := range before {
+					if k != "a/x" {
+						after[k] = v
+					}
+				}
+				return after
+			}, func(fsys *disk.FS) error {
+				return fsys.Put("a/x", bytes.NewReader(content), int64(len(content)))
+			}, func(total int64) []int64 {
+				var out []int64
+				for n := int64(0); n < total; n++ {
+					if n < 40 || n >= total-48 || n%128 == 0 {
+						out = append(out, n)
+					}
+				}
+				return out
+			})
+		})
 	}
 }
