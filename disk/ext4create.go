@@ -13,7 +13,8 @@ package disk
 //	   one aligned write (writeEntry)
 //
 // The next writable open keeps the inode if the name is live, and frees
-// it otherwise (finishCreate).
+// it otherwise (recoverCreate); Put's temporary file it frees either way
+// (ext4put.go).
 
 import (
 	"encoding/binary"
