@@ -35,6 +35,7 @@ type mkdirIntent struct {
 	blk         uint64 // the directory's one block
 	links       uint16 // the parent's link count before
 	usedDirs    uint32 // the used-directory count of ino's group before
+	stamp       []byte // the superblock's stamp (ext4put.go) at the start
 }
 
 func (r *mkdirIntent) put(b []byte) {
@@ -48,12 +49,14 @@ func (r *mkdirIntent) put(b []byte) {
 	le.PutUint64(b[24:], r.blk)
 	le.PutUint16(b[32:], r.links)
 	le.PutUint32(b[36:], r.usedDirs)
+	copy(b[40:50], r.stamp)
 }
 
 func getMkdirIntent(b []byte) mkdirIntent {
 	le := binary.LittleEndian
 	return mkdirIntent{ino: le.Uint32(b[4:]), parent: le.Uint32(b[8:]), entBlk: le.Uint64(b[12:]),
-		entOff: le.Uint32(b[20:]), blk: le.Uint64(b[24:]), links: le.Uint16(b[32:]), usedDirs: le.Uint32(b[36:])}
+		entOff: le.Uint32(b[20:]), blk: le.Uint64(b[24:]), links: le.Uint16(b[32:]), usedDirs: le.Uint32(b[36:]),
+		stamp: b[40:50]}
 }
 
 // mkdirAllExt4 creates p and its missing parents, each in ordered steps.
@@ -109,7 +112,7 @@ func (f *FS) mkdirExt4(p string) (bool, error) {
 	}
 	g := int((ino - 1) / m.ipg)
 	r := mkdirIntent{ino: ino, parent: parent, entBlk: d.blocks[at.i].phys, entOff: uint32(at.off), blk: e.phys,
-		links: binary.LittleEndian.Uint16(d.inode[0x1a:]), usedDirs: uint32(m.field(g, 0x10, 0x30, 2))}
+		links: binary.LittleEndian.Uint16(d.inode[0x1a:]), usedDirs: uint32(m.field(g, 0x10, 0x30, 2)), stamp: m.stamp()}
 	if err := f.mkdirSteps(m, d, at, bm, r, path.Base(p)); err != nil {
 		if rerr := f.recoverExt4(); rerr != nil {
 			err = fmt.Errorf("%w (and undoing it failed: %v)", err, rerr)
@@ -221,15 +224,18 @@ func (f *FS) recoverMkdir(m *ext4Meta) error {
 	if r.ino == 0 || r.ino > m.ipg*uint32(m.groups) || r.blk < m.firstData || r.blk >= m.blocksCount {
 		return fmt.Errorf("mkdir intent names inode %d and block %d, outside the filesystem", r.ino, r.blk)
 	}
-	if err := m.reseal(r.parent, r.entBlk); err != nil {
-		return err
-	}
-	rec, _, ok, err := m.recordAt(r.entBlk, r.entOff)
-	if err != nil {
-		return err
-	}
-	if err := m.finishMkdir(r, ok && rec.ino == r.ino); err != nil {
-		return fmt.Errorf("finish an interrupted mkdir: %w", err)
+	// after another writer (ext4put.go's stamp) the record is only dropped
+	if !m.foreign(r.stamp) {
+		if err := m.reseal(r.parent, r.entBlk); err != nil {
+			return err
+		}
+		rec, _, ok, err := m.recordAt(r.entBlk, r.entOff)
+		if err != nil {
+			return err
+		}
+		if err := m.finishMkdir(r, ok && rec.ino == r.ino); err != nil {
+			return fmt.Errorf("finish an interrupted mkdir: %w", err)
+		}
 	}
 	clear(m.sb[intentOff:0x3fc])
 	if err := m.recount(); err != nil {

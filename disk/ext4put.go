@@ -22,7 +22,9 @@ package disk
 // temporary file's record from its directory, frees every block listed
 // (the file was created empty, so these are all it can own, referenced or
 // not: its extent tree, perhaps half written, is never read) and the
-// inode, and recounts.
+// inode, and recounts. A record left before another writer had the
+// volume (a kernel's mount over NBD, e2fsck: see stamp) is dropped
+// instead, as those blocks may be another file's by then.
 //
 // The chain of records for one Put on ext4, each replacing the last with
 // one write of the superblock's second 512-byte half: the create's
@@ -47,10 +49,23 @@ import (
 
 // putMagic marks Put's intent record: "KGP1". Layout after the magic:
 // inode 4, parent 8, record block 12 (8 bytes), record offset 20, run
-// count 24, runs from 28 (block 8 bytes, count 4).
+// count 24, stamp 28 (10 bytes), runs from 40 (block 8 bytes, count 4).
 const putMagic = 0x3150474b
 
-const putRunsMax = (0x3fc - intentOff - 28) / 12
+const putRunsMax = (0x3fc - intentOff - 40) / 12
+
+// stamp is what a kernel's mount (mount time and count) or e2fsck (last
+// check) changes in the superblock and keygate never does. A record
+// whose stamp is not the superblock's was left by a crash before another
+// writer had the volume (attached over NBD, or repaired): the blocks it
+// lists may be another file's by now, so it is not acted on.
+func (m *ext4Meta) stamp() []byte {
+	return append(append(m.sb[0x2c:0x30:0x30], m.sb[0x34:0x36]...), m.sb[0x40:0x44]...)
+}
+
+// foreign says whether a record with stamp st predates another writer's
+// use of the volume.
+func (m *ext4Meta) foreign(st []byte) bool { return string(st[:10]) != string(m.stamp()) }
 
 // putLog is the record of the Put in progress, while on.
 type putLog struct {
@@ -76,6 +91,7 @@ func (f *FS) startPut(m *ext4Meta, ino, parent uint32, blk uint64, off uint32) {
 	le.PutUint32(l.rec[8:], parent)
 	le.PutUint64(l.rec[12:], blk)
 	le.PutUint32(l.rec[20:], off)
+	copy(l.rec[28:38], m.stamp())
 	copy(m.sb[intentOff:0x3fc], l.rec)
 }
 
@@ -159,8 +175,8 @@ func (l *putLog) logAlloc(dev backend.WritableFile, g int, p []byte) error {
 		l.runs = runs
 		le.PutUint32(l.rec[24:], uint32(len(runs)))
 		for i, r := range runs {
-			le.PutUint64(l.rec[28+12*i:], r.phys)
-			le.PutUint32(l.rec[36+12*i:], r.count)
+			le.PutUint64(l.rec[40+12*i:], r.phys)
+			le.PutUint32(l.rec[48+12*i:], r.count)
 		}
 	}
 	sb := make([]byte, 1024)
@@ -201,9 +217,12 @@ func (m *ext4Meta) dropPutTemp() error {
 	if ino == 0 || ino > m.ipg*uint32(m.groups) || n > putRunsMax {
 		return fmt.Errorf("put intent names inode %d and %d block runs: not a record keygate writes", ino, n)
 	}
+	if m.foreign(b[28:]) {
+		return nil // the temporary file stays, as another writer left it
+	}
 	runs := make([]extent, n)
 	for i := range runs {
-		runs[i] = extent{phys: le.Uint64(b[28+12*i:]), count: le.Uint32(b[36+12*i:])}
+		runs[i] = extent{phys: le.Uint64(b[40+12*i:]), count: le.Uint32(b[48+12*i:])}
 	}
 	if err := m.dropEntry(parent, blk, off, ino); err != nil {
 		return err
