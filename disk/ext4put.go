@@ -143,6 +143,23 @@ func (l *putLog) patchSuper(p []byte) []byte {
 	return q
 }
 
+// setRuns puts runs in the record, or, when they are too many to list
+// (a fragmented volume), clears it: the Put goes on unrecorded, as
+// go-diskfs alone would.
+func (l *putLog) setRuns(runs []extent) {
+	le := binary.LittleEndian
+	if len(runs) > putRunsMax {
+		clear(l.rec)
+		return
+	}
+	l.runs = runs
+	le.PutUint32(l.rec[24:], uint32(len(runs)))
+	for i, r := range runs {
+		le.PutUint64(l.rec[40+12*i:], r.phys)
+		le.PutUint32(l.rec[48+12*i:], r.count)
+	}
+}
+
 // logAlloc adds the blocks that bitmap p of group g marks used, and the
 // bitmap on disk does not, to the record, and makes it durable.
 func (l *putLog) logAlloc(dev backend.WritableFile, g int, p []byte) error {
@@ -166,19 +183,7 @@ func (l *putLog) logAlloc(dev backend.WritableFile, g int, p []byte) error {
 	if len(added) == 0 {
 		return nil
 	}
-	runs := mergeRuns(append(l.runs, added...))
-	le := binary.LittleEndian
-	if len(runs) > putRunsMax {
-		// too fragmented to list: go on unrecorded, as go-diskfs would
-		clear(l.rec)
-	} else {
-		l.runs = runs
-		le.PutUint32(l.rec[24:], uint32(len(runs)))
-		for i, r := range runs {
-			le.PutUint64(l.rec[40+12*i:], r.phys)
-			le.PutUint32(l.rec[48+12*i:], r.count)
-		}
-	}
+	l.setRuns(mergeRuns(append(l.runs, added...)))
 	sb := make([]byte, 1024)
 	if _, err := dev.ReadAt(sb, 1024); err != nil {
 		return fmt.Errorf("read superblock: %w", err)
