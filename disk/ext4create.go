@@ -13,7 +13,8 @@ package disk
 //	   one aligned write (writeEntry)
 //
 // The next writable open keeps the inode if the name is live, and frees
-// it otherwise (finishCreate).
+// it otherwise (recoverCreate); Put's temporary file it frees either way
+// (ext4put.go).
 
 import (
 	"encoding/binary"
@@ -27,8 +28,11 @@ const createMagic = 0x3143474b
 
 // createExt4 creates p as an empty regular file. It reports false, having
 // changed nothing, when no initialised inode is free (go-diskfs then
-// creates it, initialising a group).
-func (f *FS) createExt4(p string) (bool, error) {
+// creates it, initialising a group). With temp, p is Put's temporary
+// file: a crash undoes the create even once the name is live, and the
+// create's record gives way to Put's (ext4put.go), which watches what
+// go-diskfs then writes until the rename over the real name.
+func (f *FS) createExt4(p string, temp bool) (bool, error) {
 	if len(path.Base(p)) > 255 {
 		return false, fmt.Errorf("create %s: a name has at most 255 bytes: %w", display(p), ErrInvalid)
 	}
@@ -51,7 +55,8 @@ func (f *FS) createExt4(p string) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("create %s: %w", display(p), err)
 	}
-	if err := f.createSteps(m, d, at, ino, path.Base(p)); err != nil {
+	if err := f.createSteps(m, d, at, ino, path.Base(p), temp); err != nil {
+		f.stopPut()
 		if rerr := f.recoverExt4(); rerr != nil {
 			err = fmt.Errorf("%w (and undoing it failed: %v)", err, rerr)
 		}
@@ -60,7 +65,7 @@ func (f *FS) createExt4(p string) (bool, error) {
 	return true, f.reload()
 }
 
-func (f *FS) createSteps(m *ext4Meta, d *dir, at slot, ino uint32, name string) error {
+func (f *FS) createSteps(m *ext4Meta, d *dir, at slot, ino uint32, name string, temp bool) error {
 	le := binary.LittleEndian
 	b := m.sb[intentOff:0x3fc]
 	clear(b)
@@ -69,6 +74,9 @@ func (f *FS) createSteps(m *ext4Meta, d *dir, at slot, ino uint32, name string) 
 	le.PutUint32(b[8:], d.ino)
 	le.PutUint64(b[12:], d.blocks[at.i].phys)
 	le.PutUint32(b[20:], uint32(at.off))
+	if temp {
+		b[24] = 1
+	}
 	if err := m.writeSuper(); err != nil {
 		return err
 	}
@@ -76,19 +84,7 @@ func (f *FS) createSteps(m *ext4Meta, d *dir, at slot, ino uint32, name string) 
 		return err
 	}
 	// B
-	in := make([]byte, m.inodeSize)
-	le.PutUint16(in[0x00:], 0x81a4) // regular, 0644
-	now := uint32(time.Now().Unix())
-	for _, off := range []int{0x08, 0x0c, 0x10} {
-		le.PutUint32(in[off:], now)
-	}
-	le.PutUint16(in[0x1a:], 1)
-	le.PutUint32(in[0x20:], inodeFlagExtents)
-	putHeader(in[0x28:], 0, 4, 0)
-	if m.inodeSize > 128 {
-		le.PutUint16(in[0x80:], 32)
-		le.PutUint32(in[0x90:], now) // creation time
-	}
+	in := m.freshInode(0x81a4, 1) // regular, 0644
 	if err := m.writeInode(ino, in); err != nil {
 		return err
 	}
@@ -106,10 +102,33 @@ func (f *FS) createSteps(m *ext4Meta, d *dir, at slot, ino uint32, name string) 
 		return err
 	}
 	clear(b)
+	if temp {
+		f.startPut(m, ino, d.ino, d.blocks[at.i].phys, uint32(at.off))
+	}
 	if err := m.writeSuper(); err != nil {
 		return err
 	}
 	return m.dev.Sync()
+}
+
+// freshInode is a new inode of mode with links names and an empty
+// extent tree, its times now.
+func (m *ext4Meta) freshInode(mode, links uint16) []byte {
+	le := binary.LittleEndian
+	in := make([]byte, m.inodeSize)
+	le.PutUint16(in[0x00:], mode)
+	now := uint32(time.Now().Unix())
+	for _, off := range []int{0x08, 0x0c, 0x10} {
+		le.PutUint32(in[off:], now)
+	}
+	le.PutUint16(in[0x1a:], links)
+	le.PutUint32(in[0x20:], inodeFlagExtents)
+	putHeader(in[0x28:], 0, 4, 0)
+	if m.inodeSize > 128 {
+		le.PutUint16(in[0x80:], 32)
+		le.PutUint32(in[0x90:], now) // creation time
+	}
+	return in
 }
 
 // freeInode0 picks a free inode in a group whose inode table is
@@ -170,7 +189,8 @@ func (m *ext4Meta) markInode(ino uint32, used bool) error {
 }
 
 // recoverCreate keeps the inode of an interrupted create if its name is
-// live, and frees it otherwise; then the counts follow the bitmaps.
+// live, and frees it otherwise; Put's temporary file goes either way (its
+// name unlinked first). Then the counts follow the bitmaps.
 func (f *FS) recoverCreate(m *ext4Meta) error {
 	le := binary.LittleEndian
 	b := m.sb[intentOff:0x3fc]
@@ -178,7 +198,11 @@ func (f *FS) recoverCreate(m *ext4Meta) error {
 	if ino == 0 || ino > m.ipg*uint32(m.groups) {
 		return fmt.Errorf("create intent names inode %d, outside the filesystem", ino)
 	}
-	if err := m.reseal(parent, blk); err != nil {
+	if b[24] == 1 {
+		if err := m.dropEntry(parent, blk, off, ino); err != nil {
+			return err
+		}
+	} else if err := m.reseal(parent, blk); err != nil {
 		return err
 	}
 	r, _, ok, err := m.recordAt(blk, off)
@@ -186,11 +210,7 @@ func (f *FS) recoverCreate(m *ext4Meta) error {
 		return err
 	}
 	if !ok || r.ino != ino {
-		in := make([]byte, m.inodeSize)
-		if err := m.writeInode(ino, in); err != nil {
-			return err
-		}
-		if err := m.markInode(ino, false); err != nil {
+		if err := m.dropInode(ino); err != nil {
 			return err
 		}
 	}

@@ -72,6 +72,10 @@ func (f *FS) recoverExt4() error {
 		return f.recoverUnindex(m)
 	case createMagic:
 		return f.recoverCreate(m)
+	case putMagic:
+		return f.recoverPut(m)
+	case mkdirMagic:
+		return f.recoverMkdir(m)
 	}
 	ino, runs, ok := m.intent()
 	if !ok {

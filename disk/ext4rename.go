@@ -19,6 +19,11 @@ package disk
 //	   counts of both parents; the replaced inode freed (its blocks, its
 //	   inode bit, the counts); then the intent cleared
 //
+// Put's replace (replaceExt4) marks its record: should the switch not have
+// happened, the repair removes the source, Put's complete temporary file,
+// so that a crash leaves the tree as before the Put, not with a stray
+// .NAME.keygate-put (ext4put.go).
+//
 // Between C and D both names point at the file, its link count says one,
 // and a replaced inode is unreferenced but not freed: e2fsck would report
 // each. The next writable OpenFS finishes D from the intent record, as
@@ -49,6 +54,7 @@ type renameIntent struct {
 	newBlk, oldBlk    uint64 // the blocks holding the new and the old record
 	newOff, oldOff    uint32
 	isDir, targetDir  bool
+	dropSrc           bool   // Put's temporary file: removed if C did not happen
 	fromLinks, toLink uint16 // the parents' link counts before
 	usedDirs          uint32 // the used-directory count of target's group before
 	dotdot            uint64 // a moved directory's first block, holding ".."
@@ -72,6 +78,9 @@ func (r *renameIntent) put(b []byte) {
 	if r.targetDir {
 		b[44] |= 2
 	}
+	if r.dropSrc {
+		b[44] |= 4
+	}
 	le.PutUint16(b[48:], r.fromLinks)
 	le.PutUint16(b[50:], r.toLink)
 	le.PutUint32(b[52:], r.usedDirs)
@@ -83,7 +92,7 @@ func getRenameIntent(b []byte) renameIntent {
 	return renameIntent{
 		ino: le.Uint32(b[4:]), target: le.Uint32(b[8:]), from: le.Uint32(b[12:]), to: le.Uint32(b[16:]),
 		newBlk: le.Uint64(b[20:]), newOff: le.Uint32(b[28:]), oldBlk: le.Uint64(b[32:]), oldOff: le.Uint32(b[40:]),
-		isDir: b[44]&1 != 0, targetDir: b[44]&2 != 0,
+		isDir: b[44]&1 != 0, targetDir: b[44]&2 != 0, dropSrc: b[44]&4 != 0,
 		fromLinks: le.Uint16(b[48:]), toLink: le.Uint16(b[50:]), usedDirs: le.Uint32(b[52:]), dotdot: le.Uint64(b[56:]),
 	}
 }
@@ -92,6 +101,16 @@ func getRenameIntent(b []byte) renameIntent {
 // checked that the move is allowed: types match, a replaced directory is
 // empty, n is not below o).
 func (f *FS) renameExt4(o, n string, isDir bool) error {
+	return f.renameExt4As(o, n, isDir, false)
+}
+
+// replaceExt4 moves Put's finished temporary file tmp over p; a crash
+// before the switch removes tmp.
+func (f *FS) replaceExt4(tmp, p string) error {
+	return f.renameExt4As(tmp, p, false, true)
+}
+
+func (f *FS) renameExt4As(o, n string, isDir, dropSrc bool) error {
 	if len(path.Base(n)) > 255 {
 		return fmt.Errorf("rename to %s: a name has at most 255 bytes: %w", display(n), ErrInvalid)
 	}
@@ -110,13 +129,13 @@ func (f *FS) renameExt4(o, n string, isDir bool) error {
 	if err != nil {
 		return err
 	}
-	if err := f.renameSteps(m, o, n, from, to, isDir); err != nil {
+	if err := f.renameSteps(m, o, n, from, to, isDir, dropSrc); err != nil {
 		return fmt.Errorf("rename %s to %s: %w", display(o), display(n), err)
 	}
 	return f.reload()
 }
 
-func (f *FS) renameSteps(m *ext4Meta, o, n string, from, to uint32, isDir bool) error {
+func (f *FS) renameSteps(m *ext4Meta, o, n string, from, to uint32, isDir, dropSrc bool) error {
 	le := binary.LittleEndian
 	oname, nname := path.Base(o), path.Base(n)
 	src, err := m.readDir(from)
@@ -127,7 +146,7 @@ func (f *FS) renameSteps(m *ext4Meta, o, n string, from, to uint32, isDir bool) 
 	if err != nil {
 		return err
 	}
-	r := renameIntent{ino: old.ino, from: from, to: to, isDir: isDir}
+	r := renameIntent{ino: old.ino, from: from, to: to, isDir: isDir, dropSrc: dropSrc}
 	if isDir && from != to {
 		// ".." changes: an htree root's index checksum covers it
 		d, err := m.readDir(r.ino)
@@ -256,7 +275,15 @@ func (m *ext4Meta) finishRename(r renameIntent) error {
 		return err
 	}
 	if !ok || nr.ino != r.ino {
-		return nil // the switch did not happen: the rename did not
+		// the switch did not happen: the rename did not
+		if !r.dropSrc {
+			return nil
+		}
+		if err := m.dropEntry(r.from, r.oldBlk, r.oldOff, r.ino); err != nil {
+			return err
+		}
+		// complete and durable before the record: its tree can be read
+		return m.freeInode(r.ino, false, 0)
 	}
 	// the old record, unless already unlinked
 	if or, b, ok, err := m.recordAt(r.oldBlk, r.oldOff); err != nil {

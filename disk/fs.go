@@ -70,6 +70,8 @@ type FS struct {
 	files map[string]*openFile // files open through OpenFile, by fileKey
 
 	inPlace, whole int // flushes of open files written in place, and whole (tests read them)
+
+	plog putLog // ext4: the record of a Put in progress (ext4put.go)
 }
 
 // Mkfs creates a filesystem of type t over the whole device and returns it.
@@ -177,7 +179,7 @@ func (f *FS) reload() error {
 		if lazy, err = readExt4Meta(f.dev); err != nil {
 			return err
 		}
-		f.fs, err = ext4.Read(newLazyExt4(f.dev, lazy), f.dev.Size(), 0, 512)
+		f.fs, err = ext4.Read(&putWatch{Storage: newLazyExt4(f.dev, lazy), log: &f.plog}, f.dev.Size(), 0, 512)
 		if err == nil {
 			f.ext, err = readExt4Meta(f.dev)
 		}
@@ -354,6 +356,14 @@ func (f *FS) mkdir(p string) error {
 			return fmt.Errorf("mkdir %s: %s is a file: %w", display(p), display(q), ErrNotDir)
 		}
 	}
+	if f.typ == Ext4 {
+		// in ordered steps, not go-diskfs's unordered batch (ext4mkdir.go)
+		if done, err := f.mkdirAllExt4(p); err != nil {
+			return err
+		} else if done {
+			return nil
+		}
+	}
 	top := strings.Split(p, "/")[0]
 	_, err := f.stat(top)
 	newTop := err != nil
@@ -499,15 +509,27 @@ func (f *FS) put(p string, r io.Reader, size int64) error {
 			}
 		}
 	}
+	recorded := false // a crash removes the temporary file (ext4put.go)
 	if f.typ == Ext4 {
 		// the name in ordered steps, not in go-diskfs's unordered batch
 		// (ext4create.go); go-diskfs then only writes the content
-		if _, err := f.createExt4(target); err != nil {
+		ok, err := f.createExt4(target, target != p)
+		if err != nil {
 			return fmt.Errorf("put %s: %w", display(p), err)
 		}
+		recorded = ok && target != p
 	}
 	n, err := f.write(target, r, size)
+	if recorded {
+		f.stopPut()
+	}
 	if err != nil {
+		if recorded {
+			// as after a crash: the record removes the temporary file
+			if rerr := f.recoverExt4(); rerr != nil {
+				return fmt.Errorf("put %s: %w (and removing the partial file failed: %v)", display(p), err, rerr)
+			}
+		}
 		if _, serr := f.stat(target); serr != nil {
 			return fmt.Errorf("put %s: %w", display(p), err) // nothing was created
 		}
@@ -533,7 +555,12 @@ func (f *FS) put(p string, r io.Reader, size int64) error {
 // the two leaves no p and the complete new content in tmp.
 func (f *FS) replace(p, tmp string) error {
 	if f.typ == Ext4 {
-		if err := f.renameExt4(tmp, p, false); err != nil {
+		if err := f.replaceExt4(tmp, p); err != nil {
+			// Put's record must not outlive the Put: it lists blocks
+			// that may be another file's later (ext4put.go)
+			if rerr := f.recoverExt4(); rerr != nil {
+				err = fmt.Errorf("%w (and removing the temporary file failed: %v)", err, rerr)
+			}
 			return fmt.Errorf("put %s: %w", display(p), err)
 		}
 		return nil
