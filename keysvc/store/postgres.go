@@ -40,8 +40,7 @@ import (
 // most that long. Errors that mean the database is not reachable, or not
 // writable now (a standby, a server shutting down), wrap ErrUnavailable.
 type Postgres struct {
-	pool  *pgxpool.Pool
-	wpool *pgxpool.Pool // the audit writer's one connection
+	pool *pgxpool.Pool
 
 	queue   chan *auditReq
 	qmu     sync.RWMutex
@@ -98,15 +97,6 @@ func OpenPostgres(ctx context.Context, url string) (*Postgres, error) {
 		pool.Close()
 		return nil, fmt.Errorf("open store on PostgreSQL %s: %w", where(cfg), err)
 	}
-	// The audit writer has a connection of its own, so that a batch, which
-	// holds the chain's head locked for every replica, never waits for a
-	// connection behind the handlers' reads.
-	wcfg := cfg.Copy()
-	wcfg.MaxConns, wcfg.MinConns = 1, 0
-	if p.wpool, err = pgxpool.NewWithConfig(ctx, wcfg); err != nil {
-		pool.Close()
-		return nil, fmt.Errorf("open store: %w", classify(err))
-	}
 	p.queue = make(chan *auditReq, maxBatch)
 	p.stop = make(chan struct{})
 	p.stopped = make(chan struct{})
@@ -138,7 +128,6 @@ func (p *Postgres) Close() error {
 	}
 	p.qmu.Unlock()
 	<-p.stopped
-	p.wpool.Close()
 	p.pool.Close()
 	return nil
 }

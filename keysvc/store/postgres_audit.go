@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -180,31 +181,105 @@ func (p *Postgres) writer() {
 }
 
 // commitAudit runs batch in one transaction under one lock of the head and
-// answers every request. The batch costs two round trips, whatever its
-// size, each one pipeline on the writer's own connection (lockAudit and
-// storeAudit): the first begins, locks the head, reads the last record and
-// claims the batch's challenges in one INSERT … ON CONFLICT DO NOTHING; the
-// records are then computed in memory one after another (each on the one
-// before); the second stores them, releases the challenges of appends that
-// failed, moves the head and commits. An append whose next fails, or whose
-// seq or challenge is taken, writes nothing and gets its error; the others
-// are kept. If anything else fails (the connection, the COMMIT), every
-// append in the batch gets that error: none is reported done unless
-// committed.
-//
-// Why two pipelines rather than a statement at a time: the head's lock is
-// held from the moment the first pipeline's answer is ready until the
-// COMMIT's fsync, and every round trip made while holding it waits not only
-// for PostgreSQL but for this process's scheduler to run the writer again,
-// which under load (hundreds of requests verifying quotes on two cores)
-// takes milliseconds. Each replica's writer waits for the others' in turn,
-// so that time was paid once per replica per batch and made the
-// PostgreSQL engine's tail (issue 13: six round trips under the lock).
-// The writer's connection is its own (wpool), so that a batch never queues
-// behind the request handlers' reads for a pooled connection either.
+// answers every request. The batch costs a fixed number of round trips,
+// whatever its size: its challenges are claimed in one INSERT … ON CONFLICT
+// DO NOTHING, its records computed in memory one after another (each on
+// the one before), and stored with one COPY. An append whose next fails,
+// or whose seq or challenge is taken, writes nothing (a challenge it had
+// claimed is released again in the same transaction) and gets its error;
+// the others are kept. If anything else fails (the connection, the
+// COMMIT), every append in the batch gets that error: none is reported
+// done unless committed.
 func (p *Postgres) commitAudit(batch []*auditReq) {
 	results := make([]writeResult, len(batch))
-	if err := p.runAuditBatch(batch, results); err != nil {
+	err := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+		defer cancel()
+		tx, err := p.pool.Begin(ctx)
+		if err != nil {
+			return fmt.Errorf("begin: %w", err)
+		}
+		defer tx.Rollback(ctx)
+		last, head, err := lockHead(ctx, tx)
+		if err != nil {
+			return err
+		}
+		var (
+			ids  []string
+			exps []int64
+		)
+		for i, r := range batch {
+			if err := r.ctx.Err(); err != nil {
+				results[i].err = err
+			} else if r.use != nil {
+				ids, exps = append(ids, r.use.ID), append(exps, ns(r.use.Expires))
+			}
+		}
+		claimed := map[string]bool{}
+		if len(ids) > 0 {
+			got, err := pgx.CollectRows(mustQuery(tx.Query(ctx, `INSERT INTO used_challenges (id, expires_ns)
+				SELECT * FROM unnest($1::text[], $2::bigint[]) ON CONFLICT (id) DO NOTHING RETURNING id`, ids, exps)), pgx.RowTo[string])
+			if err != nil {
+				return fmt.Errorf("record challenge uses: %w", err)
+			}
+			for _, id := range got {
+				claimed[id] = true
+			}
+		}
+		var (
+			recs    []AuditRecord
+			seqs    = map[uint64]bool{}
+			release []string // claimed for appends that failed
+		)
+		for i, r := range batch {
+			if results[i].err != nil {
+				continue
+			}
+			if r.use != nil {
+				if !claimed[r.use.ID] {
+					results[i].err = ErrChallengeUsed
+					continue
+				}
+				delete(claimed, r.use.ID) // a second use in this batch is a replay
+			}
+			rec, h, res := runNext(r.next, last, head)
+			if res.err == nil && res.panic == nil {
+				res.err = checkSeq(rec, h)
+			}
+			if res.err == nil && res.panic == nil && (seqs[rec.Seq] || last != nil && rec.Seq <= last.Seq && seqTaken(ctx, tx, rec.Seq)) {
+				res.err = fmt.Errorf("audit record %d: %w", rec.Seq, ErrExists)
+			}
+			results[i] = res
+			if res.err != nil || res.panic != nil {
+				if r.use != nil {
+					release = append(release, r.use.ID)
+				}
+				continue
+			}
+			recs, seqs[rec.Seq] = append(recs, rec), true
+			last, head = &rec, &h
+		}
+		if len(release) > 0 {
+			if _, err := tx.Exec(ctx, `DELETE FROM used_challenges WHERE id = ANY($1)`, release); err != nil {
+				return fmt.Errorf("release challenge uses: %w", err)
+			}
+		}
+		if len(recs) == 0 {
+			return tx.Commit(ctx)
+		}
+		rows := make([][]any, len(recs))
+		for i, rec := range recs {
+			rows[i] = []any{int64(rec.Seq), ns(rec.Time), rec.Actor, rec.Action, rec.Subject, string(rec.Details), rec.PrevHash, rec.Hash, rec.MAC}
+		}
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_log"}, strings.Split(auditColumns, ", "), pgx.CopyFromRows(rows)); err != nil {
+			return fmt.Errorf("insert audit records %d to %d: %w", recs[0].Seq, recs[len(recs)-1].Seq, err)
+		}
+		if err := writeHead(ctx, tx, head); err != nil {
+			return err
+		}
+		return tx.Commit(ctx)
+	}()
+	if err != nil {
 		err = classify(err)
 		for i := range results {
 			if results[i].err == nil && results[i].panic == nil {
@@ -217,194 +292,11 @@ func (p *Postgres) commitAudit(batch []*auditReq) {
 	}
 }
 
-// runAuditBatch is commitAudit's transaction. It fills in results for the
-// appends that fail on their own, and returns an error for the batch.
-func (p *Postgres) runAuditBatch(batch []*auditReq, results []writeResult) error {
-	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
-	defer cancel()
-	c, err := p.wpool.Acquire(ctx)
-	if err != nil {
-		return fmt.Errorf("connect: %w", err)
-	}
-	// A connection still in a transaction when released is closed by the
-	// pool, not reused: the ROLLBACK below is only to keep it.
-	defer c.Release()
-	done := false
-	defer func() {
-		if !done {
-			c.Exec(ctx, `ROLLBACK`)
-		}
-	}()
-	var (
-		ids  []string
-		exps []int64
-	)
-	for i, r := range batch {
-		if err := r.ctx.Err(); err != nil {
-			results[i].err = err
-		} else if r.use != nil {
-			ids, exps = append(ids, r.use.ID), append(exps, ns(r.use.Expires))
-		}
-	}
-	last, head, claimed, err := lockAudit(ctx, c.Conn(), ids, exps)
-	if err != nil {
-		return err
-	}
-	var (
-		recs    []AuditRecord
-		seqs    = map[uint64]bool{}
-		release []string // claimed for appends that failed
-	)
-	for i, r := range batch {
-		if results[i].err != nil {
-			continue
-		}
-		if r.use != nil {
-			if !claimed[r.use.ID] {
-				results[i].err = ErrChallengeUsed
-				continue
-			}
-			delete(claimed, r.use.ID) // a second use in this batch is a replay
-		}
-		rec, h, res := runNext(r.next, last, head)
-		if res.err == nil && res.panic == nil {
-			res.err = checkSeq(rec, h)
-		}
-		if res.err == nil && res.panic == nil && (seqs[rec.Seq] || last != nil && rec.Seq <= last.Seq && seqTaken(ctx, c.Conn(), rec.Seq)) {
-			res.err = fmt.Errorf("audit record %d: %w", rec.Seq, ErrExists)
-		}
-		results[i] = res
-		if res.err != nil || res.panic != nil {
-			if r.use != nil {
-				release = append(release, r.use.ID)
-			}
-			continue
-		}
-		recs, seqs[rec.Seq] = append(recs, rec), true
-		last, head = &rec, &h
-	}
-	err = storeAudit(ctx, c.Conn(), release, recs, head)
-	done = err == nil
-	return err
-}
-
-// lockAudit sends the batch's first pipeline: BEGIN, the head's lock, the
-// last record, and the claim of the challenges ids (expiring at exps). The
-// last record is read by its own statement after the lock's: at READ
-// COMMITTED each statement sees what committed before it began, so it sees
-// the record of the transaction the lock waited for (one statement joining
-// the two would see the head re-read after the wait but the record from
-// before it). It returns the challenges claimed.
-func lockAudit(ctx context.Context, c *pgx.Conn, ids []string, exps []int64) (last *AuditRecord, head *AuditHead, claimed map[string]bool, err error) {
-	b := &pgx.Batch{}
-	b.Queue(`BEGIN`)
-	b.Queue(`SELECT seq, hash, mac FROM audit_head WHERE id = 1 FOR UPDATE`)
-	b.Queue(`SELECT ` + auditColumns + ` FROM audit_log ORDER BY seq DESC LIMIT 1`)
-	if len(ids) > 0 {
-		b.Queue(`INSERT INTO used_challenges (id, expires_ns)
-			SELECT * FROM unnest($1::text[], $2::bigint[]) ON CONFLICT (id) DO NOTHING RETURNING id`, ids, exps)
-	}
-	br := c.SendBatch(ctx, b)
-	defer func() {
-		if cerr := br.Close(); err == nil && cerr != nil {
-			err = cerr
-		}
-	}()
-	if _, err := br.Exec(); err != nil {
-		return nil, nil, nil, fmt.Errorf("begin: %w", err)
-	}
-	var (
-		h   AuditHead
-		seq int64
-	)
-	if err := br.QueryRow().Scan(&seq, &h.Hash, &h.MAC); err != nil {
-		return nil, nil, nil, fmt.Errorf("lock audit head: %w (the migration creates its row: was it deleted?)", err)
-	}
-	if seq > 0 {
-		h.Seq = uint64(seq)
-		head = &h
-	}
-	a, err := pgAudit(br.QueryRow())
-	switch {
-	case err == nil:
-		last = &a
-	case !isNoRowsPG(err):
-		return nil, nil, nil, fmt.Errorf("read last audit record: %w", err)
-	}
-	claimed = map[string]bool{}
-	if len(ids) > 0 {
-		got, err := pgx.CollectRows(mustQuery(br.Query()), pgx.RowTo[string])
-		if err != nil {
-			return nil, nil, nil, fmt.Errorf("record challenge uses: %w", err)
-		}
-		for _, id := range got {
-			claimed[id] = true
-		}
-	}
-	return last, head, claimed, nil
-}
-
-// storeAudit sends the batch's second pipeline: the release of the
-// challenges claimed for appends that failed, the records (one INSERT of
-// arrays), the head, and COMMIT.
-func storeAudit(ctx context.Context, c *pgx.Conn, release []string, recs []AuditRecord, head *AuditHead) (err error) {
-	b := &pgx.Batch{}
-	if len(release) > 0 {
-		b.Queue(`DELETE FROM used_challenges WHERE id = ANY($1)`, release)
-	}
-	if len(recs) > 0 {
-		var (
-			seqs, times                        = make([]int64, len(recs)), make([]int64, len(recs))
-			actors, actions, subjects, details = make([]string, len(recs)), make([]string, len(recs)), make([]string, len(recs)), make([]string, len(recs))
-			prevs, hashes, macs                = make([][]byte, len(recs)), make([][]byte, len(recs)), make([][]byte, len(recs))
-		)
-		for i, r := range recs {
-			seqs[i], times[i] = int64(r.Seq), ns(r.Time)
-			actors[i], actions[i], subjects[i], details[i] = r.Actor, r.Action, r.Subject, string(r.Details)
-			prevs[i], hashes[i], macs[i] = r.PrevHash, r.Hash, r.MAC
-		}
-		b.Queue(`INSERT INTO audit_log (`+auditColumns+`)
-			SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::bytea[], $9::bytea[])`,
-			seqs, times, actors, actions, subjects, details, prevs, hashes, macs)
-		b.Queue(`UPDATE audit_head SET seq = $1, hash = $2, mac = $3 WHERE id = 1`, int64(head.Seq), head.Hash, head.MAC)
-	}
-	b.Queue(`COMMIT`)
-	br := c.SendBatch(ctx, b)
-	defer func() {
-		if cerr := br.Close(); err == nil && cerr != nil {
-			err = cerr
-		}
-	}()
-	if len(release) > 0 {
-		if _, err := br.Exec(); err != nil {
-			return fmt.Errorf("release challenge uses: %w", err)
-		}
-	}
-	if len(recs) > 0 {
-		if _, err := br.Exec(); err != nil {
-			return fmt.Errorf("insert audit records %d to %d: %w", recs[0].Seq, recs[len(recs)-1].Seq, err)
-		}
-		if _, err := br.Exec(); err != nil {
-			return fmt.Errorf("write audit head: %w", err)
-		}
-	}
-	tag, err := br.Exec()
-	if err != nil {
-		return fmt.Errorf("commit: %w", err)
-	}
-	// COMMIT of a transaction that failed is answered ROLLBACK, not an
-	// error.
-	if tag.String() != "COMMIT" {
-		return fmt.Errorf("commit: the transaction was rolled back (%s)", tag)
-	}
-	return nil
-}
-
 // seqTaken reports whether the chain holds a record of seq (an error
 // counts as taken: the append is refused rather than risk a fork).
-func seqTaken(ctx context.Context, c *pgx.Conn, seq uint64) bool {
+func seqTaken(ctx context.Context, tx pgx.Tx, seq uint64) bool {
 	var one int
-	err := c.QueryRow(ctx, `SELECT 1 FROM audit_log WHERE seq = $1`, int64(seq)).Scan(&one)
+	err := tx.QueryRow(ctx, `SELECT 1 FROM audit_log WHERE seq = $1`, int64(seq)).Scan(&one)
 	return !isNoRowsPG(err)
 }
 
