@@ -210,18 +210,11 @@ func recoveryPassphrase() (*memguard.LockedBuffer, error) {
 // withVolume opens the image header read-write, unlocks it with key, and
 // runs fn with the volume and its volume key.
 func withVolume(path string, key *Key, fn func(*luks2.Volume, *memguard.LockedBuffer) error) error {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	f, vol, err := openHeader(path)
 	if err != nil {
-		return fmt.Errorf("open image: %w", err)
-	}
-	defer f.Close()
-	if err := lockImage(f, path, true); err != nil {
 		return err
 	}
-	vol, err := luks2.Open(f)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", path, err)
-	}
+	defer f.Close()
 	vk, err := unlockVolume(vol, path, key)
 	if err != nil {
 		return err

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/keygate/keygate/disk/luks2"
 	"golang.org/x/sys/unix"
 )
 
@@ -43,4 +44,24 @@ func lockImage(f *os.File, path string, exclusive bool) error {
 			return fmt.Errorf("lock %s: %w", path, err)
 		}
 	}
+}
+
+// openHeader opens the image read-write for a change to its header (a
+// keyslot added, removed, or rotated), holding the writer's lock, and
+// parses the header.
+func openHeader(path string) (*os.File, *luks2.Volume, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open image: %w", err)
+	}
+	if err := lockImage(f, path, true); err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	vol, err := luks2.Open(f)
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	return f, vol, nil
 }

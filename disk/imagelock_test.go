@@ -39,6 +39,13 @@ func TestImageLock(t *testing.T) {
 			_, err := disk.RotateKey(img, key, other, disk.RotateOptions{})
 			return err
 		},
+		"drop key": func() error {
+			_, err := disk.DropKey(img, key, other, disk.RotateOptions{})
+			return err
+		},
+		"remove key": func() error {
+			return disk.RemoveKey(img, key, 1, true)
+		},
 	}
 	for _, tc := range []struct {
 		holder   string

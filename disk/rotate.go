@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"strconv"
 
 	"github.com/keygate/keygate/disk/luks2"
@@ -71,18 +70,11 @@ func RotateKey(path string, cur, next *Key, opts RotateOptions) (RotateResult, e
 		}
 		return nil
 	}
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	f, vol, err := openHeader(path)
 	if err != nil {
-		return res, fmt.Errorf("rotate key: open image: %w", err)
-	}
-	defer f.Close()
-	if err := lockImage(f, path, true); err != nil {
 		return res, fmt.Errorf("rotate key: %w", err)
 	}
-	vol, err := luks2.Open(f)
-	if err != nil {
-		return res, fmt.Errorf("rotate key: open %s: %w", path, err)
-	}
+	defer f.Close()
 	tid, tok, hasToken := keygateToken(vol)
 
 	// Where is the image? The next UK's keyslot, if there is one, was made

@@ -2,9 +2,6 @@ package disk
 
 import (
 	"fmt"
-	"os"
-
-	"github.com/keygate/keygate/disk/luks2"
 )
 
 // DropKey undoes an unwrap-key rotation the key service cancelled: it
@@ -31,15 +28,11 @@ func DropKey(path string, keep, drop *Key, opts RotateOptions) (RotateResult, er
 		}
 		return nil
 	}
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	f, vol, err := openHeader(path)
 	if err != nil {
-		return res, fmt.Errorf("drop key: open image: %w", err)
+		return res, fmt.Errorf("drop key: %w", err)
 	}
 	defer f.Close()
-	vol, err := luks2.Open(f)
-	if err != nil {
-		return res, fmt.Errorf("drop key: open %s: %w", path, err)
-	}
 	tid, tok, hasToken := keygateToken(vol)
 	res.NewSlot = findSlot(vol, keep, hasToken, tok.Keyslots)
 	if res.NewSlot < 0 {
