@@ -62,12 +62,21 @@ func (f fileSource) sealed() bool {
 }
 
 func (f fileSource) next(create bool) (masterkey.Master, error) {
-	if f.sealed() {
-		return nil, errors.New("rotating a master key sealed to a TPM is not supported yet: escrow it, move it back to a plain master.key, rotate, and seal the new key with `keysvc master-key seal`")
-	}
 	p := f.path + NextKeySuffix
+	probe := p
+	if f.sealed() {
+		// The new key is sealed to the same TPM as the current one, in
+		// master.key.next.tpm; the command line installed that TPM's
+		// Sealer for master.key only.
+		s := masterkey.SealerOf(f.path)
+		if s == nil {
+			return nil, fmt.Errorf("%s is sealed to a TPM, but no TPM was given: start with --master-key-tpm naming it", f.path+masterkey.SealedSuffix)
+		}
+		defer masterkey.UseSealer(p, s)()
+		probe = p + masterkey.SealedSuffix
+	}
 	if !create {
-		if _, err := os.Stat(p); errors.Is(err, fs.ErrNotExist) {
+		if _, err := os.Stat(probe); errors.Is(err, fs.ErrNotExist) {
 			return nil, errNoNext
 		}
 	}
@@ -78,6 +87,19 @@ func (f fileSource) next(create bool) (masterkey.Master, error) {
 	return mk, nil
 }
 
+// files names the current key's file, the rotation's new key's, and the
+// name the old key's last link takes while install wipes it: master.key,
+// master.key.next and master.key.old, or for a key sealed to a TPM the
+// same names with masterkey.SealedSuffix (the sealed blob is useless
+// without the TPM, but a retired one is wiped all the same).
+func (f fileSource) files() (cur, next, old string) {
+	sfx := ""
+	if f.sealed() {
+		sfx = masterkey.SealedSuffix
+	}
+	return f.path + sfx, f.path + NextKeySuffix + sfx, f.path + oldKeySuffix + sfx
+}
+
 // install links the old key to master.key.old, renames master.key.next
 // over master.key (atomic: the name always holds one whole key), syncs
 // the directory, then overwrites the old key's file with random bytes and
@@ -85,18 +107,17 @@ func (f fileSource) next(create bool) (masterkey.Master, error) {
 // wipes. Overwriting in place is best effort: a copy-on-write or
 // wear-levelled disk may keep the old blocks.
 func (f fileSource) install() error {
-	next := f.path + NextKeySuffix
+	cur, next, old := f.files()
 	if _, err := os.Stat(next); errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	old := f.path + oldKeySuffix
 	if err := os.Remove(old); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("install new master key: %w", err)
 	}
-	if err := os.Link(f.path, old); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := os.Link(cur, old); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("install new master key: keep the old one aside: %w", err)
 	}
-	if err := os.Rename(next, f.path); err != nil {
+	if err := os.Rename(next, cur); err != nil {
 		return fmt.Errorf("install new master key: %w", err)
 	}
 	if d, err := os.Open(filepath.Dir(f.path)); err == nil {
@@ -114,7 +135,7 @@ func (f fileSource) install() error {
 // inode: wiping it would overwrite the key in use, so only the link goes.
 // After the rename it is the retired key's last name, and is wiped.
 func (f fileSource) dropOld() error {
-	old := f.path + oldKeySuffix
+	cur, _, old := f.files()
 	oi, err := os.Stat(old)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
@@ -122,7 +143,7 @@ func (f fileSource) dropOld() error {
 	if err != nil {
 		return fmt.Errorf("check %s: %w", old, err)
 	}
-	if ci, err := os.Stat(f.path); err == nil && os.SameFile(oi, ci) {
+	if ci, err := os.Stat(cur); err == nil && os.SameFile(oi, ci) {
 		if err := os.Remove(old); err != nil {
 			return fmt.Errorf("remove %s: %w", old, err)
 		}

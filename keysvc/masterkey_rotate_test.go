@@ -425,3 +425,62 @@ func TestRotationRefusesTamperedRow(t *testing.T) {
 		t.Fatalf("audit verify: %+v, want the tampered row named", rep)
 	}
 }
+
+// TestMasterKeyRotationSealed: a master key sealed to a TPM rotates to a
+// new key sealed to the same TPM. master.key.tpm then holds the new blob,
+// nothing else is left beside it (no plain key, no .next or .old blob),
+// unlocks go on, and a restart unseals the new key; the old blob, which the
+// TPM still opens, is refused by the database's record of the key.
+func TestMasterKeyRotationSealed(t *testing.T) {
+	tp := startSwtpm(t) // the VM plays the in-process simulator
+	dir := t.TempDir()
+	keyPath := filepath.Join(dir, keysvc.MasterKeyFile)
+	t.Cleanup(masterkey.UseSealer(keyPath, tp))
+	sealed := keyPath + masterkey.SealedSuffix
+
+	e := startEnv(t, dir, keysvc.WithRotateBatch(2))
+	v := openVM(t)
+	vols := fleet(t, e, v, 4)
+	oldBlob, err := os.ReadFile(sealed)
+	if err != nil {
+		t.Fatalf("no sealed master key: %v", err)
+	}
+	before := e.masterKey(t)
+	e.admin(t, "POST", "/v1/admin/master-key/rotate", nil, http.StatusAccepted)
+	if msg := e.waitRotation(t); msg != "" {
+		t.Fatalf("rotation stopped: %s", msg)
+	}
+	if after := e.masterKey(t); after.Fingerprint == before.Fingerprint {
+		t.Fatalf("fingerprint unchanged: %s", after.Fingerprint)
+	}
+	newBlob, err := os.ReadFile(sealed)
+	if err != nil || bytes.Equal(newBlob, oldBlob) {
+		t.Fatalf("master.key.tpm after the rotation: err %v, changed %v", err, !bytes.Equal(newBlob, oldBlob))
+	}
+	for _, left := range []string{keyPath, keyPath + keysvc.NextKeySuffix, keyPath + keysvc.NextKeySuffix + masterkey.SealedSuffix, keyPath + ".old" + masterkey.SealedSuffix} {
+		if _, err := os.Stat(left); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind: %v", filepath.Base(left), err)
+		}
+	}
+	if body0(t, e, v, "rot-0", vols["rot-0"]) == nil {
+		t.Fatal("no unlock after the rotation")
+	}
+	e.verifyAudit(t)
+	e.stop(t)
+
+	if err := os.WriteFile(sealed, oldBlob, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = keysvc.Start(context.Background(), keysvc.Config{DataDir: dir, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", Logger: discardLogger()})
+	if !errors.Is(err, keysvc.ErrMasterKeyMismatch) {
+		t.Fatalf("start with the old sealed key: %v, want ErrMasterKeyMismatch", err)
+	}
+	if err := os.WriteFile(sealed, newBlob, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e2 := startEnv(t, dir)
+	if body0(t, e2, v, "rot-0", vols["rot-0"]) == nil {
+		t.Fatal("no unlock after a restart on the new sealed key")
+	}
+	e2.verifyAudit(t)
+}

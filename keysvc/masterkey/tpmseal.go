@@ -47,6 +47,9 @@ func UseSealer(path string, s Sealer) (release func()) {
 	return func() { sealers.CompareAndDelete(p, s) }
 }
 
+// SealerOf returns the Sealer UseSealer installed for path, or nil.
+func SealerOf(path string) Sealer { return sealerFor(path) }
+
 func sealerFor(path string) Sealer {
 	if s, ok := sealers.Load(filepath.Clean(path)); ok {
 		return s.(Sealer)
