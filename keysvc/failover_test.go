@@ -53,19 +53,17 @@ type replica interface {
 // postAny posts to the replicas in turn from first, as a VM with several
 // replicas in its list does: one that is unreachable or answers 503 costs a
 // try at the next; any other answer is final.
-func postAny(reps []replica, first int, path string, body any) (int, []byte, error) {
-	var (
-		code int
-		b    []byte
-		err  error
-	)
+func postAny(reps []replica, first int, path string, body any) (code int, b []byte, cut bool, err error) {
 	for i := range reps {
 		code, b, err = reps[(first+i)%len(reps)].post(path, body)
 		if err == nil && code != http.StatusServiceUnavailable {
-			return code, b, nil
+			return code, b, cut, nil
 		}
+		// A transport error may come after the replica committed the
+		// request (a replica killed before its answer left).
+		cut = cut || err != nil
 	}
-	return code, b, err
+	return code, b, cut, err
 }
 
 // unlockLoop unlocks through the replicas in turn (challenge at one, unlock
@@ -80,7 +78,7 @@ func unlockLoop(t *testing.T, reps []replica, v *vmTPM, vm, vol string, stop <-c
 		default:
 		}
 		asked := time.Now()
-		code, body, err := postAny(reps, i, "/v1/challenge", api.ChallengeRequest{VM: vm, Volume: vol, EKPub: v.ekPEM, AKPub: v.akPEM})
+		code, body, _, err := postAny(reps, i, "/v1/challenge", api.ChallengeRequest{VM: vm, Volume: vol, EKPub: v.ekPEM, AKPub: v.akPEM})
 		if err != nil || code == http.StatusServiceUnavailable {
 			time.Sleep(50 * time.Millisecond)
 			continue
@@ -95,10 +93,14 @@ func unlockLoop(t *testing.T, reps []replica, v *vmTPM, vm, vol string, stop <-c
 			return
 		}
 		req := api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, ch.Nonce)}
-		code, body, err = postAny(reps, i+1, "/v1/unlock", req)
+		code, body, cut, err := postAny(reps, i+1, "/v1/unlock", req)
 		switch {
 		case err != nil || code == http.StatusServiceUnavailable:
 			time.Sleep(50 * time.Millisecond)
+		case cut && code == http.StatusForbidden && strings.Contains(string(body), `"reason":"challenge"`):
+			// The first replica took the challenge and died before it
+			// answered: the VM never got that blob, and the challenge is
+			// not released twice. A VM asks for a new challenge, as here.
 		case code == http.StatusOK:
 			got(releasedBlob{challenge: req, session: sessionID(t, body), asked: asked, at: time.Now()})
 		default:
