@@ -60,8 +60,10 @@ func postAny(reps []replica, first int, path string, body any) (code int, b []by
 			return code, b, cut, nil
 		}
 		// A transport error may come after the replica committed the
-		// request (a replica killed before its answer left).
-		cut = cut || err != nil
+		// request (a replica killed before its answer left), and so may a
+		// 503: the database died after the COMMIT reached it but before
+		// its acknowledgement did.
+		cut = cut || err != nil || code == http.StatusServiceUnavailable
 	}
 	return code, b, cut, err
 }
@@ -98,9 +100,10 @@ func unlockLoop(t *testing.T, reps []replica, v *vmTPM, vm, vol string, stop <-c
 		case err != nil || code == http.StatusServiceUnavailable:
 			time.Sleep(50 * time.Millisecond)
 		case cut && code == http.StatusForbidden && strings.Contains(string(body), `"reason":"challenge"`):
-			// The first replica took the challenge and died before it
-			// answered: the VM never got that blob, and the challenge is
-			// not released twice. A VM asks for a new challenge, as here.
+			// The first replica took the challenge and died (or lost its
+			// database) before it answered: the VM never got that blob,
+			// and the challenge is not released twice. A VM asks for a new
+			// challenge, as here.
 		case code == http.StatusOK:
 			got(releasedBlob{challenge: req, session: sessionID(t, body), asked: asked, at: time.Now()})
 		default:

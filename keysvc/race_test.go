@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keygate/keygate/internal/pgtest"
 	"github.com/keygate/keygate/keysvc"
 	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
@@ -40,20 +41,38 @@ func (a *hookAuditor) AppendUsing(ctx context.Context, use store.ChallengeUse, e
 	return a.Log.AppendUsing(ctx, use, ev)
 }
 
+// AppendVia is the path an unlock's release record takes where the store
+// re-reads in the commit's round trip (the SQLite and PostgreSQL stores).
+func (a *hookAuditor) AppendVia(ctx context.Context, ev audit.Event, via func(store.AuditNext) error) (audit.Record, error) {
+	if ev.Action == audit.ActionUnlock && a.hook != nil {
+		a.once.Do(a.hook)
+	}
+	return a.Log.AppendVia(ctx, ev, via)
+}
+
 // TestReleaseRechecksAfterRace: an erase or revoke that commits while an
-// unlock is being verified must win; the unlock gets a refusal, never a blob.
+// unlock is being verified must win; the unlock gets a refusal, never a
+// blob. On PostgreSQL the re-read rides in the release record's commit
+// (store.AppendAuditUsingThenRead), after its COMMIT.
 func TestReleaseRechecksAfterRace(t *testing.T) {
 	v := openVM(t)
 	for _, tc := range []struct {
 		name, path, reason string
+		db                 string
 	}{
-		{"erase", "/v1/admin/volumes/racer-vol/erase", api.ReasonErased},
-		{"revoke", "/v1/admin/vms/racer/revoke", api.ReasonRevoked},
+		{"erase", "/v1/admin/volumes/racer-vol/erase", api.ReasonErased, "sqlite"},
+		{"revoke", "/v1/admin/vms/racer/revoke", api.ReasonRevoked, "sqlite"},
+		{"erase-postgres", "/v1/admin/volumes/racer-vol/erase", api.ReasonErased, "postgres"},
+		{"revoke-postgres", "/v1/admin/vms/racer/revoke", api.ReasonRevoked, "postgres"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			ha := &hookAuditor{Log: replicaAudit(t, dir)}
-			e := startEnv(t, dir, keysvc.WithAudit(ha))
+			db := ""
+			if tc.db == "postgres" {
+				db = pgtest.Shared(t).NewDB(t)
+			}
+			ha := &hookAuditor{Log: replicaAuditOn(t, dir, db)}
+			e := startEnvWith(t, keysvc.Config{DataDir: dir, DB: db}, keysvc.WithAudit(ha))
 			vol := setup(t, e, v, "racer")
 
 			var hookErr error
@@ -131,14 +150,18 @@ func TestReleaseRefusedPastChallengeGrace(t *testing.T) {
 // replicaAudit opens the audit log of the service that will run on dir
 // through a second handle on its database and master key, as another
 // replica would hold them.
-func replicaAudit(t *testing.T, dir string) *audit.Log {
+func replicaAudit(t *testing.T, dir string) *audit.Log { return replicaAuditOn(t, dir, "") }
+
+// replicaAuditOn is replicaAudit on the database db names ("" for SQLite
+// in dir).
+func replicaAuditOn(t *testing.T, dir, db string) *audit.Log {
 	t.Helper()
 	mk, _, err := masterkey.LoadOrCreate(filepath.Join(dir, keysvc.MasterKeyFile))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(mk.Destroy)
-	st, err := store.OpenSQLite(context.Background(), dir)
+	st, err := store.Open(context.Background(), db, dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,6 +191,11 @@ func (a *barrierAuditor) AppendUsing(ctx context.Context, use store.ChallengeUse
 func (a *barrierAuditor) Append(ctx context.Context, ev audit.Event) (audit.Record, error) {
 	a.wait(ev)
 	return a.Log.Append(ctx, ev)
+}
+
+func (a *barrierAuditor) AppendVia(ctx context.Context, ev audit.Event, via func(store.AuditNext) error) (audit.Record, error) {
+	a.wait(ev)
+	return a.Log.AppendVia(ctx, ev, via)
 }
 
 func (a *barrierAuditor) wait(ev audit.Event) {

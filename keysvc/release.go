@@ -99,9 +99,37 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		s.refuse(w, r, vm.Name, vol.ID, &refusal{reason: api.ReasonChallenge, hint: "the challenge expired while the unlock was being verified; request a new one"})
 		return
 	}
-	if use != nil {
+	// An erase or revoke may have committed while this unlock was being
+	// verified. The release record is durable before anything is read
+	// again, and every write goes through one ordered writer, so whatever
+	// committed before it is visible to a read after it: read the VM and
+	// the volume again, and release nothing if either changed. (The chain
+	// then holds the release record followed by the denial, which is what
+	// took place.) Where the store can, that read rides in the commit's
+	// round trip (AppendAuditUsingThenRead).
+	var (
+		reread      bool
+		nowVM       store.VM
+		nowVol      *store.Volume
+		readErr     error
+		ar, canRead = s.appendReader()
+		va, canVia  = s.audit.(viaAuditor)
+	)
+	switch {
+	case use != nil && canRead && canVia:
+		reread = true
+		_, err = va.AppendVia(ctx, ev, func(next store.AuditNext) error {
+			v, vl, err := ar.AppendAuditUsingThenRead(ctx, *use, next, vm.Name, vol.ID)
+			if errors.Is(err, store.ErrReadAfterAppend) {
+				readErr = err
+				return nil
+			}
+			nowVM, nowVol = v, vl
+			return err
+		})
+	case use != nil:
 		_, err = s.audit.AppendUsing(ctx, *use, ev)
-	} else {
+	default:
 		_, err = s.audit.Append(ctx, ev)
 	}
 	if errors.Is(err, store.ErrChallengeUsed) {
@@ -122,15 +150,16 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		writeError(w, errorf(http.StatusInternalServerError, "the operator must run `keysvc audit verify` and repair the audit chain", "the release could not be audited, so no key is released"))
 		return
 	}
-	// An erase or revoke may have committed while this unlock was being
-	// verified. The release record above is durable and every write goes
-	// through one ordered writer, so whatever committed before it is visible
-	// now: check again, and release nothing if either happened. (The chain
-	// then holds the release record followed by the denial, which is what
-	// took place.)
-	if f, err := s.stillReleasable(ctx, vm, vol.ID); err != nil || f != nil {
-		if err != nil {
-			s.readFailed(w, r, vm.Name, vol.ID, err)
+	var f *refusal
+	if !reread {
+		nowVM, nowVol, readErr = s.vmAndVolume(ctx, vm.Name, vol.ID)
+	}
+	if readErr == nil {
+		f = stillReleasable(vm, nowVM, nowVol)
+	}
+	if readErr != nil || f != nil {
+		if readErr != nil {
+			s.readFailed(w, r, vm.Name, vol.ID, readErr)
 		} else {
 			s.refuse(w, r, vm.Name, vol.ID, f)
 		}
@@ -141,31 +170,52 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 	writeJSON(w, http.StatusOK, api.UnlockResponse{ImportBlob: blobBytes, Session: sess, PCRs: idx, NextImportBlob: nextBlob, RotationCancelling: cancelling})
 }
 
-// stillReleasable re-reads the VM and the volume after a release was
-// recorded, to catch a revoke, an erase or any change to what the unlock
-// was verified against that raced the verification. verified is the VM as
-// the unlock read it, with the policy it verified against: the re-read EK,
-// AK and policy must be exactly those, not merely still parse (a new AK or
-// policy committed meanwhile would otherwise ride on a quote checked
-// against the old ones).
-func (s *Server) stillReleasable(ctx context.Context, verified store.VM, volID string) (*refusal, error) {
-	vm, vol, err := s.vmAndVolume(ctx, verified.Name, volID)
-	if err != nil {
-		return nil, err
-	}
+// stillReleasable checks the VM and the volume as read again after a
+// release was recorded (vm, vol), to catch a revoke, an erase or any
+// change to what the unlock was verified against that raced the
+// verification. verified is the VM as the unlock read it, with the policy
+// it verified against: the re-read EK, AK and policy must be exactly those,
+// not merely still parse (a new AK or policy committed meanwhile would
+// otherwise ride on a quote checked against the old ones).
+func stillReleasable(verified, vm store.VM, vol *store.Volume) *refusal {
 	// The same checks as before verification: revoked, EK and AK still enrolled.
 	if _, _, f := enrolledKeys(vm, nil, nil); f != nil {
-		return f, nil
+		return f
 	}
 	switch {
 	case vm.EKPubPEM != verified.EKPubPEM:
-		return &refusal{reason: api.ReasonUnknownEK, hint: "the VM's enrolled EK changed while this unlock was verified; retry"}, nil
+		return &refusal{reason: api.ReasonUnknownEK, hint: "the VM's enrolled EK changed while this unlock was verified; retry"}
 	case vm.AKPubPEM != verified.AKPubPEM:
-		return &refusal{reason: api.ReasonUnknownAK, hint: "the VM's enrolled AK changed while this unlock was verified; retry"}, nil
+		return &refusal{reason: api.ReasonUnknownAK, hint: "the VM's enrolled AK changed while this unlock was verified; retry"}
 	case !bytes.Equal(vm.Policy, verified.Policy):
-		return &refusal{reason: api.ReasonPolicy, hint: "the VM's policy changed while this unlock was verified; retry against the new policy"}, nil
+		return &refusal{reason: api.ReasonPolicy, hint: "the VM's policy changed while this unlock was verified; retry against the new policy"}
 	}
-	return checkVolume(verified.Name, vol), nil
+	return checkVolume(verified.Name, vol)
+}
+
+// appendThenReader appends an unlock's release record and then reads the
+// VM and the volume again (store.Backend.AppendAuditUsingThenRead); the
+// Server's authStore implements it.
+type appendThenReader interface {
+	AppendAuditUsingThenRead(ctx context.Context, use store.ChallengeUse, next store.AuditNext, vm, id string) (store.VM, *store.Volume, error)
+}
+
+// appendReader returns the Server's store as an appendThenReader, if the
+// store under it is one.
+func (s *Server) appendReader() (appendThenReader, bool) {
+	if a, ok := s.st.(*authStore); ok {
+		if _, ok := a.Store.(appendThenReader); !ok {
+			return nil, false
+		}
+		return a, true
+	}
+	r, ok := s.st.(appendThenReader)
+	return r, ok
+}
+
+// viaAuditor appends through a caller's store call (audit.Log.AppendVia).
+type viaAuditor interface {
+	AppendVia(ctx context.Context, ev audit.Event, via func(next store.AuditNext) error) (audit.Record, error)
 }
 
 // readFailed answers a failed read of a VM or volume: a row that fails its

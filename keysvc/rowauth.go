@@ -257,13 +257,51 @@ func (a *authStore) GetVMAndVolume(ctx context.Context, vmName, id string) (stor
 	if err != nil {
 		return vm, vol, err
 	}
-	if err := a.k.checkVM(vm); err != nil {
+	return vm, vol, a.checkVMAndVolume(vm, vol)
+}
+
+// GetVMAndVolumeUsing is GetVMAndVolume that also reports whether challenge
+// is used, in the same query where the store can.
+func (a *authStore) GetVMAndVolumeUsing(ctx context.Context, vmName, id, challenge string) (store.VM, *store.Volume, bool, error) {
+	r, ok := a.Store.(vmVolumeChallengeReader)
+	if !ok {
+		vm, vol, err := a.GetVMAndVolume(ctx, vmName, id)
+		if err != nil {
+			return vm, vol, false, err
+		}
+		used, err := a.Store.ChallengeUsed(ctx, challenge)
+		return vm, vol, used, err
+	}
+	vm, vol, used, err := r.GetVMAndVolumeUsing(ctx, vmName, id, challenge)
+	if err != nil {
+		return vm, vol, used, err
+	}
+	return vm, vol, used, a.checkVMAndVolume(vm, vol)
+}
+
+// AppendAuditUsingThenRead is the store's, with the rows read checked.
+// Server.appendReader offers it only over a store that has one.
+func (a *authStore) AppendAuditUsingThenRead(ctx context.Context, use store.ChallengeUse, next store.AuditNext, vmName, id string) (store.VM, *store.Volume, error) {
+	r, ok := a.Store.(appendThenReader)
+	if !ok {
+		return store.VM{}, nil, errors.New("append and read: the store cannot")
+	}
+	vm, vol, err := r.AppendAuditUsingThenRead(ctx, use, next, vmName, id)
+	if err != nil {
 		return vm, vol, err
 	}
-	if vol != nil {
-		if err := a.k.checkVolume(*vol); err != nil {
-			return vm, vol, err
-		}
+	if err := a.checkVMAndVolume(vm, vol); err != nil {
+		return vm, vol, fmt.Errorf("%w: %w", store.ErrReadAfterAppend, err)
 	}
 	return vm, vol, nil
+}
+
+func (a *authStore) checkVMAndVolume(vm store.VM, vol *store.Volume) error {
+	if err := a.k.checkVM(vm); err != nil {
+		return err
+	}
+	if vol != nil {
+		return a.k.checkVolume(*vol)
+	}
+	return nil
 }

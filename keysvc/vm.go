@@ -159,6 +159,26 @@ type vmVolumeReader interface {
 	GetVMAndVolume(ctx context.Context, vm, id string) (store.VM, *store.Volume, error)
 }
 
+// vmVolumeChallengeReader also reads, in the same query, whether a challenge
+// is used. keysvc/store's backends and authStore implement it.
+type vmVolumeChallengeReader interface {
+	GetVMAndVolumeUsing(ctx context.Context, vm, id, challenge string) (store.VM, *store.Volume, bool, error)
+}
+
+// unlockRead is an unlock's first read: the named VM, the volume id (nil if
+// none), and whether the challenge whose ID is challenge is used.
+func (s *Server) unlockRead(ctx context.Context, vmName, id, challenge string) (store.VM, *store.Volume, bool, error) {
+	if r, ok := s.st.(vmVolumeChallengeReader); ok {
+		return r.GetVMAndVolumeUsing(ctx, vmName, id, challenge)
+	}
+	vm, vol, err := s.vmAndVolume(ctx, vmName, id)
+	if err != nil {
+		return vm, vol, false, err
+	}
+	used, err := s.st.ChallengeUsed(ctx, challenge)
+	return vm, vol, used, err
+}
+
 // vmAndVolume reads the named VM and the volume id (nil if none).
 func (s *Server) vmAndVolume(ctx context.Context, vmName, id string) (store.VM, *store.Volume, error) {
 	if r, ok := s.st.(vmVolumeReader); ok {
@@ -242,21 +262,30 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 // peekNames reads the vm and volume names from a v1 challenge token without
 // authenticating it (attest/challenge.go documents the layout), so that the
 // enrolled keys can be looked up; Check then checks the MAC and the binding
-// to exactly those keys. Nothing else is taken from the unauthenticated
-// payload.
+// to exactly those keys.
 func peekNames(token string) (vm, volume string, ok bool) {
+	vm, volume, _, ok = peekToken(token)
+	return vm, volume, ok
+}
+
+// peekToken is peekNames that also returns the token's nonce (its ID), so
+// that the same read looks up whether it is used. Nothing is decided on
+// the unauthenticated nonce: the lookup's answer counts only once Check
+// has authenticated the payload it came from.
+func peekToken(token string) (vm, volume string, nonce []byte, ok bool) {
 	if len(token) > 4096 {
-		return "", "", false
+		return "", "", nil, false
 	}
 	parts := strings.Split(token, ".")
 	if len(parts) != 3 || parts[0] != "v1" {
-		return "", "", false
+		return "", "", nil, false
 	}
 	b, err := base64.RawURLEncoding.DecodeString(parts[1])
 	const fixed = 8 + 8 + attest.NonceSize + 32 + 32
 	if err != nil || len(b) < fixed {
-		return "", "", false
+		return "", "", nil, false
 	}
+	nonce = b[16 : 16+attest.NonceSize]
 	b = b[fixed:]
 	name := func() (string, bool) {
 		if len(b) < 2 {
@@ -272,7 +301,7 @@ func peekNames(token string) (vm, volume string, ok bool) {
 	}
 	vm, ok1 := name()
 	volume, ok2 := name()
-	return vm, volume, ok1 && ok2 && len(b) == 0
+	return vm, volume, nonce, ok1 && ok2 && len(b) == 0
 }
 
 func (s *Server) handleUnlock(w http.ResponseWriter, r *http.Request) { s.unlock(w, r, false) }
@@ -290,15 +319,16 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 		return
 	}
 	ctx := r.Context()
-	vmName, volID, ok := peekNames(req.Challenge)
+	vmName, volID, nonce, ok := peekToken(req.Challenge)
 	if !ok {
 		s.refuse(w, r, "", "", &refusal{reason: api.ReasonChallenge, hint: "the challenge is not a keysvc challenge token; send the one POST /v1/challenge returned"})
 		return
 	}
-	// The volume is read here too, in the same query, but checked only
-	// after the challenge is checked (so a refused attempt uses it up);
-	// stillReleasable reads both again after the release is on record.
-	vm, stored, err := s.vmAndVolume(ctx, vmName, volID)
+	// The volume, and whether the challenge is used, are read here too, in
+	// the same query, but checked only after the challenge is checked (so a
+	// refused attempt uses it up); stillReleasable reads the VM and the
+	// volume again after the release is on record.
+	vm, stored, used, err := s.unlockRead(ctx, vmName, volID, hex.EncodeToString(nonce))
 	if errors.Is(err, store.ErrNotFound) {
 		s.refuse(w, r, vmName, volID, &refusal{reason: api.ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
 		return
@@ -343,8 +373,11 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 			return
 		}
 		use = nil
-	} else if used, err := s.st.ChallengeUsed(ctx, use.ID); err != nil {
-		s.internal(w, "look up challenge", err)
+	} else if !bytes.Equal(claims.ID(), nonce) {
+		// Check authenticated the payload the nonce was peeked from, so
+		// this cannot happen; if the token layout ever changes, refuse
+		// rather than trust a lookup of something else.
+		s.internal(w, "look up challenge", errors.New("the challenge's ID is not the nonce peeked from it"))
 		return
 	} else if used {
 		s.refuse(w, r, vmName, volID, replay)

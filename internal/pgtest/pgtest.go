@@ -145,7 +145,7 @@ func create(bin string, uid, gid uint32, o Options) (*Cluster, error) {
 		"unix_socket_directories = '" + c.SockDir + "'",
 		"port = " + strconv.Itoa(Port),
 		"shared_buffers = 16MB",
-		"max_connections = 60",
+		"max_connections = 200", // each store keeps its pool open: 8 connections
 		"fsync = on",
 		"synchronous_commit = on",
 		"max_wal_size = 64MB",

@@ -34,6 +34,17 @@ type Backend interface {
 	Anchor(ctx context.Context) (*Anchor, error)
 	Adopt(ctx context.Context, vm func(*VM) error, vol func(*Volume) error, next AuditNext, anchor func(AuditRecord) Anchor) error
 	GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume, error)
+	// GetVMAndVolumeUsing is GetVMAndVolume that also reports whether
+	// challenge is recorded as used, in the same query: an unlock's first
+	// read, one round trip where it was two.
+	GetVMAndVolumeUsing(ctx context.Context, vm, id, challenge string) (VM, *Volume, bool, error)
+	// AppendAuditUsingThenRead is AppendAuditUsing followed by
+	// GetVMAndVolume(vm, id), read once the record is committed, so that
+	// it sees every write committed before the record: an unlock's release
+	// record and its re-check, in one round trip where the store can. A
+	// failed read after a committed record is an error wrapping
+	// ErrReadAfterAppend.
+	AppendAuditUsingThenRead(ctx context.Context, use ChallengeUse, next AuditNext, vm, id string) (VM, *Volume, error)
 	SetCommitDelay(d time.Duration, siblings func() int)
 	// ClaimMasterKey records fp as the master key's fingerprint if the
 	// database has none, and returns the one it has (fp, if it was just

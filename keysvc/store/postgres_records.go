@@ -272,7 +272,7 @@ func (p *Postgres) ChallengeUsed(ctx context.Context, id string) (bool, error) {
 	ctx, cancel := bound(ctx)
 	defer cancel()
 	var one int
-	err := p.pool.QueryRow(ctx, `SELECT 1 FROM used_challenges WHERE id = $1`, id).Scan(&one)
+	err := p.pool.QueryRow(ctx, qChallengeUsed, id).Scan(&one)
 	switch {
 	case err == nil:
 		return true, nil
@@ -303,11 +303,67 @@ func (p *Postgres) PurgeChallenges(ctx context.Context, now time.Time) (int64, e
 	return n, nil
 }
 
+// The unlock path's reads, named so that warm runs the same text (pgx
+// caches a prepared statement per connection, keyed by its text).
+const (
+	qChallengeUsed = `SELECT 1 FROM used_challenges WHERE id = $1`
+	// vmVolumeColumns are what pgVM and getVMAndVolume scan, in order.
+	vmVolumeColumns = `vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
+		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns, vms.row_mac,
+		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac,
+		volumes.rotation, volumes.rotation_pending`
+	qVMAndVolume      = `SELECT ` + vmVolumeColumns + ` FROM vms LEFT JOIN volumes ON volumes.id = $1 WHERE vms.name = $2`
+	qVMAndVolumeUsing = `SELECT ` + vmVolumeColumns + `, EXISTS (SELECT 1 FROM used_challenges WHERE id = $3)
+		FROM vms LEFT JOIN volumes ON volumes.id = $1 WHERE vms.name = $2`
+	// qVMsAndVolumes reads several (vm, volume) pairs at once, each row
+	// numbered by its pair's place in the arrays (from 1); a pair whose VM
+	// does not exist has no row.
+	qVMsAndVolumes = `SELECT ` + vmVolumeColumns + `, k.ord
+		FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(vm, vol, ord)
+		JOIN vms ON vms.name = k.vm LEFT JOIN volumes ON volumes.id = k.vol`
+)
+
 // GetVMAndVolume reads the named VM and the volume id in one query, as
 // SQLite.GetVMAndVolume.
 func (p *Postgres) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume, error) {
+	v, vol, _, err := p.getVMAndVolume(ctx, vm, id, nil)
+	return v, vol, err
+}
+
+// GetVMAndVolumeUsing implements Backend.
+func (p *Postgres) GetVMAndVolumeUsing(ctx context.Context, vm, id, challenge string) (VM, *Volume, bool, error) {
+	return p.getVMAndVolume(ctx, vm, id, &challenge)
+}
+
+// getVMAndVolume reads the VM and the volume, and whether challenge is used
+// unless it is nil, in one query.
+func (p *Postgres) getVMAndVolume(ctx context.Context, vm, id string, challenge *string) (VM, *Volume, bool, error) {
 	ctx, cancel := bound(ctx)
 	defer cancel()
+	var (
+		row  pgx.Row
+		used bool
+	)
+	var extra []any
+	if challenge == nil {
+		row = p.pool.QueryRow(ctx, qVMAndVolume, id, vm)
+	} else {
+		row = p.pool.QueryRow(ctx, qVMAndVolumeUsing, id, vm, *challenge)
+		extra = []any{&used}
+	}
+	v, vol, err := scanVMAndVolume(row, extra...)
+	if isNoRowsPG(err) {
+		return VM{}, nil, false, fmt.Errorf("get vm %q: %w (enroll it with `keysvc vm enroll`)", vm, ErrNotFound)
+	}
+	if err != nil {
+		return VM{}, nil, false, fmt.Errorf("get vm %q and volume %q: %w", vm, id, classify(err))
+	}
+	return v, vol, used, nil
+}
+
+// scanVMAndVolume scans vmVolumeColumns and then extra: the VM, and the
+// volume or nil if the row has none.
+func scanVMAndVolume(row pgx.Row, extra ...any) (VM, *Volume, error) {
 	var (
 		volID, volVM       *string
 		sealed, mac        []byte
@@ -315,20 +371,9 @@ func (p *Postgres) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volu
 		rot                *int64
 		pending            *bool
 	)
-	row := p.pool.QueryRow(ctx, `SELECT vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
-		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns, vms.row_mac,
-		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac,
-		volumes.rotation, volumes.rotation_pending
-		FROM vms LEFT JOIN volumes ON volumes.id = $1 WHERE vms.name = $2`, id, vm)
-	v, err := pgVM(scanTail{row, []any{&volID, &volVM, &sealed, &erased, &volCreated, &mac, &rot, &pending}})
-	if isNoRowsPG(err) {
-		return VM{}, nil, fmt.Errorf("get vm %q: %w (enroll it with `keysvc vm enroll`)", vm, ErrNotFound)
-	}
-	if err != nil {
-		return VM{}, nil, fmt.Errorf("get vm %q and volume %q: %w", vm, id, classify(err))
-	}
-	if volID == nil {
-		return v, nil, nil
+	v, err := pgVM(scanTail{row, append([]any{&volID, &volVM, &sealed, &erased, &volCreated, &mac, &rot, &pending}, extra...)})
+	if err != nil || volID == nil {
+		return v, nil, err
 	}
 	vol := &Volume{ID: *volID, VM: *volVM, SealedUK: sealed, MAC: mac, Created: fromNS(*volCreated)}
 	if rot != nil && pending != nil {

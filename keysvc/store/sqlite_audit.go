@@ -53,6 +53,19 @@ func (s *SQLite) AppendAuditUsing(ctx context.Context, use ChallengeUse, next fu
 	return s.appendAudit(ctx, &use, nil, next, nil)
 }
 
+// AppendAuditUsingThenRead implements Backend: the read is a second query
+// (a read in the same process costs no round trip).
+func (s *SQLite) AppendAuditUsingThenRead(ctx context.Context, use ChallengeUse, next AuditNext, vm, id string) (VM, *Volume, error) {
+	if err := s.AppendAuditUsing(ctx, use, next); err != nil {
+		return VM{}, nil, err
+	}
+	v, vol, err := s.GetVMAndVolume(ctx, vm, id)
+	if err != nil {
+		return VM{}, nil, fmt.Errorf("%w: %w", ErrReadAfterAppend, err)
+	}
+	return v, vol, nil
+}
+
 // appendAudit appends the record next makes; pre and post, if not nil, run
 // before and after it in the same transaction (Adopt's writes).
 func (s *SQLite) appendAudit(ctx context.Context, use *ChallengeUse, pre func(context.Context, *sql.Tx) error, next AuditNext,

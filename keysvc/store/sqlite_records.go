@@ -369,6 +369,29 @@ func (s *SQLite) PurgeChallenges(ctx context.Context, now time.Time) (int64, err
 // that does not exist (or belongs to another VM; check Volume.VM) comes
 // back as nil.
 func (s *SQLite) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume, error) {
+	v, vol, _, err := s.getVMAndVolume(ctx, vm, id, nil)
+	return v, vol, err
+}
+
+// GetVMAndVolumeUsing implements Backend.
+func (s *SQLite) GetVMAndVolumeUsing(ctx context.Context, vm, id, challenge string) (VM, *Volume, bool, error) {
+	return s.getVMAndVolume(ctx, vm, id, &challenge)
+}
+
+const sqliteVMAndVolume = `SELECT vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
+		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns, vms.row_mac,
+		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac,
+		volumes.rotation, volumes.rotation_pending%s
+		FROM vms LEFT JOIN volumes ON volumes.id = ?1 WHERE vms.name = ?2`
+
+var (
+	sqliteQVMAndVolume      = fmt.Sprintf(sqliteVMAndVolume, "")
+	sqliteQVMAndVolumeUsing = fmt.Sprintf(sqliteVMAndVolume, ",\n\t\tEXISTS (SELECT 1 FROM used_challenges WHERE id = ?3)")
+)
+
+// getVMAndVolume reads the VM and the volume, and whether challenge is used
+// unless it is nil, in one query.
+func (s *SQLite) getVMAndVolume(ctx context.Context, vm, id string, challenge *string) (VM, *Volume, bool, error) {
 	var (
 		volID, volVM sql.NullString
 		sealed, mac  []byte
@@ -376,21 +399,25 @@ func (s *SQLite) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume
 		volCreated   sql.NullInt64
 		rot          sql.NullInt64
 		pending      sql.NullBool
+		used         bool
 	)
-	row := s.queryRow(ctx, `SELECT vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
-		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns, vms.row_mac,
-		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac,
-		volumes.rotation, volumes.rotation_pending
-		FROM vms LEFT JOIN volumes ON volumes.id = ? WHERE vms.name = ?`, id, vm)
-	v, err := scanVM(scanTail{row, []any{&volID, &volVM, &sealed, &erased, &volCreated, &mac, &rot, &pending}})
+	tail := []any{&volID, &volVM, &sealed, &erased, &volCreated, &mac, &rot, &pending}
+	var row rowScanner
+	if challenge == nil {
+		row = s.queryRow(ctx, sqliteQVMAndVolume, id, vm)
+	} else {
+		row = s.queryRow(ctx, sqliteQVMAndVolumeUsing, id, vm, *challenge)
+		tail = append(tail, &used)
+	}
+	v, err := scanVM(scanTail{row, tail})
 	if isNoRows(err) {
-		return VM{}, nil, fmt.Errorf("get vm %q: %w (enroll it with `keysvc vm enroll`)", vm, ErrNotFound)
+		return VM{}, nil, false, fmt.Errorf("get vm %q: %w (enroll it with `keysvc vm enroll`)", vm, ErrNotFound)
 	}
 	if err != nil {
-		return VM{}, nil, fmt.Errorf("get vm %q and volume %q: %w", vm, id, err)
+		return VM{}, nil, false, fmt.Errorf("get vm %q and volume %q: %w", vm, id, err)
 	}
 	if !volID.Valid {
-		return v, nil, nil
+		return v, nil, used, nil
 	}
 	vol := &Volume{ID: volID.String, VM: volVM.String, SealedUK: sealed, MAC: mac, Created: fromNS(volCreated.Int64),
 		Rotation: uint64(rot.Int64), RotationPending: pending.Bool}
@@ -400,7 +427,7 @@ func (s *SQLite) GetVMAndVolume(ctx context.Context, vm, id string) (VM, *Volume
 	if erased.Valid {
 		vol.ErasedAt = fromNS(erased.Int64)
 	}
-	return v, vol, nil
+	return v, vol, used, nil
 }
 
 // scanTail lets scanVM read the leading columns of a wider row: Scan

@@ -4,13 +4,15 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"reflect"
 	"testing"
+	"time"
 
 	"github.com/keygate/keygate/keysvc/store"
 )
 
 // TestGetVMAndVolume checks the unlock path's joined read against the two
-// reads it replaces.
+// reads it replaces, and GetVMAndVolumeUsing against it and ChallengeUsed.
 func TestGetVMAndVolume(t *testing.T) { each(t, testGetVMAndVolume) }
 
 func testGetVMAndVolume(t *testing.T, s store.Backend) {
@@ -26,6 +28,9 @@ func testGetVMAndVolume(t *testing.T, s store.Backend) {
 		}
 	}
 	if _, err := s.UpdateVolume(ctx, "gone", func(v *store.Volume) error { v.SealedUK = nil; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.UseChallenge(ctx, "used-1", time.Now().Add(time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
@@ -44,6 +49,24 @@ func testGetVMAndVolume(t *testing.T, s store.Backend) {
 			vm, vol, err := s.GetVMAndVolume(ctx, tc.vm, tc.vol)
 			if !errors.Is(err, tc.wantErr) || (err != nil) != (tc.wantErr != nil) {
 				t.Fatalf("error %v, want %v", err, tc.wantErr)
+			}
+			for _, ch := range []struct {
+				id   string
+				used bool
+			}{{"used-1", true}, {"fresh", false}} {
+				uvm, uvol, used, uerr := s.GetVMAndVolumeUsing(ctx, tc.vm, tc.vol, ch.id)
+				if !errors.Is(uerr, tc.wantErr) || (uerr != nil) != (tc.wantErr != nil) {
+					t.Fatalf("GetVMAndVolumeUsing(%q): error %v, want %v", ch.id, uerr, tc.wantErr)
+				}
+				if uerr != nil {
+					continue
+				}
+				if used != ch.used {
+					t.Errorf("GetVMAndVolumeUsing(%q): used %v, want %v", ch.id, used, ch.used)
+				}
+				if !reflect.DeepEqual(uvm, vm) || !reflect.DeepEqual(uvol, vol) {
+					t.Errorf("GetVMAndVolumeUsing(%q) read %+v %+v, GetVMAndVolume %+v %+v", ch.id, uvm, uvol, vm, vol)
+				}
 			}
 			if err != nil {
 				return

@@ -25,6 +25,14 @@ type writeReq struct {
 type writeResult struct {
 	err   error
 	panic any // fn panicked with this value; re-raised in the caller
+	read  *readResult
+}
+
+// readResult is the read after an append (AppendAuditUsingThenRead).
+type readResult struct {
+	vm  VM
+	vol *Volume
+	err error
 }
 
 // write runs fn inside a BEGIN IMMEDIATE transaction and returns once that

@@ -62,6 +62,9 @@ var (
 	// ErrChallengeUsed means a challenge ID was already recorded as used:
 	// a replay. It wraps ErrExists.
 	ErrChallengeUsed = fmt.Errorf("challenge already used (a replay): %w", ErrExists)
+	// ErrReadAfterAppend means AppendAuditUsingThenRead committed its
+	// record but the read after it failed; the error wraps the read's.
+	ErrReadAfterAppend = errors.New("the audit record is committed, but the read after it failed")
 )
 
 // Store is everything the key service persists. Implementations: SQLite
