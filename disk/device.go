@@ -263,7 +263,7 @@ func (d *Device) readAt(p []byte, off int64) (int, error) {
 // readDirect reads whole sectors starting at sector sec into p, decrypting
 // in place, then overlays any dirty cached sector, which is newer.
 func (d *Device) readDirect(p []byte, sec int64) error {
-	if err := d.readSectors(p, sec); err != nil {
+	if err := d.readSectorsSpread(p, sec); err != nil {
 		return err
 	}
 	d.eachCached(sec, int64(len(p)/d.ss), func(e *entry) {
@@ -502,7 +502,7 @@ func (d *Device) Sync() error {
 	if d.cut != nil && d.cut.cut {
 		return errCut
 	}
-	if err := d.f.Sync(); err != nil {
+	if err := d.datasync(); err != nil {
 		return fmt.Errorf("sync: %w", err)
 	}
 	return nil
@@ -519,7 +519,7 @@ func (d *Device) Close() error {
 	var err error
 	if !d.readOnly {
 		if err = d.flush(); err == nil {
-			if e := d.f.Sync(); e != nil {
+			if e := d.datasync(); e != nil {
 				err = fmt.Errorf("sync: %w", e)
 			}
 		}
