@@ -263,7 +263,7 @@ func (d *Device) readAt(p []byte, off int64) (int, error) {
 // readDirect reads whole sectors starting at sector sec into p, decrypting
 // in place, then overlays any dirty cached sector, which is newer.
 func (d *Device) readDirect(p []byte, sec int64) error {
-	if err := d.readSectorsSpread(p, sec); err != nil {
+	if err := d.readSectors(p, sec); err != nil {
 		return err
 	}
 	d.eachCached(sec, int64(len(p)/d.ss), func(e *entry) {
