@@ -502,7 +502,7 @@ func (d *Device) Sync() error {
 	if d.cut != nil && d.cut.cut {
 		return errCut
 	}
-	if err := d.f.Sync(); err != nil {
+	if err := d.datasync(); err != nil {
 		return fmt.Errorf("sync: %w", err)
 	}
 	return nil
@@ -519,7 +519,7 @@ func (d *Device) Close() error {
 	var err error
 	if !d.readOnly {
 		if err = d.flush(); err == nil {
-			if e := d.f.Sync(); e != nil {
+			if e := d.datasync(); e != nil {
 				err = fmt.Errorf("sync: %w", e)
 			}
 		}

@@ -377,16 +377,33 @@ func (p *ext4Flush) newInode() []byte {
 // the epochs described at the top of this file. It returns errFallback,
 // having written nothing, when the file's layout is beyond it.
 func (f *FS) flushExt4(of *openFile) error {
-	p, err := f.planExt4(of)
+	p, err := f.startExt4(of)
 	if err != nil {
 		return err
 	}
-	if err := p.run(of); err != nil {
-		// as after a crash: put the bitmaps right before anything else
-		if rerr := f.recoverExt4(); rerr != nil {
-			err = fmt.Errorf("%w (and repairing the bitmaps failed: %v)", err, rerr)
-		}
-		return fmt.Errorf("write %s: %w", display(of.path), err)
+	return f.finishExt4(of, p)
+}
+
+// startExt4 plans the flush of of's pages and writes epoch B (the data,
+// the new leaves, the intent), without waiting for it: finishExt4 does
+// the rest, from B's sync on. Between the two, nothing else may change
+// the filesystem (see FS.settle); of's pages may be written, as its
+// readers read them and not the blocks.
+func (f *FS) startExt4(of *openFile) (*ext4Flush, error) {
+	p, err := f.planExt4(of)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.start(of); err != nil {
+		return nil, f.failedExt4(of, err)
+	}
+	return p, nil
+}
+
+// finishExt4 completes a flush startExt4 began.
+func (f *FS) finishExt4(of *openFile, p *ext4Flush) error {
+	if err := p.finish(); err != nil {
+		return f.failedExt4(of, err)
 	}
 	if p.tree || len(p.alloc)+len(p.free) > 0 || p.size != p.sizeOld {
 		// go-diskfs keeps the superblock and group descriptors in memory
@@ -395,10 +412,27 @@ func (f *FS) flushExt4(of *openFile) error {
 	return nil
 }
 
+// failedExt4 repairs what a failed flush of of left, as after a crash:
+// the bitmaps go right before anything else.
+func (f *FS) failedExt4(of *openFile, err error) error {
+	if rerr := f.recoverExt4(); rerr != nil {
+		err = fmt.Errorf("%w (and repairing the bitmaps failed: %v)", err, rerr)
+	}
+	return fmt.Errorf("write %s: %w", display(of.path), err)
+}
+
+// run writes the whole flush, epoch B to the end.
 func (p *ext4Flush) run(of *openFile) error {
+	if err := p.start(of); err != nil {
+		return err
+	}
+	return p.finish()
+}
+
+// start writes epoch B: the data, the new leaves, the intent.
+func (p *ext4Flush) start(of *openFile) error {
 	m, dev := p.m, p.m.dev
 	bs := m.bs
-	// B: the data, the new leaves, the intent
 	if err := p.writeData(of); err != nil {
 		return err
 	}
@@ -412,13 +446,19 @@ func (p *ext4Flush) run(of *openFile) error {
 			return fmt.Errorf("initialise block bitmap %d: %w", g, err)
 		}
 	}
-	moving := len(p.alloc)+len(p.free) > 0
-	if moving {
+	if len(p.alloc)+len(p.free) > 0 {
 		m.setIntent(p.ino, mergeRuns(append(slices.Clone(p.alloc), p.free...)))
 		if err := m.writeSuper(); err != nil {
 			return err
 		}
 	}
+	return nil
+}
+
+// finish makes epoch B durable and writes the epochs after it.
+func (p *ext4Flush) finish() error {
+	m, dev := p.m, p.m.dev
+	moving := len(p.alloc)+len(p.free) > 0
 	if !p.tree && p.size == p.sizeOld {
 		// only the times change: no layout to order against the data
 		return errors.Join(m.writeInode(p.ino, p.newInode()), dev.Sync())

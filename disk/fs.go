@@ -72,6 +72,8 @@ type FS struct {
 	inPlace, whole int // flushes of open files written in place, and whole (tests read them)
 
 	plog putLog // ext4: the record of a Put in progress (ext4put.go)
+
+	pending *pendingFlush // ext4: a writeback in flight (fs_file.go)
 }
 
 // Mkfs creates a filesystem of type t over the whole device and returns it.
@@ -192,14 +194,14 @@ func (f *FS) Type() FSType { return f.typ }
 
 // Label is the volume label, trimmed.
 func (f *FS) Label() string {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	return strings.TrimSpace(f.fs.Label())
 }
 
 // Sync writes everything cached to the image and fsyncs it.
 func (f *FS) Sync() error {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	return f.sync()
 }
@@ -219,7 +221,7 @@ func (f *FS) sync() error {
 // Close stores the writes of files still open (see OpenFile) and syncs.
 // It does not close the Device, which belongs to the caller.
 func (f *FS) Close() error {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	if err := f.flushOpen(); err != nil {
 		return fmt.Errorf("close filesystem: %w", err)
@@ -244,7 +246,7 @@ func display(p string) string { return "/" + strings.TrimPrefix(p, ".") }
 
 // Stat describes the file or directory at p.
 func (f *FS) Stat(p string) (FileInfo, error) {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	return f.statLive(clean(p))
 }
@@ -298,7 +300,7 @@ func info(e iofs.DirEntry) (FileInfo, error) {
 
 // ReadDir lists the directory at p, without "." and "..".
 func (f *FS) ReadDir(p string) ([]FileInfo, error) {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	p = clean(p)
 	if err := f.mustBeDir(p); err != nil {
@@ -344,7 +346,7 @@ func (f *FS) mustBeDir(p string) error {
 // Mkdir creates the directory p and any missing parents. It is not an
 // error if p already is a directory.
 func (f *FS) Mkdir(p string) error {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	return f.mkdir(clean(p))
 }
@@ -392,7 +394,7 @@ func (f *FS) mkdir(p string) error {
 
 // Remove removes the file or empty directory at p.
 func (f *FS) Remove(p string) error {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	p = clean(p)
 	if p == "." {
@@ -470,7 +472,7 @@ func (f *FS) Get(p string, w io.Writer) (int64, error) {
 // directory must exist. When the filesystem has too little room Put fails
 // with ErrNoSpace, and the previous file at p, if any, is left as it was.
 func (f *FS) Put(p string, r io.Reader, size int64) error {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	p = clean(p)
 	f.detach(p)
@@ -636,7 +638,7 @@ func (f *FS) checkSpace(p string, size, reclaim int64) error {
 
 // FreeSpace returns the bytes free for file data.
 func (f *FS) FreeSpace() (int64, error) {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	return f.freeSpace()
 }

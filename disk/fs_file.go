@@ -58,8 +58,9 @@ const pageSize = 64 << 10
 
 // writeBackPages is how many written pages an ext4 file holds before they
 // are written in place without waiting for Sync, as a kernel's writeback
-// would: it bounds the memory a big write takes, and a page reused from
-// pagePool is one the CPU and the kernel already have mapped.
+// would: it bounds the memory a big write takes (twice this while a
+// writeback is in flight, see writeBack), and a page reused from pagePool
+// is one the CPU and the kernel already have mapped.
 const writeBackPages = 256 // 16 MiB
 
 // pagePool recycles pages, wiped, between flushes.
@@ -92,6 +93,9 @@ type openFile struct {
 	dirty   bool
 	noWB    bool // in-place writeback failed or is not possible: keep pages until Sync
 	gone    bool // removed or replaced underneath: nothing to flush to
+	// the pages a writeback in flight (FS.pending) is writing, less those
+	// written again since: settle drops these once the flush is complete
+	inflight map[int64]bool
 }
 
 // File is a handle on a file opened with OpenFile. It is safe for
@@ -130,7 +134,7 @@ func (f *FS) maxFileSize() int64 {
 // OpenFile returns; written content is stored by Sync or by the last Close
 // of a writable handle.
 func (f *FS) OpenFile(p string, flag int) (*File, error) {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	p = clean(p)
 	writable := flag&(os.O_WRONLY|os.O_RDWR) != 0 || flag&(os.O_TRUNC|os.O_CREATE) != 0
@@ -303,6 +307,7 @@ func (of *openFile) writeAt(p []byte, off int64) (int, error) {
 			}
 			of.pages[idx] = pg
 		}
+		delete(of.inflight, idx) // newer than what the writeback in flight has
 		i += copy(pg[pos%pageSize:], p[i:])
 	}
 	of.size = max(of.size, off+int64(len(p)))
@@ -358,6 +363,15 @@ func (of *openFile) flush() error {
 // now extends past it, so that its tail reads as the zeros readBase gave
 // rather than whatever the block held past the old end.
 func (of *openFile) flushInPlace() error {
+	if err := of.tailPage(); err != nil {
+		return err
+	}
+	return of.fs.flushExt4(of)
+}
+
+// tailPage adds the page holding the flushed content's end when the file
+// now extends past it (see flushInPlace).
+func (of *openFile) tailPage() error {
 	bs := of.fs.ext.bs
 	if idx := of.baseLen / pageSize; of.baseLen%bs != 0 && of.baseLen < of.size && of.pages[idx] == nil {
 		pg := newPage()
@@ -370,7 +384,7 @@ func (of *openFile) flushInPlace() error {
 		}
 		of.pages[idx] = pg
 	}
-	return of.fs.flushExt4(of)
+	return nil
 }
 
 // store writes the file's content to disk with Put's replace.
@@ -418,32 +432,100 @@ func (h *File) WriteAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	n, err := h.of.writeAt(p, off)
-	if err == nil && len(h.of.pages) >= writeBackPages {
+	if err == nil && len(h.of.pages)-len(h.of.inflight) >= writeBackPages {
 		h.of.writeBack()
 	}
 	return n, err
 }
 
-// writeBack writes the pages in place on ext4 before Sync asks for it.
-// A failure is not the writer's: the pages stay, and Sync (which may take
-// the whole-file path) reports what is wrong.
+// writeBack writes the pages in place on ext4 before Sync asks for it,
+// as a kernel's writeback would: it starts the flush (its data goes to
+// the image, and the kernel starts writing it to the disk) and returns,
+// so that the disk writes the data while the writer sends more; the next
+// use of the filesystem completes the flush (FS.settle). A failure is not
+// the writer's: the pages stay, and Sync (which may take the whole-file
+// path) reports what is wrong.
 func (of *openFile) writeBack() {
-	if of.fs.typ != Ext4 || of.gone || of.noWB {
+	f := of.fs
+	if f.typ != Ext4 || of.gone || of.noWB {
 		return
 	}
-	if err := of.flushInPlace(); err != nil {
+	f.settle() // one flush in flight at a time
+	if of.noWB {
+		return
+	}
+	if err := of.tailPage(); err != nil {
 		of.noWB = true
 		return
 	}
-	of.fs.inPlace++
-	if err := of.reopen(); err != nil {
+	p, err := f.startExt4(of)
+	if err != nil {
 		of.noWB = true
+		return
 	}
+	of.inflight = make(map[int64]bool, len(of.pages))
+	for idx := range of.pages {
+		of.inflight[idx] = true
+	}
+	f.pending = &pendingFlush{of: of, p: p}
+}
+
+// pendingFlush is a writeback whose epoch B is written and not yet synced
+// (ext4write.go): the image holds what a crash in the middle of that
+// flush would leave, which the flush's intent record repairs, and no other
+// change may come between it and the rest of the flush.
+type pendingFlush struct {
+	of *openFile
+	p  *ext4Flush
+}
+
+// lock takes f.mu for an operation on the filesystem, and completes the
+// writeback in flight first: everything but reads and writes of open
+// files' pages must see the flush whole.
+func (f *FS) lock() {
+	f.mu.Lock()
+	f.settle()
+}
+
+// settle completes the writeback in flight, if any: it syncs epoch B,
+// writes the rest of the flush, and drops the pages it stored, keeping
+// those written since it started. A failure leaves every page in memory
+// for Sync, as a failed writeBack does. f.mu is held.
+func (f *FS) settle() {
+	pf := f.pending
+	if pf == nil {
+		return
+	}
+	f.pending = nil
+	of := pf.of
+	defer func() { of.inflight = nil }()
+	if err := f.finishExt4(of, pf.p); err != nil {
+		of.noWB = true
+		return
+	}
+	f.inPlace++
+	fi, err := f.stat(of.path)
+	if err == nil {
+		of.base, err = f.openUnlocked(of.path)
+	}
+	if err != nil {
+		of.noWB = true
+		return
+	}
+	for idx := range of.inflight {
+		clear(of.pages[idx])
+		pagePool.Put((*[pageSize]byte)(of.pages[idx]))
+		delete(of.pages, idx)
+	}
+	// writes since the start may only have added pages or grown the
+	// file: a truncation settles first
+	of.baseLen = fi.Size
+	of.dirty = len(of.pages) > 0 || of.size != fi.Size
 }
 
 // Truncate sets the file's length to n, cutting or extending with zeros.
 func (h *File) Truncate(n int64) error {
-	h.of.fs.mu.Lock()
+	h.of.fs.lock()
 	defer h.of.fs.mu.Unlock()
 	if err := h.check(true); err != nil {
 		return err
@@ -468,7 +550,7 @@ func (h *File) Size() int64 {
 // Sync stores the file's content durably: when it returns, the writes
 // made through every handle on the file survive a crash.
 func (h *File) Sync() error {
-	h.of.fs.mu.Lock()
+	h.of.fs.lock()
 	defer h.of.fs.mu.Unlock()
 	if err := h.check(false); err != nil {
 		return err
@@ -482,7 +564,7 @@ func (h *File) Sync() error {
 // when none does.
 func (h *File) Close() error {
 	f := h.of.fs
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	if h.closed {
 		return nil
@@ -505,7 +587,7 @@ func (h *File) Close() error {
 // Flush stores the writes of every open file, then syncs: when it returns,
 // everything written through any File survives a crash.
 func (f *FS) Flush() error {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	if err := f.flushOpen(); err != nil {
 		return fmt.Errorf("flush: %w", err)

@@ -24,7 +24,7 @@ import (
 // with ErrCannotMove, which a 9P server reports as EXDEV so that mv falls
 // back to copying.
 func (f *FS) Rename(oldp, newp string) error {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	o, n := clean(oldp), clean(newp)
 	if f.dev.readOnly {

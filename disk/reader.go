@@ -24,7 +24,7 @@ func (r *Reader) ReadAt(p []byte, off int64) (int, error) { return r.r.ReadAt(p,
 // more than Open does, so the same holds for a Get racing a Put or Remove
 // of the same path.
 func (f *FS) Open(p string) (*Reader, error) {
-	f.mu.Lock()
+	f.lock()
 	defer f.mu.Unlock()
 	return f.open(clean(p))
 }
