@@ -44,7 +44,7 @@ waitkg() {
 kgboot() {
 	result kg_start "$(cut -d' ' -f1 /proc/uptime)"
 	(
-		keygate boot --keysvc "$(fwcfg keysvc)" --ca /tmp/ca.pem --vm "$(fwcfg vm)" \
+		env $(fwcfg kgenv) keygate boot --keysvc "$(fwcfg keysvc)" --ca /tmp/ca.pem --vm "$(fwcfg vm)" \
 			--volume "$(fwcfg volume)" --image /dev/vda --tpm /dev/tpmrm0 --poll 2s "$@" 2>&1
 		echo $? >/tmp/kg.rc
 	) &
@@ -336,8 +336,14 @@ func TestDataPath(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r := l.boot(t, m, img, "vol-nbd", "", map[string][]byte{"script": []byte(dataScript), "mode": []byte("nbd-check"),
-			"uk": uk, "io_mib": []byte("64"), "io_ops": []byte("500")}, nil)
+		fw := map[string][]byte{"script": []byte(dataScript), "mode": []byte("nbd-check"),
+			"uk": uk, "io_mib": []byte("64"), "io_ops": []byte("500")}
+		// Environment for keygate in the measured boot, for trying a
+		// runtime setting (GOMAXPROCS=2, GODEBUG=...) without a rebuild.
+		if env := os.Getenv("KEYGATE_TESTVM_KGENV"); env != "" {
+			fw["kgenv"] = []byte(env)
+		}
+		r := l.boot(t, m, img, "vol-nbd", "", fw, nil)
 		t.Logf("after the reboot: %s", r.get(t, "ext4_log"))
 		max := checkDB(t, r.get(t, "sqlite_integrity"), r.get(t, "sqlite_check"), load.committed)
 		t.Logf("after the reboot: %d transactions present, %d reported committed before the kill", max, load.committed)
@@ -366,6 +372,9 @@ func TestDataPath(t *testing.T) {
 			for _, k := range []string{"seqwrite_mibs", "seqread_mibs", "randwrite_iops", "randread_iops"} {
 				t.Logf("ext4 on NBD vs ext4 on dm-crypt, %s: %.2f vs %.2f = %.2fx", k, nbd[k], dm[k], nbd[k]/dm[k])
 			}
+			// What each phase cost the guest, per MiB or per operation.
+			t.Logf("guest cost on NBD: %s", r.results["iocost_nbd"])
+			t.Logf("guest cost on dm-crypt: %s", r.results["iocost_dmcrypt"])
 		})
 	})
 

@@ -39,11 +39,15 @@ const (
 )
 
 // parallelMin is the batch size from which EncryptSectors and DecryptSectors
-// spread the work over GOMAXPROCS goroutines. A core does 6-20 GB/s with
+// spread the work over GOMAXPROCS goroutines, at most one per CPU. A core does 6-20 GB/s with
 // AES-NI or VAES, so 256 KiB is 10-40µs of work, well above the microsecond
 // or so that starting and joining the goroutines costs; smaller batches, the
 // common 4 KiB page in particular, stay on the caller's goroutine.
 const parallelMin = 256 << 10
+
+// numCPU bounds the workers of a batch; a test raises it to run the split
+// on any machine.
+var numCPU = runtime.NumCPU()
 
 // chunkBytes is the unit of work the goroutines of a large batch take turns
 // at: small enough to balance, large enough that the shared counter is
@@ -140,7 +144,7 @@ func (c *Cipher) Decrypt(dst, src []byte, tweak uint64) {
 // EncryptSectors encrypts len(src)/sectorSize consecutive sectors; sector i
 // uses tweak firstTweak + i*tweakStep (wrapping at 2^64). LUKS2 with 4096-byte
 // sectors counts tweaks in 512-byte units, so it passes tweakStep 8. Batches
-// of 256 KiB or more are split over GOMAXPROCS goroutines. It panics if
+// of 256 KiB or more are split over GOMAXPROCS goroutines (at most one per CPU). It panics if
 // sectorSize is not a positive multiple of BlockSize, if len(src) is not a
 // multiple of sectorSize, if dst is shorter than src, or if c is closed.
 func (c *Cipher) EncryptSectors(dst, src []byte, sectorSize int, firstTweak, tweakStep uint64) {
@@ -180,7 +184,9 @@ func (c *Cipher) sectors(dst, src []byte, sectorSize int, first, step uint64, de
 	}
 	c.check(dst, src)
 	n := len(src) / sectorSize
-	workers := runtime.GOMAXPROCS(0)
+	// More workers than CPUs only hand the batch between threads (a
+	// one-vCPU VM's keygate runs two Ps: see nbd.Attach).
+	workers := min(runtime.GOMAXPROCS(0), numCPU)
 	if len(src) < parallelMin || workers < 2 || n < 2 {
 		c.run(dst, src, sectorSize, 0, n, first, step, dec)
 		return

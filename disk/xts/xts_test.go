@@ -202,6 +202,8 @@ func TestSectors(t *testing.T) {
 	// Make sure the multi-core split runs, and splits unevenly (3 workers),
 	// even on a machine with fewer CPUs or under -cpu 1.
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(3))
+	defer func(n int) { numCPU = n }(numCPU)
+	numCPU = 3
 	forEachImpl(t, func(t *testing.T, im impl) {
 		for _, tc := range cases {
 			t.Run(tc.name, func(t *testing.T) {

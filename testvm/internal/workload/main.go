@@ -277,6 +277,8 @@ func ioBench(label, path string, mib, ops int) error {
 		return err
 	}
 	defer f.Close()
+	var st phaseStats
+	st.start()
 	t := time.Now()
 	for i := 0; i < mib; i++ {
 		buf[0] = byte(i)
@@ -288,9 +290,11 @@ func ioBench(label, path string, mib, ops int) error {
 		return fmt.Errorf("fsync: %w", err)
 	}
 	seqW := float64(mib) / time.Since(t).Seconds()
+	st.phase("seqwrite", mib)
 	if err := dropCaches(); err != nil {
 		return err
 	}
+	st.start()
 	t = time.Now()
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return err
@@ -303,9 +307,11 @@ func ioBench(label, path string, mib, ops int) error {
 		return fmt.Errorf("read %d bytes back, wrote %d", n, int64(mib)<<20)
 	}
 	seqR := float64(mib) / time.Since(t).Seconds()
+	st.phase("seqread", mib)
 	rng := mrand.New(mrand.NewPCG(1, 2))
 	blocks := int64(mib) << 20 / 4096
 	page := buf[:4096]
+	st.start()
 	t = time.Now()
 	for i := 0; i < ops; i++ {
 		if _, err := f.WriteAt(page, rng.Int64N(blocks)*4096); err != nil {
@@ -316,9 +322,11 @@ func ioBench(label, path string, mib, ops int) error {
 		}
 	}
 	randW := float64(ops) / time.Since(t).Seconds()
+	st.phase("randwrite", ops)
 	if err := dropCaches(); err != nil {
 		return err
 	}
+	st.start()
 	t = time.Now()
 	for i := 0; i < ops; i++ {
 		if _, err := f.ReadAt(page, rng.Int64N(blocks)*4096); err != nil {
@@ -326,8 +334,103 @@ func ioBench(label, path string, mib, ops int) error {
 		}
 	}
 	randR := float64(ops) / time.Since(t).Seconds()
+	st.phase("randread", ops)
+	result("iocost_"+label, strings.Join(st.out, " "))
 	result("io_"+label, fmt.Sprintf("seqwrite_mibs=%.2f seqread_mibs=%.2f randwrite_iops=%.1f randread_iops=%.1f mib=%d ops=%d", seqW, seqR, randW, randR, mib, ops))
 	return nil
+}
+
+// phaseStats measures what a benchmark phase cost the guest, per unit (a
+// MiB or an operation): context switches, the vCPU time spent outside idle
+// and iowait (from /proc/stat), and what any keygate process took: CPU
+// time, voluntary context switches of its threads, and how many of its
+// threads ran. The busy fraction tells whether the one vCPU or the wait
+// for the virtual disk bounds a phase.
+type phaseStats struct {
+	at  sysSample
+	out []string
+}
+
+type sysSample struct {
+	ctxt, busy, total, kg, kgVcsw uint64
+	kgThreads                     map[string]uint64 // CPU ticks by thread id
+}
+
+func (s *phaseStats) start() { s.at = sysStat() }
+
+// phase records the phase since start, over n units.
+func (s *phaseStats) phase(name string, n int) {
+	now := sysStat()
+	dt := now.total - s.at.total
+	frac := 0.0
+	if dt > 0 {
+		frac = float64(now.busy-s.at.busy) / float64(dt)
+	}
+	ran := 0
+	for id, ticks := range now.kgThreads {
+		if ticks > s.at.kgThreads[id] {
+			ran++
+		}
+	}
+	per := func(d uint64) float64 { return float64(d) / float64(n) }
+	// Clock ticks are USER_HZ (100 per second): 10 ms each.
+	s.out = append(s.out, fmt.Sprintf("%[1]s_ctxt=%.1[2]f %[1]s_busy=%.2[3]f %[1]s_cpu_us=%.0[4]f %[1]s_kg_us=%.0[5]f %[1]s_kg_vcsw=%.1[6]f %[1]s_kg_threads_ran=%[7]d",
+		name, per(now.ctxt-s.at.ctxt), frac, per(now.busy-s.at.busy)*1e4, per(now.kg-s.at.kg)*1e4, per(now.kgVcsw-s.at.kgVcsw), ran))
+}
+
+// sysStat reads the context switches and the busy and total CPU ticks from
+// /proc/stat, and the ticks and voluntary switches of every thread of
+// processes named keygate. Unreadable fields count as zero: the figures
+// are a diagnosis, not a result.
+func sysStat() sysSample {
+	x := sysSample{kgThreads: map[string]uint64{}}
+	b, _ := os.ReadFile("/proc/stat")
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) > 5 && f[0] == "cpu":
+			// user nice system idle iowait irq softirq steal; guest
+			// time is already counted in user.
+			for i, v := range f[1:min(len(f), 9)] {
+				n, _ := strconv.ParseUint(v, 10, 64)
+				x.total += n
+				if i != 3 && i != 4 { // idle, iowait
+					x.busy += n
+				}
+			}
+		case len(f) == 2 && f[0] == "ctxt":
+			x.ctxt, _ = strconv.ParseUint(f[1], 10, 64)
+		}
+	}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		if c, err := os.ReadFile("/proc/" + e.Name() + "/comm"); err != nil || strings.TrimSpace(string(c)) != "keygate" {
+			continue
+		}
+		tasks, _ := os.ReadDir("/proc/" + e.Name() + "/task")
+		for _, tk := range tasks {
+			dir := "/proc/" + e.Name() + "/task/" + tk.Name()
+			st, _ := os.ReadFile(dir + "/stat")
+			// Fields after the command's closing parenthesis: utime is
+			// the 12th, stime the 13th.
+			if i := strings.LastIndexByte(string(st), ')'); i >= 0 {
+				if f := strings.Fields(string(st[i+1:])); len(f) > 12 {
+					u, _ := strconv.ParseUint(f[11], 10, 64)
+					k, _ := strconv.ParseUint(f[12], 10, 64)
+					x.kg += u + k
+					x.kgThreads[e.Name()+"/"+tk.Name()] = u + k
+				}
+			}
+			status, _ := os.ReadFile(dir + "/status")
+			for _, line := range strings.Split(string(status), "\n") {
+				if v, ok := strings.CutPrefix(line, "voluntary_ctxt_switches:"); ok {
+					n, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+					x.kgVcsw += n
+				}
+			}
+		}
+	}
+	return x
 }
 
 func dropCaches() error {
