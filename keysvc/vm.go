@@ -326,8 +326,8 @@ func (s *Server) unlock(w http.ResponseWriter, r *http.Request, provision bool) 
 	}
 	// The volume, and whether the challenge is used, are read here too, in
 	// the same query, but checked only after the challenge is checked (so a
-	// refused attempt uses it up); stillReleasable reads the VM and the
-	// volume again after the release is on record.
+	// refused attempt uses it up); release reads the VM and the volume
+	// again after the release is on record.
 	vm, stored, used, err := s.unlockRead(ctx, vmName, volID, hex.EncodeToString(nonce))
 	if errors.Is(err, store.ErrNotFound) {
 		s.refuse(w, r, vmName, volID, &refusal{reason: api.ReasonUnknownVM, hint: "enroll the VM with `keysvc vm enroll`"})
