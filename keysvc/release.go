@@ -200,17 +200,12 @@ type appendThenReader interface {
 	AppendAuditUsingThenRead(ctx context.Context, use store.ChallengeUse, next store.AuditNext, vm, id string) (store.VM, *store.Volume, error)
 }
 
-// appendReader returns the Server's store as an appendThenReader, if the
-// store under it is one.
+// appendReader returns the Server's store (the authStore New wraps every
+// store in) as an appendThenReader, if the store under it is one.
 func (s *Server) appendReader() (appendThenReader, bool) {
-	if a, ok := s.st.(*authStore); ok {
-		if _, ok := a.Store.(appendThenReader); !ok {
-			return nil, false
-		}
-		return a, true
-	}
-	r, ok := s.st.(appendThenReader)
-	return r, ok
+	a := s.st.(*authStore)
+	_, ok := a.Store.(appendThenReader)
+	return a, ok
 }
 
 // viaAuditor appends through a caller's store call (audit.Log.AppendVia).

@@ -160,23 +160,17 @@ type vmVolumeReader interface {
 }
 
 // vmVolumeChallengeReader also reads, in the same query, whether a challenge
-// is used. keysvc/store's backends and authStore implement it.
+// is used. keysvc/store's backends implement it.
 type vmVolumeChallengeReader interface {
 	GetVMAndVolumeUsing(ctx context.Context, vm, id, challenge string) (store.VM, *store.Volume, bool, error)
 }
 
 // unlockRead is an unlock's first read: the named VM, the volume id (nil if
-// none), and whether the challenge whose ID is challenge is used.
+// none), and whether the challenge whose ID is challenge is used. s.st is
+// the authStore New wraps every store in, which reads all three in one
+// query where the store can and in two reads where it cannot.
 func (s *Server) unlockRead(ctx context.Context, vmName, id, challenge string) (store.VM, *store.Volume, bool, error) {
-	if r, ok := s.st.(vmVolumeChallengeReader); ok {
-		return r.GetVMAndVolumeUsing(ctx, vmName, id, challenge)
-	}
-	vm, vol, err := s.vmAndVolume(ctx, vmName, id)
-	if err != nil {
-		return vm, vol, false, err
-	}
-	used, err := s.st.ChallengeUsed(ctx, challenge)
-	return vm, vol, used, err
+	return s.st.(*authStore).GetVMAndVolumeUsing(ctx, vmName, id, challenge)
 }
 
 // vmAndVolume reads the named VM and the volume id (nil if none).

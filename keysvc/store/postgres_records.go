@@ -307,7 +307,8 @@ func (p *Postgres) PurgeChallenges(ctx context.Context, now time.Time) (int64, e
 // caches a prepared statement per connection, keyed by its text).
 const (
 	qChallengeUsed = `SELECT 1 FROM used_challenges WHERE id = $1`
-	// vmVolumeColumns are what pgVM and getVMAndVolume scan, in order.
+	// vmVolumeColumns are what both stores' getVMAndVolume scan, in order
+	// (pgVM or scanVM, then the volume's).
 	vmVolumeColumns = `vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
 		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns, vms.row_mac,
 		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac,
@@ -341,10 +342,10 @@ func (p *Postgres) getVMAndVolume(ctx context.Context, vm, id string, challenge 
 	ctx, cancel := bound(ctx)
 	defer cancel()
 	var (
-		row  pgx.Row
-		used bool
+		row   pgx.Row
+		used  bool
+		extra []any
 	)
-	var extra []any
 	if challenge == nil {
 		row = p.pool.QueryRow(ctx, qVMAndVolume, id, vm)
 	} else {

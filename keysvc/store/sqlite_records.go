@@ -378,15 +378,11 @@ func (s *SQLite) GetVMAndVolumeUsing(ctx context.Context, vm, id, challenge stri
 	return s.getVMAndVolume(ctx, vm, id, &challenge)
 }
 
-const sqliteVMAndVolume = `SELECT vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
-		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns, vms.row_mac,
-		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac,
-		volumes.rotation, volumes.rotation_pending%s
+// SQLite's forms of qVMAndVolume and qVMAndVolumeUsing.
+const (
+	sqliteQVMAndVolume      = `SELECT ` + vmVolumeColumns + ` FROM vms LEFT JOIN volumes ON volumes.id = ?1 WHERE vms.name = ?2`
+	sqliteQVMAndVolumeUsing = `SELECT ` + vmVolumeColumns + `, EXISTS (SELECT 1 FROM used_challenges WHERE id = ?3)
 		FROM vms LEFT JOIN volumes ON volumes.id = ?1 WHERE vms.name = ?2`
-
-var (
-	sqliteQVMAndVolume      = fmt.Sprintf(sqliteVMAndVolume, "")
-	sqliteQVMAndVolumeUsing = fmt.Sprintf(sqliteVMAndVolume, ",\n\t\tEXISTS (SELECT 1 FROM used_challenges WHERE id = ?3)")
 )
 
 // getVMAndVolume reads the VM and the volume, and whether challenge is used
