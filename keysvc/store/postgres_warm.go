@@ -29,6 +29,7 @@ var warmReads = []struct {
 	{qVMsAndVolumes, []any{[]string{}, []string{}}},
 	{qChallengeUsed, []any{""}},
 	{qLastAudit, nil},
+	{"SELECT n FROM commit_flush WHERE pid = 0", nil},
 	// The writer's: qLockHead without its lock, which would wait for
 	// another replica's writer.
 	{"SELECT seq, hash, mac FROM audit_head WHERE id = 1", nil},
