@@ -222,6 +222,13 @@ func (s *Server) pendingBlob(ctx context.Context, vol store.Volume, ekFP string,
 	if !ok {
 		return nil, false, nil
 	}
+	if !vol.RotationPending && !vol.RotationRow {
+		// The unlock's read of the volume found no rotation pending and no
+		// row (a row there would be one put back, which pendingRotation
+		// raises): nothing to read, which spares most unlocks a query. A
+		// volume provisioned by this unlock has no row either.
+		return nil, false, nil
+	}
 	p, err := s.pendingRotation(ctx, rs, vol)
 	if err != nil || p == nil {
 		return nil, false, err

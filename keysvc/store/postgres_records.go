@@ -312,7 +312,8 @@ const (
 	vmVolumeColumns = `vms.name, vms.ek_pub_pem, vms.ak_pub_pem, vms.provisioning_allowed, vms.revoked,
 		vms.policy_json, vms.learn_armed, vms.created_ns, vms.updated_ns, vms.row_mac,
 		volumes.id, volumes.vm, volumes.sealed_uk, volumes.erased_ns, volumes.created_ns, volumes.row_mac,
-		volumes.rotation, volumes.rotation_pending`
+		volumes.rotation, volumes.rotation_pending,
+		EXISTS (SELECT 1 FROM volume_rotations WHERE volume_rotations.volume = volumes.id)`
 	qVMAndVolume      = `SELECT ` + vmVolumeColumns + ` FROM vms LEFT JOIN volumes ON volumes.id = $1 WHERE vms.name = $2`
 	qVMAndVolumeUsing = `SELECT ` + vmVolumeColumns + `, EXISTS (SELECT 1 FROM used_challenges WHERE id = $3)
 		FROM vms LEFT JOIN volumes ON volumes.id = $1 WHERE vms.name = $2`
@@ -371,12 +372,13 @@ func scanVMAndVolume(row pgx.Row, extra ...any) (VM, *Volume, error) {
 		erased, volCreated *int64
 		rot                *int64
 		pending            *bool
+		rotRow             bool
 	)
-	v, err := pgVM(scanTail{row, append([]any{&volID, &volVM, &sealed, &erased, &volCreated, &mac, &rot, &pending}, extra...)})
+	v, err := pgVM(scanTail{row, append([]any{&volID, &volVM, &sealed, &erased, &volCreated, &mac, &rot, &pending, &rotRow}, extra...)})
 	if err != nil || volID == nil {
 		return v, nil, err
 	}
-	vol := &Volume{ID: *volID, VM: *volVM, SealedUK: sealed, MAC: mac, Created: fromNS(*volCreated)}
+	vol := &Volume{ID: *volID, VM: *volVM, SealedUK: sealed, MAC: mac, Created: fromNS(*volCreated), RotationRow: rotRow}
 	if rot != nil && pending != nil {
 		vol.Rotation, vol.RotationPending = uint64(*rot), *pending
 	}

@@ -395,9 +395,10 @@ func (s *SQLite) getVMAndVolume(ctx context.Context, vm, id string, challenge *s
 		volCreated   sql.NullInt64
 		rot          sql.NullInt64
 		pending      sql.NullBool
+		rotRow       bool
 		used         bool
 	)
-	tail := []any{&volID, &volVM, &sealed, &erased, &volCreated, &mac, &rot, &pending}
+	tail := []any{&volID, &volVM, &sealed, &erased, &volCreated, &mac, &rot, &pending, &rotRow}
 	var row rowScanner
 	if challenge == nil {
 		row = s.queryRow(ctx, sqliteQVMAndVolume, id, vm)
@@ -416,7 +417,7 @@ func (s *SQLite) getVMAndVolume(ctx context.Context, vm, id string, challenge *s
 		return v, nil, used, nil
 	}
 	vol := &Volume{ID: volID.String, VM: volVM.String, SealedUK: sealed, MAC: mac, Created: fromNS(volCreated.Int64),
-		Rotation: uint64(rot.Int64), RotationPending: pending.Bool}
+		Rotation: uint64(rot.Int64), RotationPending: pending.Bool, RotationRow: rotRow}
 	if len(vol.SealedUK) == 0 {
 		vol.SealedUK = nil
 	}

@@ -22,10 +22,14 @@ func testGetVMAndVolume(t *testing.T, s store.Backend) {
 			t.Fatal(err)
 		}
 	}
-	for _, v := range []store.Volume{{ID: "a", VM: "web-1", SealedUK: []byte("sealed-a")}, {ID: "b", VM: "web-2", SealedUK: []byte("sealed-b")}, {ID: "gone", VM: "web-1", SealedUK: []byte("x")}} {
+	for _, v := range []store.Volume{{ID: "a", VM: "web-1", SealedUK: []byte("sealed-a")}, {ID: "b", VM: "web-2", SealedUK: []byte("sealed-b")}, {ID: "gone", VM: "web-1", SealedUK: []byte("x")},
+		{ID: "rot", VM: "web-1", SealedUK: []byte("sealed-rot")}} {
 		if _, err := s.CreateVolume(ctx, v); err != nil {
 			t.Fatal(err)
 		}
+	}
+	if _, err := s.(store.Rotations).StartRotation(ctx, "rot", startWith([]byte("pending")), nextRecord("rotate")); err != nil {
+		t.Fatal(err)
 	}
 	if _, err := s.UpdateVolume(ctx, "gone", func(v *store.Volume) error { v.SealedUK = nil; return nil }); err != nil {
 		t.Fatal(err)
@@ -43,6 +47,7 @@ func testGetVMAndVolume(t *testing.T, s store.Backend) {
 		{"erased volume", "web-1", "gone", nil, true},
 		{"no volume", "web-1", "nope", nil, false},
 		{"revoked vm", "web-2", "b", nil, true},
+		{"rotation pending", "web-1", "rot", nil, true},
 		{"no vm", "nobody", "a", store.ErrNotFound, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -90,8 +95,17 @@ func testGetVMAndVolume(t *testing.T, s store.Backend) {
 				t.Fatal(err)
 			}
 			if vol.ID != want.ID || vol.VM != want.VM || !bytes.Equal(vol.SealedUK, want.SealedUK) || vol.Erased() != want.Erased() ||
-				!vol.ErasedAt.Equal(want.ErasedAt) || !vol.Created.Equal(want.Created) {
+				!vol.ErasedAt.Equal(want.ErasedAt) || !vol.Created.Equal(want.Created) ||
+				vol.Rotation != want.Rotation || vol.RotationPending != want.RotationPending {
 				t.Fatalf("volume %+v, GetVolume says %+v", vol, want)
+			}
+			// The unlock reads whether a rotation row exists, in the same
+			// query, to skip reading it when none does.
+			if _, err := s.(store.Rotations).GetRotation(ctx, tc.vol); vol.RotationRow != (err == nil) {
+				t.Fatalf("volume %q: RotationRow %v, but GetRotation says %v", tc.vol, vol.RotationRow, err)
+			}
+			if vol.RotationRow != (tc.vol == "rot") {
+				t.Fatalf("volume %q: RotationRow %v", tc.vol, vol.RotationRow)
 			}
 		})
 	}

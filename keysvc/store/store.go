@@ -133,6 +133,11 @@ type Volume struct {
 	// generation, so that one kept from an earlier rotation is refused.
 	Rotation        uint64
 	RotationPending bool
+	// RotationRow says whether a pending rotation row exists for the
+	// volume. Only the unlock path's reads (GetVMAndVolume and the reads
+	// after an append) set it, in the same query as the volume, so that an
+	// unlock reads the row only when there is one; it is not stored.
+	RotationRow bool
 }
 
 // Erased reports whether the volume's UK has been destroyed.
