@@ -248,6 +248,9 @@ func (a *authStore) GetVMAndVolume(ctx context.Context, vmName, id string) (stor
 			var v store.Volume
 			v, err = a.Store.GetVolume(ctx, id)
 			if err == nil {
+				// Whether a rotation row exists is not known here: let
+				// the unlock read it (see pendingBlob).
+				v.RotationRow = true
 				vol = &v
 			} else if errors.Is(err, store.ErrNotFound) {
 				err = nil

@@ -151,8 +151,8 @@ func enrolledKeys(vm store.VM, ek, ak crypto.PublicKey) (ekPub, akPub crypto.Pub
 }
 
 // vmVolumeReader reads a VM and a volume in one query. keysvc/store's
-// SQLite implements it; for a Store that does not, the Server makes two
-// reads (see vmAndVolume).
+// backends implement it; for a Store that does not, authStore makes two
+// reads.
 type vmVolumeReader interface {
 	// GetVMAndVolume returns the VM (store.ErrNotFound if none) and the
 	// volume, nil if there is none.
@@ -173,23 +173,10 @@ func (s *Server) unlockRead(ctx context.Context, vmName, id, challenge string) (
 	return s.st.(*authStore).GetVMAndVolumeUsing(ctx, vmName, id, challenge)
 }
 
-// vmAndVolume reads the named VM and the volume id (nil if none).
+// vmAndVolume reads the named VM and the volume id (nil if none), through
+// the authStore New wraps every store in.
 func (s *Server) vmAndVolume(ctx context.Context, vmName, id string) (store.VM, *store.Volume, error) {
-	if r, ok := s.st.(vmVolumeReader); ok {
-		return r.GetVMAndVolume(ctx, vmName, id)
-	}
-	vm, err := s.st.GetVM(ctx, vmName)
-	if err != nil {
-		return vm, nil, err
-	}
-	vol, err := s.st.GetVolume(ctx, id)
-	if errors.Is(err, store.ErrNotFound) {
-		return vm, nil, nil
-	}
-	if err != nil {
-		return vm, nil, err
-	}
-	return vm, &vol, nil
+	return s.st.(*authStore).GetVMAndVolume(ctx, vmName, id)
 }
 
 // checkVolume checks that vol (nil if it does not exist) is a volume of vm
