@@ -527,8 +527,9 @@ func (f *FS) lock() {
 
 // settle completes the writeback in flight, if any: it waits for the
 // writeback's goroutine to end epoch B, writes the rest of the flush, and
-// drops the pages it stored, keeping those written since it started. A failure leaves every page in memory
-// for Sync, as a failed writeBack does. f.mu is held.
+// drops the pages it stored, keeping those written since it started. A
+// failure leaves every page in memory for Sync, as a failed writeBack
+// does. f.mu is held.
 func (f *FS) settle() {
 	pf := f.pending
 	if pf == nil {
