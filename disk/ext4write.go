@@ -86,6 +86,7 @@ type ext4Flush struct {
 	size     int64
 	sizeOld  int64
 	bm       *bitmaps
+	synced   bool // epoch B is written and synced (a writeback's goroutine did it)
 }
 
 // bitmaps caches block bitmaps read (and changed) during one flush.
@@ -400,7 +401,22 @@ func (f *FS) startExt4(of *openFile) (*ext4Flush, error) {
 	return p, nil
 }
 
-// finishExt4 completes a flush startExt4 began.
+// beginExt4 plans the flush of of's pages and writes epoch B's metadata,
+// with f.mu held, and returns the pages whose data completes B: a
+// writeback writes them and syncs on its own goroutine, without the lock
+// (writeBack), then finishExt4 does the rest once B is synced.
+func (f *FS) beginExt4(of *openFile) (*ext4Flush, []dataPage, error) {
+	p, err := f.planExt4(of)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := p.startMeta(); err != nil {
+		return nil, nil, f.failedExt4(of, err)
+	}
+	return p, snapshotPages(of), nil
+}
+
+// finishExt4 completes a flush startExt4 or beginExt4 began.
 func (f *FS) finishExt4(of *openFile, p *ext4Flush) error {
 	if err := p.finish(); err != nil {
 		return f.failedExt4(of, err)
@@ -431,11 +447,19 @@ func (p *ext4Flush) run(of *openFile) error {
 
 // start writes epoch B: the data, the new leaves, the intent.
 func (p *ext4Flush) start(of *openFile) error {
-	m, dev := p.m, p.m.dev
-	bs := m.bs
-	if err := p.writeData(of); err != nil {
+	if err := p.writeData(snapshotPages(of)); err != nil {
 		return err
 	}
+	return p.startMeta()
+}
+
+// startMeta writes epoch B's metadata: the new leaves, the computed
+// bitmaps of groups first allocated in, the intent. Within the epoch its
+// order against the data does not matter: the sync that ends B covers
+// both.
+func (p *ext4Flush) startMeta() error {
+	m, dev := p.m, p.m.dev
+	bs := m.bs
 	for i, blk := range p.leaves {
 		if _, err := dev.WriteAt(blk, int64(p.leafAt[i])*bs); err != nil {
 			return fmt.Errorf("write extent leaf: %w", err)
@@ -463,8 +487,10 @@ func (p *ext4Flush) finish() error {
 		// only the times change: no layout to order against the data
 		return errors.Join(m.writeInode(p.ino, p.newInode()), dev.Sync())
 	}
-	if err := dev.Sync(); err != nil {
-		return err
+	if !p.synced {
+		if err := dev.Sync(); err != nil {
+			return err
+		}
 	}
 	// C: the new blocks marked used
 	if len(p.alloc) > 0 {
@@ -518,10 +544,29 @@ func (p *ext4Flush) finish() error {
 // writes them in chunks of its own).
 const dataRun = 16 << 20
 
-// writeData writes of's dirty pages to the blocks p maps them to, handing
+// dataPage is one dirty page of a file, by page index.
+type dataPage struct {
+	idx int64
+	pg  []byte
+}
+
+// snapshotPages lists of's dirty pages in file order, as writeData takes
+// them.
+func snapshotPages(of *openFile) []dataPage {
+	idx := sortedPages(of)
+	pages := make([]dataPage, len(idx))
+	for i, x := range idx {
+		pages[i] = dataPage{x, of.pages[x]}
+	}
+	return pages
+}
+
+// writeData writes the dirty pages to the blocks p maps them to, handing
 // the Device each run of pages that follow each other on disk at once, so
-// that the file gets few large pwrites and the cipher every core.
-func (p *ext4Flush) writeData(of *openFile) error {
+// that the file gets few large pwrites and the cipher every core. It
+// reads only p and the pages, never the openFile, so a writeback runs it
+// without the FS lock (writeBack).
+func (p *ext4Flush) writeData(pages []dataPage) error {
 	bs := p.m.bs
 	nblocks := uint64((p.size + bs - 1) / bs)
 	var run [][]byte
@@ -538,8 +583,8 @@ func (p *ext4Flush) writeData(of *openFile) error {
 		}
 		return nil
 	}
-	for _, idx := range sortedPages(of) {
-		pg := of.pages[idx]
+	for _, dp := range pages {
+		idx, pg := dp.idx, dp.pg
 		first := uint64(idx * pageSize / bs)
 		for b := first; b < first+uint64(pageSize/bs) && b < nblocks; {
 			phys, _ := lookup(p.ext, b)

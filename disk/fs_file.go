@@ -298,6 +298,14 @@ func (of *openFile) writeAt(p []byte, off int64) (int, error) {
 		pos := off + int64(i)
 		idx := pos / pageSize
 		pg := of.pages[idx]
+		if pg != nil && of.inflight[idx] {
+			// the writeback in flight is writing this page without the
+			// lock: write a copy, and free the original once it is done
+			cp := newPage()
+			copy(cp, pg)
+			of.fs.pending.retired = append(of.fs.pending.retired, pg)
+			of.pages[idx], pg = cp, cp
+		}
 		if pg == nil {
 			pg = newPage()
 			if start := idx * pageSize; start < of.size {
@@ -439,12 +447,17 @@ func (h *File) WriteAt(p []byte, off int64) (int, error) {
 }
 
 // writeBack writes the pages in place on ext4 before Sync asks for it,
-// as a kernel's writeback would: it starts the flush (its data goes to
-// the image, and the kernel starts writing it to the disk) and returns,
-// so that the disk writes the data while the writer sends more; the next
-// use of the filesystem completes the flush (FS.settle). A failure is not
-// the writer's: the pages stay, and Sync (which may take the whole-file
-// path) reports what is wrong.
+// as a kernel's writeback would. It plans the flush and writes its
+// metadata with f.mu held, then hands the pages' data and the sync that
+// ends epoch B to a goroutine of their own and returns: the data is
+// encrypted, written and made durable while the writer sends more, and
+// the next use of the filesystem completes the flush (FS.settle). The
+// goroutine reads only the pages it was given, which writeAt leaves alone
+// from then on (it writes a copy), and the Device, whose lock it takes;
+// nothing else writes the Device until settle, which every other
+// operation on the filesystem runs first. A failure is not the writer's:
+// the pages stay, and Sync (which may take the whole-file path) reports
+// what is wrong.
 func (of *openFile) writeBack() {
 	f := of.fs
 	if f.typ != Ext4 || of.gone || of.noWB {
@@ -458,25 +471,50 @@ func (of *openFile) writeBack() {
 		of.noWB = true
 		return
 	}
-	p, err := f.startExt4(of)
+	p, pages, err := f.beginExt4(of)
 	if err != nil {
 		of.noWB = true
 		return
 	}
-	of.inflight = make(map[int64]bool, len(of.pages))
-	for idx := range of.pages {
-		of.inflight[idx] = true
+	of.inflight = make(map[int64]bool, len(pages))
+	for _, dp := range pages {
+		of.inflight[dp.idx] = true
 	}
-	f.pending = &pendingFlush{of: of, p: p}
+	pf := &pendingFlush{of: of, p: p, done: make(chan struct{})}
+	go func() {
+		defer close(pf.done)
+		if writeBackHook != nil {
+			writeBackHook(pages, false)
+		}
+		if pf.err = p.writeData(pages); pf.err == nil {
+			pf.err = p.m.dev.Sync()
+		}
+		if writeBackHook != nil {
+			writeBackHook(pages, true)
+		}
+	}()
+	f.pending = pf
 }
 
-// pendingFlush is a writeback whose epoch B is written and not yet synced
-// (ext4write.go): the image holds what a crash in the middle of that
-// flush would leave, which the flush's intent record repairs, and no other
-// change may come between it and the rest of the flush.
+// writeBackHook, set by tests only, is called on a writeback's goroutine
+// before it writes its pages (done false) and once they are written and
+// synced (done true).
+var writeBackHook func(pages []dataPage, done bool)
+
+// pendingFlush is a writeback whose epoch B is being written and synced
+// on its own goroutine (ext4write.go): until done is closed, and then
+// until settle completes the flush, the image holds what a crash in the
+// middle of that flush would leave, which the flush's intent record
+// repairs, and no other change may come between it and the rest of the
+// flush.
 type pendingFlush struct {
-	of *openFile
-	p  *ext4Flush
+	of   *openFile
+	p    *ext4Flush
+	done chan struct{} // closed when epoch B is written and synced, or failed
+	err  error         // why epoch B failed; read after done
+	// pages the writeback is writing that writeAt has since replaced by
+	// copies: freed once the writeback is done with them
+	retired [][]byte
 }
 
 // lock takes f.mu for an operation on the filesystem, and completes the
@@ -487,18 +525,32 @@ func (f *FS) lock() {
 	f.settle()
 }
 
-// settle completes the writeback in flight, if any: it syncs epoch B,
-// writes the rest of the flush, and drops the pages it stored, keeping
-// those written since it started. A failure leaves every page in memory
-// for Sync, as a failed writeBack does. f.mu is held.
+// settle completes the writeback in flight, if any: it waits for the
+// writeback's goroutine to end epoch B, writes the rest of the flush, and
+// drops the pages it stored, keeping those written since it started. A
+// failure leaves every page in memory for Sync, as a failed writeBack
+// does. f.mu is held.
 func (f *FS) settle() {
 	pf := f.pending
 	if pf == nil {
 		return
 	}
 	f.pending = nil
+	<-pf.done
 	of := pf.of
-	defer func() { of.inflight = nil }()
+	defer func() {
+		of.inflight = nil
+		for _, pg := range pf.retired {
+			clear(pg)
+			pagePool.Put((*[pageSize]byte)(pg))
+		}
+	}()
+	if pf.err != nil {
+		_ = f.failedExt4(of, pf.err) // repair the bitmaps from the intent, as a crash would need
+		of.noWB = true
+		return
+	}
+	pf.p.synced = true
 	if err := f.finishExt4(of, pf.p); err != nil {
 		of.noWB = true
 		return

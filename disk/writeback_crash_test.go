@@ -49,6 +49,7 @@ func TestCrashDuringWriteBack(t *testing.T) {
 	}
 	m1 := apply(t, h, bytes.Clone(m0), part1)
 	m2 := apply(t, h, bytes.Clone(m1), part2)
+	disk.WaitWriteBack(fsys) // its data goes out on a goroutine of its own
 	started := disk.SectorsWritten(d)
 	if in, _ := disk.FlushCounts(fsys); in != 0 || started < (16<<20)/ss {
 		t.Fatalf("after 16 MiB of writes: %d flushes complete, %d sectors written; want 0 and the data (a writeback in flight)", in, started)
