@@ -3,6 +3,7 @@ package testvm_test
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -82,7 +83,7 @@ nbd-*)
 		;;
 	nbd-check)
 		kg-workload sqlite-check /mnt/db.sqlite
-		kg-workload io nbd /mnt/io.bin "$(fwcfg io_mib)" "$(fwcfg io_ops)"
+		KG_PERF_PHASES=$(fwcfg perf 2>/dev/null) kg-workload io nbd /mnt/io.bin "$(fwcfg io_mib)" "$(fwcfg io_ops)"
 		rm -f /mnt/io.bin
 		umount /mnt || exit 32
 		x /bin/e2fsck -fn /dev/nbd0 >/tmp/fsck.out 2>&1
@@ -98,10 +99,19 @@ nbd-*)
 		rm /tmp/uk
 		mount -t ext4 /dev/mapper/kgx /mnt || exit 35
 		kg-workload sqlite-check /mnt/db.sqlite | sed 's/RESULT sqlite_/RESULT dm_sqlite_/'
-		kg-workload io dmcrypt /mnt/io.bin "$(fwcfg io_mib)" "$(fwcfg io_ops)"
+		KG_PERF_PHASES=$(fwcfg perf 2>/dev/null) kg-workload io dmcrypt /mnt/io.bin "$(fwcfg io_mib)" "$(fwcfg io_ops)"
 		rm -f /mnt/io.bin
 		umount /mnt || exit 36
 		x /bin/cryptsetup --disable-locks close kgx || exit 37
+		# Profiles of the phases KEYGATE_TESTVM_PERF named, on the console.
+		for f in /tmp/perf.*; do
+			[ -e "$f" ] || continue
+			p=${f#/tmp/perf.}
+			x /bin/perf report -i "$f" --stdio --no-children --sort comm,dso,sym -g none --percent-limit 0.7 2>/dev/null |
+				grep -v '^#' | grep -v '^$' | head -60 | sed "s|^|KEYGATE-PERF $p self: |"
+			x /bin/perf report -i "$f" --stdio --children --comms keygate --sort sym -g none --percent-limit 3 2>/dev/null |
+				grep -v '^#' | grep -v '^$' | head -50 | sed "s|^|KEYGATE-PERF $p keygate-children: |"
+		done
 		;;
 	esac
 	;;
@@ -179,6 +189,15 @@ func dataFiles(t *testing.T) map[string][]byte {
 		t.Fatalf("e2fsprogs for the guest: %v (install e2fsprogs)", err)
 	}
 	files["bin/kg-workload"] = wl
+	if os.Getenv("KEYGATE_TESTVM_PERF") != "" {
+		// The host's perf (Debian linux-perf, 6.1 like the guest's
+		// kernel), for profiling the I/O benchmark's phases.
+		perf, err := hostTools("perf")
+		if err != nil {
+			t.Fatalf("KEYGATE_TESTVM_PERF: perf for the guest: %v (install linux-perf)", err)
+		}
+		maps.Copy(files, perf)
+	}
 	if conf, err := os.ReadFile("/etc/mke2fs.conf"); err == nil {
 		files["etc/mke2fs.conf"] = conf
 	}
@@ -343,6 +362,11 @@ func TestDataPath(t *testing.T) {
 		if env := os.Getenv("KEYGATE_TESTVM_KGENV"); env != "" {
 			fw["kgenv"] = []byte(env)
 		}
+		// Phases to profile with perf in the guest (a diagnosis: perf's
+		// own work slows the phase it records).
+		if phases := os.Getenv("KEYGATE_TESTVM_PERF"); phases != "" {
+			fw["perf"] = []byte(phases)
+		}
 		r := l.boot(t, m, img, "vol-nbd", "", fw, nil)
 		t.Logf("after the reboot: %s", r.get(t, "ext4_log"))
 		max := checkDB(t, r.get(t, "sqlite_integrity"), r.get(t, "sqlite_check"), load.committed)
@@ -375,6 +399,11 @@ func TestDataPath(t *testing.T) {
 			// What each phase cost the guest, per MiB or per operation.
 			t.Logf("guest cost on NBD: %s", r.results["iocost_nbd"])
 			t.Logf("guest cost on dm-crypt: %s", r.results["iocost_dmcrypt"])
+			for _, line := range strings.Split(r.console, "\n") {
+				if p, ok := strings.CutPrefix(strings.TrimRight(line, "\r"), "KEYGATE-PERF "); ok {
+					t.Logf("perf %s", p)
+				}
+			}
 		})
 	})
 

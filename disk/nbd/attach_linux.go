@@ -177,9 +177,7 @@ func kernelSocket(fd uintptr) (net.Conn, error) {
 	}
 	kernelEnd := os.NewFile(uintptr(fds[0]), "nbd-kernel")
 	defer kernelEnd.Close() // the kernel holds its own reference once set
-	serverFile := os.NewFile(uintptr(fds[1]), "nbd-server")
-	serverEnd, err := net.FileConn(serverFile)
-	serverFile.Close()
+	serverEnd, err := newBlockingConn(fds[1])
 	if err != nil {
 		return nil, err
 	}
@@ -233,7 +231,7 @@ func ioFlusherProcess() error {
 // minProcs is the fewest Ps (GOMAXPROCS) a process serving the kernel's
 // device runs with: one for a request blocked in the backend's pread or
 // pwrite, one for everything else.
-const minProcs = 2
+const minProcs = 4
 
 // spareProc raises GOMAXPROCS to minProcs, unless the environment sets it.
 // On a one-vCPU VM Go runs one P, and each request's pread of the virtual
