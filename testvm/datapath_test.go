@@ -67,6 +67,9 @@ nbd-*)
 	result nbd_sectors "$(cat /sys/block/nbd0/size)"
 	q() { for d; do echo "$d:$(cd /sys/block/$d/queue && echo lbs=$(cat logical_block_size) max_sectors_kb=$(cat max_sectors_kb) read_ahead_kb=$(cat read_ahead_kb) sched=$(cat scheduler | tr ' ' ,))"; done; }
 	result queues "$(q nbd0 vda | tr '\n' ' ')"
+	# What a system call costs depends on these (page-table isolation
+	# switches page tables, which TCG pays as a TLB flush, on every call).
+	result cpu_mitigations "$(cd /sys/devices/system/cpu/vulnerabilities 2>/dev/null && for f in meltdown spectre_v2 retbleed; do printf '%s=%s; ' $f "$(cat $f 2>/dev/null)"; done)"
 	kg=$(pidof keygate)
 	if [ -n "$(fwcfg mkfs)" ]; then
 		# 4 KiB blocks: mke2fs would pick 1 KiB for a volume this small.
@@ -392,6 +395,7 @@ func TestDataPath(t *testing.T) {
 				t.Errorf("the database through dm-crypt: %s; through keygate's NBD export: %s", dm, k)
 			}
 			t.Logf("block queues in the guest: %s", r.get(t, "queues"))
+			t.Logf("the guest CPU's mitigations: %s", r.results["cpu_mitigations"])
 			nbd, dm := ioFigures(t, r.get(t, "io_nbd")), ioFigures(t, r.get(t, "io_dmcrypt"))
 			for _, k := range []string{"seqwrite_mibs", "seqread_mibs", "randwrite_iops", "randread_iops"} {
 				t.Logf("ext4 on NBD vs ext4 on dm-crypt, %s: %.2f vs %.2f = %.2fx", k, nbd[k], dm[k], nbd[k]/dm[k])
