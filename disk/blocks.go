@@ -3,10 +3,7 @@ package disk
 import (
 	"errors"
 	"fmt"
-	"os"
 	"sync"
-	"sync/atomic"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -39,13 +36,6 @@ type Blocks struct {
 	syncErr error
 	rmw     sync.Mutex
 	pool    sync.Pool // *[]byte of chunkSize, ciphertext scratch
-
-	// direct is the image opened again with O_DIRECT, for reads of whole
-	// sectors into aligned buffers (see readAligned); nil until the first
-	// read, and when the file refuses O_DIRECT (tmpfs).
-	directOnce sync.Once
-	direct     *os.File
-	noDirect   atomic.Bool
 }
 
 // Blocks returns the image's block view. Image.Close closes it first.
@@ -93,7 +83,7 @@ func (b *Blocks) ReadAt(p []byte, off int64) (int, error) {
 	}
 	ss := int64(b.ss)
 	if off%ss == 0 && int64(len(p))%ss == 0 {
-		return len(p), b.readAligned(p, off/ss)
+		return len(p), b.readSectors(p, off/ss)
 	}
 	first, last := off/ss, (off+int64(len(p))+ss-1)/ss
 	buf := make([]byte, (last-first)*ss)
@@ -143,57 +133,6 @@ func (b *Blocks) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// dioAlign is the alignment readAligned asks of a read's buffer, offset
-// and length before it reads with O_DIRECT: the largest logical block size
-// a disk has (4 KiB), so that any image file or block device takes it.
-const dioAlign = 4096
-
-// readAligned reads whole sectors, bypassing the page cache when it can.
-//
-// Why: the image is read by sector ranges the kernel above (ext4 on
-// /dev/nbdN) already caches as plaintext, so caching its ciphertext too
-// costs memory twice and, per request, a page-cache insertion, a copy and
-// the read-ahead logic. In the one-vCPU test VM the buffered pread of a
-// 4 KiB random read was most of keygate's system time per request.
-// dm-crypt reads the disk directly too. Writes stay buffered: a direct
-// read first writes back any dirty page cache of its range (the kernel
-// does), so it never misses an acknowledged write.
-func (b *Blocks) readAligned(p []byte, sec int64) error {
-	if f := b.directFile(); f != nil && len(p)%dioAlign == 0 && (b.off+sec*int64(b.ss))%dioAlign == 0 &&
-		uintptr(unsafe.Pointer(unsafe.SliceData(p)))%dioAlign == 0 {
-		err := b.readSectorsFrom(f, p, sec)
-		if !errors.Is(err, unix.EINVAL) {
-			return err
-		}
-		// An alignment this file will not take after all: buffered
-		// from now on.
-		b.noDirect.Store(true)
-	}
-	return b.readSectors(p, sec)
-}
-
-// directFile returns the O_DIRECT descriptor, opened at the first call, or
-// nil.
-func (b *Blocks) directFile() *os.File {
-	if b.noDirect.Load() {
-		return nil
-	}
-	b.directOnce.Do(func() {
-		// Through /proc/self/fd: the same open file, whatever its name
-		// has become.
-		f, err := os.OpenFile(fmt.Sprintf("/proc/self/fd/%d", b.f.Fd()), os.O_RDONLY|unix.O_DIRECT, 0)
-		if err != nil {
-			b.noDirect.Store(true)
-			return
-		}
-		b.direct = f
-	})
-	if b.noDirect.Load() {
-		return nil
-	}
-	return b.direct
-}
-
 // writeSectors encrypts whole sectors of p into pooled scratch and writes
 // them at sector sec; p is left as it was.
 func (b *Blocks) writeSectors(p []byte, sec int64) error {
@@ -237,9 +176,6 @@ func (b *Blocks) close() error {
 		return nil
 	}
 	b.closed = true
-	if b.direct != nil {
-		b.direct.Close()
-	}
 	if b.readOnly {
 		return nil
 	}

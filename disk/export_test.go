@@ -11,7 +11,3 @@ func SectorsWritten(d *Device) int64 { return d.cut.written }
 // FlushCounts says how many flushes of open files went in place on ext4,
 // and how many fell back to storing the whole file.
 func FlushCounts(f *FS) (inPlace, whole int) { return f.inPlace, f.whole }
-
-// BlocksReadDirect reports whether b's reads bypass the page cache
-// (O_DIRECT) at this point.
-func BlocksReadDirect(b *Blocks) bool { return b.directFile() != nil }

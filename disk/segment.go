@@ -29,13 +29,7 @@ func newSegment(f *os.File, off int64, ss int, c *xts.Cipher) segment {
 // readSectors reads whole sectors from sector sec into p, decrypting in
 // place.
 func (s *segment) readSectors(p []byte, sec int64) error {
-	return s.readSectorsFrom(s.f, p, sec)
-}
-
-// readSectorsFrom is readSectors through f, the segment's file or the same
-// file opened another way (Blocks' O_DIRECT descriptor).
-func (s *segment) readSectorsFrom(f *os.File, p []byte, sec int64) error {
-	if _, err := f.ReadAt(p, s.off+sec*int64(s.ss)); err != nil {
+	if _, err := s.f.ReadAt(p, s.off+sec*int64(s.ss)); err != nil {
 		if errors.Is(err, io.EOF) {
 			// Inside the segment's size: the file is shorter than its
 			// header says, which is no end of input.
