@@ -3,10 +3,10 @@ package nbd
 import (
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -30,8 +30,11 @@ import (
 // The cost of a blocking read is a P held by the reader's thread while it
 // waits; Attach therefore runs with more Ps (minProcs).
 type blockingConn struct {
+	// f owns the descriptor: every read and write holds a reference to it,
+	// so a Close under way never closes a number another thread is still
+	// using (or would reuse after another open took it).
 	f    *os.File
-	fd   int
+	rc   syscall.RawConn
 	once sync.Once
 }
 
@@ -42,24 +45,20 @@ func newBlockingConn(fd int) (*blockingConn, error) {
 		return nil, fmt.Errorf("set the socket blocking: %w", err)
 	}
 	// os.File of a blocking descriptor: not registered with the poller,
-	// and its Close defers the close(2) until a blocked read returns, so
-	// the descriptor's number is never reused under a reader.
-	return &blockingConn{f: os.NewFile(uintptr(fd), "nbd-server"), fd: fd}, nil
+	// its reads block in read(2), and its Close defers the close(2) until
+	// a blocked read returns.
+	f := os.NewFile(uintptr(fd), "nbd-server")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &blockingConn{f: f, rc: rc}, nil
 }
 
+// Read is one read(2) (EOF when the peer has closed).
 func (c *blockingConn) Read(p []byte) (int, error) {
-	for {
-		n, err := unix.Read(c.fd, p)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err != nil:
-			return 0, &net.OpError{Op: "read", Net: "unix", Err: err}
-		case n == 0 && len(p) > 0:
-			return 0, io.EOF
-		}
-		return n, nil
-	}
+	return c.f.Read(p)
 }
 
 func (c *blockingConn) Write(p []byte) (int, error) {
@@ -70,27 +69,33 @@ func (c *blockingConn) Write(p []byte) (int, error) {
 // allows (one, for a reply that fits its send buffer), and consumes bufs.
 func (c *blockingConn) writev(bufs [][]byte) (int, error) {
 	total := 0
-	for len(bufs) > 0 {
-		n, err := unix.Writev(c.fd, bufs)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return total, &net.OpError{Op: "writev", Net: "unix", Err: err}
-		}
-		total += n
-		for n > 0 && len(bufs) > 0 {
-			if n < len(bufs[0]) {
-				bufs[0] = bufs[0][n:]
-				n = 0
-				break
+	var werr error
+	err := c.rc.Write(func(fd uintptr) bool {
+		for len(bufs) > 0 {
+			n, err := unix.Writev(int(fd), bufs)
+			if err == unix.EINTR {
+				continue
 			}
-			n -= len(bufs[0])
-			bufs = bufs[1:]
+			if err != nil {
+				werr = err
+				return true
+			}
+			total += n
+			for len(bufs) > 0 && n >= len(bufs[0]) {
+				n -= len(bufs[0])
+				bufs = bufs[1:]
+			}
+			if n > 0 {
+				bufs[0] = bufs[0][n:]
+			}
 		}
-		for len(bufs) > 0 && len(bufs[0]) == 0 {
-			bufs = bufs[1:]
-		}
+		return true
+	})
+	if err == nil {
+		err = werr
+	}
+	if err != nil {
+		return total, &net.OpError{Op: "writev", Net: "unix", Err: err}
 	}
 	return total, nil
 }
@@ -100,7 +105,7 @@ func (c *blockingConn) writev(bufs [][]byte) (int, error) {
 func (c *blockingConn) Close() error {
 	err := net.ErrClosed
 	c.once.Do(func() {
-		unix.Shutdown(c.fd, unix.SHUT_RDWR)
+		c.rc.Control(func(fd uintptr) { unix.Shutdown(int(fd), unix.SHUT_RDWR) })
 		err = c.f.Close()
 	})
 	return err
