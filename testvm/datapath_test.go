@@ -95,6 +95,10 @@ nbd-*)
 		result io_flusher "$(cat /proc/$kg/task/*/stat | awk '{ n++; if (and($9, 524288)) m++ } END { printf "threads=%d marked=%d", n, m }')"
 		kill -TERM "$kg"
 		waitkg
+		# How busy the idle guest is once keygate is gone (anything left
+		# running would slow the dm-crypt half): busy and total ticks over 2 s.
+		s1=$(head -n 1 /proc/stat); sleep 2; s2=$(head -n 1 /proc/stat)
+		result idle_after_kg "$(echo "$s1 $s2" | awk '{ for (i = 2; i <= 9; i++) { t1 += $i; t2 += $(i + 11) } b1 = t1 - $5 - $6; b2 = t2 - $16 - $17; printf "busy=%d total=%d", b2 - b1, t2 - t1 }') $(ps -o comm,stat 2>/dev/null | grep -v ' S' | tr '\n' ' ')"
 		# The same disk through the kernel's dm-crypt, keygate gone.
 		[ -e /bin/cryptsetup ] || exit 0
 		fwcfg uk >/tmp/uk || exit 33
@@ -396,6 +400,7 @@ func TestDataPath(t *testing.T) {
 			}
 			t.Logf("block queues in the guest: %s", r.get(t, "queues"))
 			t.Logf("the guest CPU's mitigations: %s", r.results["cpu_mitigations"])
+			t.Logf("the guest after keygate exited, before dm-crypt (ticks of 10 ms over 2 s; processes not sleeping): %s", r.results["idle_after_kg"])
 			nbd, dm := ioFigures(t, r.get(t, "io_nbd")), ioFigures(t, r.get(t, "io_dmcrypt"))
 			for _, k := range []string{"seqwrite_mibs", "seqread_mibs", "randwrite_iops", "randread_iops"} {
 				t.Logf("ext4 on NBD vs ext4 on dm-crypt, %s: %.2f vs %.2f = %.2fx", k, nbd[k], dm[k], nbd[k]/dm[k])
