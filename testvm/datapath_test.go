@@ -3,6 +3,7 @@ package testvm_test
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -66,6 +67,9 @@ nbd-*)
 	result nbd_sectors "$(cat /sys/block/nbd0/size)"
 	q() { for d; do echo "$d:$(cd /sys/block/$d/queue && echo lbs=$(cat logical_block_size) max_sectors_kb=$(cat max_sectors_kb) read_ahead_kb=$(cat read_ahead_kb) sched=$(cat scheduler | tr ' ' ,))"; done; }
 	result queues "$(q nbd0 vda | tr '\n' ' ')"
+	# What a system call costs depends on these (page-table isolation
+	# switches page tables, which TCG pays as a TLB flush, on every call).
+	result cpu_mitigations "$(cd /sys/devices/system/cpu/vulnerabilities 2>/dev/null && for f in meltdown spectre_v2 retbleed; do printf '%s=%s; ' $f "$(cat $f 2>/dev/null)"; done)"
 	kg=$(pidof keygate)
 	if [ -n "$(fwcfg mkfs)" ]; then
 		# 4 KiB blocks: mke2fs would pick 1 KiB for a volume this small.
@@ -82,7 +86,7 @@ nbd-*)
 		;;
 	nbd-check)
 		kg-workload sqlite-check /mnt/db.sqlite
-		kg-workload io nbd /mnt/io.bin "$(fwcfg io_mib)" "$(fwcfg io_ops)"
+		KG_PERF_PHASES=$(fwcfg perf 2>/dev/null) kg-workload io nbd /mnt/io.bin "$(fwcfg io_mib)" "$(fwcfg io_ops)"
 		rm -f /mnt/io.bin
 		umount /mnt || exit 32
 		x /bin/e2fsck -fn /dev/nbd0 >/tmp/fsck.out 2>&1
@@ -91,6 +95,10 @@ nbd-*)
 		result io_flusher "$(cat /proc/$kg/task/*/stat | awk '{ n++; if (and($9, 524288)) m++ } END { printf "threads=%d marked=%d", n, m }')"
 		kill -TERM "$kg"
 		waitkg
+		# How busy the idle guest is once keygate is gone (anything left
+		# running would slow the dm-crypt half): busy and total ticks over 2 s.
+		s1=$(head -n 1 /proc/stat); sleep 2; s2=$(head -n 1 /proc/stat)
+		result idle_after_kg "$(echo "$s1 $s2" | awk '{ for (i = 2; i <= 9; i++) { t1 += $i; t2 += $(i + 11) } b1 = t1 - $5 - $6; b2 = t2 - $16 - $17; printf "busy=%d total=%d", b2 - b1, t2 - t1 }') $(ps -o comm,stat 2>/dev/null | grep -v ' S' | tr '\n' ' ')"
 		# The same disk through the kernel's dm-crypt, keygate gone.
 		[ -e /bin/cryptsetup ] || exit 0
 		fwcfg uk >/tmp/uk || exit 33
@@ -98,10 +106,19 @@ nbd-*)
 		rm /tmp/uk
 		mount -t ext4 /dev/mapper/kgx /mnt || exit 35
 		kg-workload sqlite-check /mnt/db.sqlite | sed 's/RESULT sqlite_/RESULT dm_sqlite_/'
-		kg-workload io dmcrypt /mnt/io.bin "$(fwcfg io_mib)" "$(fwcfg io_ops)"
+		KG_PERF_PHASES=$(fwcfg perf 2>/dev/null) kg-workload io dmcrypt /mnt/io.bin "$(fwcfg io_mib)" "$(fwcfg io_ops)"
 		rm -f /mnt/io.bin
 		umount /mnt || exit 36
 		x /bin/cryptsetup --disable-locks close kgx || exit 37
+		# Profiles of the phases KEYGATE_TESTVM_PERF named, on the console.
+		for f in /tmp/perf.*; do
+			[ -e "$f" ] || continue
+			p=${f#/tmp/perf.}
+			x /bin/perf report -i "$f" --stdio --no-children --sort comm,dso,sym -g none --percent-limit 0.7 2>/dev/null |
+				grep -v '^#' | grep -v '^$' | head -60 | sed "s|^|KEYGATE-PERF $p self: |"
+			x /bin/perf report -i "$f" --stdio --children --comms keygate --sort sym -g none --percent-limit 3 2>/dev/null |
+				grep -v '^#' | grep -v '^$' | head -50 | sed "s|^|KEYGATE-PERF $p keygate-children: |"
+		done
 		;;
 	esac
 	;;
@@ -179,6 +196,15 @@ func dataFiles(t *testing.T) map[string][]byte {
 		t.Fatalf("e2fsprogs for the guest: %v (install e2fsprogs)", err)
 	}
 	files["bin/kg-workload"] = wl
+	if os.Getenv("KEYGATE_TESTVM_PERF") != "" {
+		// The host's perf (Debian linux-perf, 6.1 like the guest's
+		// kernel), for profiling the I/O benchmark's phases.
+		perf, err := hostTools("perf")
+		if err != nil {
+			t.Fatalf("KEYGATE_TESTVM_PERF: perf for the guest: %v (install linux-perf)", err)
+		}
+		maps.Copy(files, perf)
+	}
 	if conf, err := os.ReadFile("/etc/mke2fs.conf"); err == nil {
 		files["etc/mke2fs.conf"] = conf
 	}
@@ -343,6 +369,11 @@ func TestDataPath(t *testing.T) {
 		if env := os.Getenv("KEYGATE_TESTVM_KGENV"); env != "" {
 			fw["kgenv"] = []byte(env)
 		}
+		// Phases to profile with perf in the guest (a diagnosis: perf's
+		// own work slows the phase it records).
+		if phases := os.Getenv("KEYGATE_TESTVM_PERF"); phases != "" {
+			fw["perf"] = []byte(phases)
+		}
 		r := l.boot(t, m, img, "vol-nbd", "", fw, nil)
 		t.Logf("after the reboot: %s", r.get(t, "ext4_log"))
 		max := checkDB(t, r.get(t, "sqlite_integrity"), r.get(t, "sqlite_check"), load.committed)
@@ -368,6 +399,8 @@ func TestDataPath(t *testing.T) {
 				t.Errorf("the database through dm-crypt: %s; through keygate's NBD export: %s", dm, k)
 			}
 			t.Logf("block queues in the guest: %s", r.get(t, "queues"))
+			t.Logf("the guest CPU's mitigations: %s", r.results["cpu_mitigations"])
+			t.Logf("the guest after keygate exited, before dm-crypt (ticks of 10 ms over 2 s; processes not sleeping): %s", r.results["idle_after_kg"])
 			nbd, dm := ioFigures(t, r.get(t, "io_nbd")), ioFigures(t, r.get(t, "io_dmcrypt"))
 			for _, k := range []string{"seqwrite_mibs", "seqread_mibs", "randwrite_iops", "randread_iops"} {
 				t.Logf("ext4 on NBD vs ext4 on dm-crypt, %s: %.2f vs %.2f = %.2fx", k, nbd[k], dm[k], nbd[k]/dm[k])
@@ -375,6 +408,11 @@ func TestDataPath(t *testing.T) {
 			// What each phase cost the guest, per MiB or per operation.
 			t.Logf("guest cost on NBD: %s", r.results["iocost_nbd"])
 			t.Logf("guest cost on dm-crypt: %s", r.results["iocost_dmcrypt"])
+			for _, line := range strings.Split(r.console, "\n") {
+				if p, ok := strings.CutPrefix(strings.TrimRight(line, "\r"), "KEYGATE-PERF "); ok {
+					t.Logf("perf %s", p)
+				}
+			}
 		})
 	})
 

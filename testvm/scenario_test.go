@@ -429,6 +429,10 @@ func (l *lab) start(t *testing.T, m *machine, img, volume, cmdline string, fw ma
 		cfg.Cmdline = cmdline
 	}
 	cfg.DataDisk, cfg.SwtpmState = img, m.tpm
+	// vCPUs for a diagnosis run (the default is one: testvm.Config).
+	if n, err := strconv.Atoi(os.Getenv("KEYGATE_TESTVM_CPUS")); err == nil {
+		cfg.CPUs = n
+	}
 	cfg.FwCfg = map[string][]byte{"script": []byte(scenarioScript), "ca": ca, "keysvc": []byte(l.guestURL),
 		"vm": []byte(m.name), "volume": []byte(volume)}
 	maps.Copy(cfg.FwCfg, fw)

@@ -9,3 +9,7 @@ func (s *Server) ServeKernelStyle(c net.Conn, threadInit func() error) error {
 }
 
 var IOFlusher = ioFlusher
+
+// KernelSocket wraps fd, one end of a socket pair, as Attach wraps the end
+// it serves the kernel on.
+func KernelSocket(fd int) (net.Conn, error) { return newBlockingConn(fd) }

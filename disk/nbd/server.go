@@ -35,6 +35,11 @@ const (
 	// readBuffer is each connection's request buffer: 64 KiB holds the
 	// headers of a full queue and a few 4 KiB payloads.
 	readBuffer = 64 << 10
+	// inlineMax is the largest request a kernel socket's reader serves
+	// itself: a 4 KiB random read or write waits for nothing else, while
+	// a large one (read-ahead, writeback) should not hold up the requests
+	// the kernel queues behind it.
+	inlineMax = 64 << 10
 )
 
 // Options configures a Server. The zero value serves a writable export
@@ -283,6 +288,12 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 			}
 		}
 	}
+	// A request alone on a kernel socket (blockingConn: none under way,
+	// none waiting in the buffer) is served on the reader's thread, which
+	// then blocks in read(2) again: no goroutine, no wakeup of another
+	// thread. Others go to handlers, so that a queue of them overlaps the
+	// disk with the cipher.
+	_, inline := c.(vectorWriter)
 	// Requests are read through a buffer: a client with several requests
 	// under way (the kernel's queue, nbdcopy, fio at depth 16) has their
 	// headers, and small writes' payloads, waiting together on the socket,
@@ -323,12 +334,24 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 				return fmt.Errorf("read WRITE payload of %d bytes: %w", r.Length, err)
 			}
 		}
-		cn.wg.Add(1)
-		dispatch(r, payload)
+		if inline && len(cn.slots) == 1 && rd.Buffered() == 0 && r.Length <= inlineMax &&
+			(r.Type == CmdRead || r.Type == CmdWrite) {
+			cn.handle(r, payload)
+			<-cn.slots
+		} else {
+			cn.wg.Add(1)
+			dispatch(r, payload)
+		}
 		if err := cn.writeErr(); err != nil {
 			return err
 		}
 	}
+}
+
+// vectorWriter is a connection that sends several buffers in one system
+// call without the network poller: a kernel socket (blockingConn).
+type vectorWriter interface {
+	writev(bufs [][]byte) (int, error)
 }
 
 func (cn *conn) writeErr() error {
@@ -448,7 +471,12 @@ func (cn *conn) reply(cookie uint64, errno uint32, data []byte) {
 		cn.iov[1] = data
 		cn.out = cn.iov[:2]
 	}
-	_, err := cn.out.WriteTo(cn.c)
+	var err error
+	if vw, ok := cn.c.(vectorWriter); ok {
+		_, err = vw.writev(cn.out)
+	} else {
+		_, err = cn.out.WriteTo(cn.c)
+	}
 	cn.iov[1] = nil // the data's buffer goes back to its pool
 	if err != nil {
 		cn.werr = fmt.Errorf("send reply: %w", err)

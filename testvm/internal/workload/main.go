@@ -33,6 +33,8 @@ import (
 	"io"
 	mrand "math/rand/v2"
 	"os"
+	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -277,8 +279,8 @@ func ioBench(label, path string, mib, ops int) error {
 		return err
 	}
 	defer f.Close()
-	var st phaseStats
-	st.start()
+	st := phaseStats{label: label}
+	st.start("seqwrite")
 	t := time.Now()
 	for i := 0; i < mib; i++ {
 		buf[0] = byte(i)
@@ -294,7 +296,7 @@ func ioBench(label, path string, mib, ops int) error {
 	if err := dropCaches(); err != nil {
 		return err
 	}
-	st.start()
+	st.start("seqread")
 	t = time.Now()
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return err
@@ -311,7 +313,7 @@ func ioBench(label, path string, mib, ops int) error {
 	rng := mrand.New(mrand.NewPCG(1, 2))
 	blocks := int64(mib) << 20 / 4096
 	page := buf[:4096]
-	st.start()
+	st.start("randwrite")
 	t = time.Now()
 	for i := 0; i < ops; i++ {
 		if _, err := f.WriteAt(page, rng.Int64N(blocks)*4096); err != nil {
@@ -326,7 +328,7 @@ func ioBench(label, path string, mib, ops int) error {
 	if err := dropCaches(); err != nil {
 		return err
 	}
-	st.start()
+	st.start("randread")
 	t = time.Now()
 	for i := 0; i < ops; i++ {
 		if _, err := f.ReadAt(page, rng.Int64N(blocks)*4096); err != nil {
@@ -346,21 +348,46 @@ func ioBench(label, path string, mib, ops int) error {
 // time, voluntary context switches of its threads, and how many of its
 // threads ran. The busy fraction tells whether the one vCPU or the wait
 // for the virtual disk bounds a phase.
+//
+// With KG_PERF_PHASES naming phases (comma-separated), each of them also
+// runs under `perf record -a -g` (the host's perf, through /bin/ld.so; see
+// testvm's KEYGATE_TESTVM_PERF), written to /tmp/perf.LABEL.PHASE: where
+// the vCPU's time went, kernel and user space alike.
 type phaseStats struct {
-	at  sysSample
-	out []string
+	label string
+	at    sysSample
+	out   []string
+	perf  *exec.Cmd
 }
 
 type sysSample struct {
-	ctxt, busy, total, kg, kgVcsw uint64
-	kgThreads                     map[string]uint64 // CPU ticks by thread id
+	ctxt, busy, total, kg, kgSys, kgVcsw uint64
+	kgThreads                            map[string]uint64 // CPU ticks by thread id
 }
 
-func (s *phaseStats) start() { s.at = sysStat() }
+func (s *phaseStats) start(name string) {
+	s.perf = nil
+	if slices.Contains(strings.Split(os.Getenv("KG_PERF_PHASES"), ","), name) {
+		cmd := exec.Command("/bin/ld.so", "--library-path", "/lib/cs", "/bin/perf", "record", "-a", "-g", "-F", "997", "-q",
+			"-o", "/tmp/perf."+s.label+"."+name)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			result("perf_error", err.Error())
+		} else {
+			s.perf = cmd
+			time.Sleep(3 * time.Second) // perf's start-up, slow under TCG
+		}
+	}
+	s.at = sysStat()
+}
 
 // phase records the phase since start, over n units.
 func (s *phaseStats) phase(name string, n int) {
 	now := sysStat()
+	if s.perf != nil {
+		s.perf.Process.Signal(os.Interrupt)
+		s.perf.Wait()
+	}
 	dt := now.total - s.at.total
 	frac := 0.0
 	if dt > 0 {
@@ -374,8 +401,8 @@ func (s *phaseStats) phase(name string, n int) {
 	}
 	per := func(d uint64) float64 { return float64(d) / float64(n) }
 	// Clock ticks are USER_HZ (100 per second): 10 ms each.
-	s.out = append(s.out, fmt.Sprintf("%[1]s_ctxt=%.1[2]f %[1]s_busy=%.2[3]f %[1]s_cpu_us=%.0[4]f %[1]s_kg_us=%.0[5]f %[1]s_kg_vcsw=%.1[6]f %[1]s_kg_threads_ran=%[7]d",
-		name, per(now.ctxt-s.at.ctxt), frac, per(now.busy-s.at.busy)*1e4, per(now.kg-s.at.kg)*1e4, per(now.kgVcsw-s.at.kgVcsw), ran))
+	s.out = append(s.out, fmt.Sprintf("%[1]s_ctxt=%.1[2]f %[1]s_busy=%.2[3]f %[1]s_cpu_us=%.0[4]f %[1]s_kg_us=%.0[5]f %[1]s_kg_sys_us=%.0[8]f %[1]s_kg_vcsw=%.1[6]f %[1]s_kg_threads_ran=%[7]d",
+		name, per(now.ctxt-s.at.ctxt), frac, per(now.busy-s.at.busy)*1e4, per(now.kg-s.at.kg)*1e4, per(now.kgVcsw-s.at.kgVcsw), ran, per(now.kgSys-s.at.kgSys)*1e4))
 }
 
 // sysStat reads the context switches and the busy and total CPU ticks from
@@ -418,6 +445,7 @@ func sysStat() sysSample {
 					u, _ := strconv.ParseUint(f[11], 10, 64)
 					k, _ := strconv.ParseUint(f[12], 10, 64)
 					x.kg += u + k
+					x.kgSys += k
 					x.kgThreads[e.Name()+"/"+tk.Name()] = u + k
 				}
 			}
