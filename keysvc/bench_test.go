@@ -57,7 +57,7 @@ var (
 	timedTrace   = flag.String("keysvc.timedtrace", "", "write an execution trace of the unlock benchmarks' timed part to `file` (go tool trace)")
 	benchLog     = flag.String("keysvc.log", "discard", "the unlock benchmarks' service logger: discard, or json (Info, to a file as a deployment would)")
 	offeredRate  = flag.Float64("keysvc.rate", 1500, "BenchmarkUnlockOpenLoop's offered load, unlocks per second")
-	benchDB      = flag.String("keysvc.db", "sqlite", "the unlock benchmarks' database: sqlite, postgres (one replica on a private PostgreSQL server) or postgres2 (two replicas on it, the clients split between them)")
+	benchDB      = flag.String("keysvc.db", "sqlite", "the unlock benchmarks' database: sqlite, postgres (one replica on a private PostgreSQL server) postgres2 (two replicas on it, the clients split between them) or postgres2sync (the same on a primary with a synchronous standby, as an HA deployment runs)")
 )
 
 const benchClients = 256
@@ -88,14 +88,22 @@ func newUnlockLoad(b *testing.B, vms int) *unlockLoad {
 	switch *benchDB {
 	case "sqlite":
 		reps = []*env{startEnv(b, b.TempDir(), opts...)}
-	case "postgres", "postgres2":
-		url := pgtest.Shared(b).NewDB(b)
+	case "postgres", "postgres2", "postgres2sync":
+		var url string
+		if *benchDB == "postgres2sync" {
+			// Every commit also waits for the standby to flush it.
+			primary := pgtest.New(b, pgtest.Options{Conf: pgtest.SyncReplication})
+			primary.Standby(b)
+			url = primary.NewDB(b)
+		} else {
+			url = pgtest.Shared(b).NewDB(b)
+		}
 		reps = []*env{startEnvWith(b, keysvc.Config{DataDir: b.TempDir(), DB: url}, opts...)}
-		if *benchDB == "postgres2" {
+		if *benchDB != "postgres" {
 			reps = append(reps, startEnvWith(b, keysvc.Config{DataDir: replicaDir(b, reps[0].dir), DB: url}, opts...))
 		}
 	default:
-		b.Fatalf("-keysvc.db %q: want sqlite, postgres or postgres2", *benchDB)
+		b.Fatalf("-keysvc.db %q: want sqlite, postgres, postgres2 or postgres2sync", *benchDB)
 	}
 	e := reps[0]
 	v := openVM(b)
