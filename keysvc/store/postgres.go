@@ -50,12 +50,13 @@ import (
 type Postgres struct {
 	pool *pgxpool.Pool
 
-	queue   chan *auditReq
-	qmu     sync.RWMutex
-	closed  bool
-	stop    chan struct{}
-	stopped chan struct{}
-	commit  atomic.Pointer[commitDelay]
+	queue     chan *auditReq
+	qmu       sync.RWMutex
+	closed    bool
+	stop      chan struct{}
+	stopped   chan struct{}
+	commit    atomic.Pointer[commitDelay]
+	scanFlush sync.Mutex // see durableSnapshot
 }
 
 // callTimeout bounds a store call whose context has no deadline.

@@ -577,54 +577,63 @@ func (p *Postgres) ScanAudit(ctx context.Context, from uint64, fn func(AuditReco
 	}
 	ctx, cancel := bound(ctx)
 	defer cancel()
-	var head *AuditHead
-	err := func() error {
-		tx, err := p.pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
-		if err != nil {
-			return classify(err)
-		}
-		defer tx.Rollback(ctx)
-		var (
-			h   AuditHead
-			seq int64
-		)
-		if err := tx.QueryRow(ctx, `SELECT seq, hash, mac FROM audit_head WHERE id = 1`).Scan(&seq, &h.Hash, &h.MAC); err != nil && !isNoRowsPG(err) {
-			return fmt.Errorf("read audit head: %w", classify(err))
-		}
-		if seq > 0 {
-			h.Seq = uint64(seq)
-			head = &h
-		}
-		// The snapshot may hold an append whose batch has committed but is
-		// not durable yet (commitAudit): a flush that commits after the
-		// snapshot was taken covers it, so nothing is shown that a crash
-		// could take back.
-		if _, err := p.pool.Exec(ctx, qFlush); err != nil {
-			return fmt.Errorf("scan audit: wait for the chain's last commits to be durable: %w", classify(err))
-		}
-		rows, err := tx.Query(ctx, `SELECT `+auditColumns+` FROM audit_log WHERE seq >= $1 ORDER BY seq`, int64(from))
-		if err != nil {
-			return fmt.Errorf("scan audit: %w", classify(err))
-		}
-		defer rows.Close()
-		for rows.Next() {
-			a, err := pgAudit(rows)
-			if err != nil {
-				return fmt.Errorf("scan audit: %w", err)
-			}
-			if err := fn(a); err != nil {
-				return err
-			}
-		}
-		if err := rows.Err(); err != nil {
-			return fmt.Errorf("scan audit: %w", classify(err))
-		}
-		return nil
-	}()
+	tx, head, err := p.durableSnapshot(ctx)
 	if err != nil {
 		return nil, err
 	}
+	defer tx.Rollback(ctx)
+	rows, err := tx.Query(ctx, `SELECT `+auditColumns+` FROM audit_log WHERE seq >= $1 ORDER BY seq`, int64(from))
+	if err != nil {
+		return nil, fmt.Errorf("scan audit: %w", classify(err))
+	}
+	defer rows.Close()
+	for rows.Next() {
+		a, err := pgAudit(rows)
+		if err != nil {
+			return nil, fmt.Errorf("scan audit: %w", err)
+		}
+		if err := fn(a); err != nil {
+			return nil, err
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("scan audit: %w", classify(err))
+	}
 	return head, nil
+}
+
+// durableSnapshot begins a read-only REPEATABLE READ transaction and reads
+// the audit head (nil if none) in it. The snapshot may hold an append
+// whose batch has committed but is not durable yet (commitAudit): a flush
+// that commits after the snapshot was taken covers it, so that nothing is
+// shown that a crash or failover could take back. The flush needs a second
+// connection while the snapshot's is held, so one caller at a time takes
+// it (scanFlush): were every pooled connection a snapshot's, each waiting
+// for another, none would come back.
+func (p *Postgres) durableSnapshot(ctx context.Context) (pgx.Tx, *AuditHead, error) {
+	p.scanFlush.Lock()
+	defer p.scanFlush.Unlock()
+	tx, err := p.pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return nil, nil, classify(err)
+	}
+	var (
+		h   AuditHead
+		seq int64
+	)
+	if err := tx.QueryRow(ctx, `SELECT seq, hash, mac FROM audit_head WHERE id = 1`).Scan(&seq, &h.Hash, &h.MAC); err != nil && !isNoRowsPG(err) {
+		tx.Rollback(ctx)
+		return nil, nil, fmt.Errorf("read audit head: %w", classify(err))
+	}
+	if _, err := p.pool.Exec(ctx, qFlush); err != nil {
+		tx.Rollback(ctx)
+		return nil, nil, fmt.Errorf("scan audit: wait for the chain's last commits to be durable: %w", classify(err))
+	}
+	if seq == 0 {
+		return tx, nil, nil
+	}
+	h.Seq = uint64(seq)
+	return tx, &h, nil
 }
 
 // Anchor returns the stored anchor, or nil if there is none.

@@ -3,6 +3,7 @@ package store_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -84,6 +85,40 @@ func TestAuditAnsweredOnlyWhenDurable(t *testing.T) {
 	for i, r := range recs {
 		if r.Seq != uint64(i+1) || i > 0 && string(r.PrevHash) != string(recs[i-1].Hash) {
 			t.Fatalf("record %d: seq %d, prev %q; want seq %d on %q", i, r.Seq, r.PrevHash, i+1, recs[max(i-1, 0)].Hash)
+		}
+	}
+}
+
+// TestScanAuditConcurrent: ScanAudit holds its snapshot's connection while
+// it takes a second for the flush; scans started together, more than the
+// pool has connections, must all finish rather than each wait for a
+// connection another holds.
+func TestScanAuditConcurrent(t *testing.T) {
+	s := backend{name: "postgres", url: replicasURL(t)}.open(t)
+	bg := context.Background()
+	if err := s.AppendAudit(bg, chained("u")); err != nil {
+		t.Fatal(err)
+	}
+	const scans = 24 // three times the default pool
+	errs := make(chan error, scans)
+	start := make(chan struct{})
+	for range scans {
+		go func() {
+			<-start
+			ctx, cancel := context.WithTimeout(bg, 30*time.Second)
+			defer cancel()
+			n := 0
+			_, err := s.ScanAudit(ctx, 0, func(store.AuditRecord) error { n++; return nil })
+			if err == nil && n != 1 {
+				err = fmt.Errorf("%d records, want 1", n)
+			}
+			errs <- err
+		}()
+	}
+	close(start)
+	for range scans {
+		if err := <-errs; err != nil {
+			t.Errorf("concurrent scan: %v", err)
 		}
 	}
 }
