@@ -551,7 +551,10 @@ func (s *Server) checkLocks(ctx context.Context) (int, error) {
 		s.locks.add(c.ID, at)
 		lk := store.ReattestSession{ID: c.ID, VM: c.VM, Volume: c.Volume, Locked: at}
 		lk.MAC = s.sessionRowMAC(lk)
-		if err := s.sessions.LockSession(ctx, lk); err != nil {
+		// Not cancelled with ctx (a replica stopping in the middle): a lock
+		// written back without its event would leave the tampering unraised
+		// for good, since the next sweep finds the row locked.
+		if err := s.sessions.LockSession(context.WithoutCancel(ctx), lk); err != nil {
 			return err
 		}
 		s.addEvent(ctx, store.VMEvent{VM: c.VM, Volume: c.Volume, Session: c.ID, Kind: "store-tampered", Severity: "critical",
