@@ -73,14 +73,23 @@ func lockHead(ctx context.Context, tx pgx.Tx) (last *AuditRecord, head *AuditHea
 	if head, err = scanHead(tx.QueryRow(ctx, qLockHead)); err != nil {
 		return nil, nil, err
 	}
-	a, err := pgAudit(tx.QueryRow(ctx, qLastAudit))
-	switch {
-	case err == nil:
-		last = &a
-	case !isNoRowsPG(err):
-		return nil, nil, fmt.Errorf("read last audit record: %w", err)
+	if last, err = scanLast(tx.QueryRow(ctx, qLastAudit)); err != nil {
+		return nil, nil, err
 	}
 	return last, head, nil
+}
+
+// scanLast reads the record qLastAudit returns; nil while the chain is
+// empty.
+func scanLast(r pgx.Row) (*AuditRecord, error) {
+	a, err := pgAudit(r)
+	switch {
+	case err == nil:
+		return &a, nil
+	case isNoRowsPG(err):
+		return nil, nil
+	}
+	return nil, fmt.Errorf("read last audit record: %w", err)
 }
 
 // insertRecord stores rec (and the challenge use, if any, in the same
@@ -386,12 +395,8 @@ func lockAndClaim(ctx context.Context, conn *pgx.Conn, ids []string, exps []int6
 	if head, err = scanHead(br.QueryRow()); err != nil {
 		return nil, nil, nil, err
 	}
-	a, err := pgAudit(br.QueryRow())
-	switch {
-	case err == nil:
-		last = &a
-	case !isNoRowsPG(err):
-		return nil, nil, nil, fmt.Errorf("read last audit record: %w", err)
+	if last, err = scanLast(br.QueryRow()); err != nil {
+		return nil, nil, nil, err
 	}
 	claimed = map[string]bool{}
 	if len(ids) > 0 {
