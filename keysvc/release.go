@@ -113,7 +113,7 @@ func (s *Server) release(w http.ResponseWriter, r *http.Request, vm store.VM, vo
 		nowVol      *store.Volume
 		readErr     error
 		ar, canRead = s.appendReader()
-		va, canVia  = s.audit.(viaAuditor)
+		va, canVia  = s.audit.(auditVia)
 	)
 	switch {
 	case use != nil && canRead && canVia:
@@ -206,11 +206,6 @@ func (s *Server) appendReader() (appendThenReader, bool) {
 	a := s.st.(*authStore)
 	_, ok := a.Store.(appendThenReader)
 	return a, ok
-}
-
-// viaAuditor appends through a caller's store call (audit.Log.AppendVia).
-type viaAuditor interface {
-	AppendVia(ctx context.Context, ev audit.Event, via func(next store.AuditNext) error) (audit.Record, error)
 }
 
 // readFailed answers a failed read of a VM or volume: a row that fails its
