@@ -172,6 +172,7 @@ type Boot struct {
 	err      error
 	closeErr error
 	serveErr chan error
+	tornDown chan struct{} // closed when a forced lock's teardown ends
 }
 
 // Run unlocks the volume (see the package comment for the steps) and, with
@@ -506,7 +507,11 @@ func (b *Boot) lock(why error) {
 	b.lockOnce.Do(func() {
 		b.closing.Store(true)
 		b.err = why
-		b.closeErr = b.release()
+		if why == nil {
+			b.closeErr = b.release()
+		} else {
+			b.closeErr = b.releaseWithin(forcedWipeAfter)
+		}
 		msg := "volume locked: keys wiped, volume closed"
 		if why != nil {
 			msg = "volume locked: " + why.Error()
@@ -514,6 +519,43 @@ func (b *Boot) lock(why error) {
 		b.emit(Event{Kind: EventLocked, Message: msg, Err: why})
 		close(b.done)
 	})
+}
+
+// forcedWipeAfter bounds how long a lock that the key service, the monitor
+// or a failed export forces waits for the volume to close in order (the
+// exports' requests under way, the last flush) before it wipes the keys
+// regardless. A disk that stopped answering (a network volume's pread can
+// hang for minutes) must not keep a revoked volume's key in memory; what
+// was not yet written when the keys go is lost, as if the VM had stopped.
+// A lock of the user's own (Close) waits for the disk: it keeps data.
+const forcedWipeAfter = 5 * time.Second
+
+// releaseWithin is release, but wipes the volume's keys after d even if the
+// teardown still waits; the teardown then goes on in the background, and
+// every request still under way fails with disk.ErrKeyWiped.
+func (b *Boot) releaseWithin(d time.Duration) error {
+	im := b.im // release drops it
+	done := make(chan error, 1)
+	b.tornDown = make(chan struct{})
+	go func() {
+		defer close(b.tornDown)
+		done <- b.release()
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+	}
+	err := fmt.Errorf("the volume did not close within %s (is its disk answering?); its keys were wiped without waiting, and writes still under way are lost", d)
+	if im != nil {
+		if werr := im.Wipe(); werr != nil {
+			err = fmt.Errorf("%w; wiping the keys: %v", err, werr)
+		}
+	}
+	b.log.Error("volume locked without waiting for its disk", "err", err)
+	return err
 }
 
 // release tears down whatever Run set up, in the order that keeps data:

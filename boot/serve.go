@@ -88,10 +88,18 @@ func (b *Boot) serveNBD() error {
 	return nil
 }
 
+// testHookStopServing, set by tests only, runs as stopServing starts: a
+// stand-in for a teardown that waits on a disk that stopped answering
+// (disk's TestWipeWhileDiskHangs stalls a real pread).
+var testHookStopServing func()
+
 // stopServing ends every export before the image is closed: the kernel's
 // device first (its queued I/O fails: after a revoke nothing more may
 // reach the volume), then the servers, which wait for requests under way.
 func (b *Boot) stopServing() []error {
+	if testHookStopServing != nil {
+		testHookStopServing()
+	}
 	var errs []error
 	if b.att != nil {
 		errs = append(errs, b.att.Close())

@@ -438,12 +438,12 @@ func (d *Device) writeRun(run []*entry) error {
 		copy(buf[i*d.ss:], e.data)
 	}
 	sec := run[0].sector
-	if d.c != nil {
-		d.c.EncryptSectors(buf, buf, d.ss, uint64(sec)*d.tweakStep, d.tweakStep)
+	err := d.crypt(buf, buf, sec, false)
+	if err == nil {
+		err = d.writeFile(buf, d.off+sec*int64(d.ss))
 	}
-	err := d.writeFile(buf, d.off+sec*int64(d.ss))
-	if d.c == nil {
-		clear(buf) // plaintext
+	if d.g == nil || err != nil {
+		clear(buf) // plaintext, or not yet encrypted
 	}
 	if err != nil {
 		return fmt.Errorf("write sectors %d+%d: %w", sec, len(run), err)

@@ -73,18 +73,15 @@ func (d *Device) writeGather(pieces [][]byte, off int64) error {
 			}
 			m += n
 		}
-		do := func(j job) {
-			if d.c == nil {
-				copy(j.dst, j.src)
-				return
-			}
-			d.c.EncryptSectors(j.dst, j.src, d.ss, uint64(j.sec)*d.tweakStep, d.tweakStep)
-		}
+		// Each job keeps its own error, so that parallel workers need no
+		// lock: the only one possible is a wipe, which fails them all.
+		errs := make([]error, len(jobs))
+		do := func(i int) { errs[i] = d.crypt(jobs[i].dst, jobs[i].src, jobs[i].sec, false) }
 		if workers := min(runtime.GOMAXPROCS(0), len(jobs)); workers > 1 && m >= gatherParallel {
 			var next atomic.Int64
 			work := func() {
 				for i := int(next.Add(1) - 1); i < len(jobs); i = int(next.Add(1) - 1) {
-					do(jobs[i])
+					do(i)
 				}
 			}
 			var wg sync.WaitGroup
@@ -94,12 +91,18 @@ func (d *Device) writeGather(pieces [][]byte, off int64) error {
 			work()
 			wg.Wait()
 		} else {
-			for _, j := range jobs {
-				do(j)
+			for i := range jobs {
+				do(i)
+			}
+		}
+		for _, err := range errs {
+			if err != nil {
+				clear(d.scratch[:m])
+				return fmt.Errorf("write sectors %d+%d: %w", sec, m/d.ss, err)
 			}
 		}
 		err := d.writeFile(d.scratch[:m], d.off+sec*ss)
-		if d.c == nil {
+		if d.g == nil {
 			clear(d.scratch[:m]) // plaintext
 		}
 		if err != nil {

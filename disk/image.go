@@ -152,7 +152,6 @@ type Image struct {
 	f      *os.File
 	vol    *luks2.Volume
 	dev    *Device
-	cipher *xts.Cipher
 	fs     *FS
 	blocks *Blocks
 }
@@ -213,7 +212,7 @@ func unlock(f *os.File, path string, key *Key, writable bool) (*Image, error) {
 		c.Close()
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	return &Image{f: f, vol: vol, dev: dev, cipher: c}, nil
+	return &Image{f: f, vol: vol, dev: dev}, nil
 }
 
 // Device is the decrypted data segment.
@@ -253,12 +252,26 @@ func (im *Image) Close() error {
 		errs = append(errs, im.fs.Close())
 	}
 	errs = append(errs, im.dev.Close())
-	errs = append(errs, im.cipher.Close())
+	errs = append(errs, im.Wipe())
 	if !im.dev.readOnly {
 		errs = append(errs, im.f.Sync())
 	}
 	errs = append(errs, im.f.Close())
 	return errors.Join(errs...)
+}
+
+// Wipe destroys the volume's key schedule as soon as the encryptions and
+// decryptions under way end, without waiting for the disk: a read or write
+// still waiting on it fails with ErrKeyWiped when it returns, and so does
+// every later one, so what was not yet written is lost. It is for a lock
+// that cannot wait (a revoke while the disk hangs); Close, which writes
+// what is pending first, must still be called. Wipe is safe to call at any
+// time, from any goroutine, more than once.
+func (im *Image) Wipe() error {
+	if g := im.dev.g; g != nil {
+		return g.wipe()
+	}
+	return nil
 }
 
 // unlockVolume tries key on every keyslot and explains a failure in the

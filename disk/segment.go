@@ -12,18 +12,32 @@ import (
 // segment is where a volume's data segment lives in its file and how its
 // sectors are ciphered: what the filesystem's Device (with its cache) and
 // the block export's Blocks (without one) share. Sector i's XTS tweak is
-// i*ss/512, as LUKS2's plain64 counts in 512-byte units; a nil c is the
+// i*ss/512, as LUKS2's plain64 counts in 512-byte units; a nil g is the
 // unencrypted passthrough (the performance reference).
 type segment struct {
 	f         *os.File
 	off       int64
 	ss        int
 	tweakStep uint64
-	c         *xts.Cipher
+	g         *keyGuard
 }
 
 func newSegment(f *os.File, off int64, ss int, c *xts.Cipher) segment {
-	return segment{f: f, off: off, ss: ss, tweakStep: uint64(ss / 512), c: c}
+	s := segment{f: f, off: off, ss: ss, tweakStep: uint64(ss / 512)}
+	if c != nil {
+		s.g = &keyGuard{c: c}
+	}
+	return s
+}
+
+// crypt en- or decrypts whole sectors of src, starting at sector sec, into
+// dst (which may be src); the passthrough copies.
+func (s *segment) crypt(dst, src []byte, sec int64, dec bool) error {
+	if s.g == nil {
+		copy(dst, src)
+		return nil
+	}
+	return s.g.sectors(dst, src, s.ss, uint64(sec)*s.tweakStep, s.tweakStep, dec)
 }
 
 // readSectors reads whole sectors from sector sec into p, decrypting in
@@ -37,8 +51,9 @@ func (s *segment) readSectors(p []byte, sec int64) error {
 		}
 		return fmt.Errorf("read sectors %d+%d: %w", sec, len(p)/s.ss, err)
 	}
-	if s.c != nil {
-		s.c.DecryptSectors(p, p, s.ss, uint64(sec)*s.tweakStep, s.tweakStep)
+	if err := s.crypt(p, p, sec, true); err != nil {
+		clear(p) // ciphertext, but not what the caller asked for
+		return fmt.Errorf("read sectors %d+%d: %w", sec, len(p)/s.ss, err)
 	}
 	return nil
 }
@@ -47,7 +62,7 @@ func (s *segment) readSectors(p []byte, sec int64) error {
 // and writes each with write (the file's WriteAt, or a test's hook) at
 // sector sec; p is left as it was.
 func (s *segment) writeSectors(p []byte, sec int64, scratch []byte, write func([]byte, int64) error) error {
-	if s.c == nil {
+	if s.g == nil {
 		if err := write(p, s.off+sec*int64(s.ss)); err != nil {
 			return fmt.Errorf("write sectors %d+%d: %w", sec, len(p)/s.ss, err)
 		}
@@ -55,7 +70,9 @@ func (s *segment) writeSectors(p []byte, sec int64, scratch []byte, write func([
 	}
 	for len(p) > 0 {
 		m := min(len(p), len(scratch))
-		s.c.EncryptSectors(scratch[:m], p[:m], s.ss, uint64(sec)*s.tweakStep, s.tweakStep)
+		if err := s.crypt(scratch[:m], p[:m], sec, false); err != nil {
+			return fmt.Errorf("write sectors %d+%d: %w", sec, m/s.ss, err)
+		}
 		if err := write(scratch[:m], s.off+sec*int64(s.ss)); err != nil {
 			return fmt.Errorf("write sectors %d+%d: %w", sec, m/s.ss, err)
 		}
