@@ -44,9 +44,12 @@ const (
 	qWriteHead = `UPDATE audit_head SET seq = $1, hash = $2, mac = $3 WHERE id = 1`
 	// qAsyncCommit makes the batch's COMMIT return before its WAL is on
 	// disk, and qFlush, run in a transaction of its own after it, waits for
-	// that WAL (see commitAudit).
+	// that WAL (see commitAudit). qFlush's row is its backend's PID modulo
+	// 1024, so that the table stays small however many backends come and
+	// go; two backends sharing a row at the same instant only wait for
+	// each other's flush, which each waits for anyway.
 	qAsyncCommit = `SET LOCAL synchronous_commit TO off`
-	qFlush       = `INSERT INTO commit_flush (pid) VALUES (pg_backend_pid())
+	qFlush       = `INSERT INTO commit_flush (pid) VALUES (pg_backend_pid() % 1024)
 		ON CONFLICT (pid) DO UPDATE SET n = commit_flush.n + 1`
 )
 
