@@ -38,18 +38,22 @@ func (cl *client) call(method, path string, body any) ([]byte, error) {
 	if tokenFile == "" {
 		return nil, errors.New("no admin token: pass --token-file DATA/admin.token or set KEYSVC_TOKEN_FILE")
 	}
+	if caFile == "" {
+		// Never the system's roots: a certificate from any public CA, a
+		// TLS-inspecting proxy's or one planted on this machine would
+		// otherwise be handed the admin token.
+		return nil, errors.New("no CA to trust: pass --ca DATA/ca.pem or set KEYSVC_CA (the admin token goes only to a server the key service's own CA signed)")
+	}
 	tok, err := os.ReadFile(tokenFile)
 	if err != nil {
 		return nil, fmt.Errorf("read admin token: %w", err)
 	}
-	cfg := kc.Config{URLs: kc.ParseURLs(server), Token: strings.TrimSpace(string(tok)), SystemRoots: caFile == ""}
-	if caFile != "" {
-		if cfg.CA, err = os.ReadFile(caFile); err != nil {
-			return nil, fmt.Errorf("read CA: %w", err)
-		}
-		if _, err := kc.ParseCA(cfg.CA); err != nil {
-			return nil, fmt.Errorf("CA file %s holds no PEM certificate (use DATA/ca.pem)", caFile)
-		}
+	cfg := kc.Config{URLs: kc.ParseURLs(server), Token: strings.TrimSpace(string(tok))}
+	if cfg.CA, err = os.ReadFile(caFile); err != nil {
+		return nil, fmt.Errorf("read CA: %w", err)
+	}
+	if _, err := kc.ParseCA(cfg.CA); err != nil {
+		return nil, fmt.Errorf("CA file %s holds no PEM certificate (use DATA/ca.pem)", caFile)
 	}
 	c, err := kc.New(cfg)
 	if err != nil {
@@ -117,7 +121,7 @@ func adminFlags(c *cobra.Command, cl *client) {
 	f := c.PersistentFlags()
 	f.StringVar(&cl.server, "server", "", "admin API URL, or several replicas' separated by commas (env KEYSVC_SERVER; default https://"+keysvc.DefaultAdminListen+")")
 	f.StringVar(&cl.tokenFile, "token-file", "", "admin token file, DATA/admin.token (env KEYSVC_TOKEN_FILE)")
-	f.StringVar(&cl.ca, "ca", "", "CA certificate to trust, DATA/ca.pem (env KEYSVC_CA)")
+	f.StringVar(&cl.ca, "ca", "", "the key service's CA certificate, DATA/ca.pem (env KEYSVC_CA); required: the token goes to no server it did not sign")
 	f.BoolVar(&cl.json, "json", false, "print the service's JSON answer")
 }
 

@@ -39,14 +39,10 @@ type Config struct {
 	URLs []string
 	// CA is the service's CA certificate, PEM (DATA/ca.pem). CAPin is its
 	// SHA-256, lowercase hex. With both they must agree; with only CAPin
-	// the CA is taken from the server's chain. One of them is required
-	// unless SystemRoots is set.
+	// the CA is taken from the server's chain. One of them is required:
+	// the system's roots are never trusted.
 	CA    []byte
 	CAPin string
-	// SystemRoots trusts the system's roots when neither CA nor CAPin is
-	// given (the admin CLI without --ca, for a service behind a proxy
-	// with a public certificate). Never set on the VM side.
-	SystemRoots bool
 	// Token is the admin API's bearer token (admin calls only).
 	Token string
 	// ConnectTimeout bounds the TCP connect plus TLS handshake to one
@@ -147,7 +143,7 @@ func New(cfg Config) (*Client, error) {
 			return nil, fmt.Errorf("key service URL %q is listed twice", raw)
 		}
 		seen[base] = true
-		conf, err := tlsConfig(ca, cfg.CAPin, u.Hostname(), cfg.SystemRoots)
+		conf, err := tlsConfig(ca, cfg.CAPin, u.Hostname())
 		if err != nil {
 			return nil, err
 		}

@@ -40,8 +40,8 @@ func ParseCA(caPEM []byte) (*x509.Certificate, error) {
 // the server must chain to it (and when pin is also set the CA must have
 // that fingerprint); with only a pin the CA is taken from the server's
 // chain, but only the one of that fingerprint, and it must sign the leaf;
-// with neither, the system's roots are trusted if systemRoots allows it.
-func tlsConfig(ca *x509.Certificate, pin, host string, systemRoots bool) (*tls.Config, error) {
+// neither is an error: the system's roots are never trusted.
+func tlsConfig(ca *x509.Certificate, pin, host string) (*tls.Config, error) {
 	conf := &tls.Config{MinVersion: tls.VersionTLS13}
 	switch {
 	case ca != nil:
@@ -53,7 +53,7 @@ func tlsConfig(ca *x509.Certificate, pin, host string, systemRoots bool) (*tls.C
 		// server sends, but only the one whose hash is pinned.
 		conf.InsecureSkipVerify = true
 		conf.VerifyConnection = func(cs tls.ConnectionState) error { return verifyPinned(cs, host, pin) }
-	case !systemRoots:
+	default:
 		return nil, errors.New("no CA to trust: give the key service's CA certificate (DATA/ca.pem) or its SHA-256")
 	}
 	// The transport dials through the replica's own dialer (so that a
