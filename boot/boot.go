@@ -441,7 +441,7 @@ func (b *Boot) attempt(ctx context.Context, req api.ChallengeRequest, provision 
 		if err != nil {
 			return nil, err
 		}
-		raw, err := b.quote(ch.Nonce)
+		raw, err := b.quote(api.QuoteData(ch.Nonce, b.cl.CASHA256()))
 		if err != nil {
 			return nil, err
 		}

@@ -152,7 +152,7 @@ func TestChallengeAcrossReplicas(t *testing.T) {
 		t.Fatalf("challenge: %v (at %s)", err, cl.Current())
 	}
 	e.stop(t)
-	att, err := tp.Attest(ch.Nonce, tpm.ECC)
+	att, err := tp.Attest(api.QuoteData(ch.Nonce, cl.CASHA256()), tpm.ECC)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -74,7 +74,7 @@ func (b *Boot) reattestOnce(ctx context.Context) (*api.ReattestResponse, error) 
 	if err != nil {
 		return nil, err
 	}
-	raw, err := b.quote(ch.Nonce)
+	raw, err := b.quote(api.QuoteData(ch.Nonce, b.cl.CASHA256()))
 	if err != nil {
 		return nil, err
 	}

@@ -99,7 +99,7 @@ func TestCredentialActivation(t *testing.T) {
 	}
 	var ch api.ChallengeResponse
 	json.Unmarshal(body, &ch)
-	att, err := ak.Attest(client.AttestOpts{Nonce: ch.Nonce, TCGEventLog: []byte{}})
+	att, err := ak.Attest(client.AttestOpts{Nonce: api.QuoteData(ch.Nonce, e.ca), TCGEventLog: []byte{}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -47,6 +47,7 @@ type DataDir struct {
 	// CAFingerprint is the SHA-256 of the CA certificate (DER), hex: what a
 	// VM pins.
 	CAFingerprint string
+	caSum         [32]byte
 	cert          tls.Certificate
 	adminToken    string
 }
@@ -74,8 +75,8 @@ func Bootstrap(dir string, hostnames []string, now time.Time) (*DataDir, error) 
 	if err != nil {
 		return nil, fmt.Errorf("bootstrap %s: %w", dir, err)
 	}
-	sum := sha256.Sum256(caCert.Raw)
-	d.CAFingerprint = hex.EncodeToString(sum[:])
+	d.caSum = sha256.Sum256(caCert.Raw)
+	d.CAFingerprint = hex.EncodeToString(d.caSum[:])
 	names := append(slices.Clone(DefaultHostnames), hostnames...)
 	if err := d.loadOrIssueCert(caCert, caKey, names, now); err != nil {
 		return nil, fmt.Errorf("bootstrap %s: %w", dir, err)

@@ -32,7 +32,7 @@ func newFuzzServer(f *testing.F) *keysvc.Server {
 	}
 	f.Cleanup(mk.Destroy)
 	srv, err := keysvc.New(keysvc.WithStore(newMemStore()), keysvc.WithAudit(&memAudit{}), keysvc.WithMasterKey(mk),
-		keysvc.WithAdminToken(fuzzToken), keysvc.WithLogger(discardLogger()), keysvc.WithRateLimits(0, 0))
+		keysvc.WithAdminToken(fuzzToken), keysvc.WithLogger(discardLogger()), keysvc.WithRateLimits(0, 0), keysvc.WithCA([32]byte{1}))
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -6,10 +6,12 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"io"
 	"log/slog"
 	"net/http"
@@ -47,6 +49,7 @@ func (c *clock) Add(d time.Duration) {
 // env is a key service running on random 127.0.0.1 ports over real TLS.
 type env struct {
 	svc    *keysvc.Service
+	ca     [32]byte // SHA-256 of the service CA (DER), which quotes bind
 	dir    string
 	clock  *clock
 	client *http.Client
@@ -92,13 +95,14 @@ func startEnvWith(t testing.TB, cfg keysvc.Config, opts ...keysvc.Option) *env {
 	if !pool.AppendCertsFromPEM(caPEM) {
 		t.Fatal("ca.pem holds no certificate")
 	}
+	blk, _ := pem.Decode(caPEM)
 	tok, err := os.ReadFile(filepath.Join(dir, keysvc.AdminTokenFile))
 	if err != nil {
 		t.Fatal(err)
 	}
 	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}, MaxIdleConnsPerHost: 256}
 	t.Cleanup(tr.CloseIdleConnections)
-	return &env{svc: svc, dir: dir, clock: c, client: &http.Client{Transport: tr, Timeout: 30 * time.Second}, token: strings.TrimSpace(string(tok))}
+	return &env{svc: svc, ca: sha256.Sum256(blk.Bytes), dir: dir, clock: c, client: &http.Client{Transport: tr, Timeout: 30 * time.Second}, token: strings.TrimSpace(string(tok))}
 }
 
 func (e *env) stop(t testing.TB) {
@@ -174,6 +178,10 @@ type vmTPM struct {
 	tpm          *tpm.TPM
 	ekPEM, akPEM string
 	alg          tpm.Alg // of the EK and AK; ECC, the zero value, unless asMallory
+	// ca is the CA of the service the VM was last set up at or asked a
+	// challenge of (setup and env.challenge set it), which quote binds as
+	// a VM does.
+	ca [32]byte
 }
 
 // asMallory is "another TPM" for tests that need two: the simulator is one
@@ -250,13 +258,18 @@ func (e *env) challenge(t testing.TB, v *vmTPM, name, volume string) api.Challen
 	if err := json.Unmarshal(b, &ch); err != nil {
 		t.Fatal(err)
 	}
+	v.ca = e.ca
 	return ch
 }
 
-// quote makes the VM's attestation over nonce, as bytes.
+// quote makes the VM's attestation for a challenge's nonce, bound to the
+// CA of the service that issued it (api.QuoteData), as bytes.
 func (v *vmTPM) quote(t testing.TB, nonce []byte) []byte {
 	t.Helper()
-	att, err := v.tpm.Attest(nonce, v.alg)
+	if v.ca == [32]byte{} {
+		t.Fatal("quote: the VM was neither set up nor challenged through an env, so there is no CA to bind (set v.ca)")
+	}
+	att, err := v.tpm.Attest(api.QuoteData(nonce, v.ca), v.alg)
 	if err != nil {
 		t.Fatal(err)
 	}

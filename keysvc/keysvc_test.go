@@ -2,6 +2,7 @@ package keysvc_test
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"crypto/tls"
 	"database/sql"
 	"encoding/base64"
@@ -37,6 +38,7 @@ func setup(t testing.TB, e *env, v *vmTPM, name string) string {
 	e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: name, EKPub: v.ekPEM, AKPub: v.akPEM}, http.StatusCreated)
 	e.admin(t, "POST", "/v1/admin/volumes", api.VolumeRequest{ID: name + "-vol", VM: name, Key: ukBytes}, http.StatusCreated)
 	e.admin(t, "PUT", "/v1/admin/vms/"+name+"/policy", v.pcrPolicy(t, 0, 7), http.StatusOK)
+	v.ca = e.ca
 	return name + "-vol"
 }
 
@@ -87,6 +89,19 @@ func TestUnlockOverHTTPS(t *testing.T) {
 		vol := setup(t, e, v, "nonce")
 		ch := e.challenge(t, v, "nonce", vol)
 		code, body := e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: v.quote(t, bytes.Repeat([]byte{1}, 32))})
+		wantRefusal(t, code, body, api.ReasonEvidence)
+	})
+
+	t.Run("quote-names-another-ca", func(t *testing.T) {
+		// The VM's quote is genuine and fresh, but it binds the CA of a
+		// relay it was made to pin (an edited keygate token), not ours.
+		vol := setup(t, e, v, "relayed")
+		ch := e.challenge(t, v, "relayed", vol)
+		ours := v.ca
+		v.ca = sha256.Sum256([]byte("a relay's CA"))
+		att := v.quote(t, ch.Nonce)
+		v.ca = ours
+		code, body := e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: att})
 		wantRefusal(t, code, body, api.ReasonEvidence)
 	})
 
@@ -288,7 +303,7 @@ func TestUnlockOverHTTPS(t *testing.T) {
 				ch := e.challenge(t, v, "tamper", vol)
 				raw := []byte("\xff\xff garbage")
 				if tc.tamper != nil {
-					att, err := v.tpm.Attest(ch.Nonce, tpm.ECC)
+					att, err := v.tpm.Attest(api.QuoteData(ch.Nonce, e.ca), tpm.ECC)
 					if err != nil {
 						t.Fatal(err)
 					}

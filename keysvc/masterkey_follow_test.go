@@ -33,7 +33,7 @@ func (e *env) unlockStatus(v *vmTPM, name, volume string) (int, error) {
 	if err := json.Unmarshal(b, &ch); err != nil {
 		return 0, err
 	}
-	att, err := v.tpm.Attest(ch.Nonce, v.alg)
+	att, err := v.tpm.Attest(api.QuoteData(ch.Nonce, e.ca), v.alg)
 	if err != nil {
 		return 0, err
 	}

@@ -37,7 +37,7 @@ func (e *env) tryUnlock(v *vmTPM, name, volume string) error {
 	if err := json.Unmarshal(b, &ch); err != nil {
 		return err
 	}
-	att, err := v.tpm.Attest(ch.Nonce, v.alg)
+	att, err := v.tpm.Attest(api.QuoteData(ch.Nonce, e.ca), v.alg)
 	if err != nil {
 		return err
 	}

@@ -190,7 +190,7 @@ func (s *Server) handleReattest(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "read policy", fmt.Errorf("vm %q: stored policy: %w", vm.Name, err))
 		return
 	}
-	d, err := verifyServing(att, attest.VerifyOpts{Nonce: claims.Nonce, TrustedAKs: []crypto.PublicKey{ak}, Policy: pol})
+	d, err := verifyServing(att, attest.VerifyOpts{Nonce: api.QuoteData(claims.Nonce, s.caSum), TrustedAKs: []crypto.PublicKey{ak}, Policy: pol})
 	switch {
 	case d != nil:
 		s.reattestFailed(r, c, d)

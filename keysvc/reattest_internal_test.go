@@ -139,7 +139,7 @@ func TestLockedSessionsForgotten(t *testing.T) {
 	}
 	t0 := time.Unix(1_700_000_000, 0)
 	now := t0
-	s, err := New(WithStore(st), WithAudit(lg), WithMasterKey(mk), WithAdminToken(strings.Repeat("a", MinAdminTokenLen)),
+	s, err := New(WithStore(st), WithAudit(lg), WithMasterKey(mk), WithAdminToken(strings.Repeat("a", MinAdminTokenLen)), WithCA([32]byte{1}),
 		WithClock(func() time.Time { return now }))
 	if err != nil {
 		t.Fatal(err)

@@ -68,7 +68,11 @@ const labelSessionMAC = "keygate session mac v1"
 // Server serves the VM API and the admin API. Build it with New; it is safe
 // for concurrent use.
 type Server struct {
-	st    Store    // an *authStore over the store given (rowauth.go)
+	st Store // an *authStore over the store given (rowauth.go)
+	// caSum is the SHA-256 of the service CA (DER), which every quote's
+	// qualifying data binds (api.QuoteData).
+	caSum [32]byte
+	hasCA bool
 	rows  *keyring // the master key(s) and their row MAC keys (keyring.go)
 	audit Auditor
 	// initMK and initCh are the master key and challenger New starts
@@ -137,6 +141,10 @@ type Server struct {
 
 // Option configures a Server.
 type Option func(*Server)
+
+// WithCA names the CA that signs the service's certificates by the SHA-256
+// of its DER (required): quotes qualify it (api.QuoteData).
+func WithCA(sha256 [32]byte) Option { return func(s *Server) { s.caSum, s.hasCA = sha256, true } }
 
 // WithStore sets the store (required).
 func WithStore(st Store) Option { return func(s *Server) { s.st = st } }
@@ -219,6 +227,8 @@ func New(opts ...Option) (*Server, error) {
 		return nil, errors.New("new key service: no audit log (use WithAudit)")
 	case s.initMK == nil:
 		return nil, errors.New("new key service: no master key (use WithMasterKey)")
+	case !s.hasCA:
+		return nil, errors.New("new key service: no CA fingerprint, which quotes must name (use WithCA)")
 	case s.eventsKept <= 0:
 		return nil, fmt.Errorf("new key service: event retention %v is not positive", s.eventsKept)
 	case !s.hasToken:

@@ -247,7 +247,7 @@ func (svc *Service) open(ctx context.Context, cfg Config, st store.Backend, mk m
 		return err
 	}
 	opts := append([]Option{WithStore(svc.st), WithAudit(svc.auditLog), WithMasterKey(svc.mk),
-		WithAdminToken(svc.Data.adminToken), WithLogger(svc.log)}, cfg.Options...)
+		WithAdminToken(svc.Data.adminToken), WithLogger(svc.log), WithCA(svc.Data.caSum)}, cfg.Options...)
 	if lk.next != nil {
 		opts = append(opts, withSessionKeyAlso(lk.next))
 	}

@@ -89,6 +89,7 @@ func TestDatabaseWriteReleasesNothing(t *testing.T) {
 			if code == http.StatusOK {
 				var ch api.ChallengeResponse
 				json.Unmarshal(body, &ch)
+				tpm.ca = e.ca
 				code, body = e.vm(t, "POST", "/v1/unlock", api.UnlockRequest{Challenge: ch.Challenge, Attestation: tpm.quote(t, ch.Nonce)})
 			}
 			wantRefusal(t, code, body, api.ReasonIntegrity)

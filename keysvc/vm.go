@@ -458,7 +458,7 @@ func (s *Server) verify(ctx context.Context, vm *store.VM, att *pb.Attestation, 
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("vm %q: stored policy: %w", vm.Name, err)
 	}
-	opts := attest.VerifyOpts{Nonce: nonce, TrustedAKs: []crypto.PublicKey{ak}, Policy: pol}
+	opts := attest.VerifyOpts{Nonce: api.QuoteData(nonce, s.caSum), TrustedAKs: []crypto.PublicKey{ak}, Policy: pol}
 	if vm.LearnArmed {
 		learned, res, err := attest.Learn(att, opts, s.learnPCRs)
 		if err == nil && !bytes.Equal(res.PCRs[WindowPCR], windowReset) {

@@ -100,7 +100,7 @@ func TestEventsCommand(t *testing.T) {
 	}
 	var ch api.ChallengeResponse
 	vmCall("/v1/challenge", api.ChallengeRequest{VM: "web-1", Volume: "web-1-data", EKPub: string(ekPEM), AKPub: string(akPEM)}, &ch)
-	att, err := tp.Attest(ch.Nonce, tpm.ECC)
+	att, err := tp.Attest(api.QuoteData(ch.Nonce, vmc.CASHA256()), tpm.ECC)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,8 +3,10 @@ package client
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -65,6 +67,7 @@ type Client struct {
 	cur     atomic.Int32 // index of the replica that answered last
 	connect time.Duration
 	dialTO  atomic.Int64 // current connect bound, ns: connect, doubled after a pass without any connection
+	caSum   [32]byte     // SHA-256 of the trusted CA (DER)
 }
 
 // replica is one base URL with its own transport, so that each keeps its
@@ -121,6 +124,16 @@ func New(cfg Config) (*Client, error) {
 		}
 	}
 	c := &Client{token: cfg.Token, connect: cfg.ConnectTimeout}
+	switch {
+	case ca != nil:
+		c.caSum = sha256.Sum256(ca.Raw)
+	case cfg.CAPin != "":
+		sum, err := hex.DecodeString(cfg.CAPin)
+		if err != nil || len(sum) != sha256.Size {
+			return nil, fmt.Errorf("CA pin %q is not a SHA-256 in hex (64 digits): recreate the volume's keygate token, or pass --ca DATA/ca.pem", cfg.CAPin)
+		}
+		c.caSum = [32]byte(sum)
+	}
 	if c.connect <= 0 {
 		c.connect = DefaultConnectTimeout
 		if len(cfg.URLs) == 1 {
@@ -159,6 +172,10 @@ func New(cfg Config) (*Client, error) {
 	}
 	return c, nil
 }
+
+// CASHA256 is the SHA-256 of the CA certificate (DER) that every replica
+// must chain to: what the VM's quotes bind (api.QuoteData).
+func (c *Client) CASHA256() [32]byte { return c.caSum }
 
 // URLs are the replicas' base URLs, in the configured order.
 func (c *Client) URLs() []string {
