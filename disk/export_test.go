@@ -37,21 +37,3 @@ func OnWriteBack(t interface{ Cleanup(func()) }, fn func(pages [][]byte, done bo
 	}
 	t.Cleanup(func() { writeBackHook = nil })
 }
-
-// ReadAheads is how many reads on f were served from a readahead.
-func ReadAheads(f *FS) int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.readAheads
-}
-
-// AwaitReadAhead waits until h's readahead in flight, if any, has read
-// its chunk, and leaves it for h's next ReadAt.
-func AwaitReadAhead(h *File) {
-	h.of.fs.mu.Lock()
-	ra := h.ra
-	h.of.fs.mu.Unlock()
-	if ra != nil {
-		<-ra.done
-	}
-}

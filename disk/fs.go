@@ -70,7 +70,6 @@ type FS struct {
 	files map[string]*openFile // files open through OpenFile, by fileKey
 
 	inPlace, whole int // flushes of open files written in place, and whole (tests read them)
-	readAheads     int // reads served from a readahead (tests read it)
 
 	plog putLog // ext4: the record of a Put in progress (ext4put.go)
 

@@ -96,9 +96,6 @@ type openFile struct {
 	// the pages a writeback in flight (FS.pending) is writing, less those
 	// written again since: settle drops these once the flush is complete
 	inflight map[int64]bool
-	// gen changes with anything that may change what readAt returns; a
-	// readahead read at another generation is not served (readahead.go)
-	gen uint64
 }
 
 // File is a handle on a file opened with OpenFile. It is safe for
@@ -107,10 +104,6 @@ type File struct {
 	of       *openFile
 	writable bool
 	closed   bool
-	// sequential readahead (readahead.go), guarded by fs.mu
-	next  int64      // where a sequential reader reads next
-	ra    *readAhead // the chunk at next being read ahead, if any
-	raBuf []byte     // a wiped chunk buffer for the next readahead
 }
 
 // fileKey is the registry key of a clean path: FAT names are
@@ -203,7 +196,6 @@ func (of *openFile) reopen() error {
 	}
 	of.dropPages()
 	of.baseLen, of.size, of.dirty = fi.Size, fi.Size, false
-	of.gen++
 	return nil
 }
 
@@ -230,7 +222,6 @@ func (f *FS) detach(p string) {
 	}
 	delete(f.files, k)
 	of.gone = true
-	of.gen++
 	if of.pages == nil {
 		of.pages = map[int64][]byte{}
 	}
@@ -303,7 +294,6 @@ func (of *openFile) writeAt(p []byte, off int64) (int, error) {
 	if of.pages == nil {
 		of.pages = map[int64][]byte{}
 	}
-	of.gen++
 	for i := 0; i < len(p); {
 		pos := off + int64(i)
 		idx := pos / pageSize
@@ -334,7 +324,6 @@ func (of *openFile) writeAt(p []byte, off int64) (int, error) {
 }
 
 func (of *openFile) truncate(n int64) {
-	of.gen++
 	if n < of.size {
 		for idx := range of.pages {
 			if idx*pageSize >= n {
@@ -433,22 +422,14 @@ func (h *File) check(write bool) error {
 	return nil
 }
 
-// ReadAt reads len(p) bytes at off, or fewer with io.EOF at the end. A
-// handle read sequentially reads its next chunk ahead (readahead.go).
+// ReadAt reads len(p) bytes at off, or fewer with io.EOF at the end.
 func (h *File) ReadAt(p []byte, off int64) (int, error) {
-	ra := h.takeReadAhead()
 	h.of.fs.mu.Lock()
 	defer h.of.fs.mu.Unlock()
 	if err := h.check(false); err != nil {
-		h.recycle(ra)
 		return 0, err
 	}
-	n, err, ok := ra.serve(h.of, p, off)
-	if !ok {
-		n, err = h.of.readAt(p, off)
-	}
-	h.ahead(ra, ok, off, len(p), n, err)
-	return n, err
+	return h.of.readAt(p, off)
 }
 
 // WriteAt writes p at off, extending the file (with zeros) as needed.
@@ -635,14 +616,8 @@ func (h *File) Sync() error {
 // when none does.
 func (h *File) Close() error {
 	f := h.of.fs
-	ra := h.takeReadAhead()
 	f.lock()
 	defer f.mu.Unlock()
-	if ra != nil {
-		clear(ra.buf)
-	}
-	clear(h.raBuf)
-	h.raBuf = nil
 	if h.closed {
 		return nil
 	}
