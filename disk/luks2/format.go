@@ -99,6 +99,7 @@ func Format(f *os.File, passphrase []byte, opts FormatOptions) (*Volume, *memgua
 		vk.Copy(opts.VolumeKey.Bytes())
 	} else {
 		vk.Scramble()
+		vk.Freeze() // as memguard.NewBufferRandom left it
 	}
 	ok := false
 	defer func() {
