@@ -21,7 +21,7 @@ TEST_DEBS := qemu-utils libnbd-bin nbdkit fio cryptsetup-bin openssl python3-cry
 	clang llvm libbpf-dev procps clevis clevis-tpm2 tang socat \
 	qemu-system-x86 ovmf busybox-static softhsm2 chromium postgresql
 # Tools the tests must find: a missing one fails the run instead of skipping.
-export KEYGATE_REQUIRE ?= cgo,userfaultfd,go,sleep,mount,losetup,qemu-system-x86_64,cryptsetup,qemu-img,qemu-io,nbdcopy,nbdinfo,nbdkit,fio,python-cryptography,e2fsck,mkfs.ext4,debugfs,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep,qemu,guest-bpf,softhsm,softhsm2-util,chromium,postgresql
+export KEYGATE_REQUIRE ?= cgo,userfaultfd,go,sleep,mount,losetup,qemu-system-x86_64,cryptsetup,qemu-img,qemu-io,nbdcopy,nbdinfo,nbdkit,fio,python-cryptography,e2fsck,mkfs.ext4,debugfs,fsck.fat,swtpm,tpm2_pcrread,tpm2_createek,sim,procmem,root,loop,bpf,clang,llvm-strip,ps,top,pgrep,qemu,guest-bpf,softhsm,softhsm2-util,chromium,postgresql,setpriv
 
 .PHONY: all build test testvm bench demo generate deps test-deps fuzz clean
 

@@ -16,6 +16,7 @@ import (
 	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/audit"
 	"github.com/keygate/keygate/keysvc/store"
+	"github.com/keygate/keygate/tpm/importblob"
 )
 
 // adminRoutes registers the admin endpoints. Every handler that changes
@@ -295,6 +296,13 @@ func (s *Server) adminSetPolicy(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, vmInfo(vm).Policy)
 }
 
+// api.MaxKeyFile is what an import blob can carry: an imported key file
+// longer than that would be stored and then fail every unlock.
+var (
+	_ [api.MaxKeyFile - importblob.MaxSecret]struct{}
+	_ [importblob.MaxSecret - api.MaxKeyFile]struct{}
+)
+
 func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 	var req api.VolumeRequest
 	if e := readSecretJSON(w, r, api.MaxAdminBody, &req); e != nil {
@@ -319,8 +327,13 @@ func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 	}
 	key := req.Key
 	imported := key != nil
-	if imported && (len(key) == 0 || len(key) > api.MaxKeyFile) {
-		writeError(w, errorf(http.StatusBadRequest, "", "key file must be 1-%d bytes", api.MaxKeyFile))
+	if imported && len(key) == 0 {
+		writeError(w, errorf(http.StatusBadRequest, "give a non-empty key file", "key file is empty"))
+		return
+	}
+	if imported && len(key) > api.MaxKeyFile {
+		writeError(w, errorf(http.StatusBadRequest, api.KeyFileHint,
+			"key file is %d bytes; an unwrap key sealed to a TPM holds at most %d", len(key), api.MaxKeyFile))
 		return
 	}
 	if !imported {

@@ -305,6 +305,11 @@ func volumeCmd(cl *client) *cobra.Command {
 				if len(k) == 0 {
 					return fmt.Errorf("key file %s is empty", keyFile)
 				}
+				if len(k) > api.MaxKeyFile {
+					clear(k)
+					return fmt.Errorf("key file %s is %d bytes; an unwrap key sealed to a TPM holds at most %d: %s",
+						keyFile, len(k), api.MaxKeyFile, api.KeyFileHint)
+				}
 				req.Key = k
 				defer clear(k)
 			}

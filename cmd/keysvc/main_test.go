@@ -50,6 +50,11 @@ func TestAdminCommands(t *testing.T) {
 	writePubPEM(t, ek)
 	writePubPEM(t, ak)
 	os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef"), 0o600)
+	// cryptsetup's default key file (4 KiB) is over what a TPM-sealed
+	// unwrap key holds; 128 bytes is the most.
+	bigKey, maxKey := filepath.Join(tmp, "big.key"), filepath.Join(tmp, "max.key")
+	os.WriteFile(bigKey, bytes.Repeat([]byte{7}, 4096), 0o600)
+	os.WriteFile(maxKey, bytes.Repeat([]byte{8}, api.MaxKeyFile), 0o600)
 	os.WriteFile(pol, []byte(`{"pcrs":{"7":["`+strings.Repeat("ab", 32)+`"]}}`), 0o600)
 	tok := "--token-file=" + filepath.Join(data, keysvc.AdminTokenFile)
 
@@ -65,6 +70,8 @@ func TestAdminCommands(t *testing.T) {
 		{[]string{"vm", "enroll", "--name", "x", "--ek-cert", ek, tok}, 1, "--ek-roots"},
 		{[]string{"vm", "show", "--name", "web-1", tok, "--json"}, 0, `"ak_fingerprint"`},
 		{[]string{"volume", "import", "--id", "data", "--vm", "web-1", "--key-file", key, tok}, 0, "volume data (vm web-1)"},
+		{[]string{"volume", "import", "--id", "big", "--vm", "web-1", "--key-file", bigKey, tok}, 1, "is 4096 bytes; an unwrap key sealed to a TPM holds at most 128: make a key file of at most 128 bytes"},
+		{[]string{"volume", "import", "--id", "max", "--vm", "web-1", "--key-file", maxKey, tok}, 0, "volume max (vm web-1)"},
 		{[]string{"volume", "create", "--id", "scratch", "--vm", "web-1", tok, "--json"}, 0, `"id": "scratch"`},
 		{[]string{"volume", "create", "--id", "orphan", "--vm", "nobody", tok}, 1, "enroll the VM first"},
 		{[]string{"volume", "list", tok}, 0, "scratch\tvm=web-1"},

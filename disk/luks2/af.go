@@ -10,6 +10,7 @@ import (
 	"hash"
 
 	"github.com/awnumar/memguard"
+	"github.com/keygate/keygate/keymem"
 )
 
 // The anti-forensic splitter of LUKS1 (af type "luks1"), which LUKS2
@@ -78,7 +79,10 @@ func afSplit(dst, key []byte, stripes int, hashName string) error {
 	if len(dst) < bs*stripes {
 		return fmt.Errorf("af split: buffer too short")
 	}
-	scratch := memguard.NewBuffer(bs + sha512.Size)
+	scratch, err := keymem.New(bs + sha512.Size)
+	if err != nil {
+		return fmt.Errorf("af: %w", err)
+	}
 	defer scratch.Destroy()
 	buf, sum := scratch.Bytes()[:bs], scratch.Bytes()[bs:]
 	for i := 0; i < stripes-1; i++ {
@@ -106,7 +110,10 @@ func afMerge(key, src []byte, stripes int, hashName string) error {
 	if len(src) < bs*stripes {
 		return fmt.Errorf("af merge: material too short")
 	}
-	scratch := memguard.NewBuffer(bs + sha512.Size)
+	scratch, err := keymem.New(bs + sha512.Size)
+	if err != nil {
+		return fmt.Errorf("af: %w", err)
+	}
 	defer scratch.Destroy()
 	buf, sum := scratch.Bytes()[:bs], scratch.Bytes()[bs:]
 	for i := 0; i < stripes-1; i++ {

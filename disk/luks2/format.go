@@ -8,6 +8,7 @@ import (
 
 	"github.com/awnumar/memguard"
 	"github.com/google/uuid"
+	"github.com/keygate/keygate/keymem"
 )
 
 // FormatOptions select what Format writes. The zero value gives keygate's
@@ -90,12 +91,15 @@ func Format(f *os.File, passphrase []byte, opts FormatOptions) (*Volume, *memgua
 			size-DataOffset, opts.SectorSize, opts.SectorSize)
 	}
 
-	var vk *memguard.LockedBuffer
+	vk, err := keymem.NewLocked(opts.KeySize)
+	if err != nil {
+		return nil, nil, fmt.Errorf("volume key: %w", err)
+	}
 	if opts.VolumeKey != nil {
-		vk = memguard.NewBuffer(opts.KeySize)
 		vk.Copy(opts.VolumeKey.Bytes())
 	} else {
-		vk = memguard.NewBufferRandom(opts.KeySize)
+		vk.Scramble()
+		vk.Freeze() // as memguard.NewBufferRandom left it
 	}
 	ok := false
 	defer func() {

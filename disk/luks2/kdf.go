@@ -11,6 +11,7 @@ import (
 	"hash"
 
 	"github.com/awnumar/memguard"
+	"github.com/keygate/keygate/keymem"
 	"golang.org/x/crypto/argon2"
 )
 
@@ -130,7 +131,13 @@ func deriveKey(k *jsonKDF, passphrase []byte, size int) (*memguard.LockedBuffer,
 	case "argon2i":
 		out = argon2.Key(passphrase, salt, uint32(p.Time), uint32(p.MemoryKiB), uint8(p.Parallel), uint32(size))
 	}
-	return memguard.NewBufferFromBytes(out), nil // wipes out
+	defer clear(out)
+	lb, err := keymem.NewLocked(len(out))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", p.Type, err)
+	}
+	copy(lb.Bytes(), out)
+	return lb, nil
 }
 
 // newDigest computes the pbkdf2-sha256 digest of the volume key for a new

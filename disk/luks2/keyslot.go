@@ -8,6 +8,7 @@ import (
 
 	"github.com/awnumar/memguard"
 	"github.com/keygate/keygate/disk/xts"
+	"github.com/keygate/keygate/keymem"
 )
 
 // Keyslot areas are encrypted in 512-byte sectors whose tweak counts from 0
@@ -93,7 +94,10 @@ func (v *Volume) writeKeyslot(m *metadata, id int, vk, passphrase []byte, p PBKD
 		return fmt.Errorf("derive keyslot %d key: %w", id, err)
 	}
 	defer key.Destroy()
-	material := memguard.NewBuffer(int(n))
+	material, err := keymem.New(int(n))
+	if err != nil {
+		return fmt.Errorf("keyslot %d split material: %w", id, err)
+	}
 	defer material.Destroy()
 	if err := afSplit(material.Bytes(), vk, AFStripes, "sha256"); err != nil {
 		return err
@@ -149,10 +153,16 @@ func (v *Volume) openSlot(id string, passphrase []byte) (*memguard.LockedBuffer,
 		return nil, fmt.Errorf("keyslot %s cipher: %w", id, err)
 	}
 	defer c.Close()
-	material := memguard.NewBuffer(int(n))
+	material, err := keymem.New(int(n))
+	if err != nil {
+		return nil, fmt.Errorf("keyslot %s split material: %w", id, err)
+	}
 	defer material.Destroy()
 	c.DecryptSectors(material.Bytes(), enc, keyslotSector, 0, 1)
-	vk := memguard.NewBuffer(k.KeySize)
+	vk, err := keymem.NewLocked(k.KeySize)
+	if err != nil {
+		return nil, fmt.Errorf("keyslot %s volume key: %w", id, err)
+	}
 	if err := afMerge(vk.Bytes(), material.Bytes(), k.AF.Stripes, k.AF.Hash); err != nil {
 		vk.Destroy()
 		return nil, fmt.Errorf("keyslot %s: %w", id, err)

@@ -3,11 +3,11 @@ package luks2
 import (
 	"encoding"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"hash"
 
 	"github.com/awnumar/memguard"
+	"github.com/keygate/keygate/keymem"
 )
 
 // PBKDF2 (RFC 8018, section 5.2) over HMAC (RFC 2104), written so that the
@@ -51,9 +51,9 @@ func pbkdf2Locked(password, salt []byte, iter, keyLen int, newHash func() hash.H
 	if keyLen <= 0 {
 		return nil, fmt.Errorf("pbkdf2: key length %d: need at least 1 byte", keyLen)
 	}
-	out := memguard.NewBuffer(keyLen)
-	if out.Size() != keyLen {
-		return nil, errors.New("pbkdf2: cannot allocate locked memory (check RLIMIT_MEMLOCK)")
+	out, err := keymem.NewLocked(keyLen)
+	if err != nil {
+		return nil, fmt.Errorf("pbkdf2: %w", err)
 	}
 	if err := pbkdf2Into(out.Bytes(), password, salt, iter, newHash); err != nil {
 		out.Destroy()
@@ -102,7 +102,7 @@ func pbkdf2Into(out, password, salt []byte, iter int, newHash func() hash.Hash) 
 // prf is HMAC-H keyed once, with its secret state in locked memory.
 type prf struct {
 	inner, outer hash.Hash
-	lb           *memguard.LockedBuffer
+	lb           *keymem.Buffer
 	istate       []byte // inner state after key^ipad
 	ostate       []byte // outer state after key^opad
 	u, isum      []byte // U_n, and the inner digest of the current HMAC
@@ -121,9 +121,9 @@ func newPRF(password []byte, newHash func() hash.Hash) (*prf, error) {
 		return nil, fmt.Errorf("pbkdf2: %T cannot save its state", inner)
 	}
 	// Layout: key block | pad | inner state | outer state | U | inner sum.
-	lb := memguard.NewBuffer(2*bs + 2*maxStateSize + 2*size)
-	if lb.Size() == 0 {
-		return nil, errors.New("pbkdf2: cannot allocate locked memory (check RLIMIT_MEMLOCK)")
+	lb, err := keymem.New(2*bs + 2*maxStateSize + 2*size)
+	if err != nil {
+		return nil, fmt.Errorf("pbkdf2: %w", err)
 	}
 	b := lb.Bytes()
 	kb, pad := b[:bs], b[bs:2*bs]
@@ -141,7 +141,6 @@ func newPRF(password []byte, newHash func() hash.Hash) (*prf, error) {
 		copy(kb, password)
 	}
 
-	var err error
 	for _, s := range []struct {
 		h   hash.Hash
 		a   encoding.BinaryAppender

@@ -173,8 +173,14 @@ func (k *jsonKeyslot) validate() error {
 	if k.AF.Type != "luks1" {
 		return fmt.Errorf("af type %q is not luks1", k.AF.Type)
 	}
-	if k.AF.Stripes <= 0 || k.AF.Stripes > 1<<20 {
-		return fmt.Errorf("af stripes %d out of range", k.AF.Stripes)
+	// cryptsetup accepts any integer here but splits and merges every
+	// LUKS2 keyslot with 4000 stripes (LUKS_STRIPES in
+	// lib/luks2/luks2_keyslot_luks2.c) whatever the header says. keygate
+	// refuses another count rather than ignore it: such a header was not
+	// written by cryptsetup, and the count would otherwise size the
+	// locked buffer openSlot allocates (2^20 stripes: 64 MiB).
+	if k.AF.Stripes != AFStripes {
+		return fmt.Errorf("af stripes %d: keygate opens only keyslots split into %d stripes, the count cryptsetup uses whatever the header says; if cryptsetup opens this volume, add the key to a new keyslot (cryptsetup luksAddKey) and remove this one (cryptsetup luksKillSlot)", k.AF.Stripes, AFStripes)
 	}
 	if k.Priority != nil && (*k.Priority < 0 || *k.Priority > 2) {
 		return fmt.Errorf("priority %d is not 0, 1 or 2", *k.Priority)

@@ -74,9 +74,17 @@ type AuditVerifyResponse struct {
 	Retired uint64 `json:"retired,omitempty"`
 }
 
-// MaxKeyFile bounds an imported key file (cryptsetup's own limit is 8 MiB;
-// a keygate key file is 32-64 bytes).
-const MaxKeyFile = 8 << 10
+// MaxKeyFile bounds an imported key file: the unwrap key travels to the VM
+// as a TPM keyedHash object, which holds at most 128 bytes
+// (importblob.MaxSecret; keysvc checks at compile time that the two agree).
+// A keygate key file is 32-64 bytes; cryptsetup's default 4 KiB key file
+// is too long, and is refused at import rather than at every unlock.
+const MaxKeyFile = 128
+
+// KeyFileHint is what to do with a key file over MaxKeyFile.
+const KeyFileHint = "make a key file of at most 128 bytes (head -c 32 /dev/urandom > new.key), " +
+	"add it to the image with `keygate disk add-key IMAGE --key-file OLD.key --new-key-file new.key` " +
+	"(or cryptsetup luksAddKey), and import new.key"
 
 // SetAKRequest is the body of PUT /v1/admin/vms/{name}/ak.
 type SetAKRequest struct {
