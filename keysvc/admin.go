@@ -106,8 +106,8 @@ func (s *Server) adminEnroll(w http.ResponseWriter, r *http.Request) {
 		writeError(w, e)
 		return
 	}
-	if req.Name == "" || len(req.Name) > 255 {
-		writeError(w, errorf(http.StatusBadRequest, "", "name must be 1-255 bytes"))
+	if err := store.ValidID("vm name", req.Name); err != nil {
+		writeError(w, errorf(http.StatusBadRequest, "pick a name of 1 to 128 letters, digits and . _ : -", "%v", err))
 		return
 	}
 	ek, ekPEM, he := s.enrollEK(req)
@@ -311,8 +311,12 @@ func (s *Server) adminVolume(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer clear(req.Key) // on every refusal below, too
-	if req.ID == "" || len(req.ID) > 255 || req.VM == "" {
-		writeError(w, errorf(http.StatusBadRequest, "", "id (1-255 bytes) and vm are required"))
+	if req.VM == "" {
+		writeError(w, errorf(http.StatusBadRequest, "", "vm is required"))
+		return
+	}
+	if err := store.ValidID("volume id", req.ID); err != nil {
+		writeError(w, errorf(http.StatusBadRequest, "pick an id of 1 to 128 letters, digits and . _ : -", "%v", err))
 		return
 	}
 	owner, err := s.st.GetVM(r.Context(), req.VM)

@@ -156,7 +156,7 @@ func (p *Postgres) ListVMs(ctx context.Context) ([]VM, error) {
 
 // CreateVolume implements Volumes.
 func (p *Postgres) CreateVolume(ctx context.Context, v Volume) (Volume, error) {
-	if err := validID("volume id", v.ID); err != nil {
+	if err := ValidID("volume id", v.ID); err != nil {
 		return Volume{}, fmt.Errorf("create volume: %w", err)
 	}
 	if len(v.SealedUK) == 0 || !v.ErasedAt.IsZero() {

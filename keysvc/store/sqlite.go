@@ -276,9 +276,10 @@ func ns(t time.Time) int64 { return t.UnixNano() }
 
 func fromNS(n int64) time.Time { return time.Unix(0, n).UTC() }
 
-// validID accepts the names and IDs the store keys on: 1 to 128 characters
-// from A–Z a–z 0–9 . _ : -.
-func validID(kind, id string) error {
+// ValidID accepts the names and IDs the store keys on: 1 to 128 characters
+// from A–Z a–z 0–9 . _ : -. Both stores refuse any other; the admin API
+// checks with it first, so that a bad name is a 400 and not a store error.
+func ValidID(kind, id string) error {
 	if id == "" || len(id) > 128 {
 		return fmt.Errorf("%s %q: must be 1 to 128 characters", kind, id)
 	}

@@ -30,7 +30,7 @@ func scanVM(r rowScanner) (VM, error) {
 }
 
 func checkVM(v *VM) error {
-	if err := validID("vm name", v.Name); err != nil {
+	if err := ValidID("vm name", v.Name); err != nil {
 		return err
 	}
 	if v.EKPubPEM == "" {
@@ -166,7 +166,7 @@ func scanVolume(r rowScanner) (Volume, error) {
 
 // CreateVolume implements Volumes.
 func (s *SQLite) CreateVolume(ctx context.Context, v Volume) (Volume, error) {
-	if err := validID("volume id", v.ID); err != nil {
+	if err := ValidID("volume id", v.ID); err != nil {
 		return Volume{}, fmt.Errorf("create volume: %w", err)
 	}
 	if len(v.SealedUK) == 0 || !v.ErasedAt.IsZero() {
