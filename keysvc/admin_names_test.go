@@ -35,6 +35,12 @@ func TestAdminRefusesBadNames(t *testing.T) {
 			}
 		})
 	}
+	t.Run("challenge for a volume id no store takes", func(t *testing.T) {
+		code, b := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "owner", Volume: "new'vol", EKPub: v.ekPEM, AKPub: v.akPEM})
+		if code != http.StatusBadRequest || !strings.Contains(string(b), "may contain only") {
+			t.Errorf("challenge: %d %s, want 400 naming the rule", code, b)
+		}
+	})
 	if b := e.admin(t, "GET", "/v1/admin/volumes", nil, http.StatusOK); strings.Contains(string(b), "d'1") {
 		t.Errorf("a refused volume was stored: %s", b)
 	}

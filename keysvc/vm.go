@@ -201,6 +201,14 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusBadRequest, "", "vm and volume are required"))
 		return
 	}
+	for _, id := range [][2]string{{"vm name", req.VM}, {"volume id", req.Volume}} {
+		// No stored name breaks this rule, so such a request could only
+		// fail later, in the store, when provisioning creates the volume.
+		if err := store.ValidID(id[0], id[1]); err != nil {
+			writeError(w, errorf(http.StatusBadRequest, "use the name the VM was enrolled under and the volume's id (keysvc volume list)", "%v", err))
+			return
+		}
+	}
 	ek, err := parsePublicKeyPEM("ek_pub", req.EKPub)
 	if err != nil {
 		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
