@@ -35,9 +35,9 @@ func kernelPair(t *testing.T) (client, server net.Conn) {
 }
 
 // TestKernelSocketServing serves a kernel-style socket: requests alone on
-// the connection (served on the reader's thread), a queue of them (served
-// by handlers, replies in any order), one larger than the reader serves
-// itself, and the data of each read back as written.
+// the connection (served on the reader's thread, whatever their size and
+// type), a queue of them (served by handlers, replies in any order), and
+// the data of each read back as written.
 func TestKernelSocketServing(t *testing.T) {
 	const size = 4 << 20
 	b := newFileBackend(t, size)
@@ -57,7 +57,7 @@ func TestKernelSocketServing(t *testing.T) {
 	}{
 		{"alone, 4 KiB", 8192, 4096, 1},
 		{"alone, 512 bytes unaligned", 4097, 512, 1},
-		{"alone, larger than the reader serves", 1 << 20, 1 << 20, 1},
+		{"alone, 1 MiB (read-ahead, writeback)", 1 << 20, 1 << 20, 1},
 		{"a queue of 4 KiB", 0, 4096, 8},
 		{"a queue of 128 KiB", 2 << 20, 128 << 10, 6},
 	} {
@@ -92,10 +92,36 @@ func TestKernelSocketServing(t *testing.T) {
 			}
 		})
 	}
-	// A bad request on this path gets the same error reply.
-	c.write(req(nbd.CmdRead, 0, 1, size, 4096))
-	if errno, _ := c.reply(); errno == 0 {
-		t.Fatal("READ past the end answered without error")
+	// WRITE_ZEROES and FLUSH alone, as ext4 sends them, on the same path:
+	// the range written above reads back as zeroes.
+	c.write(req(nbd.CmdWriteZeroes, 0, 3, 8192, 4096))
+	if errno, _ := c.reply(); errno != 0 {
+		t.Fatalf("WRITE_ZEROES reply: errno %d", errno)
+	}
+	c.write(req(nbd.CmdFlush, 0, 4, 0, 0))
+	if errno, _ := c.reply(); errno != 0 {
+		t.Fatalf("FLUSH reply: errno %d", errno)
+	}
+	c.write(req(nbd.CmdRead, 0, 5, 8192, 4096))
+	if errno, _ := c.reply(); errno != 0 {
+		t.Fatalf("READ reply: errno %d", errno)
+	}
+	if got := c.read(4096); !bytes.Equal(got, make([]byte, 4096)) {
+		t.Fatal("READ after WRITE_ZEROES: not zeroes")
+	}
+	// Bad requests on this path get the same error replies.
+	for _, bad := range []struct {
+		what string
+		r    []byte
+	}{
+		{"READ past the end", req(nbd.CmdRead, 0, 1, size, 4096)},
+		{"FLUSH with a range", req(nbd.CmdFlush, 0, 6, 0, 4096)},
+		{"WRITE_ZEROES past the end", req(nbd.CmdWriteZeroes, 0, 7, size, 4096)},
+	} {
+		c.write(bad.r)
+		if errno, _ := c.reply(); errno == 0 {
+			t.Fatalf("%s answered without error", bad.what)
+		}
 	}
 	c.write(req(nbd.CmdDisc, 0, 2, 0, 0))
 	if err := <-done; err != nil {

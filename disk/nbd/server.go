@@ -35,11 +35,6 @@ const (
 	// readBuffer is each connection's request buffer: 64 KiB holds the
 	// headers of a full queue and a few 4 KiB payloads.
 	readBuffer = 64 << 10
-	// inlineMax is the largest request a kernel socket's reader serves
-	// itself: a 4 KiB random read or write waits for nothing else, while
-	// a large one (read-ahead, writeback) should not hold up the requests
-	// the kernel queues behind it.
-	inlineMax = 64 << 10
 )
 
 // Options configures a Server. The zero value serves a writable export
@@ -289,10 +284,15 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 		}
 	}
 	// A request alone on a kernel socket (blockingConn: none under way,
-	// none waiting in the buffer) is served on the reader's thread, which
-	// then blocks in read(2) again: no goroutine, no wakeup of another
-	// thread. Others go to handlers, so that a queue of them overlaps the
-	// disk with the cipher.
+	// none waiting in the buffer), of any size and type, is served on the
+	// reader's thread, which then blocks in read(2) again: no goroutine,
+	// no wakeup of another thread. Handed to a handler it would wait for
+	// one: the reader's thread is in read(2), so the runtime must wake
+	// another (a 1 MiB read-ahead or writeback, and a FLUSH after each
+	// fsync, paid this). What the kernel sends meanwhile waits in the
+	// socket until the reply is out; when the reader then finds several
+	// requests waiting, they go to handlers, so that a queue still
+	// overlaps the disk with the cipher.
 	_, inline := c.(vectorWriter)
 	// Requests are read through a buffer: a client with several requests
 	// under way (the kernel's queue, nbdcopy, fio at depth 16) has their
@@ -334,8 +334,7 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 				return fmt.Errorf("read WRITE payload of %d bytes: %w", r.Length, err)
 			}
 		}
-		if inline && len(cn.slots) == 1 && rd.Buffered() == 0 && r.Length <= inlineMax &&
-			(r.Type == CmdRead || r.Type == CmdWrite) {
+		if inline && len(cn.slots) == 1 && rd.Buffered() == 0 {
 			cn.handle(r, payload)
 			<-cn.slots
 		} else {

@@ -31,6 +31,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	mrand "math/rand/v2"
 	"os"
 	"os/exec"
@@ -363,7 +364,13 @@ type phaseStats struct {
 type sysSample struct {
 	ctxt, busy, total, kg, kgSys, kgVcsw uint64
 	kgThreads                            map[string]uint64 // CPU ticks by thread id
+	kgThreadVcsw                         map[string]uint64 // voluntary switches by thread id
+	// dev holds each block device's completed requests and sectors
+	// (/sys/block/*/stat): how the phase's I/O reached the devices.
+	dev map[string]devSample
 }
+
+type devSample struct{ reqs, sectors uint64 }
 
 func (s *phaseStats) start(name string) {
 	s.perf = nil
@@ -403,6 +410,33 @@ func (s *phaseStats) phase(name string, n int) {
 	// Clock ticks are USER_HZ (100 per second): 10 ms each.
 	s.out = append(s.out, fmt.Sprintf("%[1]s_ctxt=%.1[2]f %[1]s_busy=%.2[3]f %[1]s_cpu_us=%.0[4]f %[1]s_kg_us=%.0[5]f %[1]s_kg_sys_us=%.0[8]f %[1]s_kg_vcsw=%.1[6]f %[1]s_kg_threads_ran=%[7]d",
 		name, per(now.ctxt-s.at.ctxt), frac, per(now.busy-s.at.busy)*1e4, per(now.kg-s.at.kg)*1e4, per(now.kgVcsw-s.at.kgVcsw), ran, per(now.kgSys-s.at.kgSys)*1e4))
+	// The keygate thread that switched most, and its place among the
+	// process's threads by id (2: the second thread, which a Go program
+	// starts first, for the runtime's monitor, sysmon).
+	var top uint64
+	topRank := 0
+	ids := slices.SortedFunc(maps.Keys(now.kgThreadVcsw), func(a, b string) int {
+		na, _ := strconv.Atoi(a[strings.IndexByte(a, '/')+1:])
+		nb, _ := strconv.Atoi(b[strings.IndexByte(b, '/')+1:])
+		return na - nb
+	})
+	for i, id := range ids {
+		if d := now.kgThreadVcsw[id] - s.at.kgThreadVcsw[id]; d > top {
+			top, topRank = d, i+1
+		}
+	}
+	if top > 0 {
+		s.out = append(s.out, fmt.Sprintf("%[1]s_kg_vcsw_top=%.1[2]f %[1]s_kg_vcsw_top_thread=%[3]d", name, per(top), topRank))
+	}
+	// Requests per unit and their mean size in KiB, for each device the
+	// phase used: the size the kernel sends keygate (nbd0) and what
+	// keygate's reads make of it (vda).
+	for _, d := range slices.Sorted(maps.Keys(now.dev)) {
+		reqs, sectors := now.dev[d].reqs-s.at.dev[d].reqs, now.dev[d].sectors-s.at.dev[d].sectors
+		if reqs > 0 {
+			s.out = append(s.out, fmt.Sprintf("%s_%s_reqs=%.1f %s_%s_kib=%.0f", name, d, per(reqs), name, d, float64(sectors)/2/float64(reqs)))
+		}
+	}
 }
 
 // sysStat reads the context switches and the busy and total CPU ticks from
@@ -410,7 +444,19 @@ func (s *phaseStats) phase(name string, n int) {
 // processes named keygate. Unreadable fields count as zero: the figures
 // are a diagnosis, not a result.
 func sysStat() sysSample {
-	x := sysSample{kgThreads: map[string]uint64{}}
+	x := sysSample{kgThreads: map[string]uint64{}, kgThreadVcsw: map[string]uint64{}, dev: map[string]devSample{}}
+	blocks, _ := os.ReadDir("/sys/block")
+	for _, e := range blocks {
+		b, _ := os.ReadFile("/sys/block/" + e.Name() + "/stat")
+		// Read requests, merges, sectors, ticks; then the same for writes.
+		if f := strings.Fields(string(b)); len(f) >= 7 {
+			var n [7]uint64
+			for i := range n {
+				n[i], _ = strconv.ParseUint(f[i], 10, 64)
+			}
+			x.dev[e.Name()] = devSample{reqs: n[0] + n[4], sectors: n[2] + n[6]}
+		}
+	}
 	b, _ := os.ReadFile("/proc/stat")
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
@@ -454,6 +500,7 @@ func sysStat() sysSample {
 				if v, ok := strings.CutPrefix(line, "voluntary_ctxt_switches:"); ok {
 					n, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
 					x.kgVcsw += n
+					x.kgThreadVcsw[e.Name()+"/"+tk.Name()] = n
 				}
 			}
 		}
