@@ -35,10 +35,16 @@ func TestAdminRefusesBadNames(t *testing.T) {
 			}
 		})
 	}
-	t.Run("challenge for a volume id no store takes", func(t *testing.T) {
-		code, b := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "owner", Volume: "new'vol", EKPub: v.ekPEM, AKPub: v.akPEM})
-		if code != http.StatusBadRequest || !strings.Contains(string(b), "may contain only") {
-			t.Errorf("challenge: %d %s, want 400 naming the rule", code, b)
+	t.Run("provisioning a volume id no store takes", func(t *testing.T) {
+		prov := v.asMallory(t)
+		e.admin(t, "POST", "/v1/admin/vms", api.EnrollRequest{Name: "prov", EKPub: prov.ekPEM, AKPub: prov.akPEM, ProvisioningAllowed: true}, http.StatusCreated)
+		code, b := e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "prov", Volume: "new'vol", EKPub: prov.ekPEM, AKPub: prov.akPEM})
+		if code != http.StatusForbidden || !strings.Contains(string(b), api.ReasonUnknownVolume) || !strings.Contains(string(b), "may contain only") {
+			t.Errorf("challenge: %d %s, want 403 unknown-volume naming the rule", code, b)
+		}
+		code, b = e.vm(t, "POST", "/v1/challenge", api.ChallengeRequest{VM: "prov", Volume: "new-vol", EKPub: prov.ekPEM, AKPub: prov.akPEM})
+		if code != http.StatusOK {
+			t.Errorf("challenge for a good new id: %d %s, want 200 (provisioning allowed)", code, b)
 		}
 	})
 	if b := e.admin(t, "GET", "/v1/admin/volumes", nil, http.StatusOK); strings.Contains(string(b), "d'1") {

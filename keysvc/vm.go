@@ -201,14 +201,6 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusBadRequest, "", "vm and volume are required"))
 		return
 	}
-	for _, id := range [][2]string{{"vm name", req.VM}, {"volume id", req.Volume}} {
-		// No stored name breaks this rule, so such a request could only
-		// fail later, in the store, when provisioning creates the volume.
-		if err := store.ValidID(id[0], id[1]); err != nil {
-			writeError(w, errorf(http.StatusBadRequest, "use the name the VM was enrolled under and the volume's id (keysvc volume list)", "%v", err))
-			return
-		}
-	}
 	ek, err := parsePublicKeyPEM("ek_pub", req.EKPub)
 	if err != nil {
 		writeError(w, errorf(http.StatusBadRequest, "", "%v", err))
@@ -236,7 +228,17 @@ func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request) {
 		tooMany(w, "VM")
 		return
 	}
-	if f := checkVolume(vm.Name, vol); f != nil && !(f.reason == api.ReasonUnknownVolume && vm.ProvisioningAllowed) {
+	f := checkVolume(vm.Name, vol)
+	if f != nil && f.reason == api.ReasonUnknownVolume && vm.ProvisioningAllowed {
+		// A volume to provision: its ID must be one the store takes, or
+		// the provision after the attestation would fail in the store.
+		if err := store.ValidID("volume id", req.Volume); err != nil {
+			f.hint = fmt.Sprintf("%v; provision the volume under such an id (keygate boot --volume)", err)
+		} else {
+			f = nil
+		}
+	}
+	if f != nil {
 		s.refuse(w, r, req.VM, req.Volume, f)
 		return
 	}
