@@ -31,10 +31,13 @@ func newSegment(f *os.File, off int64, ss int, c *xts.Cipher) segment {
 }
 
 // crypt en- or decrypts whole sectors of src, starting at sector sec, into
-// dst (which may be src); the passthrough copies.
+// dst (which may be src); the passthrough copies, unless dst is src (the
+// unencrypted reference must not pay a copy the encrypted path does not).
 func (s *segment) crypt(dst, src []byte, sec int64, dec bool) error {
 	if s.g == nil {
-		copy(dst, src)
+		if len(src) > 0 && &dst[0] != &src[0] {
+			copy(dst, src)
+		}
 		return nil
 	}
 	return s.g.sectors(dst, src, s.ss, uint64(sec)*s.tweakStep, s.tweakStep, dec)
