@@ -19,6 +19,10 @@ var (
 	// enrolled AK (bad signature, wrong nonce, altered quote or PCR values,
 	// an event log that does not replay, or not a quote at all).
 	ErrEvidence = errors.New("attestation evidence invalid")
+	// ErrQualifyingData: the quote qualifies other data than the nonce
+	// given (it also matches ErrEvidence): a quote for another challenge,
+	// or, for keysvc, a VM that trusts another CA (api.QuoteData).
+	ErrQualifyingData = errors.New("the quote is not over this challenge's nonce")
 	// ErrUntrustedAK: the attestation was made by an AK that is not enrolled
 	// for this VM. It also matches ErrEvidence.
 	ErrUntrustedAK = errors.New("attestation key not enrolled for this VM")
@@ -189,6 +193,12 @@ func verifyEvidence(att *pb.Attestation, opts VerifyOpts) (*Result, error) {
 		AllowEFIAppBeforeCallingEvent: true,
 	})
 	if err != nil {
+		// Say plainly when the quote is simply not over this nonce: the
+		// likeliest cause is a VM that trusts another CA (keysvc binds the
+		// CA into the nonce), which the operator can check and fix.
+		if ad, derr := tpm2.DecodeAttestationData(quote.GetQuote()); derr == nil && !bytes.Equal(ad.ExtraData, opts.Nonce) {
+			return nil, fmt.Errorf("%w: %w", ErrEvidence, ErrQualifyingData)
+		}
 		return nil, fmt.Errorf("%w: %v", ErrEvidence, err)
 	}
 	if ms.GetHash() != tpmpb.HashAlgo_SHA256 && len(att.GetEventLog()) > 0 {

@@ -68,7 +68,7 @@ func TestRelayThroughEditedTokenRefused(t *testing.T) {
 		wantErr string
 	}{
 		{"genuine token", false, ""},
-		{"token edited to the relay", true, "evidence"},
+		{"token edited to the relay", true, "the VM trusts another CA"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tp := openSim(t)

@@ -531,6 +531,9 @@ func verifyRefusal(err error) *refusal {
 	if errors.Is(err, attest.ErrUntrustedAK) {
 		return &refusal{reason: api.ReasonUnknownAK, hint: err.Error()}
 	}
+	if errors.Is(err, attest.ErrQualifyingData) {
+		return &refusal{reason: api.ReasonEvidence, hint: err.Error() + " bound to this service's CA: the VM trusts another CA for it (compare the CA sha256 that `keygate disk info IMAGE` shows for the volume's keygate token, or the VM's --ca, with the one `keysvc serve` logs as ca_sha256), or reached it through a relay"}
+	}
 	return &refusal{reason: api.ReasonEvidence, hint: err.Error()}
 }
 

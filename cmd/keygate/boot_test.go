@@ -148,6 +148,8 @@ func TestBootCLI(t *testing.T) {
 			}
 			if code, out, _ := runKeygate("disk", "info", img); code != 0 || !strings.Contains(out, "keygate, keyslots [0]") {
 				t.Fatalf("disk info shows no keygate token: %s", out)
+			} else if want := "volume web1-data, CA sha256 " + e.svc.Data.CAFingerprint; !strings.Contains(out, want) {
+				t.Fatalf("disk info does not show the token's CA (%q): %s", want, out)
 			}
 			if tc.before != nil {
 				tc.before(t, sock)

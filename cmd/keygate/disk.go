@@ -310,6 +310,9 @@ func printInfo(w io.Writer, path string, in disk.Info) {
 	}
 	for _, t := range in.Tokens {
 		fmt.Fprintf(tw, "token %d:\t%s, keyslots %v\n", t.ID, t.Type, t.Keyslots)
+		if t.CASHA256 != "" {
+			fmt.Fprintf(tw, "  key service:\t%s, volume %s, CA sha256 %s\n", strings.Join(t.KeysvcURLs, ","), t.VolumeID, t.CASHA256)
+		}
 	}
 	if len(in.Requirements) > 0 {
 		fmt.Fprintf(tw, "requirements:\t%v\n", in.Requirements)

@@ -36,6 +36,12 @@ type TokenInfo struct {
 	ID       int    `json:"id"`
 	Type     string `json:"type"`
 	Keyslots []int  `json:"keyslots"`
+	// For a keygate token: where its key service is, the volume's id
+	// there, and the CA the VM pins (what an operator compares with the
+	// service's DATA/ca.pem when unlocks are refused).
+	KeysvcURLs []string `json:"keysvc_urls,omitempty"`
+	VolumeID   string   `json:"volume_id,omitempty"`
+	CASHA256   string   `json:"ca_sha256,omitempty"`
 }
 
 // Keyslots describes the keyslots in id order.
@@ -75,7 +81,11 @@ func (v *Volume) Info() Info {
 		if t.Keyslots == nil {
 			t.Keyslots = []int{}
 		}
-		in.Tokens = append(in.Tokens, TokenInfo{ID: id, Type: t.Type, Keyslots: t.Keyslots})
+		ti := TokenInfo{ID: id, Type: t.Type, Keyslots: t.Keyslots}
+		if k, err := ParseKeygateToken(t); t.Type == KeygateTokenType && err == nil {
+			ti.KeysvcURLs, ti.VolumeID, ti.CASHA256 = k.URLs(), k.VolumeID, k.CASHA256
+		}
+		in.Tokens = append(in.Tokens, ti)
 	}
 	return in
 }
