@@ -118,6 +118,10 @@ nbd-*)
 				grep -v '^#' | grep -v '^$' | head -60 | sed "s|^|KEYGATE-PERF $p self: |"
 			x /bin/perf report -i "$f" --stdio --children --comms keygate --sort sym -g none --percent-limit 3 2>/dev/null |
 				grep -v '^#' | grep -v '^$' | head -50 | sed "s|^|KEYGATE-PERF $p keygate-children: |"
+			# Who calls keygate's costliest kernel functions (a page
+			# fault's clear_page, the copies): callee chains of its self time.
+			x /bin/perf report -i "$f" --stdio --no-children --comms keygate --sort sym -g graph,2,callee,function --percent-limit 1.5 2>/dev/null |
+				grep -v '^#' | grep -v '^$' | head -220 | sed "s|^|KEYGATE-PERF $p keygate-chains: |"
 		done
 		;;
 	esac
