@@ -56,22 +56,30 @@ func TestServeNBD(t *testing.T) {
 	}
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			tp := openSim(t)
 			vm := "nbd" + string(rune('a'+i))
-			e.enroll(t, tp, vm, false)
-			img := e.volume(t, vm, vm+"-vol")
-			ev := newEvents()
-			c := e.cfg(tp, vm, img, ev)
-			c.ServeNBD = filepath.Join(filepath.Dir(socketPath(t)), "nbd")
-			b, err := Run(context.Background(), c)
-			if err != nil {
-				t.Fatalf("run: %v", err)
-			}
+			b, ev := e.serveNBD(t, vm)
 			defer b.Close()
-			ev.wait(t, EventServing)
 			tc.act(t, b, ev, vm, vm+"-vol")
 		})
 	}
+}
+
+// serveNBD enrolls vm with a fresh volume, vm-vol, and runs a boot that
+// serves it over NBD, returning once it serves. The caller closes it.
+func (e *env) serveNBD(t *testing.T, vm string) (*Boot, *events) {
+	t.Helper()
+	tp := openSim(t)
+	e.enroll(t, tp, vm, false)
+	img := e.volume(t, vm, vm+"-vol")
+	ev := newEvents()
+	c := e.cfg(tp, vm, img, ev)
+	c.ServeNBD = filepath.Join(filepath.Dir(socketPath(t)), "nbd")
+	b, err := Run(context.Background(), c)
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	ev.wait(t, EventServing)
+	return b, ev
 }
 
 func wantNBDLocked(t *testing.T, b *Boot, ev *events) {

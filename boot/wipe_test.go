@@ -1,10 +1,8 @@
 package boot
 
 import (
-	"context"
 	"errors"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -34,24 +32,13 @@ func TestRevokeWipesWithoutWaiting(t *testing.T) {
 	}
 	t.Cleanup(func() { release(); testHookStopServing = nil })
 
-	tp := openSim(t)
-	vm := "wipe-a"
-	e.enroll(t, tp, vm, false)
-	img := e.volume(t, vm, vm+"-vol")
-	ev := newEvents()
-	c := e.cfg(tp, vm, img, ev)
-	c.ServeNBD = filepath.Join(filepath.Dir(socketPath(t)), "nbd")
-	b, err := Run(context.Background(), c)
-	if err != nil {
-		t.Fatalf("run: %v", err)
-	}
-	ev.wait(t, EventServing)
+	b, ev := e.serveNBD(t, "wipe-a")
 	blocks := b.im.Blocks()
 	if _, err := blocks.WriteAt(make([]byte, 4096), 0); err != nil {
 		t.Fatalf("a write before the revoke: %v", err)
 	}
 
-	e.admin(t, "POST", "/v1/admin/vms/"+vm+"/revoke", nil, http.StatusOK)
+	e.admin(t, "POST", "/v1/admin/vms/wipe-a/revoke", nil, http.StatusOK)
 	<-stalled
 	l := ev.wait(t, EventLocked) // fails after 60 s if the lock waits for the teardown
 	if !errors.Is(l.Err, ErrRevoked) {

@@ -61,6 +61,7 @@ func (d *Device) writeGather(pieces [][]byte, off int64) error {
 		sec      int64
 	}
 	var jobs []job
+	var errs []error // one per job, so that parallel workers need no lock
 	for len(pieces) > 0 {
 		// fill one chunk of scratch with the next pieces (or parts)
 		jobs = jobs[:0]
@@ -73,9 +74,7 @@ func (d *Device) writeGather(pieces [][]byte, off int64) error {
 			}
 			m += n
 		}
-		// Each job keeps its own error, so that parallel workers need no
-		// lock: the only one possible is a wipe, which fails them all.
-		errs := make([]error, len(jobs))
+		errs = append(errs[:0], make([]error, len(jobs))...) // no allocation once grown
 		do := func(i int) { errs[i] = d.crypt(jobs[i].dst, jobs[i].src, jobs[i].sec, false) }
 		if workers := min(runtime.GOMAXPROCS(0), len(jobs)); workers > 1 && m >= gatherParallel {
 			var next atomic.Int64

@@ -70,9 +70,8 @@ const labelSessionMAC = "keygate session mac v1"
 type Server struct {
 	st Store // an *authStore over the store given (rowauth.go)
 	// caSum is the SHA-256 of the service CA (DER), which every quote's
-	// qualifying data binds (api.QuoteData).
+	// qualifying data binds (api.QuoteData); zero until WithCA.
 	caSum [32]byte
-	hasCA bool
 	rows  *keyring // the master key(s) and their row MAC keys (keyring.go)
 	audit Auditor
 	// initMK and initCh are the master key and challenger New starts
@@ -144,7 +143,7 @@ type Option func(*Server)
 
 // WithCA names the CA that signs the service's certificates by the SHA-256
 // of its DER (required): quotes qualify it (api.QuoteData).
-func WithCA(sha256 [32]byte) Option { return func(s *Server) { s.caSum, s.hasCA = sha256, true } }
+func WithCA(sha256 [32]byte) Option { return func(s *Server) { s.caSum = sha256 } }
 
 // WithStore sets the store (required).
 func WithStore(st Store) Option { return func(s *Server) { s.st = st } }
@@ -227,7 +226,7 @@ func New(opts ...Option) (*Server, error) {
 		return nil, errors.New("new key service: no audit log (use WithAudit)")
 	case s.initMK == nil:
 		return nil, errors.New("new key service: no master key (use WithMasterKey)")
-	case !s.hasCA:
+	case s.caSum == [32]byte{}:
 		return nil, errors.New("new key service: no CA fingerprint, which quotes must name (use WithCA)")
 	case s.eventsKept <= 0:
 		return nil, fmt.Errorf("new key service: event retention %v is not positive", s.eventsKept)
