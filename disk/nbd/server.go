@@ -264,9 +264,17 @@ func (s *Server) transmit(c net.Conn, threadInit func() error) error {
 			s.log.Warn("nbd: serving without the thread attribute", "err", err)
 		}
 		work := make(chan func(), s.opts.MaxInFlight)
+		// The workers are gone when transmit returns (closing work ends
+		// them once they drain it; deferred calls run last first): no
+		// serving thread outlives its connection, and each has run
+		// threadInit by then, even one the runtime started late.
+		var workers sync.WaitGroup
+		defer workers.Wait()
 		defer close(work)
 		for range s.opts.MaxInFlight {
+			workers.Add(1)
 			go func() {
+				defer workers.Done()
 				runtime.LockOSThread()
 				if err := threadInit(); err != nil {
 					s.log.Warn("nbd: serving without the thread attribute", "err", err)
