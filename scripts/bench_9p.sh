@@ -27,9 +27,15 @@ r=$(metric BenchmarkBigFile/9p/read MB/s)
 dr=$(metric BenchmarkBigFile/dd/read MB/s)
 nr=$(metric BenchmarkBigFile/null/read MB/s)
 pr=$(metric BenchmarkBigFile/plain/read MB/s)
-awk -v w="$w" -v dw="$dw" -v r="$r" -v dr="$dr" -v pr="$pr" -v nr="$nr" 'BEGIN {
+xr=$(metric BenchmarkBigFile/direct/read MB/s)
+sr=$(metric BenchmarkBigFile/socket/read MB/s)
+awk -v w="$w" -v dw="$dw" -v r="$r" -v dr="$dr" -v pr="$pr" -v nr="$nr" -v xr="$xr" -v sr="$sr" 'BEGIN {
 	printf "%-36s %10.0f %10.0f %7.2fx   (vs dd conv=fsync; target >= 0.5x)\n", "write 256 MiB + fsync, MB/s", w, dw, w / dw
 	printf "%-36s %10.0f %10.0f %7.2fx   (vs dd to /dev/null from the page cache; target >= 0.25x)\n", "read 256 MiB, MB/s", r, dr, r / dr
 	printf "%-36s %10.0f %10.0f %7.2fx   (vs ReadAt of 512 KiB from the page cache, in process)\n", "read 256 MiB, MB/s", r, pr, r / pr
 	printf "%-36s %10.0f %10.0f %7.2fx   (vs dd to /dev/null: the transport alone, one Tread at a time)\n", "null 9P server read, MB/s", nr, dr, nr / dr
-	printf "%-36s %10.0f %10.0f %7.2fx   (vs the null server: what the server keeps of the transport)\n", "read 256 MiB, MB/s", r, nr, r / nr }'
+	printf "%-36s %10.0f %10.0f %7.2fx   (vs the null server: what the server keeps of the transport)\n", "read 256 MiB, MB/s", r, nr, r / nr
+	printf "%-36s %10.0f %10.0f %7.2fx   (the server\047s work alone, no transport: filesystem, pread, XTS)\n", "in-process read, MB/s", xr, dr, xr / dr
+	printf "%-36s %10.0f %10.0f %7.2fx   (a bare unix-socket exchange per 512 KiB, no 9P)\n", "socket read, MB/s", sr, dr, sr / dr
+	c = 1 / (1 / xr + 1 / sr)
+	printf "%-36s %10.0f %10.0f %7.2fx   (the two above in series: a 9P read with no 9P overhead)\n", "ceiling of one Tread at a time, MB/s", c, dr, c / dr }'
