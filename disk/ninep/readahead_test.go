@@ -18,7 +18,7 @@ func TestReadaheadNeverStale(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		change func(t *testing.T, own p9.File, other p9.File) // between the reads of chunks 0 and 1
-		want   func(orig []byte) []byte                       // chunk 1 as the second read must see it
+		want   func(orig []byte) []byte                         // chunk 1 as the second read must see it
 	}{
 		{"nothing changes", func(*testing.T, p9.File, p9.File) {},
 			func(orig []byte) []byte { return orig[chunk : 2*chunk] }},
