@@ -54,35 +54,6 @@ type conn struct {
 	slots chan *slot
 	made  int            // slots made (receiver only)
 	wg    sync.WaitGroup // requests served off the receiver
-
-	ra readahead // receiver only
-}
-
-// readahead is the next chunk of a sequential reader, read and decrypted
-// by the receiver right after it sent the previous Rread, while the client
-// copies that reply out and sends the next Tread: the server's work then
-// overlaps the client's instead of following it. The chunk is served only
-// to a Tread on the same fid for exactly the same range, and only if no
-// request anywhere on the server changed any file since (Server.gen);
-// otherwise it is wiped. It is plaintext: one msize buffer per connection,
-// wiped whenever it is dropped and when the connection closes.
-type readahead struct {
-	buf     reply // header room, then the data
-	f       *file
-	off     uint64
-	count   uint32
-	n       int
-	gen     uint64
-	valid   bool
-	nextOff uint64 // where the last read through f ended: a read there is sequential
-	last    *file
-}
-
-func (r *readahead) drop() {
-	if r.valid {
-		clear(r.buf[:rreadHdr+r.n])
-	}
-	r.valid, r.f = false, nil
 }
 
 // protoError is a frame the connection cannot continue after.
@@ -142,77 +113,8 @@ func (c *conn) serve() {
 			}()
 			continue
 		}
-		if q.typ == msgTread {
-			c.serveRead(sl, &q)
-			continue
-		}
 		c.handle(sl, &q)
 	}
-}
-
-// serveRead serves a Tread on the receiver: from the readahead when it
-// holds exactly this range, else from the file; then, if the read was
-// sequential and whole and no request is waiting, reads the next chunk
-// ahead.
-func (c *conn) serveRead(sl *slot, q *request) {
-	f := c.lookup(q.fid)
-	ra := &c.ra
-	var n int
-	if ra.valid && f != nil && f == ra.f && q.offset == ra.off && q.count == ra.count && c.s.gen.Load() == ra.gen {
-		out := ra.buf[:rreadHdr+ra.n]
-		n = ra.n
-		binary.LittleEndian.PutUint16(out[5:], q.tag)
-		// the slot's buffer becomes the next readahead's
-		ra.buf, sl.out, ra.valid, ra.f = sl.out[:0], out[:0], false, nil
-		c.send(q.tag, out)
-	} else {
-		ra.drop()
-		out := c.dispatch(sl, q)
-		sl.out = out[:0]
-		if out[4] != msgTread+1 {
-			c.send(q.tag, out)
-			c.slots <- sl
-			return
-		}
-		n = int(binary.LittleEndian.Uint32(out[hdrLen:]))
-		c.send(q.tag, out)
-	}
-	c.slots <- sl
-	sequential := f == ra.last && q.offset == ra.nextOff || q.offset == 0
-	ra.last, ra.nextOff = f, q.offset+uint64(n)
-	if f == nil || !sequential || n == 0 || n != int(q.count) || c.r.Buffered() > 0 {
-		return
-	}
-	c.readAhead(f, q.offset+uint64(n), q.count)
-}
-
-func (c *conn) readAhead(f *file, off uint64, count uint32) {
-	s := c.s
-	gen := s.gen.Load() // before the read: a change during it makes the chunk stale
-	s.tree.RLock()
-	defer s.tree.RUnlock()
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	if !f.opened || f.h == nil {
-		return
-	}
-	ra := &c.ra
-	need := rreadHdr + int(count)
-	if cap(ra.buf) < need {
-		ra.buf = make(reply, 0, max(need, 4096))
-	}
-	buf := ra.buf[:need]
-	n, err := f.h.ReadAt(buf[rreadHdr:], int64(off))
-	if n == 0 || err != nil && !errors.Is(err, io.EOF) {
-		clear(buf[rreadHdr : rreadHdr+n])
-		return
-	}
-	buf = buf[:rreadHdr+n]
-	binary.LittleEndian.PutUint32(buf, uint32(len(buf)))
-	buf[4] = msgTread + 1
-	binary.LittleEndian.PutUint32(buf[hdrLen:], uint32(n))
-	*ra = readahead{buf: buf[:0], f: f, off: off, count: count, n: n, gen: gen, valid: true,
-		nextOff: ra.nextOff, last: ra.last}
 }
 
 // recv reads one frame into sl and decodes it. A body that does not
@@ -269,12 +171,6 @@ func (c *conn) handOff(q *request) bool {
 func (c *conn) handle(sl *slot, q *request) {
 	out := c.dispatch(sl, q)
 	sl.out = out[:0]
-	switch q.typ {
-	case msgTwrite, msgTsetattr, msgTlcreate, msgTlopen, msgTunlinkat, msgTrenameat, msgTrename, msgTremove:
-		// before the reply: a client that saw it never gets a readahead
-		// from before the change
-		c.s.gen.Add(1)
-	}
 	c.send(q.tag, out)
 	c.slots <- sl
 }
@@ -375,8 +271,6 @@ func (c *conn) teardown() {
 		c.s.clunk(f)
 	}
 	// plaintext of the last reads and writes
-	c.ra.drop()
-	clear(c.ra.buf[:cap(c.ra.buf)])
 	for i := 0; i < c.made; i++ {
 		sl := <-c.slots
 		clear(sl.in[:cap(sl.in)])

@@ -11,7 +11,6 @@ import (
 	"net"
 	"strings"
 	"sync"
-	"sync/atomic"
 
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/internal/unixsock"
@@ -31,10 +30,6 @@ type Server struct {
 	tree    sync.RWMutex
 	filesMu sync.Mutex
 	files   map[*file]struct{} // every fid of every connection
-
-	// gen counts the requests that may have changed a file's content or
-	// name; a connection's readahead is served only while it is unchanged
-	gen atomic.Uint64
 
 	mu       sync.Mutex
 	closed   bool
