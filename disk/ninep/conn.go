@@ -261,8 +261,10 @@ func (c *conn) remove(id uint32) *file {
 // teardown waits for the requests still being served, clunks every fid
 // and closes the socket.
 func (c *conn) teardown() {
-	c.nc.Close()
+	// the requests still running answer first: a client that half-closed
+	// its side may still be reading
 	c.wg.Wait()
+	c.nc.Close()
 	c.mu.Lock()
 	fids := c.fids
 	c.fids = map[uint32]*file{}
@@ -327,7 +329,7 @@ func (c *conn) dispatch(sl *slot, q *request) (out reply) {
 		f.mu.RLock()
 		defer f.mu.RUnlock()
 		switch {
-		case !f.opened:
+		case !f.opened.Load():
 			return fail(linux.EINVAL)
 		case f.flags.Mode() == p9.ReadOnly:
 			return fail(linux.EPERM)
@@ -359,7 +361,7 @@ func (c *conn) dispatch(sl *slot, q *request) (out reply) {
 		defer f.mu.Unlock()
 		flags := p9.OpenFlags(q.flags)
 		switch {
-		case f.deleted, f.opened:
+		case f.deleted, f.opened.Load():
 			return fail(linux.EINVAL)
 		case f.isDir && flags.Mode() != p9.ReadOnly:
 			return fail(linux.EISDIR)
@@ -368,7 +370,8 @@ func (c *conn) dispatch(sl *slot, q *request) (out reply) {
 		if err != nil {
 			return fail(err)
 		}
-		f.opened, f.flags = true, flags
+		f.flags = flags
+		f.opened.Store(true)
 		return out.start(msgTlopen+1, q.tag).qid(qid).u32(iounit).finish()
 	case msgTlcreate:
 		return c.create(out, q)
@@ -382,7 +385,7 @@ func (c *conn) dispatch(sl *slot, q *request) (out reply) {
 		}
 		s.tree.RLock()
 		defer s.tree.RUnlock()
-		if f.deleted || !f.isDir || f.opened {
+		if f.deleted || !f.isDir || f.opened.Load() {
 			return fail(linux.EINVAL)
 		}
 		qid, err := f.Mkdir(q.name, 0o755, p9.NoUID, p9.NoGID)
@@ -429,7 +432,7 @@ func (c *conn) dispatch(sl *slot, q *request) (out reply) {
 		defer s.tree.RUnlock()
 		f.mu.RLock()
 		defer f.mu.RUnlock()
-		if f.deleted || !f.isDir || !f.opened {
+		if f.deleted || !f.isDir || !f.opened.Load() {
 			return fail(linux.EINVAL)
 		}
 		ents, err := f.Readdir(q.offset, q.count)
@@ -447,7 +450,7 @@ func (c *conn) dispatch(sl *slot, q *request) (out reply) {
 		defer s.tree.RUnlock()
 		f.mu.RLock()
 		defer f.mu.RUnlock()
-		if !f.opened {
+		if !f.opened.Load() {
 			return fail(linux.EINVAL)
 		}
 		if err := f.FSync(); err != nil {
@@ -459,6 +462,8 @@ func (c *conn) dispatch(sl *slot, q *request) (out reply) {
 		if f == nil {
 			return fail(linux.EBADF)
 		}
+		s.tree.RLock()
+		defer s.tree.RUnlock()
 		st, err := f.StatFS()
 		if err != nil {
 			return fail(err)
@@ -474,7 +479,7 @@ func (c *conn) dispatch(sl *slot, q *request) (out reply) {
 		}
 		s.tree.Lock()
 		defer s.tree.Unlock()
-		if f.deleted || !f.isDir || f.opened {
+		if f.deleted || !f.isDir || f.opened.Load() {
 			return fail(linux.EINVAL)
 		}
 		if err := f.UnlinkAt(q.name, q.flags); err != nil {
@@ -492,7 +497,7 @@ func (c *conn) dispatch(sl *slot, q *request) (out reply) {
 		}
 		s.tree.Lock()
 		defer s.tree.Unlock()
-		if od.deleted || !od.isDir || nd.deleted || !nd.isDir || od.opened {
+		if od.deleted || !od.isDir || nd.deleted || !nd.isDir || od.opened.Load() {
 			return fail(linux.EINVAL)
 		}
 		if err := s.rename(od, q.name, nd, q.name2); err != nil {
@@ -613,7 +618,7 @@ func (c *conn) walk(out reply, q *request) reply {
 	s := c.s
 	s.tree.RLock()
 	defer s.tree.RUnlock()
-	if q.fid == q.newFID && f.opened {
+	if q.fid == q.newFID && f.opened.Load() {
 		return out.rlerror(q.tag, uint32(linux.EBUSY))
 	}
 	qids, nf, err := s.walk(f, q.names)
@@ -675,7 +680,7 @@ func (c *conn) read(sl *slot, q *request) reply {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	switch {
-	case !f.opened:
+	case !f.opened.Load():
 		return out.rlerror(q.tag, uint32(linux.EINVAL))
 	case f.flags.Mode() == p9.WriteOnly:
 		return out.rlerror(q.tag, uint32(linux.EPERM))
@@ -711,7 +716,7 @@ func (c *conn) create(out reply, q *request) reply {
 	s.tree.RLock()
 	defer s.tree.RUnlock()
 	f.mu.Lock()
-	if f.deleted || !f.isDir || f.opened {
+	if f.deleted || !f.isDir || f.opened.Load() {
 		f.mu.Unlock()
 		return out.rlerror(q.tag, uint32(linux.EINVAL))
 	}
@@ -722,7 +727,8 @@ func (c *conn) create(out reply, q *request) reply {
 		return out.rlerror(q.tag, errno(err))
 	}
 	nf := pf.(*file)
-	nf.opened, nf.flags = true, flags
+	nf.flags = flags
+	nf.opened.Store(true)
 	// the fid now stands for the new file (the directory's is closed)
 	c.insert(q.fid, nf, true)
 	return out.start(msgTlcreate+1, q.tag).qid(qid).u32(iounit).finish()

@@ -9,6 +9,7 @@ import (
 	"path"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/hugelgupf/p9/fsimpl/templatefs"
 	"github.com/hugelgupf/p9/linux"
@@ -53,8 +54,8 @@ type file struct {
 
 	// mu: I/O through the fid (shared) against opening and closing it.
 	mu     sync.RWMutex
-	opened bool
-	flags  p9.OpenFlags // as opened
+	opened atomic.Bool  // set under mu; read bare where only tree is held
+	flags  p9.OpenFlags // as opened; under mu
 
 	h   *disk.File      // after Open or Create of a regular file
 	dir []disk.FileInfo // after Open of a directory: the listing Readdir serves
