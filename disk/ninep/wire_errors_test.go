@@ -164,3 +164,35 @@ func TestWireFraming(t *testing.T) {
 	})
 	alive(t, v.sock)
 }
+
+// TestFlushAfterItsRequest: a Tflush sent right behind the request it
+// names is answered after that request's reply, never before (9P: the
+// client may reuse the tag once Rflush arrives).
+func TestFlushAfterItsRequest(t *testing.T) {
+	v := newVolume(t, disk.Ext4, 64<<20)
+	writeFile(t, v.client(), []byte("data"), nil, "f")
+	w := dialWire(t, v.sock)
+	w.open("f") // fid 2, read-write
+	for i := range 20 {
+		tag := uint16(100 + 2*i)
+		// a write makes the fsync store something, then fsync and its flush back to back
+		w.rpc(tWrite, tag, cat(u32(2), u64(0), u32(4), []byte("DATA")), tWrite+1)
+		if _, err := w.c.Write(cat(frame(50, tag, u32(2), u32(0)), frame(108, tag+1, []byte{byte(tag), byte(tag >> 8)}))); err != nil {
+			t.Fatal(err)
+		}
+		var got []byte
+		for range 2 {
+			var hdr [7]byte
+			if _, err := io.ReadFull(w.c, hdr[:]); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(w.c, make([]byte, binary.LittleEndian.Uint32(hdr[:])-7)); err != nil {
+				t.Fatal(err)
+			}
+			got = append(got, hdr[4])
+		}
+		if got[0] != 51 || got[1] != 109 {
+			t.Fatalf("round %d: replies of types %v, want Rfsync (51) then Rflush (109)", i, got)
+		}
+	}
+}
