@@ -160,7 +160,8 @@ func (c *conn) recv(sl *slot) (request, error) {
 func (c *conn) handOff(q *request) bool {
 	switch q.typ {
 	case msgTfsync, msgTclunk, msgTremove, msgTlcreate, msgTmkdir, msgTunlinkat,
-		msgTrenameat, msgTrename, msgTsetattr, msgTflush:
+		msgTrenameat, msgTrename, msgTsetattr, msgTflush,
+		msgTwrite: // a Twrite may wait for the file's writeback (milliseconds)
 		return true // these may store to the image, or wait on another request
 	case msgTversion:
 		return false // it sets the msize the next frames are read with
