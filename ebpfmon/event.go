@@ -29,13 +29,17 @@ const (
 	PerfEventOpen   Technique = "perf_event_open"
 	Kcore           Technique = "kcore"
 	DevMem          Technique = "dev_mem"
+	// EventsLost is the monitor's own: the kernel dropped events (its ring
+	// buffer was full), any of which may have been critical. Arg is how
+	// many were dropped since the last such event.
+	EventsLost Technique = "events_lost"
 )
 
 var techniques = [...]Technique{"", ProcessVMReadv, ProcessVMWritev, PtraceAttach, PtraceSeize,
 	PtracePeek, PtracePoke, ProcMem, ProcEnviron, ProcMaps, PidfdGetfd, PerfEventOpen, Kcore, DevMem}
 
 // Techniques lists every technique the monitor reports.
-func Techniques() []Technique { return append([]Technique(nil), techniques[1:]...) }
+func Techniques() []Technique { return append(append([]Technique(nil), techniques[1:]...), EventsLost) }
 
 // Severity grades an event. The values are keysvc's (info, warning, critical).
 type Severity string
@@ -123,7 +127,7 @@ type Event struct {
 	SampleType uint64 `json:"sample_type,omitempty"`
 
 	Path   string `json:"path,omitempty"` // the path as passed to the open syscall
-	Arg    uint64 `json:"arg,omitempty"`  // ptrace request, open flags, perf type, or pidfd_getfd's fd
+	Arg    uint64 `json:"arg,omitempty"`  // ptrace request, open flags, perf type, pidfd_getfd's fd, or how many events were lost (events_lost)
 	Result int64  `json:"result"`         // the syscall's return value; negative is -errno
 	// Denied says the kernel refused this attempt because of our BPF LSM
 	// program: the program that refused sent this event itself (deny mode
@@ -139,6 +143,9 @@ func (e Event) Succeeded() bool { return e.Result >= 0 }
 
 // String is a one-line summary for logs.
 func (e Event) String() string {
+	if e.Technique == EventsLost {
+		return fmt.Sprintf("%s %s: the kernel dropped %d events (ring buffer full; the monitor's reader fell behind), any of which may have been an attempt on the key pages", e.Severity, e.Technique, e.Arg)
+	}
 	s := fmt.Sprintf("%s %s by pid %d (%s, uid %d) on pid %d", e.Severity, e.Technique, e.TGID, e.Comm, e.UID, e.TargetPID)
 	if e.Path != "" {
 		s += " path " + strconv.Quote(e.Path)
@@ -247,7 +254,7 @@ func severityOf(e Event) Severity {
 	switch e.Technique {
 	case ProcEnviron, ProcMaps:
 		return Info
-	case PtraceAttach, PtraceSeize, PidfdGetfd, ProcMem, Kcore, DevMem:
+	case PtraceAttach, PtraceSeize, PidfdGetfd, ProcMem, Kcore, DevMem, EventsLost:
 		return Critical
 	case PerfEventOpen:
 		// On the process itself: its samples can carry registers and stack.

@@ -88,6 +88,7 @@ type Monitor struct {
 	readErrs   atomic.Uint64
 	decodeErrs atomic.Uint64
 	err        atomic.Pointer[error] // why the reader stopped, if it failed
+	lastDrops  uint64                // the kernel's drop count at the last EventsLost (the reader's own)
 
 	mu        sync.Mutex
 	protected map[int]bool
