@@ -33,10 +33,15 @@ const (
 	// buffer was full), any of which may have been critical. Arg is how
 	// many were dropped since the last such event.
 	EventsLost Technique = "events_lost"
+	// BPFFD is another process taking a descriptor of one of the
+	// monitor's own BPF maps, programs or links by ID (bpf(2)'s
+	// *_GET_FD_BY_ID): with a map's, it can edit what the monitor
+	// protects. Arg is the command << 32 | the object's ID.
+	BPFFD Technique = "bpf_fd"
 )
 
 var techniques = [...]Technique{"", ProcessVMReadv, ProcessVMWritev, PtraceAttach, PtraceSeize,
-	PtracePeek, PtracePoke, ProcMem, ProcEnviron, ProcMaps, PidfdGetfd, PerfEventOpen, Kcore, DevMem}
+	PtracePeek, PtracePoke, ProcMem, ProcEnviron, ProcMaps, PidfdGetfd, PerfEventOpen, Kcore, DevMem, BPFFD}
 
 // Techniques lists every technique the monitor reports.
 func Techniques() []Technique { return append(append([]Technique(nil), techniques[1:]...), EventsLost) }
@@ -159,6 +164,9 @@ func (e Event) String() string {
 	if e.Scope != "" {
 		s += " on every task of a " + e.Scope
 	}
+	if e.Technique == BPFFD {
+		s += fmt.Sprintf(" (bpf command %d, object id %d: a descriptor of the monitor's own map, program or link)", e.Arg>>32, e.Arg&0xffffffff)
+	}
 	if e.Addr != 0 || e.Len != 0 {
 		s += fmt.Sprintf(" addr %#x+%d", e.Addr, e.Len)
 	}
@@ -254,7 +262,7 @@ func severityOf(e Event) Severity {
 	switch e.Technique {
 	case ProcEnviron, ProcMaps:
 		return Info
-	case PtraceAttach, PtraceSeize, PidfdGetfd, ProcMem, Kcore, DevMem, EventsLost:
+	case PtraceAttach, PtraceSeize, PidfdGetfd, ProcMem, Kcore, DevMem, EventsLost, BPFFD:
 		return Critical
 	case PerfEventOpen:
 		// On the process itself: its samples can carry registers and stack.

@@ -258,6 +258,8 @@ func attack(args []string) int {
 		err = perfWide(false, start)
 	case "perf_cgroup":
 		err = perfWide(true, start)
+	case "blind_monitor":
+		err = blindMonitor(pid, addr, start)
 	case "vm_readv_lazy":
 		err = readvLazy(pid, addr, start)
 	case "environ":

@@ -24,6 +24,7 @@ enum technique {
 	T_PERF_EVENT_OPEN = 11,
 	T_KCORE = 12,
 	T_DEVMEM = 13,
+	T_BPF_FD = 14,
 };
 
 enum flags {

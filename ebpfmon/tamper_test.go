@@ -1,0 +1,100 @@
+package ebpfmon_test
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/keygate/keygate/ebpfmon"
+)
+
+// blindMonitor is the attacker's side of TestMapTamperingFlagged: root takes
+// a descriptor of the monitor's `prot` map by its ID (what `bpftool map
+// delete name prot key ...` does), deletes the victim's entry, so that no
+// program of the monitor recognises the victim any more, and reads the key.
+// It reports as the other attacks do (helpers_test.go): "start" before the
+// first descriptor it takes.
+func blindMonitor(pid int, addr uint64, start func()) error {
+	key := uint32(pid)
+	start()
+	var id ebpf.MapID
+	for done := false; !done; {
+		next, err := ebpf.MapGetNextID(id)
+		if err != nil {
+			return fmt.Errorf("no monitor map protects pid %d: %v", pid, err)
+		}
+		id = next
+		m, err := ebpf.NewMapFromID(id)
+		if err != nil {
+			continue // gone meanwhile
+		}
+		info, err := m.Info()
+		if err == nil && info.Name == "prot" && m.KeySize() == 4 {
+			buf := make([]byte, m.ValueSize())
+			// Other monitors' maps (tests run side by side) lack the key.
+			if m.Lookup(&key, &buf) == nil {
+				if err := m.Delete(&key); err != nil {
+					m.Close()
+					return fmt.Errorf("delete pid %d from the monitor's map: %v", pid, err)
+				}
+				done = true
+			}
+		}
+		m.Close()
+	}
+	// Blind: the read of the key that follows raises nothing now.
+	b := make([]byte, 64)
+	_, err := unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &b[0], Len: 64}}, []unix.RemoteIovec{{Base: uintptr(addr), Len: 64}}, 0)
+	return err
+}
+
+// TestMapTamperingFlagged: root can blind the monitor without unloading or
+// killing anything, by editing its maps through a descriptor taken by ID,
+// and the key service would go on seeing heartbeats. Taking a descriptor of
+// any of the monitor's own maps, programs or links from another process is
+// therefore a critical event (bpf_fd), raised before the descriptor can be
+// used.
+func TestMapTamperingFlagged(t *testing.T) {
+	m := startMonitor(t, ebpfmon.Config{})
+	if mode, _ := m.Mode(); mode == ebpfmon.ModeDeny {
+		t.Skip("deny mode: the bpf_fd route is seen in detect mode only (docs/monitor.md, What it does not see)")
+	}
+	v := startVictim(t)
+	if err := m.Protect(v.PID, []ebpfmon.Range{v.Key}); err != nil {
+		t.Fatal(err)
+	}
+	atk := runAttack(t, "blind_monitor", strconv.Itoa(v.PID), fmt.Sprintf("%#x", v.Key.Start))
+	if atk.Err != "" {
+		t.Fatalf("the attacker could not carry out the attack: %s", atk.Err)
+	}
+	// Marker: an attack on this process (protected whole, as the monitor's
+	// own), which the attacker did not touch.
+	before, _ := eventsUntil(t, m, runAttack(t, "vm_readv", strconv.Itoa(os.Getpid()), "0x1000").PID)
+	var got []ebpfmon.Event
+	for _, e := range before {
+		if e.TGID == atk.PID {
+			got = append(got, e)
+		}
+	}
+	if len(got) == 0 {
+		t.Fatal("the attacker took the monitor's map by ID, deleted the victim's entry and read the key: no event at all")
+	}
+	e := got[0]
+	if e.Technique != ebpfmon.BPFFD || e.Severity != ebpfmon.Critical {
+		t.Fatalf("first event from the attacker %s, want a critical bpf_fd", e)
+	}
+	if e.TargetPID != os.Getpid() {
+		t.Errorf("bpf_fd names target pid %d, want the monitor's %d", e.TargetPID, os.Getpid())
+	}
+	if cmd, id := e.Arg>>32, e.Arg&0xffffffff; cmd != unix.BPF_MAP_GET_FD_BY_ID || id == 0 {
+		t.Errorf("bpf_fd arg %#x: command %d, id %d; want BPF_MAP_GET_FD_BY_ID (%d) and the map's id", e.Arg, cmd, id, unix.BPF_MAP_GET_FD_BY_ID)
+	}
+	if e.Result < 0 {
+		t.Errorf("result %d: the descriptor was handed out", e.Result)
+	}
+	t.Logf("%s", e)
+}
