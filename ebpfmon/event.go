@@ -38,10 +38,16 @@ const (
 	// *_GET_FD_BY_ID): with a map's, it can edit what the monitor
 	// protects. Arg is the command << 32 | the object's ID.
 	BPFFD Technique = "bpf_fd"
+	// BPFProgLoad is another process loading a BPF program of a tracing
+	// type (kprobe, tracepoint, perf event, raw tracepoint, fentry/fexit,
+	// LSM, extension), which can read a key holder's memory from inside the
+	// kernel whenever it runs in the key holder's context; what it reads
+	// there the monitor cannot see. Arg is the program type.
+	BPFProgLoad Technique = "bpf_prog_load"
 )
 
 var techniques = [...]Technique{"", ProcessVMReadv, ProcessVMWritev, PtraceAttach, PtraceSeize,
-	PtracePeek, PtracePoke, ProcMem, ProcEnviron, ProcMaps, PidfdGetfd, PerfEventOpen, Kcore, DevMem, BPFFD}
+	PtracePeek, PtracePoke, ProcMem, ProcEnviron, ProcMaps, PidfdGetfd, PerfEventOpen, Kcore, DevMem, BPFFD, BPFProgLoad}
 
 // Techniques lists every technique the monitor reports.
 func Techniques() []Technique { return append(append([]Technique(nil), techniques[1:]...), EventsLost) }
@@ -164,6 +170,9 @@ func (e Event) String() string {
 	if e.Scope != "" {
 		s += " on every task of a " + e.Scope
 	}
+	if e.Technique == BPFProgLoad {
+		s += fmt.Sprintf(" (BPF program type %d: can read any process's memory where it runs)", e.Arg)
+	}
 	if e.Technique == BPFFD {
 		s += fmt.Sprintf(" (bpf command %d, object id %d: a descriptor of the monitor's own map, program or link)", e.Arg>>32, e.Arg&0xffffffff)
 	}
@@ -264,6 +273,10 @@ func severityOf(e Event) Severity {
 		return Info
 	case PtraceAttach, PtraceSeize, PidfdGetfd, ProcMem, Kcore, DevMem, EventsLost, BPFFD:
 		return Critical
+	case BPFProgLoad:
+		// The capability to read the key holder's memory, not a read: as
+		// for perf_event_open on the process.
+		return Warning
 	case PerfEventOpen:
 		// On the process itself: its samples can carry registers and stack.
 		// Without a process (a CPU's or a cgroup's events), only samples

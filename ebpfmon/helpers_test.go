@@ -16,6 +16,7 @@ import (
 	"unsafe"
 
 	"github.com/awnumar/memguard"
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/keygate/keygate/ebpfmon"
@@ -258,6 +259,10 @@ func attack(args []string) int {
 		err = perfWide(false, start)
 	case "perf_cgroup":
 		err = perfWide(true, start)
+	case "bpf_prog_load":
+		err = loadTracingProgram(ebpf.TracePoint, start)
+	case "bpf_prog_load_socket":
+		err = loadTracingProgram(ebpf.SocketFilter, start)
 	case "blind_monitor":
 		err = blindMonitor(pid, addr, start)
 	case "vm_readv_lazy":

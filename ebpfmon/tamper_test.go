@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 
 	"github.com/keygate/keygate/ebpfmon"
@@ -96,4 +97,64 @@ func TestMapTamperingFlagged(t *testing.T) {
 		t.Errorf("result %d: the descriptor was handed out", e.Result)
 	}
 	t.Logf("%s", e)
+}
+
+// loadTracingProgram is the attacker's side of TestTracingProgramLoadFlagged:
+// a tracepoint program, which once attached runs in whatever task hits the
+// tracepoint, the key holder included, and there may read that task's
+// memory with bpf_probe_read_user. Loading it is the step that needs no
+// attach to the key holder at all (its perf event is CPU-wide: info).
+func loadTracingProgram(typ ebpf.ProgramType, start func()) error {
+	start()
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         typ,
+		License:      "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+	})
+	if err != nil {
+		return err
+	}
+	return p.Close()
+}
+
+// TestTracingProgramLoadFlagged: a BPF program of a tracing type (kprobe,
+// tracepoint, perf event, raw tracepoint, fentry/fexit, LSM) can read the key
+// holder's memory from inside the kernel whenever the key holder runs into
+// its hook, and no route the monitor watches is taken for that read. Its
+// load by another process is reported (bpf_prog_load, warning): the monitor
+// cannot see what the program then reads. Other program types (socket
+// filters, cgroup programs, which systemd loads) are not.
+func TestTracingProgramLoadFlagged(t *testing.T) {
+	m := startMonitor(t, ebpfmon.Config{DetectOnly: true})
+	atk := runAttack(t, "bpf_prog_load", "0")
+	if atk.Err != "" {
+		t.Fatalf("the attacker could not load its program: %s", atk.Err)
+	}
+	before, _ := eventsUntil(t, m, runAttack(t, "vm_readv", strconv.Itoa(os.Getpid()), "0x1000").PID)
+	var got []ebpfmon.Event
+	for _, e := range before {
+		if e.TGID == atk.PID {
+			got = append(got, e)
+		}
+	}
+	if len(got) != 1 {
+		t.Fatalf("the attacker loaded a tracepoint program: %d events, want one bpf_prog_load: %v", len(got), got)
+	}
+	e := got[0]
+	if e.Technique != ebpfmon.BPFProgLoad || e.Severity != ebpfmon.Warning || e.Arg != uint64(ebpf.TracePoint) || e.Result < 0 {
+		t.Errorf("event %s (arg %d, result %d), want a warning bpf_prog_load of type %d that succeeded", e, e.Arg, e.Result, ebpf.TracePoint)
+	}
+	t.Logf("%s", e)
+	// A socket filter, which reads only packets, is no event: checked by
+	// the marker above, whose pid differs; and here directly.
+	atk = runAttack(t, "bpf_prog_load_socket", "0")
+	if atk.Err != "" {
+		t.Fatalf("the socket filter did not load: %s", atk.Err)
+	}
+	before, _ = eventsUntil(t, m, runAttack(t, "vm_readv", strconv.Itoa(os.Getpid()), "0x1000").PID)
+	for _, e := range before {
+		if e.TGID == atk.PID {
+			t.Errorf("a socket filter's load raised %s", e)
+		}
+	}
 }

@@ -240,6 +240,8 @@ func TestSeverity(t *testing.T) {
 		{Event{Technique: Kcore}, Critical},
 		{Event{Technique: DevMem}, Critical},
 		{Event{Technique: EventsLost, Arg: 1}, Critical},
+		{Event{Technique: BPFFD}, Critical},
+		{Event{Technique: BPFProgLoad, Arg: 5}, Warning},
 	}
 	for _, tc := range tests {
 		t.Run(string(tc.e.Technique), func(t *testing.T) {

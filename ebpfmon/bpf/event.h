@@ -25,6 +25,7 @@ enum technique {
 	T_KCORE = 12,
 	T_DEVMEM = 13,
 	T_BPF_FD = 14,
+	T_BPF_PROG_LOAD = 15,
 };
 
 enum flags {

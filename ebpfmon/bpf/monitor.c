@@ -277,6 +277,39 @@ struct {
 	__type(value, __u32);
 } own SEC(".maps");
 
+// prog_load_exit reports a BPF program of a tracing type that another
+// process loaded: once attached it runs in whichever task reaches its hook,
+// a key holder included, and may read that task's memory
+// (bpf_probe_read_user) from inside the kernel, by no route the rest of the
+// monitor sees. Its type is read from the loaded program, not the caller's
+// bpf_attr.
+static __always_inline int prog_load_exit(struct bpf_prog *prog, long ret, __s32 nr, int compat)
+{
+	__u32 type = BPF_CORE_READ(prog, type);
+	switch (type) {
+	case BPF_PROG_TYPE_KPROBE:
+	case BPF_PROG_TYPE_TRACEPOINT:
+	case BPF_PROG_TYPE_PERF_EVENT:
+	case BPF_PROG_TYPE_RAW_TRACEPOINT:
+	case BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE:
+	case BPF_PROG_TYPE_TRACING:
+	case BPF_PROG_TYPE_LSM:
+	case BPF_PROG_TYPE_EXT:
+		break;
+	default:
+		return 0;
+	}
+	struct scratch *s = new_event(T_BPF_PROG_LOAD, nr);
+	if (!s)
+		return 0;
+	s->e.arg = type;
+	s->e.result = ret;
+	if (compat)
+		s->e.flags |= F_COMPAT;
+	send(&s->e);
+	return 0;
+}
+
 // bpf_fd_exit reports another process taking a descriptor of one of the
 // monitor's objects by ID: with a map's it can delete a protected process
 // from prot and so blind every program here, without unloading or killing
@@ -290,7 +323,7 @@ static __always_inline int bpf_fd_exit(long ret, __s32 nr, int compat)
 	__u64 a[6];
 	syscall_args(a, compat);
 	__u64 cmd = (__u32)a[0];
-	if (cmd != BPF_MAP_GET_FD_BY_ID && cmd != BPF_PROG_GET_FD_BY_ID && cmd != BPF_LINK_GET_FD_BY_ID)
+	if (cmd != BPF_MAP_GET_FD_BY_ID && cmd != BPF_PROG_GET_FD_BY_ID && cmd != BPF_LINK_GET_FD_BY_ID && cmd != BPF_PROG_LOAD)
 		return 0;
 	__u32 me = bpf_get_current_pid_tgid() >> 32;
 	if (bpf_map_lookup_elem(&prot, &me))
@@ -299,6 +332,8 @@ static __always_inline int bpf_fd_exit(long ret, __s32 nr, int compat)
 	if (!f)
 		return 0;
 	void *obj = BPF_CORE_READ(f, private_data);
+	if (cmd == BPF_PROG_LOAD)
+		return prog_load_exit(obj, ret, nr, compat);
 	__u32 id;
 	if (cmd == BPF_MAP_GET_FD_BY_ID)
 		id = BPF_CORE_READ((struct bpf_map *)obj, id);
