@@ -293,6 +293,17 @@ func severityOf(e Event) Severity {
 	if e.Overlap || e.Truncated || e.IovChanged || (e.IovUnread && e.Succeeded()) {
 		return Critical
 	}
+	// In detect mode the ranges are the caller's memory as read at entry
+	// and at exit; the kernel copies them in between, and the caller can
+	// stop the kernel there (userfaultfd on its local iovec array and
+	// buffer) and show both reads a harmless vector around a read of the
+	// key (TestReadvSwappedMidCall). So a call that succeeded may have read
+	// the key pages whatever its ranges; against keygate boot, which is not
+	// dumpable, it took CAP_SYS_PTRACE. Deny mode judges the ranges in the
+	// kernel's check and refuses the call.
+	if (e.Technique == ProcessVMReadv || e.Technique == ProcessVMWritev) && e.Mode == ModeDetect && e.Succeeded() {
+		return Critical
+	}
 	return Warning
 }
 

@@ -128,6 +128,8 @@ type attackResult struct {
 	PID   int
 	Start uint64
 	Err   string
+	// ReadNonzero: the attacker said "read N nonzero true" (readvSwapped).
+	ReadNonzero bool
 }
 
 // runAttack runs the attacker with technique against the victim.
@@ -149,6 +151,8 @@ func runAttack(t testing.TB, technique string, args ...string) attackResult {
 			r.Start, _ = strconv.ParseUint(f[1], 10, 64)
 		case "err":
 			r.Err = f[1]
+		case "read":
+			r.ReadNonzero = strings.HasSuffix(f[1], "nonzero true")
 		}
 	}
 	if r.PID == 0 || r.Start == 0 {
@@ -187,6 +191,16 @@ func attack(args []string) int {
 	case "vm_readv":
 		start()
 		_, err = unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &buf[0], Len: 64}},
+			[]unix.RemoteIovec{{Base: uintptr(addr), Len: 64}}, 0)
+	case "vm_readv_fault":
+		// The local buffer cannot be written: the kernel fails the call (EFAULT)
+		// before it reads anything.
+		var none []byte
+		if none, err = unix.Mmap(-1, 0, os.Getpagesize(), unix.PROT_NONE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS); err != nil {
+			break
+		}
+		start()
+		_, err = unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &none[0], Len: 64}},
 			[]unix.RemoteIovec{{Base: uintptr(addr), Len: 64}}, 0)
 	case "vm_writev":
 		start()
@@ -259,6 +273,9 @@ func attack(args []string) int {
 		err = perfWide(false, start)
 	case "perf_cgroup":
 		err = perfWide(true, start)
+	case "vm_readv_swapped":
+		other, _ := strconv.ParseUint(args[3], 0, 64)
+		err = readvSwapped(pid, addr, other, start)
 	case "bpf_prog_load":
 		err = loadTracingProgram(ebpf.TracePoint, start)
 	case "bpf_prog_load_socket":

@@ -221,6 +221,10 @@ func TestSeverity(t *testing.T) {
 	}{
 		{Event{Technique: ProcessVMReadv, Overlap: true}, Critical},
 		{Event{Technique: ProcessVMReadv}, Warning},
+		{Event{Technique: ProcessVMReadv, Mode: ModeDetect, Result: 64}, Critical}, // ranges may have been swapped mid-call
+		{Event{Technique: ProcessVMWritev, Mode: ModeDetect, Result: 8}, Critical},
+		{Event{Technique: ProcessVMReadv, Mode: ModeDetect, Result: -14}, Warning},
+		{Event{Technique: ProcessVMReadv, Mode: ModeDeny, Result: 0}, Warning}, // judged in the kernel's check
 		{Event{Technique: ProcessVMWritev, Truncated: true}, Critical},
 		{Event{Technique: PtracePeek}, Warning},
 		{Event{Technique: PtracePoke, Overlap: true}, Critical},
