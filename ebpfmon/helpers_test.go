@@ -276,6 +276,8 @@ func attack(args []string) int {
 	case "vm_readv_swapped":
 		other, _ := strconv.ParseUint(args[3], 0, 64)
 		err = readvSwapped(pid, addr, other, start)
+	case "grab_new_prot":
+		err = grabNewProt()
 	case "bpf_prog_load":
 		err = loadTracingProgram(ebpf.TracePoint, start)
 	case "bpf_prog_load_socket":

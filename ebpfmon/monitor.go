@@ -90,6 +90,7 @@ type Monitor struct {
 	decodeErrs atomic.Uint64
 	err        atomic.Pointer[error] // why the reader stopped, if it failed
 	lastDrops  uint64                // the kernel's drop count at the last EventsLost (the reader's own)
+	ownLines   map[string]bool       // fdinfo lines naming the monitor's own objects (holders.go)
 
 	mu        sync.Mutex
 	protected map[int]bool
@@ -200,6 +201,10 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 		m.Close()
 		return nil, err
 	}
+	if err := m.checkHolders(cfg.Allow); err != nil {
+		m.Close()
+		return nil, err
+	}
 	if err := m.protectSelf(cfg.Self); err != nil {
 		m.Close()
 		return nil, err
@@ -287,10 +292,12 @@ func (m *Monitor) attach(lsm bool) error {
 // stopping it) is reported (bpf_fd).
 func (m *Monitor) registerOwn() error {
 	pid := uint32(os.Getpid())
+	m.ownLines = map[string]bool{}
 	put := func(cmd uint64, id uint32) error {
 		if err := m.objs.Own.Put(cmd<<32|uint64(id), pid); err != nil {
 			return fmt.Errorf("record the monitor's BPF object %d: %v", id, err)
 		}
+		m.ownLines[ownFdinfo(cmd, id)] = true
 		return nil
 	}
 	sets := []any{&m.objs.monitorMaps, &m.objs.monitorPrograms}
@@ -307,7 +314,7 @@ func (m *Monitor) registerOwn() error {
 					return fmt.Errorf("read the ID of the monitor's map: %v", err)
 				}
 				if id, ok := info.ID(); ok {
-					if err := put(unix.BPF_MAP_GET_FD_BY_ID, uint32(id)); err != nil {
+					if err := put(bpfMapGetFDByID, uint32(id)); err != nil {
 						return err
 					}
 				}
@@ -317,7 +324,7 @@ func (m *Monitor) registerOwn() error {
 					return fmt.Errorf("read the ID of the monitor's program: %v", err)
 				}
 				if id, ok := info.ID(); ok {
-					if err := put(unix.BPF_PROG_GET_FD_BY_ID, uint32(id)); err != nil {
+					if err := put(bpfProgGetFDByID, uint32(id)); err != nil {
 						return err
 					}
 				}
@@ -328,7 +335,7 @@ func (m *Monitor) registerOwn() error {
 		// A link attached without bpf_link (old kernels) has no ID, and
 		// nothing to take a descriptor of.
 		if info, err := l.Info(); err == nil {
-			if err := put(unix.BPF_LINK_GET_FD_BY_ID, uint32(info.ID)); err != nil {
+			if err := put(bpfLinkGetFDByID, uint32(info.ID)); err != nil {
 				return err
 			}
 		}

@@ -1,9 +1,14 @@
 package ebpfmon_test
 
 import (
+	"bufio"
+	"context"
 	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -11,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/keygate/keygate/ebpfmon"
+	"github.com/keygate/keygate/internal/testutil"
 )
 
 // blindMonitor is the attacker's side of TestMapTamperingFlagged: root takes
@@ -157,4 +163,92 @@ func TestTracingProgramLoadFlagged(t *testing.T) {
 			t.Errorf("a socket filter's load raised %s", e)
 		}
 	}
+}
+
+// grabNewProt is the attacker's side of TestStartRaceFlagged: it notes the
+// highest map ID there is, says "ready", then takes a descriptor of the
+// first map named prot that appears after it (the next monitor's, as it
+// loads) and holds it until stdin closes, saying "grabbed ID".
+func grabNewProt() error {
+	var last ebpf.MapID
+	for {
+		next, err := ebpf.MapGetNextID(last)
+		if err != nil {
+			break
+		}
+		last = next
+	}
+	fmt.Println("ready")
+	for {
+		next, err := ebpf.MapGetNextID(last)
+		if err != nil {
+			continue // nothing new yet
+		}
+		last = next
+		m, err := ebpf.NewMapFromID(next)
+		if err != nil {
+			continue
+		}
+		if info, err := m.Info(); err == nil && info.Name == "prot" {
+			fmt.Printf("grabbed %d\n", next)
+			io.Copy(io.Discard, os.Stdin)
+			m.Close()
+			return nil
+		}
+		m.Close()
+	}
+}
+
+// TestStartRaceFlagged: the monitor's maps exist from the moment it loads
+// them, before its programs run and before it has recorded their IDs, so
+// an attacker who watches for a new `prot` map takes a descriptor of it
+// then unseen, and can blind the monitor at leisure later. Start must not
+// return a monitor that such a descriptor outlived unreported: it looks
+// for descriptors of its objects in other processes once it watches, and
+// refuses to start (naming the holder) when there is one.
+func TestStartRaceFlagged(t *testing.T) {
+	testutil.Root(t)
+	cmd := exec.Command(os.Args[0], "grab_new_prot", "0")
+	cmd.Env = append(os.Environ(), roleEnv+"=attacker")
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	outPipe, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { in.Close(); cmd.Wait() })
+	out := bufio.NewReader(outPipe)
+	line := func() string {
+		s, err := out.ReadString('\n')
+		if err != nil {
+			t.Fatalf("attacker: %v (said %q)", err, s)
+		}
+		return strings.TrimSpace(s)
+	}
+	if l := line(); !strings.HasPrefix(l, "pid ") {
+		t.Fatalf("attacker said %q", l)
+	}
+	if l := line(); l != "ready" {
+		t.Fatalf("attacker said %q", l)
+	}
+	m, startErr := ebpfmon.Start(context.Background(), ebpfmon.Config{DetectOnly: true})
+	if startErr == nil {
+		t.Cleanup(func() { m.Close() })
+	}
+	grabbed := line()
+	t.Logf("attacker %d: %s; Start: %v", cmd.Process.Pid, grabbed, startErr)
+	if startErr != nil {
+		if !strings.Contains(startErr.Error(), fmt.Sprintf("pid %d", cmd.Process.Pid)) {
+			t.Fatalf("Start failed, but not naming the holder, pid %d: %v", cmd.Process.Pid, startErr)
+		}
+		return
+	}
+	// The descriptor was taken after Start recorded the IDs: an event.
+	e := waitEvent(t, m, cmd.Process.Pid, func(e ebpfmon.Event) bool { return e.Technique == ebpfmon.BPFFD })
+	t.Logf("%s", e)
 }
