@@ -38,10 +38,10 @@ const (
 	// *_GET_FD_BY_ID): with a map's, it can edit what the monitor
 	// protects. Arg is the command << 32 | the object's ID.
 	BPFFD Technique = "bpf_fd"
-	// BPFProgLoad is another process loading a BPF program of a tracing
-	// type (kprobe, tracepoint, perf event, raw tracepoint, fentry/fexit,
-	// LSM, extension), which can read a key holder's memory from inside the
-	// kernel whenever it runs in the key holder's context; what it reads
+	// BPFProgLoad is another process loading a BPF program, which can read
+	// a key holder's memory from inside the kernel whenever it runs in the
+	// key holder's context (every program type can call
+	// bpf_probe_read_user when its loader has CAP_PERFMON); what it reads
 	// there the monitor cannot see. Arg is the program type.
 	BPFProgLoad Technique = "bpf_prog_load"
 )
@@ -171,7 +171,7 @@ func (e Event) String() string {
 		s += " on every task of a " + e.Scope
 	}
 	if e.Technique == BPFProgLoad {
-		s += fmt.Sprintf(" (BPF program type %d: can read any process's memory where it runs)", e.Arg)
+		s += fmt.Sprintf(" (BPF program type %d: can read the memory of whichever task it runs in)", e.Arg)
 	}
 	if e.Technique == BPFFD {
 		s += fmt.Sprintf(" (bpf command %d, object id %d: a descriptor of the monitor's own map, program or link)", e.Arg>>32, e.Arg&0xffffffff)

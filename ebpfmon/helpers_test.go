@@ -279,9 +279,9 @@ func attack(args []string) int {
 	case "grab_new_prot":
 		err = grabNewProt()
 	case "bpf_prog_load":
-		err = loadTracingProgram(ebpf.TracePoint, start)
-	case "bpf_prog_load_socket":
-		err = loadTracingProgram(ebpf.SocketFilter, start)
+		err = loadProgram(ebpf.TracePoint, 0, start)
+	case "bpf_prog_load_cgroup_skb":
+		err = loadProgram(ebpf.CGroupSKB, ebpf.AttachCGroupInetEgress, start)
 	case "blind_monitor":
 		err = blindMonitor(pid, addr, start)
 	case "vm_readv_lazy":

@@ -61,6 +61,12 @@ func TestBenignWorkload(t *testing.T) {
 	a := runAttack(t, "vm_readv_fault", pid, fmt.Sprintf("%#x", v.Other))
 	before, marker := eventsUntil(t, m, a.PID)
 	for _, e := range before {
+		if e.Technique == ebpfmon.BPFProgLoad {
+			// Reported whoever loads a program: the workload above loads
+			// none, other tests starting monitors beside this one do.
+			t.Logf("a BPF program load elsewhere on the machine: %v (exe %s)", e, e.Exe)
+			continue
+		}
 		t.Errorf("event on the default stream from a benign workload: %v (exe %s)", e, e.Exe)
 	}
 	if marker.Technique != ebpfmon.ProcessVMReadv || marker.Severity != ebpfmon.Warning {

@@ -105,17 +105,24 @@ func TestMapTamperingFlagged(t *testing.T) {
 	t.Logf("%s", e)
 }
 
-// loadTracingProgram is the attacker's side of TestTracingProgramLoadFlagged:
-// a tracepoint program, which once attached runs in whatever task hits the
-// tracepoint, the key holder included, and there may read that task's
-// memory with bpf_probe_read_user. Loading it is the step that needs no
-// attach to the key holder at all (its perf event is CPU-wide: info).
-func loadTracingProgram(typ ebpf.ProgramType, start func()) error {
+// loadProgram is the attacker's side of TestProgramLoadFlagged: a program
+// of type typ that reads 8 bytes of the current task's memory with
+// bpf_probe_read_user. Once attached (a tracepoint program anywhere, a
+// socket or cgroup program on the key holder's traffic) it runs in
+// whatever task reaches its hook, the key holder included, and reads the
+// key there by no route the monitor watches.
+func loadProgram(typ ebpf.ProgramType, attach ebpf.AttachType, start func()) error {
 	start()
 	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:         typ,
-		License:      "GPL",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+		Type:       typ,
+		AttachType: attach,
+		License:    "GPL",
+		Instructions: asm.Instructions{
+			asm.Mov.Reg(asm.R1, asm.R10), asm.Add.Imm(asm.R1, -8),
+			asm.Mov.Imm(asm.R2, 8), asm.Mov.Imm(asm.R3, 0x1000),
+			asm.FnProbeReadUser.Call(),
+			asm.Mov.Imm(asm.R0, 1), asm.Return(),
+		},
 	})
 	if err != nil {
 		return err
@@ -123,45 +130,50 @@ func loadTracingProgram(typ ebpf.ProgramType, start func()) error {
 	return p.Close()
 }
 
-// TestTracingProgramLoadFlagged: a BPF program of a tracing type (kprobe,
-// tracepoint, perf event, raw tracepoint, fentry/fexit, LSM) can read the key
-// holder's memory from inside the kernel whenever the key holder runs into
-// its hook, and no route the monitor watches is taken for that read. Its
-// load by another process is reported (bpf_prog_load, warning): the monitor
-// cannot see what the program then reads. Other program types (socket
-// filters, cgroup programs, which systemd loads) are not.
-func TestTracingProgramLoadFlagged(t *testing.T) {
+// TestProgramLoadFlagged: a BPF program can read the key holder's memory
+// from inside the kernel whenever the key holder runs into its hook: a
+// tracepoint program on a syscall it makes, and as much a cgroup_skb
+// program on its cgroup's egress (the kernel gives bpf_probe_read_user to
+// every program type whose loader has CAP_PERFMON). No route the monitor
+// watches is taken for that read, so the load by another process is
+// reported (bpf_prog_load, warning: what the program then reads is not
+// seen).
+func TestProgramLoadFlagged(t *testing.T) {
 	m := startMonitor(t, ebpfmon.Config{DetectOnly: true})
-	atk := runAttack(t, "bpf_prog_load", "0")
-	if atk.Err != "" {
-		t.Fatalf("the attacker could not load its program: %s", atk.Err)
-	}
-	before, _ := eventsUntil(t, m, runAttack(t, "vm_readv", strconv.Itoa(os.Getpid()), "0x1000").PID)
-	var got []ebpfmon.Event
-	for _, e := range before {
-		if e.TGID == atk.PID {
-			got = append(got, e)
-		}
-	}
-	if len(got) != 1 {
-		t.Fatalf("the attacker loaded a tracepoint program: %d events, want one bpf_prog_load: %v", len(got), got)
-	}
-	e := got[0]
-	if e.Technique != ebpfmon.BPFProgLoad || e.Severity != ebpfmon.Warning || e.Arg != uint64(ebpf.TracePoint) || e.Result < 0 {
-		t.Errorf("event %s (arg %d, result %d), want a warning bpf_prog_load of type %d that succeeded", e, e.Arg, e.Result, ebpf.TracePoint)
-	}
-	t.Logf("%s", e)
-	// A socket filter, which reads only packets, is no event: checked by
-	// the marker above, whose pid differs; and here directly.
-	atk = runAttack(t, "bpf_prog_load_socket", "0")
-	if atk.Err != "" {
-		t.Fatalf("the socket filter did not load: %s", atk.Err)
-	}
-	before, _ = eventsUntil(t, m, runAttack(t, "vm_readv", strconv.Itoa(os.Getpid()), "0x1000").PID)
-	for _, e := range before {
-		if e.TGID == atk.PID {
-			t.Errorf("a socket filter's load raised %s", e)
-		}
+	for _, tc := range []struct {
+		attack string
+		typ    ebpf.ProgramType
+	}{
+		{"bpf_prog_load", ebpf.TracePoint},
+		{"bpf_prog_load_cgroup_skb", ebpf.CGroupSKB},
+	} {
+		t.Run(tc.attack, func(t *testing.T) {
+			atk := runAttack(t, tc.attack, "0")
+			if atk.Err != "" {
+				t.Fatalf("the attacker could not load its program: %s", atk.Err)
+			}
+			before, _ := eventsUntil(t, m, runAttack(t, "vm_readv", strconv.Itoa(os.Getpid()), "0x1000").PID)
+			// The loader's feature probes (cilium/ebpf loads small kprobe
+			// programs to test the kernel) are loads too, and reported.
+			var got, all []ebpfmon.Event
+			for _, e := range before {
+				if e.TGID != atk.PID {
+					continue
+				}
+				all = append(all, e)
+				if e.Arg == uint64(tc.typ) {
+					got = append(got, e)
+				}
+			}
+			if len(got) != 1 {
+				t.Fatalf("the attacker loaded a %v program reading user memory: %d events of its type, want one bpf_prog_load; all of its events: %v", tc.typ, len(got), all)
+			}
+			e := got[0]
+			if e.Technique != ebpfmon.BPFProgLoad || e.Severity != ebpfmon.Warning || e.Arg != uint64(tc.typ) || e.Result < 0 {
+				t.Errorf("event %s (arg %d, result %d), want a warning bpf_prog_load of type %d that succeeded", e, e.Arg, e.Result, tc.typ)
+			}
+			t.Logf("%s", e)
+		})
 	}
 }
 

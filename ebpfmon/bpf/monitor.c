@@ -277,32 +277,21 @@ struct {
 	__type(value, __u32);
 } own SEC(".maps");
 
-// prog_load_exit reports a BPF program of a tracing type that another
-// process loaded: once attached it runs in whichever task reaches its hook,
-// a key holder included, and may read that task's memory
-// (bpf_probe_read_user) from inside the kernel, by no route the rest of the
-// monitor sees. Its type is read from the loaded program, not the caller's
-// bpf_attr.
+// prog_load_exit reports a BPF program that another process loaded: once
+// attached it runs in whichever task reaches its hook, a key holder
+// included, and may read that task's memory (bpf_probe_read_user) from
+// inside the kernel, by no route the rest of the monitor sees. Every type
+// can: the kernel gives bpf_probe_read_user to all of them when the loader
+// has CAP_PERFMON (bpf_base_func_proto; a socket filter and a cgroup_skb
+// program using it load on 6.18), and a cgroup_skb egress program on the
+// key holder's cgroup runs in the key holder's context at each send. Its
+// type is read from the loaded program, not the caller's bpf_attr.
 static __always_inline int prog_load_exit(struct bpf_prog *prog, long ret, __s32 nr, int compat)
 {
-	__u32 type = BPF_CORE_READ(prog, type);
-	switch (type) {
-	case BPF_PROG_TYPE_KPROBE:
-	case BPF_PROG_TYPE_TRACEPOINT:
-	case BPF_PROG_TYPE_PERF_EVENT:
-	case BPF_PROG_TYPE_RAW_TRACEPOINT:
-	case BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE:
-	case BPF_PROG_TYPE_TRACING:
-	case BPF_PROG_TYPE_LSM:
-	case BPF_PROG_TYPE_EXT:
-		break;
-	default:
-		return 0;
-	}
 	struct scratch *s = new_event(T_BPF_PROG_LOAD, nr);
 	if (!s)
 		return 0;
-	s->e.arg = type;
+	s->e.arg = BPF_CORE_READ(prog, type);
 	s->e.result = ret;
 	if (compat)
 		s->e.flags |= F_COMPAT;
