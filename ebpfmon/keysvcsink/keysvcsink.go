@@ -72,10 +72,14 @@ type Poster interface {
 
 // Sink queues events and posts them in batches of at most keysvc.MaxEvents.
 // Write never blocks: when the queue is full the event is counted in
-// Dropped, so a slow key service cannot stall the monitor.
+// Dropped, so a slow key service cannot stall the monitor. Critical events
+// have a queue of their own, posted first, so that a flood of warnings
+// (which anyone can raise) cannot crowd out the alert it was raised to
+// hide.
 type Sink struct {
 	p       Poster
 	q       chan api.Event
+	crit    chan api.Event
 	dropped atomic.Uint64
 	failed  atomic.Uint64
 	done    chan struct{}
@@ -88,15 +92,19 @@ func New(p Poster, queue int) *Sink {
 	if queue <= 0 {
 		queue = 1024
 	}
-	s := &Sink{p: p, q: make(chan api.Event, queue), done: make(chan struct{}), timeout: 10 * time.Second}
+	s := &Sink{p: p, q: make(chan api.Event, queue), crit: make(chan api.Event, queue), done: make(chan struct{}), timeout: 10 * time.Second}
 	s.wg.Add(1)
 	go s.run()
 	return s
 }
 
 func (s *Sink) Write(e ebpfmon.Event) error {
+	q := s.q
+	if e.Severity == ebpfmon.Critical {
+		q = s.crit
+	}
 	select {
-	case s.q <- Convert(e):
+	case q <- Convert(e):
 		return nil
 	default:
 		s.dropped.Add(1)
@@ -114,37 +122,40 @@ func (s *Sink) run() {
 	for {
 		var batch []api.Event
 		select {
+		case e := <-s.crit:
+			batch = append(batch, e)
 		case e := <-s.q:
 			batch = append(batch, e)
 		case <-s.done:
-			// Flush what is queued, then stop.
+			// Flush what is queued, critical events first, then stop.
 			for {
-				select {
-				case e := <-s.q:
-					batch = append(batch, e)
-					if len(batch) == api.MaxEvents {
-						s.post(batch)
-						batch = nil
-					}
-				default:
-					if len(batch) > 0 {
-						s.post(batch)
-					}
+				batch = s.fill(batch)
+				if len(batch) == 0 {
 					return
 				}
+				s.post(batch)
+				batch = nil
 			}
 		}
-	fill:
+		s.post(s.fill(batch))
+	}
+}
+
+// fill adds queued events to batch up to api.MaxEvents, critical ones
+// first.
+func (s *Sink) fill(batch []api.Event) []api.Event {
+	for _, q := range []chan api.Event{s.crit, s.q} {
+	more:
 		for len(batch) < api.MaxEvents {
 			select {
-			case e := <-s.q:
+			case e := <-q:
 				batch = append(batch, e)
 			default:
-				break fill
+				break more
 			}
 		}
-		s.post(batch)
 	}
+	return batch
 }
 
 func (s *Sink) post(batch []api.Event) {

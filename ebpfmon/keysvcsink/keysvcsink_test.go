@@ -138,3 +138,49 @@ func TestSinkFullQueueDrops(t *testing.T) {
 	close(p.release)
 	s.Close()
 }
+
+// stalledPoster takes no batch until release is closed, the way a slow or
+// flooded key service answers, then records what it is given.
+type stalledPoster struct {
+	release chan struct{}
+	mu      sync.Mutex
+	got     []api.Event
+}
+
+func (p *stalledPoster) PostEvents(ctx context.Context, evs []api.Event) error {
+	<-p.release
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.got = append(p.got, evs...)
+	return nil
+}
+
+// TestFloodKeepsCritical: a flood of warnings (which anyone can raise: the
+// monitor reports a perf_event_open on the key holder whatever it returns)
+// fills the queue while the key service is slow; a critical alert written
+// then must still reach the key service, where the operator looks, and
+// not be the one dropped. Warnings may be.
+func TestFloodKeepsCritical(t *testing.T) {
+	p := &stalledPoster{release: make(chan struct{})}
+	s := keysvcsink.New(p, 16)
+	for i := range 200 {
+		s.Write(ebpfmon.Event{Technique: ebpfmon.PerfEventOpen, Severity: ebpfmon.Warning, TGID: 1000 + i})
+	}
+	if err := s.Write(ebpfmon.Event{Technique: ebpfmon.ProcMem, Severity: ebpfmon.Critical, TGID: 7}); err != nil {
+		t.Errorf("the critical alert was refused: %v", err)
+	}
+	close(p.release)
+	s.Close()
+	n := 0
+	for _, e := range p.got {
+		if e.Severity == "critical" && e.PID == 7 {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("the critical alert reached the key service %d times after a flood of warnings (%d events posted, %d dropped), want once", n, len(p.got), s.Dropped())
+	}
+	if s.Dropped() == 0 {
+		t.Errorf("no warning dropped: the queue of 16 never filled, so the test shows nothing")
+	}
+}
