@@ -130,6 +130,8 @@ type attackResult struct {
 	Err   string
 	// ReadNonzero: the attacker said "read N nonzero true" (readvSwapped).
 	ReadNonzero bool
+	// BSS: the IDs of the maps named .bss the attacker said it took (grabBSS).
+	BSS []uint64
 }
 
 // runAttack runs the attacker with technique against the victim.
@@ -153,6 +155,9 @@ func runAttack(t testing.TB, technique string, args ...string) attackResult {
 			r.Err = f[1]
 		case "read":
 			r.ReadNonzero = strings.HasSuffix(f[1], "nonzero true")
+		case "bss":
+			id, _ := strconv.ParseUint(f[1], 10, 64)
+			r.BSS = append(r.BSS, id)
 		}
 	}
 	if r.PID == 0 || r.Start == 0 {
@@ -276,6 +281,8 @@ func attack(args []string) int {
 	case "vm_readv_swapped":
 		other, _ := strconv.ParseUint(args[3], 0, 64)
 		err = readvSwapped(pid, addr, other, start)
+	case "grab_bss":
+		err = grabBSS(start)
 	case "grab_new_prot":
 		err = grabNewProt()
 	case "bpf_prog_load":

@@ -328,6 +328,19 @@ func (m *Monitor) registerOwn() error {
 						return err
 					}
 				}
+				// Every map the program uses, the ones that hold its
+				// global variables (.bss: inflight, which the exit
+				// programs read first) among them: the loader names
+				// those nowhere else.
+				ids, ok := info.MapIDs()
+				if !ok {
+					return fmt.Errorf("read the maps of the monitor's program %s: this kernel does not say (Linux 4.15+)", info.Name)
+				}
+				for _, id := range ids {
+					if err := put(bpfMapGetFDByID, uint32(id)); err != nil {
+						return err
+					}
+				}
 			}
 		}
 	}

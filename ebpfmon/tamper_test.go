@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -263,4 +264,61 @@ func TestStartRaceFlagged(t *testing.T) {
 	// The descriptor was taken after Start recorded the IDs: an event.
 	e := waitEvent(t, m, cmd.Process.Pid, func(e ebpfmon.Event) bool { return e.Technique == ebpfmon.BPFFD })
 	t.Logf("%s", e)
+}
+
+// grabBSS takes, and closes at once, a descriptor of every map (a name
+// takes a descriptor to read) and says "bss ID" for those named .bss:
+// the monitor's holds `inflight`, which its syscall exit programs read
+// first (zero: nothing to send), so writing 0 there while an attempt is
+// in flight hides it, and a read of the key stalled with userfaultfd stays
+// in flight for as long as the attacker likes.
+func grabBSS(start func()) error {
+	start()
+	var id ebpf.MapID
+	n := 0
+	for {
+		next, err := ebpf.MapGetNextID(id)
+		if err != nil {
+			break
+		}
+		id = next
+		m, err := ebpf.NewMapFromID(id)
+		if err != nil {
+			continue
+		}
+		if info, err := m.Info(); err == nil && strings.HasSuffix(info.Name, ".bss") {
+			fmt.Printf("bss %d\n", id)
+			n++
+		}
+		m.Close()
+	}
+	if n == 0 {
+		return fmt.Errorf("no .bss map")
+	}
+	return nil
+}
+
+// TestGlobalsMapFlagged: the monitor's global variables live in maps of
+// their own (.bss, .rodata), which the loader does not name among the
+// monitor's maps; a descriptor of them is reported like one of prot.
+func TestGlobalsMapFlagged(t *testing.T) {
+	m := startMonitor(t, ebpfmon.Config{DetectOnly: true})
+	atk := runAttack(t, "grab_bss", "0")
+	if atk.Err != "" {
+		t.Fatalf("attacker: %s", atk.Err)
+	}
+	before, _ := eventsUntil(t, m, runAttack(t, "vm_readv", strconv.Itoa(os.Getpid()), "0x1000").PID)
+	if len(atk.BSS) == 0 {
+		t.Fatal("the attacker found no .bss map")
+	}
+	n := 0
+	for _, e := range before {
+		if e.TGID == atk.PID && e.Technique == ebpfmon.BPFFD && slices.Contains(atk.BSS, e.Arg&0xffffffff) {
+			n++
+			t.Logf("%s", e)
+		}
+	}
+	if n != 1 {
+		t.Fatalf("the attacker took descriptors of the .bss maps %v, among them the monitor's (its inflight counter): %d events for them, want one", atk.BSS, n)
+	}
 }
