@@ -158,11 +158,45 @@ func (s *Sink) fill(batch []api.Event) []api.Event {
 	return batch
 }
 
+// A batch the key service refuses (or that does not reach it) is let go
+// for its warnings and below; its critical alerts are sent again, up to
+// criticalRetries times, with pauses from retryPause doubling (3.75 s in
+// all), in which the service's per-VM rate limit refills: a flood's own
+// batches may have spent it just before the alert came. All the tries of
+// one batch share its timeout, so that a key service that does not answer
+// holds the sink (and a lock's last flush) no longer than before.
+const (
+	criticalRetries = 4
+	retryPause      = 250 * time.Millisecond
+)
+
 func (s *Sink) post(batch []api.Event) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
 	defer cancel()
-	if err := s.p.PostEvents(ctx, batch); err != nil {
-		s.failed.Add(uint64(len(batch)))
+	pause := retryPause
+	for try := 0; ; try++ {
+		if s.p.PostEvents(ctx, batch) == nil {
+			return
+		}
+		var crit []api.Event
+		for _, e := range batch {
+			if e.Severity == string(ebpfmon.Critical) {
+				crit = append(crit, e)
+			}
+		}
+		s.failed.Add(uint64(len(batch) - len(crit)))
+		if len(crit) == 0 || try == criticalRetries {
+			s.failed.Add(uint64(len(crit)))
+			return
+		}
+		batch = crit
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
+			s.failed.Add(uint64(len(crit)))
+			return
+		}
+		pause *= 2
 	}
 }
 
