@@ -282,15 +282,15 @@ func attack(args []string) int {
 		other, _ := strconv.ParseUint(args[3], 0, 64)
 		err = readvSwapped(pid, addr, other, start)
 	case "grab_bss":
-		err = grabBSS(start)
+		err = grabBSS(pid, start)
 	case "grab_new_prot":
-		err = grabNewProt()
+		err = grabNewProt(pid)
 	case "bpf_prog_load":
 		err = loadProgram(ebpf.TracePoint, 0, start)
 	case "bpf_prog_load_cgroup_skb":
 		err = loadProgram(ebpf.CGroupSKB, ebpf.AttachCGroupInetEgress, start)
 	case "blind_monitor":
-		err = blindMonitor(pid, addr, start)
+		err = blindMonitor(tid, pid, addr, start) // the fourth argument: the monitor's pid
 	case "vm_readv_lazy":
 		err = readvLazy(pid, addr, start)
 	case "environ":

@@ -25,25 +25,20 @@ import (
 // delete name prot key ...` does), deletes the victim's entry, so that no
 // program of the monitor recognises the victim any more, and reads the key.
 // It reports as the other attacks do (helpers_test.go): "start" before the
-// first descriptor it takes.
-func blindMonitor(pid int, addr uint64, start func()) error {
+// first descriptor it takes. It looks among the maps of process monitor
+// only (mapIDsOf).
+func blindMonitor(monitor, pid int, addr uint64, start func()) error {
 	key := uint32(pid)
 	start()
-	var id ebpf.MapID
-	for done := false; !done; {
-		next, err := ebpf.MapGetNextID(id)
-		if err != nil {
-			return fmt.Errorf("no monitor map protects pid %d: %v", pid, err)
-		}
-		id = next
+	done := false
+	for _, id := range mapIDsOf(monitor) {
 		m, err := ebpf.NewMapFromID(id)
 		if err != nil {
-			continue // gone meanwhile
+			continue
 		}
 		info, err := m.Info()
 		if err == nil && info.Name == "prot" && m.KeySize() == 4 {
 			buf := make([]byte, m.ValueSize())
-			// Other monitors' maps (tests run side by side) lack the key.
 			if m.Lookup(&key, &buf) == nil {
 				if err := m.Delete(&key); err != nil {
 					m.Close()
@@ -53,6 +48,12 @@ func blindMonitor(pid int, addr uint64, start func()) error {
 			}
 		}
 		m.Close()
+		if done {
+			break
+		}
+	}
+	if !done {
+		return fmt.Errorf("no map of pid %d protects pid %d", monitor, pid)
 	}
 	// Blind: the read of the key that follows raises nothing now.
 	b := make([]byte, 64)
@@ -74,7 +75,7 @@ func TestMapTamperingFlagged(t *testing.T) {
 	if err := m.Protect(v.PID, []ebpfmon.Range{v.Key}); err != nil {
 		t.Fatal(err)
 	}
-	atk := runAttack(t, "blind_monitor", strconv.Itoa(v.PID), fmt.Sprintf("%#x", v.Key.Start))
+	atk := runAttack(t, "blind_monitor", strconv.Itoa(v.PID), fmt.Sprintf("%#x", v.Key.Start), strconv.Itoa(os.Getpid()))
 	if atk.Err != "" {
 		t.Fatalf("the attacker could not carry out the attack: %s", atk.Err)
 	}
@@ -178,37 +179,67 @@ func TestProgramLoadFlagged(t *testing.T) {
 	}
 }
 
-// grabNewProt is the attacker's side of TestStartRaceFlagged: it notes the
-// highest map ID there is, says "ready", then takes a descriptor of the
-// first map named prot that appears after it (the next monitor's, as it
-// loads) and holds it until stdin closes, saying "grabbed ID".
-func grabNewProt() error {
-	var last ebpf.MapID
-	for {
-		next, err := ebpf.MapGetNextID(last)
-		if err != nil {
-			break
+// bpfIDsOf lists the IDs of the BPF objects of kind ("map", "prog") that
+// process pid holds descriptors of, from its fdinfo. The attackers here
+// take descriptors of the test process's objects only, found this way, so
+// as not to set off the monitors that other tests (other packages' too)
+// run beside these.
+func bpfIDsOf(pid int, kind string) []uint32 {
+	var out []uint32
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	fds, _ := os.ReadDir(dir)
+	for _, fd := range fds {
+		if l, _ := os.Readlink(dir + "/" + fd.Name()); l != "anon_inode:bpf-"+kind {
+			continue
 		}
-		last = next
+		info, _ := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd.Name()))
+		for _, line := range strings.Split(string(info), "\n") {
+			if v, ok := strings.CutPrefix(line, kind+"_id:\t"); ok {
+				id, _ := strconv.ParseUint(v, 10, 32)
+				out = append(out, uint32(id))
+			}
+		}
+	}
+	return out
+}
+
+// mapIDsOf lists the IDs of the maps process pid holds.
+func mapIDsOf(pid int) []ebpf.MapID {
+	var out []ebpf.MapID
+	for _, id := range bpfIDsOf(pid, "map") {
+		out = append(out, ebpf.MapID(id))
+	}
+	return out
+}
+
+// grabNewProt is the attacker's side of TestStartRaceFlagged: it watches
+// the BPF maps process pid holds, says "ready", and takes a descriptor of
+// the first one named prot that appears (the monitor's, as it loads),
+// saying "grabbed ID", and holds it until stdin closes.
+func grabNewProt(pid int) error {
+	seen := map[ebpf.MapID]bool{}
+	for _, id := range mapIDsOf(pid) {
+		seen[id] = true // maps of earlier tests, not the next monitor's
 	}
 	fmt.Println("ready")
 	for {
-		next, err := ebpf.MapGetNextID(last)
-		if err != nil {
-			continue // nothing new yet
-		}
-		last = next
-		m, err := ebpf.NewMapFromID(next)
-		if err != nil {
-			continue
-		}
-		if info, err := m.Info(); err == nil && info.Name == "prot" {
-			fmt.Printf("grabbed %d\n", next)
-			io.Copy(io.Discard, os.Stdin)
+		for _, id := range mapIDsOf(pid) {
+			if seen[id] {
+				continue
+			}
+			seen[id] = true
+			m, err := ebpf.NewMapFromID(id)
+			if err != nil {
+				continue
+			}
+			if info, err := m.Info(); err == nil && info.Name == "prot" {
+				fmt.Printf("grabbed %d\n", id)
+				io.Copy(io.Discard, os.Stdin)
+				m.Close()
+				return nil
+			}
 			m.Close()
-			return nil
 		}
-		m.Close()
 	}
 }
 
@@ -221,7 +252,7 @@ func grabNewProt() error {
 // refuses to start (naming the holder) when there is one.
 func TestStartRaceFlagged(t *testing.T) {
 	testutil.Root(t)
-	cmd := exec.Command(os.Args[0], "grab_new_prot", "0")
+	cmd := exec.Command(os.Args[0], "grab_new_prot", strconv.Itoa(os.Getpid()))
 	cmd.Env = append(os.Environ(), roleEnv+"=attacker")
 	in, err := cmd.StdinPipe()
 	if err != nil {
@@ -266,22 +297,32 @@ func TestStartRaceFlagged(t *testing.T) {
 	t.Logf("%s", e)
 }
 
-// grabBSS takes, and closes at once, a descriptor of every map (a name
-// takes a descriptor to read) and says "bss ID" for those named .bss:
+// grabBSS takes, and closes at once, a descriptor of every map process
+// monitor holds (a name takes a descriptor to read) and says "bss ID" for
+// those named .bss:
 // the monitor's holds `inflight`, which its syscall exit programs read
 // first (zero: nothing to send), so writing 0 there while an attempt is
 // in flight hides it, and a read of the key stalled with userfaultfd stays
 // in flight for as long as the attacker likes.
-func grabBSS(start func()) error {
+func grabBSS(monitor int, start func()) error {
 	start()
-	var id ebpf.MapID
-	n := 0
-	for {
-		next, err := ebpf.MapGetNextID(id)
+	// The loader keeps no descriptor of .bss: it is found among the maps
+	// of the monitor's programs (a real attacker walks every map ID).
+	ids := mapIDsOf(monitor)
+	for _, pid := range bpfIDsOf(monitor, "prog") {
+		p, err := ebpf.NewProgramFromID(ebpf.ProgramID(pid))
 		if err != nil {
-			break
+			continue
 		}
-		id = next
+		if info, err := p.Info(); err == nil {
+			more, _ := info.MapIDs()
+			ids = append(ids, more...)
+		}
+		p.Close()
+	}
+	slices.Sort(ids)
+	n := 0
+	for _, id := range slices.Compact(ids) {
 		m, err := ebpf.NewMapFromID(id)
 		if err != nil {
 			continue
@@ -303,7 +344,7 @@ func grabBSS(start func()) error {
 // monitor's maps; a descriptor of them is reported like one of prot.
 func TestGlobalsMapFlagged(t *testing.T) {
 	m := startMonitor(t, ebpfmon.Config{DetectOnly: true})
-	atk := runAttack(t, "grab_bss", "0")
+	atk := runAttack(t, "grab_bss", strconv.Itoa(os.Getpid()))
 	if atk.Err != "" {
 		t.Fatalf("attacker: %s", atk.Err)
 	}
