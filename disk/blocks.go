@@ -4,8 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"sync"
-
-	"golang.org/x/sys/unix"
 )
 
 // Blocks is the plaintext view of a volume's data segment for a block
@@ -29,9 +27,8 @@ type Blocks struct {
 	// cipher is never wiped under a request that is still using it.
 	mu     sync.RWMutex
 	closed bool
-	// syncErr is the first failed fdatasync. Linux reports a writeback
-	// error to one fdatasync only; the next would succeed with the data
-	// lost, so every later Sync (a FLUSH the kernel retries) fails too.
+	// syncErr is the first failed fdatasync (syncFailed): every later
+	// Sync (a FLUSH the kernel retries) fails too.
 	syncMu  sync.Mutex
 	syncErr error
 	rmw     sync.Mutex
@@ -160,8 +157,8 @@ func (b *Blocks) Sync() error {
 	if b.syncErr != nil {
 		return b.syncErr
 	}
-	if err := unix.Fdatasync(int(b.f.Fd())); err != nil {
-		b.syncErr = fmt.Errorf("sync image: %w (writes since the last good sync may be lost; the volume must be checked)", err)
+	if err := b.datasync(); err != nil {
+		b.syncErr = syncFailed(err)
 		return b.syncErr
 	}
 	return nil
@@ -179,8 +176,13 @@ func (b *Blocks) close() error {
 	if b.readOnly {
 		return nil
 	}
-	if err := unix.Fdatasync(int(b.f.Fd())); err != nil {
-		return fmt.Errorf("sync image: %w", err)
+	b.syncMu.Lock()
+	defer b.syncMu.Unlock()
+	if b.syncErr != nil {
+		return b.syncErr
+	}
+	if err := b.datasync(); err != nil {
+		return syncFailed(err)
 	}
 	return nil
 }

@@ -55,6 +55,9 @@ type Device struct {
 	free       [][]byte
 	scratch    []byte
 	cut        *writeCut // tests only (export_test.go): a crash after so many sectors
+	// syncErr is the first failed fdatasync (syncFailed): every later
+	// Sync and Close fails with it.
+	syncErr error
 }
 
 // writeCut stops a Device's writes to its file after budget more sectors,
@@ -496,6 +499,9 @@ func (d *Device) Sync() error {
 	if d.readOnly {
 		return nil
 	}
+	if d.syncErr != nil {
+		return d.syncErr
+	}
 	if err := d.flush(); err != nil {
 		return err
 	}
@@ -503,7 +509,8 @@ func (d *Device) Sync() error {
 		return errCut
 	}
 	if err := d.datasync(); err != nil {
-		return fmt.Errorf("sync: %w", err)
+		d.syncErr = syncFailed(err)
+		return d.syncErr
 	}
 	return nil
 }
@@ -516,11 +523,11 @@ func (d *Device) Close() error {
 	if d.closed {
 		return nil
 	}
-	var err error
-	if !d.readOnly {
+	err := d.syncErr
+	if !d.readOnly && err == nil {
 		if err = d.flush(); err == nil {
 			if e := d.datasync(); e != nil {
-				err = fmt.Errorf("sync: %w", e)
+				err = syncFailed(e)
 			}
 		}
 	}

@@ -2,7 +2,6 @@ package disk
 
 import (
 	"fmt"
-	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -127,34 +126,4 @@ func (d *Device) startWriteback(off, n int64) {
 	_ = rc.Control(func(fd uintptr) {
 		_ = unix.SyncFileRange(int(fd), off, n, unix.SYNC_FILE_RANGE_WRITE)
 	})
-}
-
-// datasync is fdatasync(2) of the file: the data written and what reading
-// it back needs (the file's size and block map) are durable when it
-// returns, which is all a crash can test; only the host file's own times
-// are left to the next journal commit. A Device syncs at every epoch of a
-// flush (ext4write.go), each a few sectors after the first, so skipping the
-// host's inode update each time matters to a commit's cost.
-func (d *Device) datasync() error {
-	rc, err := d.f.SyscallConn()
-	if err != nil {
-		return d.f.Sync()
-	}
-	if cerr := rc.Control(func(fd uintptr) {
-		err = ignoringEINTR(func() error { return unix.Fdatasync(int(fd)) })
-	}); cerr != nil {
-		return cerr
-	}
-	if err != nil {
-		return &os.PathError{Op: "fdatasync", Path: d.f.Name(), Err: err}
-	}
-	return nil
-}
-
-func ignoringEINTR(fn func() error) error {
-	for {
-		if err := fn(); err != unix.EINTR {
-			return err
-		}
-	}
 }

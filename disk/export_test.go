@@ -37,3 +37,14 @@ func OnWriteBack(t interface{ Cleanup(func()) }, fn func(pages [][]byte, done bo
 	}
 	t.Cleanup(func() { writeBackHook = nil })
 }
+
+// FailNextSync makes the next fdatasync of d's file (by d, or by the
+// image's Blocks) that succeeds report err instead, as the kernel reports a writeback error to one fdatasync
+// and clears it: the one place a test can produce it without a failing
+// disk (device-mapper's error target is not on every test machine).
+func FailNextSync(d *Device, err error) {
+	f := d.faults
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.next = append(f.next, err)
+}

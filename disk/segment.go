@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/keygate/keygate/disk/xts"
 )
@@ -20,10 +23,19 @@ type segment struct {
 	ss        int
 	tweakStep uint64
 	g         *keyGuard
+	faults    *syncFaults // tests only (export_test.go)
+}
+
+// syncFaults makes fdatasyncs of a segment's file report errors the
+// kernel did not, for tests: a real writeback error (EIO from a failing
+// disk) cannot be produced on a machine without device-mapper.
+type syncFaults struct {
+	mu   sync.Mutex
+	next []error
 }
 
 func newSegment(f *os.File, off int64, ss int, c *xts.Cipher) segment {
-	s := segment{f: f, off: off, ss: ss, tweakStep: uint64(ss / 512)}
+	s := segment{f: f, off: off, ss: ss, tweakStep: uint64(ss / 512), faults: &syncFaults{}}
 	if c != nil {
 		s.g = &keyGuard{c: c}
 	}
@@ -82,6 +94,50 @@ func (s *segment) writeSectors(p []byte, sec int64, scratch []byte, write func([
 		p, sec = p[m:], sec+int64(m/s.ss)
 	}
 	return nil
+}
+
+// datasync is fdatasync(2) of the file: the data written and what reading
+// it back needs (the file's size and block map) are durable when it
+// returns, which is all a crash can test; only the host file's own times
+// are left to the next journal commit. A Device syncs at every epoch of a
+// flush (ext4write.go), each a few sectors after the first, so skipping the
+// host's inode update each time matters to a commit's cost.
+func (s *segment) datasync() error {
+	rc, err := s.f.SyscallConn()
+	if err != nil {
+		return s.f.Sync()
+	}
+	if cerr := rc.Control(func(fd uintptr) {
+		err = ignoringEINTR(func() error { return unix.Fdatasync(int(fd)) })
+	}); cerr != nil {
+		return cerr
+	}
+	s.faults.mu.Lock()
+	if len(s.faults.next) > 0 && err == nil {
+		err, s.faults.next = s.faults.next[0], s.faults.next[1:]
+	}
+	s.faults.mu.Unlock()
+	if err != nil {
+		return &os.PathError{Op: "fdatasync", Path: s.f.Name(), Err: err}
+	}
+	return nil
+}
+
+// syncFailed is the error of a failed fdatasync, which every later sync
+// of the image returns too. Linux reports a writeback error to one
+// fdatasync only and marks the pages it could not write clean, so the next
+// fdatasync would succeed with those writes lost; a database that retries
+// its commit's fsync must not be told the retry made it durable.
+func syncFailed(err error) error {
+	return fmt.Errorf("sync image: %w (writes since the last good sync may be lost: stop, then check the volume with e2fsck before using it again)", err)
+}
+
+func ignoringEINTR(fn func() error) error {
+	for {
+		if err := fn(); err != unix.EINTR {
+			return err
+		}
+	}
 }
 
 // pwrite is os.File.WriteAt as writeSectors takes it.

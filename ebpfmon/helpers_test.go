@@ -16,6 +16,7 @@ import (
 	"unsafe"
 
 	"github.com/awnumar/memguard"
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/keygate/keygate/ebpfmon"
@@ -127,6 +128,10 @@ type attackResult struct {
 	PID   int
 	Start uint64
 	Err   string
+	// ReadNonzero: the attacker said "read N nonzero true" (readvSwapped).
+	ReadNonzero bool
+	// BSS: the IDs of the maps named .bss the attacker said it took (grabBSS).
+	BSS []uint64
 }
 
 // runAttack runs the attacker with technique against the victim.
@@ -148,6 +153,11 @@ func runAttack(t testing.TB, technique string, args ...string) attackResult {
 			r.Start, _ = strconv.ParseUint(f[1], 10, 64)
 		case "err":
 			r.Err = f[1]
+		case "read":
+			r.ReadNonzero = strings.HasSuffix(f[1], "nonzero true")
+		case "bss":
+			id, _ := strconv.ParseUint(f[1], 10, 64)
+			r.BSS = append(r.BSS, id)
 		}
 	}
 	if r.PID == 0 || r.Start == 0 {
@@ -186,6 +196,16 @@ func attack(args []string) int {
 	case "vm_readv":
 		start()
 		_, err = unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &buf[0], Len: 64}},
+			[]unix.RemoteIovec{{Base: uintptr(addr), Len: 64}}, 0)
+	case "vm_readv_fault":
+		// The local buffer cannot be written: the kernel fails the call (EFAULT)
+		// before it reads anything.
+		var none []byte
+		if none, err = unix.Mmap(-1, 0, os.Getpagesize(), unix.PROT_NONE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS); err != nil {
+			break
+		}
+		start()
+		_, err = unix.ProcessVMReadv(pid, []unix.Iovec{{Base: &none[0], Len: 64}},
 			[]unix.RemoteIovec{{Base: uintptr(addr), Len: 64}}, 0)
 	case "vm_writev":
 		start()
@@ -258,6 +278,19 @@ func attack(args []string) int {
 		err = perfWide(false, start)
 	case "perf_cgroup":
 		err = perfWide(true, start)
+	case "vm_readv_swapped":
+		other, _ := strconv.ParseUint(args[3], 0, 64)
+		err = readvSwapped(pid, addr, other, start)
+	case "grab_bss":
+		err = grabBSS(pid, start)
+	case "grab_new_prot":
+		err = grabNewProt(pid)
+	case "bpf_prog_load":
+		err = loadProgram(ebpf.TracePoint, 0, start)
+	case "bpf_prog_load_cgroup_skb":
+		err = loadProgram(ebpf.CGroupSKB, ebpf.AttachCGroupInetEgress, start)
+	case "blind_monitor":
+		err = blindMonitor(tid, pid, addr, start) // the fourth argument: the monitor's pid
 	case "vm_readv_lazy":
 		err = readvLazy(pid, addr, start)
 	case "environ":

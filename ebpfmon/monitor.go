@@ -7,6 +7,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"reflect"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -88,6 +89,8 @@ type Monitor struct {
 	readErrs   atomic.Uint64
 	decodeErrs atomic.Uint64
 	err        atomic.Pointer[error] // why the reader stopped, if it failed
+	lastDrops  uint64                // the kernel's drop count at the last EventsLost (the reader's own)
+	ownLines   map[string]bool       // fdinfo lines naming the monitor's own objects (holders.go)
 
 	mu        sync.Mutex
 	protected map[int]bool
@@ -194,6 +197,14 @@ func Start(ctx context.Context, cfg Config) (*Monitor, error) {
 		m.Close()
 		return nil, err
 	}
+	if err := m.registerOwn(); err != nil {
+		m.Close()
+		return nil, err
+	}
+	if err := m.checkHolders(cfg.Allow); err != nil {
+		m.Close()
+		return nil, err
+	}
 	if err := m.protectSelf(cfg.Self); err != nil {
 		m.Close()
 		return nil, err
@@ -250,6 +261,7 @@ func (m *Monitor) attach(lsm bool) error {
 		{"syscalls", "sys_exit_pidfd_getfd", m.objs.PidfdGetfdExit, false, true},
 		{"syscalls", "sys_enter_perf_event_open", m.objs.PerfEnter, false, true},
 		{"syscalls", "sys_exit_perf_event_open", m.objs.PerfExit, false, true},
+		{"syscalls", "sys_exit_bpf", m.objs.BpfExit, false, true},
 		{"task", "task_newtask", m.objs.Newtask, false, false},
 		{"sched", "sched_process_exit", m.objs.TaskExit, false, false},
 	}
@@ -270,6 +282,76 @@ func (m *Monitor) attach(lsm bool) error {
 				Feature: "syscall tracepoints", Reason: err.Error() + " (the kernel needs CONFIG_FTRACE_SYSCALLS and tracefs)"})
 		}
 		m.links = append(m.links, l)
+	}
+	return nil
+}
+
+// registerOwn records the IDs of the monitor's maps, programs and links in
+// the own map, so that another process taking a descriptor of one by ID
+// (which is how root would edit prot and blind the monitor without
+// stopping it) is reported (bpf_fd).
+func (m *Monitor) registerOwn() error {
+	pid := uint32(os.Getpid())
+	m.ownLines = map[string]bool{}
+	put := func(cmd uint64, id uint32) error {
+		if err := m.objs.Own.Put(cmd<<32|uint64(id), pid); err != nil {
+			return fmt.Errorf("record the monitor's BPF object %d: %v", id, err)
+		}
+		m.ownLines[ownFdinfo(cmd, id)] = true
+		return nil
+	}
+	sets := []any{&m.objs.monitorMaps, &m.objs.monitorPrograms}
+	if m.enforce != nil {
+		sets = append(sets, &m.enforce.enforceMaps, &m.enforce.enforcePrograms)
+	}
+	for _, set := range sets {
+		v := reflect.ValueOf(set).Elem()
+		for i := range v.NumField() {
+			switch o := v.Field(i).Interface().(type) {
+			case *ebpf.Map:
+				info, err := o.Info()
+				if err != nil {
+					return fmt.Errorf("read the ID of the monitor's map: %v", err)
+				}
+				if id, ok := info.ID(); ok {
+					if err := put(bpfMapGetFDByID, uint32(id)); err != nil {
+						return err
+					}
+				}
+			case *ebpf.Program:
+				info, err := o.Info()
+				if err != nil {
+					return fmt.Errorf("read the ID of the monitor's program: %v", err)
+				}
+				if id, ok := info.ID(); ok {
+					if err := put(bpfProgGetFDByID, uint32(id)); err != nil {
+						return err
+					}
+				}
+				// Every map the program uses, the ones that hold its
+				// global variables (.bss: inflight, which the exit
+				// programs read first) among them: the loader names
+				// those nowhere else.
+				ids, ok := info.MapIDs()
+				if !ok {
+					return fmt.Errorf("read the maps of the monitor's program %s: this kernel does not say (Linux 4.15+)", info.Name)
+				}
+				for _, id := range ids {
+					if err := put(bpfMapGetFDByID, uint32(id)); err != nil {
+						return err
+					}
+				}
+			}
+		}
+	}
+	for _, l := range m.links {
+		// A link attached without bpf_link (old kernels) has no ID, and
+		// nothing to take a descriptor of.
+		if info, err := l.Info(); err == nil {
+			if err := put(bpfLinkGetFDByID, uint32(info.ID)); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

@@ -67,10 +67,12 @@ const (
 	monitorMapAllow            = "allow"
 	monitorMapDrops            = "drops"
 	monitorMapEvents           = "events"
+	monitorMapOwn              = "own"
 	monitorMapPending          = "pending"
 	monitorMapProt             = "prot"
 	monitorMapScratch          = "scratch"
 	monitorMapTargets          = "targets"
+	monitorProgBpfExit         = "bpf_exit"
 	monitorProgCompatExit      = "compat_exit"
 	monitorProgCreatExit       = "creat_exit"
 	monitorProgNewtask         = "newtask"
@@ -136,6 +138,7 @@ type monitorSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type monitorProgramSpecs struct {
+	BpfExit         *ebpf.ProgramSpec `ebpf:"bpf_exit"`
 	CompatExit      *ebpf.ProgramSpec `ebpf:"compat_exit"`
 	CreatExit       *ebpf.ProgramSpec `ebpf:"creat_exit"`
 	Newtask         *ebpf.ProgramSpec `ebpf:"newtask"`
@@ -163,6 +166,7 @@ type monitorMapSpecs struct {
 	Allow   *ebpf.MapSpec `ebpf:"allow"`
 	Drops   *ebpf.MapSpec `ebpf:"drops"`
 	Events  *ebpf.MapSpec `ebpf:"events"`
+	Own     *ebpf.MapSpec `ebpf:"own"`
 	Pending *ebpf.MapSpec `ebpf:"pending"`
 	Prot    *ebpf.MapSpec `ebpf:"prot"`
 	Scratch *ebpf.MapSpec `ebpf:"scratch"`
@@ -201,6 +205,7 @@ type monitorMaps struct {
 	Allow   *ebpf.Map `ebpf:"allow"`
 	Drops   *ebpf.Map `ebpf:"drops"`
 	Events  *ebpf.Map `ebpf:"events"`
+	Own     *ebpf.Map `ebpf:"own"`
 	Pending *ebpf.Map `ebpf:"pending"`
 	Prot    *ebpf.Map `ebpf:"prot"`
 	Scratch *ebpf.Map `ebpf:"scratch"`
@@ -212,6 +217,7 @@ func (m *monitorMaps) Close() error {
 		m.Allow,
 		m.Drops,
 		m.Events,
+		m.Own,
 		m.Pending,
 		m.Prot,
 		m.Scratch,
@@ -232,6 +238,7 @@ type monitorVariables struct {
 //
 // It can be passed to loadMonitorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type monitorPrograms struct {
+	BpfExit         *ebpf.Program `ebpf:"bpf_exit"`
 	CompatExit      *ebpf.Program `ebpf:"compat_exit"`
 	CreatExit       *ebpf.Program `ebpf:"creat_exit"`
 	Newtask         *ebpf.Program `ebpf:"newtask"`
@@ -254,6 +261,7 @@ type monitorPrograms struct {
 
 func (p *monitorPrograms) Close() error {
 	return _MonitorClose(
+		p.BpfExit,
 		p.CompatExit,
 		p.CreatExit,
 		p.Newtask,

@@ -43,9 +43,13 @@ func TestTechniques(t *testing.T) {
 		scope     string // perf_event_open without a target
 	}{
 		{name: "process_vm_readv over the key", args: []string{"vm_readv", pid, key}, technique: ebpfmon.ProcessVMReadv, severity: ebpfmon.Critical, overlap: true},
-		{name: "process_vm_readv elsewhere", args: []string{"vm_readv", pid, other}, technique: ebpfmon.ProcessVMReadv, severity: ebpfmon.Warning},
+		// Detect mode: a read that succeeds is critical whatever its ranges
+		// (TestReadvSwappedMidCall); the victim is dumpable and the attacker
+		// root, so it succeeds. One that fails is judged by its ranges.
+		{name: "process_vm_readv elsewhere", args: []string{"vm_readv", pid, other}, technique: ebpfmon.ProcessVMReadv, severity: ebpfmon.Critical},
+		{name: "process_vm_readv elsewhere, failing", args: []string{"vm_readv_fault", pid, other}, technique: ebpfmon.ProcessVMReadv, severity: ebpfmon.Warning, wantErr: true},
 		{name: "process_vm_readv through a thread id", args: []string{"vm_readv", strconv.Itoa(tid), key}, technique: ebpfmon.ProcessVMReadv, severity: ebpfmon.Critical, overlap: true, target: tid},
-		{name: "process_vm_writev", args: []string{"vm_writev", pid, other}, technique: ebpfmon.ProcessVMWritev, severity: ebpfmon.Warning},
+		{name: "process_vm_writev", args: []string{"vm_writev", pid, other}, technique: ebpfmon.ProcessVMWritev, severity: ebpfmon.Critical},
 		{name: "ptrace attach", args: []string{"ptrace_attach", pid}, technique: ebpfmon.PtraceAttach, severity: ebpfmon.Critical},
 		{name: "ptrace seize", args: []string{"ptrace_seize", pid}, technique: ebpfmon.PtraceSeize, severity: ebpfmon.Critical},
 		{name: "ptrace peek at the key", args: []string{"ptrace_peek", pid, key}, technique: ebpfmon.PtracePeek, severity: ebpfmon.Critical, overlap: true},

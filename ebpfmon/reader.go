@@ -128,6 +128,9 @@ func (m *Monitor) readLoop(rd recordReader) error {
 			continue
 		}
 		readFails, pause = 0, readBackoff
+		if e, ok := m.lostEvent(); ok && !m.deliver(e) {
+			return nil
+		}
 		raw, err := decodeRecord(rec.RawSample)
 		if err != nil {
 			m.decodeErrs.Add(1)
@@ -138,18 +141,57 @@ func (m *Monitor) readLoop(rd recordReader) error {
 		}
 		decodeFails = 0
 		e := toEvent(raw, m.bootTime, m.mode)
-		if c := m.counts[countKey{e.Technique, e.Severity}]; c != nil {
-			c.Add(1)
-		}
-		if !e.Severity.AtLeast(m.minSev) {
-			continue
-		}
-		e.ReceivedNS = MonotonicNow()
-		e.Exe = exePath(e.TGID, e.Exe)
-		select {
-		case m.events <- e:
-		case <-m.done:
+		if !m.deliver(e) {
 			return nil
 		}
 	}
+}
+
+// deliver counts e and hands it to Events if it is at or above the minimum
+// severity; false means the monitor is closing.
+func (m *Monitor) deliver(e Event) bool {
+	if c := m.counts[countKey{e.Technique, e.Severity}]; c != nil {
+		c.Add(1)
+	}
+	if !e.Severity.AtLeast(m.minSev) {
+		return true
+	}
+	e.ReceivedNS = MonotonicNow()
+	if e.TGID != 0 {
+		e.Exe = exePath(e.TGID, e.Exe)
+	}
+	select {
+	case m.events <- e:
+		return true
+	case <-m.done:
+		return false
+	}
+}
+
+// lostEvent reads the kernel's drop counter and, when it grew since the
+// last look, returns a critical EventsLost event saying by how much. The
+// kernel drops only while the ring buffer is full, so the records read
+// after a drop are enough to notice it: it is checked after every read.
+// A drop is reported as critical because the dropped event may have been
+// one (a flood of harmless attempts is how an attacker would hide a read
+// of the key pages), so --on-alert lock and the key service act on it.
+func (m *Monitor) lostEvent() (Event, bool) {
+	if m.objs.Drops == nil {
+		return Event{}, false
+	}
+	var per []uint64
+	if err := m.objs.Drops.Lookup(uint32(0), &per); err != nil {
+		return Event{}, false // Stats reports the failure
+	}
+	var n uint64
+	for _, v := range per {
+		n += v
+	}
+	if n <= m.lastDrops {
+		return Event{}, false
+	}
+	e := Event{Time: time.Now(), KernelNS: MonotonicNow(), Technique: EventsLost, Mode: m.mode, Arg: n - m.lastDrops}
+	e.Severity = severityOf(e)
+	m.lastDrops = n
+	return e, true
 }

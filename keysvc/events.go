@@ -22,7 +22,8 @@ import (
 var metricKinds = map[string]bool{api.KindHeartbeat: true,
 	"process_vm_readv": true, "process_vm_writev": true, "ptrace_attach": true, "ptrace_seize": true,
 	"ptrace_peek": true, "ptrace_poke": true, "proc_mem": true, "proc_environ": true, "proc_maps": true,
-	"pidfd_getfd": true, "perf_event_open": true, "kcore": true, "dev_mem": true}
+	"pidfd_getfd": true, "perf_event_open": true, "kcore": true, "dev_mem": true,
+	"events_lost": true, "bpf_fd": true, "bpf_prog_load": true}
 
 func metricKind(k string) string {
 	if metricKinds[k] {

@@ -42,7 +42,10 @@ func newMonitorCmd() *cobra.Command {
 		Long: `Load the eBPF monitor, protect PID, and report every attempt by another
 process to reach its memory: process_vm_readv/writev, ptrace attach, seize,
 peek and poke, opens of /proc/PID/mem (any path form), environ and maps,
-pidfd_getfd, perf_event_open on PID, and opens of /proc/kcore and /dev/mem.
+pidfd_getfd, perf_event_open on PID, and opens of /proc/kcore and /dev/mem;
+in detect mode also descriptors of the monitor's own BPF objects taken by
+ID (bpf_fd) and loads of tracing BPF programs (bpf_prog_load). Events the
+kernel dropped (ring buffer full) are reported as a critical events_lost.
 Needs root. The monitor protects its own process too.
 
 The first line on stderr says the mode in force: "deny" where the BPF LSM is

@@ -24,6 +24,8 @@ enum technique {
 	T_PERF_EVENT_OPEN = 11,
 	T_KCORE = 12,
 	T_DEVMEM = 13,
+	T_BPF_FD = 14,
+	T_BPF_PROG_LOAD = 15,
 };
 
 enum flags {

@@ -259,12 +259,97 @@ int ring_complete(struct io_uring_complete_ctx *ctx)
 // per-syscall tracepoints, so their opens are caught on raw_syscalls:
 // sys_exit, which every syscall of every task passes. The program leaves at
 // once unless the task is in a compat syscall (x86's TS_COMPAT); ia32
-// numbers: open 5, creat 8, openat 295, openat2 437.
+// numbers: open 5, creat 8, openat 295, openat2 437; and bpf 357, whose
+// descriptors by ID bpf_fd_exit judges.
 struct raw_exit_ctx {
 	__u64 common;
 	long id;
 	long ret;
 };
+
+// own: the monitor's own BPF maps, programs and links, keyed by the bpf(2)
+// command that takes a descriptor of one by ID, << 32, | its ID; the value
+// is the pid of the process that holds them. The loader fills it.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, __u32);
+} own SEC(".maps");
+
+// prog_load_exit reports a BPF program that another process loaded: once
+// attached it runs in whichever task reaches its hook, a key holder
+// included, and may read that task's memory (bpf_probe_read_user) from
+// inside the kernel, by no route the rest of the monitor sees. Every type
+// can: the kernel gives bpf_probe_read_user to all of them when the loader
+// has CAP_PERFMON (bpf_base_func_proto; a socket filter and a cgroup_skb
+// program using it load on 6.18), and a cgroup_skb egress program on the
+// key holder's cgroup runs in the key holder's context at each send. Its
+// type is read from the loaded program, not the caller's bpf_attr.
+static __always_inline int prog_load_exit(struct bpf_prog *prog, long ret, __s32 nr, int compat)
+{
+	struct scratch *s = new_event(T_BPF_PROG_LOAD, nr);
+	if (!s)
+		return 0;
+	s->e.arg = BPF_CORE_READ(prog, type);
+	s->e.result = ret;
+	if (compat)
+		s->e.flags |= F_COMPAT;
+	send(&s->e);
+	return 0;
+}
+
+// bpf_fd_exit reports another process taking a descriptor of one of the
+// monitor's objects by ID: with a map's it can delete a protected process
+// from prot and so blind every program here, without unloading or killing
+// anything. The object is judged from the descriptor the kernel handed out
+// (its file's private_data), not from the caller's bpf_attr, which another
+// thread could rewrite between the kernel's copy and any read of ours.
+static __always_inline int bpf_fd_exit(long ret, __s32 nr, int compat)
+{
+	if (ret < 0)
+		return 0;
+	__u64 a[6];
+	syscall_args(a, compat);
+	__u64 cmd = (__u32)a[0];
+	if (cmd != BPF_MAP_GET_FD_BY_ID && cmd != BPF_PROG_GET_FD_BY_ID && cmd != BPF_LINK_GET_FD_BY_ID && cmd != BPF_PROG_LOAD)
+		return 0;
+	__u32 me = bpf_get_current_pid_tgid() >> 32;
+	if (bpf_map_lookup_elem(&prot, &me))
+		return 0; // the monitor itself, or a key holder it protects
+	struct file *f = file_of((int)ret);
+	if (!f)
+		return 0;
+	void *obj = BPF_CORE_READ(f, private_data);
+	if (cmd == BPF_PROG_LOAD)
+		return prog_load_exit(obj, ret, nr, compat);
+	__u32 id;
+	if (cmd == BPF_MAP_GET_FD_BY_ID)
+		id = BPF_CORE_READ((struct bpf_map *)obj, id);
+	else if (cmd == BPF_PROG_GET_FD_BY_ID)
+		id = BPF_CORE_READ((struct bpf_prog *)obj, aux, id);
+	else
+		id = BPF_CORE_READ((struct bpf_link *)obj, id);
+	__u64 key = cmd << 32 | id;
+	__u32 *owner = bpf_map_lookup_elem(&own, &key);
+	if (!owner)
+		return 0;
+	__u32 tgid = *owner;
+	struct scratch *s = new_event(T_BPF_FD, nr);
+	if (!s)
+		return 0;
+	s->e.target = tgid;
+	s->e.target_tgid = tgid;
+	s->e.arg = key;
+	s->e.result = ret;
+	if (compat)
+		s->e.flags |= F_COMPAT;
+	send(&s->e);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_bpf")
+int bpf_exit(struct exit_ctx *ctx) { return bpf_fd_exit(ctx->ret, ctx->nr, 0); }
 
 SEC("tracepoint/raw_syscalls/sys_exit")
 int compat_exit(struct raw_exit_ctx *ctx)
@@ -272,6 +357,8 @@ int compat_exit(struct raw_exit_ctx *ctx)
 	if (!in_compat_syscall())
 		return 0;
 	switch (ctx->id) {
+	case 357: // bpf
+		return bpf_fd_exit(ctx->ret, ctx->id, 1);
 	case 5:
 		return open_exit(ctx->ret, ctx->id, F_COMPAT | F_OPEN);
 	case 8:

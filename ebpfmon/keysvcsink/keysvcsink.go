@@ -72,10 +72,14 @@ type Poster interface {
 
 // Sink queues events and posts them in batches of at most keysvc.MaxEvents.
 // Write never blocks: when the queue is full the event is counted in
-// Dropped, so a slow key service cannot stall the monitor.
+// Dropped, so a slow key service cannot stall the monitor. Critical events
+// have a queue of their own, posted first, so that a flood of warnings
+// (which anyone can raise) cannot crowd out the alert it was raised to
+// hide.
 type Sink struct {
 	p       Poster
 	q       chan api.Event
+	crit    chan api.Event
 	dropped atomic.Uint64
 	failed  atomic.Uint64
 	done    chan struct{}
@@ -88,15 +92,19 @@ func New(p Poster, queue int) *Sink {
 	if queue <= 0 {
 		queue = 1024
 	}
-	s := &Sink{p: p, q: make(chan api.Event, queue), done: make(chan struct{}), timeout: 10 * time.Second}
+	s := &Sink{p: p, q: make(chan api.Event, queue), crit: make(chan api.Event, queue), done: make(chan struct{}), timeout: 10 * time.Second}
 	s.wg.Add(1)
 	go s.run()
 	return s
 }
 
 func (s *Sink) Write(e ebpfmon.Event) error {
+	q := s.q
+	if e.Severity == ebpfmon.Critical {
+		q = s.crit
+	}
 	select {
-	case s.q <- Convert(e):
+	case q <- Convert(e):
 		return nil
 	default:
 		s.dropped.Add(1)
@@ -114,44 +122,81 @@ func (s *Sink) run() {
 	for {
 		var batch []api.Event
 		select {
+		case e := <-s.crit:
+			batch = append(batch, e)
 		case e := <-s.q:
 			batch = append(batch, e)
 		case <-s.done:
-			// Flush what is queued, then stop.
+			// Flush what is queued, critical events first, then stop.
 			for {
-				select {
-				case e := <-s.q:
-					batch = append(batch, e)
-					if len(batch) == api.MaxEvents {
-						s.post(batch)
-						batch = nil
-					}
-				default:
-					if len(batch) > 0 {
-						s.post(batch)
-					}
+				batch = s.fill(batch)
+				if len(batch) == 0 {
 					return
 				}
+				s.post(batch)
+				batch = nil
 			}
 		}
-	fill:
-		for len(batch) < api.MaxEvents {
-			select {
-			case e := <-s.q:
-				batch = append(batch, e)
-			default:
-				break fill
-			}
-		}
-		s.post(batch)
+		s.post(s.fill(batch))
 	}
 }
+
+// fill adds queued events to batch up to api.MaxEvents, critical ones
+// first.
+func (s *Sink) fill(batch []api.Event) []api.Event {
+	for _, q := range []chan api.Event{s.crit, s.q} {
+	more:
+		for len(batch) < api.MaxEvents {
+			select {
+			case e := <-q:
+				batch = append(batch, e)
+			default:
+				break more
+			}
+		}
+	}
+	return batch
+}
+
+// A batch the key service refuses (or that does not reach it) is let go
+// for its warnings and below; its critical alerts are sent again, up to
+// criticalRetries times, with pauses from retryPause doubling (3.75 s in
+// all), in which the service's per-VM rate limit refills: a flood's own
+// batches may have spent it just before the alert came. All the tries of
+// one batch share its timeout, so that a key service that does not answer
+// holds the sink (and a lock's last flush) no longer than before.
+const (
+	criticalRetries = 4
+	retryPause      = 250 * time.Millisecond
+)
 
 func (s *Sink) post(batch []api.Event) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
 	defer cancel()
-	if err := s.p.PostEvents(ctx, batch); err != nil {
-		s.failed.Add(uint64(len(batch)))
+	pause := retryPause
+	for try := 0; ; try++ {
+		if s.p.PostEvents(ctx, batch) == nil {
+			return
+		}
+		var crit []api.Event
+		for _, e := range batch {
+			if e.Severity == string(ebpfmon.Critical) {
+				crit = append(crit, e)
+			}
+		}
+		s.failed.Add(uint64(len(batch) - len(crit)))
+		if len(crit) == 0 || try == criticalRetries {
+			s.failed.Add(uint64(len(crit)))
+			return
+		}
+		batch = crit
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
+			s.failed.Add(uint64(len(crit)))
+			return
+		}
+		pause *= 2
 	}
 }
 

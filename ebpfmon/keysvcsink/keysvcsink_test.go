@@ -77,10 +77,12 @@ func TestSink(t *testing.T) {
 		n          int
 		err        error
 		wantFailed uint64
+		wantSent   int // events in all the posts made
 	}{
-		{"one", 1, nil, 0},
-		{"more than a batch", api.MaxEvents + 5, nil, 0},
-		{"service refuses", 3, errors.New("403"), 3},
+		{"one", 1, nil, 0, 1},
+		{"more than a batch", api.MaxEvents + 5, nil, 0, api.MaxEvents + 5},
+		// Critical alerts refused are sent again, four times more.
+		{"service refuses", 3, errors.New("403"), 3, 15},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -99,8 +101,8 @@ func TestSink(t *testing.T) {
 				}
 				total += len(b)
 			}
-			if total != tc.n || s.Failed() != tc.wantFailed || s.Dropped() != 0 {
-				t.Errorf("posted %d, failed %d, dropped %d; want %d, %d, 0", total, s.Failed(), s.Dropped(), tc.n, tc.wantFailed)
+			if total != tc.wantSent || s.Failed() != tc.wantFailed || s.Dropped() != 0 {
+				t.Errorf("posted %d, failed %d, dropped %d; want %d, %d, 0", total, s.Failed(), s.Dropped(), tc.wantSent, tc.wantFailed)
 			}
 		})
 	}
@@ -137,4 +139,108 @@ func TestSinkFullQueueDrops(t *testing.T) {
 	}
 	close(p.release)
 	s.Close()
+}
+
+// stalledPoster takes no batch until release is closed, the way a slow or
+// flooded key service answers, then records what it is given.
+type stalledPoster struct {
+	release chan struct{}
+	mu      sync.Mutex
+	got     []api.Event
+}
+
+func (p *stalledPoster) PostEvents(ctx context.Context, evs []api.Event) error {
+	<-p.release
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.got = append(p.got, evs...)
+	return nil
+}
+
+// TestFloodKeepsCritical: a flood of warnings (which anyone can raise: the
+// monitor reports a perf_event_open on the key holder whatever it returns)
+// fills the queue while the key service is slow; a critical alert written
+// then must still reach the key service, where the operator looks, and
+// not be the one dropped. Warnings may be.
+func TestFloodKeepsCritical(t *testing.T) {
+	p := &stalledPoster{release: make(chan struct{})}
+	s := keysvcsink.New(p, 16)
+	for i := range 200 {
+		s.Write(ebpfmon.Event{Technique: ebpfmon.PerfEventOpen, Severity: ebpfmon.Warning, TGID: 1000 + i})
+	}
+	if err := s.Write(ebpfmon.Event{Technique: ebpfmon.ProcMem, Severity: ebpfmon.Critical, TGID: 7}); err != nil {
+		t.Errorf("the critical alert was refused: %v", err)
+	}
+	close(p.release)
+	s.Close()
+	n := 0
+	for _, e := range p.got {
+		if e.Severity == "critical" && e.PID == 7 {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("the critical alert reached the key service %d times after a flood of warnings (%d events posted, %d dropped), want once", n, len(p.got), s.Dropped())
+	}
+	if s.Dropped() == 0 {
+		t.Errorf("no warning dropped: the queue of 16 never filled, so the test shows nothing")
+	}
+}
+
+// refusingPoster refuses its first n batches (a 429 from keysvc's rate
+// limit, which a flood's own batches spent), then records.
+type refusingPoster struct {
+	mu  sync.Mutex
+	n   int
+	got []api.Event
+}
+
+func (p *refusingPoster) PostEvents(ctx context.Context, evs []api.Event) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.n > 0 {
+		p.n--
+		return errors.New("429 Too Many Requests")
+	}
+	p.got = append(p.got, evs...)
+	return nil
+}
+
+// TestRefusedCriticalSentAgain: a batch the key service refuses is let go
+// for its warnings, but its critical alerts are sent again (after a pause
+// in which the service's rate limit refills), a bounded number of times.
+func TestRefusedCriticalSentAgain(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		refuse  int
+		posted  int // times the critical alert reached the service
+		warning int // times the warning did
+	}{
+		{"refused twice", 2, 1, 1},
+		{"refused always", 1000, 0, 0},
+		{"accepted", 0, 1, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := &refusingPoster{n: tc.refuse}
+			s := keysvcsink.New(p, 16)
+			s.Write(ebpfmon.Event{Technique: ebpfmon.PerfEventOpen, Severity: ebpfmon.Warning, TGID: 8})
+			s.Write(ebpfmon.Event{Technique: ebpfmon.ProcMem, Severity: ebpfmon.Critical, TGID: 7})
+			s.Close()
+			crit, warn := 0, 0
+			for _, e := range p.got {
+				switch e.PID {
+				case 7:
+					crit++
+				case 8:
+					warn++
+				}
+			}
+			if crit != tc.posted || warn > tc.warning {
+				t.Errorf("critical posted %d times, warning %d; want %d and at most %d (failed %d)", crit, warn, tc.posted, tc.warning, s.Failed())
+			}
+			if tc.posted == 0 && s.Failed() == 0 {
+				t.Error("a critical alert never accepted is not counted as failed")
+			}
+		})
+	}
 }
