@@ -57,7 +57,7 @@ FUZZ_TARGETS := ./disk/luks2:FuzzParseHeader ./disk/xts:FuzzXTS \
 	./attest:FuzzCheckToken ./attest:FuzzParsePolicy ./attest:FuzzVerifyAttestation \
 	./tpm:FuzzParsePublicKeyPEM ./tpm:FuzzSockConn ./keysvc/masterkey:FuzzOpenSealed \
 	./keysvc:FuzzDecodeRequest ./keysvc:FuzzVMAPI ./keysvc:FuzzDashboard ./keysvc/client:FuzzDecode ./disk/nbd:FuzzParseRequest ./disk/nbd:FuzzServer \
-	./keysvc/masterkey/hsm:FuzzParseURI ./disk:FuzzDirRecords
+	./keysvc/masterkey/hsm:FuzzParseURI ./disk:FuzzDirRecords ./disk/ninep:FuzzDecodeRequest ./disk/ninep:FuzzServer
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  pkg=$${t%%:*}; name=$${t##*:}; [ -d "$$pkg" ] || continue; \

@@ -211,7 +211,7 @@ func fsck(t *testing.T, v *volume) {
 func FuzzServer(f *testing.F) {
 	v := newVolume(f, disk.Ext4, 48<<20, ninep.WithLogger(slog.New(slog.DiscardHandler)))
 	f.Add(recordSession(f, v.sock))
-	// Tgetlock goes through the translator (getlock.go): whole, cut short,
+	// Tgetlock, decoded natively (wire.go): whole, cut short,
 	// and with a client id longer than its frame.
 	getlock := append(append(u32(2), 1), append(append(u64(0), u64(10)...), u32(7)...)...)
 	f.Add(append(version, frame(54, 1, getlock, str("guest"))...))

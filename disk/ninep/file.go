@@ -8,6 +8,8 @@ import (
 	"os"
 	"path"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/hugelgupf/p9/fsimpl/templatefs"
 	"github.com/hugelgupf/p9/linux"
@@ -31,16 +33,29 @@ const (
 	fileMode = p9.ModeRegular | 0o644
 )
 
+// attacher and file implement hugelgupf/p9's p9.File, which is how the
+// package's internal tests drive them; the server (conn.go) calls the same
+// methods.
 type attacher struct{ s *Server }
 
-func (a *attacher) Attach() (p9.File, error) { return &file{s: a.s, path: "/"}, nil }
+func (a *attacher) Attach() (p9.File, error) { return &file{s: a.s, path: "/", isDir: true}, nil }
 
 // file is one fid: a path in the exported tree, and once opened a
 // disk.File (regular files) or a directory listing.
 type file struct {
 	templatefs.NoopFile
-	s    *Server
-	path string // absolute, slash-separated
+	s *Server
+	// path (absolute, slash-separated) and deleted change only under
+	// s.tree held alone (rename, unlink); requests read them holding it
+	// shared.
+	path    string
+	deleted bool // the file was removed: no more walks, opens or changes
+	isDir   bool // what the walk found
+
+	// mu: I/O through the fid (shared) against opening and closing it.
+	mu     sync.RWMutex
+	opened atomic.Bool  // set under mu; read bare where only tree is held
+	flags  p9.OpenFlags // as opened; under mu
 
 	h   *disk.File      // after Open or Create of a regular file
 	dir []disk.FileInfo // after Open of a directory: the listing Readdir serves
@@ -125,10 +140,10 @@ func (f *file) Walk(names []string) ([]p9.QID, p9.File, error) {
 		if err != nil {
 			return nil, nil, f.s.errno("walk", f.path, err)
 		}
-		return []p9.QID{f.s.qid(f.path, fi.IsDir)}, &file{s: f.s, path: f.path}, nil
+		return []p9.QID{f.s.qid(f.path, fi.IsDir)}, &file{s: f.s, path: f.path, isDir: fi.IsDir}, nil
 	}
 	var qids []p9.QID
-	p := f.path
+	p, dir := f.path, true
 	for _, n := range names {
 		p = path.Join(p, n)
 		fi, err := f.s.fsys.Stat(p)
@@ -136,8 +151,9 @@ func (f *file) Walk(names []string) ([]p9.QID, p9.File, error) {
 			return nil, nil, f.s.errno("walk", p, err)
 		}
 		qids = append(qids, f.s.qid(p, fi.IsDir))
+		dir = fi.IsDir
 	}
-	return qids, &file{s: f.s, path: p}, nil
+	return qids, &file{s: f.s, path: p, isDir: dir}, nil
 }
 
 func (f *file) WalkGetAttr(names []string) ([]p9.QID, p9.File, p9.AttrMask, p9.Attr, error) {

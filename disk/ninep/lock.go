@@ -18,9 +18,6 @@ import (
 // unlocks it or closes the fid it was taken through (the kernel unlocks on
 // close, and the server clunks every fid of a connection that drops), so a
 // crashed client cannot hold a lock forever.
-//
-// Tgetlock (F_GETLK), which hugelgupf/p9 v0.3.0 does not decode, arrives
-// here as a probing Tlock (getlock.go).
 
 type lockOwner struct {
 	client string
@@ -42,36 +39,34 @@ func (l byteLock) overlaps(start, end uint64) bool {
 type lockTable struct {
 	mu    sync.Mutex
 	files map[string][]byteLock
-	// conflicts found by probes, until their Rgetlock names them
-	conflicts map[getlockReq]byteLock
 }
 
-// probe answers F_GETLK: whether a lock of typ over the range would
-// conflict, remembering with which lock; it takes nothing.
-func (t *lockTable) probe(f *file, pid int, typ p9.LockType, start, length uint64, client string) p9.LockStatus {
-	end := start + length
-	if length == 0 || end < start {
+// test answers Tgetlock (F_GETLK): the first lock that conflicts with q,
+// or q itself with type Unlock when none does; it takes nothing.
+func (t *lockTable) test(f *file, q lockReq) lockReq {
+	end := q.start + q.length
+	if q.length == 0 || end < q.start {
 		end = 0
 	}
-	owner := lockOwner{client, pid}
+	owner := lockOwner{q.client, int(q.pid)}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if typ == p9.Unlock {
-		return p9.LockStatusOK
-	}
-	for _, l := range t.files[f.path] {
-		if l.owner != owner && l.overlaps(start, end) && (l.write || typ == p9.WriteLock) {
-			if t.conflicts == nil {
-				t.conflicts = map[getlockReq]byteLock{}
+	if q.typ == p9.ReadLock || q.typ == p9.WriteLock {
+		for _, l := range t.files[f.path] {
+			if l.owner != owner && l.overlaps(q.start, end) && (l.write || q.typ == p9.WriteLock) {
+				c := lockReq{typ: p9.ReadLock, start: l.start, pid: uint32(l.owner.pid), client: l.owner.client}
+				if l.write {
+					c.typ = p9.WriteLock
+				}
+				if l.end != 0 {
+					c.length = l.end - l.start
+				}
+				return c
 			}
-			key := getlockReq{typ: typ, start: start, length: length, pid: uint32(pid), client: client}
-			if _, ok := t.conflicts[key]; ok || len(t.conflicts) < 1024 { // bounded, whatever a client leaves behind
-				t.conflicts[key] = l
-			}
-			return p9.LockStatusBlocked
 		}
 	}
-	return p9.LockStatusOK
+	q.typ = p9.Unlock
+	return q
 }
 
 // renamed moves the locks of o (and of everything under it, for a
@@ -102,15 +97,6 @@ func (t *lockTable) removed(p string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	delete(t.files, p)
-}
-
-// takeConflict returns (and forgets) the lock a probe for req found.
-func (t *lockTable) takeConflict(req getlockReq) (byteLock, bool) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	l, ok := t.conflicts[req]
-	delete(t.conflicts, req)
-	return l, ok
 }
 
 // lock applies one Tlock request.
@@ -179,14 +165,11 @@ func (t *lockTable) set(p string, locks []byteLock) {
 }
 
 // Lock serves Tlock.
-func (f *file) Lock(pid int, typ p9.LockType, flags p9.LockFlags, start, length uint64, client string) (p9.LockStatus, error) {
+func (f *file) Lock(pid int, typ p9.LockType, _ p9.LockFlags, start, length uint64, client string) (p9.LockStatus, error) {
 	switch typ {
 	case p9.ReadLock, p9.WriteLock, p9.Unlock:
 	default:
 		return p9.LockStatusError, nil
-	}
-	if flags&probeFlag != 0 {
-		return f.s.locks.probe(f, pid, typ, start, length, client), nil
 	}
 	return f.s.locks.lock(f, pid, typ, start, length, client), nil
 }

@@ -5,14 +5,12 @@
 package ninep
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
-
-	"github.com/hugelgupf/p9/p9"
 
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/internal/unixsock"
@@ -23,8 +21,15 @@ type Server struct {
 	fsys     *disk.FS
 	log      *slog.Logger
 	readOnly bool
-	p9       *p9.Server
 	locks    lockTable
+
+	// tree orders requests against renames and unlinks: every request
+	// holds it shared while it uses a fid's path; Trenameat, Trename,
+	// Tunlinkat and Tremove hold it alone while they change the tree and
+	// the paths (and deleted marks) of the fids it affects.
+	tree    sync.RWMutex
+	filesMu sync.Mutex
+	files   map[*file]struct{} // every fid of every connection
 
 	mu       sync.Mutex
 	closed   bool
@@ -34,8 +39,8 @@ type Server struct {
 	closeErr []error // flushes that failed while Close clunked the fids
 }
 
-// clunked records a failed flush of a fid closed by Close, which p9
-// discards, so that Close can report it.
+// clunked records a failed flush of a fid closed by Close, which no
+// client is left to hear, so that Close can report it.
 func (s *Server) clunked(p string, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -56,28 +61,11 @@ func ReadOnly() Option { return func(s *Server) { s.readOnly = true } }
 // NewServer returns a 9P2000.L server that exports fsys.
 func NewServer(fsys *disk.FS, opts ...Option) *Server {
 	s := &Server{fsys: fsys, log: slog.New(slog.DiscardHandler),
-		lns: map[net.Listener]struct{}{}, conns: map[net.Conn]struct{}{}}
+		lns: map[net.Listener]struct{}{}, conns: map[net.Conn]struct{}{}, files: map[*file]struct{}{}}
 	for _, o := range opts {
 		o(s)
 	}
-	s.p9 = p9.NewServer(&attacher{s: s}, p9.WithServerLogger(ulogger{s.log}))
 	return s
-}
-
-// ulogger passes the p9 package's messages to slog at debug level: it
-// logs every request and reply, and malformed input, through the same call.
-type ulogger struct{ l *slog.Logger }
-
-func (u ulogger) Printf(format string, v ...any) {
-	if u.l.Enabled(context.Background(), slog.LevelDebug) { // skip formatting every message
-		u.l.Debug("9p: " + fmt.Sprintf(format, v...))
-	}
-}
-
-func (u ulogger) Print(v ...any) {
-	if u.l.Enabled(context.Background(), slog.LevelDebug) {
-		u.l.Debug("9p: " + fmt.Sprint(v...))
-	}
 }
 
 // Serve accepts connections on l until Close; it returns nil after Close.
@@ -128,26 +116,11 @@ func (s *Server) Serve(l net.Listener) error {
 	}
 }
 
-// handle serves one connection. Handle returns when the client goes or
-// Close closes c, after clunking (and so storing) every fid the client
-// left open.
-//
-// hugelgupf/p9 v0.3.0 can panic in that teardown: a request goroutine
-// loops back into pendingWg.Add while the connection's stop is in
-// pendingWg.Wait ("WaitGroup is reused before previous Wait has
-// returned"; fixed upstream in hugelgupf/p9#105, not in a release). The
-// panic happens on this goroutine, so it is contained here, to the one
-// connection. The fids it did not get to clunk stay open; their writes
-// are stored by the next fsync of the file or by Close.
+// handle serves one connection until the client goes or Close closes
+// it, then clunks (and so stores) every fid the client left open.
 func (s *Server) handle(c net.Conn) {
-	defer func() {
-		if r := recover(); r != nil {
-			s.log.Warn("9p connection teardown panicked in hugelgupf/p9; connection dropped, open files are stored at Close", "panic", fmt.Sprint(r))
-			c.Close()
-		}
-	}()
 	sendBuffer(c)
-	_ = s.p9.Handle(s.translate(c))
+	newConn(s, c).serve()
 }
 
 // replyBuffer is the socket send buffer a connection asks for: two
@@ -185,13 +158,78 @@ func (s *Server) Close() error {
 	errs := s.closeErr
 	s.closeErr = nil
 	s.mu.Unlock()
-	// Flush, not just Sync: fids a dropped connection left open (see
-	// handle) still hold writes
+	// Flush, not just Sync: belt and braces for any file a connection's
+	// teardown could not close
 	if err := s.fsys.Flush(); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("close 9p server: %w", err)
+	}
+	return nil
+}
+
+func (s *Server) register(f *file) {
+	s.filesMu.Lock()
+	s.files[f] = struct{}{}
+	s.filesMu.Unlock()
+}
+
+func (s *Server) unregister(f *file) {
+	s.filesMu.Lock()
+	delete(s.files, f)
+	s.filesMu.Unlock()
+}
+
+// clunk forgets fid f and closes it, storing its writes; it waits for the
+// requests still using it.
+func (s *Server) clunk(f *file) error {
+	s.unregister(f)
+	s.tree.RLock()
+	defer s.tree.RUnlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.Close()
+}
+
+// under reports whether p is dir or inside it.
+func under(p, dir string) bool {
+	return p == dir || strings.HasPrefix(p, dir+"/") || dir == "/"
+}
+
+// markDeleted marks every fid at or under p as naming a removed file: it
+// can still read and write what it has open, but no longer walk, open or
+// change the tree, so that it never reaches a new file given the same
+// name. The caller holds tree alone.
+func (s *Server) markDeleted(p string) {
+	s.filesMu.Lock()
+	defer s.filesMu.Unlock()
+	for f := range s.files {
+		if under(f.path, p) {
+			f.deleted = true
+		}
+	}
+}
+
+// rename moves od/oldName to nd/newName and then every fid at or under
+// the old path to the new one, as a local file descriptor follows its
+// file; fids of a file the rename replaced are marked deleted. The caller
+// holds tree alone.
+func (s *Server) rename(od *file, oldName string, nd *file, newName string) error {
+	o, n := od.child(oldName), nd.child(newName)
+	if o == n {
+		return nil
+	}
+	if err := od.RenameAt(oldName, nd, newName); err != nil {
+		return err
+	}
+	s.markDeleted(n)
+	s.filesMu.Lock()
+	defer s.filesMu.Unlock()
+	for f := range s.files {
+		if !f.deleted && under(f.path, o) {
+			f.path = n + strings.TrimPrefix(f.path, o)
+		}
 	}
 	return nil
 }
