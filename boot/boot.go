@@ -19,6 +19,7 @@ import (
 	"github.com/keygate/keygate/disk/nbd"
 	"github.com/keygate/keygate/disk/ninep"
 	"github.com/keygate/keygate/ebpfmon"
+	"github.com/keygate/keygate/keymem"
 	"github.com/keygate/keygate/keysvc/api"
 	"github.com/keygate/keygate/keysvc/client"
 	"github.com/keygate/keygate/tpm"
@@ -262,7 +263,7 @@ func Run(ctx context.Context, cfg Config) (_ *Boot, err error) {
 
 	// Before the first key byte arrives: no core file, and no
 	// /proc/PID/mem or ptrace for anyone but root, from here on.
-	if err := harden(); err != nil {
+	if err := keymem.HardenProcess(); err != nil {
 		return nil, fmt.Errorf("boot: harden process: %w", err)
 	}
 	if cfg.Monitor {

@@ -1,24 +1,10 @@
 package boot
 
 import (
-	"fmt"
 	"sync"
 
 	"golang.org/x/sys/unix"
 )
-
-// harden makes the process undumpable (no core file, /proc/PID/mem and
-// ptrace for root only) and sets the core-size limit to zero, so that a
-// crash after the unlock writes no key to disk.
-func harden() error {
-	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
-		return fmt.Errorf("prctl(PR_SET_DUMPABLE, 0): %w", err)
-	}
-	if err := unix.Setrlimit(unix.RLIMIT_CORE, &unix.Rlimit{Cur: 0, Max: 0}); err != nil {
-		return fmt.Errorf("setrlimit(RLIMIT_CORE, 0): %w", err)
-	}
-	return nil
-}
 
 var (
 	secretOnce sync.Once

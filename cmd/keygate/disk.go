@@ -13,6 +13,7 @@ import (
 	"github.com/keygate/keygate/disk"
 	"github.com/keygate/keygate/internal/cli"
 	"github.com/keygate/keygate/internal/progress"
+	"github.com/keygate/keygate/keymem"
 )
 
 func newDiskCmd() *cobra.Command {
@@ -39,10 +40,16 @@ func keyFlag(c *cobra.Command, p *string) {
 	c.Flags().StringVar(p, "key-file", "", "file whose bytes are the keyslot passphrase (as cryptsetup --key-file)")
 }
 
-// needKey reads the key file named by --key-file into locked memory.
+// needKey reads the key file named by --key-file into locked memory,
+// after making the process undumpable: every command that opens a volume
+// holds its keys from here on (disk serve for as long as it serves), and
+// another process of the same user must not read them out of /proc/PID/mem.
 func needKey(c *cobra.Command, path string) (*disk.Key, error) {
 	if path == "" {
 		return nil, cli.Usage(c, fmt.Errorf("--key-file is required: name the file whose bytes unlock the volume"))
+	}
+	if err := keymem.HardenProcess(); err != nil {
+		return nil, fmt.Errorf("protect the key: %w", err)
 	}
 	return disk.ReadKeyFile(path)
 }
