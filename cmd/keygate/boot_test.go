@@ -225,12 +225,15 @@ func TestBootCLI(t *testing.T) {
 	}
 }
 
+// waitSocket waits until a keygate process serves on the unix socket
+// path, failing with what the process left on done if it ends first. The
+// bound is for a hang.
 func waitSocket[T any](t *testing.T, path string, done chan T) {
 	t.Helper()
 	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		select {
 		case r := <-done:
-			t.Fatalf("keygate boot ended before serving: %+v", r)
+			t.Fatalf("keygate ended before serving on %s: %+v", path, r)
 		default:
 		}
 		if c, err := net.Dial("unix", path); err == nil {
@@ -238,7 +241,7 @@ func waitSocket[T any](t *testing.T, path string, done chan T) {
 			return
 		}
 	}
-	t.Fatal("no 9P socket within 60s")
+	t.Fatalf("nothing serves on %s within 60s", path)
 }
 
 // TestBootUsage: the contract's mistakes are usage errors, before any

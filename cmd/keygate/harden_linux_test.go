@@ -65,12 +65,18 @@ func TestDiskServeUndumpable(t *testing.T) {
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
+			done, exited := make(chan string, 1), make(chan struct{})
+			go func() {
+				cmd.Wait()
+				close(exited)
+				done <- out.String() // whole once the process is gone
+			}()
 			t.Cleanup(func() {
 				cmd.Process.Signal(syscall.SIGINT)
-				cmd.Wait()
+				<-exited
 			})
 			if tc.undumpable {
-				waitFor(t, sock, &out)
+				waitSocket(t, sock, done)
 			}
 			proc := filepath.Join("/proc", strconv.Itoa(cmd.Process.Pid))
 			// setpriv changes its user and then execs the program, which
@@ -85,7 +91,7 @@ func TestDiskServeUndumpable(t *testing.T) {
 					break
 				}
 				if time.Now().After(deadline) {
-					t.Fatalf("%s does not run as nobody:\n%s\n%s", name, status, out.String())
+					t.Fatalf("%s does not run as nobody:\n%s", name, status)
 				}
 			}
 			var st syscall.Stat_t
@@ -124,15 +130,4 @@ func copyFile(t *testing.T, from, to string, mode os.FileMode) {
 	if err := dst.Close(); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// waitFor waits until a unix socket exists; the bound is for a hang.
-func waitFor(t *testing.T, sock string, out *strings.Builder) {
-	t.Helper()
-	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		if _, err := os.Stat(sock); err == nil {
-			return
-		}
-	}
-	t.Fatalf("keygate disk serve did not start:\n%s", out.String())
 }

@@ -303,13 +303,18 @@ func BenchmarkBigFile(b *testing.B) {
 func readAll(b *testing.B, r io.ReaderAt, buf []byte) {
 	b.SetBytes(bigSize)
 	for b.Loop() {
-		for off := int64(0); off < bigSize; {
-			n, err := r.ReadAt(buf, off)
-			if n == 0 {
-				b.Fatalf("read at %d: %v", off, err)
-			}
-			off += int64(n)
+		readThrough(b, r, buf)
+	}
+}
+
+// readThrough reads bigSize bytes from r, len(buf) at a time.
+func readThrough(b *testing.B, r io.ReaderAt, buf []byte) {
+	for off := int64(0); off < bigSize; {
+		n, err := r.ReadAt(buf, off)
+		if n == 0 {
+			b.Fatalf("read at %d: %v", off, err)
 		}
+		off += int64(n)
 	}
 }
 
@@ -374,13 +379,7 @@ func readBig(b *testing.B, root p9.File, buf []byte) {
 		if _, _, err := f.Open(p9.ReadOnly); err != nil {
 			b.Fatal(err)
 		}
-		for off := int64(0); off < bigSize; {
-			n, err := f.ReadAt(buf, off)
-			if n == 0 {
-				b.Fatalf("read at %d: %v", off, err)
-			}
-			off += int64(n)
-		}
+		readThrough(b, f, buf)
 		f.Close()
 	}
 }
